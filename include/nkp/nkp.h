@@ -1,0 +1,293 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * libnkp — the public API of nkp, a native key provider for QEMU/libvirt.
+ *
+ * Conventions (every function below follows them unless it says otherwise):
+ *  - Functions that can fail return 0 on success or a negative errno.  On
+ *    failure nkp_error_message() returns one readable sentence that says what
+ *    failed and, where there is one, the fix; `ret` outputs are set only on
+ *    success.
+ *  - Objects are opaque, made by a *_new/_create/_get function and released
+ *    by a *_free that accepts NULL.  Strings returned as `const char *` are
+ *    owned by the object they came from and live as long as it does.
+ *    Strings and arrays returned through `char **` are owned by the caller
+ *    (free with free()).
+ *  - Key bytes only ever travel inside an nkp_secret, which is locked in
+ *    memory where possible and wiped when freed.
+ *  - The library never prints.  It reports through the log function set by
+ *    nkp_set_log_func(); the default drops everything.
+ *  - Thread safety: distinct objects may be used from distinct threads; one
+ *    object must not be used from two threads at once.
+ */
+#ifndef NKP_NKP_H
+#define NKP_NKP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define NKP_KDK_SIZE 32       /* key derivation key, one per provider */
+#define NKP_KEK_SIZE 32       /* key encryption key, one per VM, never stored */
+#define NKP_DEK_SIZE 32       /* data encryption key, one per protected object */
+#define NKP_KEK_SALT_SIZE 32  /* random per-VM salt of the KEK derivation */
+#define NKP_MAX_PROVIDERS 32  /* per host */
+#define NKP_NAME_MAX 64       /* provider name: [A-Za-z0-9._-]{1,64} */
+#define NKP_UUID_STRING_LEN 36
+
+/* ------------------------------------------------------------------------ */
+/* Errors and logging                                                        */
+
+/* The text of the last failure in the calling thread ("" if none).  Owned by
+ * the library; valid until the next libnkp call in this thread. */
+const char *nkp_error_message(void);
+
+enum nkp_log_level {
+        NKP_LOG_ERROR = 3,
+        NKP_LOG_WARNING = 4,
+        NKP_LOG_INFO = 6,
+        NKP_LOG_DEBUG = 7,
+};
+
+typedef void (*nkp_log_func)(enum nkp_log_level level, const char *message, void *userdata);
+
+/* Install the process-wide log function (NULL restores the default, which
+ * drops every message).  Messages never contain key bytes or passwords. */
+void nkp_set_log_func(nkp_log_func func, void *userdata);
+
+/* ------------------------------------------------------------------------ */
+/* Secret bytes                                                              */
+
+typedef struct nkp_secret nkp_secret;
+
+/* A zero-filled secret of `len` bytes (1..65536), mlock()ed where the
+ * process may lock memory.  -EINVAL for a bad length, -ENOMEM. */
+int nkp_secret_new(size_t len, nkp_secret **ret);
+
+/* A secret of `len` bytes from the kernel's CSPRNG. */
+int nkp_secret_new_random(size_t len, nkp_secret **ret);
+
+/* A secret holding a copy of `data`.  The caller still owns and must wipe
+ * `data`. */
+int nkp_secret_new_copy(const void *data, size_t len, nkp_secret **ret);
+
+const uint8_t *nkp_secret_data(const nkp_secret *s);
+uint8_t *nkp_secret_data_mut(nkp_secret *s);
+size_t nkp_secret_len(const nkp_secret *s);
+
+/* Constant-time comparison of two secrets (lengths compared too). */
+bool nkp_secret_equal(const nkp_secret *a, const nkp_secret *b);
+
+/* Wipes, unlocks and frees.  Accepts NULL. */
+void nkp_secret_free(nkp_secret *s);
+
+/* Reads a password from the file at `path`: the first line, without its
+ * line ending.  An empty password is refused (-EINVAL).  The buffers used to
+ * read are wiped. */
+int nkp_password_read_file(const char *path, nkp_secret **ret);
+
+/* Same from an open file descriptor, which stays open. */
+int nkp_password_read_fd(int fd, nkp_secret **ret);
+
+/* Explicit wipe of caller memory that the compiler may not drop. */
+void nkp_wipe(void *p, size_t len);
+
+/* ------------------------------------------------------------------------ */
+/* Context: where nkp's files are                                            */
+
+typedef struct nkp_context nkp_context;
+
+/* A context for the host tree under `root` ("/" when NULL): the store in
+ * ROOT/var/lib/nkp, the config in ROOT/etc/nkp/nkp.conf, the run state in
+ * ROOT/run/nkp.  Reads the config (a missing file means the defaults);
+ * touches nothing else.  -EINVAL for a malformed config. */
+int nkp_context_new(const char *root, nkp_context **ret);
+void nkp_context_free(nkp_context *ctx);
+
+/* The absolute root of the context. */
+const char *nkp_context_root(const nkp_context *ctx);
+
+/* The TCTI from the config ("none" when the host has no TPM to use). */
+const char *nkp_context_tcti(const nkp_context *ctx);
+
+/* ------------------------------------------------------------------------ */
+/* Providers                                                                 */
+
+typedef struct nkp_provider nkp_provider;
+
+enum nkp_provider_flags {
+        NKP_PROVIDER_DEFAULT = 1u << 0,     /* the host's default provider */
+        NKP_PROVIDER_BACKED_UP = 1u << 1,   /* a backup was written (or it came from one) */
+        NKP_PROVIDER_REQUIRE_TPM = 1u << 2, /* only hosts with a TPM 2.0 may hold it */
+};
+
+enum nkp_seal {
+        NKP_SEAL_NONE = 0, /* KDK rests in the 0600 store */
+        NKP_SEAL_TPM = 1,  /* KDK sealed to this host's TPM 2.0 */
+};
+
+/* true when `name` is a valid provider name. */
+bool nkp_provider_name_valid(const char *name);
+
+/* Creates a provider with a fresh random KDK and key id.  `flags` may hold
+ * NKP_PROVIDER_REQUIRE_TPM only.  The KDK is sealed to the host TPM when the
+ * context has one.  Errors: -EINVAL bad name or flags, -EEXIST name taken,
+ * -ENOSPC 32 providers already, -ENODEV require-tpm without a TPM.  On any
+ * error nothing is written. */
+int nkp_provider_create(nkp_context *ctx, const char *name, unsigned flags, nkp_provider **ret);
+
+/* The provider named `name`.  -ENOENT when there is none. */
+int nkp_provider_get(nkp_context *ctx, const char *name, nkp_provider **ret);
+
+/* The provider with key id `key_id` (UUID string).  -ENOENT. */
+int nkp_provider_get_by_key_id(nkp_context *ctx, const char *key_id, nkp_provider **ret);
+
+/* Every provider, sorted by name.  Free with nkp_provider_list_free(). */
+int nkp_provider_list(nkp_context *ctx, nkp_provider ***ret, size_t *ret_n);
+void nkp_provider_list_free(nkp_provider **list, size_t n);
+
+/* Makes `name` the default.  -EPERM when it was never backed up. */
+int nkp_provider_set_default(nkp_context *ctx, const char *name);
+
+/* Deletes a provider from the store.  Its KDK stays in the key cache (flagged
+ * deleted) until the cache is flushed, so running VMs keep working.  Unless
+ * `force`, refused with -EBUSY while `in_use` (the caller's count of defined
+ * VMs that depend on it) is non-zero. */
+int nkp_provider_delete(nkp_context *ctx, const char *name, unsigned in_use, bool force);
+
+/* Writes a PKCS#12 backup of the provider to `path` (must not exist; created
+ * 0600, atomically) protected by `password`, and marks the provider backed
+ * up.  The file is readable by `openssl pkcs12 -info`. */
+int nkp_provider_backup(nkp_context *ctx, const char *name, const char *path,
+                        const nkp_secret *password);
+
+/* Restores a provider from a backup.  Same name, key id and KDK as on the
+ * host that made it; sealed to this host's TPM when there is one.  When the
+ * same provider is already here, succeeds with *ret_already = true and
+ * changes nothing.  -EEXIST when the name is taken by another key id;
+ * -EACCES wrong password or a tampered file; -EBADMSG not an nkp backup. */
+int nkp_provider_restore(nkp_context *ctx, const char *path, const nkp_secret *password,
+                         nkp_provider **ret, bool *ret_already);
+
+const char *nkp_provider_name(const nkp_provider *p);
+const char *nkp_provider_key_id(const nkp_provider *p);      /* UUID string */
+const char *nkp_provider_fingerprint(const nkp_provider *p); /* hex, one-way */
+unsigned nkp_provider_flags(const nkp_provider *p);
+enum nkp_seal nkp_provider_seal(const nkp_provider *p);
+int64_t nkp_provider_created(const nkp_provider *p); /* seconds since the epoch */
+/* Active = backed up at least once: only active providers protect VMs. */
+bool nkp_provider_is_active(const nkp_provider *p);
+void nkp_provider_free(nkp_provider *p);
+
+/* The provider's KDK: from the key cache, else unsealed (or read) from the
+ * store and put into the cache.  A provider deleted from the store is still
+ * found in the cache by key id.  -ENOENT when neither has it. */
+int nkp_provider_get_kdk(nkp_context *ctx, const char *key_id, nkp_secret **ret);
+
+/* ------------------------------------------------------------------------ */
+/* Key chain                                                                 */
+
+/* The one-way fingerprint of a KDK: 64 hex digits (HKDF-SHA256 with the
+ * label "nkp fingerprint v1").  Free with free(). */
+int nkp_kdk_fingerprint(const nkp_secret *kdk, char **ret);
+
+/* KEK = HKDF-SHA256(ikm = KDK, salt = kek_salt,
+ *                   info = "nkp kek v1" 0x00 key_id[16] vm_uuid[16]), 32 bytes.
+ * key_id and vm_uuid are UUID strings.  -EINVAL for a malformed UUID. */
+int nkp_kek_derive(const nkp_secret *kdk, const uint8_t kek_salt[NKP_KEK_SALT_SIZE],
+                   const char *key_id, const char *vm_uuid, nkp_secret **ret);
+
+/* ------------------------------------------------------------------------ */
+/* Keysafe: a VM's wrapped DEKs (the XML kept in the domain <metadata>)       */
+
+typedef struct nkp_keysafe nkp_keysafe;
+
+#define NKP_KEYSAFE_NS "https://nkp.invalid/xmlns/keysafe/1"
+#define NKP_KEYSAFE_VERSION 1
+
+/* A new, empty keysafe for VM `vm_uuid` protected by `provider`, with a fresh
+ * random KEK salt. */
+int nkp_keysafe_new(const char *vm_uuid, const nkp_provider *provider, nkp_keysafe **ret);
+
+/* Parses the XML form (see plugin/lib/keysafe.c for the documented layout).
+ * -EBADMSG malformed, -EPROTONOSUPPORT unknown version.  Never trusts sizes
+ * in the input. */
+int nkp_keysafe_parse(const char *xml, size_t len, nkp_keysafe **ret);
+
+/* The XML form, NUL-terminated.  Free with free(). */
+int nkp_keysafe_format(const nkp_keysafe *ks, char **ret);
+
+void nkp_keysafe_free(nkp_keysafe *ks);
+
+const char *nkp_keysafe_vm_uuid(const nkp_keysafe *ks);
+const char *nkp_keysafe_provider_name(const nkp_keysafe *ks);
+const char *nkp_keysafe_provider_key_id(const nkp_keysafe *ks);
+const char *nkp_keysafe_provider_fingerprint(const nkp_keysafe *ks);
+const uint8_t *nkp_keysafe_kek_salt(const nkp_keysafe *ks);
+
+/* Kinds of protected objects. */
+#define NKP_OBJECT_VTPM "vtpm"
+#define NKP_OBJECT_DISK "disk"
+
+/* Wraps `dek` under `kek` (AES-256-GCM, fresh 96-bit IV; the AAD binds the
+ * keysafe version, VM UUID, kind, object id, secret UUID and provider key
+ * id) and adds or replaces the entry (kind, object_id).  `secret_uuid` is the
+ * libvirt secret that carries the DEK while the VM runs. */
+int nkp_keysafe_put_dek(nkp_keysafe *ks, const nkp_secret *kek, const char *kind,
+                        const char *object_id, const char *secret_uuid, const nkp_secret *dek);
+
+/* Unwraps the entry (kind, object_id).  -ENOENT no such entry, -EBADMSG the
+ * wrapped key or anything it is bound to was altered, or the KEK is wrong. */
+int nkp_keysafe_get_dek(const nkp_keysafe *ks, const nkp_secret *kek, const char *kind,
+                        const char *object_id, nkp_secret **ret);
+
+/* Entries, in document order. */
+size_t nkp_keysafe_n_entries(const nkp_keysafe *ks);
+const char *nkp_keysafe_entry_kind(const nkp_keysafe *ks, size_t i);
+const char *nkp_keysafe_entry_id(const nkp_keysafe *ks, size_t i);
+const char *nkp_keysafe_entry_secret_uuid(const nkp_keysafe *ks, size_t i);
+
+/* Removes the entry (kind, object_id).  -ENOENT. */
+int nkp_keysafe_remove_dek(nkp_keysafe *ks, const char *kind, const char *object_id);
+
+/* Re-binds the keysafe to `new_provider` (may be the same one) with a fresh
+ * KEK salt: every DEK is unwrapped with `old_kek` and wrapped again under the
+ * KEK derived from `new_kdk` and the new salt.  All or nothing: on error the
+ * keysafe is unchanged.  Used by shallow rekey. */
+int nkp_keysafe_rewrap(nkp_keysafe *ks, const nkp_secret *old_kek, const nkp_provider *new_provider,
+                       const nkp_secret *new_kdk);
+
+/* ------------------------------------------------------------------------ */
+/* Alarms                                                                    */
+
+/* An alarm is either recorded (raised by a component, e.g. "vm-locked", kept
+ * in ROOT/var/lib/nkp/alarms until cleared) or derived from the current state
+ * ("provider-inactive": never backed up; "provider-deleted": deleted from the
+ * store but still in the key cache). */
+typedef struct nkp_alarm nkp_alarm;
+
+/* Records (or refreshes) the alarm (kind, subject) and sends it to the
+ * journal with structured fields.  `message` says what is wrong and the fix. */
+int nkp_alarm_raise(nkp_context *ctx, const char *kind, const char *subject, const char *message);
+
+/* Clears recorded alarms of `kind` (every kind when NULL) for `subject`
+ * (every subject when NULL). */
+int nkp_alarm_clear(nkp_context *ctx, const char *kind, const char *subject);
+
+/* Recorded and derived alarms, oldest first.  Free with nkp_alarm_list_free. */
+int nkp_alarm_list(nkp_context *ctx, nkp_alarm ***ret, size_t *ret_n);
+void nkp_alarm_list_free(nkp_alarm **list, size_t n);
+
+const char *nkp_alarm_kind(const nkp_alarm *a);
+const char *nkp_alarm_subject(const nkp_alarm *a);
+const char *nkp_alarm_message(const nkp_alarm *a);
+int64_t nkp_alarm_since(const nkp_alarm *a); /* seconds since the epoch, 0 if derived */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* NKP_NKP_H */

@@ -1,0 +1,96 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* Where nkp's files are, and its config (ROOT/etc/nkp/nkp.conf, GKeyFile):
+ *
+ *   [tpm]
+ *   tcti = device:/dev/tpmrm0 | swtpm:host=…,port=… | none
+ *
+ * Without a config the default TCTI is device:/dev/tpmrm0 when that device
+ * exists under the root, else "none".  A TCTI set explicitly is a promise
+ * that the TPM is there: if it then fails, nkp errors out instead of falling
+ * back to keeping keys in the clear store. */
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "nkp-private.h"
+
+#define DEFAULT_TCTI "device:/dev/tpmrm0"
+
+char *nkp_context_path(const nkp_context *ctx, const char *rel)
+{
+        return g_strconcat(ctx->root, rel, NULL);
+}
+
+static int load_config(nkp_context *ctx)
+{
+        g_autoptr(GKeyFile) kf = g_key_file_new();
+        g_autoptr(GError) error = NULL;
+
+        if (!g_key_file_load_from_file(kf, ctx->conf_path, G_KEY_FILE_NONE, &error)) {
+                if (g_error_matches(error, G_FILE_ERROR, G_FILE_ERROR_NOENT))
+                        return 0;
+                return nkp_fail(-EINVAL, "Cannot read the config '%s': %s.", ctx->conf_path,
+                                error->message);
+        }
+        g_autofree char *tcti = g_key_file_get_string(kf, "tpm", "tcti", NULL);
+        if (tcti) {
+                g_strstrip(tcti);
+                if (tcti[0] == '\0')
+                        return nkp_fail(-EINVAL, "The config '%s' has an empty [tpm] tcti=.",
+                                        ctx->conf_path);
+                g_free(ctx->tcti);
+                ctx->tcti = g_steal_pointer(&tcti);
+                ctx->tcti_explicit = strcmp(ctx->tcti, "none") != 0;
+        }
+        return 0;
+}
+
+int nkp_context_new(const char *root, nkp_context **ret)
+{
+        g_autoptr(nkp_context) ctx = g_new0(nkp_context, 1);
+
+        if (!root || root[0] == '\0')
+                root = "/";
+        g_autofree char *abs = g_canonicalize_filename(root, NULL);
+        ctx->root = strcmp(abs, "/") == 0 ? g_strdup("") : g_steal_pointer(&abs);
+        ctx->store_dir = nkp_context_path(ctx, "/var/lib/nkp");
+        ctx->store_path = nkp_context_path(ctx, "/var/lib/nkp/providers.ini");
+        ctx->lock_path = nkp_context_path(ctx, "/var/lib/nkp/.lock");
+        ctx->alarms_path = nkp_context_path(ctx, "/var/lib/nkp/alarms.ini");
+        ctx->conf_path = nkp_context_path(ctx, "/etc/nkp/nkp.conf");
+        ctx->run_dir = nkp_context_path(ctx, "/run/nkp");
+
+        g_autofree char *dev = nkp_context_path(ctx, "/dev/tpmrm0");
+        ctx->tcti = g_strdup(access(dev, F_OK) == 0 ? DEFAULT_TCTI : "none");
+
+        int r = load_config(ctx);
+        if (r < 0)
+                return r;
+        *ret = g_steal_pointer(&ctx);
+        return 0;
+}
+
+void nkp_context_free(nkp_context *ctx)
+{
+        if (!ctx)
+                return;
+        g_free(ctx->root);
+        g_free(ctx->store_dir);
+        g_free(ctx->store_path);
+        g_free(ctx->lock_path);
+        g_free(ctx->alarms_path);
+        g_free(ctx->conf_path);
+        g_free(ctx->run_dir);
+        g_free(ctx->tcti);
+        g_free(ctx);
+}
+
+const char *nkp_context_root(const nkp_context *ctx)
+{
+        return ctx->root[0] ? ctx->root : "/";
+}
+
+const char *nkp_context_tcti(const nkp_context *ctx)
+{
+        return ctx->tcti;
+}

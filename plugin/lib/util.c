@@ -1,0 +1,230 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* Files written the crash-safe way, private directories, UUIDs, randomness. */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "nkp-private.h"
+
+static int write_all(int fd, const void *data, size_t len)
+{
+        const uint8_t *p = data;
+        while (len > 0) {
+                ssize_t n = write(fd, p, len);
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0)
+                        return -errno;
+                p += n;
+                len -= (size_t) n;
+        }
+        return 0;
+}
+
+static int fsync_dir_of(const char *path)
+{
+        g_autofree char *dir = g_path_get_dirname(path);
+        int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd < 0)
+                return -errno;
+        int r = fsync(fd) < 0 ? -errno : 0;
+        close(fd);
+        return r;
+}
+
+int nkp_write_file_atomic(const char *path, const void *data, size_t len, mode_t mode,
+                          bool exclusive)
+{
+        g_autofree char *tmp = g_strdup_printf("%s.tmp-XXXXXX", path);
+        int fd = g_mkstemp_full(tmp, O_WRONLY | O_CLOEXEC, mode);
+        if (fd < 0)
+                return nkp_fail(-errno, "Cannot create a file next to '%s': %s.", path, strerror(errno));
+
+        int r = fchmod(fd, mode) < 0 ? -errno : 0;
+        if (r == 0)
+                r = write_all(fd, data, len);
+        if (r == 0 && fsync(fd) < 0)
+                r = -errno;
+        if (close(fd) < 0 && r == 0)
+                r = -errno;
+        if (r < 0) {
+                unlink(tmp);
+                return nkp_fail(r, "Cannot write '%s': %s.", path, strerror(-r));
+        }
+
+        if (exclusive) {
+                /* link() fails if the target exists: no window where an
+                 * existing file is replaced. */
+                if (link(tmp, path) < 0) {
+                        r = -errno;
+                        unlink(tmp);
+                        if (r == -EEXIST)
+                                return nkp_fail(r, "'%s' already exists; refusing to overwrite it.", path);
+                        return nkp_fail(r, "Cannot create '%s': %s.", path, strerror(-r));
+                }
+                unlink(tmp);
+        } else if (rename(tmp, path) < 0) {
+                r = -errno;
+                unlink(tmp);
+                return nkp_fail(r, "Cannot replace '%s': %s.", path, strerror(-r));
+        }
+
+        r = fsync_dir_of(path);
+        if (r < 0)
+                return nkp_fail(r, "Cannot sync the directory of '%s': %s.", path, strerror(-r));
+        return 0;
+}
+
+int nkp_read_file(const char *path, size_t max, bool private_mode, char **ret, size_t *ret_len)
+{
+        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY);
+        if (fd < 0) {
+                int r = -errno;
+                if (r == -ENOENT)
+                        return nkp_fail(r, "'%s' does not exist.", path);
+                return nkp_fail(r, "Cannot open '%s': %s.", path, strerror(-r));
+        }
+
+        struct stat st;
+        int r = 0;
+        if (fstat(fd, &st) < 0)
+                r = nkp_fail(-errno, "Cannot stat '%s': %s.", path, strerror(errno));
+        else if (!S_ISREG(st.st_mode))
+                r = nkp_fail(-EPERM, "'%s' is not a regular file.", path);
+        else if (private_mode && ((st.st_mode & 07777) != 0600 || st.st_uid != geteuid()))
+                r = nkp_fail(-EPERM,
+                             "'%s' has mode %04o and owner %u; nkp requires mode 0600 and owner %u "
+                             "(check who changed it, then: chmod 600 '%s').",
+                             path, (unsigned) (st.st_mode & 07777), (unsigned) st.st_uid,
+                             (unsigned) geteuid(), path);
+        else if ((uint64_t) st.st_size > max)
+                r = nkp_fail(-EFBIG, "'%s' is larger than %zu bytes.", path, max);
+        if (r < 0) {
+                close(fd);
+                return r;
+        }
+
+        size_t cap = (size_t) st.st_size;
+        char *buf = g_malloc(cap + 1);
+        size_t have = 0;
+        while (have < cap) {
+                ssize_t n = read(fd, buf + have, cap - have);
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0) {
+                        r = nkp_fail(-errno, "Cannot read '%s': %s.", path, strerror(errno));
+                        break;
+                }
+                if (n == 0)
+                        break;
+                have += (size_t) n;
+        }
+        close(fd);
+        if (r < 0) {
+                nkp_wipe(buf, cap);
+                g_free(buf);
+                return r;
+        }
+        buf[have] = '\0';
+        *ret = buf;
+        if (ret_len)
+                *ret_len = have;
+        return 0;
+}
+
+int nkp_mkdir_private(const char *path)
+{
+        if (g_mkdir_with_parents(path, 0700) < 0)
+                return nkp_fail(-errno, "Cannot create the directory '%s': %s.", path, strerror(errno));
+        struct stat st;
+        if (stat(path, &st) < 0)
+                return nkp_fail(-errno, "Cannot stat '%s': %s.", path, strerror(errno));
+        if (!S_ISDIR(st.st_mode))
+                return nkp_fail(-ENOTDIR, "'%s' is not a directory.", path);
+        if ((st.st_mode & 0077) != 0 || st.st_uid != geteuid())
+                return nkp_fail(-EPERM,
+                                "The directory '%s' has mode %04o; nkp requires 0700 owned by uid %u "
+                                "(check who changed it, then: chmod 700 '%s').",
+                                path, (unsigned) (st.st_mode & 07777), (unsigned) geteuid(), path);
+        return 0;
+}
+
+static int hexval(char c)
+{
+        if (c >= '0' && c <= '9')
+                return c - '0';
+        if (c >= 'a' && c <= 'f')
+                return c - 'a' + 10;
+        if (c >= 'A' && c <= 'F')
+                return c - 'A' + 10;
+        return -1;
+}
+
+int nkp_uuid_parse(const char *s, uint8_t out[16])
+{
+        if (!s || strlen(s) != NKP_UUID_STRING_LEN)
+                return -EINVAL;
+        size_t o = 0;
+        for (size_t i = 0; i < NKP_UUID_STRING_LEN;) {
+                if (i == 8 || i == 13 || i == 18 || i == 23) {
+                        if (s[i] != '-')
+                                return -EINVAL;
+                        i++;
+                        continue;
+                }
+                int hi = hexval(s[i]), lo = hexval(s[i + 1]);
+                if (hi < 0 || lo < 0)
+                        return -EINVAL;
+                out[o++] = (uint8_t) (hi << 4 | lo);
+                i += 2;
+        }
+        return 0;
+}
+
+void nkp_uuid_format(const uint8_t in[16], char out[NKP_UUID_STRING_LEN + 1])
+{
+        snprintf(out, NKP_UUID_STRING_LEN + 1,
+                 "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", in[0], in[1],
+                 in[2], in[3], in[4], in[5], in[6], in[7], in[8], in[9], in[10], in[11], in[12], in[13],
+                 in[14], in[15]);
+}
+
+void nkp_uuid_random(char out[NKP_UUID_STRING_LEN + 1])
+{
+        uint8_t b[16];
+        if (nkp_random_bytes(b, sizeof b) < 0)
+                g_error("no randomness for a UUID");
+        b[6] = (b[6] & 0x0f) | 0x40; /* version 4 */
+        b[8] = (b[8] & 0x3f) | 0x80; /* RFC 4122 variant */
+        nkp_uuid_format(b, out);
+}
+
+int nkp_random_bytes(void *buf, size_t len)
+{
+        uint8_t *p = buf;
+        while (len > 0) {
+                ssize_t n = getrandom(p, len, 0);
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0)
+                        return nkp_fail(-errno, "The kernel gave no random bytes: %s.", strerror(errno));
+                p += n;
+                len -= (size_t) n;
+        }
+        return 0;
+}
+
+void nkp_hex_encode(const uint8_t *in, size_t len, char *out)
+{
+        static const char digits[] = "0123456789abcdef";
+        for (size_t i = 0; i < len; i++) {
+                out[2 * i] = digits[in[i] >> 4];
+                out[2 * i + 1] = digits[in[i] & 15];
+        }
+        out[2 * len] = '\0';
+}

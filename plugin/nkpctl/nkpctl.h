@@ -1,0 +1,37 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* nkpctl: shared state of the admin CLI and the entry points of its command
+ * groups (one file per group). */
+#ifndef NKPCTL_H
+#define NKPCTL_H
+
+#include <json-glib/json-glib.h>
+
+#include "nkp-private.h"
+
+typedef struct {
+        const char *root;        /* --root, NULL for "/" */
+        const char *connect_uri; /* --connect, NULL for libvirt's default */
+        bool json;               /* --json: one JSON document on stdout */
+        nkp_context *ctx;
+} NkpctlGlobals;
+
+/* Each returns the process exit code.  argv[0] is the group name. */
+int nkpctl_provider(NkpctlGlobals *g, int argc, char **argv);
+int nkpctl_alarms(NkpctlGlobals *g, int argc, char **argv);
+int nkpctl_host(NkpctlGlobals *g, int argc, char **argv);
+int nkpctl_vm(NkpctlGlobals *g, int argc, char **argv);
+
+/* The names of the defined domains whose keysafe names provider `key_id`
+ * (cmd-vm.c).  An empty array when libvirt has none or is not reachable is
+ * NOT acceptable: an unreachable libvirt is an error (the caller refuses
+ * to delete). */
+int nkpctl_vms_using_provider(NkpctlGlobals *g, const char *key_id, GPtrArray **ret_names);
+
+/* Prints "nkpctl: <message>" on stderr; returns the exit code 1. */
+int nkpctl_error(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
+/* Same with libnkp's last error message. */
+int nkpctl_lib_error(void);
+/* Prints `node` as one JSON document on stdout (takes ownership). */
+void nkpctl_print_json(JsonNode *node);
+
+#endif

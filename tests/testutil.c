@@ -1,0 +1,118 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <glib/gstdio.h>
+
+#include "testutil.h"
+
+char *testutil_mkdtemp(void)
+{
+        g_autoptr(GError) error = NULL;
+        char *dir = g_dir_make_tmp("nkp-test-XXXXXX", &error);
+        g_assert_no_error(error);
+        return dir;
+}
+
+void testutil_rmtree(const char *path)
+{
+        if (!path)
+                return;
+        GDir *d = g_dir_open(path, 0, NULL);
+        if (d) {
+                const char *name;
+                while ((name = g_dir_read_name(d))) {
+                        g_autofree char *child = g_build_filename(path, name, NULL);
+                        struct stat st;
+                        if (lstat(child, &st) == 0 && S_ISDIR(st.st_mode)) {
+                                chmod(child, 0700);
+                                testutil_rmtree(child);
+                        } else {
+                                unlink(child);
+                        }
+                }
+                g_dir_close(d);
+        }
+        rmdir(path);
+}
+
+char *testutil_vector_path(const char *file)
+{
+        const char *dir = g_getenv("NKP_VECTORS_DIR");
+        g_autofree char *path = g_build_filename(dir ? dir : "../shared/vectors", file, NULL);
+        if (!g_file_test(path, G_FILE_TEST_IS_REGULAR)) {
+                g_autofree char *msg = g_strdup_printf("known-answer vectors not found at %s", path);
+                g_test_skip(msg);
+                return NULL;
+        }
+        return g_steal_pointer(&path);
+}
+
+static void snapshot_walk(GHashTable *snap, const char *base, const char *rel)
+{
+        g_autofree char *dir = rel[0] ? g_build_filename(base, rel, NULL) : g_strdup(base);
+        GDir *d = g_dir_open(dir, 0, NULL);
+        if (!d)
+                return;
+        const char *name;
+        while ((name = g_dir_read_name(d))) {
+                g_autofree char *crel = rel[0] ? g_build_filename(rel, name, NULL) : g_strdup(name);
+                g_autofree char *full = g_build_filename(base, crel, NULL);
+                struct stat st;
+                g_assert_cmpint(lstat(full, &st), ==, 0);
+                if (S_ISDIR(st.st_mode)) {
+                        g_hash_table_insert(snap, g_strdup(crel),
+                                            g_strdup_printf("dir %o", st.st_mode & 07777));
+                        snapshot_walk(snap, base, crel);
+                } else {
+                        g_autofree char *data = NULL;
+                        gsize len = 0;
+                        g_file_get_contents(full, &data, &len, NULL);
+                        g_autofree char *sum = g_compute_checksum_for_data(G_CHECKSUM_SHA256,
+                                                                           (const guchar *) (data ? data : ""), len);
+                        g_hash_table_insert(snap, g_strdup(crel),
+                                            g_strdup_printf("file %o %s", st.st_mode & 07777, sum));
+                }
+        }
+        g_dir_close(d);
+}
+
+GHashTable *testutil_snapshot_tree(const char *dir)
+{
+        GHashTable *snap = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
+        snapshot_walk(snap, dir, "");
+        return snap;
+}
+
+void testutil_assert_same_tree(GHashTable *before, const char *dir)
+{
+        g_autoptr(GHashTable) after = testutil_snapshot_tree(dir);
+        GHashTableIter it;
+        gpointer k, v;
+        g_hash_table_iter_init(&it, before);
+        while (g_hash_table_iter_next(&it, &k, &v)) {
+                const char *now = g_hash_table_lookup(after, k);
+                if (!now)
+                        g_error("%s: removed by an operation that should change nothing", (char *) k);
+                g_assert_cmpstr(now, ==, v);
+        }
+        g_hash_table_iter_init(&it, after);
+        while (g_hash_table_iter_next(&it, &k, &v))
+                if (!g_hash_table_contains(before, k))
+                        g_error("%s: created by an operation that should change nothing", (char *) k);
+}
+
+GBytes *testutil_unhex(const char *hex)
+{
+        size_t n = strlen(hex);
+        g_assert_true(n % 2 == 0);
+        guint8 *buf = g_malloc(n / 2 + 1);
+        for (size_t i = 0; i < n / 2; i++) {
+                unsigned v;
+                g_assert_true(sscanf(hex + 2 * i, "%2x", &v) == 1);
+                buf[i] = (guint8) v;
+        }
+        return g_bytes_new_take(buf, n / 2);
+}

@@ -1,0 +1,26 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* Helpers shared by the unit tests. */
+#ifndef NKP_TESTUTIL_H
+#define NKP_TESTUTIL_H
+
+#include <glib.h>
+
+#include "nkp-private.h"
+
+/* A fresh empty directory under $TMPDIR, removed by testutil_rmtree(). */
+char *testutil_mkdtemp(void);
+void testutil_rmtree(const char *path);
+
+/* The path of a vectors file in ../shared/vectors, or NULL (and the test is
+ * marked skipped with the reason) when that folder is absent. */
+char *testutil_vector_path(const char *file);
+
+/* A snapshot of every file under `dir` (relative path -> contents+mode), to
+ * prove that a failed operation changed nothing. */
+GHashTable *testutil_snapshot_tree(const char *dir);
+void testutil_assert_same_tree(GHashTable *before, const char *dir);
+
+/* Hex helpers for known-answer vectors. */
+GBytes *testutil_unhex(const char *hex);
+
+#endif
