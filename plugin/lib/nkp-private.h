@@ -186,4 +186,16 @@ int nkp_cache_flush(nkp_context *ctx);
 
 nkp_provider *nkp_provider_from_entry(const NkpStoreEntry *e);
 
+/* A new store entry for `kdk` (create and restore share it): computes the
+ * fingerprint and seals the KDK to the host TPM when the context has one
+ * (NKP_SEAL_NONE without a TPM; -ENODEV when `flags` has REQUIRE_TPM and
+ * there is no usable TPM).  Writes nothing. */
+int nkp_store_entry_new(nkp_context *ctx, const char *name, const char *key_id, unsigned flags,
+                        int64_t created, const nkp_secret *kdk, NkpStoreEntry **ret);
+
+/* Adds `entry` (ownership taken) to the store under the writers' lock:
+ * -EEXIST name taken, -ENOSPC 32 providers already.  Then puts the KDK into
+ * the key cache.  On error nothing is written. */
+int nkp_store_add(nkp_context *ctx, NkpStoreEntry *entry, const nkp_secret *kdk);
+
 #endif /* NKP_PRIVATE_H */

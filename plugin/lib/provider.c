@@ -22,3 +22,6 @@ int64_t nkp_provider_created(const nkp_provider *p) { return 0; }
 bool nkp_provider_is_active(const nkp_provider *p) { return false; }
 void nkp_provider_free(nkp_provider *p) { (void) p; }
 int nkp_provider_get_kdk(nkp_context *ctx, const char *key_id, nkp_secret **ret) { STUB; }
+int nkp_store_entry_new(nkp_context *ctx, const char *name, const char *key_id, unsigned flags,
+                        int64_t created, const nkp_secret *kdk, NkpStoreEntry **ret) { STUB; }
+int nkp_store_add(nkp_context *ctx, NkpStoreEntry *entry, const nkp_secret *kdk) { STUB; }
