@@ -24,3 +24,5 @@ const char *nkp_keysafe_entry_secret_uuid(const nkp_keysafe *ks, size_t i) { ret
 int nkp_keysafe_remove_dek(nkp_keysafe *ks, const char *kind, const char *object_id) { STUB; }
 int nkp_keysafe_rewrap(nkp_keysafe *ks, const nkp_secret *old_kek, const nkp_provider *new_provider,
                        const nkp_secret *new_kdk) { STUB; }
+int nkp_keysafe_new_for(const char *vm_uuid, const char *provider_name, const char *key_id,
+                        const char *fingerprint, nkp_keysafe **ret) { STUB; }

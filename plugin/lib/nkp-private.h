@@ -77,6 +77,13 @@ int nkp_aes256gcm_open(const uint8_t *key, size_t key_len, const uint8_t *iv, si
                        const uint8_t *aad, size_t aad_len, const uint8_t *ct, size_t len,
                        const uint8_t *tag, size_t tag_len, uint8_t *pt);
 
+/* ---- keysafe.c ------------------------------------------------------------ */
+
+/* nkp_keysafe_new() without a provider object (tests, and callers holding
+ * only the keysafe fields).  `fingerprint` is 64 hex digits. */
+int nkp_keysafe_new_for(const char *vm_uuid, const char *provider_name, const char *key_id,
+                        const char *fingerprint, nkp_keysafe **ret);
+
 /* ---- p12.c: PKCS#12 provider backups (pure, in memory; fuzzed) ---------- */
 
 typedef struct {

@@ -17,3 +17,9 @@ int nkpctl_vms_using_provider(NkpctlGlobals *g, const char *key_id, GPtrArray **
         *ret_names = g_ptr_array_new_with_free_func(g_free);
         return 0;
 }
+
+int nkpctl_host_unlock(NkpctlGlobals *g)
+{
+        (void) g;
+        return nkpctl_error("'host unlock' is not implemented yet.");
+}

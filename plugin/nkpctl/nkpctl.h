@@ -27,6 +27,10 @@ int nkpctl_vm(NkpctlGlobals *g, int argc, char **argv);
  * to delete). */
 int nkpctl_vms_using_provider(NkpctlGlobals *g, const char *key_id, GPtrArray **ret_names);
 
+/* `host unlock` (cmd-vm.c): after a restore, re-checks every defined VM
+ * whose provider was missing, clears the vm-locked alarms it can. */
+int nkpctl_host_unlock(NkpctlGlobals *g);
+
 /* Prints "nkpctl: <message>" on stderr; returns the exit code 1. */
 int nkpctl_error(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
 /* Same with libnkp's last error message. */
