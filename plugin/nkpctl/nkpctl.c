@@ -90,7 +90,8 @@ int main(int argc, char **argv)
                         return 0;
                 } else {
                         fputs(usage, stderr);
-                        return nkpctl_error("unknown or incomplete option '%s'.", a);
+                        nkpctl_error("unknown or incomplete option '%s'.", a);
+                        return 2; /* usage error */
                 }
         }
         if (i >= argc) {
@@ -113,7 +114,8 @@ int main(int argc, char **argv)
                 rc = nkpctl_alarms(&g, argc - i, argv + i);
         else {
                 fputs(usage, stderr);
-                rc = nkpctl_error("unknown command '%s'.", group);
+                nkpctl_error("unknown command '%s'.", group);
+                rc = 2; /* usage error */
         }
         nkp_context_free(g.ctx);
         return rc;
