@@ -353,6 +353,8 @@ static int parse_entry(const nkp_context *ctx, GKeyFile *kf, const char *group, 
                                              flags[i]);
                 e->flags |= f;
         }
+        if ((e->flags & NKP_PROVIDER_DEFAULT) && !(e->flags & NKP_PROVIDER_BACKED_UP))
+                return store_corrupt(ctx, "provider '%s' is the default but was never backed up", name);
 
         bool has_kdk = g_key_file_has_key(kf, group, "kdk", NULL);
         bool has_blob = g_key_file_has_key(kf, group, "tpm_blob", NULL);
@@ -364,7 +366,9 @@ static int parse_entry(const nkp_context *ctx, GKeyFile *kf, const char *group, 
                                              "provider '%s' is sealed=none but does not carry exactly a kdk",
                                              name);
                 e->seal = NKP_SEAL_NONE;
-                g_hash_table_steal(kdks, group);
+                gpointer key = NULL;
+                g_hash_table_steal_extended(kdks, group, &key, NULL);
+                g_free(key);
                 e->kdk = kdk;
         } else if (strcmp(sealed, "tpm") == 0) {
                 if (has_kdk || !has_blob || !has_srk)

@@ -101,7 +101,7 @@ int nkpctl_alarms(NkpctlGlobals *g, int argc, char **argv)
         for (size_t i = 0; i < n; i++) {
                 g_autofree char *since = since_text(nkp_alarm_since(list[i]));
                 printf("%-*s  %-*s  %-20s  %s\n", wk, nkp_alarm_kind(list[i]), ws,
-                       nkp_alarm_subject(list[i]), since ? since : "(now)", nkp_alarm_message(list[i]));
+                       nkp_alarm_subject(list[i]), since ? since : "-", nkp_alarm_message(list[i]));
         }
         nkp_alarm_list_free(list, n);
         return 0;

@@ -540,6 +540,5 @@ int nkpctl_provider(NkpctlGlobals *g, int argc, char **argv)
                 g_set_prgname(prog);
                 return commands[i].fn(g, argc - 1, args);
         }
-        fputs(provider_usage, stderr);
         return usage_error("unknown provider command '%s'.", argv[1]);
 }
