@@ -1,0 +1,24 @@
+#!/bin/sh
+# Installs every Debian 12 package nkp needs to build, test and run its lab.
+# Idempotent; run as root (or through sudo).
+set -eu
+[ "$(id -u)" = 0 ] || exec sudo "$0" "$@"
+export DEBIAN_FRONTEND=noninteractive
+packages="
+  meson ninja-build pkg-config gcc clang libclang-rt-14-dev llvm
+  libglib2.0-dev libjson-glib-dev libssl-dev openssl libtss2-dev libkeyutils-dev keyutils
+  libvirt-dev libxml2-dev python3
+  swtpm swtpm-tools tpm2-tools
+  libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils virtinst
+  busybox-static cpio gzip kmod iproute2 bindfs util-linux procps psmisc
+"
+missing=""
+for p in $packages; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+        apt-get update -qq
+        # shellcheck disable=SC2086
+        apt-get install -y -qq --no-install-recommends $missing
+fi
+echo "install-deps: all packages present"
