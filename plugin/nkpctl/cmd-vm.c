@@ -25,11 +25,10 @@
  *
  * The vTPM: with no state yet (never started) it is enrolled by the XML
  * alone; libvirt hands the secret to swtpm_setup/swtpm at the first start,
- * so no clear state is ever written.  A vTPM that already has state in
- * clear (or, for decrypt, encrypted state) is refused with the reason: swtpm
- * assumes every state file is encrypted once it gets a key, so the state
- * must be re-written through swtpm_ioctl --save/--load; that conversion is
- * not implemented yet and nkp never leaves a VM half-converted.
+ * so no clear state is ever written.  A vTPM that already has clear state
+ * (or, for decrypt, encrypted state) is converted through swtpm's state-blob
+ * interface (see vtpm_convert) and swapped in with the disks, all or
+ * nothing.
  *
  * Exit 0 on success; one line on stderr otherwise.  libvirt calls run under
  * a process deadline (alarm, 60 s): libvirt has no per-call timeout. */
@@ -297,6 +296,279 @@ static void drop_old(const char *path)
         fsync_dir_of(path);
 }
 
+
+/* ---- converting vTPM state (clear <-> encrypted) -------------------------- */
+/* swtpm assumes every state file is encrypted once it is given a key, so a
+ * clear state cannot simply be opened with one.  The state is moved through
+ * swtpm's own state-blob interface instead (all in a 0700 work directory
+ * beside the state, <swtpm>/<uuid>/.nkp-work):
+ *   A: swtpm on the current state (old key or none), not-need-init;
+ *      swtpm_ioctl --save permanent → the decrypted blob
+ *   B: swtpm on an empty dir with the new key (or none);
+ *      swtpm_ioctl --load permanent, --init, --shutdown → B writes the state
+ *      under the new key
+ *   C: swtpm on B's dir with the new key, not-need-init; --save must work
+ *      (proves that the new state opens under the new key)
+ * The decrypted blob is removed as soon as B has it; the work directory is
+ * removed at the end.  The current state is only replaced (rename) once the
+ * new one is complete and verified, and put back if the define fails. */
+
+static char *vtpm_state_dir(const NkpDomain *d)
+{
+        g_autofree char *f = vtpm_state_file(d);
+        return g_path_get_dirname(f);
+}
+
+static char *vtpm_work_dir(const NkpDomain *d)
+{
+        g_autofree char *dir = vtpm_state_dir(d);
+        g_autofree char *parent = g_path_get_dirname(dir);
+        return g_build_filename(parent, ".nkp-work", NULL);
+}
+
+static int run_quiet(const char *const *argv, const nkp_secret *key)
+{
+        g_autoptr(GSubprocessLauncher) l = g_subprocess_launcher_new(
+                G_SUBPROCESS_FLAGS_STDOUT_SILENCE | G_SUBPROCESS_FLAGS_STDERR_SILENCE);
+        if (key) {
+                int p[2];
+                if (pipe2(p, O_CLOEXEC) < 0)
+                        return nkp_fail(-errno, "Cannot create a pipe: %s.", g_strerror(errno));
+                size_t len = nkp_secret_len(key);
+                ssize_t w = write(p[1], nkp_secret_data(key), len);
+                close(p[1]);
+                if (w != (ssize_t) len) {
+                        close(p[0]);
+                        return nkp_fail(-EIO, "Cannot hand the key to %s.", argv[0]);
+                }
+                g_subprocess_launcher_take_fd(l, p[0], 3);
+        }
+        g_autoptr(GError) error = NULL;
+        g_autoptr(GSubprocess) sp = g_subprocess_launcher_spawnv(l, argv, &error);
+        if (!sp)
+                return nkp_fail(-ENOENT, "Cannot run '%s': %s.", argv[0], error->message);
+        if (!g_subprocess_wait(sp, NULL, &error))
+                return nkp_fail(-EIO, "Running '%s' failed: %s.", argv[0], error->message);
+        return g_subprocess_get_if_exited(sp) ? g_subprocess_get_exit_status(sp) : 128;
+}
+
+static bool wait_for_path(const char *path, int ms)
+{
+        for (int waited = 0; waited < ms; waited += 20) {
+                if (access(path, F_OK) == 0)
+                        return true;
+                g_usleep(20 * 1000);
+        }
+        return false;
+}
+
+/* Starts a daemonized swtpm `tag` on `state` (with `key` or none). */
+static int swtpm_up(const char *work, const char *tag, const char *state, const nkp_secret *key,
+                    bool need_init)
+{
+        g_autofree char *ctrl = g_strdup_printf("type=unixio,path=%s/%s.ctrl", work, tag);
+        g_autofree char *srv = g_strdup_printf("type=unixio,path=%s/%s.sock", work, tag);
+        g_autofree char *pid = g_strdup_printf("file=%s/%s.pid", work, tag);
+        g_autofree char *log = g_strdup_printf("file=%s/%s.log", work, tag);
+        g_autofree char *st = g_strdup_printf("dir=%s", state);
+        g_autofree char *ctrl_path = g_strdup_printf("%s/%s.ctrl", work, tag);
+        const char *argv[20] = { "swtpm", "socket", "--tpm2", "--tpmstate", st, "--ctrl", ctrl,
+                                 "--server", srv, "--pid", pid, "--log", log, "-d" };
+        int n = 14;
+        if (!need_init) {
+                argv[n++] = "--flags";
+                argv[n++] = "not-need-init";
+        }
+        if (key) {
+                argv[n++] = "--key";
+                argv[n++] = "pwdfd=3,mode=aes-256-cbc";
+        }
+        argv[n] = NULL;
+        int r = run_quiet(argv, key);
+        if (r < 0)
+                return r;
+        if (r != 0 || !wait_for_path(ctrl_path, 5000))
+                return nkp_fail(-EIO, "swtpm could not open the vTPM state '%s' (see '%s/%s.log').",
+                                state, work, tag);
+        return 0;
+}
+
+static void swtpm_down(const char *work, const char *tag)
+{
+        g_autofree char *ctrl = g_strdup_printf("%s/%s.ctrl", work, tag);
+        g_autofree char *pidf = g_strdup_printf("%s/%s.pid", work, tag);
+        const char *argv[] = { "swtpm_ioctl", "--unix", ctrl, "-s", NULL };
+        (void) run_quiet(argv, NULL);
+        g_autofree char *txt = NULL;
+        if (!g_file_get_contents(pidf, &txt, NULL, NULL))
+                return;
+        pid_t pid = (pid_t) g_ascii_strtoll(txt, NULL, 10);
+        if (pid <= 1)
+                return;
+        for (int i = 0; i < 250 && kill(pid, 0) == 0; i++)
+                g_usleep(20 * 1000);
+        if (kill(pid, 0) == 0)
+                kill(pid, SIGKILL);
+}
+
+static int swtpm_ioctl_blob(const char *work, const char *tag, const char *what, const char *file)
+{
+        g_autofree char *ctrl = g_strdup_printf("%s/%s.ctrl", work, tag);
+        const char *argv[] = { "swtpm_ioctl", "--unix", ctrl, what, "permanent", file, NULL };
+        int r = run_quiet(argv, NULL);
+        if (r < 0)
+                return r;
+        return r == 0 ? 0 : nkp_fail(-EIO, "swtpm_ioctl %s failed on the vTPM state.", what);
+}
+
+static void rm_rf(const char *path)
+{
+        g_autoptr(GDir) dir = g_dir_open(path, 0, NULL);
+        const char *e;
+        while (dir && (e = g_dir_read_name(dir))) {
+                g_autofree char *p = g_build_filename(path, e, NULL);
+                if (g_file_test(p, G_FILE_TEST_IS_DIR) && !g_file_test(p, G_FILE_TEST_IS_SYMLINK))
+                        rm_rf(p);
+                else
+                        (void) unlink(p);
+        }
+        (void) rmdir(path);
+}
+
+/* Writes the vTPM state of `d`, re-keyed from `old_key` to `new_key`
+ * (either may be NULL: clear), into <work>/new/.  Touches nothing else. */
+static int vtpm_convert(const NkpDomain *d, const nkp_secret *old_key, const nkp_secret *new_key)
+{
+        g_autofree char *state = vtpm_state_dir(d);
+        g_autofree char *work = vtpm_work_dir(d);
+        const char *extra[] = { "tpm2-00.volatilestate", "tpm2-00.savestate",
+                                "tpm-00.volatilestate", "tpm-00.savestate" };
+        for (size_t i = 0; i < G_N_ELEMENTS(extra); i++) {
+                g_autofree char *p = g_build_filename(state, extra[i], NULL);
+                if (access(p, F_OK) == 0)
+                        return nkp_fail(-EBUSY, "The vTPM of VM '%s' has saved volatile state "
+                                                "('%s'), from a suspend or a migration; start and "
+                                                "shut down the VM, then retry. Nothing was changed.",
+                                        d->name, p);
+        }
+        rm_rf(work);
+        g_autofree char *newdir = g_build_filename(work, "new", NULL);
+        g_autofree char *cur = g_build_filename(work, "cur", NULL);
+        g_autofree char *blob = g_build_filename(work, "blob", NULL);
+        g_autofree char *check = g_build_filename(work, "check", NULL);
+        g_autofree char *src_file = vtpm_state_file(d);
+        g_autofree char *base = g_path_get_basename(src_file);
+        g_autofree char *cur_file = g_build_filename(cur, base, NULL);
+        if (nkp_mkdir_private(newdir) < 0 || nkp_mkdir_private(cur) < 0)
+                return nkp_fail_prefix(-EIO, "Cannot make the work directory '%s'", work);
+        /* A copy of the state: swtpm may rewrite what it opens. */
+        g_autofree char *data = NULL;
+        gsize len = 0;
+        if (!g_file_get_contents(src_file, &data, &len, NULL) ||
+            nkp_write_file_atomic(cur_file, data, len, 0600, true) < 0) {
+                rm_rf(work);
+                return nkp_fail(-EIO, "Cannot copy the vTPM state '%s'.", src_file);
+        }
+        int r = swtpm_up(work, "a", cur, old_key, false);
+        if (r == 0) {
+                r = swtpm_ioctl_blob(work, "a", "--save", blob);
+                swtpm_down(work, "a");
+        }
+        if (r == 0) {
+                r = swtpm_up(work, "b", newdir, new_key, true);
+                if (r == 0) {
+                        r = swtpm_ioctl_blob(work, "b", "--load", blob);
+                        g_autofree char *ctrl = g_strdup_printf("%s/b.ctrl", work);
+                        const char *init[] = { "swtpm_ioctl", "--unix", ctrl, "-i", NULL };
+                        if (r == 0 && run_quiet(init, NULL) != 0)
+                                r = nkp_fail(-EIO, "swtpm could not start on the converted vTPM "
+                                                   "state.");
+                        swtpm_down(work, "b");
+                }
+        }
+        if (access(blob, F_OK) == 0) {
+                /* Overwrite the decrypted blob before it goes. */
+                struct stat st;
+                if (stat(blob, &st) == 0 && st.st_size > 0) {
+                        g_autofree char *zero = g_malloc0(st.st_size);
+                        g_file_set_contents(blob, zero, st.st_size, NULL);
+                }
+                (void) unlink(blob);
+        }
+        g_autofree char *new_file = g_build_filename(newdir, base, NULL);
+        if (r == 0) {
+                /* C: the new state must open under the new key. */
+                r = swtpm_up(work, "c", newdir, new_key, false);
+                if (r == 0) {
+                        r = swtpm_ioctl_blob(work, "c", "--save", check);
+                        swtpm_down(work, "c");
+                }
+                (void) unlink(check);
+        }
+        if (r == 0) {
+                int fd = open(new_file, O_RDONLY | O_CLOEXEC);
+                uint8_t h[6] = { 0 };
+                bool ok = fd >= 0 && read(fd, h, sizeof h) == (ssize_t) sizeof h;
+                if (fd >= 0)
+                        close(fd);
+                bool enc = ok && (h[5] & 1);
+                if (!ok || enc != (new_key != NULL))
+                        r = nkp_fail(-EIO, "The converted vTPM state of VM '%s' is not %s as "
+                                           "expected; nothing was changed.",
+                                     d->name, new_key ? "encrypted" : "clear");
+        }
+        if (r < 0) {
+                rm_rf(work);
+                return nkp_fail_prefix(r, "Cannot convert the vTPM state of VM '%s' (nothing was "
+                                          "changed)",
+                                       d->name);
+        }
+        /* Same owner and mode as the state it replaces. */
+        struct stat st;
+        if (stat(src_file, &st) == 0) {
+                (void) chmod(new_file, st.st_mode & 07777);
+                (void) chown(new_file, st.st_uid, st.st_gid);
+        }
+        return 0;
+}
+
+/* state file → work/old, work/new/file → state file. */
+static int vtpm_swap_in(const NkpDomain *d)
+{
+        g_autofree char *src = vtpm_state_file(d);
+        g_autofree char *work = vtpm_work_dir(d);
+        g_autofree char *base = g_path_get_basename(src);
+        g_autofree char *old = g_build_filename(work, "old", NULL);
+        g_autofree char *neu = g_build_filename(work, "new", base, NULL);
+        if (rename(src, old) < 0)
+                return nkp_fail(-errno, "Cannot move the vTPM state '%s': %s.", src,
+                                g_strerror(errno));
+        if (rename(neu, src) < 0) {
+                int e = errno;
+                (void) rename(old, src);
+                return nkp_fail(-e, "Cannot move the new vTPM state into '%s': %s.", src,
+                                g_strerror(e));
+        }
+        fsync_dir_of(src);
+        return 0;
+}
+
+static void vtpm_swap_back(const NkpDomain *d)
+{
+        g_autofree char *src = vtpm_state_file(d);
+        g_autofree char *work = vtpm_work_dir(d);
+        g_autofree char *old = g_build_filename(work, "old", NULL);
+        (void) rename(old, src);
+        fsync_dir_of(src);
+        rm_rf(work);
+}
+
+static void vtpm_done(const NkpDomain *d)
+{
+        g_autofree char *work = vtpm_work_dir(d);
+        rm_rf(work);
+}
+
 /* ---- encrypt ------------------------------------------------------------ */
 
 static bool disk_is_candidate(const NkpDomainDisk *disk)
@@ -414,6 +686,75 @@ static int require_shut_off(NkpVirt *v, const char *name)
         return 0;
 }
 
+
+/* Converts every object (originals untouched), swaps the new copies in,
+ * defines `newxml`; on any failure everything is put back.  Then the old
+ * copies go.  `encrypt` chooses the direction for the disks. */
+static int apply(NkpVirt *v, const NkpDomain *d, GPtrArray *jobs, bool vtpm,
+                 const nkp_secret *vtpm_old, const nkp_secret *vtpm_new, const char *newxml,
+                 bool encrypt)
+{
+        int r;
+        if (vtpm && (r = vtpm_convert(d, vtpm_old, vtpm_new)) < 0)
+                return r;
+        for (guint i = 0; i < jobs->len; i++) {
+                DiskJob *j = jobs->pdata[i];
+                r = encrypt ? convert_disk(j->path, j->value, NULL)
+                            : convert_disk(j->path, NULL, j->value);
+                if (r < 0) {
+                        for (guint k = 0; k < i; k++) {
+                                g_autofree char *tmp = g_strconcat(
+                                        ((DiskJob *) jobs->pdata[k])->path, ".nkp-new", NULL);
+                                (void) unlink(tmp);
+                        }
+                        if (vtpm)
+                                vtpm_done(d);
+                        return r;
+                }
+        }
+        guint swapped = 0;
+        if (vtpm && (r = vtpm_swap_in(d)) < 0) {
+                vtpm_done(d);
+                for (guint k = 0; k < jobs->len; k++) {
+                        g_autofree char *tmp =
+                                g_strconcat(((DiskJob *) jobs->pdata[k])->path, ".nkp-new", NULL);
+                        (void) unlink(tmp);
+                }
+                return r;
+        }
+        r = 0;
+        for (; r == 0 && swapped < jobs->len; swapped++)
+                r = swap_in(((DiskJob *) jobs->pdata[swapped])->path);
+        if (r == 0) {
+                deadline_arm();
+                r = nkp_virt_domain_define(v, newxml);
+                deadline_disarm();
+                if (r < 0)
+                        r = nkp_fail_prefix(r, "The new definition of VM '%s' was refused, so "
+                                               "every file was put back and nothing was changed",
+                                            d->name);
+        } else {
+                swapped--; /* the failed one put itself back */
+        }
+        if (r < 0) {
+                for (guint k = 0; k < swapped; k++)
+                        swap_back(((DiskJob *) jobs->pdata[k])->path);
+                if (vtpm)
+                        vtpm_swap_back(d);
+                for (guint k = 0; k < jobs->len; k++) {
+                        g_autofree char *tmp =
+                                g_strconcat(((DiskJob *) jobs->pdata[k])->path, ".nkp-new", NULL);
+                        (void) unlink(tmp);
+                }
+                return r;
+        }
+        for (guint i = 0; i < jobs->len; i++)
+                drop_old(((DiskJob *) jobs->pdata[i])->path);
+        if (vtpm)
+                vtpm_done(d);
+        return 0;
+}
+
 static int vm_encrypt(NkpctlGlobals *g, const char *name, const char *provider_name,
                       const char *disks)
 {
@@ -440,7 +781,8 @@ static int vm_encrypt(NkpctlGlobals *g, const char *name, const char *provider_n
                                     nkp_provider_name(p), nkp_provider_name(p));
 
         /* What to protect. */
-        bool do_vtpm = false;
+        bool do_vtpm = false, convert_vtpm = false;
+        g_autoptr(nkp_secret) vtpm_value = NULL;
         if (d->has_vtpm) {
                 if (d->tpm_secret)
                         return nkpctl_error("The vTPM of VM '%s' is already encrypted with the "
@@ -448,14 +790,14 @@ static int vm_encrypt(NkpctlGlobals *g, const char *name, const char *provider_n
                                             "nothing was changed.",
                                             name, d->tpm_secret);
                 enum vtpm_state st = vtpm_state(d);
-                if (st != VTPM_NONE) {
+                if (st == VTPM_ENCRYPTED || st == VTPM_UNKNOWN) {
                         g_autofree char *f = vtpm_state_file(d);
                         return nkpctl_error(
-                                "The vTPM of VM '%s' already has %s state ('%s'); converting "
-                                "existing vTPM state is not supported yet, so nothing was "
-                                "changed. Enrol VMs before their first start.",
-                                name, st == VTPM_CLEAR ? "clear" : "unreadable", f);
+                                "The vTPM state of VM '%s' ('%s') is %s, but the VM names no key "
+                                "for it; nkp cannot take it over. Nothing was changed.",
+                                name, f, st == VTPM_ENCRYPTED ? "encrypted" : "unreadable");
                 }
+                convert_vtpm = st == VTPM_CLEAR;
                 do_vtpm = true;
         }
         g_autoptr(GPtrArray) jobs = g_ptr_array_new_with_free_func(disk_job_free);
@@ -479,7 +821,8 @@ static int vm_encrypt(NkpctlGlobals *g, const char *name, const char *provider_n
                 g_autoptr(nkp_secret) dek = NULL;
                 nkp_uuid_random(vtpm_uuid);
                 if (nkp_secret_new_random(NKP_DEK_SIZE, &dek) < 0 ||
-                    nkp_keysafe_put_dek(ks, kek, NKP_OBJECT_VTPM, "vtpm", vtpm_uuid, dek) < 0)
+                    nkp_keysafe_put_dek(ks, kek, NKP_OBJECT_VTPM, "vtpm", vtpm_uuid, dek) < 0 ||
+                    nkp_secret_value_from_dek(dek, &vtpm_value) < 0)
                         return nkpctl_lib_error();
         }
         for (guint i = 0; i < jobs->len; i++) {
@@ -510,38 +853,8 @@ static int vm_encrypt(NkpctlGlobals *g, const char *name, const char *provider_n
         if (nkp_domain_edit_format(e, &newxml) < 0)
                 return nkpctl_lib_error();
 
-        /* Convert every disk (originals untouched), then swap, then define. */
-        for (guint i = 0; i < jobs->len; i++) {
-                DiskJob *j = jobs->pdata[i];
-                if (convert_disk(j->path, j->value, NULL) < 0) {
-                        for (guint k = 0; k < i; k++) {
-                                g_autofree char *tmp =
-                                        g_strconcat(((DiskJob *) jobs->pdata[k])->path,
-                                                    ".nkp-new", NULL);
-                                (void) unlink(tmp);
-                        }
-                        return nkpctl_lib_error();
-                }
-        }
-        for (guint i = 0; i < jobs->len; i++) {
-                DiskJob *j = jobs->pdata[i];
-                if (swap_in(j->path) < 0) {
-                        for (guint k = 0; k < i; k++)
-                                swap_back(((DiskJob *) jobs->pdata[k])->path);
-                        return nkpctl_lib_error();
-                }
-                j->swapped = true;
-        }
-        deadline_arm();
-        if (nkp_virt_domain_define(v, newxml) < 0) {
-                g_autofree char *msg = g_strdup(nkp_error_message());
-                for (guint i = 0; i < jobs->len; i++)
-                        swap_back(((DiskJob *) jobs->pdata[i])->path);
-                return nkpctl_error("%s Nothing was changed.", msg);
-        }
-        deadline_disarm();
-        for (guint i = 0; i < jobs->len; i++)
-                drop_old(((DiskJob *) jobs->pdata[i])->path);
+        if (apply(v, d, jobs, convert_vtpm, NULL, vtpm_value, newxml, true) < 0)
+                return nkpctl_lib_error();
 
         if (g->json) {
                 g_autoptr(JsonBuilder) b = json_builder_new();
@@ -591,11 +904,13 @@ static int vm_decrypt(NkpctlGlobals *g, const char *name)
                 return nkpctl_lib_error();
 
         bool has_vtpm_entry = false;
+        g_autoptr(nkp_secret) vtpm_value = NULL;
         g_autoptr(GPtrArray) jobs = g_ptr_array_new_with_free_func(disk_job_free);
         for (guint i = 0; i < secrets->len; i++) {
                 NkpVmSecret *s = secrets->pdata[i];
                 if (strcmp(s->kind, NKP_OBJECT_VTPM) == 0) {
                         has_vtpm_entry = true;
+                        vtpm_value = g_steal_pointer(&s->value);
                         continue;
                 }
                 const NkpDomainDisk *disk = nkp_domain_find_disk(d, s->object_id);
@@ -610,16 +925,16 @@ static int vm_decrypt(NkpctlGlobals *g, const char *name)
                 j->value = g_steal_pointer(&s->value);
                 g_ptr_array_add(jobs, j);
         }
+        bool convert_vtpm = false;
         if (has_vtpm_entry && d->has_vtpm) {
                 enum vtpm_state st = vtpm_state(d);
-                if (st != VTPM_NONE) {
+                if (st == VTPM_CLEAR || st == VTPM_UNKNOWN) {
                         g_autofree char *f = vtpm_state_file(d);
-                        return nkpctl_error(
-                                "The vTPM of VM '%s' has encrypted state ('%s'); converting it "
-                                "back to clear state is not supported yet, so nothing was "
-                                "changed.",
-                                name, f);
+                        return nkpctl_error("The vTPM state of VM '%s' ('%s') is %s, not "
+                                            "encrypted as its keysafe says; nothing was changed.",
+                                            name, f, st == VTPM_CLEAR ? "clear" : "unreadable");
                 }
+                convert_vtpm = st == VTPM_ENCRYPTED;
         }
 
         g_autoptr(NkpDomainEdit) e = NULL;
@@ -636,38 +951,13 @@ static int vm_decrypt(NkpctlGlobals *g, const char *name)
         if (nkp_domain_edit_format(e, &newxml) < 0)
                 return nkpctl_lib_error();
 
-        for (guint i = 0; i < jobs->len; i++) {
-                DiskJob *j = jobs->pdata[i];
-                if (convert_disk(j->path, NULL, j->value) < 0) {
-                        for (guint k = 0; k < i; k++) {
-                                g_autofree char *tmp =
-                                        g_strconcat(((DiskJob *) jobs->pdata[k])->path,
-                                                    ".nkp-new", NULL);
-                                (void) unlink(tmp);
-                        }
-                        return nkpctl_lib_error();
-                }
-        }
-        for (guint i = 0; i < jobs->len; i++) {
-                if (swap_in(((DiskJob *) jobs->pdata[i])->path) < 0) {
-                        for (guint k = 0; k < i; k++)
-                                swap_back(((DiskJob *) jobs->pdata[k])->path);
-                        return nkpctl_lib_error();
-                }
-        }
-        deadline_arm();
-        if (nkp_virt_domain_define(v, newxml) < 0) {
-                g_autofree char *msg = g_strdup(nkp_error_message());
-                for (guint i = 0; i < jobs->len; i++)
-                        swap_back(((DiskJob *) jobs->pdata[i])->path);
-                return nkpctl_error("%s Nothing was changed.", msg);
-        }
+        if (apply(v, d, jobs, convert_vtpm, vtpm_value, NULL, newxml, false) < 0)
+                return nkpctl_lib_error();
         /* Its secrets, if a start left any behind. */
+        deadline_arm();
         for (guint i = 0; i < secrets->len; i++)
                 (void) nkp_virt_secret_undefine(v, ((NkpVmSecret *) secrets->pdata[i])->secret_uuid);
         deadline_disarm();
-        for (guint i = 0; i < jobs->len; i++)
-                drop_old(((DiskJob *) jobs->pdata[i])->path);
         nkp_alarm_clear(g->ctx, "vm-locked", name);
         if (!g->json)
                 printf("VM '%s' is no longer encrypted by nkp.\n", name);
