@@ -12,6 +12,7 @@
 #include <openssl/x509.h>
 
 #include "p12-internal.h"
+#include "testutil-swtpm.h"
 #include "testutil.h"
 
 #define LOW_ITER 1000
@@ -730,6 +731,67 @@ static void test_provider_backup_refused(void)
         hosts_done(&h);
 }
 
+/* A provider created on a host with a TPM (sealed there) restores on a
+ * host without one and the other way round; a require-tpm provider restores
+ * only where there is a TPM; the restored copy unseals to the same key. */
+static void tpm_body(const char *tmp)
+{
+        g_autofree char *state = g_build_filename(tmp, "swtpm-state", NULL);
+        TestSwtpm *sw = testutil_swtpm_start(state);
+        g_autofree char *tpm_root = testutil_make_root(tmp, "tpm-host", testutil_swtpm_tcti(sw));
+        g_autofree char *bare_root = testutil_make_root(tmp, "bare-host", "none");
+        g_autoptr(nkp_context) tpm_ctx = NULL, bare_ctx = NULL;
+        g_assert_cmpint(nkp_context_new(tpm_root, &tpm_ctx), ==, 0);
+        g_assert_cmpint(nkp_context_new(bare_root, &bare_ctx), ==, 0);
+        g_autoptr(nkp_secret) pw = pw_new(PASSWORD);
+
+        /* sealed on the TPM host → backup → restore on the bare host */
+        g_autoptr(nkp_provider) sealed = NULL;
+        g_assert_cmpint(nkp_provider_create(tpm_ctx, "sealed", 0, &sealed), ==, 0);
+        g_assert_cmpint(nkp_provider_seal(sealed), ==, NKP_SEAL_TPM);
+        g_assert_cmpint(nkp_cache_flush(tpm_ctx), ==, 0); /* backup must unseal */
+        g_autofree char *f1 = g_build_filename(tmp, "sealed.p12", NULL);
+        g_assert_cmpint(nkp_provider_backup(tpm_ctx, "sealed", f1, pw), ==, 0);
+        g_autoptr(nkp_provider) plain = NULL;
+        g_assert_cmpint(nkp_provider_restore(bare_ctx, f1, pw, &plain, NULL), ==, 0);
+        g_assert_cmpint(nkp_provider_seal(plain), ==, NKP_SEAL_NONE);
+        g_assert_cmpstr(nkp_provider_fingerprint(plain), ==, nkp_provider_fingerprint(sealed));
+
+        /* require-tpm, made by hand: refused on the bare host, sealed on
+         * the TPM host, and unsealed from the store to the same key */
+        NkpBackupInfo info;
+        info_init(&info, "tpm-only", NKP_PROVIDER_REQUIRE_TPM);
+        g_autoptr(nkp_secret) kdk = NULL, back = NULL;
+        g_assert_cmpint(nkp_secret_new_random(NKP_KDK_SIZE, &kdk), ==, 0);
+        g_autoptr(GBytes) der = export_low(&info, kdk, PASSWORD);
+        g_autofree char *f2 = g_build_filename(tmp, "tpm-only.p12", NULL);
+        g_assert_true(g_file_set_contents(f2, g_bytes_get_data(der, NULL), (gssize) g_bytes_get_size(der), NULL));
+        restore_refused(bare_ctx, bare_root, f2, pw, -ENODEV, "requires a TPM");
+        g_autoptr(nkp_provider) tp = NULL;
+        bool already = true;
+        g_assert_cmpint(nkp_provider_restore(tpm_ctx, f2, pw, &tp, &already), ==, 0);
+        g_assert_false(already);
+        g_assert_cmpint(nkp_provider_seal(tp), ==, NKP_SEAL_TPM);
+        g_assert_true(nkp_provider_flags(tp) & NKP_PROVIDER_REQUIRE_TPM);
+        g_assert_cmpint(nkp_cache_flush(tpm_ctx), ==, 0);
+        g_assert_cmpint(nkp_provider_get_kdk(tpm_ctx, info.key_id, &back), ==, 0);
+        g_assert_true(nkp_secret_equal(kdk, back));
+        /* the flag travels on: a backup of it still says require-tpm */
+        g_autofree char *f3 = g_build_filename(tmp, "tpm-only-again.p12", NULL);
+        g_assert_cmpint(nkp_provider_backup(tpm_ctx, "tpm-only", f3, pw), ==, 0);
+        restore_refused(bare_ctx, bare_root, f3, pw, -ENODEV, "requires a TPM");
+        testutil_swtpm_stop(sw);
+}
+
+static void test_provider_tpm(void)
+{
+        if (!testutil_swtpm_available()) {
+                g_test_skip("swtpm is not installed");
+                return;
+        }
+        testutil_isolated(tpm_body);
+}
+
 int main(int argc, char **argv)
 {
         g_test_init(&argc, &argv, NULL);
@@ -747,5 +809,6 @@ int main(int argc, char **argv)
         g_test_add_func("/provider/round-trip", test_provider_round_trip);
         g_test_add_func("/provider/restore-refused", test_provider_restore_refused);
         g_test_add_func("/provider/backup-refused", test_provider_backup_refused);
+        g_test_add_func("/provider/tpm", test_provider_tpm);
         return g_test_run();
 }
