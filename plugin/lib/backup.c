@@ -1,14 +1,550 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* STUB: replaced by its owner. */
+/*
+ * Provider backups: a standard PKCS#12 file (RFC 7292) that
+ * `openssl pkcs12 -info` can read.
+ *
+ *   PFX (version 3)
+ *     authSafe: ContentInfo data → AuthenticatedSafe, exactly as written:
+ *       ContentInfo encryptedData
+ *         PBES2 (RFC 8018): PBKDF2 with HMAC-SHA256, 16-byte salt from
+ *         OpenSSL, `iterations` (NKP_P12_ITERATIONS = 600000); AES-256-CBC
+ *         SafeContents:
+ *           SafeBag secretBag
+ *             secretTypeId  NKP_OID_SECRET_KDK (see p12-internal.h)
+ *             secretValue   OCTET STRING, the raw 32-byte KDK
+ *             attributes    friendlyName (BMPString) = provider name
+ *                           NKP_OID_ATTR_KEY_ID (UTF8String) = key id
+ *                           NKP_OID_ATTR_FLAGS (UTF8String) = "" | "require-tpm"
+ *     macData: HMAC-SHA256, 8-byte salt, the same `iterations`
+ *
+ * The MAC key and the encryption key both come from the password; the MAC
+ * count is as high as the PBKDF2 count so that the MAC is no cheaper way to
+ * test password guesses.
+ *
+ * Reading (nkp_p12_import) trusts nothing: a size cap, DER that must end
+ * where the file ends, every iteration count (MAC and each encrypted safe)
+ * checked against a cap before any key derivation runs, the MAC verified
+ * before anything is decrypted, exactly one nkp secret bag, and every field
+ * of it validated.  Other bags (certificates, keys, foreign secrets) are
+ * ignored; a file without an nkp bag is "not an nkp backup".  Decrypted
+ * secret values are wiped before OpenSSL frees them; OpenSSL itself wipes
+ * the decrypted SafeContents DER and its BMPString copies of the password.
+ */
 #include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/objects.h>
+#include <openssl/pkcs12.h>
+#include <openssl/x509.h>
+
 #include "nkp-private.h"
-#define STUB return nkp_fail(-ENOSYS, "%s is not implemented yet.", __func__)
+#include "p12-internal.h"
+
+#define FLAG_WORD_REQUIRE_TPM "require-tpm"
+/* Work cap across the whole file: the MAC and one safe at the maximum. */
+#define MAX_SAFES 16
+
+/* ---- small helpers -------------------------------------------------------- */
+
+static bool name_valid(const char *s)
+{
+        size_t n = strlen(s);
+        if (n < 1 || n > NKP_NAME_MAX)
+                return false;
+        for (size_t i = 0; i < n; i++) {
+                char c = s[i];
+                if (!g_ascii_isalnum(c) && c != '.' && c != '_' && c != '-')
+                        return false;
+        }
+        return true;
+}
+
+/* The password as a NUL-terminated string (what OpenSSL's PKCS#12 calls
+ * take), in a wiped secret.  Empty passwords and NUL bytes are refused. */
+static int password_cstr(const nkp_secret *password, nkp_secret **ret)
+{
+        if (!password || nkp_secret_len(password) == 0)
+                return nkp_fail(-EINVAL, "The password is empty; a backup needs a password.");
+        size_t len = nkp_secret_len(password);
+        if (memchr(nkp_secret_data(password), '\0', len))
+                return nkp_fail(-EINVAL, "The password contains a NUL byte; use a password without one.");
+        nkp_secret *s;
+        int r = nkp_secret_new(len + 1, &s);
+        if (r < 0)
+                return r;
+        memcpy(nkp_secret_data_mut(s), nkp_secret_data(password), len);
+        *ret = s;
+        return 0;
+}
+
+static const char *pw_str(const nkp_secret *pw)
+{
+        return (const char *) nkp_secret_data(pw);
+}
+
+/* OpenSSL's PKCS12_add_secret() wants a NID for the secret type: register
+ * our OID once per process (no names, so nothing can clash). */
+static int secret_nid(void)
+{
+        static gsize once = 0;
+        static int nid = NID_undef;
+        if (g_once_init_enter(&once)) {
+                int n = OBJ_txt2nid(NKP_OID_SECRET_KDK);
+                if (n == NID_undef)
+                        n = OBJ_create(NKP_OID_SECRET_KDK, NULL, NULL);
+                nid = n;
+                g_once_init_leave(&once, 1);
+        }
+        return nid;
+}
+
+/* Wipes the value of every secret bag (ours or not) before the bags are
+ * freed: OpenSSL frees ASN.1 strings without clearing them. */
+static void wipe_bags(STACK_OF(PKCS12_SAFEBAG) *bags)
+{
+        for (int i = 0; bags && i < sk_PKCS12_SAFEBAG_num(bags); i++) {
+                PKCS12_SAFEBAG *bag = sk_PKCS12_SAFEBAG_value(bags, i);
+                if (PKCS12_SAFEBAG_get_nid(bag) != NID_secretBag)
+                        continue;
+                ASN1_TYPE *v = (ASN1_TYPE *) PKCS12_SAFEBAG_get0_bag_obj(bag);
+                if (!v || v->type == V_ASN1_OBJECT || v->type == V_ASN1_BOOLEAN ||
+                    v->type == V_ASN1_NULL || !v->value.asn1_string)
+                        continue;
+                ASN1_STRING *s = v->value.asn1_string;
+                if (s->data && s->length > 0)
+                        OPENSSL_cleanse(s->data, (size_t) s->length);
+        }
+}
+
+static void free_bags(STACK_OF(PKCS12_SAFEBAG) *bags)
+{
+        wipe_bags(bags);
+        sk_PKCS12_SAFEBAG_pop_free(bags, PKCS12_SAFEBAG_free);
+}
+
+static void free_safes(STACK_OF(PKCS7) *safes)
+{
+        sk_PKCS7_pop_free(safes, PKCS7_free);
+}
+
+/* ---- export --------------------------------------------------------------- */
 
 int nkp_p12_export(const NkpBackupInfo *info, const nkp_secret *kdk, const nkp_secret *password,
-                   int iterations, GBytes **ret) { STUB; }
+                   int iterations, GBytes **ret)
+{
+        if (!info || !name_valid(info->name))
+                return nkp_fail(-EINVAL, "The provider name is not valid.");
+        uint8_t id[16];
+        if (nkp_uuid_parse(info->key_id, id) < 0)
+                return nkp_fail(-EINVAL, "The provider key id '%s' is not a UUID.", info->key_id);
+        char key_id[NKP_UUID_STRING_LEN + 1];
+        nkp_uuid_format(id, key_id);
+        if (!kdk || nkp_secret_len(kdk) != NKP_KDK_SIZE)
+                return nkp_fail(-EINVAL, "A provider key must be %d bytes.", NKP_KDK_SIZE);
+        if (iterations < 1 || (uint64_t) iterations > NKP_P12_MAX_ITERATIONS)
+                return nkp_fail(-EINVAL, "The iteration count %d is out of range (1 to %d).", iterations,
+                                NKP_P12_MAX_ITERATIONS);
+
+        g_autoptr(nkp_secret) pw = NULL;
+        int r = password_cstr(password, &pw);
+        if (r < 0)
+                return r;
+        int nid = secret_nid();
+        if (nid == NID_undef)
+                return nkp_fail(-ENOMEM, "OpenSSL cannot register nkp's secret type: %s.",
+                                nkp_openssl_error());
+
+        const char *flags = (info->flags & NKP_PROVIDER_REQUIRE_TPM) ? FLAG_WORD_REQUIRE_TPM : "";
+        STACK_OF(PKCS12_SAFEBAG) *bags = NULL;
+        STACK_OF(PKCS7) *safes = NULL;
+        PKCS12 *p12 = NULL;
+        unsigned char *der = NULL;
+        int der_len = 0;
+
+        r = -ENOMEM;
+        PKCS12_SAFEBAG *bag = PKCS12_add_secret(&bags, nid, nkp_secret_data(kdk), NKP_KDK_SIZE);
+        if (!bag || !PKCS12_add_friendlyname_utf8(bag, info->name, -1) ||
+            !PKCS12_add1_attr_by_txt(bag, NKP_OID_ATTR_KEY_ID, V_ASN1_UTF8STRING,
+                                     (const unsigned char *) key_id, (int) strlen(key_id)) ||
+            !PKCS12_add1_attr_by_txt(bag, NKP_OID_ATTR_FLAGS, V_ASN1_UTF8STRING,
+                                     (const unsigned char *) flags, (int) strlen(flags)))
+                goto fail;
+        /* A cipher NID selects PBES2 + PBKDF2; OpenSSL 3's default PRF for
+         * it is HMAC-SHA256 (checked by the tests with openssl pkcs12). */
+        if (!PKCS12_add_safe(&safes, bags, NID_aes_256_cbc, iterations, pw_str(pw)))
+                goto fail;
+        p12 = PKCS12_add_safes(safes, 0);
+        if (!p12)
+                goto fail;
+        if (!PKCS12_set_mac(p12, pw_str(pw), -1, NULL, 0, iterations, EVP_sha256()))
+                goto fail;
+        der_len = i2d_PKCS12(p12, &der);
+        if (der_len <= 0)
+                goto fail;
+        *ret = g_bytes_new(der, (size_t) der_len);
+        r = 0;
+fail:
+        if (r < 0)
+                r = nkp_fail(r, "Cannot build the PKCS#12 backup: %s.", nkp_openssl_error());
+        OPENSSL_free(der);
+        PKCS12_free(p12);
+        free_safes(safes);
+        free_bags(bags);
+        return r;
+}
+
+/* ---- import --------------------------------------------------------------- */
+
+static int check_iterations(const ASN1_INTEGER *iter, uint64_t max, uint64_t *total)
+{
+        int64_t v = 1; /* DER default of MacData.iterations */
+        if (iter && !ASN1_INTEGER_get_int64(&v, iter))
+                v = -1;
+        if (v < 1)
+                return nkp_fail(-EBADMSG, "The file is not a valid PKCS#12 file (bad iteration count).");
+        if ((uint64_t) v > max)
+                return nkp_fail(-EBADMSG,
+                                "The file asks for %" G_GINT64_FORMAT " password iterations, more than "
+                                "the %" G_GUINT64_FORMAT " nkp accepts; it was not made by nkp.",
+                                v, max);
+        *total += (uint64_t) v;
+        if (*total > 2 * max)
+                return nkp_fail(-EBADMSG,
+                                "The file asks for more than %" G_GUINT64_FORMAT " password iterations "
+                                "in all; it was not made by nkp.",
+                                2 * max);
+        return 0;
+}
+
+/* The iteration count of a password-based encryption algorithm, checked
+ * before OpenSSL runs the key derivation.  PBES2 must use PBKDF2 (not
+ * scrypt, whose cost is not bounded by an iteration count); PBES1 and the
+ * PKCS#12 PBEs carry a PBEParameter. */
+static int check_pbe(const X509_ALGOR *alg, uint64_t max, uint64_t *total)
+{
+        const ASN1_OBJECT *oid;
+        int ptype;
+        const void *pval;
+        X509_ALGOR_get0(&oid, &ptype, &pval, alg);
+        int nid = OBJ_obj2nid(oid);
+        if (ptype != V_ASN1_SEQUENCE || !pval)
+                return nkp_fail(-EBADMSG, "The file is not a valid PKCS#12 file (bad encryption parameters).");
+
+        int r;
+        if (nid == NID_pbes2) {
+                PBE2PARAM *p2 = ASN1_item_unpack(pval, ASN1_ITEM_rptr(PBE2PARAM));
+                if (!p2 || !p2->keyfunc) {
+                        PBE2PARAM_free(p2);
+                        return nkp_fail(-EBADMSG, "The file is not a valid PKCS#12 file (bad PBES2 parameters).");
+                }
+                const ASN1_OBJECT *koid;
+                int kptype;
+                const void *kpval;
+                X509_ALGOR_get0(&koid, &kptype, &kpval, p2->keyfunc);
+                if (OBJ_obj2nid(koid) != NID_id_pbkdf2 || kptype != V_ASN1_SEQUENCE || !kpval) {
+                        PBE2PARAM_free(p2);
+                        return nkp_fail(-EBADMSG,
+                                        "The file derives its key with something other than PBKDF2; "
+                                        "it was not made by nkp.");
+                }
+                PBKDF2PARAM *kdf = ASN1_item_unpack(kpval, ASN1_ITEM_rptr(PBKDF2PARAM));
+                PBE2PARAM_free(p2);
+                if (!kdf || !kdf->iter) {
+                        PBKDF2PARAM_free(kdf);
+                        return nkp_fail(-EBADMSG, "The file is not a valid PKCS#12 file (bad PBKDF2 parameters).");
+                }
+                r = check_iterations(kdf->iter, max, total);
+                PBKDF2PARAM_free(kdf);
+                return r;
+        }
+        if (nid != NID_undef && EVP_PBE_find(EVP_PBE_TYPE_OUTER, nid, NULL, NULL, NULL)) {
+                PBEPARAM *pp = ASN1_item_unpack(pval, ASN1_ITEM_rptr(PBEPARAM));
+                if (!pp || !pp->iter) {
+                        PBEPARAM_free(pp);
+                        return nkp_fail(-EBADMSG, "The file is not a valid PKCS#12 file (bad PBE parameters).");
+                }
+                r = check_iterations(pp->iter, max, total);
+                PBEPARAM_free(pp);
+                return r;
+        }
+        return nkp_fail(-EBADMSG, "The file is encrypted with an algorithm nkp does not read; it was "
+                                  "not made by nkp.");
+}
+
+/* The single UTF8String value of the bag attribute `oid`, copied into `out`
+ * (at most out_size-1 bytes, no NUL inside). */
+static int bag_attr_utf8(const PKCS12_SAFEBAG *bag, const ASN1_OBJECT *oid, const char *what,
+                         char *out, size_t out_size)
+{
+        const STACK_OF(X509_ATTRIBUTE) *attrs = PKCS12_SAFEBAG_get0_attrs(bag);
+        X509_ATTRIBUTE *found = NULL;
+        for (int i = 0; attrs && i < sk_X509_ATTRIBUTE_num(attrs); i++) {
+                X509_ATTRIBUTE *a = sk_X509_ATTRIBUTE_value(attrs, i);
+                if (OBJ_cmp(X509_ATTRIBUTE_get0_object(a), oid) != 0)
+                        continue;
+                if (found)
+                        return nkp_fail(-EBADMSG, "The backup names its %s twice; it is damaged.", what);
+                found = a;
+        }
+        if (!found)
+                return nkp_fail(-EBADMSG, "The backup does not carry the provider's %s; it is damaged.", what);
+        if (X509_ATTRIBUTE_count(found) != 1)
+                return nkp_fail(-EBADMSG, "The backup's %s is not a single value; it is damaged.", what);
+        ASN1_TYPE *t = X509_ATTRIBUTE_get0_type(found, 0);
+        if (!t || t->type != V_ASN1_UTF8STRING || !t->value.utf8string)
+                return nkp_fail(-EBADMSG, "The backup's %s is not a UTF-8 string; it is damaged.", what);
+        const ASN1_STRING *s = t->value.utf8string;
+        int len = ASN1_STRING_length(s);
+        const unsigned char *data = ASN1_STRING_get0_data(s);
+        if (len < 0 || (size_t) len >= out_size || (len > 0 && (!data || memchr(data, '\0', (size_t) len))))
+                return nkp_fail(-EBADMSG, "The backup's %s is not valid; it is damaged.", what);
+        if (len > 0)
+                memcpy(out, data, (size_t) len);
+        out[len] = '\0';
+        return 0;
+}
+
+static int parse_flags(const char *s, unsigned *ret)
+{
+        unsigned flags = 0;
+        g_auto(GStrv) words = g_strsplit(s, ",", -1);
+        for (size_t i = 0; words[i]; i++) {
+                if (strcmp(words[i], FLAG_WORD_REQUIRE_TPM) == 0)
+                        flags |= NKP_PROVIDER_REQUIRE_TPM;
+                else
+                        return nkp_fail(-EBADMSG,
+                                        "The backup carries the provider flag '%s', which this version of "
+                                        "nkp does not know; restore it with a newer nkp.",
+                                        words[i]);
+        }
+        *ret = flags;
+        return 0;
+}
+
+/* Reads our secret bag: value, name, key id, flags. */
+static int read_nkp_bag(const PKCS12_SAFEBAG *bag, NkpBackupInfo *info, nkp_secret **ret_kdk)
+{
+        const ASN1_TYPE *v = PKCS12_SAFEBAG_get0_bag_obj(bag);
+        if (!v || v->type != V_ASN1_OCTET_STRING || !v->value.octet_string)
+                return nkp_fail(-EBADMSG, "The backup's provider key is not an octet string; it is damaged.");
+        if (ASN1_STRING_length(v->value.octet_string) != NKP_KDK_SIZE)
+                return nkp_fail(-EBADMSG, "The backup's provider key is %d bytes, not %d; it is damaged.",
+                                ASN1_STRING_length(v->value.octet_string), NKP_KDK_SIZE);
+
+        NkpBackupInfo out = { 0 };
+
+        /* friendlyName is a BMPString; a valid name is ASCII, so the UTF-8
+         * form must be as long as the BMP form has characters. */
+        const ASN1_TYPE *fn = PKCS12_get_attr_gen(PKCS12_SAFEBAG_get0_attrs(bag), NID_friendlyName);
+        if (!fn || fn->type != V_ASN1_BMPSTRING || !fn->value.bmpstring)
+                return nkp_fail(-EBADMSG, "The backup does not carry the provider's name; it is damaged.");
+        int blen = ASN1_STRING_length(fn->value.bmpstring);
+        if (blen < 2 || blen > 2 * NKP_NAME_MAX || blen % 2 != 0)
+                return nkp_fail(-EBADMSG, "The backup's provider name is not valid.");
+        char *name = OPENSSL_uni2utf8(ASN1_STRING_get0_data(fn->value.bmpstring), blen);
+        bool ok = name && strlen(name) == (size_t) blen / 2 && name_valid(name);
+        if (ok)
+                g_strlcpy(out.name, name, sizeof out.name);
+        OPENSSL_free(name);
+        if (!ok)
+                return nkp_fail(-EBADMSG, "The backup's provider name is not valid (letters, digits, '.', "
+                                          "'_', '-'; 1 to %d).", NKP_NAME_MAX);
+
+        ASN1_OBJECT *oid_key_id = OBJ_txt2obj(NKP_OID_ATTR_KEY_ID, 1);
+        ASN1_OBJECT *oid_flags = OBJ_txt2obj(NKP_OID_ATTR_FLAGS, 1);
+        char key_id[NKP_UUID_STRING_LEN + 1];
+        char flags[64];
+        int r = -ENOMEM;
+        if (oid_key_id && oid_flags) {
+                r = bag_attr_utf8(bag, oid_key_id, "key id", key_id, sizeof key_id);
+                if (r == 0)
+                        r = bag_attr_utf8(bag, oid_flags, "flags", flags, sizeof flags);
+        }
+        ASN1_OBJECT_free(oid_key_id);
+        ASN1_OBJECT_free(oid_flags);
+        if (r == -ENOMEM)
+                return nkp_fail(r, "Out of memory.");
+        if (r < 0)
+                return r;
+
+        uint8_t id[16];
+        if (nkp_uuid_parse(key_id, id) < 0)
+                return nkp_fail(-EBADMSG, "The backup's key id '%s' is not a UUID; it is damaged.", key_id);
+        nkp_uuid_format(id, out.key_id);
+        if (strcmp(out.key_id, key_id) != 0)
+                return nkp_fail(-EBADMSG, "The backup's key id '%s' is not in canonical form; it is damaged.",
+                                key_id);
+        r = parse_flags(flags, &out.flags);
+        if (r < 0)
+                return r;
+
+        r = nkp_secret_new_copy(ASN1_STRING_get0_data(v->value.octet_string), NKP_KDK_SIZE, ret_kdk);
+        if (r < 0)
+                return r;
+        *info = out;
+        return 0;
+}
+
+/* Finds our bag in `bags`: none leaves *kdk NULL; a second one is refused. */
+static int scan_bags(const STACK_OF(PKCS12_SAFEBAG) *bags, const ASN1_OBJECT *oid_secret,
+                     NkpBackupInfo *info, nkp_secret **kdk)
+{
+        for (int i = 0; i < sk_PKCS12_SAFEBAG_num(bags); i++) {
+                const PKCS12_SAFEBAG *bag = sk_PKCS12_SAFEBAG_value(bags, i);
+                if (PKCS12_SAFEBAG_get_nid(bag) != NID_secretBag)
+                        continue;
+                const ASN1_OBJECT *type = PKCS12_SAFEBAG_get0_bag_type(bag);
+                if (!type || OBJ_cmp(type, oid_secret) != 0)
+                        continue;
+                if (*kdk)
+                        return nkp_fail(-EBADMSG, "The file holds more than one nkp provider; nkp backups "
+                                                  "hold exactly one, so it was not made by nkp.");
+                int r = read_nkp_bag(bag, info, kdk);
+                if (r < 0)
+                        return r;
+        }
+        return 0;
+}
+
+int nkp_p12_import_capped(const void *der, size_t len, const nkp_secret *password,
+                          uint64_t max_iterations, NkpBackupInfo *ret_info, nkp_secret **ret_kdk)
+{
+        g_autoptr(nkp_secret) pw = NULL;
+        int r = password_cstr(password, &pw);
+        if (r < 0)
+                return r;
+        if (!der || len == 0)
+                return nkp_fail(-EBADMSG, "The file is empty; it is not an nkp provider backup.");
+        if (len > NKP_P12_MAX_SIZE)
+                return nkp_fail(-EFBIG, "The file is larger than %d bytes; it is not an nkp provider backup.",
+                                NKP_P12_MAX_SIZE);
+
+        PKCS12 *p12 = NULL;
+        STACK_OF(PKCS7) *safes = NULL;
+        STACK_OF(PKCS12_SAFEBAG) *bags = NULL;
+        ASN1_OBJECT *oid_secret = NULL;
+        g_autoptr(nkp_secret) kdk = NULL;
+        NkpBackupInfo info = { 0 };
+
+        ERR_clear_error();
+        const unsigned char *p = der;
+        p12 = d2i_PKCS12(NULL, &p, (long) len);
+        if (!p12 || p != (const unsigned char *) der + len) {
+                r = nkp_fail(-EBADMSG, "The file is not a PKCS#12 file, or it is truncated or damaged.");
+                goto out;
+        }
+        if (!PKCS12_mac_present(p12)) {
+                r = nkp_fail(-EBADMSG, "The file has no password MAC; it is not an nkp provider backup.");
+                goto out;
+        }
+
+        /* Every key derivation's cost, before any of them runs. */
+        uint64_t total = 0;
+        const ASN1_INTEGER *mac_iter = NULL;
+        PKCS12_get0_mac(NULL, NULL, NULL, &mac_iter, p12);
+        r = check_iterations(mac_iter, max_iterations, &total);
+        if (r < 0)
+                goto out;
+        safes = PKCS12_unpack_authsafes(p12);
+        if (!safes) {
+                r = nkp_fail(-EBADMSG, "The file is not a valid PKCS#12 file (its contents cannot be read).");
+                goto out;
+        }
+        if (sk_PKCS7_num(safes) > MAX_SAFES) {
+                r = nkp_fail(-EBADMSG, "The file has more than %d safes; it is not an nkp provider backup.",
+                             MAX_SAFES);
+                goto out;
+        }
+        for (int i = 0; i < sk_PKCS7_num(safes); i++) {
+                PKCS7 *p7 = sk_PKCS7_value(safes, i);
+                int nid = OBJ_obj2nid(p7->type);
+                if (nid == NID_pkcs7_data)
+                        continue;
+                if (nid != NID_pkcs7_encrypted || !p7->d.encrypted || !p7->d.encrypted->enc_data ||
+                    !p7->d.encrypted->enc_data->algorithm) {
+                        r = nkp_fail(-EBADMSG, "The file holds a kind of safe nkp does not read; it is not "
+                                               "an nkp provider backup.");
+                        goto out;
+                }
+                r = check_pbe(p7->d.encrypted->enc_data->algorithm, max_iterations, &total);
+                if (r < 0)
+                        goto out;
+        }
+
+        if (!PKCS12_verify_mac(p12, pw_str(pw), -1)) {
+                r = nkp_fail(-EACCES, "The password is wrong or the file was altered.");
+                goto out;
+        }
+
+        oid_secret = OBJ_txt2obj(NKP_OID_SECRET_KDK, 1);
+        if (!oid_secret) {
+                r = nkp_fail(-ENOMEM, "Out of memory.");
+                goto out;
+        }
+        for (int i = 0; i < sk_PKCS7_num(safes); i++) {
+                PKCS7 *p7 = sk_PKCS7_value(safes, i);
+                if (OBJ_obj2nid(p7->type) == NID_pkcs7_data)
+                        bags = PKCS12_unpack_p7data(p7);
+                else
+                        bags = PKCS12_unpack_p7encdata(p7, pw_str(pw), -1);
+                if (!bags) {
+                        r = nkp_fail(-EBADMSG, "A safe in the file cannot be decrypted or read although the "
+                                               "password is right; the file is damaged.");
+                        goto out;
+                }
+                r = scan_bags(bags, oid_secret, &info, &kdk);
+                free_bags(bags);
+                bags = NULL;
+                if (r < 0)
+                        goto out;
+        }
+        if (!kdk) {
+                r = nkp_fail(-EBADMSG, "The file is not an nkp provider backup: it holds no nkp provider "
+                                       "key (a certificate bundle?).");
+                goto out;
+        }
+        *ret_info = info;
+        *ret_kdk = g_steal_pointer(&kdk);
+        r = 0;
+out:
+        ERR_clear_error();
+        nkp_wipe(&info, sizeof info);
+        ASN1_OBJECT_free(oid_secret);
+        free_bags(bags);
+        free_safes(safes);
+        PKCS12_free(p12);
+        return r;
+}
+
 int nkp_p12_import(const void *der, size_t len, const nkp_secret *password, NkpBackupInfo *ret_info,
-                   nkp_secret **ret_kdk) { STUB; }
+                   nkp_secret **ret_kdk)
+{
+        return nkp_p12_import_capped(der, len, password, NKP_P12_MAX_ITERATIONS, ret_info, ret_kdk);
+}
+
+/* ---- the provider level ----------------------------------------------------- */
+
 int nkp_provider_backup(nkp_context *ctx, const char *name, const char *path,
-                        const nkp_secret *password) { STUB; }
+                        const nkp_secret *password)
+{
+        (void) ctx;
+        (void) name;
+        (void) path;
+        (void) password;
+        return nkp_fail(-ENOSYS, "%s is not implemented yet.", __func__);
+}
+
 int nkp_provider_restore(nkp_context *ctx, const char *path, const nkp_secret *password,
-                         nkp_provider **ret, bool *ret_already) { STUB; }
+                         nkp_provider **ret, bool *ret_already)
+{
+        (void) ctx;
+        (void) path;
+        (void) password;
+        (void) ret;
+        (void) ret_already;
+        return nkp_fail(-ENOSYS, "%s is not implemented yet.", __func__);
+}

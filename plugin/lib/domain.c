@@ -1,3 +1,484 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* STUB: replaced by its owner (domain XML / libvirt glue). */
+/* The domain XML: what nkp reads from it and the edits `vm encrypt` makes.
+ *
+ * Input comes from libvirt (the hook's stdin, virDomainGetXMLDesc) but is
+ * treated as hostile: it is parsed with libxml2 without network access,
+ * without entity substitution, without DTD loading, with a size cap, and a
+ * document that declares a DOCTYPE is refused outright (libvirt never writes
+ * one; refusing it closes every entity-expansion trick).  libxml2's own
+ * error printing is switched off: the library never prints.
+ *
+ * What is read (namespace-aware; libvirt's elements have no namespace):
+ *
+ *   <domain>
+ *     <name>…</name> <uuid>…</uuid>
+ *     <metadata>
+ *       <nkp:keysafe xmlns:nkp="NKP_KEYSAFE_NS" …/>   ← any element in nkp's
+ *     </metadata>                                       namespace (at most one)
+ *     <devices>
+ *       <disk type='file' device='disk'>
+ *         <driver type='qcow2'/> <source file='…'/> <target dev='vda'/>
+ *         <encryption format='luks'><secret type='passphrase' uuid='…'/></encryption>
+ *       </disk>                    (encryption also accepted inside <source>)
+ *       <tpm model='tpm-crb'>
+ *         <backend type='emulator' version='2.0'><encryption secret='…'/></backend>
+ *       </tpm>
+ *     </devices>
+ *   </domain>
+ *
+ * The nkp element is copied into a standalone document (its namespace
+ * declared on it, wherever the input declared it) and handed to
+ * nkp_keysafe_parse(). */
+#include <errno.h>
+#include <string.h>
+
+#include <libxml/parser.h>
+#include <libxml/tree.h>
+
 #include "nkp-private.h"
+
+static const xmlChar *X(const char *s)
+{
+        return (const xmlChar *) s;
+}
+
+static int parse_options(void)
+{
+        /* No XML_PARSE_NOENT (it would substitute entities), no DTDLOAD,
+         * no DTDATTR, no HUGE. */
+        return XML_PARSE_NONET | XML_PARSE_NOERROR | XML_PARSE_NOWARNING | XML_PARSE_NOCDATA;
+}
+
+bool nkp_domain_mentions_nkp(const char *xml, size_t len)
+{
+        return xml && memmem(xml, len, NKP_KEYSAFE_NS, strlen(NKP_KEYSAFE_NS)) != NULL;
+}
+
+/* Parses into a document whose root is a namespace-less <domain>. */
+static int read_doc(const char *xml, size_t len, xmlDocPtr *ret)
+{
+        if (!xml || len == 0)
+                return nkp_fail(-EBADMSG, "The domain XML is empty.");
+        if (len > NKP_DOMAIN_XML_MAX)
+                return nkp_fail(-EFBIG, "The domain XML is larger than %d bytes.",
+                                NKP_DOMAIN_XML_MAX);
+        if (len > INT32_MAX)
+                return nkp_fail(-EFBIG, "The domain XML is too large.");
+        if (memmem(xml, len, "<!DOCTYPE", 9) || memmem(xml, len, "<!ENTITY", 8))
+                return nkp_fail(-EBADMSG, "The domain XML declares a DOCTYPE or an entity, which "
+                                          "libvirt never writes; refused.");
+        xmlInitParser();
+        xmlParserCtxtPtr ctxt = xmlNewParserCtxt();
+        if (!ctxt)
+                return nkp_fail(-ENOMEM, "Out of memory while parsing the domain XML.");
+        xmlDocPtr doc = xmlCtxtReadMemory(ctxt, xml, (int) len, "domain.xml", NULL,
+                                          parse_options());
+        if (!doc) {
+                xmlErrorPtr e = xmlCtxtGetLastError(ctxt);
+                g_autofree char *msg = g_strdup(e && e->message ? e->message : "malformed");
+                g_strstrip(msg);
+                int line = e ? e->line : 0;
+                xmlFreeParserCtxt(ctxt);
+                return nkp_fail(-EBADMSG, "The domain XML is not well-formed (line %d: %s).", line,
+                                msg);
+        }
+        xmlFreeParserCtxt(ctxt);
+        if (doc->intSubset || doc->extSubset) {
+                xmlFreeDoc(doc);
+                return nkp_fail(-EBADMSG, "The domain XML declares a DOCTYPE; refused.");
+        }
+        xmlNodePtr root = xmlDocGetRootElement(doc);
+        if (!root || root->ns || !xmlStrEqual(root->name, X("domain"))) {
+                xmlFreeDoc(doc);
+                return nkp_fail(-EBADMSG, "The XML is not a libvirt <domain>.");
+        }
+        *ret = doc;
+        return 0;
+}
+
+/* The first child element of `parent` named `name` in no namespace. */
+static xmlNodePtr child(xmlNodePtr parent, const char *name)
+{
+        if (!parent)
+                return NULL;
+        for (xmlNodePtr n = parent->children; n; n = n->next)
+                if (n->type == XML_ELEMENT_NODE && !n->ns && xmlStrEqual(n->name, X(name)))
+                        return n;
+        return NULL;
+}
+
+static bool is_elem(xmlNodePtr n, const char *name)
+{
+        return n && n->type == XML_ELEMENT_NODE && !n->ns && xmlStrEqual(n->name, X(name));
+}
+
+/* An attribute in no namespace, as a g_malloc'ed string (NULL if absent). */
+static char *attr(xmlNodePtr n, const char *name)
+{
+        if (!n)
+                return NULL;
+        xmlChar *v = xmlGetNoNsProp(n, X(name));
+        if (!v)
+                return NULL;
+        char *r = g_strdup((const char *) v);
+        xmlFree(v);
+        return r;
+}
+
+/* The text content of an element (no entity references can be present:
+ * DOCTYPEs are refused), stripped. */
+static char *text(xmlNodePtr n)
+{
+        if (!n)
+                return NULL;
+        xmlChar *v = xmlNodeGetContent(n);
+        if (!v)
+                return NULL;
+        char *r = g_strstrip(g_strdup((const char *) v));
+        xmlFree(v);
+        return r;
+}
+
+static bool is_nkp_elem(xmlNodePtr n)
+{
+        return n && n->type == XML_ELEMENT_NODE && n->ns && n->ns->href &&
+               xmlStrEqual(n->ns->href, X(NKP_KEYSAFE_NS));
+}
+
+/* The nkp element inside <metadata>: 0 and *ret NULL when none, -EBADMSG
+ * when there are two. */
+static int find_keysafe_node(xmlNodePtr root, xmlNodePtr *ret)
+{
+        xmlNodePtr found = NULL;
+        xmlNodePtr md = child(root, "metadata");
+        for (xmlNodePtr n = md ? md->children : NULL; n; n = n->next) {
+                if (!is_nkp_elem(n))
+                        continue;
+                if (found)
+                        return nkp_fail(-EBADMSG, "The domain <metadata> holds more than one nkp "
+                                                  "element; there must be exactly one keysafe.");
+                found = n;
+        }
+        *ret = found;
+        return 0;
+}
+
+/* `node` as a standalone XML document (namespaces reconciled onto it). */
+static int node_to_string(xmlNodePtr node, char **ret)
+{
+        xmlDocPtr doc = xmlNewDoc(X("1.0"));
+        if (!doc)
+                return nkp_fail(-ENOMEM, "Out of memory.");
+        xmlNodePtr copy = xmlDocCopyNode(node, doc, 1);
+        if (!copy) {
+                xmlFreeDoc(doc);
+                return nkp_fail(-ENOMEM, "Out of memory.");
+        }
+        xmlDocSetRootElement(doc, copy);
+        xmlReconciliateNs(doc, copy);
+        xmlBufferPtr buf = xmlBufferCreate();
+        if (!buf || xmlNodeDump(buf, doc, copy, 0, 0) < 0) {
+                xmlBufferFree(buf);
+                xmlFreeDoc(doc);
+                return nkp_fail(-ENOMEM, "Cannot serialize the nkp keysafe element.");
+        }
+        *ret = g_strdup((const char *) xmlBufferContent(buf));
+        xmlBufferFree(buf);
+        xmlFreeDoc(doc);
+        return 0;
+}
+
+static void disk_free(gpointer p)
+{
+        NkpDomainDisk *d = p;
+        if (!d)
+                return;
+        g_free(d->target);
+        g_free(d->device);
+        g_free(d->type);
+        g_free(d->source_file);
+        g_free(d->driver_type);
+        g_free(d->encryption_format);
+        g_free(d->encryption_secret);
+        g_free(d);
+}
+
+void nkp_domain_free(NkpDomain *d)
+{
+        if (!d)
+                return;
+        g_free(d->name);
+        g_free(d->uuid);
+        g_free(d->tpm_model);
+        g_free(d->tpm_version);
+        g_free(d->tpm_secret);
+        if (d->disks)
+                g_ptr_array_unref(d->disks);
+        g_free(d->keysafe_xml);
+        nkp_keysafe_free(d->keysafe);
+        g_free(d);
+}
+
+static xmlNodePtr disk_encryption(xmlNodePtr disk)
+{
+        xmlNodePtr e = child(disk, "encryption");
+        return e ? e : child(child(disk, "source"), "encryption");
+}
+
+static void read_disk(NkpDomain *d, xmlNodePtr n)
+{
+        NkpDomainDisk *disk = g_new0(NkpDomainDisk, 1);
+        disk->type = attr(n, "type");
+        disk->device = attr(n, "device");
+        if (!disk->device)
+                disk->device = g_strdup("disk");
+        disk->target = attr(child(n, "target"), "dev");
+        xmlNodePtr src = child(n, "source");
+        disk->source_file = attr(src, "file");
+        if (!disk->source_file)
+                disk->source_file = attr(src, "dev");
+        disk->driver_type = attr(child(n, "driver"), "type");
+        xmlNodePtr enc = disk_encryption(n);
+        if (enc) {
+                disk->encryption_format = attr(enc, "format");
+                if (!disk->encryption_format)
+                        disk->encryption_format = g_strdup("default");
+                disk->encryption_secret = attr(child(enc, "secret"), "uuid");
+        }
+        g_ptr_array_add(d->disks, disk);
+}
+
+static void read_tpm(NkpDomain *d, xmlNodePtr n)
+{
+        xmlNodePtr be = child(n, "backend");
+        g_autofree char *type = attr(be, "type");
+        if (d->has_vtpm || !type || strcmp(type, "emulator") != 0)
+                return;
+        d->has_vtpm = true;
+        d->tpm_model = attr(n, "model");
+        d->tpm_version = attr(be, "version");
+        d->tpm_secret = attr(child(be, "encryption"), "secret");
+}
+
+int nkp_domain_parse(const char *xml, size_t len, NkpDomain **ret)
+{
+        xmlDocPtr doc = NULL;
+        int r = read_doc(xml, len, &doc);
+        if (r < 0)
+                return r;
+        g_autoptr(NkpDomain) d = g_new0(NkpDomain, 1);
+        d->disks = g_ptr_array_new_with_free_func(disk_free);
+        xmlNodePtr root = xmlDocGetRootElement(doc);
+
+        d->name = text(child(root, "name"));
+        g_autofree char *uuid = text(child(root, "uuid"));
+        uint8_t ub[16];
+        if (!d->name || d->name[0] == '\0' || strlen(d->name) > 1024) {
+                xmlFreeDoc(doc);
+                return nkp_fail(-EBADMSG, "The domain XML has no usable <name>.");
+        }
+        if (!uuid || nkp_uuid_parse(uuid, ub) < 0) {
+                xmlFreeDoc(doc);
+                return nkp_fail(-EBADMSG, "The domain XML of '%s' has no valid <uuid>.", d->name);
+        }
+        d->uuid = g_malloc(NKP_UUID_STRING_LEN + 1);
+        nkp_uuid_format(ub, d->uuid);
+
+        xmlNodePtr devices = child(root, "devices");
+        for (xmlNodePtr n = devices ? devices->children : NULL; n; n = n->next) {
+                if (is_elem(n, "disk"))
+                        read_disk(d, n);
+                else if (is_elem(n, "tpm"))
+                        read_tpm(d, n);
+        }
+
+        xmlNodePtr ks = NULL;
+        r = find_keysafe_node(root, &ks);
+        if (r == 0 && ks)
+                r = node_to_string(ks, &d->keysafe_xml);
+        xmlFreeDoc(doc);
+        if (r < 0)
+                return r;
+
+        if (d->keysafe_xml) {
+                r = nkp_keysafe_parse(d->keysafe_xml, strlen(d->keysafe_xml), &d->keysafe);
+                if (r < 0)
+                        return nkp_fail_prefix(r, "The nkp keysafe in the metadata of VM '%s' is "
+                                                  "damaged", d->name);
+                const char *ks_uuid = nkp_keysafe_vm_uuid(d->keysafe);
+                uint8_t kb[16];
+                if (!ks_uuid || nkp_uuid_parse(ks_uuid, kb) < 0 || memcmp(kb, ub, 16) != 0)
+                        return nkp_fail(-EBADMSG,
+                                        "The nkp keysafe of VM '%s' was made for the VM UUID '%s', "
+                                        "not '%s' (a copied VM?); it cannot unlock this VM.",
+                                        d->name, ks_uuid ? ks_uuid : "", d->uuid);
+        }
+        *ret = g_steal_pointer(&d);
+        return 0;
+}
+
+const NkpDomainDisk *nkp_domain_find_disk(const NkpDomain *d, const char *target)
+{
+        for (guint i = 0; d && i < d->disks->len; i++) {
+                const NkpDomainDisk *disk = d->disks->pdata[i];
+                if (disk->target && strcmp(disk->target, target) == 0)
+                        return disk;
+        }
+        return NULL;
+}
+
+/* ---- editing ------------------------------------------------------------- */
+
+struct NkpDomainEdit {
+        xmlDocPtr doc;
+};
+
+int nkp_domain_edit_new(const char *xml, size_t len, NkpDomainEdit **ret)
+{
+        xmlDocPtr doc = NULL;
+        int r = read_doc(xml, len, &doc);
+        if (r < 0)
+                return r;
+        NkpDomainEdit *e = g_new0(NkpDomainEdit, 1);
+        e->doc = doc;
+        *ret = e;
+        return 0;
+}
+
+void nkp_domain_edit_free(NkpDomainEdit *e)
+{
+        if (!e)
+                return;
+        xmlFreeDoc(e->doc);
+        g_free(e);
+}
+
+static void remove_node(xmlNodePtr n)
+{
+        if (!n)
+                return;
+        xmlUnlinkNode(n);
+        xmlFreeNode(n);
+}
+
+int nkp_domain_edit_set_vtpm_secret(NkpDomainEdit *e, const char *secret_uuid)
+{
+        xmlNodePtr devices = child(xmlDocGetRootElement(e->doc), "devices");
+        for (xmlNodePtr n = devices ? devices->children : NULL; n; n = n->next) {
+                if (!is_elem(n, "tpm"))
+                        continue;
+                xmlNodePtr be = child(n, "backend");
+                g_autofree char *type = attr(be, "type");
+                if (!type || strcmp(type, "emulator") != 0)
+                        continue;
+                remove_node(child(be, "encryption"));
+                if (secret_uuid) {
+                        xmlNodePtr enc = xmlNewChild(be, NULL, X("encryption"), NULL);
+                        if (!enc || !xmlSetProp(enc, X("secret"), X(secret_uuid)))
+                                return nkp_fail(-ENOMEM, "Out of memory.");
+                }
+                return 0;
+        }
+        return nkp_fail(-ENOENT, "The domain has no emulated vTPM.");
+}
+
+int nkp_domain_edit_set_disk_luks(NkpDomainEdit *e, const char *target, const char *secret_uuid)
+{
+        xmlNodePtr devices = child(xmlDocGetRootElement(e->doc), "devices");
+        for (xmlNodePtr n = devices ? devices->children : NULL; n; n = n->next) {
+                if (!is_elem(n, "disk"))
+                        continue;
+                g_autofree char *dev = attr(child(n, "target"), "dev");
+                if (!dev || strcmp(dev, target) != 0)
+                        continue;
+                remove_node(child(n, "encryption"));
+                remove_node(child(child(n, "source"), "encryption"));
+                if (!secret_uuid)
+                        return 0;
+                xmlNodePtr drv = child(n, "driver");
+                if (drv)
+                        xmlSetProp(drv, X("type"), X("qcow2"));
+                xmlNodePtr enc = xmlNewNode(NULL, X("encryption"));
+                if (!enc)
+                        return nkp_fail(-ENOMEM, "Out of memory.");
+                xmlSetProp(enc, X("format"), X("luks"));
+                xmlNodePtr sec = xmlNewChild(enc, NULL, X("secret"), NULL);
+                if (!sec) {
+                        xmlFreeNode(enc);
+                        return nkp_fail(-ENOMEM, "Out of memory.");
+                }
+                xmlSetProp(sec, X("type"), X("passphrase"));
+                xmlSetProp(sec, X("uuid"), X(secret_uuid));
+                /* libvirt's order: …, target, …; put it after <target>. */
+                xmlNodePtr tgt = child(n, "target");
+                if (tgt)
+                        xmlAddNextSibling(tgt, enc);
+                else
+                        xmlAddChild(n, enc);
+                return 0;
+        }
+        return nkp_fail(-ENOENT, "The domain has no disk with target '%s'.", target);
+}
+
+int nkp_domain_edit_set_keysafe(NkpDomainEdit *e, const char *keysafe_xml)
+{
+        xmlNodePtr root = xmlDocGetRootElement(e->doc);
+        xmlNodePtr md = child(root, "metadata");
+        if (md) {
+                xmlNodePtr n = md->children;
+                while (n) {
+                        xmlNodePtr next = n->next;
+                        if (is_nkp_elem(n))
+                                remove_node(n);
+                        n = next;
+                }
+        }
+        if (!keysafe_xml)
+                return 0;
+
+        xmlDocPtr ksdoc = NULL;
+        xmlParserCtxtPtr ctxt = xmlNewParserCtxt();
+        if (!ctxt)
+                return nkp_fail(-ENOMEM, "Out of memory.");
+        ksdoc = xmlCtxtReadMemory(ctxt, keysafe_xml, (int) strlen(keysafe_xml), "keysafe.xml",
+                                  NULL, parse_options());
+        xmlFreeParserCtxt(ctxt);
+        xmlNodePtr ksroot = ksdoc ? xmlDocGetRootElement(ksdoc) : NULL;
+        if (!ksroot || !is_nkp_elem(ksroot)) {
+                xmlFreeDoc(ksdoc);
+                return nkp_fail(-EINVAL, "The keysafe XML is not an element in nkp's namespace.");
+        }
+        if (!md) {
+                md = xmlNewNode(NULL, X("metadata"));
+                /* libvirt puts <metadata> after <title>/<description>, before
+                 * <maxMemory>/<memory>; after <uuid> is always accepted. */
+                xmlNodePtr after = child(root, "description");
+                if (!after)
+                        after = child(root, "title");
+                if (!after)
+                        after = child(root, "uuid");
+                if (after)
+                        xmlAddNextSibling(after, md);
+                else
+                        xmlAddChild(root, md);
+        }
+        xmlNodePtr copy = xmlDocCopyNode(ksroot, e->doc, 1);
+        xmlFreeDoc(ksdoc);
+        if (!copy)
+                return nkp_fail(-ENOMEM, "Out of memory.");
+        xmlAddChild(md, copy);
+        xmlReconciliateNs(e->doc, copy);
+        return 0;
+}
+
+int nkp_domain_edit_format(NkpDomainEdit *e, char **ret)
+{
+        xmlChar *mem = NULL;
+        int size = 0;
+        xmlDocDumpFormatMemory(e->doc, &mem, &size, 0);
+        if (!mem)
+                return nkp_fail(-ENOMEM, "Cannot serialize the domain XML.");
+        *ret = g_strndup((const char *) mem, size);
+        xmlFree(mem);
+        return 0;
+}

@@ -208,4 +208,130 @@ int nkp_store_entry_new(nkp_context *ctx, const char *name, const char *key_id, 
  * the key cache.  On error nothing is written. */
 int nkp_store_add(nkp_context *ctx, NkpStoreEntry *entry, const nkp_secret *kdk);
 
+/* ==== issue 4 (libvirt side): domain.c, virt.c ============================ */
+
+/* ---- domain.c: the domain XML (the hook's stdin, libvirt's XML) --------- */
+/* Pure functions over text; fuzzed (tests/fuzz/fuzz-domain.c).  Parsing is
+ * namespace-aware, never touches the network, never expands entities and
+ * refuses any DOCTYPE; input above NKP_DOMAIN_XML_MAX is refused. */
+
+#define NKP_DOMAIN_XML_MAX (8 * 1024 * 1024)
+
+typedef struct {
+        char *target;            /* target dev, "vda" */
+        char *device;            /* "disk", "cdrom", … */
+        char *type;              /* "file", "block", … */
+        char *source_file;       /* source file= (type file) or dev= (block); NULL otherwise */
+        char *driver_type;       /* "qcow2", "raw", NULL */
+        char *encryption_format; /* existing <encryption format=…>, NULL when none */
+        char *encryption_secret; /* its secret uuid, NULL when none */
+} NkpDomainDisk;
+
+typedef struct {
+        char *name;
+        char *uuid;               /* lower case */
+        bool has_vtpm;            /* a <tpm> with an emulator backend */
+        char *tpm_model;
+        char *tpm_version;
+        char *tpm_secret;         /* <encryption secret=…> of the backend, NULL when none */
+        GPtrArray *disks;         /* NkpDomainDisk*, document order */
+        char *keysafe_xml;        /* the nkp element of <metadata>, standalone; NULL when none */
+        nkp_keysafe *keysafe;     /* parsed keysafe_xml; NULL when none */
+} NkpDomain;
+
+/* true when the bytes mention nkp's namespace at all (used to tell a broken
+ * nkp VM from foreign garbage). */
+bool nkp_domain_mentions_nkp(const char *xml, size_t len);
+
+/* Parses a domain XML.  -EBADMSG not a well-formed <domain> (or a DOCTYPE,
+ * or a damaged nkp keysafe, or a keysafe made for another VM UUID),
+ * -EFBIG too large; the keysafe parser's errors pass through. */
+int nkp_domain_parse(const char *xml, size_t len, NkpDomain **ret);
+void nkp_domain_free(NkpDomain *d);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpDomain, nkp_domain_free)
+const NkpDomainDisk *nkp_domain_find_disk(const NkpDomain *d, const char *target);
+
+/* Editing a domain XML for `vm encrypt/decrypt` (the result is given to
+ * virDomainDefineXML). */
+typedef struct NkpDomainEdit NkpDomainEdit;
+int nkp_domain_edit_new(const char *xml, size_t len, NkpDomainEdit **ret);
+void nkp_domain_edit_free(NkpDomainEdit *e);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpDomainEdit, nkp_domain_edit_free)
+/* Sets (uuid) or removes (NULL) <encryption secret=…/> on the emulator vTPM
+ * backend.  -ENOENT when the domain has no emulator vTPM. */
+int nkp_domain_edit_set_vtpm_secret(NkpDomainEdit *e, const char *secret_uuid);
+/* Sets <encryption format='luks'><secret type='passphrase' uuid=…/></encryption>
+ * on disk `target` (removes any encryption when NULL), and its driver type
+ * to qcow2.  -ENOENT no such disk. */
+int nkp_domain_edit_set_disk_luks(NkpDomainEdit *e, const char *target, const char *secret_uuid);
+/* Puts `keysafe_xml` (an element in NKP_KEYSAFE_NS) into <metadata>,
+ * replacing any nkp element; NULL removes it. */
+int nkp_domain_edit_set_keysafe(NkpDomainEdit *e, const char *keysafe_xml);
+int nkp_domain_edit_format(NkpDomainEdit *e, char **ret);
+
+/* ---- virt.c: libvirt glue ------------------------------------------------- */
+/* libvirt has no per-call timeout.  A keepalive would only prove that the
+ * daemon's event loop lives, not that a worker thread will serve the call,
+ * so the bound is the calling program's: the hook and nkpctl arm a process
+ * deadline (alarm) and exit with one line when it fires.  libvirt's default
+ * error printing is switched off: errors come back as nkp_fail messages.
+ *
+ * Secret values: every nkp secret value is the lower-case hex text of the
+ * 32-byte DEK (64 ASCII characters).  LUKS passphrases must be UTF-8 with
+ * no NUL; using the same encoding for the vTPM keeps one rule (swtpm runs
+ * PBKDF2 over whatever bytes it gets).  The entropy stays 256 bits. */
+
+typedef struct NkpVirt NkpVirt;
+
+#define NKP_SECRET_VALUE_LEN (2 * NKP_DEK_SIZE)
+
+/* hex(DEK) into a new secret of NKP_SECRET_VALUE_LEN bytes. */
+int nkp_secret_value_from_dek(const nkp_secret *dek, nkp_secret **ret);
+
+/* The URI the hook uses when none is configured: the secret driver only. */
+#define NKP_HOOK_DEFAULT_URI "secret:///system"
+
+/* Opens `uri` (NULL: libvirt's default) read-write. */
+int nkp_virt_open(const char *uri, NkpVirt **ret);
+void nkp_virt_close(NkpVirt *v);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpVirt, nkp_virt_close)
+
+/* Defines an ephemeral, private secret `secret_uuid` and sets its value.
+ * kind NKP_OBJECT_VTPM: usage vtpm, name "nkp-vtpm-<vm uuid>";
+ * NKP_OBJECT_DISK: usage volume, `volume` = the disk path.  Idempotent: an
+ * existing secret with that UUID gets the value again. */
+int nkp_virt_secret_define(NkpVirt *v, const char *secret_uuid, const char *kind,
+                           const char *vm_uuid, const char *volume, const nkp_secret *value);
+/* -ENOENT when there is none. */
+int nkp_virt_secret_undefine(NkpVirt *v, const char *secret_uuid);
+bool nkp_virt_secret_exists(NkpVirt *v, const char *secret_uuid);
+
+/* The XML of a domain (inactive: the persistent definition), with secure
+ * info.  -ENOENT no such domain. */
+int nkp_virt_domain_xml(NkpVirt *v, const char *name, bool inactive, char **ret);
+/* Defines `xml` as the persistent definition. */
+int nkp_virt_domain_define(NkpVirt *v, const char *xml);
+/* Names of every defined (persistent) domain, sorted. */
+int nkp_virt_domain_list(NkpVirt *v, GPtrArray **ret_names);
+/* 1 running/paused, 0 shut off, negative error. */
+int nkp_virt_domain_is_active(NkpVirt *v, const char *name);
+
+/* Unlocking a VM (the hook's prepare/migrate, `host unlock`, `vm status`). */
+typedef struct {
+        char *kind;        /* NKP_OBJECT_VTPM / NKP_OBJECT_DISK */
+        char *object_id;   /* "vtpm" or the disk target ("vda") */
+        char *secret_uuid;
+        char *volume;      /* disks: the source path from the domain XML */
+        nkp_secret *value; /* hex(DEK); NULL from nkp_vm_check */
+} NkpVmSecret;
+void nkp_vm_secret_free(gpointer p);
+
+/* For a domain with a keysafe: the KDK of its provider (cache, else the
+ * store), its fingerprint checked, the KEK derived, every DEK unwrapped into
+ * a secret value.  -ENOKEY the provider is not on this host (the message is
+ * the one-line "VM 'x' is locked: …" with the fix), -EKEYREJECTED a provider
+ * with that key id holds a different key, -EBADMSG a wrapped DEK does not
+ * open.  When `want_values` is false only the provider is checked. */
+int nkp_vm_unlock(nkp_context *ctx, const NkpDomain *d, bool want_values, GPtrArray **ret);
+
 #endif /* NKP_PRIVATE_H */

@@ -1,3 +1,327 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* STUB: replaced by its owner (domain XML / libvirt glue). */
+/* libvirt glue: ephemeral private secrets and domain definitions.
+ *
+ * The secrets nkp defines are always ephemeral='yes' (never written to
+ * /etc/libvirt/secrets) and private='yes' (the value cannot be read back
+ * through the API).  Their value is hex(DEK): see nkp-private.h.
+ *
+ * Bounding: libvirt has no per-call timeout; the programs arm a process
+ * deadline (see nkp-private.h and libvirt-hooks/nkp-hook.c). */
+#include <errno.h>
+#include <string.h>
+
+#include <libvirt/libvirt.h>
+#include <libvirt/virterror.h>
+
 #include "nkp-private.h"
+
+struct NkpVirt {
+        virConnectPtr conn;
+};
+
+static void silent_error(void *userdata, virErrorPtr err)
+{
+        (void) userdata;
+        (void) err;
+}
+
+static const char *last_virt_error(void)
+{
+        virErrorPtr e = virGetLastError();
+        return e && e->message ? e->message : "unknown libvirt error";
+}
+
+static int virt_errno(void)
+{
+        virErrorPtr e = virGetLastError();
+        if (!e)
+                return -EIO;
+        switch (e->code) {
+        case VIR_ERR_NO_SECRET:
+        case VIR_ERR_NO_DOMAIN:
+                return -ENOENT;
+        case VIR_ERR_NO_SUPPORT:
+                return -EOPNOTSUPP;
+        case VIR_ERR_NO_CONNECT:
+        case VIR_ERR_SYSTEM_ERROR:
+        case VIR_ERR_RPC:
+                return -ECONNREFUSED;
+        case VIR_ERR_OPERATION_INVALID:
+                return -EBUSY;
+        default:
+                return -EIO;
+        }
+}
+
+int nkp_secret_value_from_dek(const nkp_secret *dek, nkp_secret **ret)
+{
+        if (!dek || nkp_secret_len(dek) != NKP_DEK_SIZE)
+                return nkp_fail(-EINVAL, "A DEK must be %d bytes.", NKP_DEK_SIZE);
+        nkp_secret *v = NULL;
+        int r = nkp_secret_new(NKP_SECRET_VALUE_LEN + 1, &v);
+        if (r < 0)
+                return r;
+        nkp_hex_encode(nkp_secret_data(dek), NKP_DEK_SIZE, (char *) nkp_secret_data_mut(v));
+        /* Now shrink: copy the 64 text bytes into an exact-size secret. */
+        nkp_secret *exact = NULL;
+        r = nkp_secret_new_copy(nkp_secret_data(v), NKP_SECRET_VALUE_LEN, &exact);
+        nkp_secret_free(v);
+        if (r < 0)
+                return r;
+        *ret = exact;
+        return 0;
+}
+
+int nkp_virt_open(const char *uri, NkpVirt **ret)
+{
+        virSetErrorFunc(NULL, silent_error);
+        virConnectPtr conn = virConnectOpen(uri);
+        if (!conn) {
+                int err = virt_errno();
+                return nkp_fail(err == -EIO ? -ECONNREFUSED : err,
+                                "Cannot connect to libvirt at '%s': %s. Is libvirtd running?",
+                                uri ? uri : "(default)", last_virt_error());
+        }
+        NkpVirt *v = g_new0(NkpVirt, 1);
+        v->conn = conn;
+        *ret = v;
+        return 0;
+}
+
+void nkp_virt_close(NkpVirt *v)
+{
+        if (!v)
+                return;
+        if (v->conn)
+                virConnectClose(v->conn);
+        g_free(v);
+}
+
+static bool uuid_ok(const char *s)
+{
+        uint8_t b[16];
+        return s && nkp_uuid_parse(s, b) == 0;
+}
+
+int nkp_virt_secret_define(NkpVirt *v, const char *secret_uuid, const char *kind,
+                           const char *vm_uuid, const char *volume, const nkp_secret *value)
+{
+        if (!uuid_ok(secret_uuid) || !kind)
+                return nkp_fail(-EINVAL, "The secret UUID '%s' is not a valid UUID.",
+                                secret_uuid ? secret_uuid : "");
+        g_autofree char *usage = NULL;
+        if (strcmp(kind, NKP_OBJECT_VTPM) == 0) {
+                if (!uuid_ok(vm_uuid))
+                        return nkp_fail(-EINVAL, "A vTPM secret needs the VM UUID.");
+                usage = g_strdup_printf("<usage type='vtpm'><name>nkp-vtpm-%s</name></usage>",
+                                        vm_uuid);
+        } else if (strcmp(kind, NKP_OBJECT_DISK) == 0) {
+                if (!volume || volume[0] != '/')
+                        return nkp_fail(-EINVAL, "A disk secret needs the absolute disk path.");
+                g_autofree char *esc = g_markup_escape_text(volume, -1);
+                usage = g_strdup_printf("<usage type='volume'><volume>%s</volume></usage>", esc);
+        } else {
+                return nkp_fail(-EINVAL, "Unknown protected object kind '%s'.", kind);
+        }
+        g_autofree char *xml = g_strdup_printf(
+                "<secret ephemeral='yes' private='yes'>"
+                "<description>nkp: DEK of a protected VM object (ephemeral)</description>"
+                "<uuid>%s</uuid>%s</secret>",
+                secret_uuid, usage);
+
+        virSecretPtr sec = virSecretLookupByUUIDString(v->conn, secret_uuid);
+        if (!sec) {
+                sec = virSecretDefineXML(v->conn, xml, 0);
+                if (!sec)
+                        return nkp_fail(virt_errno(), "Cannot define the libvirt secret '%s': %s.",
+                                        secret_uuid, last_virt_error());
+        }
+        int r = virSecretSetValue(sec, nkp_secret_data(value), nkp_secret_len(value), 0);
+        if (r < 0) {
+                int err = virt_errno();
+                r = nkp_fail(err, "Cannot set the value of the libvirt secret '%s': %s.",
+                             secret_uuid, last_virt_error());
+                virSecretUndefine(sec);
+        }
+        virSecretFree(sec);
+        return r < 0 ? r : 0;
+}
+
+int nkp_virt_secret_undefine(NkpVirt *v, const char *secret_uuid)
+{
+        virSecretPtr sec = virSecretLookupByUUIDString(v->conn, secret_uuid);
+        if (!sec)
+                return nkp_fail(virt_errno(), "No libvirt secret '%s': %s.", secret_uuid,
+                                last_virt_error());
+        int r = virSecretUndefine(sec);
+        int err = r < 0 ? virt_errno() : 0;
+        if (r < 0)
+                nkp_fail(err, "Cannot undefine the libvirt secret '%s': %s.", secret_uuid,
+                         last_virt_error());
+        virSecretFree(sec);
+        return r < 0 ? err : 0;
+}
+
+bool nkp_virt_secret_exists(NkpVirt *v, const char *secret_uuid)
+{
+        virSecretPtr sec = virSecretLookupByUUIDString(v->conn, secret_uuid);
+        if (!sec)
+                return false;
+        virSecretFree(sec);
+        return true;
+}
+
+int nkp_virt_domain_xml(NkpVirt *v, const char *name, bool inactive, char **ret)
+{
+        virDomainPtr dom = virDomainLookupByName(v->conn, name);
+        if (!dom)
+                return nkp_fail(virt_errno(), "No libvirt domain '%s': %s.", name,
+                                last_virt_error());
+        unsigned flags = VIR_DOMAIN_XML_SECURE | (inactive ? VIR_DOMAIN_XML_INACTIVE : 0);
+        char *xml = virDomainGetXMLDesc(dom, flags);
+        int err = xml ? 0 : virt_errno();
+        if (!xml)
+                nkp_fail(err, "Cannot read the XML of domain '%s': %s.", name, last_virt_error());
+        virDomainFree(dom);
+        if (!xml)
+                return err;
+        *ret = g_strdup(xml);
+        free(xml);
+        return 0;
+}
+
+int nkp_virt_domain_define(NkpVirt *v, const char *xml)
+{
+        virDomainPtr dom = virDomainDefineXML(v->conn, xml);
+        if (!dom)
+                return nkp_fail(virt_errno(), "libvirt refused the new domain definition: %s.",
+                                last_virt_error());
+        virDomainFree(dom);
+        return 0;
+}
+
+static gint cmp_str(gconstpointer a, gconstpointer b)
+{
+        return strcmp(*(char *const *) a, *(char *const *) b);
+}
+
+int nkp_virt_domain_list(NkpVirt *v, GPtrArray **ret_names)
+{
+        virDomainPtr *doms = NULL;
+        int n = virConnectListAllDomains(v->conn, &doms, VIR_CONNECT_LIST_DOMAINS_PERSISTENT);
+        if (n < 0)
+                return nkp_fail(virt_errno(), "Cannot list the libvirt domains: %s.",
+                                last_virt_error());
+        GPtrArray *names = g_ptr_array_new_with_free_func(g_free);
+        for (int i = 0; i < n; i++) {
+                const char *name = virDomainGetName(doms[i]);
+                if (name)
+                        g_ptr_array_add(names, g_strdup(name));
+                virDomainFree(doms[i]);
+        }
+        free(doms);
+        g_ptr_array_sort(names, cmp_str);
+        *ret_names = names;
+        return 0;
+}
+
+int nkp_virt_domain_is_active(NkpVirt *v, const char *name)
+{
+        virDomainPtr dom = virDomainLookupByName(v->conn, name);
+        if (!dom)
+                return nkp_fail(virt_errno(), "No libvirt domain '%s': %s.", name,
+                                last_virt_error());
+        int r = virDomainIsActive(dom);
+        int err = r < 0 ? virt_errno() : 0;
+        if (r < 0)
+                nkp_fail(err, "Cannot ask libvirt whether '%s' runs: %s.", name,
+                         last_virt_error());
+        virDomainFree(dom);
+        return r < 0 ? err : r;
+}
+
+/* ---- unlocking a VM --------------------------------------------------------- */
+
+void nkp_vm_secret_free(gpointer p)
+{
+        NkpVmSecret *s = p;
+        if (!s)
+                return;
+        g_free(s->kind);
+        g_free(s->object_id);
+        g_free(s->secret_uuid);
+        g_free(s->volume);
+        nkp_secret_free(s->value);
+        g_free(s);
+}
+
+int nkp_vm_unlock(nkp_context *ctx, const NkpDomain *d, bool want_values, GPtrArray **ret)
+{
+        const nkp_keysafe *ks = d->keysafe;
+        if (!ks)
+                return nkp_fail(-EINVAL, "VM '%s' is not protected by nkp.", d->name);
+        const char *pname = nkp_keysafe_provider_name(ks);
+        const char *key_id = nkp_keysafe_provider_key_id(ks);
+        const char *want_fp = nkp_keysafe_provider_fingerprint(ks);
+        if (!pname || !key_id || !want_fp)
+                return nkp_fail(-EBADMSG, "The nkp keysafe of VM '%s' names no provider.",
+                                d->name);
+
+        g_autoptr(nkp_secret) kdk = NULL;
+        int r = nkp_provider_get_kdk(ctx, key_id, &kdk);
+        if (r == -ENOENT)
+                return nkp_fail(-ENOKEY,
+                                "VM '%s' is locked: its key provider '%s' (key id %s) is not on "
+                                "this host. Restore it: nkpctl provider restore FILE.p12, then: "
+                                "nkpctl host unlock",
+                                d->name, pname, key_id);
+        if (r < 0)
+                return nkp_fail_prefix(r, "VM '%s' cannot be unlocked: the key of provider '%s' "
+                                          "(key id %s) is unavailable",
+                                       d->name, pname, key_id);
+        g_autofree char *fp = NULL;
+        r = nkp_kdk_fingerprint(kdk, &fp);
+        if (r < 0)
+                return r;
+        if (g_ascii_strcasecmp(fp, want_fp) != 0)
+                return nkp_fail(-EKEYREJECTED,
+                                "VM '%s' is locked: the provider with key id %s on this host holds "
+                                "a different key than '%s' that protects the VM (fingerprint "
+                                "mismatch). Restore the provider's own backup: nkpctl provider "
+                                "restore FILE.p12, then: nkpctl host unlock",
+                                d->name, key_id, pname);
+
+        g_autoptr(nkp_secret) kek = NULL;
+        r = nkp_kek_derive(kdk, nkp_keysafe_kek_salt(ks), key_id, d->uuid, &kek);
+        if (r < 0)
+                return r;
+
+        g_autoptr(GPtrArray) out = g_ptr_array_new_with_free_func(nkp_vm_secret_free);
+        for (size_t i = 0; i < nkp_keysafe_n_entries(ks); i++) {
+                const char *kind = nkp_keysafe_entry_kind(ks, i);
+                const char *id = nkp_keysafe_entry_id(ks, i);
+                NkpVmSecret *s = g_new0(NkpVmSecret, 1);
+                s->kind = g_strdup(kind);
+                s->object_id = g_strdup(id);
+                s->secret_uuid = g_strdup(nkp_keysafe_entry_secret_uuid(ks, i));
+                g_ptr_array_add(out, s);
+                if (strcmp(kind, NKP_OBJECT_DISK) == 0) {
+                        const NkpDomainDisk *disk = nkp_domain_find_disk(d, id);
+                        s->volume = g_strdup(disk ? disk->source_file : NULL);
+                }
+                /* Unwrap even when not asked for values: proves the keysafe opens. */
+                g_autoptr(nkp_secret) dek = NULL;
+                r = nkp_keysafe_get_dek(ks, kek, kind, id, &dek);
+                if (r < 0)
+                        return nkp_fail_prefix(r, "VM '%s': the %s key '%s' does not unwrap",
+                                               d->name, kind, id);
+                if (want_values) {
+                        r = nkp_secret_value_from_dek(dek, &s->value);
+                        if (r < 0)
+                                return r;
+                }
+        }
+        if (ret)
+                *ret = g_steal_pointer(&out);
+        return 0;
+}

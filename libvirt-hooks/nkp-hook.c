@@ -1,0 +1,298 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* nkp-hook: the qemu hook of nkp (installed as
+ * SYSCONFDIR/libvirt/hooks/qemu.d/50-nkp).
+ *
+ *   50-nkp DOMAIN OP SUBOP EXTRA      (the full domain XML on stdin)
+ *
+ * What it does, per libvirt step:
+ *
+ *   prepare begin, restore begin   unwrap the VM's DEKs (KDK from the key
+ *                                  cache, unsealed from the store on a miss)
+ *                                  and define them as ephemeral private
+ *                                  libvirt secrets (the UUIDs the keysafe
+ *                                  names).  Provider not here: exit 1 with
+ *                                  one line naming the VM, the provider and
+ *                                  the fix; record a vm-locked alarm; touch
+ *                                  nothing else.
+ *   migrate begin (destination)    the same, before any state arrives, so a
+ *                                  destination without the provider refuses
+ *                                  early and the source keeps running.
+ *                                  stdout stays empty (it would replace the
+ *                                  incoming XML).
+ *   reconnect begin                (libvirtd restarted; ephemeral secrets
+ *                                  are gone) define them again, best effort:
+ *                                  ALWAYS exit 0, because a failing reconnect
+ *                                  hook makes libvirt kill the running VM.
+ *   release end                    undefine the VM's secrets (errors ignored,
+ *                                  as libvirt ignores them).
+ *   anything else                  exit 0 at once.
+ *
+ * A domain without an nkp keysafe, or input that is not a domain XML and
+ * does not mention nkp's namespace, is not nkp's business: exit 0, no
+ * output.  Input that mentions nkp's namespace but cannot be parsed: exit 1
+ * with one line (for the steps that can fail).
+ *
+ * Output: nothing on stdout, ever (stdout is /dev/null from the first
+ * instruction).  On failure exactly one line on stderr, which libvirt puts
+ * into its error ("Hook script execution failed: … <the line>").
+ *
+ * Bounded time: alarm(2) arms a deadline for the whole process (default
+ * 20 s, 10 s for reconnect; NKP_HOOK_TIMEOUT seconds overrides).  When it
+ * fires the hook writes one line and exits (status 1, or 0 where failing
+ * would hurt: reconnect, release).  Nothing it does can hang libvirt for
+ * longer than that.
+ *
+ * Why calling libvirt's secret API from the hook is safe
+ * -------------------------------------------------------
+ * libvirt runs the hook from the thread that performs the domain operation,
+ * holding that domain's object lock and job.  Calling back into libvirt
+ * about the same domain would wait for that lock: a deadlock.  The hook
+ * never touches a domain.  It opens "secret:///system" (only the secret
+ * driver; with the monolithic libvirtd the remote driver routes it to
+ * libvirtd's socket, with modular daemons to virtsecretd) and calls
+ * virSecretLookupByUUIDString / virSecretDefineXML / virSecretSetValue /
+ * virSecretUndefine.  The secret driver has its own lock (the secret object
+ * list), never a domain lock, and the qemu driver only reads secrets after
+ * the prepare hook has returned, so there is no lock cycle.
+ *
+ * The remaining shared resource is libvirtd's pool of RPC worker threads:
+ * the thread running the hook is one of them (for an API-initiated start),
+ * and the hook's own calls need another free worker.  With N concurrent
+ * starts, N workers wait on hooks and N more calls need workers; the pool
+ * (max_workers = 20 by default) is enough for ~10 simultaneous starts before
+ * the hooks queue, and even then a queued call is served as soon as any
+ * worker frees up (a hook never waits on another hook), so there is no
+ * cycle, only latency, and the deadline bounds it.  Measured concurrently
+ * in the lab (integration/t-nkp-lifecycle.sh, see README).
+ *
+ * Key hygiene: the DEKs live only in nkp_secret buffers (locked, wiped) and
+ * in the secret API call; the process is made non-dumpable and core files
+ * are disabled before any key is touched.
+ *
+ * Environment (tests only): NKP_ROOT relocates nkp's files (default "/"),
+ * NKP_LIBVIRT_URI overrides the connection URI, NKP_HOOK_TIMEOUT the
+ * deadline in seconds. */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include "nkp-private.h"
+
+enum action {
+        ACT_NONE,
+        ACT_START,     /* prepare begin, restore begin */
+        ACT_MIGRATE,   /* migrate begin */
+        ACT_RECONNECT, /* reconnect begin */
+        ACT_RELEASE,   /* release end */
+};
+
+static volatile sig_atomic_t exit_on_timeout = 1;
+
+static void on_alarm(int sig)
+{
+        (void) sig;
+        static const char msg[] = "nkp: the hook ran out of time (libvirt or the key store did "
+                                  "not answer); see the libvirtd log.\n";
+        ssize_t w = write(STDERR_FILENO, msg, sizeof msg - 1);
+        (void) w;
+        _exit(exit_on_timeout);
+}
+
+static enum action classify(const char *op, const char *subop)
+{
+        if (strcmp(op, "prepare") == 0 && strcmp(subop, "begin") == 0)
+                return ACT_START;
+        if (strcmp(op, "restore") == 0 && strcmp(subop, "begin") == 0)
+                return ACT_START;
+        if (strcmp(op, "migrate") == 0 && strcmp(subop, "begin") == 0)
+                return ACT_MIGRATE;
+        if (strcmp(op, "reconnect") == 0 && strcmp(subop, "begin") == 0)
+                return ACT_RECONNECT;
+        if (strcmp(op, "release") == 0 && strcmp(subop, "end") == 0)
+                return ACT_RELEASE;
+        return ACT_NONE;
+}
+
+/* Reads stdin up to the cap; *ret_len = NKP_DOMAIN_XML_MAX + 1 means "too
+ * large" (the rest is drained so libvirt never sees EPIPE). */
+static char *read_stdin(size_t *ret_len)
+{
+        size_t cap = NKP_DOMAIN_XML_MAX + 1, len = 0;
+        size_t alloc = 64 * 1024;
+        char *buf = g_malloc(alloc);
+        for (;;) {
+                if (len == alloc && alloc < cap) {
+                        alloc = MIN(alloc * 2, cap);
+                        buf = g_realloc(buf, alloc);
+                }
+                if (len == alloc) {
+                        char sink[4096];
+                        ssize_t n = read(STDIN_FILENO, sink, sizeof sink);
+                        if (n > 0 || (n < 0 && errno == EINTR))
+                                continue;
+                        break;
+                }
+                ssize_t n = read(STDIN_FILENO, buf + len, alloc - len);
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n <= 0)
+                        break;
+                len += (size_t) n;
+        }
+        *ret_len = len;
+        return buf;
+}
+
+static void one_line(const char *domain, const char *msg)
+{
+        /* Exactly one line: fold any newline the message might hold. */
+        g_autofree char *m = g_strdup(msg && msg[0] ? msg : "failed (no detail)");
+        for (char *p = m; *p; p++)
+                if (*p == '\n' || *p == '\r')
+                        *p = ' ';
+        (void) domain;
+        fprintf(stderr, "nkp: %s\n", m);
+        fflush(stderr);
+}
+
+static const char *libvirt_uri(void)
+{
+        const char *u = g_getenv("NKP_LIBVIRT_URI");
+        return u && u[0] ? u : NKP_HOOK_DEFAULT_URI;
+}
+
+/* Defines every secret of the VM.  Returns 0 or a negative errno (message
+ * set). */
+static int define_secrets(nkp_context *ctx, const NkpDomain *d)
+{
+        g_autoptr(GPtrArray) secrets = NULL;
+        int r = nkp_vm_unlock(ctx, d, true, &secrets);
+        if (r == -ENOKEY || r == -EKEYREJECTED) {
+                g_autofree char *msg = g_strdup(nkp_error_message());
+                (void) nkp_alarm_raise(ctx, "vm-locked", d->name, msg);
+                nkp_fail(r, "%s", msg);
+                return r;
+        }
+        if (r < 0)
+                return r;
+
+        g_autoptr(NkpVirt) v = NULL;
+        r = nkp_virt_open(libvirt_uri(), &v);
+        if (r < 0)
+                return nkp_fail_prefix(r, "VM '%s' cannot start: its keys cannot be handed to "
+                                          "libvirt",
+                                       d->name);
+        for (guint i = 0; i < secrets->len; i++) {
+                const NkpVmSecret *s = secrets->pdata[i];
+                if (strcmp(s->kind, NKP_OBJECT_DISK) == 0 && !s->volume)
+                        continue; /* the disk is no longer in the VM */
+                r = nkp_virt_secret_define(v, s->secret_uuid, s->kind, d->uuid, s->volume,
+                                           s->value);
+                if (r < 0)
+                        return nkp_fail_prefix(r, "VM '%s' cannot start", d->name);
+        }
+        return 0;
+}
+
+static void undefine_secrets(const NkpDomain *d)
+{
+        g_autoptr(NkpVirt) v = NULL;
+        if (nkp_virt_open(libvirt_uri(), &v) < 0)
+                return;
+        for (size_t i = 0; i < nkp_keysafe_n_entries(d->keysafe); i++)
+                (void) nkp_virt_secret_undefine(v, nkp_keysafe_entry_secret_uuid(d->keysafe, i));
+}
+
+static unsigned timeout_seconds(enum action act)
+{
+        const char *t = g_getenv("NKP_HOOK_TIMEOUT");
+        if (t && t[0]) {
+                unsigned long v = strtoul(t, NULL, 10);
+                if (v > 0 && v < 3600)
+                        return (unsigned) v;
+        }
+        return act == ACT_RECONNECT ? 10 : 20;
+}
+
+int main(int argc, char **argv)
+{
+        /* No stdout, ever: for migrate it would replace the incoming XML. */
+        int devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
+        if (devnull >= 0) {
+                dup2(devnull, STDOUT_FILENO);
+                if (devnull != STDOUT_FILENO)
+                        close(devnull);
+        }
+        if (argc < 4)
+                return 0;
+        const char *domain = argv[1];
+        enum action act = classify(argv[2], argv[3]);
+        exit_on_timeout = (act == ACT_START || act == ACT_MIGRATE) ? 1 : 0;
+        struct sigaction sa = { .sa_handler = on_alarm };
+        sigaction(SIGALRM, &sa, NULL);
+        signal(SIGPIPE, SIG_IGN);
+        alarm(timeout_seconds(act));
+
+        prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+        struct rlimit nocore = { 0, 0 };
+        setrlimit(RLIMIT_CORE, &nocore);
+
+        size_t len = 0;
+        g_autofree char *xml = read_stdin(&len); /* read even when unused: no EPIPE */
+        if (act == ACT_NONE)
+                return 0;
+        const bool may_fail = act == ACT_START || act == ACT_MIGRATE;
+
+        g_autoptr(NkpDomain) d = NULL;
+        int r = nkp_domain_parse(xml, len, &d);
+        if (r < 0) {
+                if (!nkp_domain_mentions_nkp(xml, len) || !may_fail)
+                        return 0; /* not nkp's, or a step that must not fail */
+                g_autofree char *msg = g_strdup_printf(
+                        "VM '%s' cannot start: its domain XML carries nkp data that cannot be "
+                        "read: %s",
+                        domain, nkp_error_message());
+                one_line(domain, msg);
+                return 1;
+        }
+        if (!d->keysafe)
+                return 0;
+
+        const char *root = g_getenv("NKP_ROOT");
+        g_autoptr(nkp_context) ctx = NULL;
+        r = nkp_context_new(root && root[0] ? root : "/", &ctx);
+        if (r < 0) {
+                if (!may_fail)
+                        return 0;
+                one_line(domain, nkp_error_message());
+                return 1;
+        }
+
+        switch (act) {
+        case ACT_START:
+        case ACT_MIGRATE:
+                r = define_secrets(ctx, d);
+                if (r < 0) {
+                        one_line(domain, nkp_error_message());
+                        return 1;
+                }
+                return 0;
+        case ACT_RECONNECT:
+                r = define_secrets(ctx, d);
+                if (r < 0)
+                        one_line(domain, nkp_error_message()); /* logged by libvirt; VM lives */
+                return 0;
+        case ACT_RELEASE:
+                undefine_secrets(d);
+                return 0;
+        case ACT_NONE:
+                break;
+        }
+        return 0;
+}
