@@ -1,0 +1,37 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* libFuzzer target: nkp_p12_import over arbitrary bytes with a fixed
+ * password (the seed corpus in corpus/fuzz-p12/ is made with it by
+ * gen-p12-corpus).  The iteration cap is lowered to 2000 so that the fuzzer
+ * explores the parser instead of spending its time in PBKDF2; everything
+ * else is the code path nkp_p12_import runs. */
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "p12-internal.h"
+
+#define FUZZ_PASSWORD "nkp-fuzz-password"
+#define FUZZ_MAX_ITERATIONS 2000
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+        static nkp_secret *password;
+        if (!password && nkp_secret_new_copy(FUZZ_PASSWORD, sizeof FUZZ_PASSWORD - 1, &password) < 0)
+                abort();
+
+        NkpBackupInfo info;
+        nkp_secret *kdk = NULL;
+        int r = nkp_p12_import_capped(data, size, password, FUZZ_MAX_ITERATIONS, &info, &kdk);
+        if (r == 0) {
+                /* whatever was accepted is well formed */
+                if (!kdk || nkp_secret_len(kdk) != NKP_KDK_SIZE || info.name[0] == '\0' ||
+                    info.key_id[NKP_UUID_STRING_LEN] != '\0')
+                        abort();
+                nkp_secret_free(kdk);
+        } else if (kdk || r >= 0) {
+                abort();
+        }
+        return 0;
+}

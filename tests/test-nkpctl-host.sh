@@ -1,0 +1,126 @@
+#!/bin/bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
+# nkpctl host status / flush-cache, and the TPM through the CLI, against
+# throwaway swtpm instances.  Cleans up (swtpm by PID, per-store key caches,
+# temp dirs) even when a check fails.  Exit 77 = skipped.
+set -u
+NKPCTL=${NKPCTL:?NKPCTL not set}
+command -v swtpm >/dev/null || { echo "1..0 # SKIP swtpm is not installed"; exit 77; }
+command -v jq >/dev/null || { echo "1..0 # SKIP jq is not installed"; exit 77; }
+
+tmp=$(mktemp -d)
+pids=()
+roots=()
+cleanup() {
+	local p r
+	for p in "${pids[@]}"; do
+		kill -CONT "$p" 2>/dev/null
+		kill "$p" 2>/dev/null && wait "$p" 2>/dev/null
+	done
+	for r in "${roots[@]}"; do
+		[ -d "$r/var/lib/nkp" ] && "$NKPCTL" --root "$r" host flush-cache >/dev/null 2>&1
+	done
+	rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+n=0
+fails=0
+ok() { n=$((n + 1)); echo "ok $n - $1"; }
+not_ok() { n=$((n + 1)); fails=$((fails + 1)); echo "not ok $n - $1"; [ -n "${err:-}" ] && echo "# stderr: $err"; }
+check() { if eval "$2"; then ok "$1"; else not_ok "$1"; fi; }
+
+# nk ROOT ARGS…: sets rc, out, err, secs
+nk() {
+	local r=$1 o e t0
+	shift
+	o=$(mktemp) e=$(mktemp)
+	t0=$(date +%s.%N)
+	"$NKPCTL" --root "$r" "$@" >"$o" 2>"$e"
+	rc=$?
+	secs=$(echo "$(date +%s.%N) - $t0" | bc)
+	out=$(cat "$o") err=$(cat "$e")
+	rm -f "$o" "$e"
+}
+
+free_port() {
+	local p
+	while :; do
+		p=$((20000 + RANDOM % 40000))
+		! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null &&
+			! (exec 3<>"/dev/tcp/127.0.0.1/$((p + 1))") 2>/dev/null && { echo "$p"; return; }
+	done
+}
+
+# start_swtpm STATE_DIR: sets port and swtpm_pid
+start_swtpm() {
+	local i
+	mkdir -p "$1"
+	port=$(free_port)
+	swtpm socket --tpm2 --server "type=tcp,port=$port,bindaddr=127.0.0.1" \
+		--ctrl "type=tcp,port=$((port + 1)),bindaddr=127.0.0.1" --tpmstate "dir=$1" \
+		--log "file=$1.log" --flags not-need-init,startup-clear &
+	swtpm_pid=$!
+	pids+=("$swtpm_pid")
+	for i in $(seq 100); do
+		(exec 3<>"/dev/tcp/127.0.0.1/$((port + 1))") 2>/dev/null && return 0
+		sleep 0.05
+	done
+	echo "# swtpm did not start"; return 1
+}
+
+stop_swtpm() { kill -CONT "$1" 2>/dev/null; kill "$1" 2>/dev/null; wait "$1" 2>/dev/null; }
+
+# mkroot NAME TCTI
+mkroot() {
+	local r=$tmp/$1
+	mkdir -p "$r/etc/nkp"
+	printf '[tpm]\ntcti=%s\n' "$2" >"$r/etc/nkp/nkp.conf"
+	roots+=("$r")
+	echo "$r"
+}
+
+one_line() { [ "$(printf '%s\n' "$err" | wc -l)" = 1 ] && [[ $err == nkpctl:* ]]; }
+
+# ---- a host without a TPM ------------------------------------------------------
+none=$(mkroot none none)
+nk "$none" host status
+check "status, no TPM: exit 0" '[ $rc = 0 ]'
+check "status, no TPM: says none" '[[ $out == *"TPM:              none"* ]] && [[ $out == *"Cached providers: 0"* ]]'
+nk "$none" --json host status
+check "status --json, no TPM: one document" 'echo "$out" | jq -e ".tpm.in_use == false and .tpm.tcti == \"none\" and .cached_providers == []" >/dev/null'
+nk "$none" host flush-cache
+check "flush-cache on an empty cache: exit 0" '[ $rc = 0 ] && [[ $out == "Forgot 0 unsealed provider keys"* ]]'
+check "flush-cache wrote nothing" '[ ! -e "$none/var/lib/nkp" ]'
+nk "$none" host bogus
+check "unknown host command: exit 1, one line" '[ $rc = 1 ] && one_line'
+nk "$none" host
+check "no host command: exit 1, one line" '[ $rc = 1 ] && one_line'
+
+# ---- a host with an swtpm ---------------------------------------------------------
+start_swtpm "$tmp/tpm-a" || exit 1
+pid_a=$swtpm_pid
+tcti_a="swtpm:host=127.0.0.1,port=$port"
+ha=$(mkroot host-a "$tcti_a")
+nk "$ha" host status
+check "status, swtpm: answers" '[ $rc = 0 ] && [[ $out == *"TPM:              $tcti_a (answers"* ]]'
+nk "$ha" --json host status
+check "status --json, swtpm: in use, answers" 'echo "$out" | jq -e ".tpm.in_use and .tpm.answers and .tpm.tcti == \"$tcti_a\"" >/dev/null'
+nk "$ha" host status --json
+check "status with --json after the command works too" 'echo "$out" | jq -e ".tpm.answers" >/dev/null'
+
+# Stuck TPM (accepts, never answers): bounded.
+kill -STOP "$pid_a"
+nk "$ha" --json host status
+kill -CONT "$pid_a"
+check "status, stuck swtpm: exit 0 within 8 s ($secs s)" '[ $rc = 0 ] && [ "$(echo "$secs < 8" | bc)" = 1 ]'
+check "status, stuck swtpm: answers false, says why" 'echo "$out" | jq -e ".tpm.answers == false and (.tpm.error | contains(\"did not answer\"))" >/dev/null'
+
+# Gone: fast, names the TCTI.
+stop_swtpm "$pid_a"
+nk "$ha" host status
+check "status, swtpm gone: exit 0 within 2 s ($secs s)" '[ $rc = 0 ] && [ "$(echo "$secs < 2" | bc)" = 1 ]'
+check "status, swtpm gone: NOT ANSWERING with the TCTI" '[[ $out == *"NOT ANSWERING: Cannot reach the TPM at TCTI '"'$tcti_a'"'"* ]]'
+
+echo "1..$n"
+[ "$fails" = 0 ]
