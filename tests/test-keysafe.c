@@ -185,6 +185,7 @@ static void test_namespace_forms(Fixture *f, gconstpointer data)
         /* comments and an XML declaration are fine */
         g_autofree char *decl = g_strconcat("<?xml version=\"1.0\"?>\n<!-- nkp -->\n", xml, NULL);
         g_autoptr(nkp_keysafe) c = parse_ok(decl);
+        g_assert_cmpuint(nkp_keysafe_n_entries(c), ==, 3);
 
         /* another namespace or root is not a keysafe */
         g_autofree char *other_ns = replace_once(xml, NS, "https://example.org/keysafe");
@@ -365,6 +366,7 @@ static void test_malformed_fields(Fixture *f, gconstpointer data)
                 if (strstr(cases[i].to, "id=\"vda\" ")) {
                         /* (vtpm, vda) next to (disk, vda) is a distinct object: accepted */
                         g_autoptr(nkp_keysafe) ok = parse_ok(bad);
+                        g_assert_cmpstr(nkp_keysafe_entry_id(ok, 0), ==, "vda");
                         continue;
                 }
                 nkp_keysafe *ks = NULL;
@@ -445,6 +447,7 @@ static void test_oversized(Fixture *f, gconstpointer data)
         g_string_append(fits, "-->");
         g_assert_cmpuint(fits->len, ==, 64 * 1024);
         g_autoptr(nkp_keysafe) ok = parse_ok(fits->str);
+        g_assert_cmpuint(nkp_keysafe_n_entries(ok), ==, 3);
 
         /* 65 entries: refused before they are read */
         g_autofree char *wrapped = wrapped_attr(xml, "tpm0");
@@ -524,6 +527,12 @@ static void test_put_get_remove(Fixture *f, gconstpointer data)
         g_assert_cmpint(nkp_keysafe_put_dek(f->ks, f->kek, "disk", "vdc", "nope", dek2), ==, -EINVAL);
         g_assert_cmpint(nkp_keysafe_put_dek(f->ks, f->kek, "disk", "vdc", OTHER_UUID, NULL), ==, -EINVAL);
         g_assert_cmpuint(nkp_keysafe_n_entries(f->ks), ==, 3);
+        /* a hostile id is not echoed verbatim: the message stays one short line */
+        g_autofree char *hostile = g_strnfill(1000, 'x');
+        hostile[5] = '\n';
+        g_assert_cmpint(nkp_keysafe_put_dek(f->ks, f->kek, "disk", hostile, OTHER_UUID, dek2), ==, -EINVAL);
+        g_assert_null(strchr(nkp_error_message(), '\n'));
+        g_assert_cmpuint(strlen(nkp_error_message()), <, 200);
 
         /* secret UUIDs are stored in lower case */
         g_autofree char *upper = g_ascii_strup(OTHER_UUID, -1);

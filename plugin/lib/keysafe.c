@@ -84,6 +84,21 @@ struct nkp_keysafe {
 
 /* ---- Field validation (shared by the API and the parser) ------------------- */
 
+/* A value from outside (API argument or XML), fit for an error message:
+ * printable ASCII only, at most 32 characters (the hook reports errors on
+ * one line).  Accepts NULL. */
+static char *excerpt(const char *s)
+{
+        if (!s)
+                return g_strdup("");
+        GString *out = g_string_new(NULL);
+        for (size_t i = 0; s[i] && out->len < 32; i++)
+                g_string_append_c(out, g_ascii_isprint(s[i]) ? s[i] : '?');
+        if (strlen(s) > out->len)
+                g_string_append(out, "...");
+        return g_string_free(out, FALSE);
+}
+
 static int canonical_uuid(const char *in, char out[NKP_UUID_STRING_LEN + 1])
 {
         uint8_t raw[16];
@@ -183,7 +198,7 @@ static void aad_put_uuid(Aad *aad, const char *uuid)
         aad_put(aad, raw, sizeof raw);
 }
 
-static void build_aad(const nkp_keysafe *ks, const char *key_id, const KeysafeEntry *e, Aad *aad)
+static void build_aad(const nkp_keysafe *ks, const KeysafeEntry *e, Aad *aad)
 {
         const uint8_t version[4] = { 0, 0, 0, NKP_KEYSAFE_VERSION };
         aad->len = 0;
@@ -193,7 +208,7 @@ static void build_aad(const nkp_keysafe *ks, const char *key_id, const KeysafeEn
         aad_put(aad, e->kind, strlen(e->kind));
         aad_put(aad, e->id, strlen(e->id));
         aad_put_uuid(aad, e->secret_uuid);
-        aad_put_uuid(aad, key_id);
+        aad_put_uuid(aad, ks->key_id);
 }
 
 static int check_key(const nkp_secret *key, const char *what)
@@ -203,12 +218,12 @@ static int check_key(const nkp_secret *key, const char *what)
         return 0;
 }
 
-/* Wraps `dek` into e->wrapped, bound to `ks` and provider `key_id`. */
-static int entry_wrap(const nkp_keysafe *ks, const char *key_id, const nkp_secret *kek,
-                      const nkp_secret *dek, KeysafeEntry *e)
+/* Wraps `dek` into e->wrapped, bound to `ks` (VM, provider) and to `e`. */
+static int entry_wrap(const nkp_keysafe *ks, const nkp_secret *kek, const nkp_secret *dek,
+                      KeysafeEntry *e)
 {
         Aad aad;
-        build_aad(ks, key_id, e, &aad);
+        build_aad(ks, e, &aad);
         uint8_t *iv = e->wrapped;
         uint8_t *ct = e->wrapped + NKP_GCM_IV_SIZE;
         uint8_t *tag = ct + NKP_DEK_SIZE;
@@ -219,11 +234,11 @@ static int entry_wrap(const nkp_keysafe *ks, const char *key_id, const nkp_secre
                                   nkp_secret_data(dek), NKP_DEK_SIZE, ct, tag);
 }
 
-static int entry_unwrap(const nkp_keysafe *ks, const char *key_id, const nkp_secret *kek,
-                        const KeysafeEntry *e, nkp_secret **ret)
+static int entry_unwrap(const nkp_keysafe *ks, const nkp_secret *kek, const KeysafeEntry *e,
+                        nkp_secret **ret)
 {
         Aad aad;
-        build_aad(ks, key_id, e, &aad);
+        build_aad(ks, e, &aad);
         const uint8_t *iv = e->wrapped;
         const uint8_t *ct = e->wrapped + NKP_GCM_IV_SIZE;
         const uint8_t *tag = ct + NKP_DEK_SIZE;
@@ -267,11 +282,15 @@ void nkp_keysafe_free(nkp_keysafe *ks)
 static int set_provider(nkp_keysafe *ks, const char *name, const char *key_id,
                         const char *fingerprint)
 {
-        if (!provider_name_ok(name))
+        if (!provider_name_ok(name)) {
+                g_autofree char *shown = excerpt(name);
                 return nkp_fail(-EINVAL, "The provider name '%s' is not valid "
-                                         "(1 to 64 of A-Z a-z 0-9 . _ -).", name ? name : "");
-        if (canonical_uuid(key_id, ks->key_id) < 0)
-                return nkp_fail(-EINVAL, "The provider key id '%s' is not a UUID.", key_id ? key_id : "");
+                                         "(1 to 64 of A-Z a-z 0-9 . _ -).", shown);
+        }
+        if (canonical_uuid(key_id, ks->key_id) < 0) {
+                g_autofree char *shown = excerpt(key_id);
+                return nkp_fail(-EINVAL, "The provider key id '%s' is not a UUID.", shown);
+        }
         if (canonical_fingerprint(fingerprint, ks->fingerprint) < 0)
                 return nkp_fail(-EINVAL, "The provider fingerprint is not 64 hex digits.");
         g_strlcpy(ks->provider_name, name, sizeof ks->provider_name);
@@ -282,8 +301,10 @@ int nkp_keysafe_new_for(const char *vm_uuid, const char *provider_name, const ch
                         const char *fingerprint, nkp_keysafe **ret)
 {
         g_autoptr(nkp_keysafe) ks = keysafe_alloc();
-        if (canonical_uuid(vm_uuid, ks->vm_uuid) < 0)
-                return nkp_fail(-EINVAL, "The VM UUID '%s' is not a UUID.", vm_uuid ? vm_uuid : "");
+        if (canonical_uuid(vm_uuid, ks->vm_uuid) < 0) {
+                g_autofree char *shown = excerpt(vm_uuid);
+                return nkp_fail(-EINVAL, "The VM UUID '%s' is not a UUID.", shown);
+        }
         int r = set_provider(ks, provider_name, key_id, fingerprint);
         if (r < 0)
                 return r;
@@ -378,12 +399,16 @@ static gssize find_secret(const GArray *entries, const char *secret_uuid)
 
 static int check_object(const char *kind, const char *object_id)
 {
-        if (!kind_ok(kind))
+        if (!kind_ok(kind)) {
+                g_autofree char *shown = excerpt(kind);
                 return nkp_fail(-EINVAL, "The object kind '%s' is not '" NKP_OBJECT_VTPM "' or '"
-                                         NKP_OBJECT_DISK "'.", kind ? kind : "");
-        if (!object_id_ok(object_id))
+                                         NKP_OBJECT_DISK "'.", shown);
+        }
+        if (!object_id_ok(object_id)) {
+                g_autofree char *shown = excerpt(object_id);
                 return nkp_fail(-EINVAL, "The object id '%s' is not valid (a letter or digit, then up "
-                                         "to 63 of A-Z a-z 0-9 . _ -).", object_id ? object_id : "");
+                                         "to 63 of A-Z a-z 0-9 . _ -).", shown);
+        }
         return 0;
 }
 
@@ -398,8 +423,10 @@ int nkp_keysafe_put_dek(nkp_keysafe *ks, const nkp_secret *kek, const char *kind
         if (r < 0)
                 return r;
         KeysafeEntry e = { 0 };
-        if (canonical_uuid(secret_uuid, e.secret_uuid) < 0)
-                return nkp_fail(-EINVAL, "The secret UUID '%s' is not a UUID.", secret_uuid ? secret_uuid : "");
+        if (canonical_uuid(secret_uuid, e.secret_uuid) < 0) {
+                g_autofree char *shown = excerpt(secret_uuid);
+                return nkp_fail(-EINVAL, "The secret UUID '%s' is not a UUID.", shown);
+        }
         if ((r = check_key(kek, "key encryption key")) < 0 || (r = check_key(dek, "data encryption key")) < 0)
                 return r;
 
@@ -413,7 +440,7 @@ int nkp_keysafe_put_dek(nkp_keysafe *ks, const nkp_secret *kek, const char *kind
 
         g_strlcpy(e.kind, kind, sizeof e.kind);
         g_strlcpy(e.id, object_id, sizeof e.id);
-        r = entry_wrap(ks, ks->key_id, kek, dek, &e);
+        r = entry_wrap(ks, kek, dek, &e);
         if (r < 0)
                 return r;
         if (existing >= 0)
@@ -436,7 +463,7 @@ int nkp_keysafe_get_dek(const nkp_keysafe *ks, const nkp_secret *kek, const char
         gssize i = find_entry(ks->entries, kind, object_id);
         if (i < 0)
                 return nkp_fail(-ENOENT, "The keysafe holds no key for %s '%s'.", kind, object_id);
-        return entry_unwrap(ks, ks->key_id, kek, &g_array_index(ks->entries, KeysafeEntry, i), ret);
+        return entry_unwrap(ks, kek, &g_array_index(ks->entries, KeysafeEntry, i), ret);
 }
 
 int nkp_keysafe_remove_dek(nkp_keysafe *ks, const char *kind, const char *object_id)
@@ -477,10 +504,10 @@ int nkp_keysafe_rewrap_for(nkp_keysafe *ks, const nkp_secret *old_kek, const cha
         for (guint i = 0; i < ks->entries->len; i++) {
                 const KeysafeEntry *old = &g_array_index(ks->entries, KeysafeEntry, i);
                 g_autoptr(nkp_secret) dek = NULL;
-                if ((r = entry_unwrap(ks, ks->key_id, old_kek, old, &dek)) < 0)
+                if ((r = entry_unwrap(ks, old_kek, old, &dek)) < 0)
                         return nkp_fail_prefix(r, "Nothing was rewrapped");
                 KeysafeEntry e = *old;
-                if ((r = entry_wrap(next, next->key_id, new_kek, dek, &e)) < 0)
+                if ((r = entry_wrap(next, new_kek, dek, &e)) < 0)
                         return nkp_fail_prefix(r, "Nothing was rewrapped");
                 g_array_append_val(next->entries, e);
         }
@@ -574,7 +601,7 @@ static int next_element(xmlNode **cursor, xmlNode **ret)
                         return bad("it holds text outside its attributes");
                 case XML_ELEMENT_NODE:
                         if (!in_our_namespace(n))
-                                return bad("element '%s' is in a foreign namespace", (const char *) n->name);
+                                return bad("element '%.64s' is in a foreign namespace", (const char *) n->name);
                         *cursor = n->next;
                         *ret = n;
                         return 0;
@@ -596,7 +623,7 @@ static int read_attrs(const xmlNode *node, const char *const *names, char **valu
                 while (k < n && strcmp((const char *) a->name, names[k]) != 0)
                         k++;
                 if (k == n || a->ns)
-                        return bad("element '%s' has an unexpected attribute '%s'", (const char *) node->name,
+                        return bad("element '%.64s' has an unexpected attribute '%.64s'", (const char *) node->name,
                                    (const char *) a->name);
                 if (values[k])
                         return bad("element '%s' repeats attribute '%s'", (const char *) node->name, names[k]);
@@ -613,7 +640,7 @@ static int read_attrs(const xmlNode *node, const char *const *names, char **valu
         if (r < 0)
                 return r;
         if (extra)
-                return bad("element '%s' has a child element '%s'", (const char *) node->name,
+                return bad("element '%.64s' has a child element '%.64s'", (const char *) node->name,
                            (const char *) extra->name);
         return 0;
 }
@@ -632,7 +659,7 @@ static int expect_element(xmlNode **cursor, const char *name, xmlNode **ret)
         if (r < 0)
                 return r;
         if (!node || strcmp((const char *) node->name, name) != 0)
-                return bad("expected element '%s', found %s%s%s", name, node ? "'" : "",
+                return bad("expected element '%s', found %s%.64s%s", name, node ? "'" : "",
                            node ? (const char *) node->name : "the end", node ? "'" : "");
         *ret = node;
         return 0;
@@ -642,7 +669,7 @@ static int parse_version(const xmlNode *root)
 {
         for (const xmlAttr *a = root->properties; a; a = a->next)
                 if (a->ns || strcmp((const char *) a->name, "version") != 0)
-                        return bad("element 'keysafe' has an unexpected attribute '%s'", (const char *) a->name);
+                        return bad("element 'keysafe' has an unexpected attribute '%.64s'", (const char *) a->name);
         xmlChar *v = xmlGetNoNsProp(root, (const xmlChar *) "version");
         if (!v)
                 return bad("element 'keysafe' has no 'version' attribute");
@@ -653,8 +680,10 @@ static int parse_version(const xmlNode *root)
         bool digits = len > 0 && len <= 9 && s[0] != '0';
         for (size_t i = 0; digits && i < len; i++)
                 digits = g_ascii_isdigit(s[i]);
-        if (!digits)
-                return bad("the version '%s' is not a number", s);
+        if (!digits) {
+                g_autofree char *shown = excerpt(s);
+                return bad("the version '%s' is not a number", shown);
+        }
         unsigned long version = strtoul(s, NULL, 10);
         if (version != NKP_KEYSAFE_VERSION)
                 return nkp_fail(-EPROTONOSUPPORT,
@@ -718,11 +747,13 @@ static int parse_dek(const xmlNode *node, nkp_keysafe *ks)
         KeysafeEntry e = { 0 };
         int r = 0;
         if (strcmp((const char *) node->name, "dek") != 0)
-                r = bad("expected element 'dek', found '%s'", (const char *) node->name);
+                r = bad("expected element 'dek', found '%.64s'", (const char *) node->name);
         if (r == 0)
                 r = read_attrs(node, names, v, G_N_ELEMENTS(names));
-        if (r == 0 && !kind_ok(v[0]))
-                r = bad("a key has the unknown kind '%s'", v[0]);
+        if (r == 0 && !kind_ok(v[0])) {
+                g_autofree char *shown = excerpt(v[0]);
+                r = bad("a key has the unknown kind '%s'", shown);
+        }
         if (r == 0 && !object_id_ok(v[1]))
                 r = bad("a key has an invalid object id");
         if (r == 0 && canonical_uuid(v[2], e.secret_uuid) < 0)
