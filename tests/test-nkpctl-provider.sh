@@ -30,9 +30,11 @@ tree_sum() {
 }
 
 # run ROOT ARGS…: runs nkpctl, leaves $out, $err, $rc.
+# (--connect test:///default: provider usage/delete ask libvirt which VMs use a
+# provider; libvirt's built-in test driver answers without a daemon.)
 run() {
         local root=$1; shift
-        out=$("$NKPCTL" --root "$root" "$@" 2>"$TOP/stderr"); rc=$?
+        out=$("$NKPCTL" --root "$root" --connect test:///default "$@" 2>"$TOP/stderr"); rc=$?
         err=$(cat "$TOP/stderr")
 }
 
