@@ -1,11 +1,544 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* STUB: nkpctl provider …, replaced by its owner. */
+/* nkpctl provider …: create, list, show, set-default, delete, usage, backup,
+ * restore.  Each subcommand parses its own options (GOptionContext); usage
+ * errors exit 2, refused or failed operations exit 1 with one line on
+ * stderr, success exits 0.  --json (global, or after the subcommand) prints
+ * one JSON document on stdout. */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <termios.h>
+#include <unistd.h>
+
 #include "nkpctl.h"
+
+typedef int (*cmd_fn)(NkpctlGlobals *g, int argc, char **argv);
+
+static int usage_error(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
+static int usage_error(const char *fmt, ...)
+{
+        va_list ap;
+        fputs("nkpctl: ", stderr);
+        va_start(ap, fmt);
+        vfprintf(stderr, fmt, ap);
+        va_end(ap);
+        fputs(" (see: nkpctl provider --help)\n", stderr);
+        return 2;
+}
+
+/* Parses the options of one subcommand; on error prints one line and
+ * returns 2.  `json` receives --json after the subcommand. */
+static int parse_options(NkpctlGlobals *g, const char *params, const char *summary,
+                         const GOptionEntry *entries, int *argc, char ***argv)
+{
+        gboolean json = FALSE;
+        const GOptionEntry common[] = {
+                { "json", 0, 0, G_OPTION_ARG_NONE, &json, "Print one JSON document on stdout", NULL },
+                G_OPTION_ENTRY_NULL,
+        };
+        g_autoptr(GOptionContext) oc = g_option_context_new(params);
+        g_autoptr(GError) error = NULL;
+        g_option_context_set_summary(oc, summary);
+        g_option_context_add_main_entries(oc, common, NULL);
+        if (entries)
+                g_option_context_add_main_entries(oc, entries, NULL);
+        if (!g_option_context_parse(oc, argc, argv, &error))
+                return usage_error("%s.", error->message);
+        if (json)
+                g->json = true;
+        return 0;
+}
+
+static char *iso_time(int64_t t)
+{
+        g_autoptr(GDateTime) dt = g_date_time_new_from_unix_utc(t);
+        return dt ? g_date_time_format(dt, "%Y-%m-%dT%H:%M:%SZ") : g_strdup("?");
+}
+
+static JsonNode *provider_json(const nkp_provider *p)
+{
+        unsigned f = nkp_provider_flags(p);
+        g_autofree char *created = iso_time(nkp_provider_created(p));
+        g_autoptr(JsonBuilder) b = json_builder_new();
+        json_builder_begin_object(b);
+        json_builder_set_member_name(b, "name");
+        json_builder_add_string_value(b, nkp_provider_name(p));
+        json_builder_set_member_name(b, "key_id");
+        json_builder_add_string_value(b, nkp_provider_key_id(p));
+        json_builder_set_member_name(b, "fingerprint");
+        json_builder_add_string_value(b, nkp_provider_fingerprint(p));
+        json_builder_set_member_name(b, "default");
+        json_builder_add_boolean_value(b, (f & NKP_PROVIDER_DEFAULT) != 0);
+        json_builder_set_member_name(b, "backed_up");
+        json_builder_add_boolean_value(b, (f & NKP_PROVIDER_BACKED_UP) != 0);
+        json_builder_set_member_name(b, "require_tpm");
+        json_builder_add_boolean_value(b, (f & NKP_PROVIDER_REQUIRE_TPM) != 0);
+        json_builder_set_member_name(b, "sealed");
+        json_builder_add_string_value(b, nkp_provider_seal(p) == NKP_SEAL_TPM ? "tpm" : "none");
+        json_builder_set_member_name(b, "active");
+        json_builder_add_boolean_value(b, nkp_provider_is_active(p));
+        json_builder_set_member_name(b, "created");
+        json_builder_add_string_value(b, created);
+        json_builder_end_object(b);
+        return json_builder_get_root(b);
+}
+
+static const char *yes_no(bool v)
+{
+        return v ? "yes" : "no";
+}
+
+/* ---- passwords ------------------------------------------------------------ */
+
+static int tty_fd = -1;
+static struct termios tty_saved;
+
+static void restore_tty_and_die(int sig)
+{
+        if (tty_fd >= 0)
+                tcsetattr(tty_fd, TCSAFLUSH, &tty_saved);
+        signal(sig, SIG_DFL);
+        raise(sig);
+}
+
+static int prompt_once(int fd, const char *prompt, nkp_secret **ret)
+{
+        struct termios noecho;
+        struct sigaction sa = { .sa_handler = restore_tty_and_die }, old_int, old_term, old_quit;
+
+        if (tcgetattr(fd, &tty_saved) < 0)
+                return nkp_fail(-ENOTTY,
+                                "Cannot turn off the terminal echo to ask for the password; use "
+                                "--password-file FILE.");
+        noecho = tty_saved;
+        noecho.c_lflag &= ~(tcflag_t) (ECHO | ECHOE | ECHOK);
+        noecho.c_lflag |= ICANON | ECHONL;
+        tty_fd = fd;
+        sigaction(SIGINT, &sa, &old_int);
+        sigaction(SIGTERM, &sa, &old_term);
+        sigaction(SIGQUIT, &sa, &old_quit);
+        if (write(fd, prompt, strlen(prompt)) < 0 || tcsetattr(fd, TCSAFLUSH, &noecho) < 0) {
+                tty_fd = -1;
+                return nkp_fail(-EIO, "Cannot prompt for the password on the terminal.");
+        }
+        int r = nkp_password_read_fd(fd, ret);
+        tcsetattr(fd, TCSAFLUSH, &tty_saved);
+        tty_fd = -1;
+        sigaction(SIGINT, &old_int, NULL);
+        sigaction(SIGTERM, &old_term, NULL);
+        sigaction(SIGQUIT, &old_quit, NULL);
+        return r;
+}
+
+/* The password from --password-file, else from the terminal without echo
+ * (twice when `confirm`). */
+static int get_password(const char *file, bool confirm, nkp_secret **ret)
+{
+        if (file)
+                return nkp_password_read_file(file, ret);
+
+        int fd = open("/dev/tty", O_RDWR | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0)
+                return nkp_fail(-ENXIO, "There is no terminal to ask for the password; use "
+                                        "--password-file FILE.");
+        g_autoptr(nkp_secret) first = NULL, second = NULL;
+        int r = prompt_once(fd, confirm ? "New backup password: " : "Backup password: ", &first);
+        if (r >= 0 && confirm) {
+                r = prompt_once(fd, "Repeat the password: ", &second);
+                if (r >= 0 && !nkp_secret_equal(first, second))
+                        r = nkp_fail(-EINVAL, "The two passwords differ; nothing was written.");
+        }
+        close(fd);
+        if (r < 0)
+                return r;
+        *ret = g_steal_pointer(&first);
+        return 0;
+}
+
+/* ---- subcommands ------------------------------------------------------------ */
+
+static int cmd_create(NkpctlGlobals *g, int argc, char **argv)
+{
+        gboolean require_tpm = FALSE, make_default = FALSE;
+        const GOptionEntry entries[] = {
+                { "require-tpm", 0, 0, G_OPTION_ARG_NONE, &require_tpm,
+                  "Only hosts with a TPM 2.0 may hold this provider", NULL },
+                { "default", 0, 0, G_OPTION_ARG_NONE, &make_default,
+                  "Refused: a new provider is inactive until backed up", NULL },
+                G_OPTION_ENTRY_NULL,
+        };
+        int r = parse_options(g, "NAME", "Create a provider with a fresh random key.", entries, &argc,
+                              &argv);
+        if (r)
+                return r;
+        if (argc != 2)
+                return usage_error("'provider create' takes exactly one NAME.");
+        const char *name = argv[1];
+        if (!nkp_provider_name_valid(name)) {
+                nkp_provider_create(g->ctx, name, 0, NULL); /* for its message */
+                return nkpctl_lib_error();
+        }
+        /* Refused before anything is written: a new provider was never
+         * backed up, so it is inactive and cannot be the default. */
+        if (make_default)
+                return nkpctl_error("A new provider is inactive until it is backed up, so '%s' cannot "
+                                    "be created as the default; nothing was created.  Create it, back "
+                                    "it up (nkpctl provider backup %s --out FILE.p12), then run: "
+                                    "nkpctl provider set-default %s",
+                                    name, name, name);
+
+        g_autoptr(nkp_provider) p = NULL;
+        if (nkp_provider_create(g->ctx, name, require_tpm ? NKP_PROVIDER_REQUIRE_TPM : 0, &p) < 0)
+                return nkpctl_lib_error();
+        if (g->json) {
+                nkpctl_print_json(provider_json(p));
+                return 0;
+        }
+        printf("Created provider '%s' (key id %s, %s).\n"
+               "It stays inactive until backed up: nkpctl provider backup %s --out %s.p12\n",
+               name, nkp_provider_key_id(p),
+               nkp_provider_seal(p) == NKP_SEAL_TPM ? "sealed to this host's TPM"
+                                                    : "not sealed: this host has no TPM",
+               name, name);
+        return 0;
+}
+
+static int cmd_list(NkpctlGlobals *g, int argc, char **argv)
+{
+        int r = parse_options(g, "", "List the providers of this host.", NULL, &argc, &argv);
+        if (r)
+                return r;
+        if (argc != 1)
+                return usage_error("'provider list' takes no arguments.");
+
+        nkp_provider **list = NULL;
+        size_t n = 0;
+        if (nkp_provider_list(g->ctx, &list, &n) < 0)
+                return nkpctl_lib_error();
+
+        if (g->json) {
+                JsonArray *arr = json_array_new();
+                for (size_t i = 0; i < n; i++)
+                        json_array_add_element(arr, provider_json(list[i]));
+                JsonNode *node = json_node_new(JSON_NODE_ARRAY);
+                json_node_take_array(node, arr);
+                nkpctl_print_json(node);
+                nkp_provider_list_free(list, n);
+                return 0;
+        }
+        if (n == 0) {
+                printf("No providers (create one: nkpctl provider create NAME).\n");
+                nkp_provider_list_free(list, n);
+                return 0;
+        }
+        int w = (int) strlen("NAME");
+        for (size_t i = 0; i < n; i++)
+                w = MAX(w, (int) strlen(nkp_provider_name(list[i])));
+        printf("%-*s  %-36s  %-16s  %-7s  %-8s  %-6s  %s\n", w, "NAME", "KEY ID", "FINGERPRINT",
+               "DEFAULT", "STATE", "SEALED", "CREATED");
+        for (size_t i = 0; i < n; i++) {
+                const nkp_provider *p = list[i];
+                g_autofree char *created = iso_time(nkp_provider_created(p));
+                char fp[17];
+                g_strlcpy(fp, nkp_provider_fingerprint(p), sizeof fp);
+                printf("%-*s  %-36s  %-16s  %-7s  %-8s  %-6s  %s\n", w, nkp_provider_name(p),
+                       nkp_provider_key_id(p), fp,
+                       (nkp_provider_flags(p) & NKP_PROVIDER_DEFAULT) ? "yes" : "",
+                       nkp_provider_is_active(p) ? "active" : "inactive",
+                       nkp_provider_seal(p) == NKP_SEAL_TPM ? "tpm" : "none", created);
+        }
+        nkp_provider_list_free(list, n);
+        return 0;
+}
+
+static int get_named(NkpctlGlobals *g, const char *what, int argc, char **argv, nkp_provider **ret)
+{
+        if (argc != 2)
+                return usage_error("'provider %s' takes exactly one NAME.", what);
+        if (nkp_provider_get(g->ctx, argv[1], ret) < 0)
+                return nkpctl_lib_error();
+        return 0;
+}
+
+static int cmd_show(NkpctlGlobals *g, int argc, char **argv)
+{
+        int r = parse_options(g, "NAME", "Show one provider.", NULL, &argc, &argv);
+        if (r)
+                return r;
+        g_autoptr(nkp_provider) p = NULL;
+        r = get_named(g, "show", argc, argv, &p);
+        if (r)
+                return r;
+        if (g->json) {
+                nkpctl_print_json(provider_json(p));
+                return 0;
+        }
+        unsigned f = nkp_provider_flags(p);
+        g_autofree char *created = iso_time(nkp_provider_created(p));
+        printf("name:         %s\n", nkp_provider_name(p));
+        printf("key id:       %s\n", nkp_provider_key_id(p));
+        printf("fingerprint:  %s\n", nkp_provider_fingerprint(p));
+        printf("state:        %s\n", nkp_provider_is_active(p) ? "active" : "inactive (never backed up)");
+        printf("default:      %s\n", yes_no(f & NKP_PROVIDER_DEFAULT));
+        printf("backed up:    %s\n", yes_no(f & NKP_PROVIDER_BACKED_UP));
+        printf("require TPM:  %s\n", yes_no(f & NKP_PROVIDER_REQUIRE_TPM));
+        printf("sealed:       %s\n", nkp_provider_seal(p) == NKP_SEAL_TPM ? "tpm" : "none");
+        printf("created:      %s\n", created);
+        return 0;
+}
+
+static int cmd_set_default(NkpctlGlobals *g, int argc, char **argv)
+{
+        int r = parse_options(g, "NAME", "Make a backed-up provider the host's default.", NULL, &argc,
+                              &argv);
+        if (r)
+                return r;
+        if (argc != 2)
+                return usage_error("'provider set-default' takes exactly one NAME.");
+        if (nkp_provider_set_default(g->ctx, argv[1]) < 0)
+                return nkpctl_lib_error();
+        if (!g->json)
+                printf("Provider '%s' is the default.\n", argv[1]);
+        else {
+                g_autoptr(nkp_provider) p = NULL;
+                if (nkp_provider_get(g->ctx, argv[1], &p) < 0)
+                        return nkpctl_lib_error();
+                nkpctl_print_json(provider_json(p));
+        }
+        return 0;
+}
+
+static char *join_quoted(GPtrArray *names)
+{
+        g_autoptr(GString) s = g_string_new(NULL);
+        for (guint i = 0; i < names->len; i++)
+                g_string_append_printf(s, "%s'%s'", i ? ", " : "", (const char *) names->pdata[i]);
+        return g_string_free(g_steal_pointer(&s), FALSE);
+}
+
+static int cmd_delete(NkpctlGlobals *g, int argc, char **argv)
+{
+        gboolean force = FALSE;
+        const GOptionEntry entries[] = {
+                { "force", 0, 0, G_OPTION_ARG_NONE, &force,
+                  "Delete even while defined VMs depend on it", NULL },
+                G_OPTION_ENTRY_NULL,
+        };
+        int r = parse_options(g, "NAME", "Delete a provider from this host's store.", entries, &argc,
+                              &argv);
+        if (r)
+                return r;
+        g_autoptr(nkp_provider) p = NULL;
+        r = get_named(g, "delete", argc, argv, &p);
+        if (r)
+                return r;
+        const char *name = nkp_provider_name(p);
+
+        g_autoptr(GPtrArray) vms = NULL;
+        nkp_error_clear();
+        r = nkpctl_vms_using_provider(g, nkp_provider_key_id(p), &vms);
+        if (r < 0 && !force) {
+                const char *why = nkp_error_message();
+                return nkpctl_error("Cannot tell which defined VMs use provider '%s'%s%s%s; nothing was "
+                                    "deleted (make libvirt reachable, or use --force).",
+                                    name, why[0] ? " (" : "", why, why[0] ? ")" : "");
+        }
+        unsigned in_use = (r >= 0 && vms) ? vms->len : 0;
+        r = nkp_provider_delete(g->ctx, name, in_use, force);
+        if (r == -EBUSY) {
+                g_autofree char *list = join_quoted(vms);
+                return nkpctl_error("Provider '%s' protects the defined VM%s %s; nothing was deleted.  "
+                                    "Rekey them to another provider (nkpctl vm rekey DOMAIN --provider "
+                                    "OTHER) or undefine them first, or use --force.",
+                                    name, in_use == 1 ? "" : "s", list);
+        }
+        if (r < 0)
+                return nkpctl_lib_error();
+        if (g->json) {
+                g_autoptr(JsonBuilder) b = json_builder_new();
+                json_builder_begin_object(b);
+                json_builder_set_member_name(b, "deleted");
+                json_builder_add_string_value(b, name);
+                json_builder_set_member_name(b, "key_id");
+                json_builder_add_string_value(b, nkp_provider_key_id(p));
+                json_builder_end_object(b);
+                nkpctl_print_json(json_builder_get_root(b));
+        } else {
+                printf("Deleted provider '%s'.  Its key stays in the key cache until the next reboot "
+                       "(or nkpctl host flush-cache); restore it from its backup to keep it.\n",
+                       name);
+        }
+        return 0;
+}
+
+static int cmd_usage(NkpctlGlobals *g, int argc, char **argv)
+{
+        int r = parse_options(g, "NAME", "List the defined VMs that depend on a provider.", NULL, &argc,
+                              &argv);
+        if (r)
+                return r;
+        g_autoptr(nkp_provider) p = NULL;
+        r = get_named(g, "usage", argc, argv, &p);
+        if (r)
+                return r;
+        g_autoptr(GPtrArray) vms = NULL;
+        nkp_error_clear();
+        if (nkpctl_vms_using_provider(g, nkp_provider_key_id(p), &vms) < 0) {
+                const char *why = nkp_error_message();
+                return nkpctl_error("Cannot list the VMs that use provider '%s': %s",
+                                    nkp_provider_name(p), why[0] ? why : "no detail.");
+        }
+        if (g->json) {
+                g_autoptr(JsonBuilder) b = json_builder_new();
+                json_builder_begin_object(b);
+                json_builder_set_member_name(b, "name");
+                json_builder_add_string_value(b, nkp_provider_name(p));
+                json_builder_set_member_name(b, "key_id");
+                json_builder_add_string_value(b, nkp_provider_key_id(p));
+                json_builder_set_member_name(b, "vms");
+                json_builder_begin_array(b);
+                for (guint i = 0; i < vms->len; i++)
+                        json_builder_add_string_value(b, vms->pdata[i]);
+                json_builder_end_array(b);
+                json_builder_end_object(b);
+                nkpctl_print_json(json_builder_get_root(b));
+                return 0;
+        }
+        if (vms->len == 0)
+                printf("No defined VM uses provider '%s'.\n", nkp_provider_name(p));
+        for (guint i = 0; i < vms->len; i++)
+                printf("%s\n", (const char *) vms->pdata[i]);
+        return 0;
+}
+
+static int cmd_backup(NkpctlGlobals *g, int argc, char **argv)
+{
+        g_autofree char *out = NULL, *pwfile = NULL;
+        const GOptionEntry entries[] = {
+                { "out", 'o', 0, G_OPTION_ARG_FILENAME, &out, "The PKCS#12 file to write (must not exist)",
+                  "FILE.p12" },
+                { "password-file", 0, 0, G_OPTION_ARG_FILENAME, &pwfile,
+                  "Read the password from the first line of F (else: prompt twice)", "F" },
+                G_OPTION_ENTRY_NULL,
+        };
+        int r = parse_options(g, "NAME", "Write a password-protected PKCS#12 backup of a provider.",
+                              entries, &argc, &argv);
+        if (r)
+                return r;
+        if (argc != 2)
+                return usage_error("'provider backup' takes exactly one NAME.");
+        if (!out)
+                return usage_error("'provider backup' needs --out FILE.p12.");
+        g_autoptr(nkp_provider) p = NULL;
+        if (nkp_provider_get(g->ctx, argv[1], &p) < 0)
+                return nkpctl_lib_error();
+        if (g_file_test(out, G_FILE_TEST_EXISTS))
+                return nkpctl_error("'%s' already exists; refusing to overwrite it (choose another --out).",
+                                    out);
+        g_autoptr(nkp_secret) pw = NULL;
+        if (get_password(pwfile, true, &pw) < 0)
+                return nkpctl_lib_error();
+        if (nkp_provider_backup(g->ctx, argv[1], out, pw) < 0)
+                return nkpctl_lib_error();
+        if (g->json) {
+                g_autoptr(nkp_provider) now = NULL;
+                if (nkp_provider_get(g->ctx, argv[1], &now) < 0)
+                        return nkpctl_lib_error();
+                nkpctl_print_json(provider_json(now));
+        } else {
+                printf("Wrote the backup of provider '%s' to '%s'.  Keep the file and its password "
+                       "apart, off this host.\n",
+                       argv[1], out);
+        }
+        return 0;
+}
+
+static int cmd_restore(NkpctlGlobals *g, int argc, char **argv)
+{
+        g_autofree char *pwfile = NULL;
+        const GOptionEntry entries[] = {
+                { "password-file", 0, 0, G_OPTION_ARG_FILENAME, &pwfile,
+                  "Read the password from the first line of F (else: prompt)", "F" },
+                G_OPTION_ENTRY_NULL,
+        };
+        int r = parse_options(g, "FILE.p12", "Restore a provider from its PKCS#12 backup.", entries,
+                              &argc, &argv);
+        if (r)
+                return r;
+        if (argc != 2)
+                return usage_error("'provider restore' takes exactly one FILE.p12.");
+        if (!g_file_test(argv[1], G_FILE_TEST_IS_REGULAR))
+                return nkpctl_error("'%s' is not a readable file.", argv[1]);
+        g_autoptr(nkp_secret) pw = NULL;
+        if (get_password(pwfile, false, &pw) < 0)
+                return nkpctl_lib_error();
+        g_autoptr(nkp_provider) p = NULL;
+        bool already = false;
+        if (nkp_provider_restore(g->ctx, argv[1], pw, &p, &already) < 0)
+                return nkpctl_lib_error();
+        if (g->json) {
+                JsonNode *node = provider_json(p);
+                json_object_set_boolean_member(json_node_get_object(node), "already", already);
+                nkpctl_print_json(node);
+        } else if (already) {
+                printf("Provider '%s' (key id %s) is already present, nothing changed.\n",
+                       nkp_provider_name(p), nkp_provider_key_id(p));
+        } else {
+                printf("Restored provider '%s' (key id %s, fingerprint %s, %s).\n", nkp_provider_name(p),
+                       nkp_provider_key_id(p), nkp_provider_fingerprint(p),
+                       nkp_provider_seal(p) == NKP_SEAL_TPM ? "sealed to this host's TPM"
+                                                            : "not sealed: this host has no TPM");
+        }
+        return 0;
+}
+
+static const struct {
+        const char *name;
+        cmd_fn fn;
+} commands[] = {
+        { "create", cmd_create },   { "list", cmd_list },         { "show", cmd_show },
+        { "set-default", cmd_set_default }, { "delete", cmd_delete }, { "usage", cmd_usage },
+        { "backup", cmd_backup },   { "restore", cmd_restore },
+};
+
+static const char provider_usage[] =
+        "Usage: nkpctl [--root DIR] [--json] provider COMMAND …\n"
+        "\n"
+        "  create NAME [--require-tpm]       a fresh provider (inactive until backed up)\n"
+        "  list                              every provider of this host\n"
+        "  show NAME                         one provider\n"
+        "  set-default NAME                  the default for new VMs (backed-up providers only)\n"
+        "  delete NAME [--force]             refused while defined VMs depend on it\n"
+        "  usage NAME                        the defined VMs that depend on it\n"
+        "  backup NAME --out FILE.p12 [--password-file F]\n"
+        "  restore FILE.p12 [--password-file F]\n"
+        "\n"
+        "Each command takes --help and --json.\n";
 
 int nkpctl_provider(NkpctlGlobals *g, int argc, char **argv)
 {
-        (void) g;
-        (void) argc;
-        (void) argv;
-        return nkpctl_error("'provider' is not implemented yet.");
+        if (argc < 2) {
+                fputs(provider_usage, stderr);
+                return 2;
+        }
+        if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
+                fputs(provider_usage, stdout);
+                return 0;
+        }
+        for (size_t i = 0; i < G_N_ELEMENTS(commands); i++) {
+                if (strcmp(argv[1], commands[i].name) != 0)
+                        continue;
+                /* argv[0] becomes "provider CMD" for GOptionContext's help. */
+                g_autofree char *prog = g_strdup_printf("nkpctl provider %s", commands[i].name);
+                g_autofree char **args = g_new0(char *, (size_t) argc);
+                args[0] = prog;
+                for (int j = 2; j < argc; j++)
+                        args[j - 1] = argv[j];
+                g_set_prgname(prog);
+                return commands[i].fn(g, argc - 1, args);
+        }
+        return usage_error("unknown provider command '%s'.", argv[1]);
 }

@@ -1,25 +1,1237 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* STUB: nkpctl vm …, replaced by its owner. */
+/* nkpctl vm …: enrolling VMs (encrypt/decrypt), their status, and the
+ * cross-VM helpers (provider usage, host unlock).
+ *
+ *   vm encrypt DOMAIN [--provider NAME] [--disks all|vda,vdb…]
+ *   vm decrypt DOMAIN
+ *   vm status DOMAIN | vm list
+ *
+ * encrypt, on a shut-off domain:
+ *  1. provider = --provider or the default; it must be active (backed up).
+ *  2. a DEK per object (the emulated vTPM, each chosen disk), a keysafe
+ *     (fresh KEK salt) holding them wrapped, a random secret UUID each.
+ *  3. each chosen plain qcow2 P is converted to a LUKS qcow2 P.nkp-new with
+ *     `qemu-img convert` (passphrase = hex(DEK) through a pipe, /dev/fd/3,
+ *     never argv or a file; encrypt.iter-time=10: the key has full entropy,
+ *     stretching it buys nothing and would cost ~2 s at every start), then
+ *     checked with `qemu-img compare` against P.  Free space is checked
+ *     first (allocated size of P + 5% + 16 MiB) and refused cleanly.
+ *  4. swap: P → P.nkp-old, P.nkp-new → P (same directory, rename), then the
+ *     new definition (keysafe in <metadata>, <encryption> on the disks and
+ *     the vTPM backend) is defined; if libvirt refuses it the renames are
+ *     undone.  Only then is P.nkp-old removed.  A crash between the swap and
+ *     the define leaves P.nkp-old (the original) beside P: nothing is lost.
+ *  decrypt is the same the other way round (keys from the keysafe).
+ *
+ * The vTPM: with no state yet (never started) it is enrolled by the XML
+ * alone; libvirt hands the secret to swtpm_setup/swtpm at the first start,
+ * so no clear state is ever written.  A vTPM that already has clear state
+ * (or, for decrypt, encrypted state) is converted through swtpm's state-blob
+ * interface (see vtpm_convert) and swapped in with the disks, all or
+ * nothing.
+ *
+ * Exit 0 on success; one line on stderr otherwise.  libvirt calls run under
+ * a process deadline (alarm, 60 s): libvirt has no per-call timeout. */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <gio/gio.h>
+
 #include "nkpctl.h"
+
+#define LIBVIRT_DEADLINE 60
+
+static void on_alarm(int sig)
+{
+        (void) sig;
+        static const char msg[] = "nkpctl: libvirt did not answer within 60 seconds; is "
+                                  "libvirtd running and responsive?\n";
+        ssize_t w = write(STDERR_FILENO, msg, sizeof msg - 1);
+        (void) w;
+        _exit(1);
+}
+
+static void deadline_arm(void)
+{
+        struct sigaction sa = { .sa_handler = on_alarm };
+        sigaction(SIGALRM, &sa, NULL);
+        alarm(LIBVIRT_DEADLINE);
+}
+
+static void deadline_disarm(void)
+{
+        alarm(0);
+}
+
+static int open_virt(NkpctlGlobals *g, NkpVirt **ret)
+{
+        deadline_arm();
+        return nkp_virt_open(g->connect_uri, ret);
+}
+
+static int load_domain(NkpVirt *v, const char *name, char **ret_xml, NkpDomain **ret)
+{
+        g_autofree char *xml = NULL;
+        int r = nkp_virt_domain_xml(v, name, true, &xml);
+        if (r < 0)
+                return r;
+        r = nkp_domain_parse(xml, strlen(xml), ret);
+        if (r < 0)
+                return r;
+        if (ret_xml)
+                *ret_xml = g_steal_pointer(&xml);
+        return 0;
+}
+
+/* ---- vTPM state ---------------------------------------------------------- */
+
+enum vtpm_state { VTPM_NONE, VTPM_CLEAR, VTPM_ENCRYPTED, VTPM_UNKNOWN };
+
+static char *vtpm_state_file(const NkpDomain *d)
+{
+        const char *base = g_getenv("NKP_SWTPM_STATE_DIR");
+        if (!base || !base[0])
+                base = "/var/lib/libvirt/swtpm";
+        bool v12 = d->tpm_version && strcmp(d->tpm_version, "1.2") == 0;
+        return g_build_filename(base, d->uuid, v12 ? "tpm1.2" : "tpm2",
+                                v12 ? "tpm-00.permall" : "tpm2-00.permall", NULL);
+}
+
+/* swtpm's state files start with a header (swtpm_nvstore.c, packed, big
+ * endian): u8 version, u8 min_version, u16 hdrsize, u16 flags, u32 totlen;
+ * flags bit 0 = encrypted with the state key. */
+static enum vtpm_state vtpm_state(const NkpDomain *d)
+{
+        g_autofree char *path = vtpm_state_file(d);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+                return errno == ENOENT ? VTPM_NONE : VTPM_UNKNOWN;
+        uint8_t h[10];
+        ssize_t n = read(fd, h, sizeof h);
+        close(fd);
+        if (n != (ssize_t) sizeof h || h[0] < 1 || h[0] > 3)
+                return VTPM_UNKNOWN;
+        unsigned flags = (unsigned) h[4] << 8 | h[5];
+        return (flags & 1) ? VTPM_ENCRYPTED : VTPM_CLEAR;
+}
+
+/* ---- running qemu-img with secrets on pipes ----------------------------- */
+
+/* Runs argv with `secrets[i]` readable on fd 3+i (a pipe filled before the
+ * program starts; the value is never in argv, the environment or a file).
+ * stdout is discarded; stderr is returned in *ret_err (first line). */
+static int run_tool(const char *const *argv, nkp_secret *const *secrets, size_t n_secrets,
+                    char **ret_err)
+{
+        g_autoptr(GSubprocessLauncher) l =
+                g_subprocess_launcher_new(G_SUBPROCESS_FLAGS_STDOUT_SILENCE |
+                                          G_SUBPROCESS_FLAGS_STDERR_PIPE);
+        for (size_t i = 0; i < n_secrets; i++) {
+                int p[2];
+                if (pipe2(p, O_CLOEXEC) < 0)
+                        return nkp_fail(-errno, "Cannot create a pipe: %s.", g_strerror(errno));
+                size_t len = nkp_secret_len(secrets[i]);
+                if (write(p[1], nkp_secret_data(secrets[i]), len) != (ssize_t) len) {
+                        close(p[0]);
+                        close(p[1]);
+                        return nkp_fail(-EIO, "Cannot hand the key to %s.", argv[0]);
+                }
+                close(p[1]);
+                g_subprocess_launcher_take_fd(l, p[0], 3 + (int) i);
+        }
+        g_autoptr(GError) error = NULL;
+        g_autoptr(GSubprocess) sp = g_subprocess_launcher_spawnv(l, argv, &error);
+        if (!sp)
+                return nkp_fail(-ENOENT, "Cannot run '%s': %s.", argv[0], error->message);
+        g_autofree char *err = NULL;
+        if (!g_subprocess_communicate_utf8(sp, NULL, NULL, NULL, &err, &error))
+                return nkp_fail(-EIO, "Running '%s' failed: %s.", argv[0], error->message);
+        int status = g_subprocess_get_exit_status(sp);
+        if (ret_err) {
+                g_autofree char *e = g_strstrip(g_strdup(err ? err : ""));
+                char *nl = strchr(e, '\n');
+                if (nl)
+                        *nl = '\0';
+                *ret_err = g_steal_pointer(&e);
+        }
+        return status;
+}
+
+static int check_space(const char *path)
+{
+        struct stat st;
+        if (stat(path, &st) < 0)
+                return nkp_fail(-errno, "Cannot read the disk '%s': %s.", path, g_strerror(errno));
+        g_autofree char *dir = g_path_get_dirname(path);
+        struct statvfs vfs;
+        if (statvfs(dir, &vfs) < 0)
+                return nkp_fail(-errno, "Cannot check the free space in '%s': %s.", dir,
+                                g_strerror(errno));
+        guint64 need = (guint64) st.st_blocks * 512;
+        need += need / 20 + 16 * 1024 * 1024;
+        guint64 have = (guint64) vfs.f_bavail * vfs.f_frsize;
+        if (g_getenv("NKP_TEST_FREE_SPACE"))
+                have = g_ascii_strtoull(g_getenv("NKP_TEST_FREE_SPACE"), NULL, 10);
+        if (have < need)
+                return nkp_fail(-ENOSPC,
+                                "Not enough space in '%s' to convert '%s': %" G_GUINT64_FORMAT
+                                " MiB free, %" G_GUINT64_FORMAT " MiB needed (a full copy). Free "
+                                "some space and run the command again; nothing was changed.",
+                                dir, path, have >> 20, (need >> 20) + 1);
+        return 0;
+}
+
+/* Converts `path` into `path`.nkp-new: to LUKS under `value` (encrypt), or
+ * from LUKS to plain (value_in, decrypt).  Then compares the two images. */
+static int convert_disk(const char *path, const nkp_secret *value_out,
+                        const nkp_secret *value_in)
+{
+        g_autofree char *tmp = g_strconcat(path, ".nkp-new", NULL);
+        g_autofree char *err = NULL;
+        int r = check_space(path);
+        if (r < 0)
+                return r;
+        (void) unlink(tmp); /* a leftover of an interrupted run */
+
+        nkp_secret *secrets[1] = { (nkp_secret *) (value_out ? value_out : value_in) };
+        g_autofree char *src_opts = g_strdup_printf(
+                "driver=qcow2,file.filename=%s%s", path, value_in ? ",encrypt.key-secret=s0" : "");
+        g_autofree char *dst_opts = g_strdup_printf(
+                "driver=qcow2,file.filename=%s%s", tmp, value_out ? ",encrypt.key-secret=s0" : "");
+        if (value_out) {
+                const char *argv[] = { "qemu-img", "convert", "-q", "-f", "qcow2", "-O", "qcow2",
+                                       "--object", "secret,id=s0,file=/dev/fd/3,format=raw",
+                                       "-o", "encrypt.format=luks,encrypt.key-secret=s0,"
+                                             "encrypt.iter-time=10",
+                                       path, tmp, NULL };
+                r = run_tool(argv, secrets, 1, &err);
+        } else {
+                const char *argv[] = { "qemu-img", "convert", "-q", "--object",
+                                       "secret,id=s0,file=/dev/fd/3,format=raw", "--image-opts",
+                                       src_opts, "-O", "qcow2", tmp, NULL };
+                r = run_tool(argv, secrets, 1, &err);
+        }
+        if (r != 0) {
+                (void) unlink(tmp);
+                if (r < 0)
+                        return r;
+                return nkp_fail(-EIO, "qemu-img could not convert '%s': %s. Nothing was changed.",
+                                path, err && err[0] ? err : "no detail");
+        }
+        g_clear_pointer(&err, g_free);
+        const char *cmp[] = { "qemu-img", "compare", "-q", "--object",
+                              "secret,id=s0,file=/dev/fd/3,format=raw", "--image-opts",
+                              src_opts, dst_opts, NULL };
+        r = run_tool(cmp, secrets, 1, &err);
+        if (r != 0) {
+                (void) unlink(tmp);
+                if (r < 0)
+                        return r;
+                return nkp_fail(-EIO, "The converted copy of '%s' differs from it (qemu-img "
+                                      "compare: %s); it was removed and nothing was changed.",
+                                path, err && err[0] ? err : "differs");
+        }
+        /* Same owner and mode as the original, and on disk before the swap. */
+        struct stat st;
+        int fd = open(tmp, O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || stat(path, &st) < 0 || fchmod(fd, st.st_mode & 07777) < 0 ||
+            fchown(fd, st.st_uid, st.st_gid) < 0 || fsync(fd) < 0) {
+                int e = errno;
+                if (fd >= 0)
+                        close(fd);
+                (void) unlink(tmp);
+                return nkp_fail(-e, "Cannot finish the converted copy of '%s': %s.", path,
+                                g_strerror(e));
+        }
+        close(fd);
+        return 0;
+}
+
+static void fsync_dir_of(const char *path)
+{
+        g_autofree char *dir = g_path_get_dirname(path);
+        int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd >= 0) {
+                (void) fsync(fd);
+                close(fd);
+        }
+}
+
+/* P → P.nkp-old, P.nkp-new → P. */
+static int swap_in(const char *path)
+{
+        g_autofree char *tmp = g_strconcat(path, ".nkp-new", NULL);
+        g_autofree char *old = g_strconcat(path, ".nkp-old", NULL);
+        if (rename(path, old) < 0)
+                return nkp_fail(-errno, "Cannot rename '%s': %s.", path, g_strerror(errno));
+        if (rename(tmp, path) < 0) {
+                int e = errno;
+                (void) rename(old, path);
+                return nkp_fail(-e, "Cannot rename '%s': %s.", tmp, g_strerror(e));
+        }
+        fsync_dir_of(path);
+        return 0;
+}
+
+static void swap_back(const char *path)
+{
+        g_autofree char *old = g_strconcat(path, ".nkp-old", NULL);
+        g_autofree char *tmp = g_strconcat(path, ".nkp-new", NULL);
+        (void) rename(path, tmp);
+        (void) rename(old, path);
+        (void) unlink(tmp);
+        fsync_dir_of(path);
+}
+
+static void drop_old(const char *path)
+{
+        g_autofree char *old = g_strconcat(path, ".nkp-old", NULL);
+        (void) unlink(old);
+        fsync_dir_of(path);
+}
+
+
+/* ---- converting vTPM state (clear <-> encrypted) -------------------------- */
+/* swtpm assumes every state file is encrypted once it is given a key, so a
+ * clear state cannot simply be opened with one.  The state is moved through
+ * swtpm's own state-blob interface instead (all in a 0700 work directory
+ * beside the state, <swtpm>/<uuid>/.nkp-work):
+ *   A: swtpm on the current state (old key or none), not-need-init;
+ *      swtpm_ioctl --save permanent → the decrypted blob
+ *   B: swtpm on an empty dir with the new key (or none);
+ *      swtpm_ioctl --load permanent, --init, --shutdown → B writes the state
+ *      under the new key
+ *   C: swtpm on B's dir with the new key, not-need-init; --save must work
+ *      (proves that the new state opens under the new key)
+ * The decrypted blob is removed as soon as B has it; the work directory is
+ * removed at the end.  The current state is only replaced (rename) once the
+ * new one is complete and verified, and put back if the define fails. */
+
+static char *vtpm_state_dir(const NkpDomain *d)
+{
+        g_autofree char *f = vtpm_state_file(d);
+        return g_path_get_dirname(f);
+}
+
+static char *vtpm_work_dir(const NkpDomain *d)
+{
+        g_autofree char *dir = vtpm_state_dir(d);
+        g_autofree char *parent = g_path_get_dirname(dir);
+        return g_build_filename(parent, ".nkp-work", NULL);
+}
+
+static int run_quiet(const char *const *argv, const nkp_secret *key)
+{
+        g_autoptr(GSubprocessLauncher) l = g_subprocess_launcher_new(
+                G_SUBPROCESS_FLAGS_STDOUT_SILENCE | G_SUBPROCESS_FLAGS_STDERR_SILENCE);
+        if (key) {
+                int p[2];
+                if (pipe2(p, O_CLOEXEC) < 0)
+                        return nkp_fail(-errno, "Cannot create a pipe: %s.", g_strerror(errno));
+                size_t len = nkp_secret_len(key);
+                ssize_t w = write(p[1], nkp_secret_data(key), len);
+                close(p[1]);
+                if (w != (ssize_t) len) {
+                        close(p[0]);
+                        return nkp_fail(-EIO, "Cannot hand the key to %s.", argv[0]);
+                }
+                g_subprocess_launcher_take_fd(l, p[0], 3);
+        }
+        g_autoptr(GError) error = NULL;
+        g_autoptr(GSubprocess) sp = g_subprocess_launcher_spawnv(l, argv, &error);
+        if (!sp)
+                return nkp_fail(-ENOENT, "Cannot run '%s': %s.", argv[0], error->message);
+        if (!g_subprocess_wait(sp, NULL, &error))
+                return nkp_fail(-EIO, "Running '%s' failed: %s.", argv[0], error->message);
+        return g_subprocess_get_if_exited(sp) ? g_subprocess_get_exit_status(sp) : 128;
+}
+
+static bool wait_for_path(const char *path, int ms)
+{
+        for (int waited = 0; waited < ms; waited += 20) {
+                if (access(path, F_OK) == 0)
+                        return true;
+                g_usleep(20 * 1000);
+        }
+        return false;
+}
+
+/* Starts a daemonized swtpm `tag` on `state` (with `key` or none). */
+static int swtpm_up(const char *work, const char *tag, const char *state, const nkp_secret *key,
+                    bool need_init)
+{
+        g_autofree char *ctrl = g_strdup_printf("type=unixio,path=%s/%s.ctrl", work, tag);
+        g_autofree char *srv = g_strdup_printf("type=unixio,path=%s/%s.sock", work, tag);
+        g_autofree char *pid = g_strdup_printf("file=%s/%s.pid", work, tag);
+        g_autofree char *log = g_strdup_printf("file=%s/%s.log", work, tag);
+        g_autofree char *st = g_strdup_printf("dir=%s", state);
+        g_autofree char *ctrl_path = g_strdup_printf("%s/%s.ctrl", work, tag);
+        const char *argv[20] = { "swtpm", "socket", "--tpm2", "--tpmstate", st, "--ctrl", ctrl,
+                                 "--server", srv, "--pid", pid, "--log", log, "-d" };
+        int n = 14;
+        if (!need_init) {
+                argv[n++] = "--flags";
+                argv[n++] = "not-need-init";
+        }
+        if (key) {
+                argv[n++] = "--key";
+                argv[n++] = "pwdfd=3,mode=aes-256-cbc";
+        }
+        argv[n] = NULL;
+        int r = run_quiet(argv, key);
+        if (r < 0)
+                return r;
+        if (r != 0 || !wait_for_path(ctrl_path, 5000))
+                return nkp_fail(-EIO, "swtpm could not open the vTPM state '%s' (see '%s/%s.log').",
+                                state, work, tag);
+        return 0;
+}
+
+static void swtpm_down(const char *work, const char *tag)
+{
+        g_autofree char *ctrl = g_strdup_printf("%s/%s.ctrl", work, tag);
+        g_autofree char *pidf = g_strdup_printf("%s/%s.pid", work, tag);
+        const char *argv[] = { "swtpm_ioctl", "--unix", ctrl, "-s", NULL };
+        (void) run_quiet(argv, NULL);
+        g_autofree char *txt = NULL;
+        if (!g_file_get_contents(pidf, &txt, NULL, NULL))
+                return;
+        pid_t pid = (pid_t) g_ascii_strtoll(txt, NULL, 10);
+        if (pid <= 1)
+                return;
+        for (int i = 0; i < 250 && kill(pid, 0) == 0; i++)
+                g_usleep(20 * 1000);
+        if (kill(pid, 0) == 0)
+                kill(pid, SIGKILL);
+}
+
+static int swtpm_ioctl_blob(const char *work, const char *tag, const char *what, const char *file)
+{
+        g_autofree char *ctrl = g_strdup_printf("%s/%s.ctrl", work, tag);
+        const char *argv[] = { "swtpm_ioctl", "--unix", ctrl, what, "permanent", file, NULL };
+        int r = run_quiet(argv, NULL);
+        if (r < 0)
+                return r;
+        return r == 0 ? 0 : nkp_fail(-EIO, "swtpm_ioctl %s failed on the vTPM state.", what);
+}
+
+static void rm_rf(const char *path)
+{
+        g_autoptr(GDir) dir = g_dir_open(path, 0, NULL);
+        const char *e;
+        while (dir && (e = g_dir_read_name(dir))) {
+                g_autofree char *p = g_build_filename(path, e, NULL);
+                if (g_file_test(p, G_FILE_TEST_IS_DIR) && !g_file_test(p, G_FILE_TEST_IS_SYMLINK))
+                        rm_rf(p);
+                else
+                        (void) unlink(p);
+        }
+        (void) rmdir(path);
+}
+
+/* Writes the vTPM state of `d`, re-keyed from `old_key` to `new_key`
+ * (either may be NULL: clear), into <work>/new/.  Touches nothing else. */
+static int vtpm_convert(const NkpDomain *d, const nkp_secret *old_key, const nkp_secret *new_key)
+{
+        g_autofree char *state = vtpm_state_dir(d);
+        g_autofree char *work = vtpm_work_dir(d);
+        const char *extra[] = { "tpm2-00.volatilestate", "tpm2-00.savestate",
+                                "tpm-00.volatilestate", "tpm-00.savestate" };
+        for (size_t i = 0; i < G_N_ELEMENTS(extra); i++) {
+                g_autofree char *p = g_build_filename(state, extra[i], NULL);
+                if (access(p, F_OK) == 0)
+                        return nkp_fail(-EBUSY, "The vTPM of VM '%s' has saved volatile state "
+                                                "('%s'), from a suspend or a migration; start and "
+                                                "shut down the VM, then retry. Nothing was changed.",
+                                        d->name, p);
+        }
+        rm_rf(work);
+        g_autofree char *newdir = g_build_filename(work, "new", NULL);
+        g_autofree char *cur = g_build_filename(work, "cur", NULL);
+        g_autofree char *blob = g_build_filename(work, "blob", NULL);
+        g_autofree char *check = g_build_filename(work, "check", NULL);
+        g_autofree char *src_file = vtpm_state_file(d);
+        g_autofree char *base = g_path_get_basename(src_file);
+        g_autofree char *cur_file = g_build_filename(cur, base, NULL);
+        if (nkp_mkdir_private(newdir) < 0 || nkp_mkdir_private(cur) < 0)
+                return nkp_fail_prefix(-EIO, "Cannot make the work directory '%s'", work);
+        /* A copy of the state: swtpm may rewrite what it opens. */
+        g_autofree char *data = NULL;
+        gsize len = 0;
+        if (!g_file_get_contents(src_file, &data, &len, NULL) ||
+            nkp_write_file_atomic(cur_file, data, len, 0600, true) < 0) {
+                rm_rf(work);
+                return nkp_fail(-EIO, "Cannot copy the vTPM state '%s'.", src_file);
+        }
+        int r = swtpm_up(work, "a", cur, old_key, false);
+        if (r == 0) {
+                r = swtpm_ioctl_blob(work, "a", "--save", blob);
+                swtpm_down(work, "a");
+        }
+        if (r == 0) {
+                r = swtpm_up(work, "b", newdir, new_key, true);
+                if (r == 0) {
+                        r = swtpm_ioctl_blob(work, "b", "--load", blob);
+                        g_autofree char *ctrl = g_strdup_printf("%s/b.ctrl", work);
+                        const char *init[] = { "swtpm_ioctl", "--unix", ctrl, "-i", NULL };
+                        if (r == 0 && run_quiet(init, NULL) != 0)
+                                r = nkp_fail(-EIO, "swtpm could not start on the converted vTPM "
+                                                   "state.");
+                        swtpm_down(work, "b");
+                }
+        }
+        if (access(blob, F_OK) == 0) {
+                /* Overwrite the decrypted blob before it goes. */
+                struct stat st;
+                if (stat(blob, &st) == 0 && st.st_size > 0) {
+                        g_autofree char *zero = g_malloc0(st.st_size);
+                        g_file_set_contents(blob, zero, st.st_size, NULL);
+                }
+                (void) unlink(blob);
+        }
+        g_autofree char *new_file = g_build_filename(newdir, base, NULL);
+        if (r == 0) {
+                /* C: the new state must open under the new key. */
+                r = swtpm_up(work, "c", newdir, new_key, false);
+                if (r == 0) {
+                        r = swtpm_ioctl_blob(work, "c", "--save", check);
+                        swtpm_down(work, "c");
+                }
+                (void) unlink(check);
+        }
+        if (r == 0) {
+                int fd = open(new_file, O_RDONLY | O_CLOEXEC);
+                uint8_t h[6] = { 0 };
+                bool ok = fd >= 0 && read(fd, h, sizeof h) == (ssize_t) sizeof h;
+                if (fd >= 0)
+                        close(fd);
+                bool enc = ok && (h[5] & 1);
+                if (!ok || enc != (new_key != NULL))
+                        r = nkp_fail(-EIO, "The converted vTPM state of VM '%s' is not %s as "
+                                           "expected; nothing was changed.",
+                                     d->name, new_key ? "encrypted" : "clear");
+        }
+        if (r < 0) {
+                rm_rf(work);
+                return nkp_fail_prefix(r, "Cannot convert the vTPM state of VM '%s' (nothing was "
+                                          "changed)",
+                                       d->name);
+        }
+        /* Same owner and mode as the state it replaces. */
+        struct stat st;
+        if (stat(src_file, &st) == 0) {
+                (void) chmod(new_file, st.st_mode & 07777);
+                (void) chown(new_file, st.st_uid, st.st_gid);
+        }
+        return 0;
+}
+
+/* state file → work/old, work/new/file → state file. */
+static int vtpm_swap_in(const NkpDomain *d)
+{
+        g_autofree char *src = vtpm_state_file(d);
+        g_autofree char *work = vtpm_work_dir(d);
+        g_autofree char *base = g_path_get_basename(src);
+        g_autofree char *old = g_build_filename(work, "old", NULL);
+        g_autofree char *neu = g_build_filename(work, "new", base, NULL);
+        if (rename(src, old) < 0)
+                return nkp_fail(-errno, "Cannot move the vTPM state '%s': %s.", src,
+                                g_strerror(errno));
+        if (rename(neu, src) < 0) {
+                int e = errno;
+                (void) rename(old, src);
+                return nkp_fail(-e, "Cannot move the new vTPM state into '%s': %s.", src,
+                                g_strerror(e));
+        }
+        fsync_dir_of(src);
+        return 0;
+}
+
+static void vtpm_swap_back(const NkpDomain *d)
+{
+        g_autofree char *src = vtpm_state_file(d);
+        g_autofree char *work = vtpm_work_dir(d);
+        g_autofree char *old = g_build_filename(work, "old", NULL);
+        (void) rename(old, src);
+        fsync_dir_of(src);
+        rm_rf(work);
+}
+
+static void vtpm_done(const NkpDomain *d)
+{
+        g_autofree char *work = vtpm_work_dir(d);
+        rm_rf(work);
+}
+
+/* ---- encrypt ------------------------------------------------------------ */
+
+static bool disk_is_candidate(const NkpDomainDisk *disk)
+{
+        return disk->target && g_strcmp0(disk->device, "disk") == 0 &&
+               g_strcmp0(disk->type, "file") == 0 && disk->source_file &&
+               g_strcmp0(disk->driver_type, "qcow2") == 0 && !disk->encryption_format;
+}
+
+static int pick_provider(NkpctlGlobals *g, const char *name, nkp_provider **ret)
+{
+        if (name) {
+                int r = nkp_provider_get(g->ctx, name, ret);
+                if (r == -ENOENT)
+                        return nkp_fail(r, "There is no provider '%s' on this host (see: nkpctl "
+                                           "provider list).",
+                                        name);
+                return r;
+        }
+        nkp_provider **list = NULL;
+        size_t n = 0;
+        int r = nkp_provider_list(g->ctx, &list, &n);
+        if (r < 0)
+                return r;
+        nkp_provider *found = NULL;
+        for (size_t i = 0; i < n; i++)
+                if (nkp_provider_flags(list[i]) & NKP_PROVIDER_DEFAULT) {
+                        found = list[i];
+                        list[i] = NULL;
+                        break;
+                }
+        nkp_provider_list_free(list, n);
+        if (!found)
+                return nkp_fail(-ENOENT, "No default provider on this host: name one with "
+                                         "--provider NAME, or set one: nkpctl provider "
+                                         "set-default NAME.");
+        *ret = found;
+        return 0;
+}
+
+typedef struct {
+        char *target;
+        char *path;
+        char *secret_uuid;
+        nkp_secret *value;
+        bool swapped;
+} DiskJob;
+
+static void disk_job_free(gpointer p)
+{
+        DiskJob *j = p;
+        g_free(j->target);
+        g_free(j->path);
+        g_free(j->secret_uuid);
+        nkp_secret_free(j->value);
+        g_free(j);
+}
+
+static int parse_disks(const NkpDomain *d, const char *spec, GPtrArray *jobs)
+{
+        bool all = !spec || strcmp(spec, "all") == 0;
+        g_auto(GStrv) names = all ? NULL : g_strsplit(spec, ",", -1);
+        if (all) {
+                for (guint i = 0; i < d->disks->len; i++) {
+                        const NkpDomainDisk *disk = d->disks->pdata[i];
+                        if (!disk_is_candidate(disk)) {
+                                if (g_strcmp0(disk->device, "disk") == 0 && disk->target &&
+                                    !disk->encryption_format)
+                                        fprintf(stderr,
+                                                "nkpctl: note: disk '%s' of '%s' stays as it is "
+                                                "(only file-backed qcow2 disks are encrypted).\n",
+                                                disk->target, d->name);
+                                continue;
+                        }
+                        DiskJob *j = g_new0(DiskJob, 1);
+                        j->target = g_strdup(disk->target);
+                        j->path = g_strdup(disk->source_file);
+                        g_ptr_array_add(jobs, j);
+                }
+                return 0;
+        }
+        for (char **n = names; *n; n++) {
+                if (!(*n)[0])
+                        continue;
+                const NkpDomainDisk *disk = nkp_domain_find_disk(d, *n);
+                if (!disk)
+                        return nkp_fail(-ENOENT, "VM '%s' has no disk '%s'.", d->name, *n);
+                if (disk->encryption_format)
+                        return nkp_fail(-EEXIST, "Disk '%s' of VM '%s' is already encrypted "
+                                                 "(format '%s').",
+                                        *n, d->name, disk->encryption_format);
+                if (!disk_is_candidate(disk))
+                        return nkp_fail(-EOPNOTSUPP,
+                                        "Disk '%s' of VM '%s' is not a file-backed qcow2 disk; "
+                                        "nkp encrypts qcow2 files only (convert it first: "
+                                        "qemu-img convert -O qcow2).",
+                                        *n, d->name);
+                DiskJob *j = g_new0(DiskJob, 1);
+                j->target = g_strdup(disk->target);
+                j->path = g_strdup(disk->source_file);
+                g_ptr_array_add(jobs, j);
+        }
+        return 0;
+}
+
+static int require_shut_off(NkpVirt *v, const char *name)
+{
+        int r = nkp_virt_domain_is_active(v, name);
+        if (r < 0)
+                return r;
+        if (r > 0)
+                return nkp_fail(-EBUSY, "VM '%s' is running; shut it down first (virsh shutdown "
+                                        "'%s').",
+                                name, name);
+        return 0;
+}
+
+
+/* Converts every object (originals untouched), swaps the new copies in,
+ * defines `newxml`; on any failure everything is put back.  Then the old
+ * copies go.  `encrypt` chooses the direction for the disks. */
+static int apply(NkpVirt *v, const NkpDomain *d, GPtrArray *jobs, bool vtpm,
+                 const nkp_secret *vtpm_old, const nkp_secret *vtpm_new, const char *newxml,
+                 bool encrypt)
+{
+        int r;
+        if (vtpm && (r = vtpm_convert(d, vtpm_old, vtpm_new)) < 0)
+                return r;
+        for (guint i = 0; i < jobs->len; i++) {
+                DiskJob *j = jobs->pdata[i];
+                r = encrypt ? convert_disk(j->path, j->value, NULL)
+                            : convert_disk(j->path, NULL, j->value);
+                if (r < 0) {
+                        for (guint k = 0; k < i; k++) {
+                                g_autofree char *tmp = g_strconcat(
+                                        ((DiskJob *) jobs->pdata[k])->path, ".nkp-new", NULL);
+                                (void) unlink(tmp);
+                        }
+                        if (vtpm)
+                                vtpm_done(d);
+                        return r;
+                }
+        }
+        guint swapped = 0;
+        if (vtpm && (r = vtpm_swap_in(d)) < 0) {
+                vtpm_done(d);
+                for (guint k = 0; k < jobs->len; k++) {
+                        g_autofree char *tmp =
+                                g_strconcat(((DiskJob *) jobs->pdata[k])->path, ".nkp-new", NULL);
+                        (void) unlink(tmp);
+                }
+                return r;
+        }
+        r = 0;
+        for (; r == 0 && swapped < jobs->len; swapped++)
+                r = swap_in(((DiskJob *) jobs->pdata[swapped])->path);
+        if (r == 0) {
+                deadline_arm();
+                r = nkp_virt_domain_define(v, newxml);
+                deadline_disarm();
+                if (r < 0)
+                        r = nkp_fail_prefix(r, "The new definition of VM '%s' was refused, so "
+                                               "every file was put back and nothing was changed",
+                                            d->name);
+        } else {
+                swapped--; /* the failed one put itself back */
+        }
+        if (r < 0) {
+                for (guint k = 0; k < swapped; k++)
+                        swap_back(((DiskJob *) jobs->pdata[k])->path);
+                if (vtpm)
+                        vtpm_swap_back(d);
+                for (guint k = 0; k < jobs->len; k++) {
+                        g_autofree char *tmp =
+                                g_strconcat(((DiskJob *) jobs->pdata[k])->path, ".nkp-new", NULL);
+                        (void) unlink(tmp);
+                }
+                return r;
+        }
+        for (guint i = 0; i < jobs->len; i++)
+                drop_old(((DiskJob *) jobs->pdata[i])->path);
+        if (vtpm)
+                vtpm_done(d);
+        return 0;
+}
+
+static int vm_encrypt(NkpctlGlobals *g, const char *name, const char *provider_name,
+                      const char *disks)
+{
+        g_autoptr(NkpVirt) v = NULL;
+        int r = open_virt(g, &v);
+        if (r < 0)
+                return nkpctl_lib_error();
+        g_autofree char *xml = NULL;
+        g_autoptr(NkpDomain) d = NULL;
+        if (load_domain(v, name, &xml, &d) < 0 || require_shut_off(v, name) < 0)
+                return nkpctl_lib_error();
+        deadline_disarm();
+        if (d->keysafe)
+                return nkpctl_error("VM '%s' is already encrypted by provider '%s'; to move it, "
+                                    "use: nkpctl vm rekey '%s' --provider NAME.",
+                                    name, nkp_keysafe_provider_name(d->keysafe), name);
+
+        g_autoptr(nkp_provider) p = NULL;
+        if (pick_provider(g, provider_name, &p) < 0)
+                return nkpctl_lib_error();
+        if (!nkp_provider_is_active(p))
+                return nkpctl_error("Provider '%s' was never backed up, so it cannot protect VMs "
+                                    "yet: nkpctl provider backup '%s' --out FILE.p12.",
+                                    nkp_provider_name(p), nkp_provider_name(p));
+
+        /* What to protect. */
+        bool do_vtpm = false, convert_vtpm = false;
+        g_autoptr(nkp_secret) vtpm_value = NULL;
+        if (d->has_vtpm) {
+                if (d->tpm_secret)
+                        return nkpctl_error("The vTPM of VM '%s' is already encrypted with the "
+                                            "libvirt secret '%s', which nkp does not manage; "
+                                            "nothing was changed.",
+                                            name, d->tpm_secret);
+                enum vtpm_state st = vtpm_state(d);
+                if (st == VTPM_ENCRYPTED || st == VTPM_UNKNOWN) {
+                        g_autofree char *f = vtpm_state_file(d);
+                        return nkpctl_error(
+                                "The vTPM state of VM '%s' ('%s') is %s, but the VM names no key "
+                                "for it; nkp cannot take it over. Nothing was changed.",
+                                name, f, st == VTPM_ENCRYPTED ? "encrypted" : "unreadable");
+                }
+                convert_vtpm = st == VTPM_CLEAR;
+                do_vtpm = true;
+        }
+        g_autoptr(GPtrArray) jobs = g_ptr_array_new_with_free_func(disk_job_free);
+        if (parse_disks(d, disks, jobs) < 0)
+                return nkpctl_lib_error();
+        if (!do_vtpm && jobs->len == 0)
+                return nkpctl_error("VM '%s' has neither an emulated vTPM nor a qcow2 disk to "
+                                    "encrypt; nothing was changed.",
+                                    name);
+
+        /* Keys and keysafe. */
+        g_autoptr(nkp_secret) kdk = NULL, kek = NULL;
+        g_autoptr(nkp_keysafe) ks = NULL;
+        if (nkp_provider_get_kdk(g->ctx, nkp_provider_key_id(p), &kdk) < 0 ||
+            nkp_keysafe_new(d->uuid, p, &ks) < 0 ||
+            nkp_kek_derive(kdk, nkp_keysafe_kek_salt(ks), nkp_provider_key_id(p), d->uuid,
+                           &kek) < 0)
+                return nkpctl_lib_error();
+        char vtpm_uuid[NKP_UUID_STRING_LEN + 1] = "";
+        if (do_vtpm) {
+                g_autoptr(nkp_secret) dek = NULL;
+                nkp_uuid_random(vtpm_uuid);
+                if (nkp_secret_new_random(NKP_DEK_SIZE, &dek) < 0 ||
+                    nkp_keysafe_put_dek(ks, kek, NKP_OBJECT_VTPM, "vtpm", vtpm_uuid, dek) < 0 ||
+                    nkp_secret_value_from_dek(dek, &vtpm_value) < 0)
+                        return nkpctl_lib_error();
+        }
+        for (guint i = 0; i < jobs->len; i++) {
+                DiskJob *j = jobs->pdata[i];
+                g_autoptr(nkp_secret) dek = NULL;
+                j->secret_uuid = g_malloc(NKP_UUID_STRING_LEN + 1);
+                nkp_uuid_random(j->secret_uuid);
+                if (nkp_secret_new_random(NKP_DEK_SIZE, &dek) < 0 ||
+                    nkp_keysafe_put_dek(ks, kek, NKP_OBJECT_DISK, j->target, j->secret_uuid,
+                                        dek) < 0 ||
+                    nkp_secret_value_from_dek(dek, &j->value) < 0)
+                        return nkpctl_lib_error();
+        }
+
+        /* The new definition, built before anything on disk changes. */
+        g_autofree char *ksxml = NULL;
+        g_autoptr(NkpDomainEdit) e = NULL;
+        if (nkp_keysafe_format(ks, &ksxml) < 0 || nkp_domain_edit_new(xml, strlen(xml), &e) < 0 ||
+            nkp_domain_edit_set_keysafe(e, ksxml) < 0 ||
+            (do_vtpm && nkp_domain_edit_set_vtpm_secret(e, vtpm_uuid) < 0))
+                return nkpctl_lib_error();
+        for (guint i = 0; i < jobs->len; i++) {
+                DiskJob *j = jobs->pdata[i];
+                if (nkp_domain_edit_set_disk_luks(e, j->target, j->secret_uuid) < 0)
+                        return nkpctl_lib_error();
+        }
+        g_autofree char *newxml = NULL;
+        if (nkp_domain_edit_format(e, &newxml) < 0)
+                return nkpctl_lib_error();
+
+        if (apply(v, d, jobs, convert_vtpm, NULL, vtpm_value, newxml, true) < 0)
+                return nkpctl_lib_error();
+
+        if (g->json) {
+                g_autoptr(JsonBuilder) b = json_builder_new();
+                json_builder_begin_object(b);
+                json_builder_set_member_name(b, "name");
+                json_builder_add_string_value(b, name);
+                json_builder_set_member_name(b, "provider");
+                json_builder_add_string_value(b, nkp_provider_name(p));
+                json_builder_set_member_name(b, "vtpm");
+                json_builder_add_boolean_value(b, do_vtpm);
+                json_builder_set_member_name(b, "disks");
+                json_builder_begin_array(b);
+                for (guint i = 0; i < jobs->len; i++)
+                        json_builder_add_string_value(b, ((DiskJob *) jobs->pdata[i])->target);
+                json_builder_end_array(b);
+                json_builder_end_object(b);
+                nkpctl_print_json(json_builder_get_root(b));
+        } else {
+                GString *what = g_string_new(do_vtpm ? "vTPM" : "");
+                for (guint i = 0; i < jobs->len; i++)
+                        g_string_append_printf(what, "%s%s", what->len ? ", " : "",
+                                               ((DiskJob *) jobs->pdata[i])->target);
+                printf("VM '%s' is encrypted by provider '%s' (%s).\n", name,
+                       nkp_provider_name(p), what->str);
+                g_string_free(what, TRUE);
+        }
+        return 0;
+}
+
+/* ---- decrypt ------------------------------------------------------------ */
+
+static int vm_decrypt(NkpctlGlobals *g, const char *name)
+{
+        g_autoptr(NkpVirt) v = NULL;
+        if (open_virt(g, &v) < 0)
+                return nkpctl_lib_error();
+        g_autofree char *xml = NULL;
+        g_autoptr(NkpDomain) d = NULL;
+        if (load_domain(v, name, &xml, &d) < 0 || require_shut_off(v, name) < 0)
+                return nkpctl_lib_error();
+        deadline_disarm();
+        if (!d->keysafe)
+                return nkpctl_error("VM '%s' is not encrypted by nkp; nothing to do.", name);
+
+        g_autoptr(GPtrArray) secrets = NULL;
+        if (nkp_vm_unlock(g->ctx, d, true, &secrets) < 0)
+                return nkpctl_lib_error();
+
+        bool has_vtpm_entry = false;
+        g_autoptr(nkp_secret) vtpm_value = NULL;
+        g_autoptr(GPtrArray) jobs = g_ptr_array_new_with_free_func(disk_job_free);
+        for (guint i = 0; i < secrets->len; i++) {
+                NkpVmSecret *s = secrets->pdata[i];
+                if (strcmp(s->kind, NKP_OBJECT_VTPM) == 0) {
+                        has_vtpm_entry = true;
+                        vtpm_value = g_steal_pointer(&s->value);
+                        continue;
+                }
+                const NkpDomainDisk *disk = nkp_domain_find_disk(d, s->object_id);
+                if (!disk || !disk->encryption_format)
+                        continue; /* detached, or never converted: nothing to undo */
+                if (!disk->source_file)
+                        return nkpctl_error("Disk '%s' of VM '%s' has no file path.",
+                                            s->object_id, name);
+                DiskJob *j = g_new0(DiskJob, 1);
+                j->target = g_strdup(s->object_id);
+                j->path = g_strdup(disk->source_file);
+                j->value = g_steal_pointer(&s->value);
+                g_ptr_array_add(jobs, j);
+        }
+        bool convert_vtpm = false;
+        if (has_vtpm_entry && d->has_vtpm) {
+                enum vtpm_state st = vtpm_state(d);
+                if (st == VTPM_CLEAR || st == VTPM_UNKNOWN) {
+                        g_autofree char *f = vtpm_state_file(d);
+                        return nkpctl_error("The vTPM state of VM '%s' ('%s') is %s, not "
+                                            "encrypted as its keysafe says; nothing was changed.",
+                                            name, f, st == VTPM_CLEAR ? "clear" : "unreadable");
+                }
+                convert_vtpm = st == VTPM_ENCRYPTED;
+        }
+
+        g_autoptr(NkpDomainEdit) e = NULL;
+        if (nkp_domain_edit_new(xml, strlen(xml), &e) < 0 ||
+            nkp_domain_edit_set_keysafe(e, NULL) < 0)
+                return nkpctl_lib_error();
+        if (has_vtpm_entry && d->has_vtpm && nkp_domain_edit_set_vtpm_secret(e, NULL) < 0)
+                return nkpctl_lib_error();
+        for (guint i = 0; i < jobs->len; i++)
+                if (nkp_domain_edit_set_disk_luks(e, ((DiskJob *) jobs->pdata[i])->target,
+                                                  NULL) < 0)
+                        return nkpctl_lib_error();
+        g_autofree char *newxml = NULL;
+        if (nkp_domain_edit_format(e, &newxml) < 0)
+                return nkpctl_lib_error();
+
+        if (apply(v, d, jobs, convert_vtpm, vtpm_value, NULL, newxml, false) < 0)
+                return nkpctl_lib_error();
+        /* Its secrets, if a start left any behind. */
+        deadline_arm();
+        for (guint i = 0; i < secrets->len; i++)
+                (void) nkp_virt_secret_undefine(v, ((NkpVmSecret *) secrets->pdata[i])->secret_uuid);
+        deadline_disarm();
+        nkp_alarm_clear(g->ctx, "vm-locked", name);
+        if (!g->json)
+                printf("VM '%s' is no longer encrypted by nkp.\n", name);
+        else {
+                g_autoptr(JsonBuilder) b = json_builder_new();
+                json_builder_begin_object(b);
+                json_builder_set_member_name(b, "name");
+                json_builder_add_string_value(b, name);
+                json_builder_set_member_name(b, "state");
+                json_builder_add_string_value(b, "plain");
+                json_builder_end_object(b);
+                nkpctl_print_json(json_builder_get_root(b));
+        }
+        return 0;
+}
+
+/* ---- status / list ------------------------------------------------------ */
+
+typedef struct {
+        char *name;
+        char *uuid;
+        const char *state; /* "plain", "encrypted", "locked", "error" */
+        char *provider;
+        char *key_id;
+        char *reason;
+        bool running;
+        GPtrArray *objects; /* "kind:id" */
+} VmStatus;
+
+static void vm_status_clear(VmStatus *s)
+{
+        g_free(s->name);
+        g_free(s->uuid);
+        g_free(s->provider);
+        g_free(s->key_id);
+        g_free(s->reason);
+        if (s->objects)
+                g_ptr_array_unref(s->objects);
+}
+
+static void status_of(NkpctlGlobals *g, NkpVirt *v, const char *name, VmStatus *s)
+{
+        g_autoptr(NkpDomain) d = NULL;
+        s->name = g_strdup(name);
+        s->objects = g_ptr_array_new_with_free_func(g_free);
+        if (load_domain(v, name, NULL, &d) < 0) {
+                s->state = "error";
+                s->reason = g_strdup(nkp_error_message());
+                return;
+        }
+        s->uuid = g_strdup(d->uuid);
+        s->running = nkp_virt_domain_is_active(v, name) > 0;
+        if (!d->keysafe) {
+                s->state = "plain";
+                return;
+        }
+        s->provider = g_strdup(nkp_keysafe_provider_name(d->keysafe));
+        s->key_id = g_strdup(nkp_keysafe_provider_key_id(d->keysafe));
+        for (size_t i = 0; i < nkp_keysafe_n_entries(d->keysafe); i++)
+                g_ptr_array_add(s->objects,
+                                g_strdup_printf("%s:%s", nkp_keysafe_entry_kind(d->keysafe, i),
+                                                nkp_keysafe_entry_id(d->keysafe, i)));
+        if (nkp_vm_unlock(g->ctx, d, false, NULL) < 0) {
+                s->state = "locked";
+                s->reason = g_strdup(nkp_error_message());
+        } else {
+                s->state = "encrypted";
+        }
+}
+
+static void add_str(JsonBuilder *b, const char *member, const char *value)
+{
+        json_builder_set_member_name(b, member);
+        if (value)
+                json_builder_add_string_value(b, value);
+        else
+                json_builder_add_null_value(b);
+}
+
+static void status_json(JsonBuilder *b, const VmStatus *s)
+{
+        json_builder_begin_object(b);
+        add_str(b, "name", s->name);
+        add_str(b, "uuid", s->uuid);
+        add_str(b, "state", s->state);
+        json_builder_set_member_name(b, "running");
+        json_builder_add_boolean_value(b, s->running);
+        add_str(b, "provider", s->provider);
+        add_str(b, "key_id", s->key_id);
+        add_str(b, "reason", s->reason);
+        json_builder_set_member_name(b, "objects");
+        json_builder_begin_array(b);
+        for (guint i = 0; s->objects && i < s->objects->len; i++)
+                json_builder_add_string_value(b, s->objects->pdata[i]);
+        json_builder_end_array(b);
+        json_builder_end_object(b);
+}
+
+static void status_line(const VmStatus *s)
+{
+        if (strcmp(s->state, "encrypted") == 0) {
+                g_autofree char *objs = NULL;
+                g_ptr_array_add(s->objects, NULL);
+                objs = g_strjoinv(", ", (char **) s->objects->pdata);
+                g_ptr_array_remove_index(s->objects, s->objects->len - 1);
+                printf("%s: encrypted by %s (%s)\n", s->name, s->provider, objs);
+        } else if (strcmp(s->state, "locked") == 0)
+                printf("%s: locked: %s\n", s->name, s->reason);
+        else if (strcmp(s->state, "plain") == 0)
+                printf("%s: plain\n", s->name);
+        else
+                printf("%s: error: %s\n", s->name, s->reason);
+}
+
+static int vm_status(NkpctlGlobals *g, const char *name)
+{
+        g_autoptr(NkpVirt) v = NULL;
+        if (open_virt(g, &v) < 0)
+                return nkpctl_lib_error();
+        VmStatus s = { 0 };
+        status_of(g, v, name, &s);
+        int rc = strcmp(s.state, "error") == 0 ? nkpctl_error("%s", s.reason) : 0;
+        if (rc == 0) {
+                if (g->json) {
+                        g_autoptr(JsonBuilder) b = json_builder_new();
+                        status_json(b, &s);
+                        nkpctl_print_json(json_builder_get_root(b));
+                } else {
+                        status_line(&s);
+                }
+        }
+        vm_status_clear(&s);
+        return rc;
+}
+
+static int vm_list(NkpctlGlobals *g)
+{
+        g_autoptr(NkpVirt) v = NULL;
+        g_autoptr(GPtrArray) names = NULL;
+        if (open_virt(g, &v) < 0 || nkp_virt_domain_list(v, &names) < 0)
+                return nkpctl_lib_error();
+        g_autoptr(JsonBuilder) b = json_builder_new();
+        json_builder_begin_array(b);
+        for (guint i = 0; i < names->len; i++) {
+                VmStatus s = { 0 };
+                status_of(g, v, names->pdata[i], &s);
+                if (g->json)
+                        status_json(b, &s);
+                else
+                        status_line(&s);
+                vm_status_clear(&s);
+        }
+        json_builder_end_array(b);
+        if (g->json)
+                nkpctl_print_json(json_builder_get_root(b));
+        return 0;
+}
+
+/* ---- entry points ------------------------------------------------------- */
+
+static const char vm_usage[] =
+        "Usage: nkpctl vm encrypt DOMAIN [--provider NAME] [--disks all|vda,vdb…]\n"
+        "       nkpctl vm decrypt DOMAIN\n"
+        "       nkpctl vm status DOMAIN | nkpctl vm list\n";
 
 int nkpctl_vm(NkpctlGlobals *g, int argc, char **argv)
 {
-        (void) g;
-        (void) argc;
-        (void) argv;
-        return nkpctl_error("'vm' is not implemented yet.");
+        if (argc < 2) {
+                fputs(vm_usage, stderr);
+                return 2;
+        }
+        const char *cmd = argv[1];
+        if (strcmp(cmd, "list") == 0 && argc == 2)
+                return vm_list(g);
+        if (strcmp(cmd, "status") == 0 && argc == 3)
+                return vm_status(g, argv[2]);
+        if (strcmp(cmd, "decrypt") == 0 && argc == 3)
+                return vm_decrypt(g, argv[2]);
+        if (strcmp(cmd, "encrypt") == 0 && argc >= 3) {
+                const char *provider = NULL, *disks = NULL, *domain = NULL;
+                for (int i = 2; i < argc; i++) {
+                        if (strcmp(argv[i], "--provider") == 0 && i + 1 < argc)
+                                provider = argv[++i];
+                        else if (g_str_has_prefix(argv[i], "--provider="))
+                                provider = argv[i] + strlen("--provider=");
+                        else if (strcmp(argv[i], "--disks") == 0 && i + 1 < argc)
+                                disks = argv[++i];
+                        else if (g_str_has_prefix(argv[i], "--disks="))
+                                disks = argv[i] + strlen("--disks=");
+                        else if (argv[i][0] != '-' && !domain)
+                                domain = argv[i];
+                        else {
+                                fputs(vm_usage, stderr);
+                                return nkpctl_error("unknown or incomplete option '%s'.",
+                                                    argv[i]);
+                        }
+                }
+                if (!domain) {
+                        fputs(vm_usage, stderr);
+                        return 2;
+                }
+                return vm_encrypt(g, domain, provider, disks);
+        }
+        if (strcmp(cmd, "rekey") == 0)
+                return nkpctl_error("'vm rekey' is not implemented yet.");
+        fputs(vm_usage, stderr);
+        return nkpctl_error("unknown vm command '%s'.", cmd);
 }
 
 int nkpctl_vms_using_provider(NkpctlGlobals *g, const char *key_id, GPtrArray **ret_names)
 {
-        (void) g;
-        (void) key_id;
-        *ret_names = g_ptr_array_new_with_free_func(g_free);
+        g_autoptr(NkpVirt) v = NULL;
+        g_autoptr(GPtrArray) names = NULL;
+        if (open_virt(g, &v) < 0 || nkp_virt_domain_list(v, &names) < 0)
+                return nkp_fail_prefix(-ECONNREFUSED, "Cannot tell which VMs use the provider");
+        g_autoptr(GPtrArray) out = g_ptr_array_new_with_free_func(g_free);
+        for (guint i = 0; i < names->len; i++) {
+                g_autoptr(NkpDomain) d = NULL;
+                int r = load_domain(v, names->pdata[i], NULL, &d);
+                if (r == -ENOENT)
+                        continue; /* undefined meanwhile */
+                if (r < 0) {
+                        /* A VM whose nkp data is damaged may use it: count it. */
+                        g_autofree char *xml = NULL;
+                        if (nkp_virt_domain_xml(v, names->pdata[i], true, &xml) == 0 &&
+                            strstr(xml, key_id))
+                                g_ptr_array_add(out, g_strdup(names->pdata[i]));
+                        continue;
+                }
+                if (d->keysafe &&
+                    g_ascii_strcasecmp(nkp_keysafe_provider_key_id(d->keysafe), key_id) == 0)
+                        g_ptr_array_add(out, g_strdup(names->pdata[i]));
+        }
+        deadline_disarm();
+        *ret_names = g_steal_pointer(&out);
         return 0;
 }
 
 int nkpctl_host_unlock(NkpctlGlobals *g)
 {
-        (void) g;
-        return nkpctl_error("'host unlock' is not implemented yet.");
+        g_autoptr(NkpVirt) v = NULL;
+        g_autoptr(GPtrArray) names = NULL;
+        if (open_virt(g, &v) < 0 || nkp_virt_domain_list(v, &names) < 0)
+                return nkpctl_lib_error();
+        unsigned unlocked = 0, still = 0;
+        g_autoptr(JsonBuilder) b = json_builder_new();
+        json_builder_begin_array(b);
+        for (guint i = 0; i < names->len; i++) {
+                VmStatus s = { 0 };
+                status_of(g, v, names->pdata[i], &s);
+                if (strcmp(s.state, "encrypted") == 0) {
+                        nkp_alarm_clear(g->ctx, "vm-locked", s.name);
+                        unlocked++;
+                        if (!g->json)
+                                printf("%s: unlocked (provider '%s')\n", s.name, s.provider);
+                } else if (strcmp(s.state, "locked") == 0) {
+                        still++;
+                        if (!g->json)
+                                printf("%s: still locked: %s\n", s.name, s.reason);
+                }
+                if (g->json && strcmp(s.state, "plain") != 0)
+                        status_json(b, &s);
+                vm_status_clear(&s);
+        }
+        json_builder_end_array(b);
+        deadline_disarm();
+        if (g->json)
+                nkpctl_print_json(json_builder_get_root(b));
+        else if (unlocked + still == 0)
+                printf("No VM on this host is encrypted by nkp.\n");
+        if (still)
+                return nkpctl_error("%u VM(s) are still locked: restore their providers (nkpctl "
+                                    "provider restore FILE.p12), then run nkpctl host unlock "
+                                    "again.",
+                                    still);
+        return 0;
 }

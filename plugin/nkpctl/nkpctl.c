@@ -89,8 +89,8 @@ int main(int argc, char **argv)
                         puts("nkpctl " NKP_VERSION);
                         return 0;
                 } else {
-                        fputs(usage, stderr);
-                        return nkpctl_error("unknown or incomplete option '%s'.", a);
+                        nkpctl_error("unknown or incomplete option '%s' (see: nkpctl --help).", a);
+                        return 2; /* usage error */
                 }
         }
         if (i >= argc) {
@@ -112,8 +112,8 @@ int main(int argc, char **argv)
         else if (strcmp(group, "alarms") == 0)
                 rc = nkpctl_alarms(&g, argc - i, argv + i);
         else {
-                fputs(usage, stderr);
-                rc = nkpctl_error("unknown command '%s'.", group);
+                nkpctl_error("unknown command '%s' (see: nkpctl --help).", group);
+                rc = 2; /* usage error */
         }
         nkp_context_free(g.ctx);
         return rc;

@@ -1,0 +1,188 @@
+#!/bin/bash
+# Build (or reuse from the cache) the lab's tiny test guest: a Debian 12
+# distribution kernel plus a small initramfs (busybox-static, the host's
+# tpm2-tools with their shared libraries, the virtio modules) whose /init
+# writes a marker into a TPM NV index and onto /dev/vda on the first boot,
+# reads both back on later boots, then ticks once a second.
+#
+# Usage: build.sh            prints two lines: KERNEL=<path> and INITRD=<path>
+# Env:   NKP_LAB_CACHE       cache dir (default /var/cache/nkp-lab)
+#        NKP_LAB_KERNEL_PKG  kernel package to use (default: what
+#                            linux-image-amd64 depends on, else newest cached)
+#
+# Guest kernel command line (see the /init below):
+#   nkp.marker=XYZ   marker to write on the first boot (default "nomarker")
+#   nkp.poweroff=1   power off after writing / reading the markers
+#   nkp.nvindex=0x1500016  the NV index to use
+# Serial console lines the tests read:
+#   NKP-GUEST-UP, NKP-MARKERS-WRITTEN tpm=X disk=X, NKP-TPM-MARKER=X,
+#   NKP-DISK-MARKER=X, NKP-TICK n, NKP-POWEROFF, NKP-ERROR <why>
+set -euo pipefail
+
+cache=${NKP_LAB_CACHE:-/var/cache/nkp-lab}
+mkdir -p "$cache/debs"
+self="$(readlink -f "${BASH_SOURCE[0]}")"
+
+exec 9>"$cache/.build.lock"
+flock -w 900 9 || { echo "build.sh: cannot lock $cache/.build.lock" >&2; exit 1; }
+
+log() { echo "build.sh: $*" >&2; }
+
+# --- which kernel package ----------------------------------------------------
+pkg=${NKP_LAB_KERNEL_PKG:-}
+if [ -z "$pkg" ]; then
+    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null \
+          | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n1) || true
+fi
+deb=
+if [ -n "$pkg" ]; then
+    deb=$(ls -1 "$cache/debs/${pkg}"_*.deb "$cache/debs/${pkg}-unsigned"_*.deb 2>/dev/null | sort -V | tail -n1 || true)
+    if [ -z "$deb" ]; then
+        log "downloading ${pkg}-unsigned"
+        ( cd "$cache/debs" && apt-get download -q "${pkg}-unsigned" >&2 2>/dev/null ) \
+          || ( cd "$cache/debs" && apt-get download -q "${pkg}" >&2 ) \
+          || log "apt-get download of $pkg failed"
+        deb=$(ls -1 "$cache/debs/${pkg}"_*.deb "$cache/debs/${pkg}-unsigned"_*.deb 2>/dev/null | sort -V | tail -n1 || true)
+    fi
+fi
+if [ -z "$deb" ]; then
+    deb=$(ls -1 "$cache/debs"/linux-image-*-amd64*.deb 2>/dev/null | sort -V | tail -n1 || true)
+fi
+[ -n "$deb" ] || { log "no kernel package (apt-get download failed and cache empty)"; exit 1; }
+
+key=$( { sha256sum "$self" | cut -d' ' -f1; basename "$deb"; sha256sum /bin/busybox /usr/bin/tpm2 | cut -d' ' -f1; } | sha256sum | cut -c1-16)
+out="$cache/guest-$key"
+if [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ]; then
+    echo "KERNEL=$out/vmlinuz"
+    echo "INITRD=$out/initrd.img"
+    exit 0
+fi
+
+log "building guest in $out from $(basename "$deb")"
+work=$(mktemp -d "$cache/.work.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$work" ./boot ./lib/modules
+kver=$(ls "$work/lib/modules" | head -n1)
+moddir="$work/lib/modules/$kver"
+
+root="$work/root"
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,etc,lib/modules,lib64,lib/x86_64-linux-gnu,usr/lib/x86_64-linux-gnu}
+mknod -m 600 "$root/dev/console" c 5 1
+mknod -m 666 "$root/dev/null" c 1 3
+
+# --- busybox + tpm2-tools ------------------------------------------------------
+cp /bin/busybox "$root/bin/busybox"
+ln -s busybox "$root/bin/sh"
+cp /usr/bin/tpm2 "$root/usr/bin/tpm2"
+for t in nvdefine nvwrite nvread nvreadpublic nvundefine getcap startup pcrread; do
+    ln -s tpm2 "$root/usr/bin/tpm2_$t"
+done
+libs() { ldd "$@" | awk '/=> \//{print $3} /^\t\/lib/{print $1}'; }
+tcti=$(readlink -f /usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0)
+{ libs /usr/bin/tpm2; libs "$tcti"; } | sort -u | while read -r l; do
+    mkdir -p "$root$(dirname "$l")"
+    cp -L "$l" "$root$l"
+done
+cp -L "$tcti" "$root/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0"
+
+# --- kernel modules (dependencies from each module's .modinfo) -----------------
+declare -A modpath=()
+while read -r f; do
+    n=$(basename "$f" .ko); modpath[${n//-/_}]=$f
+done < <(cd "$moddir" && find kernel -name '*.ko')
+declare -A seen=()
+order=()
+addmod() {
+    local m=${1//-/_} d deps
+    [ -n "${seen[$m]:-}" ] && return 0
+    seen[$m]=1
+    if [ -z "${modpath[$m]:-}" ]; then
+        grep -q "/$1.ko\$" "$moddir/modules.builtin" 2>/dev/null && return 0
+        grep -q "/${m}.ko\$" "$moddir/modules.builtin" 2>/dev/null && return 0
+        log "module $m not found (and not built in)"; return 1
+    fi
+    deps=$(tr '\0' '\n' < "$moddir/${modpath[$m]}" | sed -n 's/^depends=//p' | head -n1)
+    for d in ${deps//,/ }; do addmod "$d"; done
+    order+=("$m")
+}
+for m in virtio_pci virtio_blk virtio_console tpm_crb tpm_tis; do addmod "$m"; done
+for m in "${order[@]}"; do
+    cp "$moddir/${modpath[$m]}" "$root/lib/modules/$m.ko"
+    echo "$m" >> "$root/etc/modules.order"
+done
+touch "$root/etc/modules.order"
+log "modules: ${order[*]:-none}"
+
+# --- /init -------------------------------------------------------------------
+cat > "$root/init" <<'INIT'
+#!/bin/sh
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+mount -t tmpfs tmp /tmp
+exec </dev/console >/dev/console 2>&1
+
+marker=nomarker; poweroff=0; idx=0x1500016
+for a in $(cat /proc/cmdline); do
+    case "$a" in
+        nkp.marker=*) marker=${a#nkp.marker=} ;;
+        nkp.poweroff=1|nkp.poweroff) poweroff=1 ;;
+        nkp.nvindex=*) idx=${a#nkp.nvindex=} ;;
+    esac
+done
+echo "NKP-GUEST-UP $(cut -d' ' -f1 /proc/uptime)"
+for m in $(cat /etc/modules.order); do
+    insmod /lib/modules/$m.ko 2>/dev/null || true
+done
+n=0
+while { [ ! -b /dev/vda ] || [ ! -c /dev/tpmrm0 ]; } && [ $n -lt 300 ]; do
+    sleep 0.1; n=$((n+1))
+done
+[ -b /dev/vda ] || echo "NKP-ERROR no /dev/vda"
+[ -c /dev/tpmrm0 ] || echo "NKP-ERROR no /dev/tpmrm0"
+export TPM2TOOLS_TCTI=device:/dev/tpmrm0
+
+if tpm2_nvreadpublic "$idx" >/dev/null 2>&1; then
+    tv=$(tpm2_nvread -C o -s 64 "$idx" 2>/dev/null | tr -d ' \000\n')
+    set -- $(dd if=/dev/vda bs=512 count=1 2>/dev/null | tr '\000' '\n' | head -n1)
+    if [ "${1:-}" = NKPDISK1 ]; then dv=${2:-}; else dv='<none>'; fi
+    echo "NKP-TPM-MARKER=${tv:-<none>}"
+    echo "NKP-DISK-MARKER=$dv"
+else
+    ok=1
+    printf '%-64s' "$marker" > /tmp/m
+    tpm2_nvdefine "$idx" -C o -s 64 -a "ownerread|ownerwrite" >/dev/null || ok=0
+    tpm2_nvwrite "$idx" -C o -i /tmp/m || ok=0
+    printf 'NKPDISK1 %s \n' "$marker" | dd of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null || ok=0
+    sync
+    if [ $ok = 1 ]; then
+        echo "NKP-MARKERS-WRITTEN tpm=$marker disk=$marker"
+    else
+        echo "NKP-ERROR writing markers failed"
+    fi
+fi
+sync
+if [ $poweroff = 1 ]; then
+    echo "NKP-POWEROFF"
+    poweroff -f
+fi
+i=0
+while :; do
+    echo "NKP-TICK $i"
+    i=$((i+1))
+    sleep 1
+done
+INIT
+chmod 755 "$root/init"
+
+mkdir -p "$work/out"
+cp "$work/boot/vmlinuz-$kver" "$work/out/vmlinuz"
+( cd "$root" && find . -mindepth 1 | sed 's|^\./||' | busybox cpio -o -H newc 2>/dev/null ) | gzip -6 > "$work/out/initrd.img"
+rm -rf "$out"
+mv "$work/out" "$out"
+log "initrd $(du -h "$out/initrd.img" | cut -f1), kernel $kver"
+echo "KERNEL=$out/vmlinuz"
+echo "INITRD=$out/initrd.img"

@@ -1,0 +1,144 @@
+#!/bin/bash
+# Integration test of the lab itself (no nkp): one lab host, a guest whose
+# vTPM state is encrypted (<encryption secret=…>) and whose disk is a LUKS
+# qcow2, both with ephemeral private secrets defined by hand. First boot
+# writes a marker into a TPM NV index and onto the disk, the second boot
+# reads both back; neither the vTPM state file nor the qcow2 holds the marker
+# in clear (a control guest without encryption shows the check can see it).
+# Exit: 0 pass, 1 fail, 77 skipped (with the reason).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/lab.sh"
+
+T=t-lab-smoke
+pass() { echo "PASS: $T: $*"; }
+fail() {
+    echo "FAIL: $T: $*"
+    [ -z "${LAB_DIR:-}" ] || [ ! -d "$LAB_DIR/hosts/a" ] || lab_dump a "${dom:-}"
+    exit 1
+}
+timing() { echo "TIMING: $T: $*"; }
+
+if ! why=$(lab_check_env); then
+    echo "SKIP: $T: $why"
+    exit 77
+fi
+
+t0=$(lab_now)
+lab_init || fail "guest build failed"
+timing "guest kernel+initramfs ready in $(lab_since "$t0") s"
+
+t=$(lab_now)
+lab_host_up a || fail "host a did not come up"
+timing "host up in $(lab_since "$t") s"
+[ "$(lab_exec a hostname)" = a ] || fail "hostname in host a is not 'a'"
+grep -q "$(cat "$LAB_DIR/hosts/a/host_uuid")" <(lab_virsh a sysinfo 2>/dev/null; lab_virsh a capabilities) \
+    || fail "host a does not report its own host_uuid"
+pass "host a up (own namespaces, hostname, host_uuid)"
+
+dom=smoke
+mark="NKPSMOKE$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
+disk="$LAB_DIR/shared/$dom.qcow2"
+umask 077
+head -c 32 /dev/urandom > "$LAB_DIR/vtpm.key"                 # any bytes work for swtpm
+head -c 32 /dev/urandom | base64 -w0 > "$LAB_DIR/disk.key"    # LUKS: UTF-8 text
+
+t=$(lab_now)
+lab_luks_create "$disk" 64M "$LAB_DIR/disk.key" || fail "qemu-img create (LUKS qcow2)"
+qemu-img info "$disk" | grep -q 'format: luks' || fail "qcow2 is not LUKS-encrypted"
+timing "LUKS qcow2 created in $(lab_since "$t") s"
+
+t=$(lab_now)
+tpmsec=$(lab_secret_define a --usage vtpm --target "$dom-vtpm" "$LAB_DIR/vtpm.key") || fail "vtpm secret"
+disksec=$(lab_secret_define a --usage volume --target "$disk" "$LAB_DIR/disk.key") || fail "volume secret"
+timing "two ephemeral private secrets defined in $(lab_since "$t") s"
+lab_virsh a secret-get-value "$tpmsec" >/dev/null 2>&1 && fail "private secret value is readable"
+ls "$(lab_path a /etc/libvirt/secrets)" | grep -q . && fail "ephemeral secret written to /etc/libvirt/secrets"
+pass "ephemeral private secrets defined (value not readable, nothing on disk)"
+
+uuid=$(cat /proc/sys/kernel/random/uuid)
+lab_guest_xml --name "$dom" --uuid "$uuid" --disk "$disk" --marker "$mark" \
+    --tpm-secret "$tpmsec" --disk-secret "$disksec" > "$LAB_DIR/$dom.xml"
+lab_virsh a define "$LAB_DIR/$dom.xml" >/dev/null || fail "define"
+
+serial=$(lab_serial_path a "$dom")
+t=$(lab_now)
+lab_virsh a start "$dom" >/dev/null || fail "first start"
+timing "virsh start (first, incl. swtpm_setup) returned in $(lab_since "$t") s"
+line=$(lab_wait_serial a "$dom" 'NKP-MARKERS-WRITTEN|NKP-ERROR' 240) || fail "no marker line on first boot"
+timing "first boot: start to markers written $(lab_since "$t") s"
+[ "$line" = "NKP-MARKERS-WRITTEN tpm=$mark disk=$mark" ] || fail "first boot said: $line"
+lab_wait_serial a "$dom" 'NKP-TICK 1$' 30 >/dev/null || fail "guest does not tick"
+pass "first boot wrote the markers ($mark)"
+
+t=$(lab_now)
+lab_virsh a destroy "$dom" >/dev/null || fail "destroy"
+timing "destroy $(lab_since "$t") s"
+rm -f "$serial"
+
+for boot in 2 3; do
+    t=$(lab_now)
+    lab_virsh a start "$dom" >/dev/null || fail "start #$boot"
+    line=$(lab_wait_serial a "$dom" 'NKP-DISK-MARKER=|NKP-ERROR|NKP-MARKERS-WRITTEN' 240) || fail "no marker line on boot #$boot"
+    timing "boot #$boot: start to markers read $(lab_since "$t") s"
+    tline=$(lab_wait_serial a "$dom" 'NKP-TPM-MARKER=' 5) || fail "no TPM marker on boot #$boot"
+    [ "$tline" = "NKP-TPM-MARKER=$mark" ] || fail "boot #$boot TPM marker: $tline (want $mark)"
+    [ "$line" = "NKP-DISK-MARKER=$mark" ] || fail "boot #$boot disk marker: $line (want $mark)"
+    pass "boot #$boot read both markers back"
+    t=$(lab_now)
+    lab_virsh a destroy "$dom" >/dev/null || fail "destroy #$boot"
+    rm -f "$serial"
+done
+
+state=$(lab_path a "/var/lib/libvirt/swtpm/$uuid/tpm2")
+ls "$state"/tpm2-00.permall >/dev/null 2>&1 || fail "no vTPM state file under $state"
+for f in "$state"/*; do
+    if grep -a -q "$mark" "$f"; then fail "marker in clear in $f"; fi
+done
+# an encrypted state file is incompressible
+sz=$(stat -c %s "$state/tpm2-00.permall"); gz=$(gzip -c "$state/tpm2-00.permall" | wc -c)
+[ "$gz" -ge $((sz * 95 / 100)) ] || fail "vTPM state compresses ($gz/$sz): not encrypted?"
+grep -a -q "$mark" "$disk" && fail "marker in clear in the qcow2"
+pass "vTPM state and qcow2 hold no marker in clear (permall $sz bytes, gzip $gz)"
+
+# Control: the same guest without encryption leaves the marker visible, so the
+# checks above can see it when it is there.
+cdom=control
+cmark="NKPCTRL$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
+cdisk="$LAB_DIR/shared/$cdom.qcow2"
+cuuid=$(cat /proc/sys/kernel/random/uuid)
+qemu-img create -q -f qcow2 "$cdisk" 64M || fail "qemu-img create (plain)"
+lab_guest_xml --name "$cdom" --uuid "$cuuid" --disk "$cdisk" --marker "$cmark" --poweroff > "$LAB_DIR/$cdom.xml"
+lab_virsh a define "$LAB_DIR/$cdom.xml" >/dev/null || fail "define control"
+t=$(lab_now)
+dom=$cdom
+lab_virsh a start "$cdom" >/dev/null || fail "start control"
+lab_wait_serial a "$cdom" 'NKP-POWEROFF' 240 >/dev/null || fail "control guest did not power off"
+for ((i = 0; i < 100; i++)); do
+    [ "$(lab_virsh a domstate "$cdom" 2>/dev/null)" = "shut off" ] && break
+    sleep 0.2
+done
+[ "$(lab_virsh a domstate "$cdom")" = "shut off" ] || fail "control guest still running after poweroff"
+timing "control guest (plain, nkp.poweroff=1) start to shut off $(lab_since "$t") s"
+grep -a -q "$cmark" "$(lab_path a "/var/lib/libvirt/swtpm/$cuuid/tpm2")/tpm2-00.permall" \
+    || fail "control: marker not found in the clear vTPM state (the check is blind)"
+grep -a -q "$cmark" "$cdisk" || fail "control: marker not found in the plain qcow2 (the check is blind)"
+pass "control guest: marker visible in clear state and plain qcow2 (checks are meaningful)"
+
+# Down, and nothing left behind.
+hostdir=$LAB_DIR/hosts/a
+mi=$(stat -L -c %i "$hostdir/ns/mnt")
+t=$(lab_now)
+lab_host_down a || fail "host down"
+timing "host down in $(lab_since "$t") s"
+left=""
+for p in /proc/[0-9]*; do
+    [ "$(readlink "$p/ns/mnt" 2>/dev/null)" = "mnt:[$mi]" ] && left+=" ${p#/proc/}"
+done
+[ -z "$left" ] || fail "processes left in host a's namespace:$left"
+grep -q " $LAB_DIR[/ ]" /proc/self/mountinfo && fail "mounts left under $LAB_DIR"
+[ ! -e "$hostdir" ] || fail "$hostdir not removed"
+pass "host down: no processes, no mounts, state removed"
+timing "total $(lab_since "$t0") s"
+echo "PASS: $T"
+exit 0
