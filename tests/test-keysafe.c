@@ -663,6 +663,45 @@ static void test_rewrap_all_or_nothing(Fixture *f, gconstpointer data)
         g_assert_cmpstr(still, ==, before);
 }
 
+/* The public entry points that take a provider object. */
+static nkp_provider *provider_for(const char *name, const char *key_id, const char *fingerprint)
+{
+        NkpStoreEntry e = { 0 };
+        g_strlcpy(e.name, name, sizeof e.name);
+        g_strlcpy(e.key_id, key_id, sizeof e.key_id);
+        g_strlcpy(e.fingerprint, fingerprint, sizeof e.fingerprint);
+        nkp_provider *p = nkp_provider_from_entry(&e);
+        g_assert_nonnull(p);
+        return p;
+}
+
+static void test_provider_entry_points(Fixture *f, gconstpointer data)
+{
+        (void) data;
+        g_autoptr(nkp_provider) prod = provider_for("prod", KEY_ID, f->fingerprint);
+        g_autoptr(nkp_keysafe) ks = NULL;
+        g_assert_cmpint(nkp_keysafe_new(VM_UUID, prod, &ks), ==, 0);
+        g_assert_cmpstr(nkp_keysafe_provider_name(ks), ==, "prod");
+        g_assert_cmpstr(nkp_keysafe_provider_key_id(ks), ==, KEY_ID);
+        g_assert_cmpstr(nkp_keysafe_provider_fingerprint(ks), ==, f->fingerprint);
+        g_autoptr(nkp_secret) kek = derive_kek(ks, f->kdk);
+        g_assert_cmpint(nkp_keysafe_put_dek(ks, kek, "vtpm", "tpm0", SECRET_TPM, f->dek_tpm), ==, 0);
+
+        g_autoptr(nkp_secret) kdk2 = random_key();
+        g_autofree char *fp2 = NULL;
+        g_assert_cmpint(nkp_kdk_fingerprint(kdk2, &fp2), ==, 0);
+        g_autoptr(nkp_provider) site2 = provider_for("site2", KEY_ID2, fp2);
+        g_autofree char *before = format(ks);
+        /* f->kek belongs to another keysafe (other salt): refused, unchanged */
+        g_assert_cmpint(nkp_keysafe_rewrap(ks, f->kek, site2, kdk2), ==, -EBADMSG);
+        g_autofree char *unchanged = format(ks);
+        g_assert_cmpstr(unchanged, ==, before);
+        g_assert_cmpint(nkp_keysafe_rewrap(ks, kek, site2, kdk2), ==, 0);
+        g_assert_cmpstr(nkp_keysafe_provider_name(ks), ==, "site2");
+        g_autoptr(nkp_secret) kek2 = derive_kek(ks, kdk2);
+        assert_dek(ks, kek2, "vtpm", "tpm0", f->dek_tpm);
+}
+
 int main(int argc, char **argv)
 {
         g_test_init(&argc, &argv, NULL);
@@ -680,6 +719,7 @@ int main(int argc, char **argv)
         ADD("put-get-remove", test_put_get_remove);
         ADD("rewrap", test_rewrap);
         ADD("rewrap-all-or-nothing", test_rewrap_all_or_nothing);
+        ADD("provider-entry-points", test_provider_entry_points);
 #undef ADD
         g_test_add_func("/keysafe/new-validation", test_new_validation);
         return g_test_run();
