@@ -238,6 +238,49 @@ static void test_flip_every_bit(Fixture *f, gconstpointer data)
         g_assert_cmpuint(flipped, ==, 480);
 }
 
+static void put_lp(GByteArray *aad, const void *data, size_t len)
+{
+        const guint8 be[4] = { (guint8) (len >> 24), (guint8) (len >> 16), (guint8) (len >> 8), (guint8) len };
+        g_byte_array_append(aad, be, 4);
+        g_byte_array_append(aad, data, (guint) len);
+}
+
+static void put_lp_uuid(GByteArray *aad, const char *uuid)
+{
+        uint8_t raw[16];
+        g_assert_cmpint(nkp_uuid_parse(uuid, raw), ==, 0);
+        put_lp(aad, raw, sizeof raw);
+}
+
+/* The layout documented at the top of keysafe.c, rebuilt by hand: the
+ * wrapped DEK opens with plain AES-256-GCM under exactly that AAD. */
+static void test_documented_layout(Fixture *f, gconstpointer data)
+{
+        (void) data;
+        g_autofree char *xml = format(f->ks);
+        g_autofree char *b64 = wrapped_attr(xml, "tpm0");
+        gsize n = 0;
+        g_autofree guchar *wrapped = g_base64_decode(b64, &n);
+        g_assert_cmpuint(n, ==, 12 + 32 + 16);
+
+        g_autoptr(GByteArray) aad = g_byte_array_new();
+        static const guint8 version[4] = { 0, 0, 0, 1 };
+        put_lp(aad, "nkp keysafe dek", 15);
+        put_lp(aad, version, 4);
+        put_lp_uuid(aad, VM_UUID);
+        put_lp(aad, "vtpm", 4);
+        put_lp(aad, "tpm0", 4);
+        put_lp_uuid(aad, SECRET_TPM);
+        put_lp_uuid(aad, KEY_ID);
+
+        uint8_t dek[32];
+        g_assert_cmpint(nkp_aes256gcm_open(nkp_secret_data(f->kek), 32, wrapped, 12, aad->data, aad->len,
+                                           wrapped + 12, 32, wrapped + 44, 16, dek),
+                        ==, 0);
+        g_assert_cmpmem(dek, sizeof dek, nkp_secret_data(f->dek_tpm), 32);
+        nkp_wipe(dek, sizeof dek);
+}
+
 static void test_bound_fields(Fixture *f, gconstpointer data)
 {
         (void) data;
@@ -709,6 +752,7 @@ int main(int argc, char **argv)
         ADD("round-trip", test_round_trip);
         ADD("namespace-forms", test_namespace_forms);
         ADD("flip-every-bit", test_flip_every_bit);
+        ADD("documented-layout", test_documented_layout);
         ADD("bound-fields", test_bound_fields);
         ADD("wrong-kek", test_wrong_kek);
         ADD("versions", test_versions);

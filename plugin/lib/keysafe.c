@@ -16,8 +16,9 @@
  *    re-serialises the metadata as <nkp:keysafe xmlns:nkp="…">), or in no
  *    namespace at all: virDomainGetMetadata() strips its namespace from
  *    every element it returns.  Any other namespace is refused.
- *  - The children come in exactly this order; no other element, attribute
- *    or non-blank text is accepted.  Comments are ignored.
+ *  - The children come in exactly this order and are empty; no other
+ *    element, attribute or non-blank text is accepted.  Comments are
+ *    ignored.
  *  - version: decimal without leading zeros.  Anything but 1 is
  *    -EPROTONOSUPPORT; everything else that is wrong is -EBADMSG.
  *  - UUIDs are parsed case-insensitively and kept in lower case; the
