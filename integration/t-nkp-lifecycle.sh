@@ -98,7 +98,7 @@ qemu-img info "$disk" | grep -q 'encrypted: yes' || fail "the qcow2 is not encry
 xml=$(lab_virsh a dumpxml --inactive "$dom")
 grep -q 'https://nkp.invalid/xmlns/keysafe/1' <<<"$xml" || fail "no keysafe in the metadata"
 grep -q "<encryption secret=" <<<"$xml" || fail "vTPM backend has no <encryption secret>"
-grep -q "<encryption format='luks'>" <<<"$xml" || fail "disk has no LUKS <encryption>"
+grep -q "<encryption format='luks'" <<<"$xml" || fail "disk has no LUKS <encryption>"
 st=$(nk --json vm status "$dom") || fail "vm status"
 python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["state"]=="encrypted" and d["provider"]=="p1", d' <<<"$st" \
     || fail "vm status: $st"
