@@ -78,7 +78,12 @@ pass "host a up with nkp installed ($(lab_since "$t0") s)"
 umask 077
 printf 'lab password for p1\n' > "$LAB_DIR/pw"
 nk provider create p1 >/dev/null || fail "provider create"
-nk provider backup p1 --out "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" >/dev/null || fail "provider backup"
+if ! out=$(nk provider backup p1 --out "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" 2>&1); then
+    case $out in
+    *"not implemented"*) echo "SKIP: $T: provider backup has not landed yet ($out)"; exit 77;;
+    *) fail "provider backup: $out";;
+    esac
+fi
 nk provider set-default p1 >/dev/null || fail "provider set-default"
 pass "provider p1 created, backed up, default"
 
