@@ -5,6 +5,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "testutil-swtpm.h"
 #include "testutil.h"
 
 typedef struct {
@@ -376,6 +377,78 @@ static void test_parallel(Fixture *f, gconstpointer data)
         nkp_provider_list_free(list, n);
 }
 
+/* ---- with a TPM (a throwaway swtpm) ---------------------------------------- */
+
+static void tpm_body(const char *dir)
+{
+        g_autofree char *state = g_build_filename(dir, "tpm-a", NULL);
+        TestSwtpm *t = testutil_swtpm_start(state);
+        g_autofree char *root = testutil_make_root(dir, "host", testutil_swtpm_tcti(t));
+        g_autoptr(nkp_context) ctx = NULL;
+        g_assert_cmpint(nkp_context_new(root, &ctx), ==, 0);
+
+        g_autoptr(nkp_provider) p = NULL;
+        int r = nkp_provider_create(ctx, "sealed", NKP_PROVIDER_REQUIRE_TPM, &p);
+        if (r < 0)
+                g_error("create with a TPM: %s", nkp_error_message());
+        g_assert_cmpint(nkp_provider_seal(p), ==, NKP_SEAL_TPM);
+        g_assert_cmpuint(nkp_provider_flags(p), ==, NKP_PROVIDER_REQUIRE_TPM);
+
+        g_autoptr(nkp_secret) k1 = NULL, k2 = NULL;
+        g_assert_cmpint(nkp_provider_get_kdk(ctx, nkp_provider_key_id(p), &k1), ==, 0);
+        nkp_cache_flush(ctx);
+        g_assert_cmpint(nkp_provider_get_kdk(ctx, nkp_provider_key_id(p), &k2), ==, 0); /* unsealed */
+        g_assert_true(nkp_secret_equal(k1, k2));
+
+        /* The store holds the sealed blob, never the key. */
+        g_autofree char *text = NULL;
+        gsize len = 0;
+        g_assert_true(g_file_get_contents(ctx->store_path, &text, &len, NULL));
+        g_assert_null(strstr(text, "\nkdk="));
+        g_assert_nonnull(strstr(text, "\nsealed=tpm\n"));
+        g_assert_nonnull(strstr(text, "\ntpm_blob="));
+        g_assert_null(memmem(text, len, nkp_secret_data(k1) + 8, 16));
+        g_autofree char *b64 = g_base64_encode(nkp_secret_data(k1), NKP_KDK_SIZE);
+        b64[40] = '\0';
+        g_assert_null(strstr(text, b64));
+
+        /* Another TPM (the store moved to another host): a clear error that
+         * names the provider; nothing changes. */
+        testutil_swtpm_stop(t);
+        g_autofree char *state_b = g_build_filename(dir, "tpm-b", NULL);
+        t = testutil_swtpm_start(state_b);
+        testutil_root_set_tcti(root, testutil_swtpm_tcti(t));
+        g_autoptr(nkp_context) ctx_b = NULL;
+        g_assert_cmpint(nkp_context_new(root, &ctx_b), ==, 0);
+        nkp_cache_flush(ctx_b);
+        g_autoptr(GHashTable) before = testutil_snapshot_tree(ctx_b->store_dir);
+        nkp_secret *k3 = NULL;
+        g_assert_cmpint(nkp_provider_get_kdk(ctx_b, nkp_provider_key_id(p), &k3), <, 0);
+        g_assert_null(k3);
+        g_assert_true(g_str_has_prefix(nkp_error_message(), "Cannot unseal provider 'sealed': "));
+        testutil_assert_same_tree(before, ctx_b->store_dir);
+
+        /* A configured TPM that is gone: create fails (never falls back to an
+         * unsealed key) and writes nothing. */
+        testutil_swtpm_stop(t);
+        nkp_provider *x = NULL;
+        r = nkp_provider_create(ctx_b, "plain", 0, &x);
+        g_assert_cmpint(r, <, 0);
+        g_assert_cmpint(r, !=, -ENODEV);
+        g_assert_null(x);
+        g_assert_nonnull(strstr(nkp_error_message(), "plain"));
+        testutil_assert_same_tree(before, ctx_b->store_dir);
+}
+
+static void test_tpm(void)
+{
+        if (!testutil_swtpm_available()) {
+                g_test_skip("swtpm is not installed");
+                return;
+        }
+        testutil_isolated(tpm_body);
+}
+
 int main(int argc, char **argv)
 {
         g_test_init(&argc, &argv, NULL);
@@ -388,5 +461,6 @@ int main(int argc, char **argv)
         ADD("/provider/delete", test_delete);
         ADD("/provider/tampered-kdk", test_tampered_kdk);
         ADD("/provider/parallel", test_parallel);
+        g_test_add_func("/provider/tpm", test_tpm);
         return g_test_run();
 }

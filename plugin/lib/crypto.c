@@ -191,11 +191,12 @@ int nkp_kek_derive(const nkp_secret *kdk, const uint8_t kek_salt[NKP_KEK_SALT_SI
         /* info = label 0x00 key_id vm_uuid: fixed length, so unambiguous. */
         uint8_t info[sizeof KEK_INFO_LABEL + 16 + 16];
         memcpy(info, KEK_INFO_LABEL, sizeof KEK_INFO_LABEL); /* includes the 0x00 */
+        /* The values are not echoed: they may be anything, and error
+         * messages must stay one printable line. */
         if (nkp_uuid_parse(key_id, info + sizeof KEK_INFO_LABEL) < 0)
-                return nkp_fail(-EINVAL, "The provider key id '%s' is not a UUID.",
-                                key_id ? key_id : "(null)");
+                return nkp_fail(-EINVAL, "The provider key id given for the KEK is not a UUID.");
         if (nkp_uuid_parse(vm_uuid, info + sizeof KEK_INFO_LABEL + 16) < 0)
-                return nkp_fail(-EINVAL, "The VM UUID '%s' is not a UUID.", vm_uuid ? vm_uuid : "(null)");
+                return nkp_fail(-EINVAL, "The VM UUID given for the KEK is not a UUID.");
 
         g_autoptr(nkp_secret) kek = NULL;
         r = nkp_secret_new(NKP_KEK_SIZE, &kek);

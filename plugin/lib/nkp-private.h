@@ -83,6 +83,9 @@ int nkp_aes256gcm_open(const uint8_t *key, size_t key_len, const uint8_t *iv, si
  * only the keysafe fields).  `fingerprint` is 64 hex digits. */
 int nkp_keysafe_new_for(const char *vm_uuid, const char *provider_name, const char *key_id,
                         const char *fingerprint, nkp_keysafe **ret);
+/* nkp_keysafe_rewrap() to a provider given by its fields (same rules). */
+int nkp_keysafe_rewrap_for(nkp_keysafe *ks, const nkp_secret *old_kek, const char *provider_name,
+                           const char *key_id, const char *fingerprint, const nkp_secret *new_kdk);
 
 /* ---- p12.c: PKCS#12 provider backups (pure, in memory; fuzzed) ---------- */
 

@@ -1,0 +1,125 @@
+#!/bin/bash
+# Integration test of the lab itself (no nkp): two lab hosts joined by a veth
+# pair, each libvirtd answering over TCP on its veth address; a plain guest
+# (unencrypted vTPM, plain qcow2 on storage both hosts see) is live-migrated
+# A→B and back B→A while it counts; the counter keeps increasing across both
+# moves (read on the destination's own serial log) and the guest never
+# reboots.
+# Exit: 0 pass, 1 fail, 77 skipped (with the reason).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/lab.sh"
+
+T=t-lab-two-hosts
+pass() { echo "PASS: $T: $*"; }
+fail() {
+    echo "FAIL: $T: $*"
+    if [ -n "${LAB_DIR:-}" ]; then
+        [ ! -d "$LAB_DIR/hosts/a" ] || lab_dump a "${dom:-}"
+        [ ! -d "$LAB_DIR/hosts/b" ] || lab_dump b "${dom:-}"
+    fi
+    exit 1
+}
+timing() { echo "TIMING: $T: $*"; }
+
+if ! why=$(lab_check_env); then
+    echo "SKIP: $T: $why"
+    exit 77
+fi
+
+ADDR_A=10.77.0.1
+ADDR_B=10.77.0.2
+
+t0=$(lab_now)
+lab_init || fail "guest build failed"
+
+t=$(lab_now)
+lab_host_create a "$ADDR_A/24" || fail "create host a"
+lab_host_create b "$ADDR_B/24" || fail "create host b"
+lab_link a b "$ADDR_A" "$ADDR_B" || fail "veth link"
+lab_host_start a || fail "start host a"
+lab_host_start b || fail "start host b"
+timing "two hosts + veth up in $(lab_since "$t") s"
+lab_exec a busybox ping -c1 -W2 "$ADDR_B" >/dev/null || fail "a cannot ping b over the veth"
+[ "$(lab_exec a timeout 20 virsh -q -c "qemu+tcp://$ADDR_B/system" hostname)" = b ] \
+    || fail "libvirtd of b does not answer over TCP on $ADDR_B"
+[ "$(lab_exec b timeout 20 virsh -q -c "qemu+tcp://$ADDR_A/system" hostname)" = a ] \
+    || fail "libvirtd of a does not answer over TCP on $ADDR_A"
+# and the machine's own network namespace has no lab address
+ip -o addr 2>/dev/null | grep -q "10\.77\.0\." && fail "a lab address leaked into the machine's namespace"
+pass "two hosts, veth $ADDR_A <-> $ADDR_B, libvirtd over TCP both ways"
+
+dom=mig
+disk="$LAB_DIR/shared/$dom.qcow2"
+qemu-img create -q -f qcow2 "$disk" 64M || fail "qemu-img create"
+uuid=$(cat /proc/sys/kernel/random/uuid)
+mark="NKPMIG$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
+lab_guest_xml --name "$dom" --uuid "$uuid" --disk "$disk" --marker "$mark" > "$LAB_DIR/$dom.xml"
+lab_virsh a define "$LAB_DIR/$dom.xml" >/dev/null || fail "define on a"
+t=$(lab_now)
+lab_virsh a start "$dom" >/dev/null || fail "start on a"
+line=$(lab_wait_serial a "$dom" 'NKP-MARKERS-WRITTEN|NKP-ERROR' 240) || fail "no marker line on a"
+timing "start to markers written on a $(lab_since "$t") s"
+[ "$line" = "NKP-MARKERS-WRITTEN tpm=$mark disk=$mark" ] || fail "guest said: $line"
+lab_wait_serial a "$dom" 'NKP-TICK 3$' 30 >/dev/null || fail "guest does not tick on a"
+pass "guest running and counting on a"
+
+last_tick() { # host: the last NKP-TICK number in that host's serial log
+    tr -d '\r' < "$(lab_serial_path "$1" "$dom")" | sed -n 's/^NKP-TICK \([0-9]*\)$/\1/p' | tail -n1
+}
+first_tick() {
+    tr -d '\r' < "$(lab_serial_path "$1" "$dom")" | sed -n 's/^NKP-TICK \([0-9]*\)$/\1/p' | head -n1
+}
+
+migrate() { # src dst dst_addr
+    local src=$1 dst=$2 daddr=$3 t before after first
+    before=$(last_tick "$src")
+    t=$(lab_now)
+    lab_virsh "$src" migrate --live --unsafe --persistent --undefinesource "$dom" \
+        "qemu+tcp://$daddr/system" || fail "migrate $src -> $dst"
+    timing "live migration $src -> $dst: $(lab_since "$t") s wall (virsh migrate)"
+    local info
+    info=$(lab_virsh "$dst" domjobinfo "$dom" --completed 2>/dev/null || true)
+    if [ -n "$info" ]; then
+        timing "$src -> $dst: $(grep -E 'Time elapsed:|Total downtime:' <<<"$info" | tr -s ' ' | tr '\n' ';')"
+    fi
+    [ "$(lab_virsh "$dst" domstate "$dom")" = running ] || fail "not running on $dst after the move"
+    lab_virsh "$src" dominfo "$dom" >/dev/null 2>&1 && fail "still defined on $src after --undefinesource"
+    lab_virsh "$dst" dumpxml --inactive "$dom" >/dev/null || fail "no persistent definition on $dst"
+    # the counter goes on, on the destination's own log, without a reboot
+    first= ; after=
+    for ((i = 0; i < 100; i++)); do
+        first=$(first_tick "$dst" 2>/dev/null || true)
+        after=$(last_tick "$dst" 2>/dev/null || true)
+        if [ -n "$first" ] && [ -n "$after" ] && [ "$after" -ge $((first + 3)) ]; then break; fi
+        sleep 0.2
+    done
+    [ -n "$after" ] && [ "$after" -ge $((first + 3)) ] || fail "guest does not tick on $dst (first=$first last=$after)"
+    [ "$first" -gt "$before" ] || fail "counter restarted on $dst: $first after $before on $src"
+    tr -d '\r' < "$(lab_serial_path "$dst" "$dom")" | grep -q -E 'NKP-GUEST-UP|NKP-MARKERS-WRITTEN' \
+        && fail "the guest rebooted on $dst"
+    pass "live-migrated $src -> $dst: counter went on ($before on $src, $first..$after on $dst)"
+}
+
+migrate a b "$ADDR_B"
+# the vTPM state travelled in the stream into b's own swtpm directory
+[ -e "$(lab_path b "/var/lib/libvirt/swtpm/$uuid/tpm2/tpm2-00.permall")" ] || fail "no vTPM state on b after the move"
+pass "vTPM state arrived in b's own /var/lib/libvirt/swtpm"
+migrate b a "$ADDR_A"
+
+lab_virsh a destroy "$dom" >/dev/null || fail "destroy on a"
+t=$(lab_now)
+pa=$(stat -L -c %i "$LAB_DIR/hosts/a/ns/net"); pb=$(stat -L -c %i "$LAB_DIR/hosts/b/ns/net")
+lab_cleanup_all
+timing "cleanup of both hosts $(lab_since "$t") s"
+left=""
+for p in /proc/[0-9]*; do
+    case "$(readlink "$p/ns/net" 2>/dev/null)" in "net:[$pa]"|"net:[$pb]") left+=" ${p#/proc/}";; esac
+done
+[ -z "$left" ] || fail "processes left in the hosts' namespaces:$left"
+grep -q " $LAB_DIR[/ ]" /proc/self/mountinfo && fail "mounts left under $LAB_DIR"
+[ ! -e "$LAB_DIR" ] || [ "${LAB_KEEP:-0}" = 1 ] || fail "$LAB_DIR not removed"
+pass "both hosts down: no processes, no mounts, no state"
+timing "total $(lab_since "$t0") s"
+echo "PASS: $T"
+exit 0
