@@ -142,6 +142,9 @@ nk "$hb" --connect test:///default provider delete dev
 check "provider delete dev" '[ $rc = 0 ]'
 nk "$hb" --json host status
 check "a deleted provider stays cached, flagged" 'echo "$out" | jq -e "(.cached_providers[] | select(.name==\"dev\") | .deleted) == true" >/dev/null'
+check "status counts the alarms" 'echo "$out" | jq -e ".alarms >= 1" >/dev/null'
+nk "$hb" --json alarms
+check "alarms: provider-deleted for dev" 'echo "$out" | jq -e "any(.[]; .kind == \"provider-deleted\" and .subject == \"dev\")" >/dev/null'
 nk "$hb" host status
 check "status text says deleted" '[[ $out == *"(deleted from the store; gone at reboot)"* ]]'
 nk "$hb" host flush-cache
