@@ -56,6 +56,7 @@ fi
 key=$( { sha256sum "$self" | cut -d' ' -f1; basename "$deb"; sha256sum /bin/busybox /usr/bin/tpm2 | cut -d' ' -f1; } | sha256sum | cut -c1-16)
 out="$cache/guest-$key"
 if [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ]; then
+    touch "$out"        # in use: not pruned
     echo "KERNEL=$out/vmlinuz"
     echo "INITRD=$out/initrd.img"
     exit 0
@@ -197,6 +198,8 @@ cp "$work/boot/vmlinuz-$kver" "$work/out/vmlinuz"
 ( cd "$root" && find . -mindepth 1 | sed 's|^\./||' | busybox cpio -o -H newc 2>/dev/null ) | gzip -6 > "$work/out/initrd.img"
 rm -rf "$out"
 mv "$work/out" "$out"
+# prune guests of other build.sh versions nobody used for 3 days
+find "$cache" -maxdepth 1 -name 'guest-*' -type d -mtime +3 ! -path "$out" -exec rm -rf {} + 2>/dev/null || true
 log "initrd $(du -h "$out/initrd.img" | cut -f1), kernel $kver"
 echo "KERNEL=$out/vmlinuz"
 echo "INITRD=$out/initrd.img"
