@@ -184,6 +184,10 @@ for i in $(seq 1 20); do
 done
 read -r med p95 < <(printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)], a[int(NR*0.95+0.999)]}')
 timing "hook prepare wall time (20 runs, via nsenter): median ${med} ms, p95 ${p95} ms"
+phases=$(lab_exec a env NKP_HOOK_TIMING=1 /etc/libvirt/hooks/qemu.d/nkp "$dom" prepare begin - < "$hookxml" 2>&1 >/dev/null) \
+    || fail "hook prepare with timing: $phases"
+lab_exec a /etc/libvirt/hooks/qemu.d/nkp "$dom" release end - < "$hookxml" || fail "hook release by hand"
+timing "hook phases (since exec): ${phases#nkp: timing }"
 [ -z "$(lab_virsh a secret-list)" ] || fail "secrets left after hook release"
 
 # ---- host "reboot" with the provider present: unattended start ---------------------
