@@ -71,19 +71,78 @@ lab_check_env() {
     return 0
 }
 
-# lab_init: make LAB_DIR, install the cleanup trap, build/fetch the guest.
+# lab_init [--no-guest]: reap labs whose test died (SIGKILL), make LAB_DIR,
+# install the cleanup trap, build/fetch the guest and pick the accelerator.
 lab_init() {
+    lab_reap_stale
     if [ -z "$LAB_DIR" ]; then
         mkdir -p "$LAB_TMP"
         LAB_DIR=$(mktemp -d "$LAB_TMP/nkp-lab.XXXXXX")
     fi
     mkdir -p "$LAB_DIR/hosts" "$LAB_DIR/shared"
+    echo "$$ $(_lab_starttime $$)" > "$LAB_DIR/owner"
     export LAB_DIR
     trap 'lab_cleanup_all' EXIT
     trap 'exit 130' INT
     trap 'exit 143' TERM
     lab_log "LAB_DIR=$LAB_DIR"
-    if [ "${1:-}" != --no-guest ]; then lab_guest_build; fi
+    if [ "${1:-}" != --no-guest ]; then lab_guest_build && lab_accel; fi
+}
+
+# fields of /proc/PID/stat after "pid (comm) ": 1 = state, 20 = start time
+_lab_stat() {
+    local l f=$2
+    l=$(cat "/proc/$1/stat" 2>/dev/null) || { echo gone; return 0; }
+    l=${l##*) }
+    # shellcheck disable=SC2086
+    set -- $l
+    echo "${!f}"
+}
+_lab_starttime() { _lab_stat "$1" 20; }
+
+# lab_reap_stale: tear down labs under LAB_TMP whose owning test process is
+# gone (killed with SIGKILL, so its EXIT trap never ran). Labs of tests
+# that still run are left alone.
+lab_reap_stale() {
+    local d pid st
+    for d in "$LAB_TMP"/nkp-lab.*; do
+        [ -f "$d/owner" ] || continue
+        read -r pid st < "$d/owner" || continue
+        if [ -d "/proc/$pid" ] && [ "$(_lab_starttime "$pid")" = "$st" ]; then continue; fi
+        lab_say "reaping stale lab $d (its test, pid $pid, is gone)"
+        ( LAB_DIR=$d; LAB_KEEP=0; trap - EXIT; lab_cleanup_all ) || true
+    done
+}
+
+# lab_accel: LAB_DOMAIN_TYPE = kvm if a guest provably boots under KVM here
+# (probe cached per machine kernel, QEMU and guest), else qemu (TCG).
+# LAB_ACCEL=tcg|kvm|auto (default auto) overrides.
+lab_accel() {
+    [ -z "${LAB_DOMAIN_TYPE:-}" ] || return 0
+    case ${LAB_ACCEL:-auto} in
+        tcg|qemu) LAB_DOMAIN_TYPE=qemu ;;
+        kvm) LAB_DOMAIN_TYPE=kvm ;;
+        *)
+            LAB_DOMAIN_TYPE=qemu
+            if [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
+                local key f out
+                key=$(echo "$(uname -r) $(qemu-system-x86_64 --version | head -n1) $LAB_GUEST_KERNEL $LAB_GUEST_INITRD" \
+                      | sha256sum | cut -c1-16)
+                f="$NKP_LAB_CACHE/accel-probe-$key"
+                if [ ! -s "$f" ]; then
+                    out=$(mktemp)
+                    timeout -k 5 25 qemu-system-x86_64 -machine q35,accel=kvm -m 256 -display none \
+                        -no-reboot -serial "file:$out" -kernel "$LAB_GUEST_KERNEL" -initrd "$LAB_GUEST_INITRD" \
+                        -append "console=ttyS0 quiet panic=-1 nkp.probe=1" >/dev/null 2>&1 || true
+                    if grep -q NKP-PROBE-OK "$out"; then echo kvm > "$f"; else echo qemu > "$f"; fi
+                    rm -f "$out"
+                fi
+                LAB_DOMAIN_TYPE=$(cat "$f")
+            fi
+            ;;
+    esac
+    export LAB_DOMAIN_TYPE
+    lab_log "domain type: $LAB_DOMAIN_TYPE"
 }
 
 lab_guest_build() {
@@ -286,6 +345,26 @@ lab_host_pids() {
     done
 }
 
+# lab_procs_snapshot HOST…: "pid starttime" of every process of those hosts;
+# lab_procs_alive SNAPSHOT: those still alive (by pid AND start time: after
+# a host is gone its namespace inode numbers are reused by new namespaces).
+lab_procs_snapshot() {
+    local n p
+    for n in "$@"; do
+        for p in $(lab_host_pids "$n"); do echo "$p $(_lab_starttime "$p")"; done
+    done
+}
+lab_procs_alive() {
+    local pid st
+    while read -r pid st; do
+        [ -n "$pid" ] || continue
+        if [ "$(_lab_starttime "$pid")" = "$st" ] \
+           && [ "$(_lab_stat "$pid" 1)" != Z ]; then   # zombies: dead, not yet reaped
+            echo "$pid($(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | cut -c1-60))"
+        fi
+    done <<<"$1"
+}
+
 # lab_host_stop NAME: stop every process of the host (libvirtd, virtlogd,
 # qemu, swtpm, anything) by PID; keeps namespaces and state (a "reboot" is
 # lab_host_stop + lab_host_start).
@@ -344,6 +423,7 @@ lab_cleanup_all() {
             [ -d "$h" ] || continue
             lab_host_down "$(basename "$h")"
         done
+        rm -f "$LAB_DIR/owner"
         if [ "${LAB_KEEP:-0}" = 1 ]; then
             lab_say "kept $LAB_DIR (LAB_KEEP=1)"
         elif ! grep -q " $LAB_DIR[/ ]" /proc/self/mountinfo; then
@@ -474,13 +554,14 @@ lab_guest_xml() {
     done
     [ -n "$name" ] && [ -n "$disk" ] || { lab_die "lab_guest_xml: --name and --disk needed"; return 1; }
     [ -n "$LAB_GUEST_KERNEL" ] || lab_guest_build
+    lab_accel
     : "${uuid:=$(cat /proc/sys/kernel/random/uuid)}"
     : "${serial:=/var/log/nkp-guest/$name.serial}"
     local cmdline="console=ttyS0 quiet panic=-1"
     [ -z "$marker" ] || cmdline+=" nkp.marker=$marker"
     [ $poweroff = 0 ] || cmdline+=" nkp.poweroff=1"
     cat <<EOF
-<domain type='qemu'>
+<domain type='$LAB_DOMAIN_TYPE'>
   <name>$name</name>
   <uuid>$uuid</uuid>
   <memory unit='MiB'>$mem</memory>

@@ -27,6 +27,7 @@ fi
 t0=$(lab_now)
 lab_init || fail "guest build failed"
 timing "guest kernel+initramfs ready in $(lab_since "$t0") s"
+echo "INFO: $T: domain type $LAB_DOMAIN_TYPE, LAB_DIR $LAB_DIR"
 
 t=$(lab_now)
 lab_host_up a || fail "host a did not come up"
@@ -86,7 +87,20 @@ for boot in 2 3; do
     [ "$line" = "NKP-DISK-MARKER=$mark" ] || fail "boot #$boot disk marker: $line (want $mark)"
     pass "boot #$boot read both markers back"
     t=$(lab_now)
-    lab_virsh a destroy "$dom" >/dev/null || fail "destroy #$boot"
+    if [ $boot = 2 ]; then
+        lab_virsh a destroy "$dom" >/dev/null || fail "destroy #$boot"
+    else
+        # graceful: ACPI power button -> the guest's acpid powers off
+        lab_virsh a shutdown "$dom" >/dev/null || fail "shutdown #$boot"
+        for ((i = 0; i < 300; i++)); do
+            [ "$(lab_virsh a domstate "$dom" 2>/dev/null)" = "shut off" ] && break
+            sleep 0.2
+        done
+        [ "$(lab_virsh a domstate "$dom")" = "shut off" ] || fail "guest ignored virsh shutdown"
+        lab_wait_serial a "$dom" 'NKP-ACPI-POWEROFF' 1 >/dev/null || fail "no NKP-ACPI-POWEROFF line"
+        timing "virsh shutdown to shut off $(lab_since "$t") s"
+        pass "virsh shutdown powers the guest off"
+    fi
     rm -f "$serial"
 done
 
@@ -127,15 +141,13 @@ pass "control guest: marker visible in clear state and plain qcow2 (checks are m
 
 # Down, and nothing left behind.
 hostdir=$LAB_DIR/hosts/a
-mi=$(stat -L -c %i "$hostdir/ns/mnt")
+procs=$(lab_procs_snapshot a)
+[ -n "$procs" ] || fail "no processes seen in host a before host down"
 t=$(lab_now)
 lab_host_down a || fail "host down"
 timing "host down in $(lab_since "$t") s"
-left=""
-for p in /proc/[0-9]*; do
-    [ "$(readlink "$p/ns/mnt" 2>/dev/null)" = "mnt:[$mi]" ] && left+=" ${p#/proc/}"
-done
-[ -z "$left" ] || fail "processes left in host a's namespace:$left"
+left=$(lab_procs_alive "$procs")
+[ -z "$left" ] || fail "processes of host a left: $left"
 grep -q " $LAB_DIR[/ ]" /proc/self/mountinfo && fail "mounts left under $LAB_DIR"
 [ ! -e "$hostdir" ] || fail "$hostdir not removed"
 pass "host down: no processes, no mounts, state removed"

@@ -32,6 +32,7 @@ ADDR_B=10.77.0.2
 
 t0=$(lab_now)
 lab_init || fail "guest build failed"
+echo "INFO: $T: domain type $LAB_DOMAIN_TYPE, LAB_DIR $LAB_DIR"
 
 t=$(lab_now)
 lab_host_create a "$ADDR_A/24" || fail "create host a"
@@ -109,14 +110,12 @@ migrate b a "$ADDR_A"
 
 lab_virsh a destroy "$dom" >/dev/null || fail "destroy on a"
 t=$(lab_now)
-pa=$(stat -L -c %i "$LAB_DIR/hosts/a/ns/net"); pb=$(stat -L -c %i "$LAB_DIR/hosts/b/ns/net")
+procs=$(lab_procs_snapshot a b)
+[ -n "$procs" ] || fail "no processes seen in the hosts before cleanup"
 lab_cleanup_all
 timing "cleanup of both hosts $(lab_since "$t") s"
-left=""
-for p in /proc/[0-9]*; do
-    case "$(readlink "$p/ns/net" 2>/dev/null)" in "net:[$pa]"|"net:[$pb]") left+=" ${p#/proc/}";; esac
-done
-[ -z "$left" ] || fail "processes left in the hosts' namespaces:$left"
+left=$(lab_procs_alive "$procs")
+[ -z "$left" ] || fail "processes of the hosts left: $left"
 grep -q " $LAB_DIR[/ ]" /proc/self/mountinfo && fail "mounts left under $LAB_DIR"
 [ ! -e "$LAB_DIR" ] || [ "${LAB_KEEP:-0}" = 1 ] || fail "$LAB_DIR not removed"
 pass "both hosts down: no processes, no mounts, no state"

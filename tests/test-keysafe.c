@@ -182,6 +182,20 @@ static void test_namespace_forms(Fixture *f, gconstpointer data)
         g_autofree char *b_xml = format(b);
         g_assert_cmpstr(b_xml, ==, canonical);
 
+        /* exactly as libvirt 9.0 hands it back (checked with virsh -c
+         * test:///default): virDomainGetMetadata() drops the namespace from
+         * the elements but leaves the prefix declaration; the domain XML
+         * keeps ours and adds its own. */
+        g_autofree char *got = replace_once(xml, " xmlns=\"" NS "\"", " xmlns:nkp=\"" NS "\"");
+        g_autoptr(nkp_keysafe) e = parse_ok(got);
+        g_autofree char *e_xml = format(e);
+        g_assert_cmpstr(e_xml, ==, canonical);
+        g_autofree char *dumped = replace_once(xml, " xmlns=\"" NS "\"",
+                                               " xmlns=\"" NS "\" xmlns:nkp=\"" NS "\"");
+        g_autoptr(nkp_keysafe) g = parse_ok(dumped);
+        g_autofree char *g_xml = format(g);
+        g_assert_cmpstr(g_xml, ==, canonical);
+
         /* comments and an XML declaration are fine */
         g_autofree char *decl = g_strconcat("<?xml version=\"1.0\"?>\n<!-- nkp -->\n", xml, NULL);
         g_autoptr(nkp_keysafe) c = parse_ok(decl);
@@ -236,6 +250,49 @@ static void test_flip_every_bit(Fixture *f, gconstpointer data)
                 flipped++;
         }
         g_assert_cmpuint(flipped, ==, 480);
+}
+
+static void put_lp(GByteArray *aad, const void *data, size_t len)
+{
+        const guint8 be[4] = { (guint8) (len >> 24), (guint8) (len >> 16), (guint8) (len >> 8), (guint8) len };
+        g_byte_array_append(aad, be, 4);
+        g_byte_array_append(aad, data, (guint) len);
+}
+
+static void put_lp_uuid(GByteArray *aad, const char *uuid)
+{
+        uint8_t raw[16];
+        g_assert_cmpint(nkp_uuid_parse(uuid, raw), ==, 0);
+        put_lp(aad, raw, sizeof raw);
+}
+
+/* The layout documented at the top of keysafe.c, rebuilt by hand: the
+ * wrapped DEK opens with plain AES-256-GCM under exactly that AAD. */
+static void test_documented_layout(Fixture *f, gconstpointer data)
+{
+        (void) data;
+        g_autofree char *xml = format(f->ks);
+        g_autofree char *b64 = wrapped_attr(xml, "tpm0");
+        gsize n = 0;
+        g_autofree guchar *wrapped = g_base64_decode(b64, &n);
+        g_assert_cmpuint(n, ==, 12 + 32 + 16);
+
+        g_autoptr(GByteArray) aad = g_byte_array_new();
+        static const guint8 version[4] = { 0, 0, 0, 1 };
+        put_lp(aad, "nkp keysafe dek", 15);
+        put_lp(aad, version, 4);
+        put_lp_uuid(aad, VM_UUID);
+        put_lp(aad, "vtpm", 4);
+        put_lp(aad, "tpm0", 4);
+        put_lp_uuid(aad, SECRET_TPM);
+        put_lp_uuid(aad, KEY_ID);
+
+        uint8_t dek[32];
+        g_assert_cmpint(nkp_aes256gcm_open(nkp_secret_data(f->kek), 32, wrapped, 12, aad->data, aad->len,
+                                           wrapped + 12, 32, wrapped + 44, 16, dek),
+                        ==, 0);
+        g_assert_cmpmem(dek, sizeof dek, nkp_secret_data(f->dek_tpm), 32);
+        nkp_wipe(dek, sizeof dek);
 }
 
 static void test_bound_fields(Fixture *f, gconstpointer data)
@@ -663,6 +720,45 @@ static void test_rewrap_all_or_nothing(Fixture *f, gconstpointer data)
         g_assert_cmpstr(still, ==, before);
 }
 
+/* The public entry points that take a provider object. */
+static nkp_provider *provider_for(const char *name, const char *key_id, const char *fingerprint)
+{
+        NkpStoreEntry e = { 0 };
+        g_strlcpy(e.name, name, sizeof e.name);
+        g_strlcpy(e.key_id, key_id, sizeof e.key_id);
+        g_strlcpy(e.fingerprint, fingerprint, sizeof e.fingerprint);
+        nkp_provider *p = nkp_provider_from_entry(&e);
+        g_assert_nonnull(p);
+        return p;
+}
+
+static void test_provider_entry_points(Fixture *f, gconstpointer data)
+{
+        (void) data;
+        g_autoptr(nkp_provider) prod = provider_for("prod", KEY_ID, f->fingerprint);
+        g_autoptr(nkp_keysafe) ks = NULL;
+        g_assert_cmpint(nkp_keysafe_new(VM_UUID, prod, &ks), ==, 0);
+        g_assert_cmpstr(nkp_keysafe_provider_name(ks), ==, "prod");
+        g_assert_cmpstr(nkp_keysafe_provider_key_id(ks), ==, KEY_ID);
+        g_assert_cmpstr(nkp_keysafe_provider_fingerprint(ks), ==, f->fingerprint);
+        g_autoptr(nkp_secret) kek = derive_kek(ks, f->kdk);
+        g_assert_cmpint(nkp_keysafe_put_dek(ks, kek, "vtpm", "tpm0", SECRET_TPM, f->dek_tpm), ==, 0);
+
+        g_autoptr(nkp_secret) kdk2 = random_key();
+        g_autofree char *fp2 = NULL;
+        g_assert_cmpint(nkp_kdk_fingerprint(kdk2, &fp2), ==, 0);
+        g_autoptr(nkp_provider) site2 = provider_for("site2", KEY_ID2, fp2);
+        g_autofree char *before = format(ks);
+        /* f->kek belongs to another keysafe (other salt): refused, unchanged */
+        g_assert_cmpint(nkp_keysafe_rewrap(ks, f->kek, site2, kdk2), ==, -EBADMSG);
+        g_autofree char *unchanged = format(ks);
+        g_assert_cmpstr(unchanged, ==, before);
+        g_assert_cmpint(nkp_keysafe_rewrap(ks, kek, site2, kdk2), ==, 0);
+        g_assert_cmpstr(nkp_keysafe_provider_name(ks), ==, "site2");
+        g_autoptr(nkp_secret) kek2 = derive_kek(ks, kdk2);
+        assert_dek(ks, kek2, "vtpm", "tpm0", f->dek_tpm);
+}
+
 int main(int argc, char **argv)
 {
         g_test_init(&argc, &argv, NULL);
@@ -670,6 +766,7 @@ int main(int argc, char **argv)
         ADD("round-trip", test_round_trip);
         ADD("namespace-forms", test_namespace_forms);
         ADD("flip-every-bit", test_flip_every_bit);
+        ADD("documented-layout", test_documented_layout);
         ADD("bound-fields", test_bound_fields);
         ADD("wrong-kek", test_wrong_kek);
         ADD("versions", test_versions);
@@ -680,6 +777,7 @@ int main(int argc, char **argv)
         ADD("put-get-remove", test_put_get_remove);
         ADD("rewrap", test_rewrap);
         ADD("rewrap-all-or-nothing", test_rewrap_all_or_nothing);
+        ADD("provider-entry-points", test_provider_entry_points);
 #undef ADD
         g_test_add_func("/keysafe/new-validation", test_new_validation);
         return g_test_run();

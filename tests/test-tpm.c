@@ -2,6 +2,7 @@
 /* Sealing KDKs to a TPM: tpm.c against throwaway swtpm instances. */
 #include <errno.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -309,6 +310,325 @@ static void test_tpm_bad_blobs(void)
                 testutil_isolated(bad_blob_body);
 }
 
+/* ---- provider level: provider.c, the store, the cache and the TPM together -- */
+
+/* Every file under `dir` must hold no form of `kdk`. */
+static void assert_tree_has_no_key(const char *dir, const nkp_secret *kdk)
+{
+        GDir *d = g_dir_open(dir, 0, NULL);
+        g_assert_nonnull(d);
+        const char *name;
+        while ((name = g_dir_read_name(d))) {
+                g_autofree char *path = g_build_filename(dir, name, NULL);
+                if (g_file_test(path, G_FILE_TEST_IS_DIR)) {
+                        assert_tree_has_no_key(path, kdk);
+                        continue;
+                }
+                g_autofree char *data = NULL;
+                gsize len = 0;
+                g_assert_true(g_file_get_contents(path, &data, &len, NULL));
+                assert_no_key_bytes(data, len, kdk);
+        }
+        g_dir_close(d);
+}
+
+typedef struct {
+        uint8_t salt[NKP_KEK_SALT_SIZE];
+        uint8_t iv[NKP_GCM_IV_SIZE];
+        uint8_t wrapped[NKP_DEK_SIZE];
+        uint8_t tag[NKP_GCM_TAG_SIZE];
+} WrappedDek;
+
+#define VM_UUID "5f0c2a8e-3b1d-4c6e-9f7a-2d4b6c8e0a13"
+
+static void wrap_dek(const nkp_secret *kdk, const char *key_id, const nkp_secret *dek, WrappedDek *w)
+{
+        g_assert_cmpint(nkp_random_bytes(w->salt, sizeof w->salt), ==, 0);
+        g_assert_cmpint(nkp_random_bytes(w->iv, sizeof w->iv), ==, 0);
+        g_autoptr(nkp_secret) kek = NULL;
+        g_assert_cmpint(nkp_kek_derive(kdk, w->salt, key_id, VM_UUID, &kek), ==, 0);
+        g_assert_cmpint(nkp_aes256gcm_seal(nkp_secret_data(kek), w->iv, sizeof w->iv,
+                                           (const uint8_t *) VM_UUID, strlen(VM_UUID),
+                                           nkp_secret_data(dek), NKP_DEK_SIZE, w->wrapped, w->tag),
+                        ==, 0);
+}
+
+static nkp_secret *unwrap_dek(const nkp_secret *kdk, const char *key_id, const WrappedDek *w)
+{
+        g_autoptr(nkp_secret) kek = NULL;
+        g_assert_cmpint(nkp_kek_derive(kdk, w->salt, key_id, VM_UUID, &kek), ==, 0);
+        nkp_secret *dek = NULL;
+        g_assert_cmpint(nkp_secret_new(NKP_DEK_SIZE, &dek), ==, 0);
+        g_assert_cmpint(nkp_aes256gcm_open(nkp_secret_data(kek), NKP_KEK_SIZE, w->iv, sizeof w->iv,
+                                           (const uint8_t *) VM_UUID, strlen(VM_UUID), w->wrapped,
+                                           NKP_DEK_SIZE, w->tag, NKP_GCM_TAG_SIZE,
+                                           nkp_secret_data_mut(dek)),
+                        ==, 0);
+        return dek;
+}
+
+static nkp_secret *get_kdk_ok(nkp_context *ctx, const char *key_id)
+{
+        nkp_secret *kdk = NULL;
+        int r = nkp_provider_get_kdk(ctx, key_id, &kdk);
+        if (r < 0)
+                g_error("get_kdk %s: %s", key_id, nkp_error_message());
+        return kdk;
+}
+
+static bool cached(nkp_context *ctx, const char *key_id)
+{
+        nkp_secret *s = NULL;
+        int r = nkp_cache_get(ctx, key_id, &s, NULL);
+        nkp_secret_free(s);
+        return r == 0;
+}
+
+static void provider_reboot_body(const char *tmp)
+{
+        g_autofree char *state = g_build_filename(tmp, "tpm", NULL);
+        TestSwtpm *sw = testutil_swtpm_start(state);
+        g_autofree char *root = testutil_make_root(tmp, "host", testutil_swtpm_tcti(sw));
+        g_autoptr(nkp_context) ctx = ctx_for(root);
+
+        g_autoptr(nkp_provider) p = NULL;
+        g_assert_cmpint(nkp_provider_create(ctx, "prod", NKP_PROVIDER_REQUIRE_TPM, &p), ==, 0);
+        g_assert_cmpint(nkp_provider_seal(p), ==, NKP_SEAL_TPM);
+        const char *key_id = nkp_provider_key_id(p);
+        g_assert_true(cached(ctx, key_id)); /* create warms the cache */
+        g_autoptr(nkp_secret) kdk = get_kdk_ok(ctx, key_id);
+
+        g_autoptr(nkp_secret) dek = NULL;
+        g_assert_cmpint(nkp_secret_new_random(NKP_DEK_SIZE, &dek), ==, 0);
+        WrappedDek w;
+        wrap_dek(kdk, key_id, dek, &w);
+
+        /* The store holds no form of the KDK. */
+        g_autofree char *store = g_build_filename(root, "var/lib/nkp", NULL);
+        assert_tree_has_no_key(store, kdk);
+
+        /* "Reboot": the cache is gone, the TPM restarts on its state. */
+        g_assert_cmpint(nkp_cache_flush(ctx), ==, 0);
+        testutil_swtpm_restart(sw);
+        testutil_root_set_tcti(root, testutil_swtpm_tcti(sw));
+        g_autoptr(nkp_context) ctx2 = ctx_for(root);
+        g_assert_false(cached(ctx2, key_id));
+
+        g_autoptr(nkp_secret) kdk2 = get_kdk_ok(ctx2, key_id); /* unsealed */
+        g_assert_true(nkp_secret_equal(kdk, kdk2));
+        g_assert_true(cached(ctx2, key_id));
+        g_autoptr(nkp_secret) dek2 = unwrap_dek(kdk2, key_id, &w);
+        g_assert_true(nkp_secret_equal(dek, dek2));
+        assert_tree_has_no_key(store, kdk);
+
+        /* Deleted from the store: still in the cache, flagged, until flush. */
+        g_assert_cmpint(nkp_provider_delete(ctx2, "prod", 0, false), ==, 0);
+        g_autoptr(nkp_secret) kdk3 = get_kdk_ok(ctx2, key_id);
+        g_assert_true(nkp_secret_equal(kdk, kdk3));
+        NkpCacheInfo info;
+        nkp_secret *s = NULL;
+        g_assert_cmpint(nkp_cache_get(ctx2, key_id, &s, &info), ==, 0);
+        nkp_secret_free(s);
+        g_assert_true(info.deleted);
+        g_assert_cmpint(nkp_cache_flush(ctx2), ==, 0);
+        g_assert_cmpint(nkp_provider_get_kdk(ctx2, key_id, &s), ==, -ENOENT);
+
+        testutil_swtpm_stop(sw);
+}
+
+static void test_tpm_provider_reboot(void)
+{
+        if (need_swtpm())
+                testutil_isolated(provider_reboot_body);
+}
+
+static void copy_tree(const char *from, const char *to)
+{
+        g_autofree char *cmd = g_strdup_printf("cp -a '%s' '%s'", from, to);
+        int status = system(cmd);
+        g_assert_cmpint(status, ==, 0);
+}
+
+static void stolen_disk_restore(const char *tmp, nkp_context *ca, nkp_context *cb, nkp_context *cc,
+                                const char *rc, const char *key_id, const nkp_secret *kdk)
+{
+        /* The backup restored on a host with that TPM works and is sealed
+         * to it. */
+        g_autofree char *p12 = g_build_filename(tmp, "prod.p12", NULL);
+        g_autoptr(nkp_secret) pw = NULL;
+        g_assert_cmpint(nkp_secret_new_copy("correct horse", 13, &pw), ==, 0);
+        int r = nkp_provider_backup(ca, "prod", p12, pw);
+        if (r == -ENOSYS) {
+                testutil_incomplete("provider backup/restore are not implemented yet");
+                return;
+        }
+        g_assert_cmpint(r, ==, 0);
+        g_autoptr(nkp_provider) q = NULL;
+        bool already = true;
+        nkp_secret *s = NULL;
+        g_assert_cmpint(nkp_provider_restore(cc, p12, pw, &q, &already), ==, 0);
+        g_assert_false(already);
+        g_assert_cmpint(nkp_provider_seal(q), ==, NKP_SEAL_TPM);
+        g_assert_cmpstr(nkp_provider_key_id(q), ==, key_id);
+        g_autofree char *store_c = g_build_filename(rc, "var/lib/nkp", NULL);
+        assert_tree_has_no_key(store_c, kdk);
+        g_assert_cmpint(nkp_cache_flush(cc), ==, 0);
+        g_autoptr(nkp_secret) kc = get_kdk_ok(cc, key_id);
+        g_assert_true(nkp_secret_equal(kc, kdk));
+
+        /* Restored over the copied store on host B: it must end up sealed
+         * to B's TPM too. */
+        g_autoptr(nkp_provider) q2 = NULL;
+        r = nkp_provider_restore(cb, p12, pw, &q2, &already);
+        g_test_message("restore over the stolen store: %d already=%d %s", r, already,
+                       nkp_error_message());
+        g_assert_cmpint(r, ==, 0);
+        g_assert_cmpint(nkp_cache_flush(cb), ==, 0);
+        r = nkp_provider_get_kdk(cb, key_id, &s);
+        if (r < 0) {
+                g_test_message("after the restore: %s", nkp_error_message());
+                testutil_incomplete("restore of a provider already in a store sealed to another TPM "
+                                  "is a no-op: it should re-seal it to this host's TPM");
+        } else {
+                g_assert_true(nkp_secret_equal(s, kdk));
+                nkp_secret_free(s);
+        }
+}
+
+static void stolen_disk_body(const char *tmp)
+{
+        g_autofree char *state_a = g_build_filename(tmp, "tpm-a", NULL);
+        g_autofree char *state_b = g_build_filename(tmp, "tpm-b", NULL);
+        TestSwtpm *sw_a = testutil_swtpm_start(state_a);
+        TestSwtpm *sw_b = testutil_swtpm_start(state_b);
+        g_autofree char *ra = testutil_make_root(tmp, "host-a", testutil_swtpm_tcti(sw_a));
+        g_autofree char *rb = testutil_make_root(tmp, "host-b", testutil_swtpm_tcti(sw_b));
+        g_autofree char *rc = testutil_make_root(tmp, "host-c", testutil_swtpm_tcti(sw_b));
+        g_autoptr(nkp_context) ca = ctx_for(ra), cb = ctx_for(rb), cc = ctx_for(rc);
+
+        g_autoptr(nkp_provider) p = NULL;
+        g_assert_cmpint(nkp_provider_create(ca, "prod", 0, &p), ==, 0);
+        const char *key_id = nkp_provider_key_id(p);
+        g_autoptr(nkp_secret) kdk = get_kdk_ok(ca, key_id);
+
+        /* The disk is stolen: host A's store lands on host B, whose TPM is
+         * another one. */
+        g_autofree char *store_a = g_build_filename(ra, "var/lib/nkp", NULL);
+        g_autofree char *var_b = g_build_filename(rb, "var/lib", NULL);
+        g_assert_cmpint(g_mkdir_with_parents(var_b, 0755), ==, 0);
+        copy_tree(store_a, var_b);
+        g_autoptr(GHashTable) before = testutil_snapshot_tree(rb);
+        nkp_secret *s = NULL;
+        double t0 = now_s();
+        int r = nkp_provider_get_kdk(cb, key_id, &s);
+        g_test_message("stolen disk: %d %s (%.3f s)", r, nkp_error_message(), now_s() - t0);
+        g_assert_cmpint(r, ==, -ENXIO);
+        g_assert_null(s);
+        g_assert_nonnull(strstr(nkp_error_message(), "'prod'"));
+        g_assert_nonnull(strstr(nkp_error_message(), "different TPM"));
+        g_assert_false(cached(cb, key_id));
+        testutil_assert_same_tree(before, rb);
+
+        stolen_disk_restore(tmp, ca, cb, cc, rc, key_id, kdk);
+        testutil_swtpm_stop(sw_b);
+        testutil_swtpm_stop(sw_a);
+}
+
+static void test_tpm_provider_stolen_disk(void)
+{
+        if (need_swtpm())
+                testutil_isolated(stolen_disk_body);
+}
+
+static void require_tpm_body(const char *tmp)
+{
+        g_autofree char *root = testutil_make_root(tmp, "notpm", "none");
+        g_autoptr(nkp_context) ctx = ctx_for(root);
+        g_autoptr(GHashTable) before = testutil_snapshot_tree(root);
+        nkp_provider *p = NULL;
+        g_assert_cmpint(nkp_provider_create(ctx, "secure", NKP_PROVIDER_REQUIRE_TPM, &p), ==, -ENODEV);
+        g_assert_null(p);
+        g_assert_nonnull(strstr(nkp_error_message(), "TPM"));
+        testutil_assert_same_tree(before, root);
+        g_autoptr(GArray) list = NULL;
+        g_assert_cmpint(nkp_cache_list(ctx, &list), ==, 0);
+        g_assert_cmpuint(list->len, ==, 0);
+
+        /* A configured TPM that is not there is not "no TPM": refused too,
+         * even without require-tpm (never a silent fallback to the clear
+         * store). */
+        g_autofree char *root2 = testutil_make_root(tmp, "tpm-down", "swtpm:host=127.0.0.1,port=1");
+        g_autoptr(nkp_context) ctx2 = ctx_for(root2);
+        g_autoptr(GHashTable) before2 = testutil_snapshot_tree(root2);
+        g_assert_cmpint(nkp_provider_create(ctx2, "plain", 0, &p), <, 0);
+        g_assert_null(p);
+        g_assert_nonnull(strstr(nkp_error_message(), "swtpm:host=127.0.0.1,port=1"));
+        testutil_assert_same_tree(before2, root2);
+
+        /* Without require-tpm on a host without a TPM: sealed none. */
+        g_assert_cmpint(nkp_provider_create(ctx, "plain", 0, &p), ==, 0);
+        g_assert_cmpint(nkp_provider_seal(p), ==, NKP_SEAL_NONE);
+        nkp_provider_free(p);
+}
+
+static void test_tpm_provider_require_tpm(void)
+{
+        testutil_isolated(require_tpm_body);
+}
+
+static void tpm_gone_body(const char *tmp)
+{
+        g_autofree char *state = g_build_filename(tmp, "tpm", NULL);
+        TestSwtpm *sw = testutil_swtpm_start(state);
+        g_autofree char *tcti = g_strdup(testutil_swtpm_tcti(sw));
+        g_autofree char *root = testutil_make_root(tmp, "host", tcti);
+        g_autoptr(nkp_context) ctx = ctx_for(root);
+        g_autoptr(nkp_provider) warm = NULL, cold = NULL;
+        g_assert_cmpint(nkp_provider_create(ctx, "warm", 0, &warm), ==, 0);
+        g_assert_cmpint(nkp_provider_create(ctx, "cold", 0, &cold), ==, 0);
+        g_autoptr(nkp_secret) kw = get_kdk_ok(ctx, nkp_provider_key_id(warm));
+        g_autoptr(nkp_secret) kc = get_kdk_ok(ctx, nkp_provider_key_id(cold));
+
+        /* After a "reboot" only `warm` was needed again. */
+        g_assert_cmpint(nkp_cache_flush(ctx), ==, 0);
+        g_autoptr(nkp_secret) kw2 = get_kdk_ok(ctx, nkp_provider_key_id(warm));
+
+        /* The TPM hangs, then goes away. */
+        g_assert_cmpint(kill(testutil_swtpm_pid(sw), SIGSTOP), ==, 0);
+        double t0 = now_s();
+        g_autoptr(nkp_secret) kw3 = get_kdk_ok(ctx, nkp_provider_key_id(warm));
+        g_assert_cmpfloat(now_s() - t0, <, 0.5);
+        g_assert_true(nkp_secret_equal(kw, kw3));
+        nkp_secret *s = NULL;
+        t0 = now_s();
+        int r = nkp_provider_get_kdk(ctx, nkp_provider_key_id(cold), &s);
+        double dt = now_s() - t0;
+        g_test_message("cold provider, stuck TPM: %d %s (%.3f s)", r, nkp_error_message(), dt);
+        g_assert_cmpint(r, <, 0);
+        g_assert_null(s);
+        g_assert_nonnull(strstr(nkp_error_message(), "'cold'"));
+        g_assert_nonnull(strstr(nkp_error_message(), tcti));
+        g_assert_cmpfloat(dt, <, 8.0);
+
+        testutil_swtpm_stop(sw);
+        t0 = now_s();
+        r = nkp_provider_get_kdk(ctx, nkp_provider_key_id(cold), &s);
+        dt = now_s() - t0;
+        g_test_message("cold provider, TPM gone: %d %s (%.3f s)", r, nkp_error_message(), dt);
+        g_assert_cmpint(r, <, 0);
+        g_assert_nonnull(strstr(nkp_error_message(), "'cold'"));
+        g_assert_nonnull(strstr(nkp_error_message(), tcti));
+        g_assert_cmpfloat(dt, <, 2.0);
+        g_autoptr(nkp_secret) kw4 = get_kdk_ok(ctx, nkp_provider_key_id(warm));
+        g_assert_true(nkp_secret_equal(kw, kw4));
+}
+
+static void test_tpm_provider_tpm_gone(void)
+{
+        if (need_swtpm())
+                testutil_isolated(tpm_gone_body);
+}
+
 int main(int argc, char **argv)
 {
         g_test_init(&argc, &argv, NULL);
@@ -317,5 +637,9 @@ int main(int argc, char **argv)
         g_test_add_func("/tpm/unreachable", test_tpm_unreachable);
         g_test_add_func("/tpm/seal-unseal", test_tpm_seal_unseal);
         g_test_add_func("/tpm/bad-blobs", test_tpm_bad_blobs);
+        g_test_add_func("/tpm/provider/reboot", test_tpm_provider_reboot);
+        g_test_add_func("/tpm/provider/stolen-disk", test_tpm_provider_stolen_disk);
+        g_test_add_func("/tpm/provider/require-tpm", test_tpm_provider_require_tpm);
+        g_test_add_func("/tpm/provider/tpm-gone", test_tpm_provider_tpm_gone);
         return g_test_run();
 }

@@ -37,5 +37,8 @@ void testutil_root_set_tcti(const char *root, const char *tcti);
  * that the body passed.  Call it from a test function registered with
  * g_test_add_func(); `body` must make its roots directly under tmpdir. */
 void testutil_isolated(void (*body)(const char *tmpdir));
+/* From inside an isolated body: marks the test incomplete (TODO) with the
+ * reason, in the subprocess and in the parent. */
+void testutil_incomplete(const char *msg);
 
 #endif

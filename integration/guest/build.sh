@@ -14,6 +14,9 @@
 #   nkp.marker=XYZ   marker to write on the first boot (default "nomarker")
 #   nkp.poweroff=1   power off after writing / reading the markers
 #   nkp.nvindex=0x1500016  the NV index to use
+#   nkp.probe=1      print NKP-PROBE-OK and power off at once (accelerator probe)
+# ACPI power button (virsh shutdown): busybox acpid prints NKP-ACPI-POWEROFF,
+# syncs and powers off.
 # Serial console lines the tests read:
 #   NKP-GUEST-UP, NKP-MARKERS-WRITTEN tpm=X disk=X, NKP-TPM-MARKER=X,
 #   NKP-DISK-MARKER=X, NKP-TICK n, NKP-POWEROFF, NKP-ERROR <why>
@@ -105,13 +108,22 @@ addmod() {
     for d in ${deps//,/ }; do addmod "$d"; done
     order+=("$m")
 }
-for m in virtio_pci virtio_blk virtio_console tpm_crb tpm_tis; do addmod "$m"; done
+for m in virtio_pci virtio_blk virtio_console tpm_crb tpm_tis evdev button; do addmod "$m"; done
 for m in "${order[@]}"; do
     cp "$moddir/${modpath[$m]}" "$root/lib/modules/$m.ko"
     echo "$m" >> "$root/etc/modules.order"
 done
 touch "$root/etc/modules.order"
 log "modules: ${order[*]:-none}"
+
+mkdir -p "$root/etc/acpi/PWRF"
+cat > "$root/etc/acpi/PWRF/00000080" <<'ACPI'
+#!/bin/sh
+echo "NKP-ACPI-POWEROFF" > /dev/console
+sync
+poweroff -f
+ACPI
+chmod 755 "$root/etc/acpi/PWRF/00000080"
 
 # --- /init -------------------------------------------------------------------
 cat > "$root/init" <<'INIT'
@@ -131,6 +143,7 @@ for a in $(cat /proc/cmdline); do
         nkp.marker=*) marker=${a#nkp.marker=} ;;
         nkp.poweroff=1|nkp.poweroff) poweroff=1 ;;
         nkp.nvindex=*) idx=${a#nkp.nvindex=} ;;
+        nkp.probe=1) echo "NKP-PROBE-OK"; poweroff -f ;;
     esac
 done
 echo "NKP-GUEST-UP $(cut -d' ' -f1 /proc/uptime)"
@@ -165,6 +178,7 @@ else
     fi
 fi
 sync
+acpid -c /etc/acpi -l /tmp/acpid.log 2>/dev/null || true
 if [ $poweroff = 1 ]; then
     echo "NKP-POWEROFF"
     poweroff -f

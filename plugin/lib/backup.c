@@ -528,23 +528,198 @@ int nkp_p12_import(const void *der, size_t len, const nkp_secret *password, NkpB
 
 /* ---- the provider level ----------------------------------------------------- */
 
+/* Sets BACKED_UP on the provider `name` under the writers' lock, provided it
+ * is still the one with `key_id`. */
+static int mark_backed_up(nkp_context *ctx, const char *name, const char *key_id)
+{
+        int fd = -1;
+        int r = nkp_store_lock(ctx, &fd);
+        if (r < 0)
+                return r;
+        g_autoptr(NkpStore) store = NULL;
+        r = nkp_store_load(ctx, &store);
+        if (r >= 0) {
+                NkpStoreEntry *e = nkp_store_find(store, name);
+                if (!e || strcmp(e->key_id, key_id) != 0)
+                        r = nkp_fail(-ESTALE,
+                                     "Provider '%s' was deleted or replaced while it was being backed up; "
+                                     "run the backup again.",
+                                     name);
+                else if (!(e->flags & NKP_PROVIDER_BACKED_UP)) {
+                        e->flags |= NKP_PROVIDER_BACKED_UP;
+                        r = nkp_store_save(ctx, store);
+                }
+        }
+        nkp_store_unlock(fd);
+        return r;
+}
+
 int nkp_provider_backup(nkp_context *ctx, const char *name, const char *path,
                         const nkp_secret *password)
 {
-        (void) ctx;
-        (void) name;
-        (void) path;
-        (void) password;
-        return nkp_fail(-ENOSYS, "%s is not implemented yet.", __func__);
+        if (!ctx || !name || !path || !path[0])
+                return nkp_fail(-EINVAL, "A backup needs a provider name and a file to write.");
+        if (!name_valid(name))
+                return nkp_fail(-EINVAL, "'%s' is not a valid provider name.", name);
+        g_autoptr(nkp_secret) pw = NULL;
+        int r = password_cstr(password, &pw); /* refuse a bad password before any key is read */
+        if (r < 0)
+                return r;
+        if (access(path, F_OK) == 0)
+                return nkp_fail(-EEXIST, "'%s' already exists; refusing to overwrite it (pick another file).",
+                                path);
+
+        NkpBackupInfo info = { 0 };
+        char fingerprint[65];
+        {
+                g_autoptr(NkpStore) store = NULL;
+                r = nkp_store_load(ctx, &store);
+                if (r < 0)
+                        return r;
+                const NkpStoreEntry *e = nkp_store_find(store, name);
+                if (!e)
+                        return nkp_fail(-ENOENT, "There is no provider named '%s' here (see: nkpctl provider list).",
+                                        name);
+                g_strlcpy(info.name, e->name, sizeof info.name);
+                g_strlcpy(info.key_id, e->key_id, sizeof info.key_id);
+                g_strlcpy(fingerprint, e->fingerprint, sizeof fingerprint);
+                info.flags = e->flags & NKP_PROVIDER_REQUIRE_TPM;
+        }
+
+        g_autoptr(nkp_secret) kdk = NULL;
+        r = nkp_provider_get_kdk(ctx, info.key_id, &kdk);
+        if (r < 0)
+                return r;
+        /* The key may come from the cache: make sure it is the one the
+         * store describes before it goes into a file that outlives us. */
+        g_autofree char *fp = NULL;
+        r = nkp_kdk_fingerprint(kdk, &fp);
+        if (r < 0)
+                return r;
+        if (strcmp(fp, fingerprint) != 0)
+                return nkp_fail(-EBADMSG,
+                                "The key of provider '%s' does not match its fingerprint; refusing to back "
+                                "up a key that may be damaged (flush the key cache: nkpctl host flush-cache).",
+                                name);
+
+        g_autoptr(GBytes) der = NULL;
+        r = nkp_p12_export(&info, kdk, password, NKP_P12_ITERATIONS, &der);
+        if (r < 0)
+                return r;
+        r = nkp_write_file_atomic(path, g_bytes_get_data(der, NULL), g_bytes_get_size(der), 0600, true);
+        if (r < 0)
+                return r;
+        r = mark_backed_up(ctx, info.name, info.key_id);
+        if (r < 0) {
+                /* nothing half done: the file we just created goes too */
+                (void) unlink(path);
+                return nkp_fail_prefix(r, "Cannot mark provider '%s' as backed up, so '%s' was removed",
+                                       name, path);
+        }
+        return 0;
+}
+
+/* What the store says about restoring `info` with fingerprint `fp`:
+ * 1 = the same provider is already here (*ret set when asked), 0 = free,
+ * <0 = refused. */
+static int restore_check(nkp_context *ctx, const NkpBackupInfo *info, const char *fp, nkp_provider **ret)
+{
+        g_autoptr(NkpStore) store = NULL;
+        int r = nkp_store_load(ctx, &store);
+        if (r < 0)
+                return r;
+        const NkpStoreEntry *by_name = nkp_store_find(store, info->name);
+        const NkpStoreEntry *by_id = nkp_store_find_key_id(store, info->key_id);
+        if (by_name && strcmp(by_name->key_id, info->key_id) != 0)
+                return nkp_fail(-EEXIST,
+                                "A different provider named '%s' (key id %s) already exists here; refusing "
+                                "to replace it with the backup's (key id %s).",
+                                info->name, by_name->key_id, info->key_id);
+        if (!by_name && by_id)
+                return nkp_fail(-EEXIST,
+                                "The backup's provider (key id %s) is already here under the name '%s'; "
+                                "refusing to add it a second time as '%s'.",
+                                info->key_id, by_id->name, info->name);
+        if (!by_name)
+                return 0;
+        if (strcmp(by_name->fingerprint, fp) != 0)
+                return nkp_fail(-EEXIST,
+                                "Provider '%s' (key id %s) is here with a different key than the backup's "
+                                "(fingerprints %.16s… and %.16s…); refusing to touch it: find out which "
+                                "copy is right before going on.",
+                                info->name, info->key_id, by_name->fingerprint, fp);
+        if (ret) {
+                *ret = nkp_provider_from_entry(by_name);
+                if (!*ret)
+                        return nkp_fail(-ENOMEM, "Out of memory.");
+        }
+        return 1;
 }
 
 int nkp_provider_restore(nkp_context *ctx, const char *path, const nkp_secret *password,
                          nkp_provider **ret, bool *ret_already)
 {
-        (void) ctx;
-        (void) path;
-        (void) password;
-        (void) ret;
-        (void) ret_already;
-        return nkp_fail(-ENOSYS, "%s is not implemented yet.", __func__);
+        if (!ctx || !path || !path[0])
+                return nkp_fail(-EINVAL, "A restore needs a backup file.");
+        g_autoptr(nkp_secret) pw = NULL;
+        int r = password_cstr(password, &pw);
+        if (r < 0)
+                return r;
+
+        g_autofree char *der = NULL;
+        size_t len = 0;
+        r = nkp_read_file(path, NKP_P12_MAX_SIZE, false, &der, &len);
+        if (r == -EFBIG)
+                return nkp_fail(-EFBIG, "'%s' is larger than %d bytes; it is not an nkp provider backup.", path,
+                                NKP_P12_MAX_SIZE);
+        if (r < 0)
+                return r;
+
+        NkpBackupInfo info;
+        g_autoptr(nkp_secret) kdk = NULL;
+        r = nkp_p12_import(der, len, password, &info, &kdk);
+        if (r < 0)
+                return nkp_fail_prefix(r, "Cannot restore from '%s'", path);
+        g_autofree char *fp = NULL;
+        r = nkp_kdk_fingerprint(kdk, &fp);
+        if (r < 0)
+                return r;
+
+        /* Checked first without the lock for the clear answers (and so that
+         * a restore of what is here never touches the TPM); nkp_store_add
+         * checks name and key id again under the lock, and a collision it
+         * finds is classified again below. */
+        g_autoptr(nkp_provider) p = NULL;
+        r = restore_check(ctx, &info, fp, &p);
+        if (r < 0)
+                return r;
+        if (r == 0) {
+                NkpStoreEntry *e = NULL;
+                int64_t now = g_get_real_time() / G_USEC_PER_SEC;
+                r = nkp_store_entry_new(ctx, info.name, info.key_id, info.flags | NKP_PROVIDER_BACKED_UP, now,
+                                        kdk, &e);
+                if (r < 0)
+                        return r;
+                p = nkp_provider_from_entry(e);
+                if (!p) {
+                        nkp_store_entry_free(e);
+                        return nkp_fail(-ENOMEM, "Out of memory.");
+                }
+                r = nkp_store_add(ctx, e, kdk);
+                if (r == -EEXIST) {
+                        /* another writer got there first: same answer as above */
+                        g_clear_pointer(&p, nkp_provider_free);
+                        int q = restore_check(ctx, &info, fp, &p);
+                        if (q <= 0)
+                                return q < 0 ? q : r;
+                        r = 1;
+                } else if (r < 0) {
+                        return r;
+                }
+        }
+        if (ret_already)
+                *ret_already = r == 1;
+        if (ret)
+                *ret = g_steal_pointer(&p);
+        return 0;
 }

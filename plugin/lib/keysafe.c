@@ -16,8 +16,9 @@
  *    re-serialises the metadata as <nkp:keysafe xmlns:nkp="…">), or in no
  *    namespace at all: virDomainGetMetadata() strips its namespace from
  *    every element it returns.  Any other namespace is refused.
- *  - The children come in exactly this order; no other element, attribute
- *    or non-blank text is accepted.  Comments are ignored.
+ *  - The children come in exactly this order and are empty; no other
+ *    element, attribute or non-blank text is accepted.  Comments are
+ *    ignored.
  *  - version: decimal without leading zeros.  Anything but 1 is
  *    -EPROTONOSUPPORT; everything else that is wrong is -EBADMSG.
  *  - UUIDs are parsed case-insensitively and kept in lower case; the
@@ -601,7 +602,8 @@ static int next_element(xmlNode **cursor, xmlNode **ret)
                         return bad("it holds text outside its attributes");
                 case XML_ELEMENT_NODE:
                         if (!in_our_namespace(n))
-                                return bad("element '%.64s' is in a foreign namespace", (const char *) n->name);
+                                return bad("element '%.64s' is in a foreign namespace",
+                                           (const char *) n->name);
                         *cursor = n->next;
                         *ret = n;
                         return 0;
@@ -623,10 +625,12 @@ static int read_attrs(const xmlNode *node, const char *const *names, char **valu
                 while (k < n && strcmp((const char *) a->name, names[k]) != 0)
                         k++;
                 if (k == n || a->ns)
-                        return bad("element '%.64s' has an unexpected attribute '%.64s'", (const char *) node->name,
+                        return bad("element '%.64s' has an unexpected attribute '%.64s'",
+                                   (const char *) node->name,
                                    (const char *) a->name);
                 if (values[k])
-                        return bad("element '%s' repeats attribute '%s'", (const char *) node->name, names[k]);
+                        return bad("element '%s' repeats attribute '%s'", (const char *) node->name,
+                                   names[k]);
                 xmlChar *v = xmlNodeListGetString(node->doc, a->children, 1);
                 values[k] = g_strdup(v ? (const char *) v : "");
                 xmlFree(v);
@@ -669,7 +673,8 @@ static int parse_version(const xmlNode *root)
 {
         for (const xmlAttr *a = root->properties; a; a = a->next)
                 if (a->ns || strcmp((const char *) a->name, "version") != 0)
-                        return bad("element 'keysafe' has an unexpected attribute '%.64s'", (const char *) a->name);
+                        return bad("element 'keysafe' has an unexpected attribute '%.64s'",
+                                   (const char *) a->name);
         xmlChar *v = xmlGetNoNsProp(root, (const xmlChar *) "version");
         if (!v)
                 return bad("element 'keysafe' has no 'version' attribute");

@@ -1,0 +1,175 @@
+#!/bin/bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
+# nkpctl provider backup / restore end to end: the backup is a PKCS#12 file
+# that `openssl pkcs12 -info` reads (PBES2 AES-256-CBC + PBKDF2-SHA256, MAC
+# SHA-256, the provider name as friendlyName); a restore into another root
+# gives the same key id and fingerprint; every bad file is refused with a
+# non-zero exit, ONE line on stderr, and the target root byte-for-byte
+# unchanged.
+set -u
+
+NKPCTL=${NKPCTL:?set NKPCTL to the built nkpctl}
+command -v openssl >/dev/null || { echo "1..0 # SKIP the openssl program is not installed"; exit 77; }
+TOP=$(mktemp -d)
+trap 'rm -rf "$TOP"' EXIT
+fails=0
+n=0
+
+ok()   { n=$((n + 1)); echo "ok $n - $*"; }
+fail() { n=$((n + 1)); fails=$((fails + 1)); echo "not ok $n - $*"; }
+check() { local what=$1; shift; if "$@"; then ok "$what"; else fail "$what"; fi; }
+
+newroot() {
+        local r
+        r=$(mktemp -d "$TOP/root.XXXXXX")
+        mkdir -p "$r/etc/nkp"
+        printf '[tpm]\ntcti=none\n' >"$r/etc/nkp/nkp.conf"
+        echo "$r"
+}
+
+# A digest of every path, mode, size and content under a tree.
+tree_sum() {
+        (cd "$1" && { find . -printf '%p %m %s %y\n' | LC_ALL=C sort
+                      find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum; }) | sha256sum
+}
+
+# run ROOT ARGS…: runs nkpctl, leaves $out, $err, $rc.
+run() {
+        local root=$1; shift
+        out=$("$NKPCTL" --root "$root" "$@" 2>"$TOP/stderr"); rc=$?
+        err=$(cat "$TOP/stderr")
+}
+
+# refused WHAT NEEDLE ROOT ARGS…: the command exits non-zero with one stderr
+# line containing NEEDLE and changes nothing under ROOT.
+refused() {
+        local what=$1 needle=$2 root=$3; shift 3
+        local before after lines
+        before=$(tree_sum "$root")
+        run "$root" "$@"
+        after=$(tree_sum "$root")
+        lines=$(printf '%s' "$err" | grep -c '')
+        if [ "$rc" -eq 0 ]; then fail "$what: exit 0"; return; fi
+        if [ "$lines" -ne 1 ]; then fail "$what: $lines lines on stderr: $err"; return; fi
+        case "$err" in *"$needle"*) ;; *) fail "$what: stderr lacks '$needle': $err"; return;; esac
+        if [ "$before" != "$after" ]; then fail "$what: the tree changed"; return; fi
+        ok "$what"
+        echo "#   $err"
+}
+
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); $1"; }
+now() { date +%s.%N; }
+secs() { python3 -c "print(f'{$2 - $1:.2f}')"; }
+
+PW=$TOP/pw
+printf 'correct horse battery staple\n' >"$PW"
+WRONG=$TOP/wrong
+printf 'correct horse battery stapler\n' >"$WRONG"
+EMPTY=$TOP/empty
+: >"$EMPTY"
+
+# ---- backup ---------------------------------------------------------------
+R1=$(newroot)
+run "$R1" provider create prod
+check "create prod" [ "$rc" -eq 0 ]
+run "$R1" --json provider show prod
+KEY_ID=$(printf '%s' "$out" | json 'print(d["key_id"])')
+FP=$(printf '%s' "$out" | json 'print(d["fingerprint"])')
+check "prod starts not backed up" [ "$(printf '%s' "$out" | json 'print(d["backed_up"])')" = False ]
+
+F=$TOP/prod.p12
+refused "backup with an empty password file" "empty" "$R1" provider backup prod --out "$F" --password-file "$EMPTY"
+check "…and wrote no file" [ ! -e "$F" ]
+refused "backup of a provider that does not exist" "nope" "$R1" provider backup nope --out "$F" --password-file "$PW"
+check "…and wrote no file" [ ! -e "$F" ]
+
+t0=$(now)
+run "$R1" provider backup prod --out "$F" --password-file "$PW"
+t1=$(now)
+check "backup prod (exit $rc: $err)" [ "$rc" -eq 0 ]
+echo "# backup took $(secs "$t0" "$t1") s"
+check "the backup is mode 0600" [ "$(stat -c %a "$F")" = 600 ]
+run "$R1" --json provider show prod
+check "prod is backed up" [ "$(printf '%s' "$out" | json 'print(d["backed_up"])')" = True ]
+if grep -qa "correct horse" "$F"; then fail "the password is in the file"; else ok "the password is not in the file"; fi
+
+before=$(sha256sum <"$F")
+refused "backup over an existing file" "already exists" "$R1" provider backup prod --out "$F" --password-file "$PW"
+check "…which is unchanged" [ "$(sha256sum <"$F")" = "$before" ]
+
+# ---- openssl reads it ----------------------------------------------------------
+info=$(openssl pkcs12 -info -in "$F" -passin "file:$PW" -nokeys 2>&1); orc=$?
+check "openssl pkcs12 -info reads the backup (exit $orc)" [ "$orc" -eq 0 ]
+has() { case "$info" in *"$1"*) ok "openssl shows: $1";; *) fail "openssl output lacks '$1': $info";; esac; }
+has "friendlyName: prod"
+has "$KEY_ID"
+has "MAC: sha256, Iteration 600000"
+has "PBES2, PBKDF2, AES-256-CBC, Iteration 600000, PRF hmacWithSHA256"
+has "Secret bag"
+openssl pkcs12 -info -in "$F" -passin "file:$WRONG" -nokeys >/dev/null 2>&1
+check "openssl refuses the wrong password" [ $? -ne 0 ]
+
+# ---- restore into another root ---------------------------------------------------
+R2=$(newroot)
+t0=$(now)
+run "$R2" provider restore "$F" --password-file "$PW"
+t1=$(now)
+check "restore into another root (exit $rc: $err)" [ "$rc" -eq 0 ]
+echo "# restore took $(secs "$t0" "$t1") s"
+run "$R2" --json provider show prod
+check "same key id" [ "$(printf '%s' "$out" | json 'print(d["key_id"])')" = "$KEY_ID" ]
+check "same fingerprint" [ "$(printf '%s' "$out" | json 'print(d["fingerprint"])')" = "$FP" ]
+check "restored as backed up" [ "$(printf '%s' "$out" | json 'print(d["backed_up"])')" = True ]
+
+before=$(tree_sum "$R2")
+run "$R2" --json provider restore "$F" --password-file "$PW"
+check "restoring again succeeds (exit $rc: $err)" [ "$rc" -eq 0 ]
+check "…and says it was already there" [ "$(printf '%s' "$out" | json 'print(d["already"])')" = True ]
+check "…and changes nothing" [ "$before" = "$(tree_sum "$R2")" ]
+run "$R2" provider restore "$F" --password-file "$PW"
+case "$out" in *already*) ok "restore again says 'already' in plain text";; *) fail "restore again: $out";; esac
+
+# ---- bad files: refused, the target root unchanged --------------------------------
+R3=$(newroot)
+run "$R3" provider create other
+check "create another provider in the target root" [ "$rc" -eq 0 ]
+
+refused "wrong password" "password is wrong" "$R3" provider restore "$F" --password-file "$WRONG"
+refused "empty password file" "empty" "$R3" provider restore "$F" --password-file "$EMPTY"
+refused "missing file" "missing.p12" "$R3" provider restore "$TOP/missing.p12" --password-file "$PW"
+
+size=$(stat -c %s "$F")
+for cut in 0 1 16 $((size / 2)) $((size - 1)); do
+        head -c "$cut" "$F" >"$TOP/cut.p12"
+        refused "truncated to $cut of $size bytes" "" "$R3" provider restore "$TOP/cut.p12" --password-file "$PW"
+done
+
+for pos in 8 40 $((size / 3)) $((size / 2)) $((size - 40)) $((size - 2)); do
+        python3 - "$F" "$TOP/flip.p12" "$pos" <<'PY'
+import sys
+data = bytearray(open(sys.argv[1], "rb").read())
+data[int(sys.argv[3])] ^= 0x04
+open(sys.argv[2], "wb").write(data)
+PY
+        refused "bit flipped at byte $pos" "" "$R3" provider restore "$TOP/flip.p12" --password-file "$PW"
+done
+
+# a certificate bundle: a .p12, but no nkp secret in it
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=nkp-test -days 1 \
+        -keyout "$TOP/cert.key" -out "$TOP/cert.pem" >/dev/null 2>&1 &&
+openssl pkcs12 -export -inkey "$TOP/cert.key" -in "$TOP/cert.pem" -name cert \
+        -passout "file:$PW" -out "$TOP/certs.p12" >/dev/null 2>&1
+check "openssl made a certificate bundle" [ -s "$TOP/certs.p12" ]
+refused "certificate bundle" "not an nkp provider backup" "$R3" provider restore "$TOP/certs.p12" --password-file "$PW"
+
+head -c 4096 /dev/urandom >"$TOP/random.p12"
+refused "random bytes" "" "$R3" provider restore "$TOP/random.p12" --password-file "$PW"
+
+# name collision: R4 holds another provider called prod
+R4=$(newroot)
+run "$R4" provider create prod
+check "create a different prod" [ "$rc" -eq 0 ]
+refused "same name, other key id" "A different provider named 'prod'" "$R4" provider restore "$F" --password-file "$PW"
+
+echo "1..$n"
+[ "$fails" -eq 0 ]
