@@ -27,6 +27,12 @@
 #   LAB_VIRSH_TIMEOUT  bound on each lab_virsh call, seconds (default 180)
 #   LAB_LIBVIRTD_CONF_EXTRA / LAB_QEMU_CONF_EXTRA  lines appended to the configs
 #   LAB_VERBOSE=1      log every step to stderr
+#   LAB_TLS=1          hosts created with an ADDR get TLS: a lab CA, host certs
+#                      in /etc/pki (libvirt + QEMU), libvirtd listens on TLS
+#                      (16514) as well as TCP, so `virsh migrate --tls` and
+#                      qemu+tls://ADDR/system work
+#   LAB_HOST_TPM=1     each host gets its own swtpm as "host TPM" on its own
+#                      127.0.0.1:2321 (see lab_host_tpm)
 
 LAB_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 : "${NKP_LAB_CACHE:=/var/cache/nkp-lab}"
@@ -46,6 +52,7 @@ LAB_HOST_DIRS=(
     var-lib-swtpm-localca:/var/lib/swtpm-localca
     etc-nkp:/etc/nkp
     var-lib-nkp:/var/lib/nkp
+    etc-pki:/etc/pki
 )
 # Files (copied from the machine, then bind-mounted), so nkp's swtpm hooks can
 # point each host's swtpm_setup at its own create_certs_tool.
@@ -201,7 +208,7 @@ _lab_write_configs() { # name addr
         echo 'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"'
         echo 'max_workers = 20'
         if [ -n "$addr" ]; then
-            echo 'listen_tls = 0'
+            if [ "${LAB_TLS:-0}" = 1 ]; then echo 'listen_tls = 1'; else echo 'listen_tls = 0'; fi
             echo 'listen_tcp = 1'
             echo "listen_addr = \"${addr%%/*}\""
             echo 'auth_tcp = "none"'
@@ -258,6 +265,10 @@ lab_host_create() {
         cp "$NKP_LAB_CACHE"/libvirt-caps/*.xml "$h/fs/var-cache-libvirt/qemu/capabilities/" 2>/dev/null || true
     fi
     _lab_write_configs "$name" "$addr"
+    if [ "${LAB_TLS:-0}" = 1 ] && [ -n "$addr" ]; then
+        lab_tls_host "$name" "${addr%%/*}" || return 1
+    fi
+    if [ "${LAB_HOST_TPM:-0}" = 1 ]; then mkdir -p "$h/hosttpm"; fi
     # mount points that may not exist on this machine yet (empty dirs)
     for e in "${LAB_HOST_DIRS[@]}"; do
         n=${e#*:}; [ -d "$n" ] || mkdir -p "$n"
@@ -287,6 +298,66 @@ lab_host_create() {
     lab_log "host $name created ($h)"
 }
 
+# lab_tls_ca: the lab's throwaway CA ($LAB_DIR/tls/ca-{key,cert}.pem).
+lab_tls_ca() {
+    local d="$LAB_DIR/tls"
+    [ -s "$d/ca-cert.pem" ] && return 0
+    mkdir -p "$d" && chmod 700 "$d"
+    openssl req -x509 -new -newkey rsa:2048 -nodes -keyout "$d/ca-key.pem" -out "$d/ca-cert.pem" \
+        -days 7 -subj "/O=nkp lab/CN=nkp lab CA $$" \
+        -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+        >/dev/null 2>&1 || lab_die "openssl: lab CA"
+}
+
+# lab_tls_host NAME ADDR: a key and a certificate (server + client, SAN =
+# ADDR and NAME) signed by the lab CA, installed where libvirt and QEMU look
+# in that host (/etc/pki/CA, /etc/pki/libvirt, /etc/pki/qemu).
+lab_tls_host() {
+    local name=$1 addr=$2 h; h=$(lab_hostdir "$name")
+    lab_tls_ca || return 1
+    local d="$LAB_DIR/tls/$name" pki="$h/fs/etc-pki"
+    mkdir -p "$d"
+    printf '%s\n' 'basicConstraints=CA:FALSE' 'keyUsage=critical,digitalSignature,keyEncipherment' \
+        'extendedKeyUsage=serverAuth,clientAuth' "subjectAltName=IP:$addr,DNS:$name" > "$d/ext.cnf"
+    openssl req -new -newkey rsa:2048 -nodes -keyout "$d/key.pem" -out "$d/req.csr" \
+        -subj "/O=nkp lab/CN=$name" >/dev/null 2>&1 || lab_die "openssl: key for $name" || return 1
+    openssl x509 -req -in "$d/req.csr" -CA "$LAB_DIR/tls/ca-cert.pem" -CAkey "$LAB_DIR/tls/ca-key.pem" \
+        -CAcreateserial -days 7 -out "$d/cert.pem" -extfile "$d/ext.cnf" >/dev/null 2>&1 \
+        || lab_die "openssl: cert for $name" || return 1
+    mkdir -p "$pki/CA" "$pki/libvirt/private" "$pki/qemu"
+    cp "$LAB_DIR/tls/ca-cert.pem" "$pki/CA/cacert.pem"
+    cp "$LAB_DIR/tls/ca-cert.pem" "$pki/qemu/ca-cert.pem"
+    local k
+    for k in server client; do
+        cp "$d/cert.pem" "$pki/libvirt/${k}cert.pem"
+        cp "$d/key.pem" "$pki/libvirt/private/${k}key.pem"
+        cp "$d/cert.pem" "$pki/qemu/$k-cert.pem"
+        cp "$d/key.pem" "$pki/qemu/$k-key.pem"
+    done
+    chmod 600 "$pki/libvirt/private/"*.pem "$pki/qemu/"*-key.pem
+}
+
+# lab_host_tpm NAME: start the host's own swtpm ("host TPM 2.0") inside the
+# host, state in $LAB_DIR/hosts/NAME/hosttpm (kept across lab_host_restart,
+# like a real TPM across reboots), reachable in that host only as TCTI
+# "swtpm:host=127.0.0.1,port=2321" (each host has its own loopback).
+# lab_host_start does it when the host was created with LAB_HOST_TPM=1.
+LAB_HOST_TPM_TCTI="swtpm:host=127.0.0.1,port=2321"
+lab_host_tpm() {
+    local name=$1 h; h=$(lab_hostdir "$name")
+    mkdir -p "$h/hosttpm"
+    lab_exec "$name" swtpm socket --tpm2 --tpmstate dir="$h/hosttpm" \
+        --server type=tcp,port=2321,bindaddr=127.0.0.1 --ctrl type=tcp,port=2322,bindaddr=127.0.0.1 \
+        --flags not-need-init,startup-clear --log file="$h/hosttpm/swtpm.log" \
+        --pid file="$h/hosttpm/swtpm.pid" --daemon || lab_die "host TPM of $name did not start" || return 1
+    local i
+    for ((i = 0; i < 50; i++)); do
+        lab_exec "$name" bash -c 'exec 3<>/dev/tcp/127.0.0.1/2321' 2>/dev/null && return 0
+        sleep 0.1
+    done
+    lab_die "host TPM of $name does not answer"
+}
+
 # lab_host_start NAME: virtlogd, then libvirtd; waits (bounded) until
 # `virsh version` answers.
 lab_host_start() {
@@ -294,6 +365,7 @@ lab_host_start() {
     local addr; addr=$(cat "$h/addr")
     local t0; t0=$(lab_now)
     local envv=(env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8)
+    if [ -d "$h/hosttpm" ]; then lab_host_tpm "$name" || return 1; fi
     lab_exec "$name" "${envv[@]}" virtlogd -d || lab_die "virtlogd failed to start on $name" || return 1
     local lflag=()
     [ -z "$addr" ] || lflag=(--listen)
@@ -457,7 +529,8 @@ lab_link() {
 # /etc/libvirt/hooks/qemu.d/ (SIGHUP to libvirtd if it already runs), nkpctl
 # on the host's PATH (lab_exec), and /etc/nkp/nkp.conf (root "/": the host's
 # bind mounts give it its own /etc/nkp and /var/lib/nkp).
-# Env: LAB_NKP_TCTI (default "none") for [tpm] tcti=.
+# Env: LAB_NKP_TCTI for [tpm] tcti= (default: the host TPM if the host has
+# one (LAB_HOST_TPM=1), else "none").
 lab_install_nkp() {
     local name=$1 build=$2 h; h=$(lab_hostdir "$name")
     local hook="$build/libvirt-hooks/nkp-hook"
@@ -478,7 +551,11 @@ lab_install_nkp() {
             break
         fi
     done
-    printf '[tpm]\ntcti=%s\n' "${LAB_NKP_TCTI:-none}" > "$h/fs/etc-nkp/nkp.conf"
+    local tcti=${LAB_NKP_TCTI:-}
+    if [ -z "$tcti" ]; then
+        if [ -d "$h/hosttpm" ]; then tcti=$LAB_HOST_TPM_TCTI; else tcti=none; fi
+    fi
+    printf '[tpm]\ntcti=%s\n' "$tcti" > "$h/fs/etc-nkp/nkp.conf"
     chmod 0600 "$h/fs/etc-nkp/nkp.conf"
 }
 

@@ -46,7 +46,7 @@ head -c 32 /dev/urandom | base64 -w0 > "$LAB_DIR/disk.key"    # LUKS: UTF-8 text
 
 t=$(lab_now)
 lab_luks_create "$disk" 64M "$LAB_DIR/disk.key" || fail "qemu-img create (LUKS qcow2)"
-qemu-img info "$disk" | grep -q 'format: luks' || fail "qcow2 is not LUKS-encrypted"
+grep -q 'format: luks' <<<"$(qemu-img info "$disk")" || fail "qcow2 is not LUKS-encrypted"
 timing "LUKS qcow2 created in $(lab_since "$t") s"
 
 t=$(lab_now)

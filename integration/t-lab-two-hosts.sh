@@ -1,8 +1,9 @@
 #!/bin/bash
 # Integration test of the lab itself (no nkp): two lab hosts joined by a veth
-# pair, each libvirtd answering over TCP on its veth address; a plain guest
+# pair, each libvirtd answering over TCP and TLS (a throwaway lab CA) on its
+# veth address, each with its own host TPM (swtpm); a plain guest
 # (unencrypted vTPM, plain qcow2 on storage both hosts see) is live-migrated
-# A→B and back B→A while it counts; the counter keeps increasing across both
+# A→B over plain TCP and back B→A with --tls while it counts; the counter keeps increasing across both
 # moves (read on the destination's own serial log) and the guest never
 # reboots.
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
@@ -27,6 +28,7 @@ if ! why=$(lab_check_env); then
     exit 77
 fi
 
+export LAB_TLS=1 LAB_HOST_TPM=1
 ADDR_A=10.77.0.1
 ADDR_B=10.77.0.2
 
@@ -46,6 +48,15 @@ lab_exec a busybox ping -c1 -W2 "$ADDR_B" >/dev/null || fail "a cannot ping b ov
     || fail "libvirtd of b does not answer over TCP on $ADDR_B"
 [ "$(lab_exec b timeout 20 virsh -q -c "qemu+tcp://$ADDR_A/system" hostname)" = a ] \
     || fail "libvirtd of a does not answer over TCP on $ADDR_A"
+[ "$(lab_exec a timeout 20 virsh -q -c "qemu+tls://$ADDR_B/system" hostname)" = b ] \
+    || fail "libvirtd of b does not answer over TLS on $ADDR_B"
+[ "$(lab_exec b timeout 20 virsh -q -c "qemu+tls://$ADDR_A/system" hostname)" = a ] \
+    || fail "libvirtd of a does not answer over TLS on $ADDR_A"
+for n in a b; do
+    out=$(lab_exec "$n" env TPM2TOOLS_TCTI="$LAB_HOST_TPM_TCTI" tpm2_getcap properties-fixed 2>&1) || true
+    grep -q TPM2_PT_MANUFACTURER <<<"$out" || fail "host TPM of $n does not answer: $(tail -n2 <<<"$out")"
+done
+pass "TLS (lab CA) both ways, a host TPM in each host"
 # and the machine's own network namespace has no lab address
 ip -o addr 2>/dev/null | grep -q "10\.77\.0\." && fail "a lab address leaked into the machine's namespace"
 pass "two hosts, veth $ADDR_A <-> $ADDR_B, libvirtd over TCP both ways"
@@ -72,13 +83,14 @@ first_tick() {
     tr -d '\r' < "$(lab_serial_path "$1" "$dom")" | sed -n 's/^NKP-TICK \([0-9]*\)$/\1/p' | head -n1
 }
 
-migrate() { # src dst dst_addr
-    local src=$1 dst=$2 daddr=$3 t before after first
+migrate() { # src dst dst_addr [tls]
+    local src=$1 dst=$2 daddr=$3 tls=${4:-} t before after first
+    local how=(--live --unsafe --persistent --undefinesource) uri="qemu+tcp://$daddr/system"
+    if [ -n "$tls" ]; then how+=(--tls); uri="qemu+tls://$daddr/system"; fi
     before=$(last_tick "$src")
     t=$(lab_now)
-    lab_virsh "$src" migrate --live --unsafe --persistent --undefinesource "$dom" \
-        "qemu+tcp://$daddr/system" || fail "migrate $src -> $dst"
-    timing "live migration $src -> $dst: $(lab_since "$t") s wall (virsh migrate)"
+    lab_virsh "$src" migrate "${how[@]}" "$dom" "$uri" || fail "migrate $src -> $dst ${tls:+(TLS)}"
+    timing "live migration $src -> $dst${tls:+ (TLS)}: $(lab_since "$t") s wall (virsh migrate)"
     local info
     info=$(lab_virsh "$dst" domjobinfo "$dom" --completed 2>/dev/null || true)
     if [ -n "$info" ]; then
@@ -99,14 +111,14 @@ migrate() { # src dst dst_addr
     [ "$first" -gt "$before" ] || fail "counter restarted on $dst: $first after $before on $src"
     tr -d '\r' < "$(lab_serial_path "$dst" "$dom")" | grep -q -E 'NKP-GUEST-UP|NKP-MARKERS-WRITTEN' \
         && fail "the guest rebooted on $dst"
-    pass "live-migrated $src -> $dst: counter went on ($before on $src, $first..$after on $dst)"
+    pass "live-migrated $src -> $dst${tls:+ over TLS}: counter went on ($before on $src, $first..$after on $dst)"
 }
 
 migrate a b "$ADDR_B"
 # the vTPM state travelled in the stream into b's own swtpm directory
 [ -e "$(lab_path b "/var/lib/libvirt/swtpm/$uuid/tpm2/tpm2-00.permall")" ] || fail "no vTPM state on b after the move"
 pass "vTPM state arrived in b's own /var/lib/libvirt/swtpm"
-migrate b a "$ADDR_A"
+migrate b a "$ADDR_A" tls
 
 lab_virsh a destroy "$dom" >/dev/null || fail "destroy on a"
 t=$(lab_now)

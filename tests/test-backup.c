@@ -540,22 +540,14 @@ static void test_provider_round_trip(void)
         g_autoptr(nkp_keysafe) ks = NULL;
         g_autoptr(nkp_secret) kdk1 = NULL, kek1 = NULL, dek = NULL;
         g_autofree char *xml = NULL;
-        int r = nkp_keysafe_new_for(vm, nkp_provider_name(p1), nkp_provider_key_id(p1),
-                                    nkp_provider_fingerprint(p1), &ks);
-        /* TRANSITIONAL: until keysafe.c lands, its stub says -ENOSYS */
-        bool have_keysafe = r != -ENOSYS;
-        if (!have_keysafe)
-                g_test_message("keysafe.c is still a stub here: the DEK part is left out");
-        if (have_keysafe) {
-                g_assert_cmpint(r, ==, 0);
-                g_assert_cmpint(nkp_provider_get_kdk(h.ctx1, nkp_provider_key_id(p1), &kdk1), ==, 0);
-                g_assert_cmpint(nkp_kek_derive(kdk1, nkp_keysafe_kek_salt(ks), nkp_provider_key_id(p1), vm,
-                                               &kek1),
-                                ==, 0);
-                g_assert_cmpint(nkp_secret_new_random(NKP_DEK_SIZE, &dek), ==, 0);
-                g_assert_cmpint(nkp_keysafe_put_dek(ks, kek1, NKP_OBJECT_VTPM, "tpm0", secret_uuid, dek), ==, 0);
-                g_assert_cmpint(nkp_keysafe_format(ks, &xml), ==, 0);
-        }
+        g_assert_cmpint(nkp_keysafe_new_for(vm, nkp_provider_name(p1), nkp_provider_key_id(p1),
+                                            nkp_provider_fingerprint(p1), &ks),
+                        ==, 0);
+        g_assert_cmpint(nkp_provider_get_kdk(h.ctx1, nkp_provider_key_id(p1), &kdk1), ==, 0);
+        g_assert_cmpint(nkp_kek_derive(kdk1, nkp_keysafe_kek_salt(ks), nkp_provider_key_id(p1), vm, &kek1), ==, 0);
+        g_assert_cmpint(nkp_secret_new_random(NKP_DEK_SIZE, &dek), ==, 0);
+        g_assert_cmpint(nkp_keysafe_put_dek(ks, kek1, NKP_OBJECT_VTPM, "tpm0", secret_uuid, dek), ==, 0);
+        g_assert_cmpint(nkp_keysafe_format(ks, &xml), ==, 0);
 
         /* backup: a 0600 file, the provider becomes active */
         g_autofree char *file = host_file(&h, "prod.p12");
@@ -594,16 +586,23 @@ static void test_provider_round_trip(void)
         g_assert_cmpint(nkp_cache_flush(h.ctx2), ==, 0);
         g_autoptr(nkp_keysafe) ks2 = NULL;
         g_autoptr(nkp_secret) kdk2 = NULL, kek2 = NULL, dek2 = NULL;
-        g_assert_cmpint(nkp_provider_get_kdk(h.ctx2, nkp_provider_key_id(p1), &kdk2), ==, 0);
-        if (have_keysafe) {
-                g_assert_cmpint(nkp_keysafe_parse(xml, strlen(xml), &ks2), ==, 0);
-                g_assert_cmpstr(nkp_keysafe_provider_key_id(ks2), ==, nkp_provider_key_id(p1));
-                g_assert_cmpint(nkp_kek_derive(kdk2, nkp_keysafe_kek_salt(ks2), nkp_keysafe_provider_key_id(ks2),
-                                               nkp_keysafe_vm_uuid(ks2), &kek2),
-                                ==, 0);
-                g_assert_cmpint(nkp_keysafe_get_dek(ks2, kek2, NKP_OBJECT_VTPM, "tpm0", &dek2), ==, 0);
-                g_assert_true(nkp_secret_equal(dek, dek2));
-        }
+        g_assert_cmpint(nkp_keysafe_parse(xml, strlen(xml), &ks2), ==, 0);
+        g_assert_cmpstr(nkp_keysafe_provider_key_id(ks2), ==, nkp_provider_key_id(p1));
+        g_assert_cmpstr(nkp_keysafe_provider_fingerprint(ks2), ==, nkp_provider_fingerprint(p2));
+        g_assert_cmpint(nkp_provider_get_kdk(h.ctx2, nkp_keysafe_provider_key_id(ks2), &kdk2), ==, 0);
+        g_assert_cmpint(nkp_kek_derive(kdk2, nkp_keysafe_kek_salt(ks2), nkp_keysafe_provider_key_id(ks2),
+                                       nkp_keysafe_vm_uuid(ks2), &kek2),
+                        ==, 0);
+        g_assert_cmpint(nkp_keysafe_get_dek(ks2, kek2, NKP_OBJECT_VTPM, "tpm0", &dek2), ==, 0);
+        g_assert_true(nkp_secret_equal(dek, dek2));
+        /* and a provider that only shares the name cannot */
+        g_autoptr(nkp_secret) kek_other = NULL, none = NULL;
+        g_autoptr(nkp_secret) kdk_other = NULL;
+        g_assert_cmpint(nkp_secret_new_random(NKP_KDK_SIZE, &kdk_other), ==, 0);
+        g_assert_cmpint(nkp_kek_derive(kdk_other, nkp_keysafe_kek_salt(ks2), nkp_keysafe_provider_key_id(ks2),
+                                       nkp_keysafe_vm_uuid(ks2), &kek_other),
+                        ==, 0);
+        g_assert_cmpint(nkp_keysafe_get_dek(ks2, kek_other, NKP_OBJECT_VTPM, "tpm0", &none), ==, -EBADMSG);
 
         /* restoring again is a no-op that says so */
         g_autoptr(GHashTable) before = testutil_snapshot_tree(h.root2);

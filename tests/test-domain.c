@@ -304,10 +304,45 @@ static int emit_nkp_domain(void)
         return 0;
 }
 
+/* For integration/t-nkp-lifecycle.sh only (never installed): `test-domain
+ * --dump-keys ROOT < domain.xml` prints the VM's KDK and DEKs in hex, so the
+ * test can prove that no file it checks holds them. */
+static int dump_keys(const char *root)
+{
+        g_autoptr(GString) in = g_string_new(NULL);
+        char buf[4096];
+        size_t n;
+        while ((n = fread(buf, 1, sizeof buf, stdin)) > 0)
+                g_string_append_len(in, buf, n);
+        g_autoptr(NkpDomain) d = NULL;
+        g_autoptr(nkp_context) ctx = NULL;
+        g_autoptr(nkp_secret) kdk = NULL;
+        g_autoptr(GPtrArray) secrets = NULL;
+        if (nkp_domain_parse(in->str, in->len, &d) < 0 || !d->keysafe ||
+            nkp_context_new(root, &ctx) < 0 ||
+            nkp_provider_get_kdk(ctx, nkp_keysafe_provider_key_id(d->keysafe), &kdk) < 0 ||
+            nkp_vm_unlock(ctx, d, true, &secrets) < 0) {
+                fprintf(stderr, "dump-keys: %s\n", nkp_error_message());
+                return 1;
+        }
+        char hex[2 * NKP_KDK_SIZE + 1];
+        nkp_hex_encode(nkp_secret_data(kdk), NKP_KDK_SIZE, hex);
+        printf("kdk %s\n", hex);
+        nkp_wipe(hex, sizeof hex);
+        for (guint i = 0; i < secrets->len; i++) {
+                const NkpVmSecret *s = secrets->pdata[i];
+                printf("dek:%s:%s %.*s\n", s->kind, s->object_id, (int) nkp_secret_len(s->value),
+                       (const char *) nkp_secret_data(s->value));
+        }
+        return 0;
+}
+
 int main(int argc, char **argv)
 {
         if (argc == 2 && strcmp(argv[1], "--emit-nkp-domain") == 0)
                 return emit_nkp_domain();
+        if (argc == 3 && strcmp(argv[1], "--dump-keys") == 0)
+                return dump_keys(argv[2]);
         g_test_init(&argc, &argv, NULL);
         g_test_add_func("/domain/plain", test_plain);
         g_test_add_func("/domain/bad-input", test_bad_input);

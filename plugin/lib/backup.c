@@ -45,7 +45,9 @@
 #include "p12-internal.h"
 
 #define FLAG_WORD_REQUIRE_TPM "require-tpm"
-/* Work cap across the whole file: the MAC and one safe at the maximum. */
+/* nkp writes one safe; OpenSSL's own files have two.  The work is capped
+ * separately: every iteration count <= the cap, their sum <= twice the cap
+ * (the MAC and one safe at the maximum). */
 #define MAX_SAFES 16
 
 /* ---- small helpers -------------------------------------------------------- */
@@ -434,7 +436,8 @@ int nkp_p12_import_capped(const void *der, size_t len, const nkp_secret *passwor
         const unsigned char *p = der;
         p12 = d2i_PKCS12(NULL, &p, (long) len);
         if (!p12 || p != (const unsigned char *) der + len) {
-                r = nkp_fail(-EBADMSG, "The file is not a PKCS#12 file, or it is truncated or damaged.");
+                r = nkp_fail(-EBADMSG, "The file is not a PKCS#12 file, or it is truncated or damaged; use an "
+                                       "intact copy of the backup.");
                 goto out;
         }
         if (!PKCS12_mac_present(p12)) {
