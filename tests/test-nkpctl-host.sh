@@ -52,21 +52,27 @@ free_port() {
 	done
 }
 
-# start_swtpm STATE_DIR: sets port and swtpm_pid
+# start_swtpm STATE_DIR: sets port and swtpm_pid.  A port taken meanwhile
+# makes swtpm exit: try another.
 start_swtpm() {
-	local i
+	local i try
 	mkdir -p "$1"
-	port=$(free_port)
-	swtpm socket --tpm2 --server "type=tcp,port=$port,bindaddr=127.0.0.1" \
-		--ctrl "type=tcp,port=$((port + 1)),bindaddr=127.0.0.1" --tpmstate "dir=$1" \
-		--log "file=$1.log" --flags not-need-init,startup-clear &
-	swtpm_pid=$!
-	pids+=("$swtpm_pid")
-	for i in $(seq 100); do
-		(exec 3<>"/dev/tcp/127.0.0.1/$((port + 1))") 2>/dev/null && return 0
-		sleep 0.05
+	for try in 1 2 3 4 5; do
+		port=$(free_port)
+		swtpm socket --tpm2 --server "type=tcp,port=$port,bindaddr=127.0.0.1" \
+			--ctrl "type=tcp,port=$((port + 1)),bindaddr=127.0.0.1" --tpmstate "dir=$1" \
+			--log "file=$1.log" --flags not-need-init,startup-clear &
+		swtpm_pid=$!
+		pids+=("$swtpm_pid")
+		for i in $(seq 200); do
+			kill -0 "$swtpm_pid" 2>/dev/null || break
+			(exec 3<>"/dev/tcp/127.0.0.1/$((port + 1))") 2>/dev/null &&
+				(exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+			sleep 0.05
+		done
+		stop_swtpm "$swtpm_pid"
 	done
-	echo "# swtpm did not start"; return 1
+	echo "# swtpm did not start: $(tail -3 "$1.log" 2>/dev/null)"; return 1
 }
 
 stop_swtpm() { kill -CONT "$1" 2>/dev/null; kill "$1" 2>/dev/null; wait "$1" 2>/dev/null; }
@@ -142,6 +148,9 @@ nk "$hb" --connect test:///default provider delete dev
 check "provider delete dev" '[ $rc = 0 ]'
 nk "$hb" --json host status
 check "a deleted provider stays cached, flagged" 'echo "$out" | jq -e "(.cached_providers[] | select(.name==\"dev\") | .deleted) == true" >/dev/null'
+check "status counts the alarms" 'echo "$out" | jq -e ".alarms >= 1" >/dev/null'
+nk "$hb" --json alarms
+check "alarms: provider-deleted for dev" 'echo "$out" | jq -e "any(.[]; .kind == \"provider-deleted\" and .subject == \"dev\")" >/dev/null'
 nk "$hb" host status
 check "status text says deleted" '[[ $out == *"(deleted from the store; gone at reboot)"* ]]'
 nk "$hb" host flush-cache

@@ -83,7 +83,7 @@ static bool spawn_on(TestSwtpm *t, int port)
                            child_setup, GINT_TO_POINTER(getpid()), &pid, &error))
                 g_error("cannot start swtpm: %s", error->message);
 
-        for (int i = 0; i < 500; i++) { /* 5 s */
+        for (int i = 0; i < 1500; i++) { /* 15 s: a loaded CI machine */
                 int status;
                 if (waitpid(pid, &status, WNOHANG) == pid)
                         return false; /* exited: port taken, try another */
@@ -98,7 +98,7 @@ static bool spawn_on(TestSwtpm *t, int port)
         }
         kill(pid, SIGKILL);
         waitpid(pid, NULL, 0);
-        g_error("swtpm did not answer on port %d within 5 s", port);
+        g_error("swtpm did not answer on port %d within 15 s", port);
 }
 
 TestSwtpm *testutil_swtpm_start(const char *state_dir)

@@ -33,9 +33,17 @@ log() { echo "build.sh: $*" >&2; }
 
 # --- which kernel package ----------------------------------------------------
 pkg=${NKP_LAB_KERNEL_PKG:-}
+kernel_pkg() {
+    apt-cache depends linux-image-amd64 2>/dev/null \
+        | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n1 || true
+}
 if [ -z "$pkg" ]; then
-    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null \
-          | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n1) || true
+    pkg=$(kernel_pkg)
+    if [ -z "$pkg" ] && ! ls "$cache"/debs/linux-image-*.deb >/dev/null 2>&1; then
+        log "no package lists: apt-get update"
+        apt-get update -qq >&2 || true
+        pkg=$(kernel_pkg)
+    fi
 fi
 deb=
 if [ -n "$pkg" ]; then
@@ -56,6 +64,7 @@ fi
 key=$( { sha256sum "$self" | cut -d' ' -f1; basename "$deb"; sha256sum /bin/busybox /usr/bin/tpm2 | cut -d' ' -f1; } | sha256sum | cut -c1-16)
 out="$cache/guest-$key"
 if [ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ]; then
+    touch "$out"        # in use: not pruned
     echo "KERNEL=$out/vmlinuz"
     echo "INITRD=$out/initrd.img"
     exit 0
@@ -197,6 +206,8 @@ cp "$work/boot/vmlinuz-$kver" "$work/out/vmlinuz"
 ( cd "$root" && find . -mindepth 1 | sed 's|^\./||' | busybox cpio -o -H newc 2>/dev/null ) | gzip -6 > "$work/out/initrd.img"
 rm -rf "$out"
 mv "$work/out" "$out"
+# prune guests of other build.sh versions nobody used for 3 days
+find "$cache" -maxdepth 1 -name 'guest-*' -type d -mtime +3 ! -path "$out" -exec rm -rf {} + 2>/dev/null || true
 log "initrd $(du -h "$out/initrd.img" | cut -f1), kernel $kver"
 echo "KERNEL=$out/vmlinuz"
 echo "INITRD=$out/initrd.img"
