@@ -334,11 +334,11 @@ static int migrate_check(nkp_context *ctx, const NkpDomain *d)
         }
         if (r < 0) {
                 g_autofree char *msg = g_strdup_printf(
-                        "VM '%s' cannot be migrated to host '%s': %s%s", d->name, host,
-                        nkp_error_message(),
+                        "VM '%s' cannot be migrated to host '%s'%s: %s", d->name, host,
                         r == -EBADMSG ? " (the keysafe in the incoming domain XML was altered "
                                         "or damaged; the VM stays where it is)"
-                                      : "");
+                                      : "",
+                        nkp_error_message());
                 return migrate_refuse(ctx, d, r, msg);
         }
 
@@ -403,10 +403,11 @@ int main(int argc, char **argv)
                 if (!nkp_domain_mentions_nkp(xml, len) || !may_fail)
                         return 0; /* not nkp's, or a step that must not fail */
                 g_autofree char *msg = g_strdup_printf(
-                        "VM '%s' cannot %s: its domain XML carries nkp data that cannot be "
-                        "read: %s",
-                        domain, act == ACT_MIGRATE ? "be migrated to this host" : "start",
-                        nkp_error_message());
+                        "VM '%s' cannot %s%s%s: its domain XML carries nkp data that cannot "
+                        "be read: %s",
+                        domain, act == ACT_MIGRATE ? "be migrated to host '" : "start",
+                        act == ACT_MIGRATE ? g_get_host_name() : "",
+                        act == ACT_MIGRATE ? "'" : "", nkp_error_message());
                 one_line(domain, msg);
                 return 1;
         }
