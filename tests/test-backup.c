@@ -147,6 +147,27 @@ static void test_empty_password(void)
         g_assert_null(got);
 }
 
+/* Passwords are bytes: UTF-8 (what `openssl pkcs12` reads too) and even
+ * invalid UTF-8 round-trip, and one byte off is the wrong password. */
+static void test_password_bytes(void)
+{
+        static const char *const passwords[] = { "p\xc3\xa4ssw\xc3\xb6rd \xe2\x82\xac", "bad\xff\xfe", "x" };
+        for (size_t i = 0; i < G_N_ELEMENTS(passwords); i++) {
+                NkpBackupInfo in, out;
+                info_init(&in, "p", 0);
+                g_autoptr(nkp_secret) kdk = NULL, got = NULL;
+                g_assert_cmpint(nkp_secret_new_random(NKP_KDK_SIZE, &kdk), ==, 0);
+                g_autoptr(GBytes) der = export_low(&in, kdk, passwords[i]);
+                g_assert_cmpint(import(der, passwords[i], &out, &got), ==, 0);
+                g_assert_true(nkp_secret_equal(kdk, got));
+                g_autofree char *off = g_strdup(passwords[i]);
+                off[strlen(off) - 1] ^= 1;
+                nkp_secret *none = NULL;
+                g_assert_cmpint(import(der, off, &out, &none), ==, -EACCES);
+                g_assert_null(none);
+        }
+}
+
 static void test_truncated(void)
 {
         NkpBackupInfo in, out;
@@ -810,6 +831,7 @@ int main(int argc, char **argv)
         g_test_add_func("/p12/export-bad-input", test_export_bad_input);
         g_test_add_func("/p12/wrong-password", test_wrong_password);
         g_test_add_func("/p12/empty-password", test_empty_password);
+        g_test_add_func("/p12/password-bytes", test_password_bytes);
         g_test_add_func("/p12/truncated", test_truncated);
         g_test_add_func("/p12/bit-flips", test_bit_flips);
         g_test_add_func("/p12/hand-made", test_hand_made);

@@ -61,10 +61,11 @@ json() { python3 -c "import json,sys; d=json.load(sys.stdin); $1"; }
 now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.2f}')"; }
 
+# UTF-8 on purpose: openssl must read what nkp wrote with the same bytes
 PW=$TOP/pw
-printf 'correct horse battery staple\n' >"$PW"
+printf 'correct horse b\xc3\xa4ttery staple \xe2\x82\xac\n' >"$PW"
 WRONG=$TOP/wrong
-printf 'correct horse battery stapler\n' >"$WRONG"
+printf 'correct horse battery staple \xe2\x82\xac\n' >"$WRONG"
 EMPTY=$TOP/empty
 : >"$EMPTY"
 

@@ -1,6 +1,9 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* Sealing KDKs to a TPM: tpm.c against throwaway swtpm instances. */
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -308,6 +311,79 @@ static void test_tpm_bad_blobs(void)
 {
         if (need_swtpm())
                 testutil_isolated(bad_blob_body);
+}
+
+/* ---- no stray copies ---------------------------------------------------------- */
+
+/* Counts the places in this process's [heap] that hold `needle`. */
+static int heap_count(const void *needle, size_t len)
+{
+        g_autofree char *maps = NULL;
+        g_assert_true(g_file_get_contents("/proc/self/maps", &maps, NULL, NULL));
+        int fd = open("/proc/self/mem", O_RDONLY | O_CLOEXEC);
+        g_assert_cmpint(fd, >=, 0);
+        int found = 0;
+        g_auto(GStrv) lines = g_strsplit(maps, "\n", -1);
+        for (char **l = lines; *l; l++) {
+                if (!strstr(*l, "[heap]"))
+                        continue;
+                unsigned long lo, hi;
+                g_assert_cmpint(sscanf(*l, "%lx-%lx", &lo, &hi), ==, 2);
+                g_autofree uint8_t *buf = g_malloc(hi - lo);
+                ssize_t n = pread(fd, buf, hi - lo, (off_t) lo);
+                g_assert_cmpint(n, ==, (ssize_t) (hi - lo));
+                for (const uint8_t *p = buf; (p = memmem(p, (size_t) (buf + n - p), needle, len));
+                     p++)
+                        found++;
+                nkp_wipe(buf, hi - lo);
+        }
+        close(fd);
+        return found;
+}
+
+static void heap_body(const char *tmp)
+{
+        g_autofree char *state = g_build_filename(tmp, "tpm", NULL);
+        TestSwtpm *sw = testutil_swtpm_start(state);
+        g_autofree char *root = testutil_make_root(tmp, "r", testutil_swtpm_tcti(sw));
+        g_autoptr(nkp_context) ctx = ctx_for(root);
+        g_autoptr(nkp_secret) kdk = NULL;
+        g_assert_cmpint(nkp_secret_new_random(NKP_KDK_SIZE, &kdk), ==, 0);
+        /* the needle: the KDK with its first byte flipped, so that the
+         * needle itself (on the stack) is not the KDK */
+        uint8_t needle[16];
+        memcpy(needle, nkp_secret_data(kdk), sizeof needle);
+        needle[0] ^= 0xff;
+
+        NkpTpm *tpm = NULL;
+        g_assert_cmpint(nkp_tpm_open(ctx, &tpm), ==, 0);
+        g_autoptr(GBytes) blob = NULL;
+        g_autofree char *srk = NULL;
+        g_assert_cmpint(nkp_tpm_seal(tpm, kdk, &blob, &srk), ==, 0);
+        nkp_tpm_close(tpm);
+        nkp_secret *back = NULL;
+        g_assert_cmpint(nkp_tpm_open(ctx, &tpm), ==, 0);
+        g_assert_cmpint(nkp_tpm_unseal(tpm, blob, srk, &back), ==, 0);
+        nkp_tpm_close(tpm);
+        g_assert_true(nkp_secret_equal(back, kdk));
+        nkp_secret_free(back);
+
+        needle[0] ^= 0xff;
+        int n = heap_count(needle, sizeof needle);
+        nkp_wipe(needle, sizeof needle);
+        g_test_message("copies of the KDK left in the heap: %d", n);
+        g_assert_cmpint(n, ==, 0);
+        testutil_swtpm_stop(sw);
+}
+
+static void test_tpm_no_heap_copies(void)
+{
+#if defined(__SANITIZE_ADDRESS__)
+        g_test_skip("AddressSanitizer replaces the heap");
+        return;
+#endif
+        if (need_swtpm())
+                testutil_isolated(heap_body);
 }
 
 /* ---- provider level: provider.c, the store, the cache and the TPM together -- */
@@ -637,6 +713,7 @@ int main(int argc, char **argv)
         g_test_add_func("/tpm/unreachable", test_tpm_unreachable);
         g_test_add_func("/tpm/seal-unseal", test_tpm_seal_unseal);
         g_test_add_func("/tpm/bad-blobs", test_tpm_bad_blobs);
+        g_test_add_func("/tpm/no-heap-copies", test_tpm_no_heap_copies);
         g_test_add_func("/tpm/provider/reboot", test_tpm_provider_reboot);
         g_test_add_func("/tpm/provider/stolen-disk", test_tpm_provider_stolen_disk);
         g_test_add_func("/tpm/provider/require-tpm", test_tpm_provider_require_tpm);

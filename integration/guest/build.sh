@@ -33,9 +33,17 @@ log() { echo "build.sh: $*" >&2; }
 
 # --- which kernel package ----------------------------------------------------
 pkg=${NKP_LAB_KERNEL_PKG:-}
+kernel_pkg() {
+    apt-cache depends linux-image-amd64 2>/dev/null \
+        | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n1 || true
+}
 if [ -z "$pkg" ]; then
-    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null \
-          | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n1) || true
+    pkg=$(kernel_pkg)
+    if [ -z "$pkg" ] && ! ls "$cache"/debs/linux-image-*.deb >/dev/null 2>&1; then
+        log "no package lists: apt-get update"
+        apt-get update -qq >&2 || true
+        pkg=$(kernel_pkg)
+    fi
 fi
 deb=
 if [ -n "$pkg" ]; then

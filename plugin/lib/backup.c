@@ -523,6 +523,36 @@ out:
         return r;
 }
 
+int nkp_p12_scan_safecontents(const void *der, size_t len, NkpBackupInfo *ret_info, nkp_secret **ret_kdk)
+{
+        if (!der || len == 0 || len > NKP_P12_MAX_SIZE)
+                return nkp_fail(-EBADMSG, "The safe contents are empty or too large.");
+        const unsigned char *p = der;
+        STACK_OF(PKCS12_SAFEBAG) *bags =
+                (STACK_OF(PKCS12_SAFEBAG) *) ASN1_item_d2i(NULL, &p, (long) len, ASN1_ITEM_rptr(PKCS12_SAFEBAGS));
+        ASN1_OBJECT *oid_secret = OBJ_txt2obj(NKP_OID_SECRET_KDK, 1);
+        g_autoptr(nkp_secret) kdk = NULL;
+        NkpBackupInfo info = { 0 };
+        int r;
+        if (!bags)
+                r = nkp_fail(-EBADMSG, "The safe contents are not valid DER.");
+        else if (!oid_secret)
+                r = nkp_fail(-ENOMEM, "Out of memory.");
+        else
+                r = scan_bags(bags, oid_secret, &info, &kdk);
+        if (r == 0 && !kdk)
+                r = nkp_fail(-EBADMSG, "The safe contents hold no nkp provider key.");
+        if (r == 0) {
+                *ret_info = info;
+                *ret_kdk = g_steal_pointer(&kdk);
+        }
+        ERR_clear_error();
+        nkp_wipe(&info, sizeof info);
+        ASN1_OBJECT_free(oid_secret);
+        free_bags(bags);
+        return r;
+}
+
 int nkp_p12_import(const void *der, size_t len, const nkp_secret *password, NkpBackupInfo *ret_info,
                    nkp_secret **ret_kdk)
 {

@@ -25,4 +25,10 @@
 int nkp_p12_import_capped(const void *der, size_t len, const nkp_secret *password,
                           uint64_t max_iterations, NkpBackupInfo *ret_info, nkp_secret **ret_kdk);
 
+/* The part of nkp_p12_import that runs after the MAC: finds and validates
+ * the nkp secret bag in a DER SafeContents (what an encrypted safe holds).
+ * For the fuzz target, which cannot get past a MAC by mutation alone.
+ * -EBADMSG also when there is no nkp bag. */
+int nkp_p12_scan_safecontents(const void *der, size_t len, NkpBackupInfo *ret_info, nkp_secret **ret_kdk);
+
 #endif

@@ -414,6 +414,29 @@ static int session_attrs(NkpTpm *tpm, ESYS_TR session, TPMA_SESSION attrs)
         return 0;
 }
 
+/* ESAPI keeps copies of secret parameters where we cannot reach them: the
+ * plaintext of Create's inSensitive in its context (kept for a resubmission),
+ * and the decrypted response of Unseal in the SAPI buffer.  Both are freed
+ * without a wipe by Esys_Finalize.  Overwrite them while the context lives:
+ * an Esys_Create_Async with a zero inSensitive stores it over the old copy
+ * and then fails on an unknown parent handle before sending anything, and an
+ * 83-byte GetCapability response covers the buffer where the unsealed bytes
+ * were.  Best effort: failures here are expected or harmless. */
+static void scrub(NkpTpm *tpm)
+{
+        TPM2B_SENSITIVE_CREATE zero = { 0 };
+        TSS2_RC rc = Esys_Create_Async(tpm->esys, (ESYS_TR) 0x7ffffff0, ESYS_TR_PASSWORD,
+                                       ESYS_TR_NONE, ESYS_TR_NONE, &zero, NULL, NULL, NULL);
+        if (rc == TSS2_RC_SUCCESS) /* should not happen; complete it */
+                (void) Esys_Create_Finish(tpm->esys, NULL, NULL, NULL, NULL, NULL);
+        TPMI_YES_NO more;
+        TPMS_CAPABILITY_DATA *cap = NULL;
+        if (Esys_GetCapability(tpm->esys, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                               TPM2_CAP_TPM_PROPERTIES, TPM2_PT_FIXED, 8, &more, &cap) ==
+            TSS2_RC_SUCCESS)
+                Esys_Free(cap);
+}
+
 /* ---- blob ----------------------------------------------------------------- */
 
 static void put_le32(uint8_t *p, uint32_t v)
@@ -551,6 +574,7 @@ int nkp_tpm_seal(NkpTpm *tpm, const nkp_secret *kdk, GBytes **ret_blob, char **r
         *ret_srk_name = g_steal_pointer(&srk_name);
         r = 0;
 out:
+        scrub(tpm);
         Esys_Free(out_private);
         Esys_Free(out_public);
         Esys_Free(creation_data);
@@ -629,5 +653,6 @@ out:
         flush(tpm, &session);
         flush(tpm, &obj);
         flush(tpm, &srk);
+        scrub(tpm);
         return r;
 }

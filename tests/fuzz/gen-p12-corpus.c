@@ -8,7 +8,9 @@
  * Real nkp backups from nkp_p12_export(), with the fuzz target's password
  * and only 1000 iterations so that the fuzzer is not stuck in PBKDF2, plus
  * the files nkp must refuse: a certificate bundle, a backup with two nkp
- * bags, one under another password, one with an unknown flag.
+ * bags, one under another password, one with an unknown flag.  And bare
+ * SafeContents (safe-*.der: what the encrypted safe holds), for the part of
+ * the import that runs after the MAC.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -65,8 +67,8 @@ static int export(const char *dir, const char *file, const char *name, unsigned 
         return write_bytes(dir, file, g_bytes_get_data(der, NULL), g_bytes_get_size(der));
 }
 
-/* An nkp-like file built by hand: n_bags secret bags, the given flags. */
-static PKCS12 *hand_made(int n_bags, const char *flags)
+/* n_bags nkp secret bags with the given flags. */
+static STACK_OF(PKCS12_SAFEBAG) *nkp_bags(int n_bags, const char *flags)
 {
         int nid = OBJ_txt2nid(NKP_OID_SECRET_KDK);
         if (nid == NID_undef)
@@ -83,6 +85,15 @@ static PKCS12 *hand_made(int n_bags, const char *flags)
                                              (const unsigned char *) flags, (int) strlen(flags)))
                         return NULL;
         }
+        return bags;
+}
+
+/* An nkp-like file built by hand: n_bags secret bags, the given flags. */
+static PKCS12 *hand_made(int n_bags, const char *flags)
+{
+        STACK_OF(PKCS12_SAFEBAG) *bags = nkp_bags(n_bags, flags);
+        if (!bags)
+                return NULL;
         STACK_OF(PKCS7) *safes = NULL;
         PKCS12 *p12 = NULL;
         if (PKCS12_add_safe(&safes, bags, NID_aes_256_cbc, ITER, PASSWORD))
@@ -94,6 +105,19 @@ static PKCS12 *hand_made(int n_bags, const char *flags)
         sk_PKCS7_pop_free(safes, PKCS7_free);
         sk_PKCS12_SAFEBAG_pop_free(bags, PKCS12_SAFEBAG_free);
         return p12;
+}
+
+static int write_safe(const char *dir, const char *name, int n_bags, const char *flags)
+{
+        STACK_OF(PKCS12_SAFEBAG) *bags = nkp_bags(n_bags, flags);
+        unsigned char *der = NULL;
+        int n = bags ? ASN1_item_i2d((ASN1_VALUE *) bags, &der, ASN1_ITEM_rptr(PKCS12_SAFEBAGS)) : -1;
+        sk_PKCS12_SAFEBAG_pop_free(bags, PKCS12_SAFEBAG_free);
+        if (n <= 0)
+                return -EINVAL;
+        int r = write_bytes(dir, name, der, (size_t) n);
+        OPENSSL_free(der);
+        return r;
 }
 
 static PKCS12 *cert_bundle(void)
@@ -132,5 +156,8 @@ int main(int argc, char **argv)
         r |= write_p12(dir, "two-bags.p12", hand_made(2, ""));
         r |= write_p12(dir, "unknown-flag.p12", hand_made(1, "require-tpm,teleport"));
         r |= write_p12(dir, "cert-bundle.p12", cert_bundle());
+        r |= write_safe(dir, "safe-plain.der", 1, "");
+        r |= write_safe(dir, "safe-require-tpm.der", 1, "require-tpm");
+        r |= write_safe(dir, "safe-two-bags.der", 2, "");
         return r ? 1 : 0;
 }
