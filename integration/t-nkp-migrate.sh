@@ -156,7 +156,13 @@ uuid=$(cat /proc/sys/kernel/random/uuid)
 qemu-img create -q -f qcow2 "$disk" 64M || fail "qemu-img create"
 lab_guest_xml --name "$dom" --uuid "$uuid" --disk "$disk" --marker "$mark" > "$LAB_DIR/$dom.xml"
 lab_virsh a define "$LAB_DIR/$dom.xml" >/dev/null || fail "define on a"
-out=$(nk a vm encrypt "$dom" 2>&1) || fail "vm encrypt: $out"
+# QEMU 7.2's PBKDF benchmark fails now and then here ("Unable to get
+# accurate CPU usage", integration/README.md); vm encrypt changes nothing then.
+for i in 1 2 3 4; do
+    if out=$(nk a vm encrypt "$dom" 2>&1); then break; fi
+    grep -q "Unable to get accurate CPU usage" <<<"$out" && [ "$i" -lt 4 ] || fail "vm encrypt: $out"
+    echo "# vm encrypt attempt $i: $out"
+done
 t=$(lab_now)
 lab_virsh a start "$dom" >/dev/null || fail "start on a: $(lab_virsh a start "$dom" 2>&1 || true)"
 line=$(lab_wait_serial a "$dom" 'NKP-MARKERS-WRITTEN|NKP-ERROR' 240) || fail "no marker line on a"
@@ -188,7 +194,7 @@ raw[20] ^= 0x01                       # one bit of the wrapped DEK's ciphertext
 x = x[:m.start(1)] + base64.b64encode(bytes(raw)).decode() + x[m.end(1):]
 open(sys.argv[2], "w").write(x)
 PY
-refused a b "tampered keysafe (virsh migrate --xml)" "nkp: VM '$dom' cannot be migrated to host 'b':" \
+refused a b "tampered keysafe (virsh migrate --xml)" "nkp: VM '$dom' cannot be migrated to host 'b' (the keysafe in the incoming domain XML was altered" \
     --tls --xml "$LAB_DIR/tampered.xml"
 grep -qF "does not unwrap" <<<"$REFUSED_ERR" || fail "tampered: the error does not say that a key does not unwrap"
 hrc=0
