@@ -115,6 +115,19 @@ enum action {
 
 static volatile sig_atomic_t exit_on_timeout = 1;
 
+/* NKP_HOOK_TIMING=1 (measurements only): one line of phase times on stderr
+ * at exit 0. */
+static gint64 t_start;
+static GString *timing;
+
+static void mark(const char *phase)
+{
+        if (!timing)
+                return;
+        g_string_append_printf(timing, " %s=%.1fms", phase,
+                               (double) (g_get_monotonic_time() - t_start) / 1000.0);
+}
+
 static void on_alarm(int sig)
 {
         (void) sig;
@@ -194,6 +207,7 @@ static int define_secrets(nkp_context *ctx, const NkpDomain *d)
 {
         g_autoptr(GPtrArray) secrets = NULL;
         int r = nkp_vm_unlock(ctx, d, true, &secrets);
+        mark("unwrapped");
         if (r == -ENOKEY || r == -EKEYREJECTED) {
                 g_autofree char *msg = g_strdup(nkp_error_message());
                 (void) nkp_alarm_raise(ctx, "vm-locked", d->name, msg);
@@ -205,6 +219,7 @@ static int define_secrets(nkp_context *ctx, const NkpDomain *d)
 
         g_autoptr(NkpVirt) v = NULL;
         r = nkp_virt_open(libvirt_uri(), &v);
+        mark("connected");
         if (r < 0)
                 return nkp_fail_prefix(r, "VM '%s' cannot start: its keys cannot be handed to "
                                           "libvirt",
@@ -218,6 +233,7 @@ static int define_secrets(nkp_context *ctx, const NkpDomain *d)
                 if (r < 0)
                         return nkp_fail_prefix(r, "VM '%s' cannot start", d->name);
         }
+        mark("defined");
         return 0;
 }
 
@@ -391,8 +407,12 @@ int main(int argc, char **argv)
         struct rlimit nocore = { 0, 0 };
         setrlimit(RLIMIT_CORE, &nocore);
 
+        t_start = g_get_monotonic_time();
+        if (g_getenv("NKP_HOOK_TIMING"))
+                timing = g_string_new(NULL);
         size_t len = 0;
-        g_autofree char *xml = read_stdin(&len); /* read even when unused: no EPIPE */
+        g_autofree char *xml = read_stdin(&len);
+        mark("read"); /* read even when unused: no EPIPE */
         if (act == ACT_NONE)
                 return 0;
         const bool may_fail = act == ACT_START || act == ACT_MIGRATE;
@@ -411,6 +431,7 @@ int main(int argc, char **argv)
                 one_line(domain, msg);
                 return 1;
         }
+        mark("parsed");
         if (!d->keysafe)
                 return 0;
 
@@ -437,6 +458,8 @@ int main(int argc, char **argv)
                         one_line(domain, nkp_error_message());
                         return 1;
                 }
+                if (timing)
+                        fprintf(stderr, "nkp: timing%s\n", timing->str);
                 return 0;
         case ACT_RECONNECT:
                 r = define_secrets(ctx, d);

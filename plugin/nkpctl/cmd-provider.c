@@ -120,7 +120,10 @@ static int prompt_once(int fd, const char *prompt, nkp_secret **ret)
         sigaction(SIGINT, &sa, &old_int);
         sigaction(SIGTERM, &sa, &old_term);
         sigaction(SIGQUIT, &sa, &old_quit);
-        if (write(fd, prompt, strlen(prompt)) < 0 || tcsetattr(fd, TCSAFLUSH, &noecho) < 0) {
+        /* Echo off before the prompt appears: nothing typed after it is
+         * ever echoed (or flushed away). */
+        if (tcsetattr(fd, TCSAFLUSH, &noecho) < 0 || write(fd, prompt, strlen(prompt)) < 0) {
+                tcsetattr(fd, TCSAFLUSH, &tty_saved);
                 tty_fd = -1;
                 return nkp_fail(-EIO, "Cannot prompt for the password on the terminal.");
         }
@@ -341,10 +344,13 @@ static int cmd_delete(NkpctlGlobals *g, int argc, char **argv)
         nkp_error_clear();
         r = nkpctl_vms_using_provider(g, nkp_provider_key_id(p), &vms);
         if (r < 0 && !force) {
-                const char *why = nkp_error_message();
-                return nkpctl_error("Cannot tell which defined VMs use provider '%s'%s%s%s; nothing was "
-                                    "deleted (make libvirt reachable, or use --force).",
-                                    name, why[0] ? " (" : "", why, why[0] ? ")" : "");
+                g_autofree char *why = g_strdup(nkp_error_message());
+                g_strchomp(why);
+                if (g_str_has_suffix(why, "."))
+                        why[strlen(why) - 1] = '\0';
+                return nkpctl_error("%s%sprovider '%s' was not deleted, since defined VMs may depend on "
+                                    "it (make libvirt reachable with --connect URI, or use --force).",
+                                    why[0] ? why : "", why[0] ? "; " : "", name);
         }
         unsigned in_use = (r >= 0 && vms) ? vms->len : 0;
         r = nkp_provider_delete(g->ctx, name, in_use, force);
