@@ -107,9 +107,14 @@ grep -q "<encryption format='luks'" <<<"$xml" || fail "disk has no LUKS <encrypt
 st=$(nk --json vm status "$dom") || fail "vm status"
 python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["state"]=="encrypted" and d["provider"]=="p1", d' <<<"$st" \
     || fail "vm status: $st"
+lst=$(nk --json vm list) || fail "vm list"
+python3 -c 'import json,sys; d={v["name"]: v for v in json.load(sys.stdin)}; assert d["g1"]["state"]=="encrypted", d' <<<"$lst" \
+    || fail "vm list: $lst"
+use=$(nk --json provider usage p1) || fail "provider usage"
+python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["vms"]==["g1"], d' <<<"$use" || fail "provider usage: $use"
 out=$(nk vm encrypt "$dom" 2>&1) && fail "a second vm encrypt succeeded"
 grep -q "already encrypted" <<<"$out" || fail "second vm encrypt: $out"
-pass "vm encrypt: keysafe in metadata, vTPM <encryption>, LUKS qcow2; status encrypted by p1"
+pass "vm encrypt: keysafe in metadata, vTPM <encryption>, LUKS qcow2; status/list: encrypted by p1; provider usage: g1"
 
 # ---- first boot: markers written ------------------------------------------------
 serial=$(lab_serial_path a "$dom")
@@ -179,6 +184,10 @@ for i in $(seq 1 20); do
 done
 read -r med p95 < <(printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)], a[int(NR*0.95+0.999)]}')
 timing "hook prepare wall time (20 runs, via nsenter): median ${med} ms, p95 ${p95} ms"
+phases=$(lab_exec a env NKP_HOOK_TIMING=1 /etc/libvirt/hooks/qemu.d/nkp "$dom" prepare begin - < "$hookxml" 2>&1 >/dev/null) \
+    || fail "hook prepare with timing: $phases"
+lab_exec a /etc/libvirt/hooks/qemu.d/nkp "$dom" release end - < "$hookxml" || fail "hook release by hand"
+timing "hook phases (since exec): ${phases#nkp: timing }"
 [ -z "$(lab_virsh a secret-list)" ] || fail "secrets left after hook release"
 
 # ---- host "reboot" with the provider present: unattended start ---------------------
@@ -238,7 +247,7 @@ for i in $(seq 1 "$N"); do
     qemu-img create -q -f qcow2 "$LAB_DIR/shared/$d.qcow2" 16M
     lab_guest_xml --name "$d" --disk "$LAB_DIR/shared/$d.qcow2" --mem 64 > "$LAB_DIR/$d.xml"
     lab_virsh a define "$LAB_DIR/$d.xml" >/dev/null || fail "define $d"
-    nk vm encrypt "$d" >/dev/null 2>&1 || fail "vm encrypt $d"
+    out=$(nk vm encrypt "$d" --provider p1 2>&1) || fail "vm encrypt $d: $out"
 done
 t=$(lab_now)
 pids=()
@@ -258,11 +267,12 @@ pass "$N concurrent starts of encrypted VMs all succeeded"
 
 # ---- vm decrypt round trip ---------------------------------------------------------------------
 out=$(nk vm decrypt "$dom" 2>&1) || fail "vm decrypt: $out"
+nk vm status "$dom" | grep -q ": plain" || fail "vm status after decrypt: $(nk vm status "$dom" 2>&1)"
 qemu-img info "$disk" | grep -q 'encrypted: yes' && fail "qcow2 still encrypted after vm decrypt"
 lab_virsh a dumpxml --inactive "$dom" | grep -q 'nkp.invalid' && fail "keysafe left after vm decrypt"
 boot_and_read "$dom"
 pass "vm decrypt: plain qcow2 and clear vTPM state, the VM starts with its markers"
-out=$(nk vm encrypt "$dom" 2>&1) || fail "vm encrypt of a vTPM with clear state: $out"
+out=$(nk vm encrypt "$dom" --provider p1 2>&1) || fail "vm encrypt of a vTPM with clear state: $out"
 boot_and_read "$dom"
 state_sz=$(stat -c %s "$state/tpm2-00.permall"); state_gz=$(gzip -c "$state/tpm2-00.permall" | wc -c)
 [ "$state_gz" -ge $((state_sz * 95 / 100)) ] || fail "re-encrypted vTPM state compresses"

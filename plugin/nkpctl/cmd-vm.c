@@ -210,7 +210,16 @@ static int convert_disk(const char *path, const nkp_secret *value_out,
                                        "-o", "encrypt.format=luks,encrypt.key-secret=s0,"
                                              "encrypt.iter-time=10",
                                        path, tmp, NULL };
-                r = run_tool(argv, secrets, 1, &err);
+                /* QEMU times PBKDF2 to honour iter-time and, on a loaded host,
+                 * sometimes fails with "Unable to get accurate CPU usage":
+                 * a transient failure, retried. */
+                for (int attempt = 0; attempt < 5; attempt++) {
+                        g_clear_pointer(&err, g_free);
+                        (void) unlink(tmp);
+                        r = run_tool(argv, secrets, 1, &err);
+                        if (r == 0 || !err || !strstr(err, "accurate CPU usage"))
+                                break;
+                }
         } else {
                 const char *argv[] = { "qemu-img", "convert", "-q", "--object",
                                        "secret,id=s0,file=/dev/fd/3,format=raw", "--image-opts",
