@@ -223,5 +223,46 @@ run "$B" alarms
 check "alarms (human) after flush-cache: none" [ "$out" = "No alarms." ]
 refused "alarms: stray argument" 2 "takes no arguments" "$B" alarms foo
 
+# ---- delete refused while a defined VM depends on the provider ----------------------------------
+V=$(newroot)
+"$NKPCTL" --root "$V" provider create used >/dev/null
+"$NKPCTL" --root "$V" provider create unused >/dev/null
+run "$V" --json provider show used
+kid=$(json 'print(d["key_id"])' <<<"$out")
+fp=$(json 'print(d["fingerprint"])' <<<"$out")
+# libvirt's test driver, loaded from a file: one VM whose keysafe names "used".
+cat >"$TOP/libvirt.xml" <<EOF
+<node>
+  <domain type='test'>
+    <name>web01</name>
+    <uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid>
+    <memory>65536</memory>
+    <os><type>hvm</type></os>
+    <metadata>
+      <nkp:keysafe xmlns:nkp="https://nkp.invalid/xmlns/keysafe/1" version="1">
+        <nkp:vm uuid="6695eb01-f6a4-8304-79aa-97f2502e193f"/>
+        <nkp:provider name="used" key-id="$kid" fingerprint="$fp"/>
+        <nkp:kek salt="AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="/>
+      </nkp:keysafe>
+    </metadata>
+  </domain>
+  <domain type='test'>
+    <name>plain</name>
+    <memory>65536</memory>
+    <os><type>hvm</type></os>
+  </domain>
+</node>
+EOF
+VC="test://$TOP/libvirt.xml"
+run "$V" --connect "$VC" --json provider usage used
+check "usage lists the VM that depends on it" json 'assert d["vms"] == ["web01"]' <<<"$out"
+run "$V" --connect "$VC" provider usage unused
+check "usage of an unused provider" grep -q "No defined VM uses provider 'unused'" <<<"$out"
+refused "delete of a provider a defined VM uses" 1 "protects the defined VM 'web01'" "$V" --connect "$VC" provider delete used
+run "$V" --connect "$VC" provider delete unused
+check "delete of the unused one" [ "$rc" -eq 0 ]
+run "$V" --connect "$VC" provider delete used --force
+check "delete --force of the used one" [ "$rc" -eq 0 ]
+
 echo "1..$n"
 [ "$fails" -eq 0 ]
