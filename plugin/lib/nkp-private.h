@@ -380,4 +380,31 @@ typedef struct {
  * -EINVAL for a malformed or incomplete request (the message says what). */
 int nkp_ekca_issue(const NkpEkCa *ca, const NkpEkCertRequest *req, GBytes **ret);
 
+/* Tickets (see ekca.c): the prepare hook's "VM `vm_uuid`'s vTPM is being
+ * manufactured now by provider `key_id`", valid `ttl_seconds`.  No key bytes.
+ * read: -ENOENT none (not an nkp VM), -ETIMEDOUT expired. */
+int nkp_ekca_ticket_write(nkp_context *ctx, const char *vm_uuid, const char *key_id,
+                          unsigned ttl_seconds);
+int nkp_ekca_ticket_read(nkp_context *ctx, const char *vm_uuid, char **ret_key_id);
+void nkp_ekca_ticket_remove(nkp_context *ctx, const char *vm_uuid);
+#define NKP_EKCA_TICKET_TTL 300
+
+/* The UUID at the end of swtpm_setup's --vmid ("<name>:<uuid>"). */
+int nkp_ekca_vmid_uuid(const char *vmid, char ret[NKP_UUID_STRING_LEN + 1]);
+
+/* Root only: the VM's ticket, its provider's CA, the certificate.
+ * -ENOENT no ticket (use swtpm's local CA), -ENOKEY provider not here. */
+int nkp_ekca_sign_request(nkp_context *ctx, const NkpEkCertRequest *req, GBytes **ret,
+                          char **ret_provider);
+
+/* The signer's wire format (nkp-swtpm-certs <-> nkpd, see ekca.c). */
+#define NKP_EKCA_REQ_MAX 8192
+#define NKP_EKCA_SOCKET "/run/nkp/ekca.sock" /* under the context root */
+char *nkp_ekca_request_format(const NkpEkCertRequest *req);
+int nkp_ekca_request_parse(char *text, NkpEkCertRequest *req);
+/* Serves one request on the connected UNIX socket `fd`: the peer must be
+ * root or `allowed_uid` (SO_PEERCRED).  `ret_note` (may be NULL) gets one
+ * line for the log. */
+int nkp_ekca_serve(nkp_context *ctx, int fd, uid_t allowed_uid, char **ret_note);
+
 #endif /* NKP_PRIVATE_H */
