@@ -13,7 +13,7 @@ top=$PWD
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
 
-phase() { printf '\n==== %s ====\n' "$*"; }
+phase() { printf "\n==== %s (at %ss) ====\n" "$*" "$SECONDS"; }
 
 # Appends "RESULT name" lines from a meson build's testlog.json.
 collect() { # build-dir label
