@@ -70,6 +70,7 @@
  * fallback program. */
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -157,9 +158,11 @@ static int write_cert(const char *dir, const char *type, GBytes *der)
 
 /* Asks nkpd.  Returns 0 with *ret set, 1 for "no ticket", or exit code 2
  * after printing the error. */
-static int ask_signer(const nkp_context *ctx, const NkpEkCertRequest *req, GBytes **ret)
+static int ask_signer(const char *root, const NkpEkCertRequest *req, GBytes **ret)
 {
-        g_autofree char *path = nkp_context_path(ctx, NKP_EKCA_SOCKET);
+        /* No context: nkp.conf is 0600 root, and nothing else is needed. */
+        g_autofree char *path = g_strconcat(root && strcmp(root, "/") != 0 ? root : "",
+                                            NKP_EKCA_SOCKET, NULL);
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         if (strlen(path) >= sizeof sa.sun_path)
                 return die("the socket path '%s' is too long.", path) + 1;
@@ -225,6 +228,7 @@ int main(int argc, char **argv)
         prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
         struct rlimit nocore = { 0, 0 };
         setrlimit(RLIMIT_CORE, &nocore);
+        signal(SIGPIPE, SIG_IGN);
 
         g_autoptr(GHashTable) opts = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
         bool tpm2 = false, allow_signing = false, decryption = false;
@@ -294,20 +298,19 @@ int main(int argc, char **argv)
                 req.platform_version = "1";
 
         const char *root = g_getenv("NKP_ROOT");
-        g_autoptr(nkp_context) ctx = NULL;
-        if (nkp_context_new(root && root[0] ? root : "/", &ctx) < 0)
-                return die("%s", nkp_error_message());
-
         g_autoptr(GBytes) der = NULL;
         g_autofree char *provider = NULL;
         if (geteuid() == 0) {
+                g_autoptr(nkp_context) ctx = NULL;
+                if (nkp_context_new(root && root[0] ? root : "/", &ctx) < 0)
+                        return die("%s", nkp_error_message());
                 int r = nkp_ekca_sign_request(ctx, &req, &der, &provider);
                 if (r == -ENOENT)
                         return fallback(argv);
                 if (r < 0)
                         return die("VM '%s': %s", vmid, nkp_error_message());
         } else {
-                int r = ask_signer(ctx, &req, &der);
+                int r = ask_signer(root, &req, &der);
                 if (r == 1)
                         return fallback(argv);
                 if (r != 0)

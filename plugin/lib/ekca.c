@@ -818,13 +818,6 @@ int nkp_ekca_serve(nkp_context *ctx, int fd, uid_t allowed_uid, char **ret_note)
         socklen_t cl = sizeof cred;
         if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) < 0)
                 return nkp_fail(-errno, "Cannot identify the certificate client: %s.", g_strerror(errno));
-        if (cred.uid != 0 && cred.uid != allowed_uid) {
-                static const char deny[] = "ERR nkp: only root and libvirt's swtpm user may ask "
-                                           "for vTPM certificates.\n";
-                (void) write_all(fd, deny, sizeof deny - 1);
-                return nkp_fail(-EPERM, "Refused a certificate request from uid %u (pid %d).",
-                                (unsigned) cred.uid, (int) cred.pid);
-        }
         struct timeval tv = { .tv_sec = 5 };
         (void) setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
         char buf[NKP_EKCA_REQ_MAX + 1];
@@ -843,6 +836,14 @@ int nkp_ekca_serve(nkp_context *ctx, int fd, uid_t allowed_uid, char **ret_note)
                         break;
         }
         buf[len] = '\0';
+        /* Checked after reading, so the refusal reaches the client. */
+        if (cred.uid != 0 && cred.uid != allowed_uid) {
+                static const char deny[] = "ERR nkp: only root and libvirt's swtpm user may ask "
+                                           "for vTPM certificates.\n";
+                (void) write_all(fd, deny, sizeof deny - 1);
+                return nkp_fail(-EPERM, "Refused a certificate request from uid %u (pid %d).",
+                                (unsigned) cred.uid, (int) cred.pid);
+        }
         if (len < 2 || buf[len - 1] != '\n' || buf[len - 2] != '\n') {
                 static const char bad[] = "ERR nkp: incomplete certificate request.\n";
                 (void) write_all(fd, bad, sizeof bad - 1);

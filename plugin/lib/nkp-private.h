@@ -307,6 +307,8 @@ int nkp_secret_value_from_dek(const nkp_secret *dek, nkp_secret **ret);
 /* Opens `uri` (NULL: libvirt's default) read-write. */
 int nkp_virt_open(const char *uri, NkpVirt **ret);
 void nkp_virt_close(NkpVirt *v);
+/* The virConnectPtr (nkpd registers its domain events on it). */
+void *nkp_virt_connection(NkpVirt *v);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpVirt, nkp_virt_close)
 
 /* Defines an ephemeral, private secret `secret_uuid` and sets its value.
