@@ -325,3 +325,8 @@ int nkp_vm_unlock(nkp_context *ctx, const NkpDomain *d, bool want_values, GPtrAr
                 *ret = g_steal_pointer(&out);
         return 0;
 }
+
+void *nkp_virt_connection(NkpVirt *v)
+{
+        return v->conn;
+}
