@@ -56,7 +56,8 @@ set_policy() { printf '[tpm]\ntcti=none\n[vtpm]\npolicy=%s\n' "$1" > "$(lab_path
 plain_domain() { # NAME MARK: a domain without a vTPM
     local d=$1
     qemu-img create -q -f qcow2 "$LAB_DIR/shared/$d.qcow2" 64M
-    lab_guest_xml --name "$d" --disk "$LAB_DIR/shared/$d.qcow2" --marker "$2" --no-tpm > "$LAB_DIR/$d.xml"
+    lab_guest_xml --name "$d" --disk "$LAB_DIR/shared/$d.qcow2" --marker "$2" --no-tpm |
+        sed 's|<cmdline>|<cmdline>nkp.ekcert=1 |' > "$LAB_DIR/$d.xml"
     lab_virsh a define "$LAB_DIR/$d.xml" >/dev/null || fail "define $d"
 }
 add_tpm() { lab_exec a virt-xml --connect qemu:///system "$1" --add-device --tpm emulator,model=tpm-crb >/dev/null 2>&1 || fail "virt-xml --add-device --tpm on $1"; }
@@ -115,6 +116,12 @@ line=$(lab_wait_serial a "$dom" 'NKP-MARKERS-WRITTEN|NKP-ERROR' 240) || fail "no
 swlog=$(cat "$(lab_path a /var/log/swtpm/libvirt/qemu)/$dom-swtpm.log" 2>/dev/null || true)
 n=$(grep -c "with the EK CA of provider 'pe'" <<<"$swlog" || true)
 [ "$n" = 3 ] || fail "swtpm_setup log does not show 3 certificates by provider pe: $(tail -5 <<<"$swlog")"
+lab_wait_serial a "$dom" 'NKP-EKCERT-END|NKP-ERROR' 60 >/dev/null || fail "the guest printed no EK certificate"
+tr -d '\r' < "$(lab_serial_path a "$dom")" | sed -n 's/^NKP-EKCERT //p' | base64 -d > "$LAB_DIR/ek.der" ||
+    fail "cannot decode the guest's EK certificate"
+openssl x509 -inform der -in "$LAB_DIR/ek.der" -out "$LAB_DIR/ek.pem" 2>/dev/null || fail "the guest's EK certificate is not X.509"
+openssl verify -CAfile "$LAB_DIR/ca.pem" "$LAB_DIR/ek.pem" >/dev/null || fail "the guest's EK cert does not verify against host a's ca-cert"
+pass "the EK certificate read in the guest (NV 0x01c00002) verifies against 'nkpctl provider ca-cert pe' on host a"
 lab_virsh a destroy "$dom" >/dev/null
 [ ! -e "$(lab_path a /run/nkp/ekca)/$uuid" ] || fail "the certificate ticket outlived the VM"
 pass "first start: markers written; swtpm_setup got the RSA+ECC EK and platform certificates from pe's CA; ticket gone"
@@ -136,6 +143,15 @@ PY
 sz=$(stat -c %s "$state"); gz=$(gzip -c "$state" | wc -c)
 [ "$gz" -ge $((sz * 95 / 100)) ] || fail "vTPM state compresses ($gz/$sz)"
 pass "stop/start: TPM and disk markers read back; vTPM state encrypted (no marker, no certificate strings)"
+
+# ---- host b restores the provider: same CA -----------------------------------------------
+lab_host_create b || fail "host b"
+lab_install_nkp b "$BUILD"
+lab_exec b nkpctl provider restore "$LAB_DIR/pe.p12" --password-file "$LAB_DIR/pw" >/dev/null || fail "restore on b"
+lab_exec b nkpctl provider ca-cert pe > "$LAB_DIR/ca-b.pem" || fail "ca-cert on b"
+openssl verify -CAfile "$LAB_DIR/ca-b.pem" "$LAB_DIR/ek.pem" >/dev/null || fail "the guest's EK cert does not verify against host b's ca-cert"
+lab_exec b nkpctl host flush-cache >/dev/null 2>&1 || true
+pass "host b (provider restored from the backup): the guest's EK certificate verifies against its ca-cert too"
 
 # ---- policy require / off ---------------------------------------------------------------
 nkpd_stop

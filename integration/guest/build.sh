@@ -146,13 +146,14 @@ mount -t devtmpfs dev /dev 2>/dev/null
 mount -t tmpfs tmp /tmp
 exec </dev/console >/dev/console 2>&1
 
-marker=nomarker; poweroff=0; idx=0x1500016
+marker=nomarker; poweroff=0; idx=0x1500016; ekcert=0
 for a in $(cat /proc/cmdline); do
     case "$a" in
         nkp.marker=*) marker=${a#nkp.marker=} ;;
         nkp.poweroff=1|nkp.poweroff) poweroff=1 ;;
         nkp.nvindex=*) idx=${a#nkp.nvindex=} ;;
         nkp.probe=1) echo "NKP-PROBE-OK"; poweroff -f ;;
+        nkp.ekcert=1) ekcert=1 ;;
     esac
 done
 echo "NKP-GUEST-UP $(cut -d' ' -f1 /proc/uptime)"
@@ -184,6 +185,18 @@ else
         echo "NKP-MARKERS-WRITTEN tpm=$marker disk=$marker"
     else
         echo "NKP-ERROR writing markers failed"
+    fi
+fi
+# issue 7 (t-nkp-enrol): nkp.ekcert=1 prints the RSA EK certificate from NV
+# index 0x01c00002 in base64, between NKP-EKCERT-BEGIN and NKP-EKCERT-END.
+if [ $ekcert = 1 ]; then
+    if tpm2_nvread -C o -o /tmp/ek.der 0x01c00002 >/dev/null 2>&1 ||
+       tpm2_nvread -C 0x01c00002 -o /tmp/ek.der 0x01c00002 >/dev/null 2>&1; then
+        echo "NKP-EKCERT-BEGIN"
+        base64 /tmp/ek.der | sed 's/^/NKP-EKCERT /'
+        echo "NKP-EKCERT-END"
+    else
+        echo "NKP-ERROR cannot read the EK certificate (NV 0x01c00002)"
     fi
 fi
 sync
