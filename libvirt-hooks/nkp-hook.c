@@ -14,11 +14,11 @@
  *                                  one line naming the VM, the provider and
  *                                  the fix; record a vm-locked alarm; touch
  *                                  nothing else.
- *   migrate begin (destination)    the same, before any state arrives, so a
- *                                  destination without the provider refuses
- *                                  early and the source keeps running.
- *                                  stdout stays empty (it would replace the
- *                                  incoming XML).
+ *   migrate begin (destination)    before any state arrives, so a refusal
+ *                                  leaves the source running and nothing is
+ *                                  lost (see "The migrate step" below); then
+ *                                  the same as prepare.  stdout stays empty
+ *                                  (it would replace the incoming XML).
  *   reconnect begin                (libvirtd restarted; ephemeral secrets
  *                                  are gone) define them again, best effort:
  *                                  ALWAYS exit 0, because a failing reconnect
@@ -79,6 +79,27 @@
  * Key hygiene: the DEKs live only in nkp_secret buffers (locked, wiped) and
  * in the secret API call; the process is made non-dumpable and core files
  * are disabled before any key is touched.
+ *
+ * The migrate step (destination, `migrate begin`)
+ * ------------------------------------------------
+ * In this order, each failure one line naming the VM, this host
+ * (g_get_host_name()) and the fix, plus a "migration-refused" alarm:
+ *   1. every provider the incoming keysafe names is here (store or key
+ *      cache) with the same key id and fingerprint.  A provider of the same
+ *      name with another key (or the same key id with another key) is
+ *      drift, said as such;
+ *   2. every wrapped DEK unwraps (a keysafe altered in the incoming XML
+ *      fails here, or already when the XML is parsed);
+ *   3. TLS policy: this host's libvirt forces TLS for migrations
+ *      (migrate_tls_force = 1 in qemu.conf), or nkp.conf allows plain
+ *      migrations ([migration] allow_plain = true).  The hook cannot see
+ *      virsh's flags, and libvirt checks migrate_tls_force only where a
+ *      migration begins (the source), so nkp makes it a condition for a
+ *      host to receive nkp VMs: every host of a pool that receives them
+ *      then refuses to send in clear too.  docs/migration.md defends it.
+ * Then the secrets are defined as for a start (same UUIDs, same values:
+ * the vTPM state arrives encrypted with the migration key).  A successful
+ * step clears an earlier "migration-refused" alarm for the VM.
  *
  * Environment (tests only): NKP_ROOT relocates nkp's files (default "/"),
  * NKP_LIBVIRT_URI overrides the connection URI, NKP_HOOK_TIMEOUT the
@@ -236,6 +257,133 @@ static void undefine_secrets(const NkpDomain *d)
                 (void) nkp_virt_secret_undefine(v, nkp_keysafe_entry_secret_uuid(d->keysafe, i));
 }
 
+/* ---- the migrate step (destination) ------------------------------------- */
+
+/* migrate_tls_force in libvirt's qemu.conf (virConf syntax; the first
+ * assignment wins, as in libvirt).  A missing file is libvirt's default: 0. */
+static bool qemu_conf_forces_tls(const char *path)
+{
+        g_autofree char *text = NULL;
+        if (!g_file_get_contents(path, &text, NULL, NULL))
+                return false;
+        g_auto(GStrv) lines = g_strsplit(text, "\n", -1);
+        for (char **l = lines; *l; l++) {
+                char *hash = strchr(*l, '#');
+                if (hash)
+                        *hash = '\0';
+                char *p = g_strstrip(*l);
+                if (!g_str_has_prefix(p, "migrate_tls_force"))
+                        continue;
+                p += strlen("migrate_tls_force");
+                while (*p == ' ' || *p == '\t')
+                        p++;
+                if (*p != '=')
+                        continue; /* another key with that prefix */
+                p = g_strstrip(p + 1);
+                return strcmp(p, "1") == 0;
+        }
+        return false;
+}
+
+/* A provider in this host's store or key cache with `name` but another key
+ * id than `key_id`: its key id into `ret` (NKP_UUID_STRING_LEN + 1). */
+static bool provider_name_drift(nkp_context *ctx, const char *name, const char *key_id, char *ret)
+{
+        g_autoptr(NkpStore) store = NULL;
+        if (nkp_store_load(ctx, &store) == 0) {
+                const NkpStoreEntry *e = nkp_store_find(store, name);
+                if (e && g_ascii_strcasecmp(e->key_id, key_id) != 0) {
+                        g_strlcpy(ret, e->key_id, NKP_UUID_STRING_LEN + 1);
+                        return true;
+                }
+        }
+        g_autoptr(GArray) cached = NULL;
+        if (nkp_cache_list(ctx, &cached) == 0) {
+                for (guint i = 0; i < cached->len; i++) {
+                        const NkpCacheInfo *c = &g_array_index(cached, NkpCacheInfo, i);
+                        if (!c->deleted && strcmp(c->name, name) == 0 &&
+                            g_ascii_strcasecmp(c->key_id, key_id) != 0) {
+                                g_strlcpy(ret, c->key_id, NKP_UUID_STRING_LEN + 1);
+                                return true;
+                        }
+                }
+        }
+        nkp_error_clear();
+        return false;
+}
+
+static int migrate_refuse(nkp_context *ctx, const NkpDomain *d, int err, const char *msg)
+{
+        (void) nkp_alarm_raise(ctx, "migration-refused", d->name, msg);
+        return nkp_fail(err, "%s", msg);
+}
+
+/* Steps 1-3 of "The migrate step" above.  0, or a negative errno with the
+ * one-line message set (and the alarm recorded). */
+static int migrate_check(nkp_context *ctx, const NkpDomain *d)
+{
+        const char *host = g_get_host_name();
+        const char *pname = nkp_keysafe_provider_name(d->keysafe);
+        const char *key_id = nkp_keysafe_provider_key_id(d->keysafe);
+        if (!pname)
+                pname = "?";
+        if (!key_id)
+                key_id = "?";
+
+        int r = nkp_vm_unlock(ctx, d, false, NULL);
+        if (r == -ENOKEY) {
+                char other[NKP_UUID_STRING_LEN + 1];
+                g_autofree char *msg = NULL;
+                if (provider_name_drift(ctx, pname, key_id, other))
+                        msg = g_strdup_printf(
+                                "VM '%s' cannot be migrated to host '%s': provider drift: the "
+                                "provider '%s' here is another key (key id %s) than the '%s' that "
+                                "protects the VM (key id %s). Remove this one (nkpctl provider "
+                                "delete %s) and restore the VM's provider from its backup "
+                                "(nkpctl provider restore FILE.p12), then migrate again.",
+                                d->name, host, pname, other, pname, key_id, pname);
+                else
+                        msg = g_strdup_printf(
+                                "VM '%s' cannot be migrated to host '%s': its key provider '%s' "
+                                "(key id %s) is not on this host. Restore it here first (nkpctl "
+                                "provider restore FILE.p12), then migrate again.",
+                                d->name, host, pname, key_id);
+                return migrate_refuse(ctx, d, r, msg);
+        }
+        if (r == -EKEYREJECTED) {
+                g_autofree char *msg = g_strdup_printf(
+                        "VM '%s' cannot be migrated to host '%s': provider drift: the provider "
+                        "with key id %s here holds another key than the '%s' that protects the "
+                        "VM (fingerprint mismatch). Restore the VM's provider from its own "
+                        "backup here (nkpctl provider restore FILE.p12), then migrate again.",
+                        d->name, host, key_id, pname);
+                return migrate_refuse(ctx, d, r, msg);
+        }
+        if (r < 0) {
+                g_autofree char *msg = g_strdup_printf(
+                        "VM '%s' cannot be migrated to host '%s'%s: %s", d->name, host,
+                        r == -EBADMSG ? " (the keysafe in the incoming domain XML was altered "
+                                        "or damaged; the VM stays where it is)"
+                                      : "",
+                        nkp_error_message());
+                return migrate_refuse(ctx, d, r, msg);
+        }
+
+        if (!ctx->migration_allow_plain && !qemu_conf_forces_tls(ctx->migration_qemu_conf)) {
+                g_autofree char *msg = g_strdup_printf(
+                        "VM '%s' cannot be migrated to host '%s': nkp VMs only move between "
+                        "hosts that force TLS for migrations, and this one does not "
+                        "(migrate_tls_force is not 1 in %s). Set migrate_tls_force = 1 there, "
+                        "restart libvirtd and migrate with --tls; or allow plain migrations "
+                        "in %s ([migration] allow_plain = true).",
+                        d->name, host, ctx->migration_qemu_conf, ctx->conf_path);
+                return migrate_refuse(ctx, d, -EPERM, msg);
+        }
+        (void) nkp_alarm_clear(ctx, "migration-refused", d->name);
+        nkp_error_clear();
+        return 0;
+}
+
 static unsigned timeout_seconds(enum action act)
 {
         const char *t = g_getenv("NKP_HOOK_TIMEOUT");
@@ -286,9 +434,11 @@ int main(int argc, char **argv)
                 if (!nkp_domain_mentions_nkp(xml, len) || !may_fail)
                         return 0; /* not nkp's, or a step that must not fail */
                 g_autofree char *msg = g_strdup_printf(
-                        "VM '%s' cannot start: its domain XML carries nkp data that cannot be "
-                        "read: %s",
-                        domain, nkp_error_message());
+                        "VM '%s' cannot %s%s%s: its domain XML carries nkp data that cannot "
+                        "be read: %s",
+                        domain, act == ACT_MIGRATE ? "be migrated to host '" : "start",
+                        act == ACT_MIGRATE ? g_get_host_name() : "",
+                        act == ACT_MIGRATE ? "'" : "", nkp_error_message());
                 one_line(domain, msg);
                 return 1;
         }
@@ -302,6 +452,11 @@ int main(int argc, char **argv)
         if (r < 0) {
                 if (!may_fail)
                         return 0;
+                one_line(domain, nkp_error_message());
+                return 1;
+        }
+
+        if (act == ACT_MIGRATE && migrate_check(ctx, d) < 0) {
                 one_line(domain, nkp_error_message());
                 return 1;
         }

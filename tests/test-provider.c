@@ -44,8 +44,8 @@ static nkp_provider *create(Fixture *f, const char *name)
         return p;
 }
 
-/* Until `provider backup` exists in these tests' layer, the flag is set
- * through the store API, the way backup.c does. */
+/* Sets the backed-up flag through the store API (what a backup does),
+ * without the cost of a PKCS#12 export. */
 static void mark_backed_up(Fixture *f, const char *name)
 {
         int fd = -1;
@@ -246,8 +246,14 @@ static void test_default(Fixture *f, gconstpointer data)
         g_assert_cmpint(nkp_provider_set_default(f->ctx, "three"), ==, -ENOENT);
         testutil_assert_same_tree(before, f->root);
 
-        /* Backing up does not make anything the default by itself. */
-        mark_backed_up(f, "one");
+        /* Backing up (the real backup for one, the flag for two) does not
+         * make anything the default by itself. */
+        g_autoptr(nkp_secret) pw = NULL;
+        g_assert_cmpint(nkp_secret_new_copy("pw-for-test", 11, &pw), ==, 0);
+        g_autofree char *p12 = g_build_filename(f->root, "one.p12", NULL);
+        int r = nkp_provider_backup(f->ctx, "one", p12, pw);
+        if (r < 0)
+                g_error("backup: %s", nkp_error_message());
         mark_backed_up(f, "two");
         const char *dflt = NULL;
         g_assert_cmpuint(count_defaults(f, &dflt), ==, 0);

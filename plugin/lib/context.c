@@ -4,6 +4,14 @@
  *   [tpm]
  *   tcti = device:/dev/tpmrm0 | swtpm:host=…,port=… | none
  *
+ *   [migration]
+ *   allow_plain = false | true   receive nkp VMs on a host whose libvirt does
+ *                                not force TLS for migrations (default false:
+ *                                refused, see docs/migration.md)
+ *   qemu_conf = PATH             libvirt's qemu.conf, where the hook reads
+ *                                migrate_tls_force (default
+ *                                ROOT/etc/libvirt/qemu.conf)
+ *
  * Without a config the default TCTI is device:/dev/tpmrm0 when that device
  * exists under the root, else "none".  A TCTI set explicitly is a promise
  * that the TPM is there: if it then fails, nkp errors out instead of falling
@@ -19,6 +27,32 @@
 char *nkp_context_path(const nkp_context *ctx, const char *rel)
 {
         return g_strconcat(ctx->root, rel, NULL);
+}
+
+static int load_migration_config(nkp_context *ctx, GKeyFile *kf)
+{
+        g_autoptr(GError) error = NULL;
+        if (g_key_file_has_key(kf, "migration", "allow_plain", NULL)) {
+                gboolean v = g_key_file_get_boolean(kf, "migration", "allow_plain", &error);
+                if (error)
+                        return nkp_fail(-EINVAL,
+                                        "The config '%s' has a bad [migration] allow_plain= "
+                                        "(write true or false).",
+                                        ctx->conf_path);
+                ctx->migration_allow_plain = v;
+        }
+        g_autofree char *qc = g_key_file_get_string(kf, "migration", "qemu_conf", NULL);
+        if (qc) {
+                g_strstrip(qc);
+                if (!g_path_is_absolute(qc))
+                        return nkp_fail(-EINVAL,
+                                        "The config '%s' has a [migration] qemu_conf= that is "
+                                        "not an absolute path.",
+                                        ctx->conf_path);
+                g_free(ctx->migration_qemu_conf);
+                ctx->migration_qemu_conf = g_steal_pointer(&qc);
+        }
+        return 0;
 }
 
 static int load_config(nkp_context *ctx)
@@ -42,7 +76,7 @@ static int load_config(nkp_context *ctx)
                 ctx->tcti = g_steal_pointer(&tcti);
                 ctx->tcti_explicit = strcmp(ctx->tcti, "none") != 0;
         }
-        return 0;
+        return load_migration_config(ctx, kf);
 }
 
 int nkp_context_new(const char *root, nkp_context **ret)
@@ -59,6 +93,7 @@ int nkp_context_new(const char *root, nkp_context **ret)
         ctx->alarms_path = nkp_context_path(ctx, "/var/lib/nkp/alarms.ini");
         ctx->conf_path = nkp_context_path(ctx, "/etc/nkp/nkp.conf");
         ctx->run_dir = nkp_context_path(ctx, "/run/nkp");
+        ctx->migration_qemu_conf = nkp_context_path(ctx, "/etc/libvirt/qemu.conf");
 
         g_autofree char *dev = nkp_context_path(ctx, "/dev/tpmrm0");
         ctx->tcti = g_strdup(access(dev, F_OK) == 0 ? DEFAULT_TCTI : "none");
@@ -82,6 +117,7 @@ void nkp_context_free(nkp_context *ctx)
         g_free(ctx->conf_path);
         g_free(ctx->run_dir);
         g_free(ctx->tcti);
+        g_free(ctx->migration_qemu_conf);
         g_free(ctx);
 }
 

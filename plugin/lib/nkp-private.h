@@ -119,6 +119,9 @@ struct nkp_context {
         char *run_dir;    /* ROOT/run/nkp */
         char *tcti;       /* "none" or a tpm2-tss TCTI string */
         bool tcti_explicit; /* set in the config: a failing TPM is an error */
+        /* [migration] (the hook's `migrate begin` on a destination) */
+        bool migration_allow_plain; /* allow_plain: receive nkp VMs without forced TLS */
+        char *migration_qemu_conf;  /* qemu_conf: libvirt's qemu.conf (ROOT/etc/libvirt/qemu.conf) */
 };
 
 /* Path of `rel` (absolute, starting with '/') under the context root. */

@@ -357,9 +357,10 @@ static int cmd_delete(NkpctlGlobals *g, int argc, char **argv)
         if (r == -EBUSY) {
                 g_autofree char *list = join_quoted(vms);
                 return nkpctl_error("Provider '%s' protects the defined VM%s %s; nothing was deleted.  "
-                                    "Rekey them to another provider (nkpctl vm rekey DOMAIN --provider "
-                                    "OTHER) or undefine them first, or use --force.",
-                                    name, in_use == 1 ? "" : "s", list);
+                                    "Rekey %s to another provider (nkpctl vm rekey DOMAIN --provider "
+                                    "OTHER) or undefine %s first, or use --force.",
+                                    name, in_use == 1 ? "" : "s", list, in_use == 1 ? "it" : "them",
+                                    in_use == 1 ? "it" : "them");
         }
         if (r < 0)
                 return nkpctl_lib_error();
