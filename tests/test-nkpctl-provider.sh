@@ -192,6 +192,16 @@ if [ "$rc" -eq 0 ]; then
         check "restore into a second root" [ "$rc" -eq 0 ]
         run "$R2" provider restore "$TOP/a.p12" --password-file "$TOP/pw"
         check "restore again: already present" grep -q "already present, nothing changed" <<<"$out"
+        # The EK CA (ca-cert) is the same CA on both roots: same subject and key.
+        run "$B" provider ca-cert a
+        ca1=$out
+        run "$R2" provider ca-cert a
+        ca2=$out
+        spki() { openssl x509 -noout -pubkey -subject <<<"$1" 2>/dev/null; }
+        check "ca-cert is a PEM CA certificate" grep -q "CA:TRUE" < <(openssl x509 -noout -text <<<"$ca1")
+        check "ca-cert: same subject and public key after restore" \
+                [ -n "$(spki "$ca1")" ] && [ "$(spki "$ca1")" = "$(spki "$ca2")" ]
+        refused "ca-cert of an unknown provider" 1 "no provider named 'zz'" "$B" provider ca-cert zz
 else
         fail "backup a: $err"
 fi

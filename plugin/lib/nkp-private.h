@@ -345,4 +345,47 @@ void nkp_vm_secret_free(gpointer p);
  * open.  When `want_values` is false only the provider is checked. */
 int nkp_vm_unlock(nkp_context *ctx, const NkpDomain *d, bool want_values, GPtrArray **ret);
 
+/* ==== issue 7: the provider's EK CA (ekca.c) ================================ */
+/* See plugin/lib/ekca.c for the derivation and the certificate profiles. */
+
+typedef struct NkpEkCa NkpEkCa;
+
+/* The EK CA of provider (name, key id) derived from its KDK: an ECDSA P-384
+ * key and a self-signed CA certificate whose every field but the signature
+ * is the same on every host holding the provider. */
+int nkp_ekca_new(const nkp_secret *kdk, const char *provider_name, const char *key_id,
+                 NkpEkCa **ret);
+/* The same for the provider with `key_id` on this host (store + KDK from the
+ * cache or the store).  -ENOENT when the provider is not here. */
+int nkp_ekca_for_provider(nkp_context *ctx, const char *key_id, NkpEkCa **ret);
+void nkp_ekca_free(NkpEkCa *ca);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpEkCa, nkp_ekca_free)
+
+/* The CA certificate, PEM (free with g_free) or DER. */
+int nkp_ekca_cert_pem(const NkpEkCa *ca, char **ret);
+int nkp_ekca_cert_der(const NkpEkCa *ca, GBytes **ret);
+
+/* What swtpm_setup's create_certs_tool is given (strings as on its command
+ * line; NULL where absent). */
+typedef struct {
+        const char *type;              /* "ek" or "platform" */
+        const char *ek;                /* RSA modulus in hex, or x=<hex>,y=<hex>[,id=<curve>] */
+        const char *vmid;              /* "<name>:<uuid>" (libvirt); the subject CN */
+        const char *tpm_spec_family;   /* EK: "2.0" */
+        const char *tpm_spec_level;    /* EK: "0" */
+        const char *tpm_spec_revision; /* EK: "164" */
+        const char *tpm_manufacturer;  /* "id:00001014" */
+        const char *tpm_model;         /* "swtpm" */
+        const char *tpm_version;       /* "id:20191023" */
+        const char *platform_manufacturer; /* platform certificate only */
+        const char *platform_model;
+        const char *platform_version;
+        bool allow_signing;
+        bool decryption;
+} NkpEkCertRequest;
+
+/* Issues the DER certificate that `req` asks for, signed by `ca`.
+ * -EINVAL for a malformed or incomplete request (the message says what). */
+int nkp_ekca_issue(const NkpEkCa *ca, const NkpEkCertRequest *req, GBytes **ret);
+
 #endif /* NKP_PRIVATE_H */

@@ -293,6 +293,39 @@ static int cmd_show(NkpctlGlobals *g, int argc, char **argv)
         return 0;
 }
 
+/* provider ca-cert NAME: the provider's EK CA certificate (PEM), derived
+ * from its KDK (see plugin/lib/ekca.c).  The same CA on every host holding
+ * the provider; only the self-signature differs (ECDSA nonces). */
+static int cmd_ca_cert(NkpctlGlobals *g, int argc, char **argv)
+{
+        int r = parse_options(g, "NAME", "Print the provider's vTPM EK CA certificate (PEM).",
+                              NULL, &argc, &argv);
+        if (r)
+                return r;
+        g_autoptr(nkp_provider) p = NULL;
+        r = get_named(g, "ca-cert", argc, argv, &p);
+        if (r)
+                return r;
+        g_autoptr(NkpEkCa) ca = NULL;
+        g_autofree char *pem = NULL;
+        if (nkp_ekca_for_provider(g->ctx, nkp_provider_key_id(p), &ca) < 0 ||
+            nkp_ekca_cert_pem(ca, &pem) < 0)
+                return nkpctl_lib_error();
+        if (g->json) {
+                g_autoptr(JsonBuilder) b = json_builder_new();
+                json_builder_begin_object(b);
+                json_builder_set_member_name(b, "name");
+                json_builder_add_string_value(b, nkp_provider_name(p));
+                json_builder_set_member_name(b, "pem");
+                json_builder_add_string_value(b, pem);
+                json_builder_end_object(b);
+                nkpctl_print_json(json_builder_get_root(b));
+                return 0;
+        }
+        fputs(pem, stdout);
+        return 0;
+}
+
 static int cmd_set_default(NkpctlGlobals *g, int argc, char **argv)
 {
         int r = parse_options(g, "NAME", "Make a backed-up provider the host's default.", NULL, &argc,
@@ -509,6 +542,7 @@ static const struct {
         { "create", cmd_create },   { "list", cmd_list },         { "show", cmd_show },
         { "set-default", cmd_set_default }, { "delete", cmd_delete }, { "usage", cmd_usage },
         { "backup", cmd_backup },   { "restore", cmd_restore },
+        { "ca-cert", cmd_ca_cert },
 };
 
 static const char provider_usage[] =
@@ -522,6 +556,7 @@ static const char provider_usage[] =
         "  usage NAME                        the defined VMs that depend on it\n"
         "  backup NAME --out FILE.p12 [--password-file F]\n"
         "  restore FILE.p12 [--password-file F]\n"
+        "  ca-cert NAME                      the provider's vTPM EK CA certificate (PEM)\n"
         "\n"
         "Each command takes --help and --json.\n";
 
