@@ -13,7 +13,7 @@ top=$PWD
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
 
-phase() { printf '\n==== %s ====\n' "$*"; }
+phase() { printf "\n==== %s (at %ss) ====\n" "$*" "$SECONDS"; }
 
 # Appends "RESULT name" lines from a meson build's testlog.json.
 collect() { # build-dir label
@@ -67,8 +67,11 @@ fi
 
 phase "fuzz targets (libFuzzer, ${NKP_FUZZ_SECONDS:-30} s each)"
 if [ -x tests/run-fuzz.sh ]; then
-        tests/run-fuzz.sh | tee /dev/stderr | awk '$1 == "PASS" || $1 == "FAIL" { print $1, "fuzz:" $2 }' >>"$results"
-        [ "${PIPESTATUS[0]}" = 0 ] || grep -q '^FAIL fuzz:' "$results" || echo "FAIL fuzz:runner" >>"$results"
+        # (no `tee /dev/stderr`: when stderr is a file, tee would truncate it)
+        fuzz_out=$(tests/run-fuzz.sh); fuzz_rc=$?
+        echo "$fuzz_out"
+        echo "$fuzz_out" | awk '$1 == "PASS" || $1 == "FAIL" { print $1, "fuzz:" $2 }' >>"$results"
+        [ "$fuzz_rc" = 0 ] || grep -q '^FAIL fuzz:' "$results" || echo "FAIL fuzz:runner" >>"$results"
 else
         echo "SKIP fuzz:no-runner" >>"$results"
 fi
