@@ -395,6 +395,38 @@ static unsigned timeout_seconds(enum action act)
         return act == ACT_RECONNECT ? 10 : 20;
 }
 
+/* issue 7: a VM with a plain emulator vTPM and no keysafe.  The [vtpm]
+ * policy decides (enrol.c): no state yet -> refused until nkpd has enrolled
+ * it (never started in clear); require -> refused; off, or existing clear
+ * state -> not nkp's business. */
+static int plain_vtpm_start(const char *domain, const NkpDomain *d)
+{
+        const char *root = g_getenv("NKP_ROOT");
+        g_autoptr(nkp_context) ctx = NULL;
+        if (nkp_context_new(root && root[0] ? root : "/", &ctx) < 0 ||
+            nkp_vtpm_start_check(ctx, d) < 0) {
+                one_line(domain, nkp_error_message());
+                return 1;
+        }
+        return 0;
+}
+
+/* issue 7: the first start of an nkp vTPM runs swtpm_setup, which calls
+ * nkp-swtpm-certs; the ticket tells it (or nkpd) that this VM's vTPM is
+ * being manufactured now, by this provider (see swtpm-hooks/). */
+static int ekca_ticket(nkp_context *ctx, const NkpDomain *d)
+{
+        if (!d->has_vtpm || !d->tpm_secret || nkp_vtpm_state(ctx, d) != NKP_VTPM_STATE_NONE)
+                return 0;
+        int r = nkp_ekca_ticket_write(ctx, d->uuid, nkp_keysafe_provider_key_id(d->keysafe),
+                                      NKP_EKCA_TICKET_TTL);
+        if (r < 0)
+                return nkp_fail_prefix(r, "VM '%s' cannot start: its vTPM certificate ticket "
+                                          "cannot be written",
+                                       d->name);
+        return 0;
+}
+
 int main(int argc, char **argv)
 {
         /* No stdout, ever: for migrate it would replace the incoming XML. */
@@ -443,8 +475,12 @@ int main(int argc, char **argv)
                 return 1;
         }
         mark("parsed");
-        if (!d->keysafe)
+        if (!d->keysafe) {
+                /* issue 7: a plain emulator vTPM (virt-manager & co.) */
+                if (act == ACT_START && d->has_vtpm && !d->tpm_secret)
+                        return plain_vtpm_start(domain, d);
                 return 0;
+        }
 
         const char *root = g_getenv("NKP_ROOT");
         g_autoptr(nkp_context) ctx = NULL;
@@ -465,6 +501,10 @@ int main(int argc, char **argv)
         case ACT_START:
         case ACT_MIGRATE:
                 r = define_secrets(ctx, d);
+                if (r == 0 && act == ACT_START)
+                        r = nkp_vtpm_start_check(ctx, d); /* a plain vTPM added to an nkp VM */
+                if (r == 0 && act == ACT_START)
+                        r = ekca_ticket(ctx, d);
                 if (r < 0) {
                         one_line(domain, nkp_error_message());
                         return 1;
@@ -479,6 +519,7 @@ int main(int argc, char **argv)
                 return 0;
         case ACT_RELEASE:
                 undefine_secrets(d);
+                nkp_ekca_ticket_remove(ctx, d->uuid);
                 return 0;
         case ACT_NONE:
                 break;

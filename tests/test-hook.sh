@@ -9,6 +9,8 @@ BUILD=${NKP_BUILD_DIR:?}
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 export NKP_ROOT=$root
+# Plain vTPMs are not this test's subject (test-enrol covers [vtpm] policy).
+mkdir -p "$root/etc/nkp" && printf '[vtpm]\npolicy=off\n' > "$root/etc/nkp/nkp.conf"
 # Any libvirt call would fail fast here instead of touching a real daemon.
 export NKP_LIBVIRT_URI="qemu+unix:///system?socket=$root/no-such-socket"
 export NKP_HOOK_TIMEOUT=10

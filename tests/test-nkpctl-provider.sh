@@ -7,7 +7,14 @@ set -u
 
 NKPCTL=${NKPCTL:?set NKPCTL to the built nkpctl}
 TOP=$(mktemp -d)
-trap 'rm -rf "$TOP"' EXIT
+swtpm_pid=
+cleanup() {
+        if [ -n "$swtpm_pid" ]; then kill "$swtpm_pid" 2>/dev/null; wait "$swtpm_pid" 2>/dev/null; fi
+        # Forget the keys these roots put into the key cache.
+        for r in "$TOP"/root.*; do [ -d "$r" ] && "$NKPCTL" --root "$r" host flush-cache >/dev/null 2>&1; done
+        rm -rf "$TOP"
+}
+trap cleanup EXIT
 fails=0
 n=0
 
@@ -263,6 +270,43 @@ run "$V" --connect "$VC" provider delete unused
 check "delete of the unused one" [ "$rc" -eq 0 ]
 run "$V" --connect "$VC" provider delete used --force
 check "delete --force of the used one" [ "$rc" -eq 0 ]
+
+# ---- with a TPM (a throwaway swtpm) -------------------------------------------------------------
+if command -v swtpm >/dev/null; then
+        T=$(newroot)
+        started=false
+        for try in 1 2 3 4 5; do
+                port=$((20000 + RANDOM % 40000))
+                swtpm socket --tpm2 --server "type=tcp,port=$port,bindaddr=127.0.0.1" \
+                        --ctrl "type=tcp,port=$((port + 1)),bindaddr=127.0.0.1" --tpmstate "dir=$TOP" \
+                        --flags not-need-init,startup-clear 2>/dev/null &
+                swtpm_pid=$!
+                for i in $(seq 100); do
+                        kill -0 "$swtpm_pid" 2>/dev/null || break
+                        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then started=true; break; fi
+                        sleep 0.05
+                done
+                $started && break
+                kill "$swtpm_pid" 2>/dev/null; wait "$swtpm_pid" 2>/dev/null; swtpm_pid=
+        done
+        if $started; then
+                printf '[tpm]\ntcti=swtpm:host=127.0.0.1,port=%s\n' "$port" >"$T/etc/nkp/nkp.conf"
+                run "$T" --json provider create sealed --require-tpm
+                check "create --require-tpm with a TPM" json 'assert d["sealed"] == "tpm" and d["require_tpm"] is True' <<<"$out"
+                check "  ... the store holds no kdk" eval '! grep -q "^kdk=" "$T/var/lib/nkp/providers.ini"'
+                run "$T" host flush-cache
+                run "$T" provider backup sealed --out "$TOP/sealed.p12" --password-file "$TOP/pw"
+                check "backup of a sealed provider (unsealed by the TPM)" [ "$rc" -eq 0 ]
+                R4=$(newroot)
+                refused "restore of a require-tpm provider on a host without a TPM" 1 "requires a TPM" "$R4" provider restore "$TOP/sealed.p12" --password-file "$TOP/pw"
+                kill "$swtpm_pid" 2>/dev/null; wait "$swtpm_pid" 2>/dev/null; swtpm_pid=
+                refused "create while the configured TPM is gone" 1 "plain" "$T" provider create plain
+        else
+                fail "swtpm did not start"
+        fi
+else
+        echo "# SKIP TPM cases: swtpm is not installed"
+fi
 
 echo "1..$n"
 [ "$fails" -eq 0 ]

@@ -336,6 +336,19 @@ static void test_wrong_mode(Fixture *f, gconstpointer data)
         g_assert_cmpint(nkp_store_lock(f->ctx, &fd), ==, -EPERM);
         g_assert_cmpint(chmod(f->ctx->store_dir, 0700), ==, 0);
 
+        /* Owned by someone else (needs root to arrange). */
+        if (geteuid() == 0) {
+                g_assert_cmpint(chown(f->ctx->store_path, 65534, 65534), ==, 0);
+                g_assert_cmpint(nkp_store_load(f->ctx, &s), ==, -EPERM);
+                g_assert_nonnull(strstr(nkp_error_message(), "owner 65534"));
+                g_assert_cmpint(chown(f->ctx->store_path, 0, 0), ==, 0);
+                g_assert_cmpint(chown(f->ctx->store_dir, 65534, 65534), ==, 0);
+                g_assert_cmpint(nkp_store_load(f->ctx, &s), ==, -EPERM);
+                g_assert_cmpint(chown(f->ctx->store_dir, 0, 0), ==, 0);
+        } else {
+                g_test_message("not root: foreign owner not checked");
+        }
+
         /* A symlink in place of the store is refused. */
         g_autofree char *elsewhere = g_build_filename(f->root, "elsewhere", NULL);
         g_assert_cmpint(rename(f->ctx->store_path, elsewhere), ==, 0);

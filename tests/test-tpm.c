@@ -7,7 +7,11 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <time.h>
+
+#include <tss2/tss2_esys.h>
+#include <tss2/tss2_tctildr.h>
 
 #include "testutil-swtpm.h"
 #include "testutil.h"
@@ -311,6 +315,90 @@ static void test_tpm_bad_blobs(void)
 {
         if (need_swtpm())
                 testutil_isolated(bad_blob_body);
+}
+
+/* ---- a TPM without resource manager (swtpm): concurrency, dead clients --------- */
+
+static void concurrent_body(const char *tmp)
+{
+        g_autofree char *state = g_build_filename(tmp, "tpm", NULL);
+        TestSwtpm *sw = testutil_swtpm_start(state);
+        g_autofree char *root = testutil_make_root(tmp, "r", testutil_swtpm_tcti(sw));
+        g_autoptr(nkp_context) ctx = ctx_for(root);
+        g_autoptr(nkp_secret) kdk = NULL;
+        g_assert_cmpint(nkp_secret_new_random(NKP_KDK_SIZE, &kdk), ==, 0);
+        NkpTpm *tpm = NULL;
+        g_assert_cmpint(nkp_tpm_open(ctx, &tpm), ==, 0);
+        g_autoptr(GBytes) blob = NULL;
+        g_autofree char *srk = NULL;
+        g_assert_cmpint(nkp_tpm_seal(tpm, kdk, &blob, &srk), ==, 0);
+        nkp_tpm_close(tpm);
+
+        /* A client dies holding objects and a session: with no resource
+         * manager they would stay loaded and exhaust the TPM's slots. */
+        pid_t pid = fork();
+        g_assert_cmpint(pid, >=, 0);
+        if (pid == 0) {
+                TSS2_TCTI_CONTEXT *tcti = NULL;
+                ESYS_CONTEXT *esys = NULL;
+                if (Tss2_TctiLdr_Initialize(testutil_swtpm_tcti(sw), &tcti) != 0 ||
+                    Esys_Initialize(&esys, tcti, NULL) != 0)
+                        _exit(2);
+                TPM2B_SENSITIVE_CREATE sens = { 0 };
+                TPM2B_PUBLIC pub = { .publicArea = {
+                        .type = TPM2_ALG_KEYEDHASH, .nameAlg = TPM2_ALG_SHA256,
+                        .objectAttributes = TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT |
+                                            TPMA_OBJECT_SENSITIVEDATAORIGIN |
+                                            TPMA_OBJECT_USERWITHAUTH | TPMA_OBJECT_SIGN_ENCRYPT,
+                        .parameters.keyedHashDetail.scheme = { .scheme = TPM2_ALG_HMAC,
+                                .details.hmac.hashAlg = TPM2_ALG_SHA256 } } };
+                TPM2B_DATA outside = { 0 };
+                TPML_PCR_SELECTION pcrs = { 0 };
+                int loaded = 0;
+                for (int i = 0; i < 8; i++) {
+                        ESYS_TR h;
+                        pub.publicArea.unique.keyedHash.size = 1;
+                        pub.publicArea.unique.keyedHash.buffer[0] = (BYTE) i;
+                        if (Esys_CreatePrimary(esys, ESYS_TR_RH_OWNER, ESYS_TR_PASSWORD,
+                                               ESYS_TR_NONE, ESYS_TR_NONE, &sens, &pub, &outside,
+                                               &pcrs, &h, NULL, NULL, NULL, NULL) == 0)
+                                loaded++;
+                }
+                _exit(loaded > 0 ? 0 : 3); /* no flush, no finalize */
+        }
+        int status;
+        g_assert_cmpint(waitpid(pid, &status, 0), ==, pid);
+        g_assert_true(WIFEXITED(status));
+        g_assert_cmpint(WEXITSTATUS(status), ==, 0);
+
+        /* Many cold unseals at once, as concurrent VM starts after a reboot. */
+        enum { N = 8 };
+        pid_t kids[N];
+        for (int i = 0; i < N; i++) {
+                kids[i] = fork();
+                g_assert_cmpint(kids[i], >=, 0);
+                if (kids[i] == 0) {
+                        NkpTpm *t = NULL;
+                        nkp_secret *k = NULL;
+                        int ok = nkp_tpm_open(ctx, &t) == 0 && nkp_tpm_unseal(t, blob, srk, &k) == 0 &&
+                                 nkp_secret_equal(k, kdk);
+                        if (!ok)
+                                g_printerr("child %d: %s\n", i, nkp_error_message());
+                        _exit(ok ? 0 : 1);
+                }
+        }
+        for (int i = 0; i < N; i++) {
+                g_assert_cmpint(waitpid(kids[i], &status, 0), ==, kids[i]);
+                g_assert_true(WIFEXITED(status));
+                g_assert_cmpint(WEXITSTATUS(status), ==, 0);
+        }
+        testutil_swtpm_stop(sw);
+}
+
+static void test_tpm_concurrent(void)
+{
+        if (need_swtpm())
+                testutil_isolated(concurrent_body);
 }
 
 /* ---- no stray copies ---------------------------------------------------------- */
@@ -717,6 +805,7 @@ int main(int argc, char **argv)
         g_test_add_func("/tpm/seal-unseal", test_tpm_seal_unseal);
         g_test_add_func("/tpm/bad-blobs", test_tpm_bad_blobs);
         g_test_add_func("/tpm/no-heap-copies", test_tpm_no_heap_copies);
+        g_test_add_func("/tpm/concurrent", test_tpm_concurrent);
         g_test_add_func("/tpm/provider/reboot", test_tpm_provider_reboot);
         g_test_add_func("/tpm/provider/stolen-disk", test_tpm_provider_stolen_disk);
         g_test_add_func("/tpm/provider/require-tpm", test_tpm_provider_require_tpm);

@@ -12,6 +12,21 @@
  *                                migrate_tls_force (default
  *                                ROOT/etc/libvirt/qemu.conf)
  *
+ *   [vtpm]                       (issue 7: vTPMs made by virt-manager & co.)
+ *   policy = enrol | require | off
+ *                                enrol (default): nkpd enrols a plain
+ *                                emulator vTPM with no state yet, with the
+ *                                default provider, and the hook refuses to
+ *                                start one before that; require: the hook
+ *                                refuses every unencrypted vTPM start, nothing
+ *                                is enrolled automatically; off: plain vTPMs
+ *                                are not nkp's business
+ *   swtpm_user = tss             libvirt's swtpm_user: the only non-root user
+ *                                nkpd's certificate signer answers
+ *   state_dir = PATH             libvirt's swtpm state (default
+ *                                /var/lib/libvirt/swtpm; NKP_SWTPM_STATE_DIR
+ *                                in the environment overrides both)
+ *
  * Without a config the default TCTI is device:/dev/tpmrm0 when that device
  * exists under the root, else "none".  A TCTI set explicitly is a promise
  * that the TPM is there: if it then fails, nkp errors out instead of falling
@@ -55,6 +70,45 @@ static int load_migration_config(nkp_context *ctx, GKeyFile *kf)
         return 0;
 }
 
+static int load_vtpm_config(nkp_context *ctx, GKeyFile *kf)
+{
+        g_autofree char *policy = g_key_file_get_string(kf, "vtpm", "policy", NULL);
+        if (policy) {
+                g_strstrip(policy);
+                if (strcmp(policy, "enrol") == 0 || strcmp(policy, "enroll") == 0)
+                        ctx->vtpm_policy = NKP_VTPM_POLICY_ENROL;
+                else if (strcmp(policy, "require") == 0)
+                        ctx->vtpm_policy = NKP_VTPM_POLICY_REQUIRE;
+                else if (strcmp(policy, "off") == 0)
+                        ctx->vtpm_policy = NKP_VTPM_POLICY_OFF;
+                else
+                        return nkp_fail(-EINVAL,
+                                        "The config '%s' has [vtpm] policy=%s; write enrol, "
+                                        "require or off.",
+                                        ctx->conf_path, policy);
+        }
+        g_autofree char *user = g_key_file_get_string(kf, "vtpm", "swtpm_user", NULL);
+        if (user) {
+                g_strstrip(user);
+                if (user[0]) {
+                        g_free(ctx->vtpm_swtpm_user);
+                        ctx->vtpm_swtpm_user = g_steal_pointer(&user);
+                }
+        }
+        g_autofree char *dir = g_key_file_get_string(kf, "vtpm", "state_dir", NULL);
+        if (dir) {
+                g_strstrip(dir);
+                if (!g_path_is_absolute(dir))
+                        return nkp_fail(-EINVAL,
+                                        "The config '%s' has a [vtpm] state_dir= that is not an "
+                                        "absolute path.",
+                                        ctx->conf_path);
+                g_free(ctx->vtpm_state_dir);
+                ctx->vtpm_state_dir = g_steal_pointer(&dir);
+        }
+        return 0;
+}
+
 static int load_config(nkp_context *ctx)
 {
         g_autoptr(GKeyFile) kf = g_key_file_new();
@@ -76,7 +130,10 @@ static int load_config(nkp_context *ctx)
                 ctx->tcti = g_steal_pointer(&tcti);
                 ctx->tcti_explicit = strcmp(ctx->tcti, "none") != 0;
         }
-        return load_migration_config(ctx, kf);
+        int r = load_migration_config(ctx, kf);
+        if (r < 0)
+                return r;
+        return load_vtpm_config(ctx, kf);
 }
 
 int nkp_context_new(const char *root, nkp_context **ret)
@@ -94,6 +151,9 @@ int nkp_context_new(const char *root, nkp_context **ret)
         ctx->conf_path = nkp_context_path(ctx, "/etc/nkp/nkp.conf");
         ctx->run_dir = nkp_context_path(ctx, "/run/nkp");
         ctx->migration_qemu_conf = nkp_context_path(ctx, "/etc/libvirt/qemu.conf");
+        ctx->vtpm_policy = NKP_VTPM_POLICY_ENROL;
+        ctx->vtpm_swtpm_user = g_strdup("tss");
+        ctx->vtpm_state_dir = g_strdup("/var/lib/libvirt/swtpm");
 
         g_autofree char *dev = nkp_context_path(ctx, "/dev/tpmrm0");
         ctx->tcti = g_strdup(access(dev, F_OK) == 0 ? DEFAULT_TCTI : "none");
@@ -101,6 +161,11 @@ int nkp_context_new(const char *root, nkp_context **ret)
         int r = load_config(ctx);
         if (r < 0)
                 return r;
+        const char *sd = g_getenv("NKP_SWTPM_STATE_DIR");
+        if (sd && sd[0]) {
+                g_free(ctx->vtpm_state_dir);
+                ctx->vtpm_state_dir = g_strdup(sd);
+        }
         *ret = g_steal_pointer(&ctx);
         return 0;
 }
@@ -118,6 +183,8 @@ void nkp_context_free(nkp_context *ctx)
         g_free(ctx->run_dir);
         g_free(ctx->tcti);
         g_free(ctx->migration_qemu_conf);
+        g_free(ctx->vtpm_swtpm_user);
+        g_free(ctx->vtpm_state_dir);
         g_free(ctx);
 }
 

@@ -61,6 +61,9 @@
  */
 #include <errno.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
 
 #include <openssl/bn.h>
 #include <openssl/core_names.h>
@@ -590,5 +593,291 @@ int nkp_ekca_issue(const NkpEkCa *ca, const NkpEkCertRequest *req, GBytes **ret)
                                 nkp_openssl_error());
         *ret = g_bytes_new(der, (gsize) len);
         OPENSSL_free(der);
+        return 0;
+}
+
+/* ---- who may have a certificate: the hook's tickets ------------------------ */
+/* The prepare hook (root, before swtpm_setup) writes ROOT/run/nkp/ekca/<vm
+ * uuid> for an nkp VM whose vTPM has no state yet: "key_id=<provider key
+ * id>\nexpires=<unix time>\n", 0600 root in a 0700 directory.  No key bytes.
+ * It says "this VM's vTPM is being manufactured now, by this provider".  The
+ * signer issues certificates for a VM only while its ticket is there and
+ * fresh; release removes it.  No ticket: not nkp's VM, swtpm's own local CA
+ * applies. */
+
+#define TICKET_MAX 512
+
+static char *ticket_dir(const nkp_context *ctx)
+{
+        return g_build_filename(ctx->run_dir, "ekca", NULL);
+}
+
+static int ticket_path(const nkp_context *ctx, const char *vm_uuid, char **ret)
+{
+        uint8_t u[16];
+        char canon[NKP_UUID_STRING_LEN + 1];
+        if (nkp_uuid_parse(vm_uuid, u) < 0)
+                return nkp_fail(-EINVAL, "'%s' is not a VM UUID.", vm_uuid ? vm_uuid : "");
+        nkp_uuid_format(u, canon);
+        g_autofree char *dir = ticket_dir(ctx);
+        *ret = g_build_filename(dir, canon, NULL);
+        return 0;
+}
+
+int nkp_ekca_ticket_write(nkp_context *ctx, const char *vm_uuid, const char *key_id,
+                          unsigned ttl_seconds)
+{
+        uint8_t k[16];
+        g_autofree char *path = NULL;
+        int r = ticket_path(ctx, vm_uuid, &path);
+        if (r < 0)
+                return r;
+        if (nkp_uuid_parse(key_id, k) < 0)
+                return nkp_fail(-EINVAL, "'%s' is not a valid key id.", key_id ? key_id : "");
+        g_autofree char *dir = ticket_dir(ctx);
+        r = nkp_mkdir_private(dir);
+        if (r < 0)
+                return r;
+        int64_t expires = g_get_real_time() / G_USEC_PER_SEC + ttl_seconds;
+        g_autofree char *text = g_strdup_printf("key_id=%s\nexpires=%" G_GINT64_FORMAT "\n", key_id,
+                                                expires);
+        return nkp_write_file_atomic(path, text, strlen(text), 0600, false);
+}
+
+void nkp_ekca_ticket_remove(nkp_context *ctx, const char *vm_uuid)
+{
+        g_autofree char *path = NULL;
+        if (ticket_path(ctx, vm_uuid, &path) == 0)
+                (void) unlink(path);
+        nkp_error_clear();
+}
+
+int nkp_ekca_ticket_read(nkp_context *ctx, const char *vm_uuid, char **ret_key_id)
+{
+        g_autofree char *path = NULL;
+        int r = ticket_path(ctx, vm_uuid, &path);
+        if (r < 0)
+                return r;
+        g_autofree char *text = NULL;
+        size_t len = 0;
+        r = nkp_read_file(path, TICKET_MAX, true, &text, &len);
+        if (r == -ENOENT)
+                return nkp_fail(-ENOENT, "No nkp certificate ticket for VM %s.", vm_uuid);
+        if (r < 0)
+                return r;
+        g_autoptr(GKeyFile) kf = g_key_file_new();
+        g_autofree char *grouped = g_strconcat("[t]\n", text, NULL);
+        if (!g_key_file_load_from_data(kf, grouped, -1, G_KEY_FILE_NONE, NULL))
+                return nkp_fail(-EBADMSG, "The certificate ticket '%s' is damaged.", path);
+        g_autofree char *key_id = g_key_file_get_string(kf, "t", "key_id", NULL);
+        gint64 expires = g_key_file_get_int64(kf, "t", "expires", NULL);
+        uint8_t k[16];
+        if (!key_id || nkp_uuid_parse(key_id, k) < 0 || expires <= 0)
+                return nkp_fail(-EBADMSG, "The certificate ticket '%s' is damaged.", path);
+        if (expires < g_get_real_time() / G_USEC_PER_SEC)
+                return nkp_fail(-ETIMEDOUT,
+                                "The certificate ticket of VM %s has expired; start the VM again.",
+                                vm_uuid);
+        *ret_key_id = g_steal_pointer(&key_id);
+        return 0;
+}
+
+int nkp_ekca_vmid_uuid(const char *vmid, char ret[NKP_UUID_STRING_LEN + 1])
+{
+        uint8_t u[16];
+        const char *colon = vmid ? strrchr(vmid, ':') : NULL;
+        const char *s = colon ? colon + 1 : vmid;
+        if (!s || nkp_uuid_parse(s, u) < 0)
+                return nkp_fail(-EINVAL, "The VM id '%s' does not end in a UUID.", vmid ? vmid : "");
+        nkp_uuid_format(u, ret);
+        return 0;
+}
+
+int nkp_ekca_sign_request(nkp_context *ctx, const NkpEkCertRequest *req, GBytes **ret,
+                          char **ret_provider)
+{
+        char uuid[NKP_UUID_STRING_LEN + 1];
+        int r = nkp_ekca_vmid_uuid(req->vmid, uuid);
+        if (r < 0)
+                return r;
+        g_autofree char *key_id = NULL;
+        r = nkp_ekca_ticket_read(ctx, uuid, &key_id);
+        if (r < 0)
+                return r;
+        g_autoptr(NkpEkCa) ca = NULL;
+        r = nkp_ekca_for_provider(ctx, key_id, &ca);
+        if (r == -ENOENT)
+                return nkp_fail(-ENOKEY,
+                                "The provider (key id %s) of VM %s is not on this host, so its "
+                                "vTPM certificates cannot be issued; restore it (nkpctl provider "
+                                "restore FILE.p12).",
+                                key_id, uuid);
+        if (r < 0)
+                return r;
+        r = nkp_ekca_issue(ca, req, ret);
+        if (r < 0)
+                return r;
+        if (ret_provider)
+                *ret_provider = g_strdup(ca->name);
+        return 0;
+}
+
+/* ---- the signer service (nkpd; the wire format of the tool) --------------- */
+/* Request: "key=value\n" lines (keys as the tool's options without "--":
+ * type, ek, vmid, tpm-spec-family, …, platform-model, allow-signing,
+ * decryption), then an empty line; at most NKP_EKCA_REQ_MAX bytes.
+ * Answer: "OK <n>\n" and n bytes of DER, or "NOTICKET\n" (not an nkp VM:
+ * use swtpm's local CA), or "ERR <one line>\n". */
+
+struct req_field {
+        const char *key;
+        size_t off;
+};
+#define F(k, m) { k, G_STRUCT_OFFSET(NkpEkCertRequest, m) }
+static const struct req_field req_fields[] = {
+        F("type", type),
+        F("ek", ek),
+        F("vmid", vmid),
+        F("tpm-spec-family", tpm_spec_family),
+        F("tpm-spec-level", tpm_spec_level),
+        F("tpm-spec-revision", tpm_spec_revision),
+        F("tpm-manufacturer", tpm_manufacturer),
+        F("tpm-model", tpm_model),
+        F("tpm-version", tpm_version),
+        F("platform-manufacturer", platform_manufacturer),
+        F("platform-model", platform_model),
+        F("platform-version", platform_version),
+};
+#undef F
+
+char *nkp_ekca_request_format(const NkpEkCertRequest *req)
+{
+        GString *s = g_string_new(NULL);
+        for (size_t i = 0; i < G_N_ELEMENTS(req_fields); i++) {
+                const char *v = G_STRUCT_MEMBER(const char *, req, req_fields[i].off);
+                if (v && !strchr(v, '\n'))
+                        g_string_append_printf(s, "%s=%s\n", req_fields[i].key, v);
+        }
+        if (req->allow_signing)
+                g_string_append(s, "allow-signing=1\n");
+        if (req->decryption)
+                g_string_append(s, "decryption=1\n");
+        g_string_append_c(s, '\n');
+        return g_string_free(s, FALSE);
+}
+
+/* Parses into `req`, whose strings point into `text` (modified in place). */
+int nkp_ekca_request_parse(char *text, NkpEkCertRequest *req)
+{
+        memset(req, 0, sizeof *req);
+        char *save = NULL;
+        for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+                char *eq = strchr(line, '=');
+                if (!eq)
+                        return nkp_fail(-EBADMSG, "Malformed certificate request line.");
+                *eq = '\0';
+                const char *v = eq + 1;
+                if (strcmp(line, "allow-signing") == 0) {
+                        req->allow_signing = strcmp(v, "1") == 0;
+                        continue;
+                }
+                if (strcmp(line, "decryption") == 0) {
+                        req->decryption = strcmp(v, "1") == 0;
+                        continue;
+                }
+                bool known = false;
+                for (size_t i = 0; i < G_N_ELEMENTS(req_fields); i++)
+                        if (strcmp(line, req_fields[i].key) == 0) {
+                                G_STRUCT_MEMBER(const char *, req, req_fields[i].off) = v;
+                                known = true;
+                        }
+                if (!known)
+                        return nkp_fail(-EBADMSG, "Unknown certificate request field '%s'.", line);
+        }
+        return 0;
+}
+
+static bool write_all(int fd, const void *buf, size_t len)
+{
+        const uint8_t *p = buf;
+        while (len) {
+                ssize_t n = write(fd, p, len);
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n <= 0)
+                        return false;
+                p += n;
+                len -= (size_t) n;
+        }
+        return true;
+}
+
+int nkp_ekca_serve(nkp_context *ctx, int fd, uid_t allowed_uid, char **ret_note)
+{
+        struct ucred cred;
+        socklen_t cl = sizeof cred;
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) < 0)
+                return nkp_fail(-errno, "Cannot identify the certificate client: %s.", g_strerror(errno));
+        struct timeval tv = { .tv_sec = 5 };
+        (void) setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        char buf[NKP_EKCA_REQ_MAX + 1];
+        size_t len = 0;
+        while (len < NKP_EKCA_REQ_MAX) {
+                ssize_t n = read(fd, buf + len, NKP_EKCA_REQ_MAX - len);
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n <= 0)
+                        break;
+                len += (size_t) n;
+                buf[len] = '\0';
+                if (len >= 2 && buf[len - 1] == '\n' && buf[len - 2] == '\n')
+                        break;
+                if (len == 1 && buf[0] == '\n')
+                        break;
+        }
+        buf[len] = '\0';
+        /* Checked after reading, so the refusal reaches the client. */
+        if (cred.uid != 0 && cred.uid != allowed_uid) {
+                static const char deny[] = "ERR nkp: only root and libvirt's swtpm user may ask "
+                                           "for vTPM certificates.\n";
+                (void) write_all(fd, deny, sizeof deny - 1);
+                return nkp_fail(-EPERM, "Refused a certificate request from uid %u (pid %d).",
+                                (unsigned) cred.uid, (int) cred.pid);
+        }
+        if (len < 2 || buf[len - 1] != '\n' || buf[len - 2] != '\n') {
+                static const char bad[] = "ERR nkp: incomplete certificate request.\n";
+                (void) write_all(fd, bad, sizeof bad - 1);
+                return nkp_fail(-EBADMSG, "An incomplete certificate request was refused.");
+        }
+        NkpEkCertRequest req;
+        g_autoptr(GBytes) der = NULL;
+        g_autofree char *provider = NULL;
+        int r = nkp_ekca_request_parse(buf, &req);
+        if (r == 0)
+                r = nkp_ekca_sign_request(ctx, &req, &der, &provider);
+        if (r == -ENOENT) {
+                static const char nt[] = "NOTICKET\n";
+                (void) write_all(fd, nt, sizeof nt - 1);
+                if (ret_note)
+                        *ret_note = g_strdup_printf("no ticket for '%s': swtpm's local CA",
+                                                    req.vmid ? req.vmid : "?");
+                return 0;
+        }
+        if (r < 0) {
+                g_autofree char *line = g_strdup_printf("ERR nkp: %s\n", nkp_error_message());
+                for (char *p = line; p[0] && p[1]; p++)
+                        if (*p == '\n')
+                                *p = ' ';
+                (void) write_all(fd, line, strlen(line));
+                return r;
+        }
+        gsize dl = 0;
+        const void *dd = g_bytes_get_data(der, &dl);
+        g_autofree char *hdr = g_strdup_printf("OK %zu\n", (size_t) dl);
+        if (!write_all(fd, hdr, strlen(hdr)) || !write_all(fd, dd, dl))
+                return nkp_fail(-EIO, "Cannot send the certificate to the client.");
+        if (ret_note)
+                *ret_note = g_strdup_printf("issued the %s certificate of '%s' (provider '%s')",
+                                            req.type, req.vmid, provider);
         return 0;
 }

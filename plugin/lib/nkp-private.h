@@ -122,6 +122,16 @@ struct nkp_context {
         /* [migration] (the hook's `migrate begin` on a destination) */
         bool migration_allow_plain; /* allow_plain: receive nkp VMs without forced TLS */
         char *migration_qemu_conf;  /* qemu_conf: libvirt's qemu.conf (ROOT/etc/libvirt/qemu.conf) */
+        /* [vtpm] (issue 7: plain vTPMs, the EK certificate signer) */
+        int vtpm_policy;            /* enum nkp_vtpm_policy */
+        char *vtpm_swtpm_user;      /* swtpm_user: libvirt's swtpm user ("tss") */
+        char *vtpm_state_dir;       /* state_dir: libvirt's swtpm state (/var/lib/libvirt/swtpm) */
+};
+
+enum nkp_vtpm_policy {
+        NKP_VTPM_POLICY_ENROL = 0,   /* default: enrol plain vTPMs with no state (nkpd) */
+        NKP_VTPM_POLICY_REQUIRE = 1, /* refuse every unencrypted vTPM start; no auto-enrol */
+        NKP_VTPM_POLICY_OFF = 2,     /* plain vTPMs untouched */
 };
 
 /* Path of `rel` (absolute, starting with '/') under the context root. */
@@ -297,6 +307,8 @@ int nkp_secret_value_from_dek(const nkp_secret *dek, nkp_secret **ret);
 /* Opens `uri` (NULL: libvirt's default) read-write. */
 int nkp_virt_open(const char *uri, NkpVirt **ret);
 void nkp_virt_close(NkpVirt *v);
+/* The virConnectPtr (nkpd registers its domain events on it). */
+void *nkp_virt_connection(NkpVirt *v);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpVirt, nkp_virt_close)
 
 /* Defines an ephemeral, private secret `secret_uuid` and sets its value.
@@ -387,5 +399,82 @@ typedef struct {
 /* Issues the DER certificate that `req` asks for, signed by `ca`.
  * -EINVAL for a malformed or incomplete request (the message says what). */
 int nkp_ekca_issue(const NkpEkCa *ca, const NkpEkCertRequest *req, GBytes **ret);
+
+/* Tickets (see ekca.c): the prepare hook's "VM `vm_uuid`'s vTPM is being
+ * manufactured now by provider `key_id`", valid `ttl_seconds`.  No key bytes.
+ * read: -ENOENT none (not an nkp VM), -ETIMEDOUT expired. */
+int nkp_ekca_ticket_write(nkp_context *ctx, const char *vm_uuid, const char *key_id,
+                          unsigned ttl_seconds);
+int nkp_ekca_ticket_read(nkp_context *ctx, const char *vm_uuid, char **ret_key_id);
+void nkp_ekca_ticket_remove(nkp_context *ctx, const char *vm_uuid);
+#define NKP_EKCA_TICKET_TTL 300
+
+/* The UUID at the end of swtpm_setup's --vmid ("<name>:<uuid>"). */
+int nkp_ekca_vmid_uuid(const char *vmid, char ret[NKP_UUID_STRING_LEN + 1]);
+
+/* Root only: the VM's ticket, its provider's CA, the certificate.
+ * -ENOENT no ticket (use swtpm's local CA), -ENOKEY provider not here. */
+int nkp_ekca_sign_request(nkp_context *ctx, const NkpEkCertRequest *req, GBytes **ret,
+                          char **ret_provider);
+
+/* The signer's wire format (nkp-swtpm-certs <-> nkpd, see ekca.c). */
+#define NKP_EKCA_REQ_MAX 8192
+#define NKP_EKCA_SOCKET "/run/nkp/ekca.sock" /* under the context root */
+char *nkp_ekca_request_format(const NkpEkCertRequest *req);
+int nkp_ekca_request_parse(char *text, NkpEkCertRequest *req);
+/* Serves one request on the connected UNIX socket `fd`: the peer must be
+ * root or `allowed_uid` (SO_PEERCRED).  `ret_note` (may be NULL) gets one
+ * line for the log. */
+int nkp_ekca_serve(nkp_context *ctx, int fd, uid_t allowed_uid, char **ret_note);
+
+/* ==== issue 7: enrolling VMs (enrol.c), shared by vm encrypt and nkpd ====== */
+
+enum nkp_vtpm_state {
+        NKP_VTPM_STATE_NONE,      /* never started: no state file */
+        NKP_VTPM_STATE_CLEAR,
+        NKP_VTPM_STATE_ENCRYPTED,
+        NKP_VTPM_STATE_UNKNOWN,   /* unreadable or not swtpm's format */
+};
+/* ctx->vtpm_state_dir/<uuid>/tpm2/tpm2-00.permall (tpm1.2/tpm-00.permall). */
+char *nkp_vtpm_state_file(const nkp_context *ctx, const NkpDomain *d);
+enum nkp_vtpm_state nkp_vtpm_state(const nkp_context *ctx, const NkpDomain *d);
+
+/* Provider `name`, else the host's default.  -ENOENT (with the fix). */
+int nkp_provider_pick(nkp_context *ctx, const char *name, nkp_provider **ret);
+
+typedef struct {
+        char *target;
+        char secret_uuid[NKP_UUID_STRING_LEN + 1];
+        nkp_secret *value; /* hex(DEK) */
+} NkpEnrolDisk;
+
+typedef struct {
+        char *xml;      /* the new definition (keysafe, <encryption>s) */
+        char *provider; /* name of the provider that protects it */
+        bool vtpm;
+        char vtpm_secret_uuid[NKP_UUID_STRING_LEN + 1];
+        nkp_secret *vtpm_value; /* hex(DEK) of the vTPM */
+        GPtrArray *disks;       /* NkpEnrolDisk*, in the order asked */
+} NkpEnrolment;
+void nkp_enrolment_free(NkpEnrolment *en);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpEnrolment, nkp_enrolment_free)
+
+/* Keys, keysafe and new XML for domain `d` (its XML `xml`): a DEK for the
+ * vTPM when `vtpm`, one per disk target in `disk_targets` (char*, may be
+ * NULL).  A VM that has a keysafe gets the new keys in it, under its own
+ * provider (`p` ignored); otherwise a new keysafe for `p`, which must be
+ * active.  Writes nothing. */
+int nkp_enrol_build(nkp_context *ctx, const NkpDomain *d, const char *xml, const nkp_provider *p,
+                    bool vtpm, GPtrArray *disk_targets, NkpEnrolment **ret);
+
+/* The hook's rule for a plain emulator vTPM at start ([vtpm] policy):
+ * 0 go; -EPERM (require) or -EAGAIN (enrol, no state yet: enrolment
+ * pending) with the one-line message. */
+int nkp_vtpm_start_check(nkp_context *ctx, const NkpDomain *d);
+
+/* nkpd: enrols domain `name` when it has a plain emulator vTPM with no state
+ * yet and the policy is enrol.  1 enrolled, 0 nothing to do, negative on
+ * error.  `ret_note` (may be NULL) gets one line for the log. */
+int nkp_vm_auto_enrol(nkp_context *ctx, NkpVirt *v, const char *name, char **ret_note);
 
 #endif /* NKP_PRIVATE_H */

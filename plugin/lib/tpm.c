@@ -51,6 +51,8 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
@@ -70,11 +72,13 @@
 #define BLOB_MAX_SIZE (BLOB_HEADER_SIZE + 2 * BLOB_MAX_PART)
 #define SRK_NAME_MAX_HEX (2 * sizeof(TPMU_NAME))
 #define PROBE_TIMEOUT_MS 5000
+#define LOCK_TIMEOUT_MS 30000
 
 struct NkpTpm {
         char *tcti_name;
         TSS2_TCTI_CONTEXT *tcti;
         ESYS_CONTEXT *esys;
+        int lock_fd; /* -1, or the flock serializing a TPM without resource manager */
 };
 
 /* ---- errors -------------------------------------------------------------- */
@@ -258,6 +262,84 @@ static int probe_swtpm(const char *conf)
         return r;
 }
 
+/* ---- TPMs without a resource manager ------------------------------------------ */
+
+/* The kernel's /dev/tpmrm* and tpm2-abrmd give every client its own view of
+ * the TPM's few object and session slots.  An swtpm (the lab's and the
+ * tests' host TPM) or /dev/tpm0 has no such manager: two concurrent unseals
+ * run out of slots (TPM_RC_OBJECT_MEMORY), and a process killed mid-way
+ * leaves its objects loaded for good.  For those nkp serializes its own TPM
+ * use with a flock on the directory of the config that names the TPM
+ * (ROOT/etc/nkp), bounded in time, and, holding it, flushes whatever
+ * transient objects and sessions a dead process left behind. */
+static bool tcti_has_rm(const char *tcti)
+{
+        return strstr(tcti, "tpmrm") != NULL || g_str_has_prefix(tcti, "tabrmd");
+}
+
+static int lock_tpm(const nkp_context *ctx, NkpTpm *tpm)
+{
+        g_autofree char *dir = g_path_get_dirname(ctx->conf_path);
+        int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd < 0)
+                return 0; /* no config directory: nothing to share it with */
+        int64_t deadline = now_ms() + LOCK_TIMEOUT_MS;
+        while (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+                if (errno != EWOULDBLOCK && errno != EINTR) {
+                        int err = errno;
+                        close(fd);
+                        return nkp_fail(-err, "Cannot lock '%s' to use the TPM: %s.", dir,
+                                        g_strerror(err));
+                }
+                if (now_ms() > deadline) {
+                        close(fd);
+                        return nkp_fail(-EBUSY,
+                                        "The TPM at TCTI '%s' stayed busy for %d seconds (another "
+                                        "nkp process holds the lock on '%s'); try again.",
+                                        tpm->tcti_name, LOCK_TIMEOUT_MS / 1000, dir);
+                }
+                g_usleep(5000);
+        }
+        tpm->lock_fd = fd;
+        return 0;
+}
+
+/* TPM2_FlushContext(handle), sent raw: ESAPI knows nothing of these
+ * handles (they belong to a dead process). */
+static void flush_raw(NkpTpm *tpm, TPM2_HANDLE h)
+{
+        uint8_t cmd[14] = { 0x80, 0x01, 0, 0, 0, 14, 0, 0, 0x01, 0x65,
+                            (uint8_t) (h >> 24), (uint8_t) (h >> 16), (uint8_t) (h >> 8),
+                            (uint8_t) h };
+        uint8_t resp[64];
+        size_t len = sizeof resp;
+        if (Tss2_Tcti_Transmit(tpm->tcti, sizeof cmd, cmd) == TSS2_RC_SUCCESS)
+                (void) Tss2_Tcti_Receive(tpm->tcti, &len, resp, TSS2_TCTI_TIMEOUT_BLOCK);
+}
+
+static void flush_stale(NkpTpm *tpm)
+{
+        static const TPM2_HANDLE ranges[] = { TPM2_TRANSIENT_FIRST, TPM2_LOADED_SESSION_FIRST,
+                                              TPM2_POLICY_SESSION_FIRST };
+        for (size_t i = 0; i < G_N_ELEMENTS(ranges); i++) {
+                TPMI_YES_NO more;
+                TPMS_CAPABILITY_DATA *cap = NULL;
+                if (Esys_GetCapability(tpm->esys, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                       TPM2_CAP_HANDLES, ranges[i], TPM2_MAX_CAP_HANDLES, &more,
+                                       &cap) != TSS2_RC_SUCCESS)
+                        continue;
+                for (UINT32 j = 0; j < cap->data.handles.count; j++) {
+                        TPM2_HANDLE h = cap->data.handles.handle[j];
+                        if ((h >> 24) != (ranges[i] >> 24))
+                                break;
+                        nkp_log(NKP_LOG_DEBUG, "Flushing TPM handle 0x%08x left by a dead process.",
+                                (unsigned) h);
+                        flush_raw(tpm, h);
+                }
+                Esys_Free(cap);
+        }
+}
+
 /* ---- open / close ---------------------------------------------------------- */
 
 void nkp_tpm_close(NkpTpm *tpm)
@@ -268,6 +350,8 @@ void nkp_tpm_close(NkpTpm *tpm)
                 Esys_Finalize(&tpm->esys);
         if (tpm->tcti)
                 Tss2_TctiLdr_Finalize(&tpm->tcti);
+        if (tpm->lock_fd >= 0)
+                close(tpm->lock_fd);
         g_free(tpm->tcti_name);
         g_free(tpm);
 }
@@ -283,6 +367,16 @@ int nkp_tpm_open(const nkp_context *ctx, NkpTpm **ret)
         quiet_tss_logging();
         g_autoptr(NkpTpm) tpm = g_new0(NkpTpm, 1);
         tpm->tcti_name = g_strdup(tcti);
+        tpm->lock_fd = -1;
+
+        /* Serialize first: an swtpm serves one connection at a time, so
+         * even the probe must not race another nkp process. */
+        bool has_rm = tcti_has_rm(tcti);
+        if (!has_rm) {
+                int r = lock_tpm(ctx, tpm);
+                if (r < 0)
+                        return r;
+        }
 
         if (strcmp(tcti, "swtpm") == 0 || g_str_has_prefix(tcti, "swtpm:")) {
                 int r = probe_swtpm(tcti[5] == ':' ? tcti + 6 : "");
@@ -314,6 +408,8 @@ int nkp_tpm_open(const nkp_context *ctx, NkpTpm **ret)
         rc = Esys_Startup(tpm->esys, TPM2_SU_CLEAR);
         if (rc != TSS2_RC_SUCCESS && rc != TPM2_RC_INITIALIZE)
                 return tss_fail(tpm, rc, "Startup");
+        if (!has_rm)
+                flush_stale(tpm);
 
         *ret = g_steal_pointer(&tpm);
         return 0;

@@ -369,3 +369,8 @@ int nkp_virt_keysafe_set(NkpVirt *v, const char *name, const char *keysafe_xml)
         virDomainFree(dom);
         return r < 0 ? r : 0;
 }
+
+void *nkp_virt_connection(NkpVirt *v)
+{
+        return v->conn;
+}

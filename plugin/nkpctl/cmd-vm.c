@@ -587,37 +587,6 @@ static bool disk_is_candidate(const NkpDomainDisk *disk)
                g_strcmp0(disk->driver_type, "qcow2") == 0 && !disk->encryption_format;
 }
 
-static int pick_provider(NkpctlGlobals *g, const char *name, nkp_provider **ret)
-{
-        if (name) {
-                int r = nkp_provider_get(g->ctx, name, ret);
-                if (r == -ENOENT)
-                        return nkp_fail(r, "There is no provider '%s' on this host (see: nkpctl "
-                                           "provider list).",
-                                        name);
-                return r;
-        }
-        nkp_provider **list = NULL;
-        size_t n = 0;
-        int r = nkp_provider_list(g->ctx, &list, &n);
-        if (r < 0)
-                return r;
-        nkp_provider *found = NULL;
-        for (size_t i = 0; i < n; i++)
-                if (nkp_provider_flags(list[i]) & NKP_PROVIDER_DEFAULT) {
-                        found = list[i];
-                        list[i] = NULL;
-                        break;
-                }
-        nkp_provider_list_free(list, n);
-        if (!found)
-                return nkp_fail(-ENOENT, "No default provider on this host: name one with "
-                                         "--provider NAME, or set one: nkpctl provider "
-                                         "set-default NAME.");
-        *ret = found;
-        return 0;
-}
-
 typedef struct {
         char *target;
         char *path;
@@ -782,7 +751,7 @@ static int vm_encrypt(NkpctlGlobals *g, const char *name, const char *provider_n
                                     name, nkp_keysafe_provider_name(d->keysafe), name);
 
         g_autoptr(nkp_provider) p = NULL;
-        if (pick_provider(g, provider_name, &p) < 0)
+        if (nkp_provider_pick(g->ctx, provider_name, &p) < 0)
                 return nkpctl_lib_error();
         if (!nkp_provider_is_active(p))
                 return nkpctl_error("Provider '%s' was never backed up, so it cannot protect VMs "
@@ -817,50 +786,22 @@ static int vm_encrypt(NkpctlGlobals *g, const char *name, const char *provider_n
                                     "encrypt; nothing was changed.",
                                     name);
 
-        /* Keys and keysafe. */
-        g_autoptr(nkp_secret) kdk = NULL, kek = NULL;
-        g_autoptr(nkp_keysafe) ks = NULL;
-        if (nkp_provider_get_kdk(g->ctx, nkp_provider_key_id(p), &kdk) < 0 ||
-            nkp_keysafe_new(d->uuid, p, &ks) < 0 ||
-            nkp_kek_derive(kdk, nkp_keysafe_kek_salt(ks), nkp_provider_key_id(p), d->uuid,
-                           &kek) < 0)
+        /* Keys, keysafe and the new definition (enrol.c, shared with nkpd),
+         * built before anything on disk changes. */
+        g_autoptr(GPtrArray) targets = g_ptr_array_new();
+        for (guint i = 0; i < jobs->len; i++)
+                g_ptr_array_add(targets, ((DiskJob *) jobs->pdata[i])->target);
+        g_autoptr(NkpEnrolment) en = NULL;
+        if (nkp_enrol_build(g->ctx, d, xml, p, do_vtpm, targets, &en) < 0)
                 return nkpctl_lib_error();
-        char vtpm_uuid[NKP_UUID_STRING_LEN + 1] = "";
-        if (do_vtpm) {
-                g_autoptr(nkp_secret) dek = NULL;
-                nkp_uuid_random(vtpm_uuid);
-                if (nkp_secret_new_random(NKP_DEK_SIZE, &dek) < 0 ||
-                    nkp_keysafe_put_dek(ks, kek, NKP_OBJECT_VTPM, "vtpm", vtpm_uuid, dek) < 0 ||
-                    nkp_secret_value_from_dek(dek, &vtpm_value) < 0)
-                        return nkpctl_lib_error();
-        }
+        vtpm_value = g_steal_pointer(&en->vtpm_value);
         for (guint i = 0; i < jobs->len; i++) {
                 DiskJob *j = jobs->pdata[i];
-                g_autoptr(nkp_secret) dek = NULL;
-                j->secret_uuid = g_malloc(NKP_UUID_STRING_LEN + 1);
-                nkp_uuid_random(j->secret_uuid);
-                if (nkp_secret_new_random(NKP_DEK_SIZE, &dek) < 0 ||
-                    nkp_keysafe_put_dek(ks, kek, NKP_OBJECT_DISK, j->target, j->secret_uuid,
-                                        dek) < 0 ||
-                    nkp_secret_value_from_dek(dek, &j->value) < 0)
-                        return nkpctl_lib_error();
+                NkpEnrolDisk *ed = en->disks->pdata[i];
+                j->secret_uuid = g_strdup(ed->secret_uuid);
+                j->value = g_steal_pointer(&ed->value);
         }
-
-        /* The new definition, built before anything on disk changes. */
-        g_autofree char *ksxml = NULL;
-        g_autoptr(NkpDomainEdit) e = NULL;
-        if (nkp_keysafe_format(ks, &ksxml) < 0 || nkp_domain_edit_new(xml, strlen(xml), &e) < 0 ||
-            nkp_domain_edit_set_keysafe(e, ksxml) < 0 ||
-            (do_vtpm && nkp_domain_edit_set_vtpm_secret(e, vtpm_uuid) < 0))
-                return nkpctl_lib_error();
-        for (guint i = 0; i < jobs->len; i++) {
-                DiskJob *j = jobs->pdata[i];
-                if (nkp_domain_edit_set_disk_luks(e, j->target, j->secret_uuid) < 0)
-                        return nkpctl_lib_error();
-        }
-        g_autofree char *newxml = NULL;
-        if (nkp_domain_edit_format(e, &newxml) < 0)
-                return nkpctl_lib_error();
+        const char *newxml = en->xml;
 
         if (apply(v, d, jobs, convert_vtpm, NULL, vtpm_value, newxml, true) < 0)
                 return nkpctl_lib_error();

@@ -25,7 +25,7 @@ static const char usage[] =
         "  vm rekey DOMAIN|--all [--provider NAME] [--deep]\n"
         "  vm status DOMAIN | vm list\n"
         "  host status | host unlock | host flush-cache\n"
-        "  alarms\n"
+        "  alarms [clear KIND [SUBJECT]]\n"
         "\n"
         "Passwords are read from --password-file or, without one, from the\n"
         "terminal without echo; never from the command line.\n";

@@ -1,0 +1,286 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* Enrolling VMs: what `nkpctl vm encrypt` and nkpd's automatic enrolment
+ * share (issue 7).
+ *
+ *  - the vTPM state on disk (none yet / clear / encrypted), from swtpm's
+ *    state-file header;
+ *  - the provider to use (named, else the host's default);
+ *  - nkp_enrol_build: the keys (a DEK per object, random secret UUIDs), the
+ *    keysafe (new, or the VM's own when it already has one: a vTPM added
+ *    later with virt-xml to a VM whose disks nkp encrypts), and the new
+ *    domain XML -- nothing is written;
+ *  - nkp_vtpm_start_check: the hook's rule for a plain emulator vTPM at
+ *    start ([vtpm] policy in nkp.conf);
+ *  - nkp_vm_auto_enrol: nkpd's enrolment of a plain vTPM with no state yet.
+ *
+ * Why "no state yet" matters: libvirt hands the vTPM secret to swtpm_setup
+ * at the first start, so a vTPM enrolled before its first start never has a
+ * byte of clear state.  A vTPM that already has clear state is left alone
+ * (reported by `nkpctl vm status`; `nkpctl vm encrypt` converts it
+ * offline). */
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "nkp-private.h"
+
+/* ---- vTPM state ------------------------------------------------------------- */
+
+char *nkp_vtpm_state_file(const nkp_context *ctx, const NkpDomain *d)
+{
+        bool v12 = d->tpm_version && strcmp(d->tpm_version, "1.2") == 0;
+        return g_build_filename(ctx->vtpm_state_dir, d->uuid, v12 ? "tpm1.2" : "tpm2",
+                                v12 ? "tpm-00.permall" : "tpm2-00.permall", NULL);
+}
+
+/* swtpm's state files start with a header (swtpm_nvstore.c, packed, big
+ * endian): u8 version, u8 min_version, u16 hdrsize, u16 flags, u32 totlen;
+ * flags bit 0 = encrypted with the state key. */
+enum nkp_vtpm_state nkp_vtpm_state(const nkp_context *ctx, const NkpDomain *d)
+{
+        g_autofree char *path = nkp_vtpm_state_file(ctx, d);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+                return errno == ENOENT ? NKP_VTPM_STATE_NONE : NKP_VTPM_STATE_UNKNOWN;
+        uint8_t h[10];
+        ssize_t n = read(fd, h, sizeof h);
+        close(fd);
+        if (n != (ssize_t) sizeof h || h[0] < 1 || h[0] > 3)
+                return NKP_VTPM_STATE_UNKNOWN;
+        unsigned flags = (unsigned) h[4] << 8 | h[5];
+        return (flags & 1) ? NKP_VTPM_STATE_ENCRYPTED : NKP_VTPM_STATE_CLEAR;
+}
+
+/* ---- the provider ------------------------------------------------------------ */
+
+int nkp_provider_pick(nkp_context *ctx, const char *name, nkp_provider **ret)
+{
+        if (name) {
+                int r = nkp_provider_get(ctx, name, ret);
+                if (r == -ENOENT)
+                        return nkp_fail(r, "There is no provider '%s' on this host (see: nkpctl "
+                                           "provider list).",
+                                        name);
+                return r;
+        }
+        nkp_provider **list = NULL;
+        size_t n = 0;
+        int r = nkp_provider_list(ctx, &list, &n);
+        if (r < 0)
+                return r;
+        nkp_provider *found = NULL;
+        for (size_t i = 0; i < n; i++)
+                if (nkp_provider_flags(list[i]) & NKP_PROVIDER_DEFAULT) {
+                        found = list[i];
+                        list[i] = NULL;
+                        break;
+                }
+        nkp_provider_list_free(list, n);
+        if (!found)
+                return nkp_fail(-ENOENT, "No default provider on this host: name one with "
+                                         "--provider NAME, or set one: nkpctl provider "
+                                         "set-default NAME.");
+        *ret = found;
+        return 0;
+}
+
+/* ---- building an enrolment --------------------------------------------------- */
+
+static void enrol_disk_free(gpointer p)
+{
+        NkpEnrolDisk *e = p;
+        if (!e)
+                return;
+        g_free(e->target);
+        nkp_secret_free(e->value);
+        g_free(e);
+}
+
+void nkp_enrolment_free(NkpEnrolment *en)
+{
+        if (!en)
+                return;
+        g_free(en->xml);
+        g_free(en->provider);
+        nkp_secret_free(en->vtpm_value);
+        if (en->disks)
+                g_ptr_array_unref(en->disks);
+        g_free(en);
+}
+
+/* One DEK: wrapped into `ks`, its secret value returned. */
+static int new_object(nkp_keysafe *ks, const nkp_secret *kek, const char *kind, const char *id,
+                      char uuid[NKP_UUID_STRING_LEN + 1], nkp_secret **ret_value)
+{
+        g_autoptr(nkp_secret) dek = NULL;
+        nkp_uuid_random(uuid);
+        int r = nkp_secret_new_random(NKP_DEK_SIZE, &dek);
+        if (r < 0)
+                return r;
+        r = nkp_keysafe_put_dek(ks, kek, kind, id, uuid, dek);
+        if (r < 0)
+                return r;
+        return nkp_secret_value_from_dek(dek, ret_value);
+}
+
+int nkp_enrol_build(nkp_context *ctx, const NkpDomain *d, const char *xml, const nkp_provider *p,
+                    bool vtpm, GPtrArray *disk_targets, NkpEnrolment **ret)
+{
+        g_autoptr(nkp_keysafe) ks = NULL;
+        g_autoptr(nkp_secret) kdk = NULL, kek = NULL;
+        const char *key_id;
+        int r;
+        if (d->keysafe) {
+                /* Add to the VM's own keysafe, under its own provider. */
+                g_autofree char *text = NULL;
+                key_id = nkp_keysafe_provider_key_id(d->keysafe);
+                r = nkp_keysafe_format(d->keysafe, &text);
+                if (r >= 0)
+                        r = nkp_keysafe_parse(text, strlen(text), &ks);
+                if (r >= 0)
+                        r = nkp_provider_get_kdk(ctx, key_id, &kdk);
+                if (r < 0)
+                        return nkp_fail_prefix(r, "VM '%s': its keysafe cannot take another key",
+                                               d->name);
+                g_autofree char *fp = NULL;
+                r = nkp_kdk_fingerprint(kdk, &fp);
+                if (r < 0)
+                        return r;
+                if (g_ascii_strcasecmp(fp, nkp_keysafe_provider_fingerprint(ks)) != 0)
+                        return nkp_fail(-EKEYREJECTED,
+                                        "VM '%s': the provider with key id %s on this host holds "
+                                        "a different key than the one that protects the VM.",
+                                        d->name, key_id);
+        } else {
+                if (!p)
+                        return nkp_fail(-EINVAL, "No provider to enrol VM '%s' with.", d->name);
+                if (!nkp_provider_is_active(p))
+                        return nkp_fail(-EPERM,
+                                        "Provider '%s' was never backed up, so it cannot protect "
+                                        "VMs yet: nkpctl provider backup '%s' --out FILE.p12.",
+                                        nkp_provider_name(p), nkp_provider_name(p));
+                key_id = nkp_provider_key_id(p);
+                r = nkp_provider_get_kdk(ctx, key_id, &kdk);
+                if (r >= 0)
+                        r = nkp_keysafe_new(d->uuid, p, &ks);
+                if (r < 0)
+                        return r;
+        }
+        r = nkp_kek_derive(kdk, nkp_keysafe_kek_salt(ks), key_id, d->uuid, &kek);
+        if (r < 0)
+                return r;
+
+        g_autoptr(NkpEnrolment) en = g_new0(NkpEnrolment, 1);
+        en->provider = g_strdup(nkp_keysafe_provider_name(ks));
+        en->disks = g_ptr_array_new_with_free_func(enrol_disk_free);
+        if (vtpm) {
+                en->vtpm = true;
+                r = new_object(ks, kek, NKP_OBJECT_VTPM, "vtpm", en->vtpm_secret_uuid,
+                               &en->vtpm_value);
+                if (r < 0)
+                        return r;
+        }
+        for (guint i = 0; disk_targets && i < disk_targets->len; i++) {
+                NkpEnrolDisk *ed = g_new0(NkpEnrolDisk, 1);
+                ed->target = g_strdup(disk_targets->pdata[i]);
+                g_ptr_array_add(en->disks, ed);
+                r = new_object(ks, kek, NKP_OBJECT_DISK, ed->target, ed->secret_uuid, &ed->value);
+                if (r < 0)
+                        return r;
+        }
+
+        g_autofree char *ksxml = NULL;
+        g_autoptr(NkpDomainEdit) e = NULL;
+        if ((r = nkp_keysafe_format(ks, &ksxml)) < 0 ||
+            (r = nkp_domain_edit_new(xml, strlen(xml), &e)) < 0 ||
+            (r = nkp_domain_edit_set_keysafe(e, ksxml)) < 0 ||
+            (vtpm && (r = nkp_domain_edit_set_vtpm_secret(e, en->vtpm_secret_uuid)) < 0))
+                return r;
+        for (guint i = 0; i < en->disks->len; i++) {
+                NkpEnrolDisk *ed = en->disks->pdata[i];
+                if ((r = nkp_domain_edit_set_disk_luks(e, ed->target, ed->secret_uuid)) < 0)
+                        return r;
+        }
+        if ((r = nkp_domain_edit_format(e, &en->xml)) < 0)
+                return r;
+        *ret = g_steal_pointer(&en);
+        return 0;
+}
+
+/* ---- the rule at start (the hook) --------------------------------------------- */
+
+int nkp_vtpm_start_check(nkp_context *ctx, const NkpDomain *d)
+{
+        if (!d->has_vtpm || d->tpm_secret || ctx->vtpm_policy == NKP_VTPM_POLICY_OFF)
+                return 0;
+        enum nkp_vtpm_state st = nkp_vtpm_state(ctx, d);
+        if (ctx->vtpm_policy == NKP_VTPM_POLICY_REQUIRE)
+                return nkp_fail(-EPERM,
+                                "VM '%s' cannot start: its vTPM is not encrypted and this host's "
+                                "policy requires it ([vtpm] policy=require in nkp.conf); encrypt "
+                                "it first: nkpctl vm encrypt '%s'",
+                                d->name, d->name);
+        if (st == NKP_VTPM_STATE_NONE)
+                return nkp_fail(-EAGAIN,
+                                "VM '%s' cannot start yet: its new vTPM is not enrolled with nkp "
+                                "(enrolment by nkpd pending); start it again in a moment, or "
+                                "enrol it now: nkpctl vm encrypt '%s'",
+                                d->name, d->name);
+        /* Existing clear state: left alone (vm status reports it). */
+        return 0;
+}
+
+/* ---- nkpd: automatic enrolment ------------------------------------------------ */
+
+int nkp_vm_auto_enrol(nkp_context *ctx, NkpVirt *v, const char *name, char **ret_note)
+{
+        if (ctx->vtpm_policy != NKP_VTPM_POLICY_ENROL)
+                return 0;
+        g_autofree char *xml = NULL;
+        int r = nkp_virt_domain_xml(v, name, true, &xml);
+        if (r == -ENOENT)
+                return 0; /* undefined meanwhile */
+        if (r < 0)
+                return r;
+        g_autoptr(NkpDomain) d = NULL;
+        r = nkp_domain_parse(xml, strlen(xml), &d);
+        if (r < 0)
+                return nkp_fail_prefix(r, "VM '%s' cannot be enrolled", name);
+        if (!d->has_vtpm || d->tpm_secret)
+                return 0;
+        if (d->keysafe) {
+                for (size_t i = 0; i < nkp_keysafe_n_entries(d->keysafe); i++)
+                        if (strcmp(nkp_keysafe_entry_kind(d->keysafe, i), NKP_OBJECT_VTPM) == 0)
+                                return 0; /* not ours to guess: vm status shows it */
+        }
+        enum nkp_vtpm_state st = nkp_vtpm_state(ctx, d);
+        if (st != NKP_VTPM_STATE_NONE) {
+                if (ret_note)
+                        *ret_note = g_strdup_printf(
+                                "VM '%s' has a plain vTPM with existing %s state: left alone "
+                                "(nkpctl vm encrypt '%s' converts it)",
+                                name, st == NKP_VTPM_STATE_CLEAR ? "clear" : "unreadable", name);
+                return 0;
+        }
+        g_autoptr(nkp_provider) p = NULL;
+        if (!d->keysafe) {
+                r = nkp_provider_pick(ctx, NULL, &p);
+                if (r < 0)
+                        return nkp_fail_prefix(r, "VM '%s' has a new plain vTPM that cannot be "
+                                                  "enrolled",
+                                               name);
+        }
+        g_autoptr(NkpEnrolment) en = NULL;
+        r = nkp_enrol_build(ctx, d, xml, p, true, NULL, &en);
+        if (r < 0)
+                return nkp_fail_prefix(r, "VM '%s' cannot be enrolled", name);
+        r = nkp_virt_domain_define(v, en->xml);
+        if (r < 0)
+                return nkp_fail_prefix(r, "VM '%s' cannot be enrolled", name);
+        if (ret_note)
+                *ret_note = g_strdup_printf("VM '%s': its new vTPM is now encrypted by provider "
+                                            "'%s'",
+                                            name, en->provider);
+        return 1;
+}
