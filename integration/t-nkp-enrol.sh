@@ -1,0 +1,162 @@
+#!/bin/bash
+# Automatic enrolment of vTPMs made by virt-xml/virt-install (issue 7), and
+# the vTPM EK certificates from the provider's EK CA, on one lab host with a
+# real guest:
+#   nkpd runs in the host (started and stopped by PID); a plain domain gets
+#   a vTPM with `virt-xml --add-device --tpm emulator,model=tpm-crb` → nkpd
+#   enrols it (keysafe names the default provider, <encryption secret>);
+#   virsh start → markers written; stop/start → read back; the vTPM state is
+#   encrypted (no marker, no certificate strings); swtpm_setup's
+#   create_certs_tool (nkp-swtpm-certs, per-host /etc/swtpm_setup.conf)
+#   issued the EK certificates with the provider's CA; a start that races
+#   the enrolment (nkpd stopped) is refused with nkp's line; [vtpm]
+#   policy=require refuses a plain vTPM; policy=off leaves it plain.
+# Exit: 0 pass, 1 fail, 77 skipped (with the reason).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/lab.sh"
+
+T=t-nkp-enrol
+BUILD=${NKP_BUILD_DIR:?NKP_BUILD_DIR not set}
+nkpd_pid=
+pass() { echo "PASS: $T: $*"; }
+fail() {
+    echo "FAIL: $T: $*"
+    [ -z "${LAB_DIR:-}" ] || [ ! -f "$LAB_DIR/nkpd.log" ] || sed 's/^/# nkpd: /' "$LAB_DIR/nkpd.log"
+    [ -z "${LAB_DIR:-}" ] || [ ! -d "$LAB_DIR/hosts/a" ] || lab_dump a "${dom:-}"
+    exit 1
+}
+
+if ! why=$(lab_check_env); then echo "SKIP: $T: $why"; exit 77; fi
+for c in virt-xml python3; do
+    command -v "$c" >/dev/null || { echo "SKIP: $T: $c missing"; exit 77; }
+done
+for f in libvirt-hooks/nkp-hook plugin/nkpd/nkpd swtpm-hooks/nkp-swtpm-certs; do
+    [ -x "$BUILD/$f" ] || { echo "SKIP: $T: $f is not built"; exit 77; }
+done
+
+nk() { lab_exec a nkpctl "$@"; }
+nkpd_start() {
+    lab_exec a bash -c "'$BUILD/plugin/nkpd/nkpd' >>'$LAB_DIR/nkpd.log' 2>&1 & echo \$! > /run/nkpd.test.pid"
+    nkpd_pid=$(cat "$(lab_path a /run)/nkpd.test.pid")
+    local i
+    for ((i = 0; i < 50; i++)); do grep -q "following libvirt" "$LAB_DIR/nkpd.log" 2>/dev/null && return 0; sleep 0.2; done
+    fail "nkpd did not connect to libvirt"
+}
+nkpd_stop() {
+    [ -n "$nkpd_pid" ] || return 0
+    kill "$nkpd_pid" 2>/dev/null || true
+    local i
+    for ((i = 0; i < 50; i++)); do kill -0 "$nkpd_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$nkpd_pid" 2>/dev/null || true
+    nkpd_pid=
+}
+trap 'nkpd_stop' EXIT
+set_policy() { printf '[tpm]\ntcti=none\n[vtpm]\npolicy=%s\n' "$1" > "$(lab_path a /etc/nkp)/nkp.conf"; }
+plain_domain() { # NAME MARK: a domain without a vTPM
+    local d=$1
+    qemu-img create -q -f qcow2 "$LAB_DIR/shared/$d.qcow2" 64M
+    lab_guest_xml --name "$d" --disk "$LAB_DIR/shared/$d.qcow2" --marker "$2" --no-tpm > "$LAB_DIR/$d.xml"
+    lab_virsh a define "$LAB_DIR/$d.xml" >/dev/null || fail "define $d"
+}
+add_tpm() { lab_exec a virt-xml --connect qemu:///system "$1" --add-device --tpm emulator,model=tpm-crb >/dev/null 2>&1 || fail "virt-xml --add-device --tpm on $1"; }
+has_keysafe() { lab_virsh a dumpxml --inactive "$1" | grep -q 'nkp.invalid/xmlns/keysafe'; }
+
+t0=$(lab_now)
+lab_init || fail "guest build failed"
+lab_host_create a || fail "host a"
+lab_install_nkp a "$BUILD"
+# swtpm_setup in this host calls nkp's create_certs_tool.
+conf=$(lab_path a /etc/swtpm_setup.conf)
+# In place (same inode): the file is bind-mounted into the host.
+new=$(sed "s|^create_certs_tool *=.*|create_certs_tool = $BUILD/swtpm-hooks/nkp-swtpm-certs|" "$conf")
+printf '%s\n' "$new" > "$conf"
+grep -q "nkp-swtpm-certs" "$conf" || fail "cannot set create_certs_tool in $conf"
+lab_host_start a || fail "host a did not start"
+pass "host a up: hook, nkpctl, create_certs_tool = nkp-swtpm-certs ($(lab_since "$t0") s)"
+
+umask 077
+printf 'lab password enrol\n' > "$LAB_DIR/pw"
+nk provider create pe >/dev/null || fail "provider create"
+nk provider backup pe --out "$LAB_DIR/pe.p12" --password-file "$LAB_DIR/pw" >/dev/null || fail "provider backup"
+nk provider set-default pe >/dev/null || fail "set-default"
+nk provider ca-cert pe > "$LAB_DIR/ca.pem" || fail "provider ca-cert"
+
+# ---- a race: plain vTPM, nkpd not running → refused ------------------------------
+dom=e1
+mark="NKPENROL$(od -An -N5 -tx1 /dev/urandom | tr -d ' \n')"
+plain_domain "$dom" "$mark"
+add_tpm "$dom"
+has_keysafe "$dom" && fail "enrolled without nkpd?"
+if err=$(lab_virsh a start "$dom" 2>&1); then fail "a plain vTPM with no state started (nkpd not running)"; fi
+grep -q "not enrolled with nkp" <<<"$err" && grep -q "nkpctl vm encrypt" <<<"$err" || fail "race start error: $err"
+uuid=$(lab_virsh a domuuid "$dom" | tr -d '[:space:]')
+[ ! -e "$(lab_path a "/var/lib/libvirt/swtpm/$uuid")/tpm2/tpm2-00.permall" ] || fail "clear vTPM state written by a refused start"
+pass "start before enrolment refused with nkp's line and the fix, no state written"
+
+# ---- nkpd enrols it (scan at start), then new ones (events) ------------------------
+nkpd_start
+for ((i = 0; i < 50; i++)); do has_keysafe "$dom" && break; sleep 0.2; done
+has_keysafe "$dom" || fail "nkpd did not enrol $dom at start"
+st=$(nk --json vm status "$dom") || fail "vm status"
+python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["state"]=="encrypted" and d["provider"]=="pe" and "vtpm:vtpm" in d["objects"], d' <<<"$st" || fail "vm status: $st"
+dom2=e2
+plain_domain "$dom2" "${mark}2"
+add_tpm "$dom2"
+for ((i = 0; i < 50; i++)); do has_keysafe "$dom2" && break; sleep 0.2; done
+has_keysafe "$dom2" || fail "nkpd did not enrol $dom2 on its DEFINED event"
+lab_virsh a dumpxml --inactive "$dom2" | grep -q "<encryption secret=" || fail "$dom2: no <encryption secret>"
+pass "nkpd enrolled the virt-xml vTPMs (scan at start, DEFINED event): keysafe names 'pe'"
+
+# ---- first start: markers, certificates from the provider's CA ------------------------
+lab_virsh a start "$dom" >/dev/null || fail "start $dom: $(lab_virsh a start "$dom" 2>&1 || true)"
+line=$(lab_wait_serial a "$dom" 'NKP-MARKERS-WRITTEN|NKP-ERROR' 240) || fail "no marker line"
+[ "$line" = "NKP-MARKERS-WRITTEN tpm=$mark disk=$mark" ] || fail "first boot: $line"
+swlog=$(cat "$(lab_path a /var/log/swtpm/libvirt/qemu)/$dom-swtpm.log" 2>/dev/null || true)
+n=$(grep -c "with the EK CA of provider 'pe'" <<<"$swlog" || true)
+[ "$n" = 3 ] || fail "swtpm_setup log does not show 3 certificates by provider pe: $(tail -5 <<<"$swlog")"
+lab_virsh a destroy "$dom" >/dev/null
+[ ! -e "$(lab_path a /run/nkp/ekca)/$uuid" ] || fail "the certificate ticket outlived the VM"
+pass "first start: markers written; swtpm_setup got the RSA+ECC EK and platform certificates from pe's CA; ticket gone"
+
+rm -f "$(lab_serial_path a "$dom")"
+lab_virsh a start "$dom" >/dev/null || fail "second start"
+line=$(lab_wait_serial a "$dom" 'NKP-DISK-MARKER=|NKP-ERROR' 240) || fail "no marker line on the second boot"
+tline=$(lab_wait_serial a "$dom" 'NKP-TPM-MARKER=' 5) || fail "no TPM marker"
+[ "$line" = "NKP-DISK-MARKER=$mark" ] && [ "$tline" = "NKP-TPM-MARKER=$mark" ] || fail "second boot: $line / $tline"
+lab_virsh a destroy "$dom" >/dev/null
+state=$(lab_path a "/var/lib/libvirt/swtpm/$uuid/tpm2")/tpm2-00.permall
+python3 - "$mark" "$state" <<'PY' || fail "the vTPM state has the marker or certificate strings in clear"
+import sys
+data = open(sys.argv[2], "rb").read()
+for n in (sys.argv[1].encode(), b"nkp EK CA", b"swtpm", b"id:00001014"):
+    if n in data:
+        print("found", n); sys.exit(1)
+PY
+sz=$(stat -c %s "$state"); gz=$(gzip -c "$state" | wc -c)
+[ "$gz" -ge $((sz * 95 / 100)) ] || fail "vTPM state compresses ($gz/$sz)"
+pass "stop/start: TPM and disk markers read back; vTPM state encrypted (no marker, no certificate strings)"
+
+# ---- policy require / off ---------------------------------------------------------------
+nkpd_stop
+set_policy require
+dom3=e3
+plain_domain "$dom3" "${mark}3"
+add_tpm "$dom3"
+if err=$(lab_virsh a start "$dom3" 2>&1); then fail "policy require: a plain vTPM started"; fi
+grep -q "policy requires it" <<<"$err" || fail "policy require: $err"
+pass "policy require: plain vTPM start refused with a clear message"
+set_policy off
+nkpd_start
+sleep 2
+has_keysafe "$dom3" && fail "policy off: nkpd enrolled $dom3"
+lab_virsh a start "$dom3" >/dev/null || fail "policy off: plain vTPM start: $(lab_virsh a start "$dom3" 2>&1 || true)"
+lab_wait_serial a "$dom3" 'NKP-MARKERS-WRITTEN|NKP-ERROR' 240 >/dev/null || fail "policy off: no marker line"
+lab_virsh a destroy "$dom3" >/dev/null
+st=$(nk --json vm status "$dom3") || true
+python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["state"]=="plain", d' <<<"$st" || fail "policy off: vm status: $st"
+pass "policy off: plain vTPM untouched, starts in clear, vm status plain"
+nkpd_stop
+
+echo "TIMING: $T: total $(lab_since "$t0") s"
+echo "PASS: $T"
