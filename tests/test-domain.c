@@ -284,6 +284,56 @@ static void test_secret_value(void)
                 g_assert_true(g_ascii_isxdigit(nkp_secret_data(v)[i]));
 }
 
+/* virt.c against libvirt's built-in test driver (no daemon): domain list,
+ * XML, state, and the keysafe in the metadata. */
+static void test_virt_test_driver(void)
+{
+        g_autoptr(NkpVirt) v = NULL;
+        if (nkp_virt_open("test:///default", &v) < 0) {
+                g_test_skip(nkp_error_message());
+                return;
+        }
+        g_autoptr(GPtrArray) names = NULL;
+        g_assert_cmpint(nkp_virt_domain_list(v, &names), ==, 0);
+        g_assert_cmpuint(names->len, >=, 1);
+        g_assert_cmpstr(names->pdata[0], ==, "test");
+        g_assert_cmpint(nkp_virt_domain_is_active(v, "test"), ==, 1);
+        g_assert_cmpint(nkp_virt_domain_is_active(v, "no-such-vm"), ==, -ENOENT);
+
+        char *none = NULL;
+        g_assert_cmpint(nkp_virt_keysafe_get(v, "test", false, &none), ==, 0);
+        g_assert_null(none);
+
+        g_autofree char *xml = NULL;
+        g_assert_cmpint(nkp_virt_domain_xml(v, "test", true, &xml), ==, 0);
+        g_autoptr(NkpDomain) d = NULL;
+        g_assert_cmpint(nkp_domain_parse(xml, strlen(xml), &d), ==, 0);
+        g_autofree char *ks = make_keysafe(d->uuid);
+        if (!ks)
+                return;
+        g_assert_cmpint(nkp_virt_keysafe_set(v, "test", ks), ==, 0);
+        g_autofree char *back = NULL;
+        g_assert_cmpint(nkp_virt_keysafe_get(v, "test", true, &back), ==, 0);
+        g_assert_nonnull(back);
+        g_autofree char *xml2 = NULL;
+        g_assert_cmpint(nkp_virt_domain_xml(v, "test", true, &xml2), ==, 0);
+        g_autoptr(NkpDomain) d2 = NULL;
+        g_assert_cmpint(nkp_domain_parse(xml2, strlen(xml2), &d2), ==, 0);
+        g_assert_nonnull(d2->keysafe);
+        g_assert_cmpuint(nkp_keysafe_n_entries(d2->keysafe), ==, 2);
+        g_assert_cmpint(nkp_virt_keysafe_set(v, "test", NULL), ==, 0);
+        g_autofree char *gone = NULL;
+        g_assert_cmpint(nkp_virt_keysafe_get(v, "test", false, &gone), ==, 0);
+        g_assert_null(gone);
+        /* The test driver keeps no secrets: a clear error, not a crash. */
+        g_autoptr(nkp_secret) dek = NULL, val = NULL;
+        g_assert_cmpint(nkp_secret_new_random(NKP_DEK_SIZE, &dek), ==, 0);
+        g_assert_cmpint(nkp_secret_value_from_dek(dek, &val), ==, 0);
+        g_assert_cmpint(nkp_virt_secret_define(v, SEC_TPM, NKP_OBJECT_VTPM, d->uuid, NULL, val), <, 0);
+        g_assert_nonnull(strstr(nkp_error_message(), SEC_TPM));
+        g_assert_false(nkp_virt_secret_exists(v, SEC_TPM));
+}
+
 /* For tests/test-hook.sh: `test-domain --emit-nkp-domain` prints a domain
  * XML protected by a provider that no host has (exit 77 while keysafe.c is
  * a stub). */
@@ -356,5 +406,6 @@ int main(int argc, char **argv)
         g_test_add_func("/domain/edit-round-trip", test_edit_round_trip);
         g_test_add_func("/domain/edit-no-vtpm", test_edit_no_vtpm);
         g_test_add_func("/domain/secret-value", test_secret_value);
+        g_test_add_func("/virt/test-driver", test_virt_test_driver);
         return g_test_run();
 }

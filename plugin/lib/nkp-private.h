@@ -330,6 +330,14 @@ int nkp_virt_domain_define(NkpVirt *v, const char *xml);
 int nkp_virt_domain_list(NkpVirt *v, GPtrArray **ret_names);
 /* 1 running/paused, 0 shut off, negative error. */
 int nkp_virt_domain_is_active(NkpVirt *v, const char *name);
+/* The nkp element of the domain's <metadata> (live definition when `live`,
+ * else the persistent one) as standalone XML; *ret = NULL when there is
+ * none. */
+int nkp_virt_keysafe_get(NkpVirt *v, const char *name, bool live, char **ret);
+/* Puts `keysafe_xml` (NULL: removes it) into the domain's <metadata> under
+ * the prefix "nkp": in the persistent definition, and in the live one too
+ * when the domain runs (online, for shallow rekey). */
+int nkp_virt_keysafe_set(NkpVirt *v, const char *name, const char *keysafe_xml);
 
 /* Unlocking a VM (the hook's prepare/migrate, `host unlock`, `vm status`). */
 typedef struct {

@@ -326,6 +326,50 @@ int nkp_vm_unlock(nkp_context *ctx, const NkpDomain *d, bool want_values, GPtrAr
         return 0;
 }
 
+/* ---- the keysafe in the domain metadata ------------------------------------- */
+
+int nkp_virt_keysafe_get(NkpVirt *v, const char *name, bool live, char **ret)
+{
+        virDomainPtr dom = virDomainLookupByName(v->conn, name);
+        if (!dom)
+                return nkp_fail(virt_errno(), "No libvirt domain '%s': %s.", name,
+                                last_virt_error());
+        char *xml = virDomainGetMetadata(dom, VIR_DOMAIN_METADATA_ELEMENT, NKP_KEYSAFE_NS,
+                                         live ? VIR_DOMAIN_AFFECT_LIVE : VIR_DOMAIN_AFFECT_CONFIG);
+        int r = 0;
+        if (!xml) {
+                virErrorPtr e = virGetLastError();
+                if (e && e->code == VIR_ERR_NO_DOMAIN_METADATA)
+                        *ret = NULL;
+                else
+                        r = nkp_fail(virt_errno(), "Cannot read the metadata of '%s': %s.", name,
+                                     last_virt_error());
+        } else {
+                *ret = g_strdup(xml);
+                free(xml);
+        }
+        virDomainFree(dom);
+        return r;
+}
+
+int nkp_virt_keysafe_set(NkpVirt *v, const char *name, const char *keysafe_xml)
+{
+        virDomainPtr dom = virDomainLookupByName(v->conn, name);
+        if (!dom)
+                return nkp_fail(virt_errno(), "No libvirt domain '%s': %s.", name,
+                                last_virt_error());
+        int active = virDomainIsActive(dom);
+        unsigned flags = VIR_DOMAIN_AFFECT_CONFIG | (active > 0 ? VIR_DOMAIN_AFFECT_LIVE : 0);
+        int r = virDomainSetMetadata(dom, VIR_DOMAIN_METADATA_ELEMENT, keysafe_xml,
+                                     keysafe_xml ? "nkp" : NULL, NKP_KEYSAFE_NS, flags);
+        if (r < 0)
+                r = nkp_fail(virt_errno(), "Cannot write the nkp keysafe into the metadata of "
+                                           "'%s': %s.",
+                             name, last_virt_error());
+        virDomainFree(dom);
+        return r < 0 ? r : 0;
+}
+
 void *nkp_virt_connection(NkpVirt *v)
 {
         return v->conn;
