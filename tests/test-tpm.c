@@ -611,9 +611,14 @@ static void test_tpm_provider_reboot(void)
 
 static void copy_tree(const char *from, const char *to)
 {
-        g_autofree char *cmd = g_strdup_printf("cp -a '%s' '%s'", from, to);
-        int status = system(cmd);
-        g_assert_cmpint(status, ==, 0);
+        /* argv, not a shell: temp paths are never re-parsed. */
+        const char *argv[] = { "cp", "-a", from, to, NULL };
+        int status = -1;
+        g_autoptr(GError) error = NULL;
+        g_assert_true(g_spawn_sync(NULL, (char **) argv, NULL, G_SPAWN_SEARCH_PATH, NULL, NULL,
+                                   NULL, NULL, &status, &error));
+        g_assert_no_error(error);
+        g_assert_true(g_spawn_check_wait_status(status, NULL));
 }
 
 static void stolen_disk_restore(const char *tmp, nkp_context *ca, nkp_context *cb, nkp_context *cc,
