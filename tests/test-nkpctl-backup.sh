@@ -11,7 +11,16 @@ set -u
 NKPCTL=${NKPCTL:?set NKPCTL to the built nkpctl}
 command -v openssl >/dev/null || { echo "1..0 # SKIP the openssl program is not installed"; exit 77; }
 TOP=$(mktemp -d)
-trap 'rm -rf "$TOP"' EXIT
+# Flush every root's key cache (kernel keyring) before removing it: the
+# keyrings outlive the process and would pile up in root's @u.
+cleanup() {
+        local r
+        for r in "$TOP"/root.*; do
+                [ -d "$r/var/lib/nkp" ] && "$NKPCTL" --root "$r" host flush-cache >/dev/null 2>&1
+        done
+        rm -rf "$TOP"
+}
+trap cleanup EXIT
 fails=0
 n=0
 
