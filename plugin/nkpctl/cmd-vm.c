@@ -1071,6 +1071,7 @@ static int vm_list(NkpctlGlobals *g)
 static const char vm_usage[] =
         "Usage: nkpctl vm encrypt DOMAIN [--provider NAME] [--disks all|vda,vdb…]\n"
         "       nkpctl vm decrypt DOMAIN\n"
+        "       nkpctl vm rekey DOMAIN [--provider NAME] [--deep] | --all [--provider NAME]\n"
         "       nkpctl vm status DOMAIN | nkpctl vm list\n";
 
 int nkpctl_vm(NkpctlGlobals *g, int argc, char **argv)
@@ -1112,9 +1113,16 @@ int nkpctl_vm(NkpctlGlobals *g, int argc, char **argv)
                 return vm_encrypt(g, domain, provider, disks);
         }
         if (strcmp(cmd, "rekey") == 0)
-                return nkpctl_error("'vm rekey' is not implemented yet.");
+                return nkpctl_vm_rekey(g, argc, argv);
         fputs(vm_usage, stderr);
         return nkpctl_error("unknown vm command '%s'.", cmd);
+}
+
+int nkpctl_vm_rekey_deep(NkpctlGlobals *g, const char *name, const char *provider)
+{
+        (void) g;
+        (void) provider;
+        return nkpctl_error("deep rekey of VM '%s' is not implemented yet.", name);
 }
 
 int nkpctl_vms_using_provider(NkpctlGlobals *g, const char *key_id, GPtrArray **ret_names)

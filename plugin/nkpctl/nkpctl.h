@@ -21,6 +21,15 @@ int nkpctl_alarms(NkpctlGlobals *g, int argc, char **argv);
 int nkpctl_host(NkpctlGlobals *g, int argc, char **argv);
 int nkpctl_vm(NkpctlGlobals *g, int argc, char **argv);
 
+/* `vm rekey` (cmd-rekey.c): shallow rekey of one VM or --all; --deep goes
+ * to nkpctl_vm_rekey_deep.  argv[1] is "rekey". */
+int nkpctl_vm_rekey(NkpctlGlobals *g, int argc, char **argv);
+
+/* Deep rekey of the shut-off VM `name` (cmd-vm.c): new DEKs, the vTPM state
+ * and every encrypted disk re-encrypted, under `provider` (NULL: the VM's
+ * current provider). */
+int nkpctl_vm_rekey_deep(NkpctlGlobals *g, const char *name, const char *provider);
+
 /* The names of the defined domains whose keysafe names provider `key_id`
  * (cmd-vm.c).  An empty array when libvirt has none or is not reachable is
  * NOT acceptable: an unreachable libvirt is an error (the caller refuses
