@@ -442,6 +442,9 @@ static int ekca_ticket(nkp_context *ctx, const NkpDomain *d)
  * start goes on.  Returns 0, or -1 with the one line written. */
 static int finish_interrupted(const char *domain, const NkpDomain *d)
 {
+        uint8_t raw_uuid[16];
+        if (!d->uuid || nkp_uuid_parse(d->uuid, raw_uuid) < 0)
+                return 0; /* libvirt always gives one; nkpctl never journals without */
         const char *root = g_getenv("NKP_ROOT");
         g_autoptr(nkp_context) ctx = NULL;
         if (nkp_context_new(root && root[0] ? root : "/", &ctx) < 0) {

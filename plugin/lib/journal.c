@@ -453,6 +453,7 @@ int nkp_journal_reconcile(nkp_context *ctx, const NkpJournal *j, const char *sig
                         return nkp_fail_prefix(r, "VM '%s': cannot %s the interrupted '%s'",
                                                j->vm_name, forward ? "finish" : "roll back",
                                                j->op);
+                nkp_test_crash_point("file-reconciled");
         }
         int r = nkp_journal_remove(ctx, j->vm_uuid);
         if (r < 0)

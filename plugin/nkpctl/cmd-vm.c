@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* nkpctl vm …: enrolling VMs (encrypt/decrypt), their status, and the
- * cross-VM helpers (provider usage, host unlock).
+/* nkpctl vm …: enrolling VMs (encrypt/decrypt), deep rekey, their status,
+ * crash recovery, and the cross-VM helpers (provider usage, host unlock).
  *
  *   vm encrypt DOMAIN [--provider NAME] [--disks all|vda,vdb…]
  *   vm decrypt DOMAIN
+ *   vm rekey DOMAIN --deep [--provider NAME]   (parsed in cmd-rekey.c)
  *   vm status DOMAIN | vm list
  *
  * encrypt, on a shut-off domain:
@@ -11,24 +12,28 @@
  *  2. a DEK per object (the emulated vTPM, each chosen disk), a keysafe
  *     (fresh KEK salt) holding them wrapped, a random secret UUID each.
  *  3. each chosen plain qcow2 P is converted to a LUKS qcow2 P.nkp-new with
- *     `qemu-img convert` (passphrase = hex(DEK) through a pipe, /dev/fd/3,
+ *     `qemu-img convert` (passphrase = hex(DEK) through a pipe, /dev/fd/N,
  *     never argv or a file; encrypt.iter-time=10: the key has full entropy,
  *     stretching it buys nothing and would cost ~2 s at every start), then
  *     checked with `qemu-img compare` against P.  Free space is checked
- *     first (allocated size of P + 5% + 16 MiB) and refused cleanly.
- *  4. swap: P → P.nkp-old, P.nkp-new → P (same directory, rename), then the
- *     new definition (keysafe in <metadata>, <encryption> on the disks and
- *     the vTPM backend) is defined; if libvirt refuses it the renames are
- *     undone.  Only then is P.nkp-old removed.  A crash between the swap and
- *     the define leaves P.nkp-old (the original) beside P: nothing is lost.
- *  decrypt is the same the other way round (keys from the keysafe).
+ *     first (allocated size of each P + 5% + 16 MiB) and refused cleanly.
+ *  4. the files are swapped and the new definition defined under the
+ *     conversion protocol (convert_and_switch, journal.c,
+ *     docs/crash-safety.md): a kill -9 at any instant leaves a VM that
+ *     starts, under the old keys or the new.
+ *  decrypt is the same the other way round (keys from the keysafe); deep
+ *  rekey goes from the old keys to new ones (LUKS to LUKS, both keys on
+ *  pipes), with a new keysafe and new secret UUIDs.
  *
  * The vTPM: with no state yet (never started) it is enrolled by the XML
  * alone; libvirt hands the secret to swtpm_setup/swtpm at the first start,
- * so no clear state is ever written.  A vTPM that already has clear state
- * (or, for decrypt, encrypted state) is converted through swtpm's state-blob
- * interface (see vtpm_convert) and swapped in with the disks, all or
+ * so no clear state is ever written.  A vTPM that has state is converted
+ * through swtpm's state-blob interface (see vtpm_convert), put beside the
+ * state file as <file>.nkp-new and swapped in with the disks, all or
  * nothing.
+ *
+ * Every one of these commands holds the VM's lock from start to end, and
+ * first finishes or rolls back an operation a crash interrupted.
  *
  * Exit 0 on success; one line on stderr otherwise.  libvirt calls run under
  * a process deadline (alarm, 60 s): libvirt has no per-call timeout. */
