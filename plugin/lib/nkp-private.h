@@ -339,6 +339,11 @@ int nkp_virt_keysafe_get(NkpVirt *v, const char *name, bool live, char **ret);
  * when the domain runs (online, for shallow rekey). */
 int nkp_virt_keysafe_set(NkpVirt *v, const char *name, const char *keysafe_xml);
 
+/* Puts `keysafe_xml` into ONE definition of domain `name`: the live one
+ * when `live` (-EBUSY when the domain does not run), else the persistent
+ * one.  Shallow rekey writes each definition on its own (docs/rekey.md). */
+int nkp_virt_keysafe_put(NkpVirt *v, const char *name, const char *keysafe_xml, bool live);
+
 /* Unlocking a VM (the hook's prepare/migrate, `host unlock`, `vm status`). */
 typedef struct {
         char *kind;        /* NKP_OBJECT_VTPM / NKP_OBJECT_DISK */
