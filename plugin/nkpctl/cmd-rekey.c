@@ -410,6 +410,8 @@ static int rekey_all(NkpctlGlobals *g, const char *provider)
                         not_done++;
                 if (g->json)
                         result_json(b, &res);
+                else if (r == 0 && strcmp(res.from, res.to) == 0)
+                        printf("%s: rekeyed to '%s' (same provider, new KEK)\n", name, res.to);
                 else if (r == 0)
                         printf("%s: rekeyed to '%s' (was '%s')\n", name, res.to, res.from);
                 else
