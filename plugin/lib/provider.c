@@ -139,18 +139,29 @@ static void cache_put_quiet(nkp_context *ctx, const NkpStoreEntry *e, const nkp_
                 nkp_log(NKP_LOG_DEBUG, "Provider '%s' not cached: %s", e->name, nkp_error_message());
 }
 
+/* Takes the writers' lock and loads the store under it; on error the lock
+ * is released. */
+static int lock_and_load(nkp_context *ctx, int *ret_fd, NkpStore **ret_store)
+{
+        int r = nkp_store_lock(ctx, ret_fd);
+        if (r < 0)
+                return r;
+        r = nkp_store_load(ctx, ret_store);
+        if (r < 0) {
+                nkp_store_unlock(*ret_fd);
+                *ret_fd = -1;
+        }
+        return r;
+}
+
 int nkp_store_add(nkp_context *ctx, NkpStoreEntry *entry, const nkp_secret *kdk)
 {
         g_autoptr(NkpStoreEntry) e = entry;
         g_autoptr(NkpStore) store = NULL;
         int fd = -1;
-
-        int r = nkp_store_lock(ctx, &fd);
+        int r = lock_and_load(ctx, &fd, &store);
         if (r < 0)
                 return r;
-        r = nkp_store_load(ctx, &store);
-        if (r < 0)
-                goto out;
 
         NkpStoreEntry *same = nkp_store_find(store, e->name);
         if (same) {
@@ -222,12 +233,9 @@ int nkp_store_replace(nkp_context *ctx, NkpStoreEntry *entry, const nkp_secret *
         g_autoptr(NkpStoreEntry) e = entry;
         g_autoptr(NkpStore) store = NULL;
         int fd = -1;
-        int r = nkp_store_lock(ctx, &fd);
+        int r = lock_and_load(ctx, &fd, &store);
         if (r < 0)
                 return r;
-        r = nkp_store_load(ctx, &store);
-        if (r < 0)
-                goto out;
         guint i;
         for (i = 0; i < store->entries->len; i++) {
                 NkpStoreEntry *o = store->entries->pdata[i];
