@@ -173,6 +173,14 @@ int nkp_store_save(nkp_context *ctx, const NkpStore *store);
 NkpStoreEntry *nkp_store_find(const NkpStore *store, const char *name);
 NkpStoreEntry *nkp_store_find_key_id(const NkpStore *store, const char *key_id);
 
+/* provider.c.  0 when the entry's key opens on this host (always for
+ * NKP_SEAL_NONE); -ENXIO/-EBADMSG when it is sealed to another TPM. */
+int nkp_store_entry_opens_here(nkp_context *ctx, const NkpStoreEntry *e);
+/* Replaces the entry with the same key id, name and fingerprint by `entry`
+ * (ownership taken) under the writers' lock, then caches `kdk`.  Restore
+ * uses it to re-seal a copied store to this host's TPM. */
+int nkp_store_replace(nkp_context *ctx, NkpStoreEntry *entry, const nkp_secret *kdk);
+
 /* ---- tpm.c: sealing KDKs to the host TPM 2.0 (tpm2-tss ESAPI) ----------- */
 
 typedef struct NkpTpm NkpTpm;
