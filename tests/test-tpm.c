@@ -622,6 +622,7 @@ static void copy_tree(const char *from, const char *to)
 }
 
 static void stolen_disk_restore(const char *tmp, nkp_context *ca, nkp_context *cb, nkp_context *cc,
+                                const char *rb,
                                 const char *rc, const char *key_id, const nkp_secret *kdk)
 {
         /* The backup restored on a host with that TPM works and is sealed
@@ -649,22 +650,26 @@ static void stolen_disk_restore(const char *tmp, nkp_context *ca, nkp_context *c
         g_assert_true(nkp_secret_equal(kc, kdk));
 
         /* Restored over the copied store on host B: it must end up sealed
-         * to B's TPM too. */
+         * to B's TPM (reported as restored, not "already present"), and
+         * the store must still hold no key bytes. */
         g_autoptr(nkp_provider) q2 = NULL;
         r = nkp_provider_restore(cb, p12, pw, &q2, &already);
         g_test_message("restore over the stolen store: %d already=%d %s", r, already,
                        nkp_error_message());
         g_assert_cmpint(r, ==, 0);
+        g_assert_false(already);
+        g_assert_cmpint(nkp_provider_seal(q2), ==, NKP_SEAL_TPM);
         g_assert_cmpint(nkp_cache_flush(cb), ==, 0);
-        r = nkp_provider_get_kdk(cb, key_id, &s);
-        if (r < 0) {
-                g_test_message("after the restore: %s", nkp_error_message());
-                testutil_incomplete("restore of a provider already in a store sealed to another TPM "
-                                  "is a no-op: it should re-seal it to this host's TPM");
-        } else {
-                g_assert_true(nkp_secret_equal(s, kdk));
-                nkp_secret_free(s);
-        }
+        g_autofree char *store_b = g_build_filename(rb, "var/lib/nkp", NULL);
+        assert_tree_has_no_key(store_b, kdk);
+        g_assert_cmpint(nkp_provider_get_kdk(cb, key_id, &s), ==, 0);
+        g_assert_true(nkp_secret_equal(s, kdk));
+        nkp_secret_free(s);
+        /* A second restore is now a plain "already present". */
+        g_autoptr(nkp_provider) q3 = NULL;
+        g_assert_cmpint(nkp_provider_restore(cb, p12, pw, &q3, &already), ==, 0);
+        g_assert_true(already);
+        g_assert_cmpint(nkp_cache_flush(cb), ==, 0);
 }
 
 static void stolen_disk_body(const char *tmp)
@@ -701,7 +706,7 @@ static void stolen_disk_body(const char *tmp)
         g_assert_false(cached(cb, key_id));
         testutil_assert_same_tree(before, rb);
 
-        stolen_disk_restore(tmp, ca, cb, cc, rc, key_id, kdk);
+        stolen_disk_restore(tmp, ca, cb, cc, rb, rc, key_id, kdk);
         testutil_swtpm_stop(sw_b);
         testutil_swtpm_stop(sw_a);
 }

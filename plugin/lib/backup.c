@@ -689,6 +689,48 @@ static int restore_check(nkp_context *ctx, const NkpBackupInfo *info, const char
         return 1;
 }
 
+/* 1: the entry for `info` opens here (nothing to do); 0: it was sealed to
+ * another TPM and is now sealed to this host's (*p refreshed, reported as a
+ * restore, not as "already present"); <0: error, nothing changed. */
+static int reseal_if_foreign(nkp_context *ctx, const NkpBackupInfo *info, const nkp_secret *kdk,
+                             nkp_provider **p)
+{
+        g_autoptr(NkpStore) store = NULL;
+        int r = nkp_store_load(ctx, &store);
+        if (r < 0)
+                return r;
+        const NkpStoreEntry *cur = nkp_store_find_key_id(store, info->key_id);
+        if (!cur)
+                return 1; /* deleted meanwhile: the add below reports it */
+        r = nkp_store_entry_opens_here(ctx, cur);
+        if (r == 0)
+                return 1;
+        if (r != -ENXIO && r != -EBADMSG)
+                return nkp_fail_prefix(r, "Provider '%s' is here but cannot be checked against "
+                                          "this host's TPM; nothing was changed",
+                                       info->name);
+        NkpStoreEntry *e = NULL;
+        r = nkp_store_entry_new(ctx, cur->name, cur->key_id, cur->flags | NKP_PROVIDER_BACKED_UP,
+                                cur->created, kdk, &e);
+        if (r < 0)
+                return r;
+        nkp_provider *fresh = nkp_provider_from_entry(e);
+        if (!fresh) {
+                nkp_store_entry_free(e);
+                return nkp_fail(-ENOMEM, "Out of memory.");
+        }
+        r = nkp_store_replace(ctx, e, kdk);
+        if (r < 0) {
+                nkp_provider_free(fresh);
+                return r;
+        }
+        nkp_log(NKP_LOG_INFO, "Provider '%s' was sealed to another TPM; it is now sealed to this "
+                              "host's.", info->name);
+        g_clear_pointer(p, nkp_provider_free);
+        *p = fresh;
+        return 0;
+}
+
 int nkp_provider_restore(nkp_context *ctx, const char *path, const nkp_secret *password,
                          nkp_provider **ret, bool *ret_already)
 {
@@ -726,6 +768,16 @@ int nkp_provider_restore(nkp_context *ctx, const char *path, const nkp_secret *p
         r = restore_check(ctx, &info, fp, &p);
         if (r < 0)
                 return r;
+        bool resealed = false;
+        if (r == 1) {
+                /* Already here, but perhaps in a store copied from another
+                 * host, sealed to that host's TPM: then seal it to ours. */
+                r = reseal_if_foreign(ctx, &info, kdk, &p);
+                if (r < 0)
+                        return r;
+                resealed = r == 0;
+                r = 1;
+        }
         if (r == 0) {
                 NkpStoreEntry *e = NULL;
                 int64_t now = g_get_real_time() / G_USEC_PER_SEC;
@@ -751,7 +803,7 @@ int nkp_provider_restore(nkp_context *ctx, const char *path, const nkp_secret *p
                 }
         }
         if (ret_already)
-                *ret_already = r == 1;
+                *ret_already = r == 1 && !resealed;
         if (ret)
                 *ret = g_steal_pointer(&p);
         return 0;

@@ -173,6 +173,14 @@ int nkp_store_save(nkp_context *ctx, const NkpStore *store);
 NkpStoreEntry *nkp_store_find(const NkpStore *store, const char *name);
 NkpStoreEntry *nkp_store_find_key_id(const NkpStore *store, const char *key_id);
 
+/* provider.c.  0 when the entry's key opens on this host (always for
+ * NKP_SEAL_NONE); -ENXIO/-EBADMSG when it is sealed to another TPM. */
+int nkp_store_entry_opens_here(nkp_context *ctx, const NkpStoreEntry *e);
+/* Replaces the entry with the same key id, name and fingerprint by `entry`
+ * (ownership taken) under the writers' lock, then caches `kdk`.  Restore
+ * uses it to re-seal a copied store to this host's TPM. */
+int nkp_store_replace(nkp_context *ctx, NkpStoreEntry *entry, const nkp_secret *kdk);
+
 /* ---- tpm.c: sealing KDKs to the host TPM 2.0 (tpm2-tss ESAPI) ----------- */
 
 typedef struct NkpTpm NkpTpm;
@@ -338,6 +346,11 @@ int nkp_virt_keysafe_get(NkpVirt *v, const char *name, bool live, char **ret);
  * the prefix "nkp": in the persistent definition, and in the live one too
  * when the domain runs (online, for shallow rekey). */
 int nkp_virt_keysafe_set(NkpVirt *v, const char *name, const char *keysafe_xml);
+
+/* Puts `keysafe_xml` into ONE definition of domain `name`: the live one
+ * when `live` (-EBUSY when the domain does not run), else the persistent
+ * one.  Shallow rekey writes each definition on its own (docs/rekey.md). */
+int nkp_virt_keysafe_put(NkpVirt *v, const char *name, const char *keysafe_xml, bool live);
 
 /* Unlocking a VM (the hook's prepare/migrate, `host unlock`, `vm status`). */
 typedef struct {

@@ -139,18 +139,29 @@ static void cache_put_quiet(nkp_context *ctx, const NkpStoreEntry *e, const nkp_
                 nkp_log(NKP_LOG_DEBUG, "Provider '%s' not cached: %s", e->name, nkp_error_message());
 }
 
+/* Takes the writers' lock and loads the store under it; on error the lock
+ * is released. */
+static int lock_and_load(nkp_context *ctx, int *ret_fd, NkpStore **ret_store)
+{
+        int r = nkp_store_lock(ctx, ret_fd);
+        if (r < 0)
+                return r;
+        r = nkp_store_load(ctx, ret_store);
+        if (r < 0) {
+                nkp_store_unlock(*ret_fd);
+                *ret_fd = -1;
+        }
+        return r;
+}
+
 int nkp_store_add(nkp_context *ctx, NkpStoreEntry *entry, const nkp_secret *kdk)
 {
         g_autoptr(NkpStoreEntry) e = entry;
         g_autoptr(NkpStore) store = NULL;
         int fd = -1;
-
-        int r = nkp_store_lock(ctx, &fd);
+        int r = lock_and_load(ctx, &fd, &store);
         if (r < 0)
                 return r;
-        r = nkp_store_load(ctx, &store);
-        if (r < 0)
-                goto out;
 
         NkpStoreEntry *same = nkp_store_find(store, e->name);
         if (same) {
@@ -195,6 +206,61 @@ int nkp_store_add(nkp_context *ctx, NkpStoreEntry *entry, const nkp_secret *kdk)
         fd = -1;
         if (kdk)
                 cache_put_quiet(ctx, added, kdk);
+        return 0;
+out:
+        nkp_store_unlock(fd);
+        return r;
+}
+
+/* 0 when the store entry opens on this host; -ENXIO / -EBADMSG when it is
+ * sealed to another TPM (a store copied from another host); another error
+ * when the TPM cannot be asked.  Never reads the key cache: the question is
+ * about what rests on disk. */
+int nkp_store_entry_opens_here(nkp_context *ctx, const NkpStoreEntry *e)
+{
+        if (e->seal == NKP_SEAL_NONE)
+                return 0;
+        g_autoptr(NkpTpm) tpm = NULL;
+        int r = nkp_tpm_open(ctx, &tpm);
+        if (r < 0)
+                return r;
+        g_autoptr(nkp_secret) kdk = NULL;
+        return nkp_tpm_unseal(tpm, e->tpm_blob, e->tpm_srk_name, &kdk);
+}
+
+int nkp_store_replace(nkp_context *ctx, NkpStoreEntry *entry, const nkp_secret *kdk)
+{
+        g_autoptr(NkpStoreEntry) e = entry;
+        g_autoptr(NkpStore) store = NULL;
+        int fd = -1;
+        int r = lock_and_load(ctx, &fd, &store);
+        if (r < 0)
+                return r;
+        guint i;
+        for (i = 0; i < store->entries->len; i++) {
+                NkpStoreEntry *o = store->entries->pdata[i];
+                if (strcmp(o->key_id, e->key_id) == 0)
+                        break;
+        }
+        if (i == store->entries->len) {
+                r = nkp_fail(-ENOENT, "Provider '%s' left the store meanwhile; nothing was changed.",
+                             e->name);
+                goto out;
+        }
+        NkpStoreEntry *o = store->entries->pdata[i];
+        if (strcmp(o->name, e->name) != 0 || strcmp(o->fingerprint, e->fingerprint) != 0) {
+                r = nkp_fail(-EEXIST, "Provider '%s' changed meanwhile; nothing was changed.",
+                             e->name);
+                goto out;
+        }
+        NkpStoreEntry *added = g_steal_pointer(&e);
+        nkp_store_entry_free(o);
+        store->entries->pdata[i] = added;
+        r = nkp_store_save(ctx, store);
+        if (r < 0)
+                goto out;
+        nkp_store_unlock(fd);
+        cache_put_quiet(ctx, added, kdk);
         return 0;
 out:
         nkp_store_unlock(fd);

@@ -370,6 +370,23 @@ int nkp_virt_keysafe_set(NkpVirt *v, const char *name, const char *keysafe_xml)
         return r < 0 ? r : 0;
 }
 
+int nkp_virt_keysafe_put(NkpVirt *v, const char *name, const char *keysafe_xml, bool live)
+{
+        virDomainPtr dom = virDomainLookupByName(v->conn, name);
+        if (!dom)
+                return nkp_fail(virt_errno(), "No libvirt domain '%s': %s.", name,
+                                last_virt_error());
+        unsigned flags = live ? VIR_DOMAIN_AFFECT_LIVE : VIR_DOMAIN_AFFECT_CONFIG;
+        int r = virDomainSetMetadata(dom, VIR_DOMAIN_METADATA_ELEMENT, keysafe_xml, "nkp",
+                                     NKP_KEYSAFE_NS, flags);
+        if (r < 0)
+                r = nkp_fail(virt_errno(), "Cannot write the nkp keysafe into the %s definition "
+                                           "of '%s': %s.",
+                             live ? "live" : "persistent", name, last_virt_error());
+        virDomainFree(dom);
+        return r < 0 ? r : 0;
+}
+
 void *nkp_virt_connection(NkpVirt *v)
 {
         return v->conn;

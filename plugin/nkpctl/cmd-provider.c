@@ -375,7 +375,7 @@ static int cmd_delete(NkpctlGlobals *g, int argc, char **argv)
 
         g_autoptr(GPtrArray) vms = NULL;
         nkp_error_clear();
-        r = nkpctl_vms_using_provider(g, nkp_provider_key_id(p), &vms);
+        r = nkpctl_provider_dependents(g, nkp_provider_key_id(p), &vms);
         if (r < 0 && !force) {
                 g_autofree char *why = g_strdup(nkp_error_message());
                 g_strchomp(why);
@@ -426,7 +426,7 @@ static int cmd_usage(NkpctlGlobals *g, int argc, char **argv)
                 return r;
         g_autoptr(GPtrArray) vms = NULL;
         nkp_error_clear();
-        if (nkpctl_vms_using_provider(g, nkp_provider_key_id(p), &vms) < 0) {
+        if (nkpctl_provider_dependents(g, nkp_provider_key_id(p), &vms) < 0) {
                 const char *why = nkp_error_message();
                 return nkpctl_error("Cannot list the VMs that use provider '%s': %s",
                                     nkp_provider_name(p), why[0] ? why : "no detail.");
