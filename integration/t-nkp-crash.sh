@@ -143,7 +143,10 @@ crash_one() {
         check_new_side "$op" "$before" "$ctx (nkpctl rerun)"
         [ -z "$(leftovers)" ] || fail "$ctx: the rerun left $(leftovers)"
         boot_and_read "$ctx (after nkpctl recovery)"
-        echo "# $ctx: rerun $([ $forward = 1 ] && echo finished || echo 'rolled back and redid') it, markers intact (boot $boot_s s)"
+        local what="rerun rolled back and redid it"
+        [ $forward = 0 ] || what="rerun finished it"
+        [ "$step" != done ] || what="nothing left to do (no journal)"
+        echo "# $ctx: $what, markers intact (boot $boot_s s)"
     fi
     runs=$((runs + 1))
     timing "$ctx via $path: $(lab_since "$t") s (until the kill $conv_s s)"
