@@ -167,6 +167,7 @@ refused "unknown provider" "nope" vm rekey g1 --provider nope
 refused "inactive provider" "never backed up" vm rekey g1 --provider p3
 refused "provider delete while a VM uses it" "protects the defined VM 'g3'" provider delete p4
 out=$(nk provider delete p4 --force 2>&1) || fail "provider delete p4 --force: $out"
+grep -q "warning: provider 'p4' still protects the defined VM 'g3'" <<<"$out" || fail "delete --force did not name g3: $out"
 nk host flush-cache >/dev/null || fail "host flush-cache"
 refused "the VM's provider is missing" "provider 'p4'" vm rekey g3 --provider p2
 err=$(nk vm rekey g3 --provider p2 2>&1) || true
