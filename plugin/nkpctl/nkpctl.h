@@ -30,6 +30,15 @@ int nkpctl_vm_rekey(NkpctlGlobals *g, int argc, char **argv);
  * current provider). */
 int nkpctl_vm_rekey_deep(NkpctlGlobals *g, const char *name, const char *provider);
 
+/* Before changing VM `name`'s keys or files (cmd-vm.c): takes the VM's lock
+ * for the call, and reconciles an operation that a crash interrupted (vm
+ * encrypt/decrypt/rekey --deep, see docs/crash-safety.md) to the VM's
+ * current persistent definition.  0 nothing was pending, 1 rolled back
+ * (a note on stderr), 2 finished (a note on stderr); a negative errno with
+ * libnkp's message set (print it with nkpctl_lib_error()), e.g. -EBUSY when
+ * another nkpctl holds the VM's lock. */
+int nkpctl_vm_recover(NkpctlGlobals *g, NkpVirt *v, const char *name);
+
 /* The names of the defined domains whose keysafe names provider `key_id`
  * (cmd-vm.c).  An empty array when libvirt has none or is not reachable is
  * NOT acceptable: an unreachable libvirt is an error (the caller refuses
