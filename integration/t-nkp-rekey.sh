@@ -7,8 +7,10 @@
 #   p2` while it runs → the guest keeps ticking, live and persistent
 #   keysafes name p2, same secrets; the two half-done states a kill -9 can
 #   leave (live new + persistent old, and the reverse) count for both
-#   providers in `provider usage` and a rerun finishes; `provider delete
+#   providers in `provider usage` and a rerun finishes; ten rekeys killed
+#   with SIGKILL at random instants, a rerun finishes; `provider delete
 #   p1` without --force; "reboot" → g1 starts and reads its markers;
+#   libvirtd restart with p1 gone → the reconnect hook uses the live keysafe;
 #   `vm rekey --all` reports a locked VM and goes on, then moves every nkp VM
 #   (g1 running, g3 shut off) to the new default.
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
@@ -94,6 +96,21 @@ encrypt() {
     done
     fail "vm encrypt $*: $out"
 }
+restart_libvirtd() { # libvirtd only: running VMs stay, ephemeral secrets go
+    local h; h=$(lab_hostdir a)
+    local pid; pid=$(cat "$h/fs/run/libvirtd.pid")
+    kill -TERM "$pid"
+    local i
+    for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    ! kill -0 "$pid" 2>/dev/null || fail "libvirtd did not stop"
+    lab_exec a env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+        LANG=C.UTF-8 libvirtd -d || fail "libvirtd did not start again"
+    for ((i = 0; i < 120; i++)); do
+        lab_exec a timeout 10 virsh -q -c qemu:///system version >/dev/null 2>&1 && return 0
+        sleep 0.5
+    done
+    fail "libvirtd does not answer after the restart"
+}
 reboot_host() { # daemons down, key cache flushed, up
     lab_host_stop a
     nk host flush-cache >/dev/null || fail "host flush-cache"
@@ -167,6 +184,7 @@ refused "unknown provider" "nope" vm rekey g1 --provider nope
 refused "inactive provider" "never backed up" vm rekey g1 --provider p3
 refused "provider delete while a VM uses it" "protects the defined VM 'g3'" provider delete p4
 out=$(nk provider delete p4 --force 2>&1) || fail "provider delete p4 --force: $out"
+grep -q "warning: provider 'p4' still protects the defined VM 'g3'" <<<"$out" || fail "delete --force did not name g3: $out"
 nk host flush-cache >/dev/null || fail "host flush-cache"
 refused "the VM's provider is missing" "provider 'p4'" vm rekey g3 --provider p2
 err=$(nk vm rekey g3 --provider p2 2>&1) || true
@@ -247,12 +265,20 @@ python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["vms"]==[], d' <<<
 nk provider usage p1 | grep -q "No defined VM uses provider 'p1'" || fail "provider usage p1 (text)"
 out=$(nk provider delete p1 2>&1) || fail "provider delete p1 (no --force): $out"
 still_ticking g1 || fail "g1 stopped ticking after provider delete"
+# libvirtd restart with p1 gone from the store and the key cache: the
+# reconnect hook defines g1's secrets again from its live keysafe (p2).
+nk host flush-cache >/dev/null || fail "host flush-cache"
+restart_libvirtd
+sleep 1
+[ "$(state_of g1)" = running ] || fail "g1 is $(state_of g1) after the libvirtd restart"
+[ "$(lab_virsh a secret-list | grep -c .)" -ge 2 ] || fail "reconnect did not define g1's secrets again (live keysafe)"
+still_ticking g1 || fail "g1 stopped ticking after the libvirtd restart"
 lab_virsh a destroy g1 >/dev/null || fail "destroy g1"
 wait_state g1 "shut off" 30 || fail "g1 not shut off"
 reboot_host
 nk provider list | grep -q '^p1' && fail "p1 still listed after delete"
 boot_and_read g1
-pass "provider usage p1 empty, delete p1 without --force; after a reboot g1 starts and reads its markers"
+pass "provider usage p1 empty, delete p1 without --force; libvirtd restart: g1 keeps running (secrets from its live keysafe); after a reboot g1 starts and reads its markers"
 
 # ---- --all: a locked VM is reported and the rest goes on -------------------------------------------
 nk provider set-default p2 >/dev/null || fail "provider set-default p2"

@@ -100,6 +100,18 @@ check "DOMAIN and --all together: usage error" [ "$rc" -ne 0 ]
 run vm rekey --all --deep
 check "--all --deep: usage error" [ "$rc" -ne 0 ]
 
+# The VM's lock (journal.c) held by another command (vm encrypt, decrypt,
+# rekey --deep hold it while they run): refused, nothing changed.
+lock="$R/var/lib/nkp/journal/6695eb01-f6a4-8304-79aa-97f2502e193f.lock"
+if [ -e "$lock" ] && command -v flock >/dev/null; then
+        exec 9<"$lock"
+        flock -n 9
+        refused "the VM is locked by another nkpctl command" "being changed by another nkpctl command" vm rekey web01
+        exec 9<&-
+else
+        fail "no lock file at $lock after a rekey (or no flock(1))"
+fi
+
 # The VM's provider deleted: still cached → the rekey works; cache flushed → refused.
 "$NKPCTL" --root "$R" --connect "$VC" provider delete old --force >/dev/null 2>&1
 run vm rekey web01 --provider new

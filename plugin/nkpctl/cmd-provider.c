@@ -397,6 +397,15 @@ static int cmd_delete(NkpctlGlobals *g, int argc, char **argv)
         }
         if (r < 0)
                 return nkpctl_lib_error();
+        if (in_use) {
+                /* --force: say which VMs were left without their provider. */
+                g_autofree char *list = join_quoted(vms);
+                fprintf(stderr,
+                        "nkpctl: warning: provider '%s' still protects the defined VM%s %s; after "
+                        "the next reboot %s will not start until the provider is restored "
+                        "(nkpctl provider restore FILE.p12).\n",
+                        name, in_use == 1 ? "" : "s", list, in_use == 1 ? "it" : "they");
+        }
         if (g->json) {
                 g_autoptr(JsonBuilder) b = json_builder_new();
                 json_builder_begin_object(b);

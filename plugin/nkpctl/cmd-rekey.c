@@ -11,6 +11,9 @@
  *  1. the target is --provider NAME, else the host's default (as vSphere's
  *     shallow rekey moves a VM to the default provider); it must be active
  *     (backed up).  Rekeying to the VM's own provider rotates its KEK.
+ *  1b. an encrypt/decrypt/deep rekey of the VM that a crash interrupted is
+ *     reconciled (nkpctl_vm_recover), then the VM's lock is taken for the
+ *     rest (see rekey_one).
  *  2. the persistent definition's keysafe is opened with the KDK of the
  *     provider it names (key cache, else the store; a provider deleted but
  *     still cached works too).  If the VM runs, its live definition's
@@ -216,20 +219,15 @@ static int follow_a_racing_start(NkpVirt *v, const char *name, const char *old_t
         return nkp_virt_keysafe_put(v, name, new_text, true);
 }
 
-/* Shallow rekey of domain `name` to provider `to` (KDK `to_kdk`).
- * 0 done, 1 not an nkp VM (plain), negative on error (nothing changed
- * unless the message says otherwise). */
-static int rekey_one(NkpctlGlobals *g, NkpVirt *v, const char *name, const nkp_provider *to,
-                     const nkp_secret *to_kdk, RekeyResult *res)
+/* The rekey proper, with the VM's lock held; `dp` is its persistent
+ * definition (with a keysafe), read under the lock. */
+static int rekey_locked(NkpctlGlobals *g, NkpVirt *v, NkpDomain *dp, const nkp_provider *to,
+                        const nkp_secret *to_kdk, RekeyResult *res)
 {
-        g_autoptr(NkpDomain) dp = NULL, dl = NULL;
-        int r = load_definition(v, name, false, &dp);
-        if (r < 0)
-                return r;
-        if (!dp->keysafe)
-                return 1;
+        const char *name = dp->name;
+        g_autoptr(NkpDomain) dl = NULL;
         res->from = g_strdup(nkp_keysafe_provider_name(dp->keysafe));
-        r = nkp_virt_domain_is_active(v, name);
+        int r = nkp_virt_domain_is_active(v, name);
         if (r < 0)
                 return r;
         res->running = r > 0;
@@ -280,6 +278,52 @@ static int rekey_one(NkpctlGlobals *g, NkpVirt *v, const char *name, const nkp_p
                                                         &res->running)) < 0)
                 return r;
         return 0;
+}
+
+static bool journal_pending(NkpctlGlobals *g, const NkpDomain *d)
+{
+        g_autofree char *path = nkp_journal_path(g->ctx, d->uuid);
+        return g_file_test(path, G_FILE_TEST_EXISTS);
+}
+
+/* Shallow rekey of domain `name` to provider `to` (KDK `to_kdk`).
+ * 0 done, 1 not an nkp VM (plain), negative on error (nothing changed
+ * unless the message says otherwise).
+ *
+ * The VM's lock (journal.c) is held for the whole read-rewrap-write: vm
+ * encrypt, decrypt and rekey --deep hold it while they run, so none of them
+ * can interleave with this rekey (a deep rekey's new DEKs overwritten by a
+ * rewrap of the old ones would lock the VM out of its own data), and the
+ * hook refuses to start the VM meanwhile ("wait for it to finish").  An
+ * operation of theirs that a crash interrupted is reconciled first. */
+static int rekey_one(NkpctlGlobals *g, NkpVirt *v, const char *name, const nkp_provider *to,
+                     const nkp_secret *to_kdk, RekeyResult *res)
+{
+        g_autoptr(NkpDomain) dp = NULL;
+        int r = load_definition(v, name, false, &dp);
+        if (r < 0)
+                return r;
+        if (!dp->keysafe && !journal_pending(g, dp))
+                return 1;
+        if ((r = nkpctl_vm_recover(g, v, name)) < 0)
+                return r;
+        int fd = -1;
+        r = nkp_journal_lock(g->ctx, dp->uuid, true, &fd);
+        if (r == -EBUSY)
+                return nkp_fail(r, "VM '%s' is being changed by another nkpctl command; wait "
+                                   "for it to finish, then run the rekey again. Nothing was "
+                                   "changed.",
+                                name);
+        if (r < 0)
+                return r;
+        /* Read again under the lock: the recovery or another command may
+         * have changed it. */
+        g_clear_pointer(&dp, nkp_domain_free);
+        r = load_definition(v, name, false, &dp);
+        if (r == 0)
+                r = dp->keysafe ? rekey_locked(g, v, dp, to, to_kdk, res) : 1;
+        nkp_journal_unlock(fd);
+        return r;
 }
 
 /* ---- output --------------------------------------------------------------- */
