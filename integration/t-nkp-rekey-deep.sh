@@ -1,8 +1,8 @@
 #!/bin/bash
 # nkpctl vm rekey DOMAIN --deep on one lab host, with a real guest:
 #   a VM encrypted by p1 (vTPM + LUKS qcow2) writes its markers; refused
-#   cases change nothing (running VM, plain VM, unknown provider, provider
-#   never backed up, not enough space); deep rekey → new KEK salt, new DEKs,
+#   cases change nothing (running VM, saved state, plain VM, unknown
+#   provider, provider never backed up, not enough space); deep rekey → new KEK salt, new DEKs,
 #   new secret UUIDs, no temp file or journal left; the old disk DEK no longer
 #   opens the new disk but still opens a copy of the old one; the old vTPM
 #   DEK no longer opens the new vTPM state; the VM starts and reads both
@@ -148,9 +148,11 @@ refused "provider never backed up" "never backed up" lab_exec a nkpctl vm rekey 
 refused "not enough space" "Not enough space" lab_exec a env NKP_TEST_FREE_SPACE=1048576 nkpctl vm rekey "$dom" --deep
 lab_virsh a start --paused "$dom" >/dev/null || fail "start --paused"
 refused "running VM" "is running" lab_exec a nkpctl vm rekey "$dom" --deep
-lab_virsh a destroy "$dom" >/dev/null
-wait_state "$dom" "shut off" 30 || fail "not shut off"
-pass "refused with one line, definition and files unchanged: plain VM, unknown provider, inactive provider, not enough space, running VM"
+out=$(lab_virsh a managedsave "$dom" 2>&1) || fail "managedsave: $out"
+wait_state "$dom" "shut off" 30 || fail "not shut off after managedsave"
+refused "saved state" "has a saved state" lab_exec a nkpctl vm rekey "$dom" --deep
+lab_virsh a managedsave-remove "$dom" >/dev/null || fail "managedsave-remove"
+pass "refused with one line, definition and files unchanged: plain VM, unknown provider, inactive provider, not enough space, running VM, saved state"
 
 # ---- deep rekey ----------------------------------------------------------------------
 keys_of "$dom" > "$LAB_DIR/old.keys" || fail "cannot dump the old keys"

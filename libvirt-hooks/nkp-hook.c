@@ -482,10 +482,9 @@ static int finish_interrupted(const char *domain, const NkpDomain *d)
                 g_autofree char *sig = nkp_domain_signature(d);
                 r = nkp_journal_reconcile(ctx, j, sig, NULL);
                 if (r < 0) {
-                        g_autofree char *msg = g_strdup_printf("VM '%s' cannot start: %s", d->name,
-                                                               nkp_error_message());
+                        /* The message names the VM and the fix. */
                         nkp_journal_unlock(fd);
-                        one_line(domain, msg);
+                        one_line(domain, nkp_error_message());
                         return -1;
                 }
                 mark("reconciled");

@@ -338,6 +338,10 @@ int nkp_virt_domain_define(NkpVirt *v, const char *xml);
 int nkp_virt_domain_list(NkpVirt *v, GPtrArray **ret_names);
 /* 1 running/paused, 0 shut off, negative error. */
 int nkp_virt_domain_is_active(NkpVirt *v, const char *name);
+/* 1 when the domain has a managed save image (virsh managedsave), whose
+ * embedded definition and device state would outlive a change of its keys
+ * or files; 0 none; negative error. */
+int nkp_virt_domain_has_managed_save(NkpVirt *v, const char *name);
 /* The nkp element of the domain's <metadata> (live definition when `live`,
  * else the persistent one) as standalone XML; *ret = NULL when there is
  * none. */

@@ -685,6 +685,17 @@ static int require_shut_off(NkpVirt *v, const char *name)
                 return nkp_fail(-EBUSY, "VM '%s' is running; shut it down first (virsh shutdown "
                                         "'%s').",
                                 name, name);
+        /* A saved state restores with the definition and the keys it was
+         * saved with, which the new files would no longer match. */
+        r = nkp_virt_domain_has_managed_save(v, name);
+        if (r < 0)
+                return r;
+        if (r > 0)
+                return nkp_fail(-EBUSY, "VM '%s' has a saved state (virsh managedsave), which "
+                                        "would restore with its old keys; start it and shut it "
+                                        "down first (or drop the state: virsh managedsave-remove "
+                                        "'%s'). Nothing was changed.",
+                                name, name);
         return 0;
 }
 
