@@ -23,12 +23,17 @@
 # is checked (both markers read back), then `virsh destroy`.  Then the
 # hook's own wall time: HOOK_N prepare+release pairs run as libvirt runs
 # them (bench_hook_times in bench-lib.sh), median and p95.
-#   sudo bench/bench-vm-start.sh [BUILD_DIR] [RUNS] [HOOK_N]   (default build, 6, 50)
+# Then PAUSED_N more starts of each with `virsh start --paused` (the same
+# start path: hook, swtpm with its encrypted state, QEMU opening the LUKS
+# disk; the vCPUs are not run, so no guest competes for the 2 CPUs and the
+# samples are cheap and less noisy), interleaved, then destroy.
+#   sudo bench/bench-vm-start.sh [BUILD_DIR] [RUNS] [HOOK_N] [PAUSED_N]   (default build, 6, 50, 20)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 BUILD=$(cd "${1:-build}" && pwd)
 RUNS=${2:-6}
 HOOK_N=${3:-50}
+PAUSED_N=${4:-20}
 source "$here/../integration/lab.sh"
 source "$here/bench-lib.sh"
 die() {
@@ -132,6 +137,21 @@ for r in $(seq 0 $((RUNS - 1))); do
     for k in 0 1 2; do measure "${VARIANTS[$(((r + k) % 3))]}"; done
 done
 
+echo "--- samples: virsh start --paused ($PAUSED_N each, interleaved; the whole start path, vCPUs not run, so no guest load)"
+measure_paused() { # variant
+    local v=$1 h d t0 t1; h=$(host_of "$v"); d=$(dom_of "$v")
+    t0=$(bench_now_ns)
+    lab_virsh "$h" start --paused "$d" >/dev/null || die "start --paused $d on $h"
+    t1=$(bench_now_ns)
+    [ "$(lab_virsh "$h" domstate "$d" | head -n1)" = paused ] || die "$d is not paused"
+    stop_vm "$v"
+    echo "$v virsh_start_paused_ms $(((t1 - t0) / 1000000))" >> "$samples"
+}
+for r in $(seq 0 $((PAUSED_N - 1))); do
+    for k in 0 1 2; do measure_paused "${VARIANTS[$(((r + k) % 3))]}"; done
+done
+grep ' virsh_start_paused_ms ' "$samples" | tr '\n' ';' | sed 's/;$/\n/; s/ virsh_start_paused_ms /=/g'
+
 echo "--- the hook's own wall time on host nkp ($HOOK_N prepare+release pairs, as libvirt runs it)"
 res="$LAB_DIR/hook"
 bench_hook_times nkp enc "$HOOK_N" "$res" || die "hook timing"
@@ -144,5 +164,5 @@ phases=$(lab_exec nkp env NKP_HOOK_TIMING=1 /etc/libvirt/hooks/qemu.d/nkp enc pr
 lab_exec nkp /etc/libvirt/hooks/qemu.d/nkp enc release end - < "$res.xml" >/dev/null 2>&1 || true
 echo "one prepare, the hook's own phase timer (NKP_HOOK_TIMING=1, ms since exec): ${phases#nkp: timing }"
 
-echo "--- medians (ms) and ratios to the by-hand baseline ($RUNS starts each; TCG, $(nproc) vCPUs, shared machine)"
+echo "--- medians (ms) and ratios to the by-hand baseline ($RUNS booted + $PAUSED_N paused starts each; TCG, $(nproc) vCPUs, shared machine)"
 bench_table "$samples" hand nkp hand+hook
