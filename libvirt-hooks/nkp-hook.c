@@ -27,6 +27,12 @@
  *                                  as libvirt ignores them).
  *   anything else                  exit 0 at once.
  *
+ * Before a start (prepare/restore begin), for every domain, nkp or not:
+ * an `nkpctl vm encrypt/decrypt/rekey --deep` on it that is running makes
+ * the start fail with one line; one that was killed is finished or rolled
+ * back first, to match the definition being started (finish_interrupted,
+ * docs/crash-safety.md).
+ *
  * A domain without an nkp keysafe, or input that is not a domain XML and
  * does not mention nkp's namespace, is not nkp's business: exit 0, no
  * output.  Input that mentions nkp's namespace but cannot be parsed: exit 1
@@ -427,6 +433,73 @@ static int ekca_ticket(nkp_context *ctx, const NkpDomain *d)
         return 0;
 }
 
+/* issue 6: `nkpctl vm encrypt/decrypt/rekey --deep` replaces the VM's files
+ * under a journal and a lock (journal.c, docs/crash-safety.md).  Lock held:
+ * that command is running; the VM must not start on half-converted files.
+ * Lock free but a journal: the command died (kill -9, power loss); the
+ * files are made to match the definition being started, old side or new
+ * (renames and unlinks only: bounded, and no call into libvirt).  Then the
+ * start goes on.  Returns 0, or -1 with the one line written. */
+static int finish_interrupted(const char *domain, const NkpDomain *d)
+{
+        uint8_t raw_uuid[16];
+        if (!d->uuid || nkp_uuid_parse(d->uuid, raw_uuid) < 0)
+                return 0; /* libvirt always gives one; nkpctl never journals without */
+        const char *root = g_getenv("NKP_ROOT");
+        g_autoptr(nkp_context) ctx = NULL;
+        if (nkp_context_new(root && root[0] ? root : "/", &ctx) < 0) {
+                nkp_error_clear();
+                return 0; /* the steps below report a broken config if it matters */
+        }
+        int fd = -1;
+        int r = nkp_journal_lock(ctx, d->uuid, false, &fd);
+        if (r == -ENOENT)
+                return 0; /* nkpctl never converted this VM's files */
+        g_autoptr(NkpJournal) j = NULL;
+        if (r == -EBUSY) {
+                g_autofree char *msg = NULL;
+                if (nkp_journal_load(ctx, d->uuid, &j) == 0)
+                        msg = g_strdup_printf("VM '%s' cannot start now: it is being re-encrypted "
+                                              "by nkpctl (%s, %s); wait for it to finish, then "
+                                              "start it.",
+                                              d->name,
+                                              strcmp(j->op, "rekey-deep") == 0 ? "vm rekey --deep"
+                                                                               : j->op,
+                                              nkp_journal_phase_name(j->phase));
+                else
+                        msg = g_strdup_printf("VM '%s' cannot start now: nkpctl is changing its "
+                                              "keys; wait for it to finish, then start it.",
+                                              d->name);
+                one_line(domain, msg);
+                return -1;
+        }
+        if (r < 0) {
+                one_line(domain, nkp_error_message());
+                return -1;
+        }
+        r = nkp_journal_load(ctx, d->uuid, &j);
+        if (r == 0) {
+                g_autofree char *sig = nkp_domain_signature(d);
+                r = nkp_journal_reconcile(ctx, j, sig, NULL);
+                if (r < 0) {
+                        /* The message names the VM and the fix. */
+                        nkp_journal_unlock(fd);
+                        one_line(domain, nkp_error_message());
+                        return -1;
+                }
+                mark("reconciled");
+        } else if (r != -ENOENT) {
+                g_autofree char *msg = g_strdup_printf("VM '%s' cannot start: %s", d->name,
+                                                       nkp_error_message());
+                nkp_journal_unlock(fd);
+                one_line(domain, msg);
+                return -1;
+        }
+        nkp_journal_unlock(fd);
+        nkp_error_clear();
+        return 0;
+}
+
 int main(int argc, char **argv)
 {
         /* No stdout, ever: for migrate it would replace the incoming XML. */
@@ -475,6 +548,8 @@ int main(int argc, char **argv)
                 return 1;
         }
         mark("parsed");
+        if (act == ACT_START && finish_interrupted(domain, d) < 0)
+                return 1;
         if (!d->keysafe) {
                 /* issue 7: a plain emulator vTPM (virt-manager & co.) */
                 if (act == ACT_START && d->has_vtpm && !d->tpm_secret)

@@ -270,6 +270,7 @@ run "$V" --connect "$VC" provider delete unused
 check "delete of the unused one" [ "$rc" -eq 0 ]
 run "$V" --connect "$VC" provider delete used --force
 check "delete --force of the used one" [ "$rc" -eq 0 ]
+check "delete --force warns and names the VM" grep -q "warning: provider 'used' still protects the defined VM 'web01'" <<<"$err"
 
 # ---- with a TPM (a throwaway swtpm) -------------------------------------------------------------
 if command -v swtpm >/dev/null; then

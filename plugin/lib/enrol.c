@@ -233,6 +233,21 @@ int nkp_vtpm_start_check(nkp_context *ctx, const NkpDomain *d)
 
 /* ---- nkpd: automatic enrolment ------------------------------------------------ */
 
+/* An nkpctl vm encrypt/decrypt/rekey --deep of the VM is running (its lock
+ * is held) or was interrupted (a journal is left): see journal.c. */
+static bool conversion_pending(nkp_context *ctx, const NkpDomain *d)
+{
+        g_autofree char *journal = nkp_journal_path(ctx, d->uuid);
+        if (access(journal, F_OK) == 0)
+                return true;
+        int fd = -1;
+        int r = nkp_journal_lock(ctx, d->uuid, false, &fd);
+        if (r == 0)
+                nkp_journal_unlock(fd);
+        nkp_error_clear();
+        return r == -EBUSY;
+}
+
 int nkp_vm_auto_enrol(nkp_context *ctx, NkpVirt *v, const char *name, char **ret_note)
 {
         if (ctx->vtpm_policy != NKP_VTPM_POLICY_ENROL)
@@ -249,6 +264,8 @@ int nkp_vm_auto_enrol(nkp_context *ctx, NkpVirt *v, const char *name, char **ret
                 return nkp_fail_prefix(r, "VM '%s' cannot be enrolled", name);
         if (!d->has_vtpm || d->tpm_secret)
                 return 0;
+        if (conversion_pending(ctx, d))
+                return 0; /* nkpctl owns it now; its define would undo ours anyway */
         if (d->keysafe) {
                 for (size_t i = 0; i < nkp_keysafe_n_entries(d->keysafe); i++)
                         if (strcmp(nkp_keysafe_entry_kind(d->keysafe, i), NKP_OBJECT_VTPM) == 0)

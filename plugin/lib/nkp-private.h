@@ -338,6 +338,10 @@ int nkp_virt_domain_define(NkpVirt *v, const char *xml);
 int nkp_virt_domain_list(NkpVirt *v, GPtrArray **ret_names);
 /* 1 running/paused, 0 shut off, negative error. */
 int nkp_virt_domain_is_active(NkpVirt *v, const char *name);
+/* 1 when the domain has a managed save image (virsh managedsave), whose
+ * embedded definition and device state would outlive a change of its keys
+ * or files; 0 none; negative error. */
+int nkp_virt_domain_has_managed_save(NkpVirt *v, const char *name);
 /* The nkp element of the domain's <metadata> (live definition when `live`,
  * else the persistent one) as standalone XML; *ret = NULL when there is
  * none. */
@@ -346,6 +350,11 @@ int nkp_virt_keysafe_get(NkpVirt *v, const char *name, bool live, char **ret);
  * the prefix "nkp": in the persistent definition, and in the live one too
  * when the domain runs (online, for shallow rekey). */
 int nkp_virt_keysafe_set(NkpVirt *v, const char *name, const char *keysafe_xml);
+
+/* Puts `keysafe_xml` into ONE definition of domain `name`: the live one
+ * when `live` (-EBUSY when the domain does not run), else the persistent
+ * one.  Shallow rekey writes each definition on its own (docs/rekey.md). */
+int nkp_virt_keysafe_put(NkpVirt *v, const char *name, const char *keysafe_xml, bool live);
 
 /* Unlocking a VM (the hook's prepare/migrate, `host unlock`, `vm status`). */
 typedef struct {
@@ -484,5 +493,81 @@ int nkp_vtpm_start_check(nkp_context *ctx, const NkpDomain *d);
  * yet and the policy is enrol.  1 enrolled, 0 nothing to do, negative on
  * error.  `ret_note` (may be NULL) gets one line for the log. */
 int nkp_vm_auto_enrol(nkp_context *ctx, NkpVirt *v, const char *name, char **ret_note);
+
+
+/* ==== issue 6: crash safety of file conversions (journal.c) ================= */
+/* vm encrypt/decrypt and vm rekey --deep replace files (disks, the vTPM
+ * state) and the definition; the journal says what was being done, so that
+ * whoever comes next (the command run again, or the hook at the next start)
+ * can make the files match the definition libvirt holds.  See journal.c and
+ * docs/crash-safety.md.  No key material is ever in a journal. */
+
+typedef enum {
+        NKP_JOURNAL_CONVERTING = 0, /* new copies being made; only rolling back is possible */
+        NKP_JOURNAL_READY = 1,      /* every P.nkp-new complete and verified */
+} NkpJournalPhase;
+
+typedef struct {
+        char *op;           /* "encrypt", "decrypt", "rekey-deep" */
+        char *vm_name;
+        char *vm_uuid;      /* lower case */
+        NkpJournalPhase phase;
+        char *old_sig;      /* nkp_domain_signature() of the definition before */
+        char *new_sig;      /* … and after */
+        GPtrArray *files;   /* char*: absolute paths P being replaced */
+        GPtrArray *scratch; /* char*: work directories to remove on recovery */
+} NkpJournal;
+
+typedef enum {
+        NKP_RECONCILE_BACK,    /* files are the ones from before the operation again */
+        NKP_RECONCILE_FORWARD, /* the operation was finished */
+} NkpReconcile;
+
+NkpJournal *nkp_journal_new(const char *op, const char *vm_name, const char *vm_uuid,
+                            const char *old_sig, const char *new_sig);
+void nkp_journal_free(NkpJournal *j);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpJournal, nkp_journal_free)
+const char *nkp_journal_phase_name(NkpJournalPhase phase);
+
+/* "none" for a definition without a keysafe, else the hex KEK salt of its
+ * keysafe (public; fresh for every keysafe). */
+char *nkp_domain_signature(const NkpDomain *d);
+
+/* ROOT/var/lib/nkp/journal/<uuid>.ini */
+char *nkp_journal_path(const nkp_context *ctx, const char *vm_uuid);
+
+/* The VM's lock (flock on ROOT/var/lib/nkp/journal/<uuid>.lock), never
+ * waiting: -EBUSY when another process holds it (no message set), -ENOENT
+ * when !create and no lock file exists (nobody ever locked this VM).
+ * Release with nkp_journal_unlock(). */
+int nkp_journal_lock(nkp_context *ctx, const char *vm_uuid, bool create, int *ret_fd);
+void nkp_journal_unlock(int fd);
+
+/* Atomic write (0600) / read.  load: -ENOENT (no message) when there is
+ * none, -EBADMSG damaged. */
+int nkp_journal_save(nkp_context *ctx, const NkpJournal *j);
+int nkp_journal_load(nkp_context *ctx, const char *vm_uuid, NkpJournal **ret);
+int nkp_journal_remove(nkp_context *ctx, const char *vm_uuid);
+
+/* P -> P.nkp-old, P.nkp-new -> P; idempotent (a rerun after a crash between
+ * the two renames finishes it). */
+int nkp_journal_swap_file(const char *path);
+/* Removes the journal's scratch directories. */
+void nkp_journal_remove_scratch(const NkpJournal *j);
+
+/* Makes the files of `j` match the definition whose signature is `sig`:
+ * the old side -> roll back (P.nkp-old back to P, P.nkp-new removed); the
+ * new side -> roll forward (only in phase ready: swaps finished, P.nkp-old
+ * removed).  Every file is checked before any is touched.  Then removes the
+ * scratch directories and the journal.  -ESTALE when `sig` is neither side
+ * (or the new side before phase ready), -EUCLEAN when a file's copies do not
+ * allow it; the message names the VM and the fix, nothing is changed.  The
+ * caller holds the VM's lock. */
+int nkp_journal_reconcile(nkp_context *ctx, const NkpJournal *j, const char *sig,
+                          NkpReconcile *ret_outcome);
+
+/* Tests only: NKP_TEST_CRASH_AT=STEP[#N] makes the process die by SIGKILL
+ * at the Nth (default first) time it passes `step`. */
+void nkp_test_crash_point(const char *step);
 
 #endif /* NKP_PRIVATE_H */

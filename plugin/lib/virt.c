@@ -240,6 +240,21 @@ int nkp_virt_domain_is_active(NkpVirt *v, const char *name)
         return r < 0 ? err : r;
 }
 
+int nkp_virt_domain_has_managed_save(NkpVirt *v, const char *name)
+{
+        virDomainPtr dom = virDomainLookupByName(v->conn, name);
+        if (!dom)
+                return nkp_fail(virt_errno(), "No libvirt domain '%s': %s.", name,
+                                last_virt_error());
+        int r = virDomainHasManagedSaveImage(dom, 0);
+        int err = r < 0 ? virt_errno() : 0;
+        if (r < 0)
+                nkp_fail(err, "Cannot ask libvirt whether '%s' has a saved state: %s.", name,
+                         last_virt_error());
+        virDomainFree(dom);
+        return r < 0 ? err : r;
+}
+
 /* ---- unlocking a VM --------------------------------------------------------- */
 
 void nkp_vm_secret_free(gpointer p)
@@ -366,6 +381,23 @@ int nkp_virt_keysafe_set(NkpVirt *v, const char *name, const char *keysafe_xml)
                 r = nkp_fail(virt_errno(), "Cannot write the nkp keysafe into the metadata of "
                                            "'%s': %s.",
                              name, last_virt_error());
+        virDomainFree(dom);
+        return r < 0 ? r : 0;
+}
+
+int nkp_virt_keysafe_put(NkpVirt *v, const char *name, const char *keysafe_xml, bool live)
+{
+        virDomainPtr dom = virDomainLookupByName(v->conn, name);
+        if (!dom)
+                return nkp_fail(virt_errno(), "No libvirt domain '%s': %s.", name,
+                                last_virt_error());
+        unsigned flags = live ? VIR_DOMAIN_AFFECT_LIVE : VIR_DOMAIN_AFFECT_CONFIG;
+        int r = virDomainSetMetadata(dom, VIR_DOMAIN_METADATA_ELEMENT, keysafe_xml, "nkp",
+                                     NKP_KEYSAFE_NS, flags);
+        if (r < 0)
+                r = nkp_fail(virt_errno(), "Cannot write the nkp keysafe into the %s definition "
+                                           "of '%s': %s.",
+                             live ? "live" : "persistent", name, last_virt_error());
         virDomainFree(dom);
         return r < 0 ? r : 0;
 }

@@ -375,7 +375,7 @@ static int cmd_delete(NkpctlGlobals *g, int argc, char **argv)
 
         g_autoptr(GPtrArray) vms = NULL;
         nkp_error_clear();
-        r = nkpctl_vms_using_provider(g, nkp_provider_key_id(p), &vms);
+        r = nkpctl_provider_dependents(g, nkp_provider_key_id(p), &vms);
         if (r < 0 && !force) {
                 g_autofree char *why = g_strdup(nkp_error_message());
                 g_strchomp(why);
@@ -397,6 +397,15 @@ static int cmd_delete(NkpctlGlobals *g, int argc, char **argv)
         }
         if (r < 0)
                 return nkpctl_lib_error();
+        if (in_use) {
+                /* --force: say which VMs were left without their provider. */
+                g_autofree char *list = join_quoted(vms);
+                fprintf(stderr,
+                        "nkpctl: warning: provider '%s' still protects the defined VM%s %s; after "
+                        "the next reboot %s will not start until the provider is restored "
+                        "(nkpctl provider restore FILE.p12).\n",
+                        name, in_use == 1 ? "" : "s", list, in_use == 1 ? "it" : "they");
+        }
         if (g->json) {
                 g_autoptr(JsonBuilder) b = json_builder_new();
                 json_builder_begin_object(b);
@@ -426,7 +435,7 @@ static int cmd_usage(NkpctlGlobals *g, int argc, char **argv)
                 return r;
         g_autoptr(GPtrArray) vms = NULL;
         nkp_error_clear();
-        if (nkpctl_vms_using_provider(g, nkp_provider_key_id(p), &vms) < 0) {
+        if (nkpctl_provider_dependents(g, nkp_provider_key_id(p), &vms) < 0) {
                 const char *why = nkp_error_message();
                 return nkpctl_error("Cannot list the VMs that use provider '%s': %s",
                                     nkp_provider_name(p), why[0] ? why : "no detail.");

@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* nkpctl vm …: enrolling VMs (encrypt/decrypt), their status, and the
- * cross-VM helpers (provider usage, host unlock).
+/* nkpctl vm …: enrolling VMs (encrypt/decrypt), deep rekey, their status,
+ * crash recovery, and the cross-VM helpers (provider usage, host unlock).
  *
  *   vm encrypt DOMAIN [--provider NAME] [--disks all|vda,vdb…]
  *   vm decrypt DOMAIN
+ *   vm rekey DOMAIN --deep [--provider NAME]   (parsed in cmd-rekey.c)
  *   vm status DOMAIN | vm list
  *
  * encrypt, on a shut-off domain:
@@ -11,24 +12,28 @@
  *  2. a DEK per object (the emulated vTPM, each chosen disk), a keysafe
  *     (fresh KEK salt) holding them wrapped, a random secret UUID each.
  *  3. each chosen plain qcow2 P is converted to a LUKS qcow2 P.nkp-new with
- *     `qemu-img convert` (passphrase = hex(DEK) through a pipe, /dev/fd/3,
+ *     `qemu-img convert` (passphrase = hex(DEK) through a pipe, /dev/fd/N,
  *     never argv or a file; encrypt.iter-time=10: the key has full entropy,
  *     stretching it buys nothing and would cost ~2 s at every start), then
  *     checked with `qemu-img compare` against P.  Free space is checked
- *     first (allocated size of P + 5% + 16 MiB) and refused cleanly.
- *  4. swap: P → P.nkp-old, P.nkp-new → P (same directory, rename), then the
- *     new definition (keysafe in <metadata>, <encryption> on the disks and
- *     the vTPM backend) is defined; if libvirt refuses it the renames are
- *     undone.  Only then is P.nkp-old removed.  A crash between the swap and
- *     the define leaves P.nkp-old (the original) beside P: nothing is lost.
- *  decrypt is the same the other way round (keys from the keysafe).
+ *     first (allocated size of each P + 5% + 16 MiB) and refused cleanly.
+ *  4. the files are swapped and the new definition defined under the
+ *     conversion protocol (convert_and_switch, journal.c,
+ *     docs/crash-safety.md): a kill -9 at any instant leaves a VM that
+ *     starts, under the old keys or the new.
+ *  decrypt is the same the other way round (keys from the keysafe); deep
+ *  rekey goes from the old keys to new ones (LUKS to LUKS, both keys on
+ *  pipes), with a new keysafe and new secret UUIDs.
  *
  * The vTPM: with no state yet (never started) it is enrolled by the XML
  * alone; libvirt hands the secret to swtpm_setup/swtpm at the first start,
- * so no clear state is ever written.  A vTPM that already has clear state
- * (or, for decrypt, encrypted state) is converted through swtpm's state-blob
- * interface (see vtpm_convert) and swapped in with the disks, all or
+ * so no clear state is ever written.  A vTPM that has state is converted
+ * through swtpm's state-blob interface (see vtpm_convert), put beside the
+ * state file as <file>.nkp-new and swapped in with the disks, all or
  * nothing.
+ *
+ * Every one of these commands holds the VM's lock from start to end, and
+ * first finishes or rolls back an operation a crash interrupted.
  *
  * Exit 0 on success; one line on stderr otherwise.  libvirt calls run under
  * a process deadline (alarm, 60 s): libvirt has no per-call timeout. */
@@ -37,6 +42,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -123,6 +129,15 @@ static enum vtpm_state vtpm_state(const NkpDomain *d)
 
 /* ---- running qemu-img with secrets on pipes ----------------------------- */
 
+/* A tool must not outlive nkpctl: killed, nkpctl leaves a journal that the
+ * next run (or the hook) reconciles, and a qemu-img still writing the
+ * unlinked copy would only waste the disk. */
+static void die_with_parent(gpointer data)
+{
+        (void) data;
+        prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+}
+
 /* Runs argv with `secrets[i]` readable on fd 3+i (a pipe filled before the
  * program starts; the value is never in argv, the environment or a file).
  * stdout is discarded; stderr is returned in *ret_err (first line). */
@@ -132,6 +147,7 @@ static int run_tool(const char *const *argv, nkp_secret *const *secrets, size_t 
         g_autoptr(GSubprocessLauncher) l =
                 g_subprocess_launcher_new(G_SUBPROCESS_FLAGS_STDOUT_SILENCE |
                                           G_SUBPROCESS_FLAGS_STDERR_PIPE);
+        g_subprocess_launcher_set_child_setup(l, die_with_parent, NULL, NULL);
         for (size_t i = 0; i < n_secrets; i++) {
                 int p[2];
                 if (pipe2(p, O_CLOEXEC) < 0)
@@ -152,7 +168,7 @@ static int run_tool(const char *const *argv, nkp_secret *const *secrets, size_t 
         g_autofree char *err = NULL;
         if (!g_subprocess_communicate_utf8(sp, NULL, NULL, NULL, &err, &error))
                 return nkp_fail(-EIO, "Running '%s' failed: %s.", argv[0], error->message);
-        int status = g_subprocess_get_exit_status(sp);
+        int status = g_subprocess_get_if_exited(sp) ? g_subprocess_get_exit_status(sp) : 128;
         if (ret_err) {
                 g_autofree char *e = g_strstrip(g_strdup(err ? err : ""));
                 char *nl = strchr(e, '\n');
@@ -163,68 +179,110 @@ static int run_tool(const char *const *argv, nkp_secret *const *secrets, size_t 
         return status;
 }
 
-static int check_space(const char *path)
+/* The new copies of every disk need, together, per file system: the
+ * allocated size of each + 5% + 16 MiB.  Checked before anything is written.
+ * NKP_TEST_FREE_SPACE (bytes) stands in for the free space (tests). */
+static int check_space(GPtrArray *paths)
 {
-        struct stat st;
-        if (stat(path, &st) < 0)
-                return nkp_fail(-errno, "Cannot read the disk '%s': %s.", path, g_strerror(errno));
-        g_autofree char *dir = g_path_get_dirname(path);
-        struct statvfs vfs;
-        if (statvfs(dir, &vfs) < 0)
-                return nkp_fail(-errno, "Cannot check the free space in '%s': %s.", dir,
-                                g_strerror(errno));
-        guint64 need = (guint64) st.st_blocks * 512;
-        need += need / 20 + 16 * 1024 * 1024;
-        guint64 have = (guint64) vfs.f_bavail * vfs.f_frsize;
-        if (g_getenv("NKP_TEST_FREE_SPACE"))
-                have = g_ascii_strtoull(g_getenv("NKP_TEST_FREE_SPACE"), NULL, 10);
-        if (have < need)
-                return nkp_fail(-ENOSPC,
-                                "Not enough space in '%s' to convert '%s': %" G_GUINT64_FORMAT
-                                " MiB free, %" G_GUINT64_FORMAT " MiB needed (a full copy). Free "
-                                "some space and run the command again; nothing was changed.",
-                                dir, path, have >> 20, (need >> 20) + 1);
+        g_autoptr(GHashTable) need_by_fs = g_hash_table_new_full(g_int64_hash, g_int64_equal,
+                                                                 g_free, g_free);
+        for (guint i = 0; i < paths->len; i++) {
+                const char *path = paths->pdata[i];
+                struct stat st;
+                if (stat(path, &st) < 0)
+                        return nkp_fail(-errno, "Cannot read the disk '%s': %s. Nothing was "
+                                                "changed.",
+                                        path, g_strerror(errno));
+                g_autofree char *dir = g_path_get_dirname(path);
+                struct statvfs vfs;
+                if (statvfs(dir, &vfs) < 0)
+                        return nkp_fail(-errno, "Cannot check the free space in '%s': %s.", dir,
+                                        g_strerror(errno));
+                guint64 one = (guint64) st.st_blocks * 512;
+                one += one / 20 + 16 * 1024 * 1024;
+                gint64 fs = (gint64) st.st_dev;
+                guint64 *sum = g_hash_table_lookup(need_by_fs, &fs);
+                if (!sum) {
+                        sum = g_new0(guint64, 1);
+                        g_hash_table_insert(need_by_fs, g_memdup2(&fs, sizeof fs), sum);
+                }
+                *sum += one;
+                guint64 have = (guint64) vfs.f_bavail * vfs.f_frsize;
+                if (g_getenv("NKP_TEST_FREE_SPACE"))
+                        have = g_ascii_strtoull(g_getenv("NKP_TEST_FREE_SPACE"), NULL, 10);
+                if (have < *sum)
+                        return nkp_fail(-ENOSPC,
+                                        "Not enough space in '%s' to convert '%s': %" G_GUINT64_FORMAT
+                                        " MiB free, %" G_GUINT64_FORMAT " MiB needed (a full "
+                                        "copy). Free some space and run the command again; "
+                                        "nothing was changed.",
+                                        dir, path, have >> 20, (*sum >> 20) + 1);
+        }
         return 0;
 }
 
-/* Converts `path` into `path`.nkp-new: to LUKS under `value` (encrypt), or
- * from LUKS to plain (value_in, decrypt).  Then compares the two images. */
-static int convert_disk(const char *path, const nkp_secret *value_out,
-                        const nkp_secret *value_in)
+/* Converts `path` into `path`.nkp-new: from LUKS under `old_value` (or
+ * plain when NULL) to LUKS under `new_value` (or plain when NULL), then
+ * compares the two images (`qemu-img compare` opens both, each with its
+ * own key).  Encrypt: (NULL, new); decrypt: (old, NULL); deep rekey: both. */
+static int convert_disk(const char *path, const nkp_secret *old_value, const nkp_secret *new_value)
 {
         g_autofree char *tmp = g_strconcat(path, ".nkp-new", NULL);
         g_autofree char *err = NULL;
-        int r = check_space(path);
-        if (r < 0)
-                return r;
         (void) unlink(tmp); /* a leftover of an interrupted run */
 
-        nkp_secret *secrets[1] = { (nkp_secret *) (value_out ? value_out : value_in) };
+        nkp_secret *secrets[2];
+        size_t n = 0;
+        const char *argv[24];
+        int a = 0;
+        g_autofree char *old_obj = NULL, *new_obj = NULL;
+        argv[a++] = "qemu-img";
+        argv[a++] = "convert";
+        argv[a++] = "-q";
+        if (old_value) {
+                old_obj = g_strdup_printf("secret,id=sold,file=/dev/fd/%zu,format=raw", 3 + n);
+                secrets[n++] = (nkp_secret *) old_value;
+        }
+        if (new_value) {
+                new_obj = g_strdup_printf("secret,id=snew,file=/dev/fd/%zu,format=raw", 3 + n);
+                secrets[n++] = (nkp_secret *) new_value;
+        }
         g_autofree char *src_opts = g_strdup_printf(
-                "driver=qcow2,file.filename=%s%s", path, value_in ? ",encrypt.key-secret=s0" : "");
+                "driver=qcow2,file.filename=%s%s", path, old_value ? ",encrypt.key-secret=sold" : "");
         g_autofree char *dst_opts = g_strdup_printf(
-                "driver=qcow2,file.filename=%s%s", tmp, value_out ? ",encrypt.key-secret=s0" : "");
-        if (value_out) {
-                const char *argv[] = { "qemu-img", "convert", "-q", "-f", "qcow2", "-O", "qcow2",
-                                       "--object", "secret,id=s0,file=/dev/fd/3,format=raw",
-                                       "-o", "encrypt.format=luks,encrypt.key-secret=s0,"
-                                             "encrypt.iter-time=10",
-                                       path, tmp, NULL };
-                /* QEMU times PBKDF2 to honour iter-time and, on a loaded host,
-                 * sometimes fails with "Unable to get accurate CPU usage":
-                 * a transient failure, retried. */
-                for (int attempt = 0; attempt < 5; attempt++) {
-                        g_clear_pointer(&err, g_free);
-                        (void) unlink(tmp);
-                        r = run_tool(argv, secrets, 1, &err);
-                        if (r == 0 || !err || !strstr(err, "accurate CPU usage"))
-                                break;
-                }
-        } else {
-                const char *argv[] = { "qemu-img", "convert", "-q", "--object",
-                                       "secret,id=s0,file=/dev/fd/3,format=raw", "--image-opts",
-                                       src_opts, "-O", "qcow2", tmp, NULL };
-                r = run_tool(argv, secrets, 1, &err);
+                "driver=qcow2,file.filename=%s%s", tmp, new_value ? ",encrypt.key-secret=snew" : "");
+        int objects_at = a;
+        if (old_obj) {
+                argv[a++] = "--object";
+                argv[a++] = old_obj;
+        }
+        if (new_obj) {
+                argv[a++] = "--object";
+                argv[a++] = new_obj;
+        }
+        int objects_end = a;
+        argv[a++] = "--image-opts";
+        argv[a++] = src_opts;
+        argv[a++] = "-O";
+        argv[a++] = "qcow2";
+        if (new_value) {
+                /* encrypt.iter-time=10: the key has full entropy, stretching
+                 * it buys nothing and would cost ~2 s at every start. */
+                argv[a++] = "-o";
+                argv[a++] = "encrypt.format=luks,encrypt.key-secret=snew,encrypt.iter-time=10";
+        }
+        argv[a++] = tmp;
+        argv[a] = NULL;
+        int r = 0;
+        /* QEMU times PBKDF2 to honour iter-time and, on a loaded host,
+         * sometimes fails with "Unable to get accurate CPU usage": a
+         * transient failure, retried. */
+        for (int attempt = 0; attempt < 5; attempt++) {
+                g_clear_pointer(&err, g_free);
+                (void) unlink(tmp);
+                r = run_tool(argv, secrets, n, &err);
+                if (r == 0 || !err || !strstr(err, "accurate CPU usage"))
+                        break;
         }
         if (r != 0) {
                 (void) unlink(tmp);
@@ -233,11 +291,20 @@ static int convert_disk(const char *path, const nkp_secret *value_out,
                 return nkp_fail(-EIO, "qemu-img could not convert '%s': %s. Nothing was changed.",
                                 path, err && err[0] ? err : "no detail");
         }
+        nkp_test_crash_point("disk-copied");
         g_clear_pointer(&err, g_free);
-        const char *cmp[] = { "qemu-img", "compare", "-q", "--object",
-                              "secret,id=s0,file=/dev/fd/3,format=raw", "--image-opts",
-                              src_opts, dst_opts, NULL };
-        r = run_tool(cmp, secrets, 1, &err);
+        const char *cmp[16];
+        int c = 0;
+        cmp[c++] = "qemu-img";
+        cmp[c++] = "compare";
+        cmp[c++] = "-q";
+        for (int i = objects_at; i < objects_end; i++)
+                cmp[c++] = argv[i];
+        cmp[c++] = "--image-opts";
+        cmp[c++] = src_opts;
+        cmp[c++] = dst_opts;
+        cmp[c] = NULL;
+        r = run_tool(cmp, secrets, n, &err);
         if (r != 0) {
                 (void) unlink(tmp);
                 if (r < 0)
@@ -271,40 +338,6 @@ static void fsync_dir_of(const char *path)
                 close(fd);
         }
 }
-
-/* P → P.nkp-old, P.nkp-new → P. */
-static int swap_in(const char *path)
-{
-        g_autofree char *tmp = g_strconcat(path, ".nkp-new", NULL);
-        g_autofree char *old = g_strconcat(path, ".nkp-old", NULL);
-        if (rename(path, old) < 0)
-                return nkp_fail(-errno, "Cannot rename '%s': %s.", path, g_strerror(errno));
-        if (rename(tmp, path) < 0) {
-                int e = errno;
-                (void) rename(old, path);
-                return nkp_fail(-e, "Cannot rename '%s': %s.", tmp, g_strerror(e));
-        }
-        fsync_dir_of(path);
-        return 0;
-}
-
-static void swap_back(const char *path)
-{
-        g_autofree char *old = g_strconcat(path, ".nkp-old", NULL);
-        g_autofree char *tmp = g_strconcat(path, ".nkp-new", NULL);
-        (void) rename(path, tmp);
-        (void) rename(old, path);
-        (void) unlink(tmp);
-        fsync_dir_of(path);
-}
-
-static void drop_old(const char *path)
-{
-        g_autofree char *old = g_strconcat(path, ".nkp-old", NULL);
-        (void) unlink(old);
-        fsync_dir_of(path);
-}
-
 
 /* ---- converting vTPM state (clear <-> encrypted) -------------------------- */
 /* swtpm assumes every state file is encrypted once it is given a key, so a
@@ -541,44 +574,32 @@ static int vtpm_convert(const NkpDomain *d, const nkp_secret *old_key, const nkp
         return 0;
 }
 
-/* state file → work/old, work/new/file → state file. */
-static int vtpm_swap_in(const NkpDomain *d)
+
+/* The converted state (vtpm_convert's <work>/new/<file>) goes beside the
+ * state file as <file>.nkp-new, so that the vTPM is replaced through the
+ * same three names as the disks (journal.c). */
+static int vtpm_stage(const NkpDomain *d)
 {
         g_autofree char *src = vtpm_state_file(d);
         g_autofree char *work = vtpm_work_dir(d);
         g_autofree char *base = g_path_get_basename(src);
-        g_autofree char *old = g_build_filename(work, "old", NULL);
-        g_autofree char *neu = g_build_filename(work, "new", base, NULL);
-        if (rename(src, old) < 0)
-                return nkp_fail(-errno, "Cannot move the vTPM state '%s': %s.", src,
-                                g_strerror(errno));
-        if (rename(neu, src) < 0) {
+        g_autofree char *made = g_build_filename(work, "new", base, NULL);
+        g_autofree char *dst = g_strconcat(src, ".nkp-new", NULL);
+        int fd = open(made, O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || fsync(fd) < 0 || rename(made, dst) < 0) {
                 int e = errno;
-                (void) rename(old, src);
-                return nkp_fail(-e, "Cannot move the new vTPM state into '%s': %s.", src,
-                                g_strerror(e));
+                if (fd >= 0)
+                        close(fd);
+                return nkp_fail(-e, "Cannot put the new vTPM state of VM '%s' beside '%s': %s.",
+                                d->name, src, g_strerror(e));
         }
-        fsync_dir_of(src);
+        close(fd);
+        fsync_dir_of(dst);
+        rm_rf(work);
         return 0;
 }
 
-static void vtpm_swap_back(const NkpDomain *d)
-{
-        g_autofree char *src = vtpm_state_file(d);
-        g_autofree char *work = vtpm_work_dir(d);
-        g_autofree char *old = g_build_filename(work, "old", NULL);
-        (void) rename(old, src);
-        fsync_dir_of(src);
-        rm_rf(work);
-}
-
-static void vtpm_done(const NkpDomain *d)
-{
-        g_autofree char *work = vtpm_work_dir(d);
-        rm_rf(work);
-}
-
-/* ---- encrypt ------------------------------------------------------------ */
+/* ---- objects and their keys --------------------------------------------- */
 
 static bool disk_is_candidate(const NkpDomainDisk *disk)
 {
@@ -587,12 +608,13 @@ static bool disk_is_candidate(const NkpDomainDisk *disk)
                g_strcmp0(disk->driver_type, "qcow2") == 0 && !disk->encryption_format;
 }
 
+/* One disk to convert: from old_value (NULL: plain) to new_value (NULL:
+ * plain); values are hex(DEK) as libvirt and QEMU get them. */
 typedef struct {
         char *target;
         char *path;
-        char *secret_uuid;
-        nkp_secret *value;
-        bool swapped;
+        nkp_secret *old_value;
+        nkp_secret *new_value;
 } DiskJob;
 
 static void disk_job_free(gpointer p)
@@ -600,9 +622,17 @@ static void disk_job_free(gpointer p)
         DiskJob *j = p;
         g_free(j->target);
         g_free(j->path);
-        g_free(j->secret_uuid);
-        nkp_secret_free(j->value);
+        nkp_secret_free(j->old_value);
+        nkp_secret_free(j->new_value);
         g_free(j);
+}
+
+static DiskJob *disk_job_new(const char *target, const char *path)
+{
+        DiskJob *j = g_new0(DiskJob, 1);
+        j->target = g_strdup(target);
+        j->path = g_strdup(path);
+        return j;
 }
 
 static int parse_disks(const NkpDomain *d, const char *spec, GPtrArray *jobs)
@@ -621,10 +651,7 @@ static int parse_disks(const NkpDomain *d, const char *spec, GPtrArray *jobs)
                                                 disk->target, d->name);
                                 continue;
                         }
-                        DiskJob *j = g_new0(DiskJob, 1);
-                        j->target = g_strdup(disk->target);
-                        j->path = g_strdup(disk->source_file);
-                        g_ptr_array_add(jobs, j);
+                        g_ptr_array_add(jobs, disk_job_new(disk->target, disk->source_file));
                 }
                 return 0;
         }
@@ -644,10 +671,7 @@ static int parse_disks(const NkpDomain *d, const char *spec, GPtrArray *jobs)
                                         "nkp encrypts qcow2 files only (convert it first: "
                                         "qemu-img convert -O qcow2).",
                                         *n, d->name);
-                DiskJob *j = g_new0(DiskJob, 1);
-                j->target = g_strdup(disk->target);
-                j->path = g_strdup(disk->source_file);
-                g_ptr_array_add(jobs, j);
+                g_ptr_array_add(jobs, disk_job_new(disk->target, disk->source_file));
         }
         return 0;
 }
@@ -661,90 +685,279 @@ static int require_shut_off(NkpVirt *v, const char *name)
                 return nkp_fail(-EBUSY, "VM '%s' is running; shut it down first (virsh shutdown "
                                         "'%s').",
                                 name, name);
+        /* A saved state restores with the definition and the keys it was
+         * saved with, which the new files would no longer match. */
+        r = nkp_virt_domain_has_managed_save(v, name);
+        if (r < 0)
+                return r;
+        if (r > 0)
+                return nkp_fail(-EBUSY, "VM '%s' has a saved state (virsh managedsave), which "
+                                        "would restore with its old keys; start it and shut it "
+                                        "down first (or drop the state: virsh managedsave-remove "
+                                        "'%s'). Nothing was changed.",
+                                name, name);
         return 0;
 }
 
+/* ---- the conversion protocol (journal.c, docs/crash-safety.md) ----------- */
+/*
+ * With the VM's lock held for the whole command:
+ *   1. journal, phase converting          (crash point "journal")
+ *   2. vTPM state -> <state>.nkp-new      ("vtpm-converted")
+ *   3. each disk P -> P.nkp-new, compared ("disk-copied", "disk-converted")
+ *   4. journal phase ready                ("ready")
+ *   5. each file: P -> P.nkp-old, P.nkp-new -> P   ("swap-half", "swapped")
+ *   6. the new definition                 ("defined")
+ *   7. P.nkp-old removed, journal removed ("reconciled", "done")
+ * Until 6 the definition is the old one and every file can go back; from 6
+ * on it is the new one and every new copy is complete.  A failure before 6
+ * rolls back at once; a crash anywhere is reconciled by the next command or
+ * by the hook at the next start (to whichever definition libvirt holds). */
 
-/* Converts every object (originals untouched), swaps the new copies in,
- * defines `newxml`; on any failure everything is put back.  Then the old
- * copies go.  `encrypt` chooses the direction for the disks. */
-static int apply(NkpVirt *v, const NkpDomain *d, GPtrArray *jobs, bool vtpm,
-                 const nkp_secret *vtpm_old, const nkp_secret *vtpm_new, const char *newxml,
-                 bool encrypt)
+typedef struct {
+        const char *op;         /* journal op: "encrypt", "decrypt", "rekey-deep" */
+        const NkpDomain *d;     /* the definition before */
+        const char *newxml;     /* the definition after */
+        GPtrArray *jobs;        /* DiskJob* */
+        bool vtpm;              /* convert the vTPM state too */
+        const nkp_secret *vtpm_old, *vtpm_new;
+} Conversion;
+
+/* Rolls the files back after a failure before the define, keeping the
+ * failure's message. */
+static int roll_back(NkpctlGlobals *g, const NkpJournal *j, int err)
 {
-        int r;
-        if (vtpm && (r = vtpm_convert(d, vtpm_old, vtpm_new)) < 0)
-                return r;
-        for (guint i = 0; i < jobs->len; i++) {
-                DiskJob *j = jobs->pdata[i];
-                r = encrypt ? convert_disk(j->path, j->value, NULL)
-                            : convert_disk(j->path, NULL, j->value);
-                if (r < 0) {
-                        for (guint k = 0; k < i; k++) {
-                                g_autofree char *tmp = g_strconcat(
-                                        ((DiskJob *) jobs->pdata[k])->path, ".nkp-new", NULL);
-                                (void) unlink(tmp);
-                        }
-                        if (vtpm)
-                                vtpm_done(d);
-                        return r;
-                }
+        g_autofree char *msg = g_strdup(nkp_error_message());
+        if (nkp_journal_reconcile(g->ctx, j, j->old_sig, NULL) < 0)
+                return nkp_fail(err, "%s (and putting the files back failed: %s; run the "
+                                     "command again)",
+                                msg, nkp_error_message());
+        return nkp_fail(err, "%s", msg);
+}
+
+static int convert_and_switch(NkpctlGlobals *g, NkpVirt *v, const Conversion *c)
+{
+        const NkpDomain *d = c->d;
+        g_autoptr(NkpDomain) nd = NULL;
+        int r = nkp_domain_parse(c->newxml, strlen(c->newxml), &nd);
+        if (r < 0)
+                return nkp_fail_prefix(r, "The new definition of VM '%s' cannot be read",
+                                       d->name);
+        g_autofree char *old_sig = nkp_domain_signature(d);
+        g_autofree char *new_sig = nkp_domain_signature(nd);
+        g_autoptr(NkpJournal) j = nkp_journal_new(c->op, d->name, d->uuid, old_sig, new_sig);
+        g_autoptr(GPtrArray) disk_paths = g_ptr_array_new();
+        if (c->vtpm) {
+                g_ptr_array_add(j->files, vtpm_state_file(d));
+                g_ptr_array_add(j->scratch, vtpm_work_dir(d));
         }
-        guint swapped = 0;
-        if (vtpm && (r = vtpm_swap_in(d)) < 0) {
-                vtpm_done(d);
-                for (guint k = 0; k < jobs->len; k++) {
-                        g_autofree char *tmp =
-                                g_strconcat(((DiskJob *) jobs->pdata[k])->path, ".nkp-new", NULL);
-                        (void) unlink(tmp);
-                }
-                return r;
+        for (guint i = 0; i < c->jobs->len; i++) {
+                DiskJob *dj = c->jobs->pdata[i];
+                g_ptr_array_add(j->files, g_strdup(dj->path));
+                g_ptr_array_add(disk_paths, dj->path);
         }
-        r = 0;
-        for (; r == 0 && swapped < jobs->len; swapped++)
-                r = swap_in(((DiskJob *) jobs->pdata[swapped])->path);
-        if (r == 0) {
-                deadline_arm();
-                r = nkp_virt_domain_define(v, newxml);
-                deadline_disarm();
+        if ((r = check_space(disk_paths)) < 0)
+                return r;
+
+        if ((r = nkp_journal_save(g->ctx, j)) < 0)
+                return r;
+        nkp_test_crash_point("journal");
+        if (c->vtpm) {
+                r = vtpm_convert(d, c->vtpm_old, c->vtpm_new);
+                if (r == 0)
+                        r = vtpm_stage(d);
                 if (r < 0)
-                        r = nkp_fail_prefix(r, "The new definition of VM '%s' was refused, so "
-                                               "every file was put back and nothing was changed",
-                                            d->name);
-        } else {
-                swapped--; /* the failed one put itself back */
+                        return roll_back(g, j, r);
+                nkp_test_crash_point("vtpm-converted");
         }
+        for (guint i = 0; i < c->jobs->len; i++) {
+                DiskJob *dj = c->jobs->pdata[i];
+                r = convert_disk(dj->path, dj->old_value, dj->new_value);
+                if (r < 0)
+                        return roll_back(g, j, r);
+                nkp_test_crash_point("disk-converted");
+        }
+        j->phase = NKP_JOURNAL_READY;
+        if ((r = nkp_journal_save(g->ctx, j)) < 0)
+                return roll_back(g, j, r);
+        nkp_test_crash_point("ready");
+
+        /* The hook refuses starts while we hold the lock; this catches a
+         * start that was already under way when we took it. */
+        deadline_arm();
+        r = require_shut_off(v, d->name);
+        deadline_disarm();
+        if (r < 0)
+                return roll_back(g, j, r);
+        for (guint i = 0; i < j->files->len; i++) {
+                if ((r = nkp_journal_swap_file(j->files->pdata[i])) < 0)
+                        return roll_back(g, j, r);
+                nkp_test_crash_point("swapped");
+        }
+        deadline_arm();
+        r = nkp_virt_domain_define(v, c->newxml);
+        deadline_disarm();
         if (r < 0) {
-                for (guint k = 0; k < swapped; k++)
-                        swap_back(((DiskJob *) jobs->pdata[k])->path);
-                if (vtpm)
-                        vtpm_swap_back(d);
-                for (guint k = 0; k < jobs->len; k++) {
-                        g_autofree char *tmp =
-                                g_strconcat(((DiskJob *) jobs->pdata[k])->path, ".nkp-new", NULL);
-                        (void) unlink(tmp);
-                }
-                return r;
+                r = nkp_fail_prefix(r, "The new definition of VM '%s' was refused, so every file "
+                                       "was put back and nothing was changed",
+                                    d->name);
+                return roll_back(g, j, r);
         }
-        for (guint i = 0; i < jobs->len; i++)
-                drop_old(((DiskJob *) jobs->pdata[i])->path);
-        if (vtpm)
-                vtpm_done(d);
+        nkp_test_crash_point("defined");
+        /* From here the new definition is the truth: finish forward. */
+        r = nkp_journal_reconcile(g->ctx, j, j->new_sig, NULL);
+        if (r < 0)
+                return nkp_fail_prefix(r, "VM '%s' has its new definition, but the old files "
+                                          "could not all be removed (run the command again)",
+                                       d->name);
+        nkp_test_crash_point("done");
         return 0;
 }
+
+/* ---- the VM's lock, and recovering an interrupted command ----------------- */
+
+static const char *op_words(const char *op)
+{
+        if (strcmp(op, "rekey-deep") == 0)
+                return "vm rekey --deep";
+        if (strcmp(op, "encrypt") == 0)
+                return "vm encrypt";
+        if (strcmp(op, "decrypt") == 0)
+                return "vm decrypt";
+        return op;
+}
+
+/* Takes VM `d`'s lock (held until the process ends or *fd is released). */
+static int lock_vm(NkpctlGlobals *g, const NkpDomain *d, int *ret_fd)
+{
+        int r = nkp_journal_lock(g->ctx, d->uuid, true, ret_fd);
+        if (r == -EBUSY)
+                return nkp_fail(r, "VM '%s' is being changed by another nkpctl command (vm "
+                                   "encrypt, decrypt or rekey --deep); wait for it to finish, "
+                                   "then run this one again. Nothing was changed.",
+                                d->name);
+        return r;
+}
+
+/* With the lock held: reconciles an interrupted operation to the VM's
+ * persistent definition `d`.  0 nothing pending, 1 rolled back, 2 finished
+ * (rolled forward); *ret_op = the journal's op when there was one. */
+static int recover_locked(NkpctlGlobals *g, const NkpDomain *d, char **ret_op)
+{
+        g_autoptr(NkpJournal) j = NULL;
+        int r = nkp_journal_load(g->ctx, d->uuid, &j);
+        if (r == -ENOENT)
+                return 0;
+        if (r < 0)
+                return r;
+        g_autofree char *sig = nkp_domain_signature(d);
+        NkpReconcile outcome;
+        r = nkp_journal_reconcile(g->ctx, j, sig, &outcome);
+        if (r < 0)
+                return r;
+        if (outcome == NKP_RECONCILE_BACK)
+                fprintf(stderr, "nkpctl: note: VM '%s': rolled back the interrupted '%s'; its "
+                                "files are as they were before it.\n",
+                        d->name, op_words(j->op));
+        if (ret_op)
+                *ret_op = g_strdup(j->op);
+        return outcome == NKP_RECONCILE_FORWARD ? 2 : 1;
+}
+
+int nkpctl_vm_recover(NkpctlGlobals *g, NkpVirt *v, const char *name)
+{
+        g_autoptr(NkpDomain) d = NULL;
+        deadline_arm();
+        int r = load_domain(v, name, NULL, &d);
+        deadline_disarm();
+        if (r < 0)
+                return r;
+        int fd = -1;
+        if ((r = lock_vm(g, d, &fd)) < 0)
+                return r;
+        g_autofree char *op = NULL;
+        r = recover_locked(g, d, &op);
+        nkp_journal_unlock(fd);
+        if (r == 2)
+                fprintf(stderr, "nkpctl: note: VM '%s': finished the interrupted '%s'.\n", name,
+                        op_words(op));
+        return r;
+}
+
+static void print_finished(NkpctlGlobals *g, const char *name, const char *op)
+{
+        if (!g->json) {
+                printf("VM '%s': finished the interrupted %s.\n", name, op);
+                return;
+        }
+        g_autoptr(JsonBuilder) b = json_builder_new();
+        json_builder_begin_object(b);
+        json_builder_set_member_name(b, "name");
+        json_builder_add_string_value(b, name);
+        json_builder_set_member_name(b, "finished");
+        json_builder_add_string_value(b, op);
+        json_builder_end_object(b);
+        nkpctl_print_json(json_builder_get_root(b));
+}
+
+/* The start of encrypt, decrypt and rekey --deep: the definition, the lock
+ * (kept in *ret_lock until the process ends), an interrupted operation
+ * reconciled, the definition again (as it is now), the VM shut off.
+ * Returns 1 when the interrupted operation was `op` itself and it was
+ * finished (the command has nothing left to do), 0 to go on. */
+static int begin_command(NkpctlGlobals *g, NkpVirt *v, const char *name, const char *op,
+                         int *ret_lock, char **ret_xml, NkpDomain **ret)
+{
+        g_autoptr(NkpDomain) d = NULL;
+        deadline_arm();
+        int r = load_domain(v, name, NULL, &d);
+        deadline_disarm();
+        if (r < 0)
+                return r;
+        if ((r = lock_vm(g, d, ret_lock)) < 0)
+                return r;
+        g_autofree char *done_op = NULL;
+        r = recover_locked(g, d, &done_op);
+        if (r < 0)
+                return r;
+        if (r == 2) {
+                if (strcmp(done_op, op) == 0) {
+                        print_finished(g, name, op_words(op));
+                        return 1;
+                }
+                fprintf(stderr, "nkpctl: note: VM '%s': finished the interrupted '%s' first.\n",
+                        name, op_words(done_op));
+        }
+        g_clear_pointer(&d, nkp_domain_free);
+        deadline_arm();
+        r = load_domain(v, name, ret_xml, &d);
+        if (r == 0)
+                r = require_shut_off(v, name);
+        deadline_disarm();
+        if (r < 0)
+                return r;
+        *ret = g_steal_pointer(&d);
+        return 0;
+}
+
+/* ---- encrypt ------------------------------------------------------------ */
 
 static int vm_encrypt(NkpctlGlobals *g, const char *name, const char *provider_name,
                       const char *disks)
 {
         g_autoptr(NkpVirt) v = NULL;
         int r = open_virt(g, &v);
+        deadline_disarm();
         if (r < 0)
                 return nkpctl_lib_error();
         g_autofree char *xml = NULL;
         g_autoptr(NkpDomain) d = NULL;
-        if (load_domain(v, name, &xml, &d) < 0 || require_shut_off(v, name) < 0)
+        int lock = -1;
+        r = begin_command(g, v, name, "encrypt", &lock, &xml, &d);
+        if (r < 0)
                 return nkpctl_lib_error();
-        deadline_disarm();
+        if (r == 1)
+                return 0;
         if (d->keysafe)
                 return nkpctl_error("VM '%s' is already encrypted by provider '%s'; to move it, "
                                     "use: nkpctl vm rekey '%s' --provider NAME.",
@@ -760,7 +973,6 @@ static int vm_encrypt(NkpctlGlobals *g, const char *name, const char *provider_n
 
         /* What to protect. */
         bool do_vtpm = false, convert_vtpm = false;
-        g_autoptr(nkp_secret) vtpm_value = NULL;
         if (d->has_vtpm) {
                 if (d->tpm_secret)
                         return nkpctl_error("The vTPM of VM '%s' is already encrypted with the "
@@ -794,16 +1006,13 @@ static int vm_encrypt(NkpctlGlobals *g, const char *name, const char *provider_n
         g_autoptr(NkpEnrolment) en = NULL;
         if (nkp_enrol_build(g->ctx, d, xml, p, do_vtpm, targets, &en) < 0)
                 return nkpctl_lib_error();
-        vtpm_value = g_steal_pointer(&en->vtpm_value);
         for (guint i = 0; i < jobs->len; i++) {
                 DiskJob *j = jobs->pdata[i];
-                NkpEnrolDisk *ed = en->disks->pdata[i];
-                j->secret_uuid = g_strdup(ed->secret_uuid);
-                j->value = g_steal_pointer(&ed->value);
+                j->new_value = g_steal_pointer(&((NkpEnrolDisk *) en->disks->pdata[i])->value);
         }
-        const char *newxml = en->xml;
-
-        if (apply(v, d, jobs, convert_vtpm, NULL, vtpm_value, newxml, true) < 0)
+        const Conversion c = { .op = "encrypt", .d = d, .newxml = en->xml, .jobs = jobs,
+                               .vtpm = convert_vtpm, .vtpm_new = en->vtpm_value };
+        if (convert_and_switch(g, v, &c) < 0)
                 return nkpctl_lib_error();
 
         if (g->json) {
@@ -839,13 +1048,18 @@ static int vm_encrypt(NkpctlGlobals *g, const char *name, const char *provider_n
 static int vm_decrypt(NkpctlGlobals *g, const char *name)
 {
         g_autoptr(NkpVirt) v = NULL;
-        if (open_virt(g, &v) < 0)
+        int r = open_virt(g, &v);
+        deadline_disarm();
+        if (r < 0)
                 return nkpctl_lib_error();
         g_autofree char *xml = NULL;
         g_autoptr(NkpDomain) d = NULL;
-        if (load_domain(v, name, &xml, &d) < 0 || require_shut_off(v, name) < 0)
+        int lock = -1;
+        r = begin_command(g, v, name, "decrypt", &lock, &xml, &d);
+        if (r < 0)
                 return nkpctl_lib_error();
-        deadline_disarm();
+        if (r == 1)
+                return 0;
         if (!d->keysafe)
                 return nkpctl_error("VM '%s' is not encrypted by nkp; nothing to do.", name);
 
@@ -869,10 +1083,8 @@ static int vm_decrypt(NkpctlGlobals *g, const char *name)
                 if (!disk->source_file)
                         return nkpctl_error("Disk '%s' of VM '%s' has no file path.",
                                             s->object_id, name);
-                DiskJob *j = g_new0(DiskJob, 1);
-                j->target = g_strdup(s->object_id);
-                j->path = g_strdup(disk->source_file);
-                j->value = g_steal_pointer(&s->value);
+                DiskJob *j = disk_job_new(s->object_id, disk->source_file);
+                j->old_value = g_steal_pointer(&s->value);
                 g_ptr_array_add(jobs, j);
         }
         bool convert_vtpm = false;
@@ -901,7 +1113,9 @@ static int vm_decrypt(NkpctlGlobals *g, const char *name)
         if (nkp_domain_edit_format(e, &newxml) < 0)
                 return nkpctl_lib_error();
 
-        if (apply(v, d, jobs, convert_vtpm, vtpm_value, NULL, newxml, false) < 0)
+        const Conversion c = { .op = "decrypt", .d = d, .newxml = newxml, .jobs = jobs,
+                               .vtpm = convert_vtpm, .vtpm_old = vtpm_value };
+        if (convert_and_switch(g, v, &c) < 0)
                 return nkpctl_lib_error();
         /* Its secrets, if a start left any behind. */
         deadline_arm();
@@ -924,6 +1138,164 @@ static int vm_decrypt(NkpctlGlobals *g, const char *name)
         return 0;
 }
 
+/* ---- deep rekey ------------------------------------------------------------ */
+/* New DEKs for every object, under a new keysafe (fresh KEK salt) and new
+ * secret UUIDs: a libvirt secret left over from an earlier start (old UUID,
+ * old value) can then never be mistaken for a new one.  The vTPM state and
+ * every disk are re-encrypted through the conversion protocol above.  A key
+ * in the keysafe for an object the VM no longer has would be lost: refused. */
+
+/* The provider to rekey to: named, else the VM's own (by key id). */
+static int rekey_provider(NkpctlGlobals *g, const NkpDomain *d, const char *name,
+                          nkp_provider **ret)
+{
+        if (name)
+                return nkp_provider_pick(g->ctx, name, ret);
+        const char *key_id = nkp_keysafe_provider_key_id(d->keysafe);
+        nkp_provider **list = NULL;
+        size_t n = 0;
+        int r = nkp_provider_list(g->ctx, &list, &n);
+        if (r < 0)
+                return r;
+        for (size_t i = 0; i < n; i++)
+                if (g_ascii_strcasecmp(nkp_provider_key_id(list[i]), key_id) == 0) {
+                        *ret = list[i];
+                        list[i] = NULL;
+                        break;
+                }
+        nkp_provider_list_free(list, n);
+        if (!*ret)
+                return nkp_fail(-ENOKEY, "The provider '%s' (key id %s) that protects VM '%s' is "
+                                         "not in this host's store; restore it (nkpctl provider "
+                                         "restore FILE.p12) or name another with --provider. "
+                                         "Nothing was changed.",
+                                nkp_keysafe_provider_name(d->keysafe), key_id, d->name);
+        return 0;
+}
+
+int nkpctl_vm_rekey_deep(NkpctlGlobals *g, const char *name, const char *provider_name)
+{
+        g_autoptr(NkpVirt) v = NULL;
+        int r = open_virt(g, &v);
+        deadline_disarm();
+        if (r < 0)
+                return nkpctl_lib_error();
+        g_autofree char *xml = NULL;
+        g_autoptr(NkpDomain) d = NULL;
+        int lock = -1;
+        r = begin_command(g, v, name, "rekey-deep", &lock, &xml, &d);
+        if (r < 0)
+                return nkpctl_lib_error();
+        if (r == 1)
+                return 0;
+        if (!d->keysafe)
+                return nkpctl_error("VM '%s' is not encrypted by nkp, so it has no keys to "
+                                    "renew; encrypt it with: nkpctl vm encrypt '%s'.",
+                                    name, name);
+        g_autoptr(nkp_provider) p = NULL;
+        if (rekey_provider(g, d, provider_name, &p) < 0)
+                return nkpctl_lib_error();
+        if (!nkp_provider_is_active(p))
+                return nkpctl_error("Provider '%s' was never backed up, so it cannot protect VMs "
+                                    "yet: nkpctl provider backup '%s' --out FILE.p12. Nothing "
+                                    "was changed.",
+                                    nkp_provider_name(p), nkp_provider_name(p));
+
+        /* The old keys. */
+        g_autoptr(GPtrArray) secrets = NULL;
+        if (nkp_vm_unlock(g->ctx, d, true, &secrets) < 0)
+                return nkpctl_lib_error();
+        bool vtpm = false;
+        g_autoptr(nkp_secret) vtpm_old = NULL;
+        g_autoptr(GPtrArray) jobs = g_ptr_array_new_with_free_func(disk_job_free);
+        g_autoptr(GPtrArray) targets = g_ptr_array_new();
+        for (guint i = 0; i < secrets->len; i++) {
+                NkpVmSecret *s = secrets->pdata[i];
+                if (strcmp(s->kind, NKP_OBJECT_VTPM) == 0) {
+                        if (!d->has_vtpm)
+                                return nkpctl_error("VM '%s' has a vTPM key in its keysafe but "
+                                                    "no emulated vTPM; a deep rekey would lose "
+                                                    "that key. Nothing was changed.",
+                                                    name);
+                        vtpm = true;
+                        vtpm_old = g_steal_pointer(&s->value);
+                        continue;
+                }
+                const NkpDomainDisk *disk = nkp_domain_find_disk(d, s->object_id);
+                if (!disk || !disk->encryption_format || !disk->source_file ||
+                    g_strcmp0(disk->type, "file") != 0)
+                        return nkpctl_error("VM '%s' has a key in its keysafe for disk '%s', "
+                                            "which is not an encrypted file disk of the VM any "
+                                            "more; a deep rekey would lose that key. Attach the "
+                                            "disk again first. Nothing was changed.",
+                                            name, s->object_id);
+                DiskJob *j = disk_job_new(s->object_id, disk->source_file);
+                j->old_value = g_steal_pointer(&s->value);
+                g_ptr_array_add(jobs, j);
+                g_ptr_array_add(targets, j->target);
+        }
+        bool convert_vtpm = false;
+        if (vtpm) {
+                enum vtpm_state st = vtpm_state(d);
+                if (st == VTPM_CLEAR || st == VTPM_UNKNOWN) {
+                        g_autofree char *f = vtpm_state_file(d);
+                        return nkpctl_error("The vTPM state of VM '%s' ('%s') is %s, not "
+                                            "encrypted as its keysafe says; nothing was changed.",
+                                            name, f, st == VTPM_CLEAR ? "clear" : "unreadable");
+                }
+                convert_vtpm = st == VTPM_ENCRYPTED;
+        }
+
+        /* A new keysafe: nkp_enrol_build makes one when the domain has none. */
+        NkpDomain fresh = *d;
+        fresh.keysafe = NULL;
+        g_autoptr(NkpEnrolment) en = NULL;
+        if (nkp_enrol_build(g->ctx, &fresh, xml, p, vtpm, targets, &en) < 0)
+                return nkpctl_lib_error();
+        for (guint i = 0; i < jobs->len; i++) {
+                DiskJob *j = jobs->pdata[i];
+                j->new_value = g_steal_pointer(&((NkpEnrolDisk *) en->disks->pdata[i])->value);
+        }
+        const Conversion c = { .op = "rekey-deep", .d = d, .newxml = en->xml, .jobs = jobs,
+                               .vtpm = convert_vtpm, .vtpm_old = vtpm_old,
+                               .vtpm_new = en->vtpm_value };
+        if (convert_and_switch(g, v, &c) < 0)
+                return nkpctl_lib_error();
+        /* The old secrets, if a start left any behind. */
+        deadline_arm();
+        for (guint i = 0; i < secrets->len; i++)
+                (void) nkp_virt_secret_undefine(v, ((NkpVmSecret *) secrets->pdata[i])->secret_uuid);
+        deadline_disarm();
+
+        GString *what = g_string_new(vtpm ? "vTPM" : "");
+        for (guint i = 0; i < jobs->len; i++)
+                g_string_append_printf(what, "%s%s", what->len ? ", " : "",
+                                       ((DiskJob *) jobs->pdata[i])->target);
+        if (g->json) {
+                g_autoptr(JsonBuilder) b = json_builder_new();
+                json_builder_begin_object(b);
+                json_builder_set_member_name(b, "name");
+                json_builder_add_string_value(b, name);
+                json_builder_set_member_name(b, "provider");
+                json_builder_add_string_value(b, nkp_provider_name(p));
+                json_builder_set_member_name(b, "vtpm");
+                json_builder_add_boolean_value(b, vtpm);
+                json_builder_set_member_name(b, "disks");
+                json_builder_begin_array(b);
+                for (guint i = 0; i < jobs->len; i++)
+                        json_builder_add_string_value(b, ((DiskJob *) jobs->pdata[i])->target);
+                json_builder_end_array(b);
+                json_builder_end_object(b);
+                nkpctl_print_json(json_builder_get_root(b));
+        } else {
+                printf("VM '%s' has new keys from provider '%s'; its data was re-encrypted "
+                       "(%s).\n",
+                       name, nkp_provider_name(p), what->str);
+        }
+        g_string_free(what, TRUE);
+        return 0;
+}
+
 /* ---- status / list ------------------------------------------------------ */
 
 typedef struct {
@@ -935,6 +1307,9 @@ typedef struct {
         char *reason;
         bool running;
         GPtrArray *objects; /* "kind:id" */
+        char *pending_op;   /* an interrupted (or running) vm encrypt/decrypt/rekey --deep */
+        const char *pending_phase;
+        bool pending_in_progress; /* its nkpctl still holds the VM's lock */
 } VmStatus;
 
 static void vm_status_clear(VmStatus *s)
@@ -944,8 +1319,28 @@ static void vm_status_clear(VmStatus *s)
         g_free(s->provider);
         g_free(s->key_id);
         g_free(s->reason);
+        g_free(s->pending_op);
         if (s->objects)
                 g_ptr_array_unref(s->objects);
+}
+
+/* A journal left for the VM: an operation in progress (its lock is held)
+ * or interrupted (to be finished or rolled back). */
+static void pending_of(NkpctlGlobals *g, const NkpDomain *d, VmStatus *s)
+{
+        g_autoptr(NkpJournal) j = NULL;
+        if (nkp_journal_load(g->ctx, d->uuid, &j) < 0) {
+                nkp_error_clear();
+                return;
+        }
+        s->pending_op = g_strdup(op_words(j->op));
+        s->pending_phase = j->phase == NKP_JOURNAL_READY ? "ready" : "converting";
+        int fd = -1;
+        int r = nkp_journal_lock(g->ctx, d->uuid, false, &fd);
+        s->pending_in_progress = r == -EBUSY;
+        if (r == 0)
+                nkp_journal_unlock(fd);
+        nkp_error_clear();
 }
 
 static void status_of(NkpctlGlobals *g, NkpVirt *v, const char *name, VmStatus *s)
@@ -960,6 +1355,7 @@ static void status_of(NkpctlGlobals *g, NkpVirt *v, const char *name, VmStatus *
         }
         s->uuid = g_strdup(d->uuid);
         s->running = nkp_virt_domain_is_active(v, name) > 0;
+        pending_of(g, d, s);
         if (!d->keysafe) {
                 s->state = "plain";
                 return;
@@ -998,6 +1394,17 @@ static void status_json(JsonBuilder *b, const VmStatus *s)
         add_str(b, "provider", s->provider);
         add_str(b, "key_id", s->key_id);
         add_str(b, "reason", s->reason);
+        json_builder_set_member_name(b, "pending");
+        if (s->pending_op) {
+                json_builder_begin_object(b);
+                add_str(b, "op", s->pending_op);
+                add_str(b, "phase", s->pending_phase);
+                json_builder_set_member_name(b, "in_progress");
+                json_builder_add_boolean_value(b, s->pending_in_progress);
+                json_builder_end_object(b);
+        } else {
+                json_builder_add_null_value(b);
+        }
         json_builder_set_member_name(b, "objects");
         json_builder_begin_array(b);
         for (guint i = 0; s->objects && i < s->objects->len; i++)
@@ -1020,6 +1427,12 @@ static void status_line(const VmStatus *s)
                 printf("%s: plain\n", s->name);
         else
                 printf("%s: error: %s\n", s->name, s->reason);
+        if (s->pending_op && s->pending_in_progress)
+                printf("%s: '%s' in progress\n", s->name, s->pending_op);
+        else if (s->pending_op)
+                printf("%s: interrupted '%s' pending (phase %s): run it again to finish or roll "
+                       "it back, or start the VM (the hook does it)\n",
+                       s->name, s->pending_op, s->pending_phase);
 }
 
 static int vm_status(NkpctlGlobals *g, const char *name)
@@ -1116,13 +1529,6 @@ int nkpctl_vm(NkpctlGlobals *g, int argc, char **argv)
                 return nkpctl_vm_rekey(g, argc, argv);
         fputs(vm_usage, stderr);
         return nkpctl_error("unknown vm command '%s'.", cmd);
-}
-
-int nkpctl_vm_rekey_deep(NkpctlGlobals *g, const char *name, const char *provider)
-{
-        (void) g;
-        (void) provider;
-        return nkpctl_error("deep rekey of VM '%s' is not implemented yet.", name);
 }
 
 int nkpctl_vms_using_provider(NkpctlGlobals *g, const char *key_id, GPtrArray **ret_names)

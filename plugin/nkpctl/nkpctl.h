@@ -30,11 +30,28 @@ int nkpctl_vm_rekey(NkpctlGlobals *g, int argc, char **argv);
  * current provider). */
 int nkpctl_vm_rekey_deep(NkpctlGlobals *g, const char *name, const char *provider);
 
+/* Before changing VM `name`'s keys or files (cmd-vm.c): takes the VM's lock
+ * for the call, and reconciles an operation that a crash interrupted (vm
+ * encrypt/decrypt/rekey --deep, see docs/crash-safety.md) to the VM's
+ * current persistent definition.  0 nothing was pending, 1 rolled back
+ * (a note on stderr), 2 finished (a note on stderr); a negative errno with
+ * libnkp's message set (print it with nkpctl_lib_error()), e.g. -EBUSY when
+ * another nkpctl holds the VM's lock. */
+int nkpctl_vm_recover(NkpctlGlobals *g, NkpVirt *v, const char *name);
+
 /* The names of the defined domains whose keysafe names provider `key_id`
  * (cmd-vm.c).  An empty array when libvirt has none or is not reachable is
  * NOT acceptable: an unreachable libvirt is an error (the caller refuses
  * to delete). */
 int nkpctl_vms_using_provider(NkpctlGlobals *g, const char *key_id, GPtrArray **ret_names);
+
+/* The names of the defined domains that depend on provider `key_id`
+ * (cmd-rekey.c): whose persistent definition names it, or, for a running
+ * domain, whose live definition does (a shallow rekey of a running VM
+ * changes both; a live definition that still names the provider needs it
+ * after a libvirtd restart or on a migration).  An unreachable libvirt is
+ * an error (the caller refuses to delete). */
+int nkpctl_provider_dependents(NkpctlGlobals *g, const char *key_id, GPtrArray **ret_names);
 
 /* `host unlock` (cmd-vm.c): after a restore, re-checks every defined VM
  * whose provider was missing, clears the vm-locked alarms it can. */

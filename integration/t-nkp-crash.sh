@@ -1,0 +1,209 @@
+#!/bin/bash
+# Crash injection: nkpctl vm encrypt / vm rekey --deep / vm decrypt killed
+# (SIGKILL, NKP_TEST_CRASH_AT=STEP) at every named step of the conversion
+# protocol (docs/crash-safety.md), on one real guest with a vTPM that has
+# state and a LUKS/plain qcow2 disk (two files per conversion). After each
+# kill the VM must start with both markers (TPM NV + disk) intact, under the
+# old keys or the new, and the command run again must finish or roll back.
+#
+# Each crash is followed by exactly one boot. Two recovery paths alternate:
+#   hook:   virsh start right after the crash (the prepare hook reconciles the
+#           files to the definition libvirt starts), then the command is run
+#           again if it was rolled back;
+#   nkpctl: the command is run again right after the crash (it reconciles
+#           first: "finished the interrupted …" or rolled back and redone),
+#           then virsh start.
+# Every boot reads the markers, so it also proves the previous run's result.
+#
+# Cost: one boot (~10-25 s under TCG) per crash. By default every step of
+# encrypt is crashed, and six steps each of rekey --deep and decrypt (chosen
+# so that every step name is crashed in at least two operations); the others
+# run without a crash. NKP_CRASH_ALL=1 crashes every step of all three.
+# Exit: 0 pass, 1 fail, 77 skipped (with the reason).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/lab.sh"
+
+T=t-nkp-crash
+BUILD=${NKP_BUILD_DIR:?NKP_BUILD_DIR not set}
+pass() { echo "PASS: $T: $*"; }
+fail() {
+    echo "FAIL: $T: $*"
+    [ -z "${LAB_DIR:-}" ] || [ ! -d "$LAB_DIR/hosts/a" ] || lab_dump a "${dom:-}"
+    exit 1
+}
+timing() { echo "TIMING: $T: $*"; }
+
+if ! why=$(lab_check_env); then
+    echo "SKIP: $T: $why"
+    exit 77
+fi
+[ -x "$BUILD/libvirt-hooks/nkp-hook" ] || { echo "SKIP: $T: the hook is not built"; exit 77; }
+
+# The steps, in protocol order (docs/crash-safety.md). With a vTPM and one
+# disk there are two files: swap-half/swapped fire once per file (#2 = the disk).
+ALL_STEPS="journal vtpm-converted disk-copied disk-converted ready swap-half swapped swap-half#2 swapped#2 defined file-reconciled done"
+FORWARD_STEPS=" defined file-reconciled file-reconciled#2 done "
+ENCRYPT_STEPS=$ALL_STEPS
+REKEY_STEPS="vtpm-converted disk-converted swap-half swapped#2 defined done"
+DECRYPT_STEPS="journal disk-copied ready swap-half#2 file-reconciled swapped"
+if [ "${NKP_CRASH_ALL:-0}" = 1 ]; then REKEY_STEPS=$ALL_STEPS; DECRYPT_STEPS=$ALL_STEPS; fi
+
+nk() { lab_exec a nkpctl "$@"; }
+state_of() { lab_virsh a domstate "$1" 2>/dev/null | head -n1; }
+wait_state() { # dom state seconds
+    local i
+    for ((i = 0; i < $3 * 5; i++)); do [ "$(state_of "$1")" = "$2" ] && return 0; sleep 0.2; done
+    return 1
+}
+boots=0
+boot_and_read() { # CONTEXT
+    local t line tline
+    rm -f "$(lab_serial_path a "$dom")"
+    t=$(lab_now)
+    lab_virsh a start "$dom" >/dev/null || fail "$1: start: $(lab_virsh a start "$dom" 2>&1 || true)"
+    line=$(lab_wait_serial a "$dom" 'NKP-DISK-MARKER=|NKP-ERROR|NKP-MARKERS-WRITTEN' 240) || fail "$1: no marker line"
+    tline=$(lab_wait_serial a "$dom" 'NKP-TPM-MARKER=' 10) || fail "$1: no TPM marker line"
+    [ "$line" = "NKP-DISK-MARKER=$mark" ] || fail "$1: disk marker: $line (want $mark)"
+    [ "$tline" = "NKP-TPM-MARKER=$mark" ] || fail "$1: TPM marker: $tline (want $mark)"
+    boot_s=$(lab_since "$t")
+    lab_virsh a destroy "$dom" >/dev/null || fail "$1: destroy"
+    wait_state "$dom" "shut off" 30 || fail "$1: not shut off"
+    boots=$((boots + 1))
+}
+# The side the definition is on: "plain", or the keysafe's KEK salt.
+side() {
+    local x; x=$(lab_virsh a dumpxml --inactive "$dom")
+    grep -oE "kek salt=.[A-Za-z0-9+/=]+" <<<"$x" | head -n1 | cut -c11- || true
+}
+leftovers() {
+    ls -d "$disk".nkp-* "$state"/*.nkp-* "$(lab_path a /var/lib/nkp/journal)"/*.ini "$state"/../.nkp-work 2>/dev/null || true
+}
+op_cmd() { # OP → the nkpctl arguments
+    case $1 in
+    encrypt) echo "vm encrypt $dom";;
+    decrypt) echo "vm decrypt $dom";;
+    rekey-deep) echo "vm rekey $dom --deep";;
+    esac
+}
+op_words() { case $1 in rekey-deep) echo "vm rekey --deep";; *) echo "vm $1";; esac; }
+# The side expected after OP completes, given the side before.
+check_new_side() { # OP BEFORE CONTEXT
+    local now; now=$(side)
+    case $1 in
+    encrypt|rekey-deep) [ -n "$now" ] && [ "$now" != "$2" ] || fail "$3: expected new keys, side is '${now:-plain}' (before '${2:-plain}')";;
+    decrypt) [ -z "$now" ] || fail "$3: expected plain, side is '$now'";;
+    esac
+}
+runs=0
+path_n=0
+# crash_one OP STEP: the whole cycle for one crash.
+crash_one() {
+    local op=$1 step=$2 ctx="$1@$2" before out rc=0 forward=0 path
+    # shellcheck disable=SC2046
+    before=$(side)
+    [[ $FORWARD_STEPS == *" $step "* ]] && forward=1
+    path_n=$((path_n + 1))
+    if ((path_n % 2)); then path=hook; else path=nkpctl; fi
+    local t; t=$(lab_now)
+    # shellcheck disable=SC2046
+    out=$(lab_exec a env NKP_TEST_CRASH_AT="$step" nkpctl $(op_cmd "$op") 2>&1) || rc=$?
+    [ "$rc" = 137 ] || fail "$ctx: expected death by SIGKILL (137), got $rc: $out"
+    grep -q "test crash at step '$step'" <<<"$out" || fail "$ctx: no crash line: $out"
+    local conv_s; conv_s=$(lab_since "$t")
+    st=$(nk vm status "$dom" 2>&1) || fail "$ctx: vm status: $st"
+    if [ "$step" = done ]; then
+        grep -q "pending\|in progress" <<<"$st" && fail "$ctx: status shows a pending operation after the journal was removed: $st"
+    else
+        grep -q "interrupted '$(op_words "$op")' pending" <<<"$st" || fail "$ctx: vm status does not show the interrupted operation: $st"
+    fi
+    if [ $path = hook ]; then
+        boot_and_read "$ctx (hook recovery)"
+        [ -z "$(leftovers)" ] || fail "$ctx: the hook left $(leftovers)"
+        nk vm status "$dom" | grep -q pending && fail "$ctx: still pending after the start"
+        if [ $forward = 1 ]; then
+            check_new_side "$op" "$before" "$ctx (hook)"
+        else
+            [ "$(side)" = "$before" ] || fail "$ctx: the hook did not roll back (side '$(side)', before '$before')"
+            # shellcheck disable=SC2046
+            out=$(nk $(op_cmd "$op") 2>&1) || fail "$ctx: the rerun after the rollback failed: $out"
+            check_new_side "$op" "$before" "$ctx (rerun)"
+        fi
+        echo "# $ctx: hook $([ $forward = 1 ] && echo finished || echo 'rolled back'), markers intact (boot $boot_s s)$([ $forward = 1 ] || echo '; rerun done')"
+    else
+        if [ "$step" != done ]; then
+            # shellcheck disable=SC2046
+            out=$(nk $(op_cmd "$op") 2>&1) || fail "$ctx: the rerun failed: $out"
+            if [ $forward = 1 ]; then
+                grep -q "finished the interrupted $(op_words "$op")" <<<"$out" || fail "$ctx: rerun said: $out"
+            else
+                grep -q "rolled back the interrupted" <<<"$out" || fail "$ctx: rerun did not say it rolled back: $out"
+            fi
+        fi
+        check_new_side "$op" "$before" "$ctx (nkpctl rerun)"
+        [ -z "$(leftovers)" ] || fail "$ctx: the rerun left $(leftovers)"
+        boot_and_read "$ctx (after nkpctl recovery)"
+        local what="rerun rolled back and redid it"
+        [ $forward = 0 ] || what="rerun finished it"
+        [ "$step" != done ] || what="nothing left to do (no journal)"
+        echo "# $ctx: $what, markers intact (boot $boot_s s)"
+    fi
+    runs=$((runs + 1))
+    timing "$ctx via $path: $(lab_since "$t") s (until the kill $conv_s s)"
+}
+# run_op OP STEP-OR-EMPTY
+run_op() {
+    if [ -n "$2" ]; then crash_one "$1" "$2"; return; fi
+    local out before; before=$(side)
+    # shellcheck disable=SC2046
+    out=$(nk $(op_cmd "$1") 2>&1) || fail "$1 (no crash): $out"
+    check_new_side "$1" "$before" "$1 (no crash)"
+}
+
+t0=$(lab_now)
+lab_init || fail "guest build failed"
+lab_host_up a || fail "host a did not come up"
+lab_install_nkp a "$BUILD"
+umask 077
+printf 'lab password\n' > "$LAB_DIR/pw"
+nk provider create p1 >/dev/null || fail "provider create"
+nk provider backup p1 --out "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" >/dev/null || fail "provider backup"
+nk provider set-default p1 >/dev/null || fail "provider set-default"
+
+# ---- a guest whose vTPM has state and whose disk has the marker ---------------------
+dom=g1
+mark="NKPCRASH$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
+disk="$LAB_DIR/shared/$dom.qcow2"
+uuid=$(cat /proc/sys/kernel/random/uuid)
+qemu-img create -q -f qcow2 "$disk" 32M || fail "qemu-img create"
+lab_guest_xml --name "$dom" --uuid "$uuid" --disk "$disk" --marker "$mark" --mem 192 > "$LAB_DIR/$dom.xml"
+lab_virsh a define "$LAB_DIR/$dom.xml" >/dev/null || fail "define"
+out=$(nk vm encrypt "$dom" 2>&1) || fail "vm encrypt: $out"
+rm -f "$(lab_serial_path a "$dom")"
+lab_virsh a start "$dom" >/dev/null || fail "first start: $(lab_virsh a start "$dom" 2>&1 || true)"
+line=$(lab_wait_serial a "$dom" 'NKP-MARKERS-WRITTEN|NKP-ERROR' 240) || fail "no marker line on first boot"
+[ "$line" = "NKP-MARKERS-WRITTEN tpm=$mark disk=$mark" ] || fail "first boot said: $line"
+lab_virsh a destroy "$dom" >/dev/null
+wait_state "$dom" "shut off" 30 || fail "not shut off"
+state=$(lab_path a "/var/lib/libvirt/swtpm/$uuid/tpm2")
+out=$(nk vm decrypt "$dom" 2>&1) || fail "vm decrypt: $out"
+[ -s "$state/tpm2-00.permall" ] || fail "no vTPM state"
+pass "g1: markers written; now plain with clear vTPM state, so every operation converts two files ($(lab_since "$t0") s)"
+
+# ---- the loop: encrypt, rekey --deep, decrypt; one crash each where listed ------------
+read -r -a enc <<<"$ENCRYPT_STEPS"
+read -r -a rek <<<"$REKEY_STEPS"
+read -r -a dec <<<"$DECRYPT_STEPS"
+n=${#enc[@]}; ((${#rek[@]} > n)) && n=${#rek[@]}; ((${#dec[@]} > n)) && n=${#dec[@]}
+for ((i = 0; i < n; i++)); do
+    run_op encrypt "${enc[i]:-}"
+    run_op rekey-deep "${rek[i]:-}"
+    run_op decrypt "${dec[i]:-}"
+done
+boot_and_read "final"
+[ -z "$(leftovers)" ] || fail "left $(leftovers)"
+pass "$runs crashes (encrypt: ${#enc[@]}, rekey --deep: ${#rek[@]}, decrypt: ${#dec[@]} steps), each followed by a start that read both markers; every rerun finished or rolled back; $boots boots"
+
+timing "total $(lab_since "$t0") s"
+echo "PASS: $T"
+exit 0

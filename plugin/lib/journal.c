@@ -1,0 +1,493 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* The conversion journal: what makes `vm encrypt`, `vm decrypt` and `vm
+ * rekey --deep` crash safe (docs/crash-safety.md has the whole protocol).
+ *
+ * One file per VM, ROOT/var/lib/nkp/journal/<uuid>.ini (GKeyFile, 0600,
+ * written atomically), and beside it <uuid>.lock, the flock that the command
+ * holds from start to end:
+ *
+ *   [journal]
+ *   version = 1
+ *   op = encrypt | decrypt | rekey-deep
+ *   name = <domain name>           uuid = <domain uuid>
+ *   phase = converting | ready
+ *   old = <signature of the definition before>
+ *   new = <signature of the definition after>
+ *   files = P1;P2;…                the files being replaced
+ *   scratch = D1;…                 work directories, removed on recovery
+ *
+ * A signature is the hex KEK salt of the definition's keysafe, or "none"
+ * when it has no keysafe: every keysafe gets a fresh random salt, so the
+ * definition before and the one after an operation always differ, and
+ * nothing secret is written here (the salt is public, in the XML).
+ *
+ * Each file P is replaced through three names in its own directory:
+ * P.nkp-new (the converted copy, complete and verified before phase=ready),
+ * then the swap P -> P.nkp-old, P.nkp-new -> P, then (once the new
+ * definition is defined) P.nkp-old is removed.  Which of the three names
+ * exist tells where a file is; the definition libvirt holds tells which
+ * side the files must match.  nkp_journal_reconcile() makes them match. */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "nkp-private.h"
+
+#define JOURNAL_GROUP "journal"
+#define JOURNAL_MAX (256 * 1024)
+
+static const char *const phase_names[] = { "converting", "ready" };
+
+const char *nkp_journal_phase_name(NkpJournalPhase phase)
+{
+        return phase <= NKP_JOURNAL_READY ? phase_names[phase] : "?";
+}
+
+NkpJournal *nkp_journal_new(const char *op, const char *vm_name, const char *vm_uuid,
+                            const char *old_sig, const char *new_sig)
+{
+        NkpJournal *j = g_new0(NkpJournal, 1);
+        j->op = g_strdup(op);
+        j->vm_name = g_strdup(vm_name);
+        j->vm_uuid = g_ascii_strdown(vm_uuid, -1);
+        j->old_sig = g_strdup(old_sig);
+        j->new_sig = g_strdup(new_sig);
+        j->phase = NKP_JOURNAL_CONVERTING;
+        j->files = g_ptr_array_new_with_free_func(g_free);
+        j->scratch = g_ptr_array_new_with_free_func(g_free);
+        return j;
+}
+
+void nkp_journal_free(NkpJournal *j)
+{
+        if (!j)
+                return;
+        g_free(j->op);
+        g_free(j->vm_name);
+        g_free(j->vm_uuid);
+        g_free(j->old_sig);
+        g_free(j->new_sig);
+        if (j->files)
+                g_ptr_array_unref(j->files);
+        if (j->scratch)
+                g_ptr_array_unref(j->scratch);
+        g_free(j);
+}
+
+char *nkp_domain_signature(const NkpDomain *d)
+{
+        if (!d->keysafe)
+                return g_strdup("none");
+        char hex[2 * NKP_KEK_SALT_SIZE + 1];
+        nkp_hex_encode(nkp_keysafe_kek_salt(d->keysafe), NKP_KEK_SALT_SIZE, hex);
+        return g_strdup(hex);
+}
+
+/* ---- where, and the lock ---------------------------------------------------- */
+
+static char *journal_dir(const nkp_context *ctx)
+{
+        return g_build_filename(ctx->store_dir, "journal", NULL);
+}
+
+static bool uuid_ok(const char *uuid)
+{
+        uint8_t raw[16];
+        return uuid && nkp_uuid_parse(uuid, raw) == 0;
+}
+
+char *nkp_journal_path(const nkp_context *ctx, const char *vm_uuid)
+{
+        g_autofree char *dir = journal_dir(ctx);
+        g_autofree char *lower = g_ascii_strdown(vm_uuid, -1);
+        g_autofree char *base = g_strconcat(lower, ".ini", NULL);
+        return g_build_filename(dir, base, NULL);
+}
+
+static char *lock_path(const nkp_context *ctx, const char *vm_uuid)
+{
+        g_autofree char *dir = journal_dir(ctx);
+        g_autofree char *lower = g_ascii_strdown(vm_uuid, -1);
+        g_autofree char *base = g_strconcat(lower, ".lock", NULL);
+        return g_build_filename(dir, base, NULL);
+}
+
+int nkp_journal_lock(nkp_context *ctx, const char *vm_uuid, bool create, int *ret_fd)
+{
+        if (!uuid_ok(vm_uuid))
+                return nkp_fail(-EINVAL, "'%s' is not a VM UUID.", vm_uuid ? vm_uuid : "");
+        g_autofree char *dir = journal_dir(ctx);
+        g_autofree char *path = lock_path(ctx, vm_uuid);
+        if (create) {
+                int r = nkp_mkdir_private(dir);
+                if (r < 0)
+                        return r;
+        }
+        int fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY | (create ? O_CREAT : 0),
+                      0600);
+        if (fd < 0) {
+                int e = errno;
+                if (e == ENOENT)
+                        return -ENOENT; /* nobody ever locked this VM */
+                return nkp_fail(-e, "Cannot open the lock '%s': %s.", path, g_strerror(e));
+        }
+        /* Never blocks: a command holds this lock for minutes (a full disk
+         * copy), and neither a second command nor a VM start should wait
+         * that long without saying why. */
+        while (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+                int e = errno;
+                if (e == EINTR)
+                        continue;
+                close(fd);
+                if (e == EWOULDBLOCK)
+                        return -EBUSY;
+                return nkp_fail(-e, "Cannot lock '%s': %s.", path, g_strerror(e));
+        }
+        *ret_fd = fd;
+        return 0;
+}
+
+void nkp_journal_unlock(int fd)
+{
+        if (fd < 0)
+                return;
+        (void) flock(fd, LOCK_UN);
+        close(fd);
+}
+
+/* ---- the file ----------------------------------------------------------------- */
+
+static char *join_paths(GPtrArray *paths)
+{
+        GString *s = g_string_new(NULL);
+        for (guint i = 0; i < paths->len; i++)
+                g_string_append_printf(s, "%s%s", i ? ";" : "", (const char *) paths->pdata[i]);
+        return g_string_free(s, FALSE);
+}
+
+int nkp_journal_save(nkp_context *ctx, const NkpJournal *j)
+{
+        for (guint i = 0; i < j->files->len; i++)
+                if (strchr(j->files->pdata[i], ';'))
+                        return nkp_fail(-EINVAL, "The path '%s' has a ';', which nkp cannot "
+                                                 "journal; rename it. Nothing was changed.",
+                                        (const char *) j->files->pdata[i]);
+        g_autoptr(GKeyFile) kf = g_key_file_new();
+        g_autofree char *files = join_paths(j->files);
+        g_autofree char *scratch = join_paths(j->scratch);
+        g_key_file_set_integer(kf, JOURNAL_GROUP, "version", 1);
+        g_key_file_set_string(kf, JOURNAL_GROUP, "op", j->op);
+        g_key_file_set_string(kf, JOURNAL_GROUP, "name", j->vm_name);
+        g_key_file_set_string(kf, JOURNAL_GROUP, "uuid", j->vm_uuid);
+        g_key_file_set_string(kf, JOURNAL_GROUP, "phase", nkp_journal_phase_name(j->phase));
+        g_key_file_set_string(kf, JOURNAL_GROUP, "old", j->old_sig);
+        g_key_file_set_string(kf, JOURNAL_GROUP, "new", j->new_sig);
+        g_key_file_set_string(kf, JOURNAL_GROUP, "files", files);
+        g_key_file_set_string(kf, JOURNAL_GROUP, "scratch", scratch);
+        gsize len = 0;
+        g_autofree char *text = g_key_file_to_data(kf, &len, NULL);
+        g_autofree char *dir = journal_dir(ctx);
+        int r = nkp_mkdir_private(dir);
+        if (r < 0)
+                return r;
+        g_autofree char *path = nkp_journal_path(ctx, j->vm_uuid);
+        return nkp_write_file_atomic(path, text, len, 0600, false);
+}
+
+static void split_into(const char *text, GPtrArray *out)
+{
+        g_auto(GStrv) parts = g_strsplit(text ? text : "", ";", -1);
+        for (char **p = parts; *p; p++)
+                if ((*p)[0])
+                        g_ptr_array_add(out, g_strdup(*p));
+}
+
+int nkp_journal_load(nkp_context *ctx, const char *vm_uuid, NkpJournal **ret)
+{
+        if (!uuid_ok(vm_uuid))
+                return nkp_fail(-EINVAL, "'%s' is not a VM UUID.", vm_uuid ? vm_uuid : "");
+        g_autofree char *path = nkp_journal_path(ctx, vm_uuid);
+        g_autofree char *text = NULL;
+        size_t len = 0;
+        int r = nkp_read_file(path, JOURNAL_MAX, true, &text, &len);
+        if (r == -ENOENT) {
+                nkp_error_clear();
+                return -ENOENT;
+        }
+        if (r < 0)
+                return r;
+        g_autoptr(GKeyFile) kf = g_key_file_new();
+        if (!g_key_file_load_from_data(kf, text, len, G_KEY_FILE_NONE, NULL))
+                return nkp_fail(-EBADMSG, "The journal '%s' is damaged.", path);
+        g_autofree char *op = g_key_file_get_string(kf, JOURNAL_GROUP, "op", NULL);
+        g_autofree char *name = g_key_file_get_string(kf, JOURNAL_GROUP, "name", NULL);
+        g_autofree char *uuid = g_key_file_get_string(kf, JOURNAL_GROUP, "uuid", NULL);
+        g_autofree char *phase = g_key_file_get_string(kf, JOURNAL_GROUP, "phase", NULL);
+        g_autofree char *old_sig = g_key_file_get_string(kf, JOURNAL_GROUP, "old", NULL);
+        g_autofree char *new_sig = g_key_file_get_string(kf, JOURNAL_GROUP, "new", NULL);
+        g_autofree char *files = g_key_file_get_string(kf, JOURNAL_GROUP, "files", NULL);
+        g_autofree char *scratch = g_key_file_get_string(kf, JOURNAL_GROUP, "scratch", NULL);
+        int version = g_key_file_get_integer(kf, JOURNAL_GROUP, "version", NULL);
+        if (version != 1 || !op || !name || !uuid || !phase || !old_sig || !new_sig ||
+            g_ascii_strcasecmp(uuid, vm_uuid) != 0 ||
+            (strcmp(phase, "converting") != 0 && strcmp(phase, "ready") != 0))
+                return nkp_fail(-EBADMSG, "The journal '%s' is damaged or of another version.",
+                                path);
+        g_autoptr(NkpJournal) j = nkp_journal_new(op, name, uuid, old_sig, new_sig);
+        j->phase = strcmp(phase, "ready") == 0 ? NKP_JOURNAL_READY : NKP_JOURNAL_CONVERTING;
+        split_into(files, j->files);
+        split_into(scratch, j->scratch);
+        *ret = g_steal_pointer(&j);
+        return 0;
+}
+
+int nkp_journal_remove(nkp_context *ctx, const char *vm_uuid)
+{
+        g_autofree char *path = nkp_journal_path(ctx, vm_uuid);
+        if (unlink(path) < 0 && errno != ENOENT)
+                return nkp_fail(-errno, "Cannot remove the journal '%s': %s.", path,
+                                g_strerror(errno));
+        g_autofree char *dir = journal_dir(ctx);
+        int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd >= 0) {
+                (void) fsync(fd);
+                close(fd);
+        }
+        return 0;
+}
+
+/* ---- reconciling the files with a definition ----------------------------------- */
+
+static bool exists(const char *path)
+{
+        struct stat st;
+        return lstat(path, &st) == 0;
+}
+
+static void fsync_parent(const char *path)
+{
+        g_autofree char *dir = g_path_get_dirname(path);
+        int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd >= 0) {
+                (void) fsync(fd);
+                close(fd);
+        }
+}
+
+/* What one file needs, decided before anything is touched. */
+typedef enum {
+        FIX_NOTHING,
+        FIX_DROP_NEW,      /* back:    P, new        -> P            */
+        FIX_RESTORE_OLD,   /* back:    [P,] old [,new] -> P(old)     */
+        FIX_SWAP_AND_DROP, /* forward: P, new        -> P(new)       */
+        FIX_NEW_IN,        /* forward: new [,old]    -> P(new)       */
+        FIX_DROP_OLD,      /* forward: P, old        -> P            */
+} Fix;
+
+static int plan_file(const NkpJournal *j, const char *p, bool forward, Fix *ret)
+{
+        g_autofree char *neu = g_strconcat(p, ".nkp-new", NULL);
+        g_autofree char *old = g_strconcat(p, ".nkp-old", NULL);
+        bool hp = exists(p), hn = exists(neu), ho = exists(old);
+        if (!forward) {
+                /* P.nkp-old only ever comes from renaming the original away,
+                 * so whenever it exists it is the original. */
+                if (ho)
+                        *ret = FIX_RESTORE_OLD;
+                else if (hp)
+                        *ret = hn ? FIX_DROP_NEW : FIX_NOTHING;
+                else
+                        return nkp_fail(-EUCLEAN, "VM '%s': the file '%s' is gone and its "
+                                                  "original copy too (%s); nothing was changed.",
+                                        j->vm_name, p, hn ? "only the new copy is there"
+                                                          : "no copy left");
+                return 0;
+        }
+        if (hp && hn && ho)
+                return nkp_fail(-EUCLEAN, "VM '%s': '%s' has both a new and an old copy beside it, "
+                                          "so nkp cannot tell which one is current; nothing was "
+                                          "changed.",
+                                j->vm_name, p);
+        if (hn)
+                *ret = hp ? FIX_SWAP_AND_DROP : FIX_NEW_IN;
+        else if (hp)
+                *ret = ho ? FIX_DROP_OLD : FIX_NOTHING;
+        else
+                return nkp_fail(-EUCLEAN, "VM '%s': the file '%s' and its new copy are gone (%s); "
+                                          "nothing was changed.",
+                                j->vm_name, p, ho ? "only the original is there" : "no copy left");
+        return 0;
+}
+
+static int do_rename(const char *from, const char *to)
+{
+        if (rename(from, to) < 0)
+                return nkp_fail(-errno, "Cannot rename '%s' to '%s': %s.", from, to,
+                                g_strerror(errno));
+        return 0;
+}
+
+static int do_unlink(const char *path)
+{
+        if (unlink(path) < 0 && errno != ENOENT)
+                return nkp_fail(-errno, "Cannot remove '%s': %s.", path, g_strerror(errno));
+        return 0;
+}
+
+static int apply_fix(const char *p, Fix fix)
+{
+        g_autofree char *neu = g_strconcat(p, ".nkp-new", NULL);
+        g_autofree char *old = g_strconcat(p, ".nkp-old", NULL);
+        int r = 0;
+        switch (fix) {
+        case FIX_NOTHING:
+                return 0;
+        case FIX_DROP_NEW:
+                r = do_unlink(neu);
+                break;
+        case FIX_RESTORE_OLD:
+                /* rename() replaces P (the new copy) in one step. */
+                r = do_rename(old, p);
+                if (r == 0)
+                        r = do_unlink(neu);
+                break;
+        case FIX_SWAP_AND_DROP:
+                r = nkp_journal_swap_file(p);
+                if (r == 0)
+                        r = do_unlink(old);
+                break;
+        case FIX_NEW_IN:
+                r = do_rename(neu, p);
+                if (r == 0)
+                        r = do_unlink(old);
+                break;
+        case FIX_DROP_OLD:
+                r = do_unlink(old);
+                break;
+        }
+        fsync_parent(p);
+        return r;
+}
+
+int nkp_journal_swap_file(const char *path)
+{
+        g_autofree char *neu = g_strconcat(path, ".nkp-new", NULL);
+        g_autofree char *old = g_strconcat(path, ".nkp-old", NULL);
+        int r = 0;
+        if (exists(path) && !exists(old))
+                r = do_rename(path, old);
+        if (r == 0 && exists(neu)) {
+                nkp_test_crash_point("swap-half");
+                r = do_rename(neu, path);
+        }
+        if (r == 0 && !exists(path))
+                r = nkp_fail(-ENOENT, "'%s' has no new copy to put in place.", path);
+        fsync_parent(path);
+        return r;
+}
+
+static void remove_tree(const char *path)
+{
+        g_autoptr(GDir) dir = g_dir_open(path, 0, NULL);
+        const char *e;
+        while (dir && (e = g_dir_read_name(dir))) {
+                g_autofree char *p = g_build_filename(path, e, NULL);
+                struct stat st;
+                if (lstat(p, &st) == 0 && S_ISDIR(st.st_mode))
+                        remove_tree(p);
+                else
+                        (void) unlink(p);
+        }
+        (void) rmdir(path);
+}
+
+void nkp_journal_remove_scratch(const NkpJournal *j)
+{
+        for (guint i = 0; i < j->scratch->len; i++)
+                remove_tree(j->scratch->pdata[i]);
+}
+
+int nkp_journal_reconcile(nkp_context *ctx, const NkpJournal *j, const char *sig,
+                          NkpReconcile *ret_outcome)
+{
+        bool forward;
+        if (sig && strcmp(sig, j->new_sig) == 0)
+                forward = true;
+        else if (sig && strcmp(sig, j->old_sig) == 0)
+                forward = false;
+        else
+                return nkp_fail(-ESTALE,
+                                "VM '%s' has an interrupted 'nkpctl vm %s', and its definition is "
+                                "neither the one from before nor the one from after it, so nkp "
+                                "cannot tell which files belong to it; nothing was changed. Define "
+                                "the VM as it was before or after (virsh define), then run the "
+                                "command again; the journal is '%s/journal/%s.ini'.",
+                                j->vm_name, strcmp(j->op, "rekey-deep") == 0 ? "rekey --deep"
+                                                                            : j->op,
+                                ctx->store_dir, j->vm_uuid);
+        if (forward && j->phase != NKP_JOURNAL_READY)
+                return nkp_fail(-ESTALE,
+                                "VM '%s' is defined with its new keys but its converted files "
+                                "were never completed (journal phase '%s'); nothing was changed. "
+                                "Define the VM as it was before (virsh define), then run the "
+                                "command again.",
+                                j->vm_name, nkp_journal_phase_name(j->phase));
+
+        /* Every file is checked before any is touched: an error changes nothing. */
+        g_autofree Fix *fixes = g_new0(Fix, j->files->len + 1);
+        for (guint i = 0; i < j->files->len; i++) {
+                int r = plan_file(j, j->files->pdata[i], forward, &fixes[i]);
+                if (r < 0)
+                        return r;
+        }
+        /* Scratch first when rolling back: it may hold a decrypted vTPM blob. */
+        nkp_journal_remove_scratch(j);
+        for (guint i = 0; i < j->files->len; i++) {
+                int r = apply_fix(j->files->pdata[i], fixes[i]);
+                if (r < 0)
+                        return nkp_fail_prefix(r, "VM '%s': cannot %s the interrupted '%s'",
+                                               j->vm_name, forward ? "finish" : "roll back",
+                                               j->op);
+                nkp_test_crash_point("file-reconciled");
+        }
+        int r = nkp_journal_remove(ctx, j->vm_uuid);
+        if (r < 0)
+                return r;
+        if (ret_outcome)
+                *ret_outcome = forward ? NKP_RECONCILE_FORWARD : NKP_RECONCILE_BACK;
+        return 0;
+}
+
+/* ---- test-only crash injection ----------------------------------------------------- */
+
+void nkp_test_crash_point(const char *step)
+{
+        static GHashTable *seen;
+        const char *want = g_getenv("NKP_TEST_CRASH_AT");
+        if (!want || !want[0])
+                return;
+        /* NKP_TEST_CRASH_AT=step dies at its first occurrence, step#N at its Nth. */
+        g_autofree char *name = g_strdup(want);
+        char *hash = strchr(name, '#');
+        unsigned nth = 1;
+        if (hash) {
+                *hash = '\0';
+                nth = (unsigned) g_ascii_strtoull(hash + 1, NULL, 10);
+        }
+        if (strcmp(name, step) != 0)
+                return;
+        if (!seen)
+                seen = g_hash_table_new(g_str_hash, g_str_equal);
+        unsigned n = GPOINTER_TO_UINT(g_hash_table_lookup(seen, step)) + 1;
+        g_hash_table_insert(seen, (gpointer) step, GUINT_TO_POINTER(n));
+        if (n != nth)
+                return;
+        fprintf(stderr, "nkp: test crash at step '%s'\n", want);
+        fflush(stderr);
+        raise(SIGKILL);
+}
