@@ -100,7 +100,7 @@ lab_install_nkp "$H" "$BUILD" || die "installing nkp into the lab host failed"
 lab_host_start "$H" || die "libvirtd did not come up in the lab host"
 SAFE="$LAB_DIR/safe"      # "somewhere off the host" for the backup and its password
 mkdir -p "$SAFE" && chmod 700 "$SAFE"
-note "lab directory $LAB_DIR; nkp's hook is /etc/libvirt/hooks/qemu.d/nkp in the host, TCG guest"
+note "lab directory $LAB_DIR; nkp's hook is /etc/libvirt/hooks/qemu.d/nkp in the host; guests run under $([ "$LAB_DOMAIN_TYPE" = kvm ] && echo KVM || echo TCG)"
 must 'hostname; virsh version --daemon | grep -i "running hypervisor"; ls /etc/libvirt/hooks/qemu.d/'
 must 'nkpctl host status'
 

@@ -169,6 +169,18 @@ lab_virsh a metadata g3 "$NS" --key nkp --set "$ks_b" --config >/dev/null || fai
 nk vm status g3 | grep -q "g3: encrypted by p4 (vtpm:vtpm)" || fail "vm status g3: $(nk vm status g3 2>&1)"
 pass "a running VM whose live and persistent keysafes hold different DEKs: rekey refused, nothing changed"
 
+# ---- a saved state (managedsave) restores with the keysafe it was saved with: refused --
+lab_virsh a start --paused g3 >/dev/null || fail "start --paused g3 (for managedsave)"
+lab_virsh a managedsave g3 >/dev/null || fail "managedsave g3: $(lab_virsh a managedsave g3 2>&1 || true)"
+refused "a VM with a saved state" "has a saved state (virsh managedsave)" vm rekey g3 --provider p2
+# (to p1: g1, shut off and on p1, only gets a new KEK)
+rc=0; out=$(nk --json vm rekey --all --provider p1 2>/dev/null) || rc=$?
+python3 -c 'import json,sys; d={v["name"]: v for v in json.load(sys.stdin)}; assert d["g3"]["result"]=="failed" and "saved state" in d["g3"]["reason"], d' <<<"$out" \
+    || fail "--all with a saved state: $out"
+[ "$rc" != 0 ] || fail "--all with a saved state exited 0"
+lab_virsh a managedsave-remove g3 >/dev/null || fail "managedsave-remove g3"
+pass "a VM with a saved state (managedsave): rekey refused with the fix, --all reports it failed"
+
 t=$(lab_now)
 lab_virsh a start g1 >/dev/null || fail "first start: $(lab_virsh a start g1 2>&1 || true)"
 line=$(lab_wait_serial a g1 'NKP-MARKERS-WRITTEN|NKP-ERROR' 240) || fail "no marker line on first boot"
@@ -212,6 +224,11 @@ python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["provider"]=="p2" 
     || fail "vm status --json: $st"
 [ "$(lab_virsh a secret-list | awk '{print $1}' | sort)" = "$secrets_before" ] || fail "the VM's libvirt secrets changed"
 new_keysafe=$(lab_virsh a metadata g1 "$NS" --config)
+for d in --inactive --live; do
+    x=$(if [ $d = --inactive ]; then lab_virsh a dumpxml --inactive g1; else lab_virsh a dumpxml g1; fi)
+    grep -q "<nkp:keysafe xmlns:nkp=\"$NS\"" <<<"$x" && ! grep -q "xmlns=\"$NS\"" <<<"$x" \
+        || fail "the $d keysafe is not stored as a define stores it: $(grep -m1 keysafe <<<"$x")"
+done
 salt() { sed -n -E "s/.*<([a-z]+:)?kek salt=[\"']([^\"']*)[\"'].*/\\2/p"; }
 [ "$(salt <<<"$new_keysafe")" != "$(salt <<<"$old_keysafe")" ] || fail "the KEK salt did not change"
 pass "rekey of the running g1 to p2: guest keeps ticking, live and persistent keysafes name p2, new salt, same secrets"

@@ -351,6 +351,10 @@ int nkp_virt_keysafe_get(NkpVirt *v, const char *name, bool live, char **ret);
  * when the domain runs (online, for shallow rekey). */
 int nkp_virt_keysafe_set(NkpVirt *v, const char *name, const char *keysafe_xml);
 
+/* The definition embedded in the domain's managed save image (virsh
+ * managedsave: a restore starts from it, keysafe included); *ret = NULL
+ * when there is no image. */
+int nkp_virt_managed_save_xml(NkpVirt *v, const char *name, char **ret);
 /* Puts `keysafe_xml` into ONE definition of domain `name`: the live one
  * when `live` (-EBUSY when the domain does not run), else the persistent
  * one.  Shallow rekey writes each definition on its own (docs/rekey.md). */

@@ -255,6 +255,25 @@ int nkp_virt_domain_has_managed_save(NkpVirt *v, const char *name)
         return r < 0 ? err : r;
 }
 
+int nkp_virt_managed_save_xml(NkpVirt *v, const char *name, char **ret)
+{
+        virDomainPtr dom = virDomainLookupByName(v->conn, name);
+        if (!dom)
+                return nkp_fail(virt_errno(), "No libvirt domain '%s': %s.", name,
+                                last_virt_error());
+        int r = virDomainHasManagedSaveImage(dom, 0);
+        char *xml = r > 0 ? virDomainManagedSaveGetXMLDesc(dom, VIR_DOMAIN_XML_SECURE) : NULL;
+        int err = r < 0 || (r > 0 && !xml) ? virt_errno() : 0;
+        if (err)
+                nkp_fail(err, "Cannot read the saved state of '%s': %s.", name, last_virt_error());
+        virDomainFree(dom);
+        if (err)
+                return err;
+        *ret = xml ? g_strdup(xml) : NULL;
+        free(xml);
+        return 0;
+}
+
 /* ---- unlocking a VM --------------------------------------------------------- */
 
 void nkp_vm_secret_free(gpointer p)
@@ -392,8 +411,21 @@ int nkp_virt_keysafe_put(NkpVirt *v, const char *name, const char *keysafe_xml, 
                 return nkp_fail(virt_errno(), "No libvirt domain '%s': %s.", name,
                                 last_virt_error());
         unsigned flags = live ? VIR_DOMAIN_AFFECT_LIVE : VIR_DOMAIN_AFFECT_CONFIG;
-        int r = virDomainSetMetadata(dom, VIR_DOMAIN_METADATA_ELEMENT, keysafe_xml, "nkp",
-                                     NKP_KEYSAFE_NS, flags);
+        /* libvirt puts the element and its children into the namespace
+         * itself (prefix "nkp", as a define of the domain stores them).  A
+         * default xmlns declaration in the text would be kept beside it,
+         * and what virDomainGetMetadata then returns could not be set
+         * again ("failed to create a new XML namespace"): drop it. */
+        static const char decl[] = " xmlns=\"" NKP_KEYSAFE_NS "\"";
+        g_autofree char *head = NULL, *plain = NULL;
+        const char *at = strstr(keysafe_xml, decl);
+        const char *tag_end = strchr(keysafe_xml, '>');
+        if (at && tag_end && at < tag_end) {
+                head = g_strndup(keysafe_xml, (gsize) (at - keysafe_xml));
+                plain = g_strconcat(head, at + strlen(decl), NULL);
+        }
+        int r = virDomainSetMetadata(dom, VIR_DOMAIN_METADATA_ELEMENT, plain ? plain : keysafe_xml,
+                                     "nkp", NKP_KEYSAFE_NS, flags);
         if (r < 0)
                 r = nkp_fail(virt_errno(), "Cannot write the nkp keysafe into the %s definition "
                                            "of '%s': %s.",

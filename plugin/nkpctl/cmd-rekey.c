@@ -227,7 +227,19 @@ static int rekey_locked(NkpctlGlobals *g, NkpVirt *v, NkpDomain *dp, const nkp_p
         const char *name = dp->name;
         g_autoptr(NkpDomain) dl = NULL;
         res->from = g_strdup(nkp_keysafe_provider_name(dp->keysafe));
-        int r = nkp_virt_domain_is_active(v, name);
+        /* A restore starts from the definition inside the saved state, with
+         * the keysafe it had then: after a rekey and the old provider's
+         * deletion it would no longer restore. */
+        int r = nkp_virt_domain_has_managed_save(v, name);
+        if (r < 0)
+                return r;
+        if (r > 0)
+                return nkp_fail(-EBUSY, "VM '%s' has a saved state (virsh managedsave), which "
+                                        "would restore with its old keysafe; start it, then "
+                                        "rekey (or drop the state: virsh managedsave-remove "
+                                        "'%s'). Nothing was changed.",
+                                name, name);
+        r = nkp_virt_domain_is_active(v, name);
         if (r < 0)
                 return r;
         res->running = r > 0;
@@ -508,14 +520,19 @@ int nkpctl_vm_rekey(NkpctlGlobals *g, int argc, char **argv)
 
 /* ---- which VMs depend on a provider ------------------------------------------ */
 
-/* Whether definition (`live` or persistent) of `name` names provider
- * `key_id`.  A definition whose nkp data is damaged counts when its text
- * mentions the key id: it may depend on it. */
-static bool definition_uses(NkpVirt *v, const char *name, bool live, const char *key_id)
+enum definition { DEF_PERSISTENT, DEF_LIVE, DEF_SAVED };
+
+/* Whether definition `which` of `name` names provider `key_id`.  A
+ * definition whose nkp data is damaged counts when its text mentions the
+ * key id: it may depend on it. */
+static bool definition_uses(NkpVirt *v, const char *name, enum definition which,
+                            const char *key_id)
 {
         g_autofree char *xml = NULL;
-        if (nkp_virt_domain_xml(v, name, !live, &xml) < 0)
-                return false; /* undefined or stopped meanwhile */
+        int r = which == DEF_SAVED ? nkp_virt_managed_save_xml(v, name, &xml)
+                                   : nkp_virt_domain_xml(v, name, which == DEF_PERSISTENT, &xml);
+        if (r < 0 || !xml)
+                return false; /* undefined, stopped or restored meanwhile */
         g_autoptr(NkpDomain) d = NULL;
         if (nkp_domain_parse(xml, strlen(xml), &d) < 0)
                 return strstr(xml, key_id) != NULL;
@@ -535,10 +552,11 @@ int nkpctl_provider_dependents(NkpctlGlobals *g, const char *key_id, GPtrArray *
                 const char *name = names->pdata[i];
                 /* The persistent definition starts the VM next time; the live
                  * one is what a running VM needs after a libvirtd restart or
-                 * on a migration. */
-                if (definition_uses(v, name, false, key_id) ||
+                 * on a migration; a saved state restores with its own. */
+                if (definition_uses(v, name, DEF_PERSISTENT, key_id) ||
                     (nkp_virt_domain_is_active(v, name) > 0 &&
-                     definition_uses(v, name, true, key_id)))
+                     definition_uses(v, name, DEF_LIVE, key_id)) ||
+                    definition_uses(v, name, DEF_SAVED, key_id))
                         g_ptr_array_add(out, g_strdup(name));
         }
         deadline_disarm();

@@ -49,8 +49,9 @@ int nkpctl_vms_using_provider(NkpctlGlobals *g, const char *key_id, GPtrArray **
  * (cmd-rekey.c): whose persistent definition names it, or, for a running
  * domain, whose live definition does (a shallow rekey of a running VM
  * changes both; a live definition that still names the provider needs it
- * after a libvirtd restart or on a migration).  An unreachable libvirt is
- * an error (the caller refuses to delete). */
+ * after a libvirtd restart or on a migration), or whose managed save image
+ * does (a restore starts from it).  An unreachable libvirt is an error (the
+ * caller refuses to delete). */
 int nkpctl_provider_dependents(NkpctlGlobals *g, const char *key_id, GPtrArray **ret_names);
 
 /* `host unlock` (cmd-vm.c): after a restore, re-checks every defined VM

@@ -1,0 +1,82 @@
+# shellcheck shell=bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
+# Helpers shared by the lab benchmarks (sourced; not a benchmark itself).
+
+bench_now_ns() { date +%s%N; }
+
+# bench_table SAMPLES BASE V…: SAMPLES has lines "VARIANT METRIC VALUE";
+# prints, per METRIC (in order of first appearance), n and the median of
+# each variant V and of BASE, and the ratio of each V's median to BASE's.
+bench_table() {
+    python3 - "$@" <<'PY'
+import statistics, sys
+path, base, vs = sys.argv[1], sys.argv[2], sys.argv[3:]
+d, order = {}, []
+for line in open(path):
+    f = line.split()
+    if len(f) != 3:
+        continue
+    v, m, x = f
+    if m not in order:
+        order.append(m)
+    d.setdefault((v, m), []).append(float(x))
+w = max([len(m) for m in order] + [6])
+cols = vs + [base]
+cw = max([len(c) for c in cols] + [9]) + 1
+print("%-*s %3s" % (w, "metric", "n") + "".join("%*s" % (cw, c) for c in cols)
+      + "".join("%*s" % (len(v) + len(base) + 2, v + "/" + base) for v in vs))
+for m in order:
+    xs = {c: d.get((c, m), []) for c in cols}
+    if not all(xs.values()):
+        continue
+    med = {c: statistics.median(x) for c, x in xs.items()}
+    print("%-*s %3d" % (w, m, min(len(x) for x in xs.values()))
+          + "".join("%*.1f" % (cw, med[c]) for c in cols)
+          + "".join("%*.2f" % (len(v) + len(base) + 2, med[v] / med[base] if med[base] else float("nan")) for v in vs))
+PY
+}
+
+# bench_dist NAME FILE: one value per line → "NAME: n N, median M, p95 P, min, max".
+bench_dist() {
+    python3 - "$1" "$2" <<'PY'
+import math, statistics, sys
+xs = sorted(float(l) for l in open(sys.argv[2]) if l.strip())
+p95 = xs[max(0, math.ceil(0.95 * len(xs)) - 1)]
+print("%s: n %d, median %.1f, p95 %.1f, min %.1f, max %.1f" % (sys.argv[1], len(xs), statistics.median(xs), p95, xs[0], xs[-1]))
+PY
+}
+
+# bench_hook_times HOST DOM N OUT: runs nkp's hook inside lab host HOST the
+# way libvirt runs it (same argv "DOM prepare begin -" / "DOM release end -",
+# the domain XML on a stdin pipe, libvirt's environment LC_ALL=C PATH=…
+# HOME=/root, stdout to /dev/null), N prepare+release pairs, each timed
+# from fork to exit status (python3 subprocess in the host, so no nsenter
+# per sample). Interleaved with each pair: /bin/true with the same argv and
+# stdin (the cost of fork+exec+pipe alone). Writes OUT.prepare, OUT.release,
+# OUT.exec (ms, one per line). The XML: `virsh dumpxml --inactive
+# --security-info DOM` (what libvirt formats for prepare, minus runtime ids).
+bench_hook_times() {
+    local host=$1 dom=$2 n=$3 out=$4
+    lab_virsh "$host" dumpxml --inactive --security-info "$dom" > "$out.xml" || return 1
+    lab_exec "$host" python3 - /etc/libvirt/hooks/qemu.d/nkp "$dom" "$out.xml" "$n" "$out" <<'PY'
+import subprocess, sys, time
+hook, dom, xmlpath, n, out = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+xml = open(xmlpath, "rb").read()
+env = {"LC_ALL": "C", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+def run(argv):
+    t = time.perf_counter_ns()
+    p = subprocess.run(argv, input=xml, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    dt = (time.perf_counter_ns() - t) / 1e6
+    if p.returncode != 0:
+        sys.exit("hook %s failed (%d): %s" % (" ".join(argv[1:]), p.returncode, p.stderr.decode(errors="replace").strip()))
+    return dt
+res = {"prepare": [], "release": [], "exec": []}
+for i in range(n):
+    res["prepare"].append(run([hook, dom, "prepare", "begin", "-"]))
+    res["release"].append(run([hook, dom, "release", "end", "-"]))
+    res["exec"].append(run(["/bin/true", dom, "prepare", "begin", "-"]))
+for k, v in res.items():
+    with open(out + "." + k, "w") as f:
+        f.write("".join("%.3f\n" % x for x in v))
+PY
+}
