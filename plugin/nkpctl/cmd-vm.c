@@ -830,7 +830,15 @@ static const char *op_words(const char *op)
 /* Takes VM `d`'s lock (held until the process ends or *fd is released). */
 static int lock_vm(NkpctlGlobals *g, const NkpDomain *d, int *ret_fd)
 {
-        int r = nkp_journal_lock(g->ctx, d->uuid, true, ret_fd);
+        /* The hook (at a start) and `vm status` hold the lock for
+         * milliseconds: worth two seconds of patience.  A command holds it
+         * for as long as a full copy of the disks takes: refused. */
+        int r = -EBUSY;
+        for (int i = 0; i < 40 && r == -EBUSY; i++) {
+                if (i)
+                        g_usleep(50 * 1000);
+                r = nkp_journal_lock(g->ctx, d->uuid, true, ret_fd);
+        }
         if (r == -EBUSY)
                 return nkp_fail(r, "VM '%s' is being changed by another nkpctl command (vm "
                                    "encrypt, decrypt or rekey --deep); wait for it to finish, "
