@@ -15,6 +15,11 @@
 #           then virsh start.
 # Every boot reads the markers, so it also proves the previous run's result.
 #
+# Then NKP_CRASH_RANDOM (default 15) kill -9 at random times, each checked
+# without a boot: the hook's prepare run by hand on the persistent
+# definition, then the disk marker read (qemu-io) and the vTPM state opened
+# (swtpm) with that definition's keys; one final boot at the end.
+#
 # Cost: one boot (~10-25 s under TCG) per crash. By default every step of
 # encrypt is crashed, and six steps each of rekey --deep and decrypt (chosen
 # so that every step name is crashed in at least two operations); the others
@@ -39,14 +44,18 @@ if ! why=$(lab_check_env); then
     exit 77
 fi
 [ -x "$BUILD/libvirt-hooks/nkp-hook" ] || { echo "SKIP: $T: the hook is not built"; exit 77; }
+[ -x "$BUILD/tests/test-domain" ] || { echo "SKIP: $T: tests/test-domain (key dump) is not built"; exit 77; }
+for c in qemu-io swtpm swtpm_ioctl python3; do
+    command -v "$c" >/dev/null || { echo "SKIP: $T: $c is not installed"; exit 77; }
+done
 
 # The steps, in protocol order (docs/crash-safety.md). With a vTPM and one
 # disk there are two files: swap-half/swapped fire once per file (#2 = the disk).
 ALL_STEPS="journal vtpm-converted disk-copied disk-converted ready swap-half swapped swap-half#2 swapped#2 defined file-reconciled done"
 FORWARD_STEPS=" defined file-reconciled file-reconciled#2 done "
-ENCRYPT_STEPS=$ALL_STEPS
-REKEY_STEPS="vtpm-converted disk-converted swap-half swapped#2 defined done"
-DECRYPT_STEPS="journal disk-copied ready swap-half#2 file-reconciled swapped"
+ENCRYPT_STEPS=${NKP_CRASH_ENCRYPT_STEPS-$ALL_STEPS}
+REKEY_STEPS=${NKP_CRASH_REKEY_STEPS-"vtpm-converted disk-converted swap-half swapped#2 defined done"}
+DECRYPT_STEPS=${NKP_CRASH_DECRYPT_STEPS-"journal disk-copied ready swap-half#2 file-reconciled swapped"}
 if [ "${NKP_CRASH_ALL:-0}" = 1 ]; then REKEY_STEPS=$ALL_STEPS; DECRYPT_STEPS=$ALL_STEPS; fi
 
 nk() { lab_exec a nkpctl "$@"; }
@@ -200,9 +209,106 @@ for ((i = 0; i < n; i++)); do
     run_op rekey-deep "${rek[i]:-}"
     run_op decrypt "${dec[i]:-}"
 done
+pass "$runs crashes (encrypt: ${#enc[@]}, rekey --deep: ${#rek[@]}, decrypt: ${#dec[@]} steps), each followed by a start that read both markers; every rerun finished or rolled back; $boots boots"
+
+# ---- kill -9 at random times (no boot each: the hook by hand, data read offline) ----
+# The command is killed after a random delay (within its usual run time);
+# then the hook's prepare runs by hand on the persistent definition (as
+# `virsh start` would run it) and must reconcile; then the disk marker must
+# read back with the key of that definition (qemu-io) and the vTPM state
+# must open with its key (swtpm), both outside the guest.
+hook_by_hand() { lab_exec a /etc/libvirt/hooks/qemu.d/nkp "$dom" "$1" "$2" - < "$LAB_DIR/cur.xml"; }
+vtpm_opens() { # STATEFILE [KEYFILE]: swtpm loads the state (with that key)
+    local d; d=$(mktemp -d "$LAB_DIR/vtpm.XXXXXX")
+    cp "$1" "$d/tpm2-00.permall"
+    local ok=1 key=()
+    [ -z "${2:-}" ] || key=(--key "pwdfile=$2,mode=aes-256-cbc")
+    if swtpm socket --tpm2 --tpmstate "dir=$d" "${key[@]}" \
+        --ctrl "type=unixio,path=$d/ctrl" --server "type=unixio,path=$d/srv" \
+        --flags not-need-init --pid "file=$d/pid" --log "file=$d/log" -d 2>/dev/null; then
+        local i
+        for ((i = 0; i < 100; i++)); do [ -S "$d/ctrl" ] && break; sleep 0.05; done
+        if swtpm_ioctl --unix "$d/ctrl" --save permanent "$d/blob" >/dev/null 2>&1 && [ -s "$d/blob" ]; then ok=0; fi
+        swtpm_ioctl --unix "$d/ctrl" -s >/dev/null 2>&1 || true
+        [ ! -s "$d/pid" ] || kill "$(cat "$d/pid")" 2>/dev/null || true
+    fi
+    rm -rf "$d"
+    return $ok
+}
+# qemu-io's `read -v` hex dump on stdin: do its bytes start with argv[1]?
+marker_py='
+import re, sys
+raw = b"".join(bytes.fromhex("".join(m.group(1).split()))
+               for m in (re.match(r"^[0-9a-f]{8}:\s+((?:[0-9a-f]{2} ){1,16})", l) for l in sys.stdin) if m)
+sys.exit(0 if raw.startswith(sys.argv[1].encode()) else 1)
+'
+disk_has_marker() { # [KEYFILE]
+    local o
+    if [ -n "${1:-}" ]; then
+        o=$(qemu-io --object "secret,id=s0,file=$1,format=raw" \
+            --image-opts "driver=qcow2,file.filename=$disk,encrypt.key-secret=s0" -r -c 'read -v 0 64' 2>&1) || return 1
+    else
+        o=$(qemu-io -f qcow2 -r -c 'read -v 0 64' "$disk" 2>&1) || return 1
+    fi
+    python3 -c "$marker_py" "NKPDISK1 $mark" <<<"$o"
+}
+check_offline() { # CONTEXT
+    lab_virsh a dumpxml --inactive "$dom" > "$LAB_DIR/cur.xml"
+    local err
+    err=$(hook_by_hand prepare begin 2>&1) || fail "$1: the hook's prepare failed: $err"
+    hook_by_hand release end >/dev/null 2>&1 || true
+    [ -z "$(leftovers)" ] || fail "$1: the hook left $(leftovers)"
+    nk vm status "$dom" | grep -q pending && fail "$1: still pending after the hook"
+    if [ -n "$(side)" ]; then
+        lab_exec a "$BUILD/tests/test-domain" --dump-keys / < "$LAB_DIR/cur.xml" > "$LAB_DIR/cur.keys" || fail "$1: key dump"
+        awk '$1 == "dek:disk:vda" {printf "%s", $2}' "$LAB_DIR/cur.keys" > "$LAB_DIR/disk.key"
+        awk '$1 == "dek:vtpm:vtpm" {printf "%s", $2}' "$LAB_DIR/cur.keys" > "$LAB_DIR/vtpm.key"
+        disk_has_marker "$LAB_DIR/disk.key" || fail "$1: the disk marker does not read with the definition's key"
+        vtpm_opens "$state/tpm2-00.permall" "$LAB_DIR/vtpm.key" || fail "$1: the vTPM state does not open with the definition's key"
+        rm -f "$LAB_DIR/cur.keys" "$LAB_DIR/disk.key" "$LAB_DIR/vtpm.key"
+    else
+        disk_has_marker || fail "$1: the plain disk has no marker"
+        vtpm_opens "$state/tpm2-00.permall" || fail "$1: the clear vTPM state does not open"
+    fi
+}
+RANDOM_KILLS=${NKP_CRASH_RANDOM:-15}
+declare -A outcome=()
+# The kill lands within the op's last measured run time (first guesses below).
+declare -A dur_ms=([encrypt]=3500 [rekey-deep]=3500 [decrypt]=600)
+last=decrypt
+t=$(lab_now)
+for ((k = 1; k <= RANDOM_KILLS; k++)); do
+    before=$(side)
+    if [ -z "$before" ]; then op=encrypt; elif [ $last = rekey-deep ]; then op=decrypt; else op=rekey-deep; fi
+    max=${dur_ms[$op]}
+    ms=$(( (RANDOM * 32768 + RANDOM) % max ))
+    t_op=$(lab_now)
+    rm -f "$LAB_DIR/nkpctl.pid"
+    # shellcheck disable=SC2046
+    lab_exec a sh -c 'echo $$ > "$0"; exec nkpctl "$@"' "$LAB_DIR/nkpctl.pid" $(op_cmd "$op") > "$LAB_DIR/kill.out" 2>&1 &
+    bg=$!
+    sleep "$(awk -v m="$ms" 'BEGIN{printf "%.3f", m / 1000}')"
+    pid=$(cat "$LAB_DIR/nkpctl.pid" 2>/dev/null || true)
+    [ -z "$pid" ] || kill -KILL "$pid" 2>/dev/null || true
+    wait "$bg" && rc=0 || rc=$?
+    [ "$rc" != 0 ] || dur_ms[$op]=$(awk -v a="$t_op" -v b="$(date +%s.%N)" 'BEGIN{printf "%d", (b-a)*1000}')
+    ctx="random kill #$k: $op after $ms ms"
+    check_offline "$ctx"
+    after=$(side)
+    if [ "$after" = "$before" ]; then res="rolled back"; else res="finished"; fi
+    [ "$rc" = 137 ] || res="$res (completed before the kill, exit $rc)"
+    [ "$rc" = 137 ] || [ "$rc" = 0 ] || fail "$ctx: exit $rc: $(cat "$LAB_DIR/kill.out")"
+    [ "$after" = "$before" ] || last=$op
+    outcome[$res]=$(( ${outcome[$res]:-0} + 1 ))
+    echo "# $ctx: $res; disk marker and vTPM state open with the definition's keys"
+done
+summary=$(for r in "${!outcome[@]}"; do printf '%s: %s; ' "$r" "${outcome[$r]}"; done)
+timing "$RANDOM_KILLS random kills with offline checks $(lab_since "$t") s"
+pass "$RANDOM_KILLS kill -9 at random times, each reconciled by the hook (run by hand) to data that opens with the definition's keys ($summary)"
+
 boot_and_read "final"
 [ -z "$(leftovers)" ] || fail "left $(leftovers)"
-pass "$runs crashes (encrypt: ${#enc[@]}, rekey --deep: ${#rek[@]}, decrypt: ${#dec[@]} steps), each followed by a start that read both markers; every rerun finished or rolled back; $boots boots"
+pass "final start after all of it: both markers read back"
 
 timing "total $(lab_since "$t0") s"
 echo "PASS: $T"
