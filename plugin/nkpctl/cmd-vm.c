@@ -1539,35 +1539,6 @@ int nkpctl_vm(NkpctlGlobals *g, int argc, char **argv)
         return nkpctl_error("unknown vm command '%s'.", cmd);
 }
 
-int nkpctl_vms_using_provider(NkpctlGlobals *g, const char *key_id, GPtrArray **ret_names)
-{
-        g_autoptr(NkpVirt) v = NULL;
-        g_autoptr(GPtrArray) names = NULL;
-        if (open_virt(g, &v) < 0 || nkp_virt_domain_list(v, &names) < 0)
-                return nkp_fail_prefix(-ECONNREFUSED, "Cannot tell which VMs use the provider");
-        g_autoptr(GPtrArray) out = g_ptr_array_new_with_free_func(g_free);
-        for (guint i = 0; i < names->len; i++) {
-                g_autoptr(NkpDomain) d = NULL;
-                int r = load_domain(v, names->pdata[i], NULL, &d);
-                if (r == -ENOENT)
-                        continue; /* undefined meanwhile */
-                if (r < 0) {
-                        /* A VM whose nkp data is damaged may use it: count it. */
-                        g_autofree char *xml = NULL;
-                        if (nkp_virt_domain_xml(v, names->pdata[i], true, &xml) == 0 &&
-                            strstr(xml, key_id))
-                                g_ptr_array_add(out, g_strdup(names->pdata[i]));
-                        continue;
-                }
-                if (d->keysafe &&
-                    g_ascii_strcasecmp(nkp_keysafe_provider_key_id(d->keysafe), key_id) == 0)
-                        g_ptr_array_add(out, g_strdup(names->pdata[i]));
-        }
-        deadline_disarm();
-        *ret_names = g_steal_pointer(&out);
-        return 0;
-}
-
 int nkpctl_host_unlock(NkpctlGlobals *g)
 {
         g_autoptr(NkpVirt) v = NULL;

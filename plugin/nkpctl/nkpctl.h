@@ -39,12 +39,6 @@ int nkpctl_vm_rekey_deep(NkpctlGlobals *g, const char *name, const char *provide
  * another nkpctl holds the VM's lock. */
 int nkpctl_vm_recover(NkpctlGlobals *g, NkpVirt *v, const char *name);
 
-/* The names of the defined domains whose keysafe names provider `key_id`
- * (cmd-vm.c).  An empty array when libvirt has none or is not reachable is
- * NOT acceptable: an unreachable libvirt is an error (the caller refuses
- * to delete). */
-int nkpctl_vms_using_provider(NkpctlGlobals *g, const char *key_id, GPtrArray **ret_names);
-
 /* The names of the defined domains that depend on provider `key_id`
  * (cmd-rekey.c): whose persistent definition names it, or, for a running
  * domain, whose live definition does (a shallow rekey of a running VM
