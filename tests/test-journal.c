@@ -122,6 +122,67 @@ static void test_damaged(Fixture *f, gconstpointer data)
         g_assert_cmpint(nkp_journal_load(f->ctx, "not-a-uuid", &back), ==, -EINVAL);
 }
 
+static char *hand_made(const char *uuid, const char *files, const char *scratch)
+{
+        return g_strdup_printf("[journal]\nversion=1\nop=encrypt\nname=vm1\nuuid=%s\n"
+                               "phase=converting\nold=none\nnew=" NEW_SIG "\nfiles=%s\n"
+                               "scratch=%s\n",
+                               uuid, files, scratch);
+}
+
+/* Recovery renames the files a journal names and deletes its scratch
+ * directories: paths nkp would never write are refused on save (nothing
+ * written) and on load (a damaged journal names nothing it can harm). */
+static void test_paths_confined(Fixture *f, gconstpointer data)
+{
+        (void) data;
+        g_autofree char *path = nkp_journal_path(f->ctx, vm_uuid);
+        const char *bad_files[] = { "images/a.qcow2", "/var/lib/../../etc/shadow", "/a/./b" };
+        for (size_t i = 0; i < G_N_ELEMENTS(bad_files); i++) {
+                g_autoptr(NkpJournal) j = nkp_journal_new("encrypt", "vm1", vm_uuid, OLD_SIG, NEW_SIG);
+                g_ptr_array_add(j->files, g_strdup(bad_files[i]));
+                g_assert_cmpint(nkp_journal_save(f->ctx, j), ==, -EINVAL);
+                g_assert_nonnull(strstr(nkp_error_message(), "Nothing was changed"));
+                g_assert_false(g_file_test(path, G_FILE_TEST_EXISTS));
+        }
+
+        /* Hand-made journals: a scratch entry must be an nkp work directory. */
+        struct {
+                const char *files, *scratch;
+                int expect;
+        } cases[] = {
+                { "/img/a.qcow2", "/var/lib/libvirt/swtpm/.nkp-work", 0 },
+                { "/img/a.qcow2", "/", -EBADMSG },
+                { "/img/a.qcow2", "/var/lib/libvirt", -EBADMSG },
+                { "/img/a.qcow2", "/x/../.nkp-work", -EBADMSG },
+                { "img/a.qcow2", "", -EBADMSG },
+                { "/img/../a.qcow2", "", -EBADMSG },
+                { "/img//a.qcow2", "", -EBADMSG },
+                { "/img/a.qcow2", "/var/lib/libvirt/swtpm/.nkp-work/", -EBADMSG },
+        };
+        for (size_t i = 0; i < G_N_ELEMENTS(cases); i++) {
+                g_autofree char *text = hand_made(vm_uuid, cases[i].files, cases[i].scratch);
+                g_autoptr(NkpJournal) j = NULL;
+                int r = nkp_journal_parse(text, strlen(text), vm_uuid, "test", &j);
+                g_assert_cmpint(r, ==, cases[i].expect);
+                if (r == 0) {
+                        g_assert_cmpuint(j->scratch->len, ==, 1);
+                        g_assert_cmpstr(j->files->pdata[0], ==, "/img/a.qcow2");
+                } else {
+                        g_assert_null(j);
+                        g_assert_nonnull(strstr(nkp_error_message(), "damaged"));
+                }
+        }
+        /* Another VM's journal, and a journal whose uuid is no UUID. */
+        g_autofree char *other = hand_made("0d9a3c1f-1d0e-4b57-9b44-6f1c1a8e2e77",
+                                                 "/img/a.qcow2", "");
+        g_autofree char *nouuid = hand_made("x", "/img/a.qcow2", "");
+        g_autoptr(NkpJournal) j = NULL;
+        g_assert_cmpint(nkp_journal_parse(other, strlen(other), vm_uuid, "test", &j), ==, -EBADMSG);
+        g_assert_cmpint(nkp_journal_parse(nouuid, strlen(nouuid), NULL, "test", &j), ==, -EBADMSG);
+        g_assert_cmpint(nkp_journal_parse(other, strlen(other), NULL, "test", &j), ==, 0);
+}
+
 static bool contains(const char *hay, gsize len, const void *needle, gsize nlen)
 {
         return memmem(hay, len, needle, nlen) != NULL;
@@ -382,6 +443,7 @@ int main(int argc, char **argv)
         g_test_init(&argc, &argv, NULL);
         ADD("/journal/round-trip", test_round_trip);
         ADD("/journal/damaged", test_damaged);
+        ADD("/journal/paths-confined", test_paths_confined);
         ADD("/journal/no-key-bytes", test_no_key_bytes);
         ADD("/journal/lock", test_lock);
         ADD("/journal/swap-idempotent", test_swap_idempotent);

@@ -135,6 +135,8 @@ static void test_names(Fixture *f, gconstpointer data)
         g_assert_true(nkp_provider_name_valid("a.b_c-D9"));
         g_autoptr(nkp_provider) p = create(f, longest);
         g_autoptr(nkp_provider) q = create(f, "a.b_c-D9");
+        g_assert_nonnull(p);
+        g_assert_nonnull(q);
         longest[NKP_NAME_MAX] = 'x';
         longest[NKP_NAME_MAX + 1] = '\0';
 

@@ -273,6 +273,12 @@ static void test_corrupted(Fixture *f, gconstpointer data)
                 { "bad created", replace(good, "created=2023-11-14T22:13:20Z", "created=yesterday"),
                   -EBADMSG, "yesterday" },
                 { "no blob", replace(good, "tpm_blob=", "tpm_blab="), -EBADMSG, "tpm" },
+                /* Found by fuzz-store: both loaded, then saved differently. */
+                { "created not as nkp writes it",
+                  replace(good, "created=2023-11-14T22:13:20Z", "created=2023-11-14T23:13:20+01:00"),
+                  -EBADMSG, "creation time" },
+                { "flags not UTF-8", replace(good, "flags=default;", "flags=def\xe8ult;"), -EBADMSG,
+                  "flags" },
         };
 
         for (size_t i = 0; i < G_N_ELEMENTS(cases); i++) {
@@ -319,6 +325,7 @@ static void test_wrong_mode(Fixture *f, gconstpointer data)
 {
         (void) data;
         g_autofree char *good = valid_text(f);
+        g_assert_nonnull(good);
         g_assert_cmpint(chmod(f->ctx->store_path, 0644), ==, 0);
         g_autoptr(GHashTable) before = testutil_snapshot_tree(f->root);
         NkpStore *s = NULL;

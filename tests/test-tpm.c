@@ -765,10 +765,12 @@ static void tpm_gone_body(const char *tmp)
         g_assert_cmpint(nkp_provider_create(ctx, "cold", 0, &cold), ==, 0);
         g_autoptr(nkp_secret) kw = get_kdk_ok(ctx, nkp_provider_key_id(warm));
         g_autoptr(nkp_secret) kc = get_kdk_ok(ctx, nkp_provider_key_id(cold));
+        g_assert_nonnull(kc);
 
         /* After a "reboot" only `warm` was needed again. */
         g_assert_cmpint(nkp_cache_flush(ctx), ==, 0);
         g_autoptr(nkp_secret) kw2 = get_kdk_ok(ctx, nkp_provider_key_id(warm));
+        g_assert_nonnull(kw2);
 
         /* The TPM hangs, then goes away. */
         g_assert_cmpint(kill(testutil_swtpm_pid(sw), SIGSTOP), ==, 0);

@@ -162,6 +162,24 @@ void nkp_journal_unlock(int fd)
 
 /* ---- the file ----------------------------------------------------------------- */
 
+/* Recovery renames the journal's files and deletes its scratch trees, so a
+ * damaged journal must not be able to name anything else: canonical absolute
+ * paths (no ".", "..", "//" or trailing "/"), and scratch directories that
+ * are nkp's own work directories. */
+static bool journal_path_ok(const char *path, bool scratch)
+{
+        if (!g_path_is_absolute(path) || !g_utf8_validate(path, -1, NULL))
+                return false;
+        g_auto(GStrv) parts = g_strsplit(path, "/", -1);
+        for (char **p = parts + 1; *p; p++)
+                if (!(*p)[0] || strcmp(*p, "..") == 0 || strcmp(*p, ".") == 0)
+                        return false;
+        if (!scratch)
+                return true;
+        g_autofree char *base = g_path_get_basename(path);
+        return strcmp(base, NKP_JOURNAL_SCRATCH_NAME) == 0;
+}
+
 static char *join_paths(GPtrArray *paths)
 {
         GString *s = g_string_new(NULL);
@@ -172,11 +190,36 @@ static char *join_paths(GPtrArray *paths)
 
 int nkp_journal_save(nkp_context *ctx, const NkpJournal *j)
 {
-        for (guint i = 0; i < j->files->len; i++)
-                if (strchr(j->files->pdata[i], ';'))
+        for (guint i = 0; i < j->files->len; i++) {
+                const char *p = j->files->pdata[i];
+                if (strchr(p, ';'))
                         return nkp_fail(-EINVAL, "The path '%s' has a ';', which nkp cannot "
                                                  "journal; rename it. Nothing was changed.",
-                                        (const char *) j->files->pdata[i]);
+                                        p);
+                if (!journal_path_ok(p, false))
+                        return nkp_fail(-EINVAL, "The path '%s' is not absolute or has '.' or "
+                                                 "'..' in it, which nkp cannot journal; give the "
+                                                 "domain its plain absolute path. Nothing was "
+                                                 "changed.",
+                                        p);
+        }
+        for (guint i = 0; i < j->scratch->len; i++)
+                if (!journal_path_ok(j->scratch->pdata[i], true))
+                        return nkp_fail(-EINVAL, "Internal error: '%s' is not an nkp work "
+                                                 "directory. Nothing was changed.",
+                                        (const char *) j->scratch->pdata[i]);
+        gsize len = 0;
+        g_autofree char *text = nkp_journal_format(j, &len);
+        g_autofree char *dir = journal_dir(ctx);
+        int r = nkp_mkdir_private(dir);
+        if (r < 0)
+                return r;
+        g_autofree char *path = nkp_journal_path(ctx, j->vm_uuid);
+        return nkp_write_file_atomic(path, text, len, 0600, false);
+}
+
+char *nkp_journal_format(const NkpJournal *j, size_t *ret_len)
+{
         g_autoptr(GKeyFile) kf = g_key_file_new();
         g_autofree char *files = join_paths(j->files);
         g_autofree char *scratch = join_paths(j->scratch);
@@ -190,21 +233,22 @@ int nkp_journal_save(nkp_context *ctx, const NkpJournal *j)
         g_key_file_set_string(kf, JOURNAL_GROUP, "files", files);
         g_key_file_set_string(kf, JOURNAL_GROUP, "scratch", scratch);
         gsize len = 0;
-        g_autofree char *text = g_key_file_to_data(kf, &len, NULL);
-        g_autofree char *dir = journal_dir(ctx);
-        int r = nkp_mkdir_private(dir);
-        if (r < 0)
-                return r;
-        g_autofree char *path = nkp_journal_path(ctx, j->vm_uuid);
-        return nkp_write_file_atomic(path, text, len, 0600, false);
+        char *text = g_key_file_to_data(kf, &len, NULL);
+        *ret_len = len;
+        return text;
 }
 
-static void split_into(const char *text, GPtrArray *out)
+static bool split_into(const char *text, bool scratch, GPtrArray *out)
 {
         g_auto(GStrv) parts = g_strsplit(text ? text : "", ";", -1);
-        for (char **p = parts; *p; p++)
-                if ((*p)[0])
-                        g_ptr_array_add(out, g_strdup(*p));
+        for (char **p = parts; *p; p++) {
+                if (!(*p)[0])
+                        continue;
+                if (!journal_path_ok(*p, scratch))
+                        return false;
+                g_ptr_array_add(out, g_strdup(*p));
+        }
+        return true;
 }
 
 int nkp_journal_load(nkp_context *ctx, const char *vm_uuid, NkpJournal **ret)
@@ -221,6 +265,15 @@ int nkp_journal_load(nkp_context *ctx, const char *vm_uuid, NkpJournal **ret)
         }
         if (r < 0)
                 return r;
+        return nkp_journal_parse(text, len, vm_uuid, path, ret);
+}
+
+/* The operations that write journals (cmd-vm.c). */
+static const char *const journal_ops[] = { "encrypt", "decrypt", "rekey-deep", NULL };
+
+int nkp_journal_parse(const char *text, size_t len, const char *vm_uuid, const char *path,
+                      NkpJournal **ret)
+{
         g_autoptr(GKeyFile) kf = g_key_file_new();
         if (!g_key_file_load_from_data(kf, text, len, G_KEY_FILE_NONE, NULL))
                 return nkp_fail(-EBADMSG, "The journal '%s' is damaged.", path);
@@ -234,14 +287,17 @@ int nkp_journal_load(nkp_context *ctx, const char *vm_uuid, NkpJournal **ret)
         g_autofree char *scratch = g_key_file_get_string(kf, JOURNAL_GROUP, "scratch", NULL);
         int version = g_key_file_get_integer(kf, JOURNAL_GROUP, "version", NULL);
         if (version != 1 || !op || !name || !uuid || !phase || !old_sig || !new_sig ||
-            g_ascii_strcasecmp(uuid, vm_uuid) != 0 ||
+            !uuid_ok(uuid) || (vm_uuid && g_ascii_strcasecmp(uuid, vm_uuid) != 0) ||
+            !g_strv_contains(journal_ops, op) ||
             (strcmp(phase, "converting") != 0 && strcmp(phase, "ready") != 0))
                 return nkp_fail(-EBADMSG, "The journal '%s' is damaged or of another version.",
                                 path);
         g_autoptr(NkpJournal) j = nkp_journal_new(op, name, uuid, old_sig, new_sig);
         j->phase = strcmp(phase, "ready") == 0 ? NKP_JOURNAL_READY : NKP_JOURNAL_CONVERTING;
-        split_into(files, j->files);
-        split_into(scratch, j->scratch);
+        if (!split_into(files, false, j->files) || !split_into(scratch, true, j->scratch))
+                return nkp_fail(-EBADMSG, "The journal '%s' names a file or work directory that "
+                                          "nkp would never write; it is damaged.",
+                                path);
         *ret = g_steal_pointer(&j);
         return 0;
 }

@@ -169,6 +169,12 @@ void nkp_store_unlock(int fd);
 int nkp_store_load(nkp_context *ctx, NkpStore **ret);
 /* Writes the whole store atomically (caller holds the lock). */
 int nkp_store_save(nkp_context *ctx, const NkpStore *store);
+/* The two halves, apart for the fuzzer.  parse: the file's text in `buf`
+ * (its kdk values are wiped in place; `ctx` names the store in errors).
+ * format: the text (NUL-terminated, `*ret_len` bytes) in a buffer of
+ * `*ret_cap` bytes that holds KDKs: nkp_wipe() all of it, then g_free(). */
+int nkp_store_parse(const nkp_context *ctx, char *buf, size_t len, NkpStore **ret);
+int nkp_store_format(const NkpStore *store, char **ret, size_t *ret_len, size_t *ret_cap);
 
 NkpStoreEntry *nkp_store_find(const NkpStore *store, const char *name);
 NkpStoreEntry *nkp_store_find_key_id(const NkpStore *store, const char *key_id);
@@ -551,6 +557,14 @@ void nkp_journal_unlock(int fd);
  * none, -EBADMSG damaged. */
 int nkp_journal_save(nkp_context *ctx, const NkpJournal *j);
 int nkp_journal_load(nkp_context *ctx, const char *vm_uuid, NkpJournal **ret);
+/* The two halves of save and load, apart for the fuzzer.  parse: `vm_uuid`
+ * NULL accepts any VM; `path` names the journal in errors.  format: the
+ * text (g_free it), which holds no key material. */
+int nkp_journal_parse(const char *text, size_t len, const char *vm_uuid, const char *path,
+                      NkpJournal **ret);
+char *nkp_journal_format(const NkpJournal *j, size_t *ret_len);
+/* The basename of every scratch directory a journal may name. */
+#define NKP_JOURNAL_SCRATCH_NAME ".nkp-work"
 int nkp_journal_remove(nkp_context *ctx, const char *vm_uuid);
 
 /* P -> P.nkp-old, P.nkp-new -> P; idempotent (a rerun after a crash between

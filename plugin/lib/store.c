@@ -185,12 +185,17 @@ static char *format_time(int64_t t)
         return g_date_time_format(dt, "%Y-%m-%dT%H:%M:%SZ");
 }
 
+/* Only the form format_time writes (so a loaded store saves unchanged). */
 static bool parse_time(const char *s, int64_t *ret)
 {
         g_autoptr(GDateTime) dt = g_date_time_new_from_iso8601(s, NULL);
         if (!dt)
                 return false;
-        *ret = g_date_time_to_unix(dt);
+        int64_t t = g_date_time_to_unix(dt);
+        g_autofree char *canonical = format_time(t);
+        if (strcmp(canonical, s) != 0)
+                return false;
+        *ret = t;
         return true;
 }
 
@@ -303,7 +308,6 @@ static int parse_entry(const nkp_context *ctx, GKeyFile *kf, const char *group, 
                                                "created", "sealed", "kdk",         "tpm_blob",
                                                "tpm_srk_name", NULL };
         const char *gname = group + strlen(GROUP_PREFIX);
-        g_autoptr(GError) error = NULL;
 
         g_auto(GStrv) keys = g_key_file_get_keys(kf, group, NULL, NULL);
         for (size_t i = 0; keys && keys[i]; i++)
@@ -336,13 +340,19 @@ static int parse_entry(const nkp_context *ctx, GKeyFile *kf, const char *group, 
         g_strlcpy(e->fingerprint, fingerprint, sizeof e->fingerprint);
 
         if (!parse_time(created, &e->created))
-                return store_corrupt(ctx, "the creation time '%s' of provider '%s' is not ISO 8601",
+                return store_corrupt(ctx,
+                                     "the creation time '%s' of provider '%s' is not in UTC as "
+                                     "YYYY-MM-DDThh:mm:ssZ",
                                      created, name);
 
         if (!g_key_file_has_key(kf, group, "flags", NULL))
                 return store_corrupt(ctx, "'[%s]' has no flags", group);
         gsize nflags = 0;
-        g_auto(GStrv) flags = g_key_file_get_string_list(kf, group, "flags", &nflags, NULL);
+        g_autoptr(GError) flags_error = NULL;
+        g_auto(GStrv) flags = g_key_file_get_string_list(kf, group, "flags", &nflags, &flags_error);
+        if (flags_error)
+                return store_corrupt(ctx, "the flags of provider '%s' cannot be read (%s)", name,
+                                     flags_error->message);
         for (gsize i = 0; flags && i < nflags; i++) {
                 unsigned f = 0;
                 for (size_t j = 0; j < G_N_ELEMENTS(flag_words); j++)
@@ -420,7 +430,7 @@ static int check_dir(const nkp_context *ctx)
         return 0;
 }
 
-static int load_from_buffer(nkp_context *ctx, char *buf, size_t len, NkpStore **ret)
+int nkp_store_parse(const nkp_context *ctx, char *buf, size_t len, NkpStore **ret)
 {
         g_autoptr(GHashTable) kdks = g_hash_table_new_full(g_str_hash, g_str_equal, g_free,
                                                            secret_free_void);
@@ -495,7 +505,7 @@ int nkp_store_load(nkp_context *ctx, NkpStore **ret)
         if (r < 0)
                 return nkp_fail_prefix(r, "Cannot read the provider store");
 
-        r = load_from_buffer(ctx, buf, len, ret);
+        r = nkp_store_parse(ctx, buf, len, ret);
         nkp_wipe(buf, len);
         g_free(buf);
         return r;
@@ -523,7 +533,7 @@ static void remove_stale_temps(const nkp_context *ctx)
         g_dir_close(d);
 }
 
-int nkp_store_save(nkp_context *ctx, const NkpStore *store)
+int nkp_store_format(const NkpStore *store, char **ret, size_t *ret_len, size_t *ret_cap)
 {
         g_autoptr(GKeyFile) kf = g_key_file_new();
         unsigned n_kdk = 0;
@@ -608,11 +618,24 @@ int nkp_store_save(nkp_context *ctx, const NkpStore *store)
         }
         memcpy(out + o, p, (size_t) (end - p));
         o += (size_t) (end - p);
+        out[o] = '\0';
+        *ret = out;
+        *ret_len = o;
+        *ret_cap = cap;
+        return 0;
+}
 
-        int r = nkp_mkdir_private(ctx->store_dir);
+int nkp_store_save(nkp_context *ctx, const NkpStore *store)
+{
+        char *out = NULL;
+        size_t len = 0, cap = 0;
+        int r = nkp_store_format(store, &out, &len, &cap);
+        if (r < 0)
+                return r;
+        r = nkp_mkdir_private(ctx->store_dir);
         if (r >= 0) {
                 remove_stale_temps(ctx);
-                r = nkp_write_file_atomic(ctx->store_path, out, o, 0600, false);
+                r = nkp_write_file_atomic(ctx->store_path, out, len, 0600, false);
         }
         nkp_wipe(out, cap);
         g_free(out);

@@ -365,7 +365,7 @@ static char *vtpm_work_dir(const NkpDomain *d)
 {
         g_autofree char *dir = vtpm_state_dir(d);
         g_autofree char *parent = g_path_get_dirname(dir);
-        return g_build_filename(parent, ".nkp-work", NULL);
+        return g_build_filename(parent, NKP_JOURNAL_SCRATCH_NAME, NULL);
 }
 
 static int run_quiet(const char *const *argv, const nkp_secret *key)
