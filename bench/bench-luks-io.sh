@@ -43,7 +43,7 @@ umask 077
 head -c 32 /dev/urandom | base64 -w0 > "$dir/key"
 for i in 1 2 3 4 5; do   # QEMU 7.2's PBKDF benchmark fails now and then here ("Unable to get accurate CPU usage")
     if qemu-img create -q -f qcow2 --object "secret,id=s0,file=$dir/key" \
-        -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 "$dir/luks.qcow2" "${SIZE_MIB}M" 2>/dev/null; then
+        -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,encrypt.hash-alg=sha512 "$dir/luks.qcow2" "${SIZE_MIB}M" 2>/dev/null; then
         break
     fi
     rm -f "$dir/luks.qcow2"

@@ -6,7 +6,7 @@
 #   deep      nkpctl vm rekey --deep (space check, journal, LUKS→LUKS convert
 #             under a new DEK, qemu-img compare old vs new, swap, define)
 #   luks      qemu-img convert LUKS(old DEK) → LUKS(new DEK), same options as
-#             nkp (encrypt.iter-time=10), nothing else
+#             nkp (encrypt.iter-time=10, hash-alg=sha512), nothing else
 #   plain     qemu-img convert plain → plain of an equal plain image
 # RUNS of each, interleaved (deep, luks, plain, deep, …) so that background
 # load hits all three alike; prints every sample, the medians, MiB/s and the
@@ -82,7 +82,7 @@ for ((i = 1; i <= RUNS; i++)); do
         if err=$(qemu-img convert -q --object "secret,id=sold,file=$LAB_DIR/old.key,format=raw" \
             --object "secret,id=snew,file=$LAB_DIR/new.key,format=raw" \
             --image-opts "driver=qcow2,file.filename=$S/vm.qcow2,encrypt.key-secret=sold" \
-            -O qcow2 -o encrypt.format=luks,encrypt.key-secret=snew,encrypt.iter-time=10 \
+            -O qcow2 -o encrypt.format=luks,encrypt.key-secret=snew,encrypt.iter-time=10,encrypt.hash-alg=sha512 \
             "$S/luks-out.qcow2" 2>&1); then
             break
         fi

@@ -14,7 +14,8 @@
  *  3. each chosen plain qcow2 P is converted to a LUKS qcow2 P.nkp-new with
  *     `qemu-img convert` (passphrase = hex(DEK) through a pipe, /dev/fd/N,
  *     never argv or a file; encrypt.iter-time=10: the key has full entropy,
- *     stretching it buys nothing and would cost ~2 s at every start), then
+ *     stretching it buys nothing and would cost ~2 s at every start;
+ *     encrypt.hash-alg=sha512: see LUKS_CREATE_OPTIONS), then
  *     checked with `qemu-img compare` against P.  Free space is checked
  *     first (allocated size of each P + 5% + 16 MiB) and refused cleanly.
  *  4. the files are swapped and the new definition defined under the
@@ -225,6 +226,18 @@ static int check_space(GPtrArray *paths)
  * plain when NULL) to LUKS under `new_value` (or plain when NULL), then
  * compares the two images (`qemu-img compare` opens both, each with its
  * own key).  Encrypt: (NULL, new); decrypt: (old, NULL); deep rekey: both. */
+/* QEMU 7.2 sizes LUKS PBKDF2 iterations by timing 2^15 of them with the
+ * thread's CPU time (getrusage), and fails with "Unable to get accurate CPU
+ * usage" when that reads 0 ms.  Where CPU time is accounted in ticks (4 ms
+ * here) and 2^15 HMAC-SHA256 rounds take less, that was most creations
+ * (21 of 30 in one measurement).  SHA-512 rounds are slower: 0 of 30 in the
+ * same minute.  The hash only derives the key slot from a full-entropy
+ * passphrase, so SHA-512 costs nothing in strength.  Left-over failures are
+ * retried with a growing pause (the tick may be busy for a while). */
+#define LUKS_CREATE_OPTIONS \
+        "encrypt.format=luks,encrypt.key-secret=snew,encrypt.iter-time=10,encrypt.hash-alg=sha512"
+#define LUKS_CREATE_ATTEMPTS 6
+
 static int convert_disk(const char *path, const nkp_secret *old_value, const nkp_secret *new_value)
 {
         g_autofree char *tmp = g_strconcat(path, ".nkp-new", NULL);
@@ -269,19 +282,18 @@ static int convert_disk(const char *path, const nkp_secret *old_value, const nkp
                 /* encrypt.iter-time=10: the key has full entropy, stretching
                  * it buys nothing and would cost ~2 s at every start. */
                 argv[a++] = "-o";
-                argv[a++] = "encrypt.format=luks,encrypt.key-secret=snew,encrypt.iter-time=10";
+                argv[a++] = LUKS_CREATE_OPTIONS;
         }
         argv[a++] = tmp;
         argv[a] = NULL;
         int r = 0;
-        /* QEMU times PBKDF2 to honour iter-time and, on a loaded host,
-         * sometimes fails with "Unable to get accurate CPU usage": a
-         * transient failure, retried. */
-        for (int attempt = 0; attempt < 5; attempt++) {
+        for (int attempt = 0; attempt < LUKS_CREATE_ATTEMPTS; attempt++) {
+                if (attempt > 0)
+                        g_usleep((gulong) (100000 << attempt)); /* 0.2 s, 0.4 s … 3.2 s */
                 g_clear_pointer(&err, g_free);
                 (void) unlink(tmp);
                 r = run_tool(argv, secrets, n, &err);
-                if (r == 0 || !err || !strstr(err, "accurate CPU usage"))
+                if (r == 0 || !new_value || !err || !strstr(err, "accurate CPU usage"))
                         break;
         }
         if (r != 0) {
