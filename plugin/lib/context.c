@@ -27,6 +27,9 @@
  *                                /var/lib/libvirt/swtpm; NKP_SWTPM_STATE_DIR
  *                                in the environment overrides both)
  *
+ * Unknown sections and keys are refused (check_config_keys).  Comments go on
+ * their own lines: GKeyFile keeps a '#' after a value as part of the value.
+ *
  * Without a config the default TCTI is device:/dev/tpmrm0 when that device
  * exists under the root, else "none".  A TCTI set explicitly is a promise
  * that the TPM is there: if it then fails, nkp errors out instead of falling
@@ -109,6 +112,52 @@ static int load_vtpm_config(nkp_context *ctx, GKeyFile *kf)
         return 0;
 }
 
+/* Every group and key nkp reads.  Anything else is a typo or a setting of
+ * another version: refused, because a misspelt key silently left at its
+ * default (a "tcit" that leaves provider keys unsealed, say) is worse than a
+ * refusal that names it. */
+static const struct {
+        const char *group;
+        const char *const keys[4];
+} config_keys[] = {
+        { "tpm", { "tcti", NULL } },
+        { "migration", { "allow_plain", "qemu_conf", NULL } },
+        { "vtpm", { "policy", "swtpm_user", "state_dir", NULL } },
+};
+
+static int check_config_keys(const nkp_context *ctx, GKeyFile *kf)
+{
+        g_auto(GStrv) groups = g_key_file_get_groups(kf, NULL);
+        for (char **g = groups; *g; g++) {
+                const char *const *known = NULL;
+                for (size_t i = 0; i < G_N_ELEMENTS(config_keys); i++)
+                        if (strcmp(*g, config_keys[i].group) == 0)
+                                known = config_keys[i].keys;
+                if (!known)
+                        return nkp_fail(-EINVAL,
+                                        "The config '%s' has the unknown section [%s] (nkp reads "
+                                        "[tpm], [migration] and [vtpm]).",
+                                        ctx->conf_path, *g);
+                g_auto(GStrv) keys = g_key_file_get_keys(kf, *g, NULL, NULL);
+                for (char **k = keys; k && *k; k++) {
+                        if (!g_strv_contains(known, *k)) {
+                                g_autofree char *list = g_strjoinv(", ", (char **) known);
+                                return nkp_fail(-EINVAL,
+                                                "The config '%s' has the unknown key %s= in [%s] "
+                                                "(known there: %s).",
+                                                ctx->conf_path, *k, *g, list);
+                        }
+                        g_autofree char *v = g_key_file_get_value(kf, *g, *k, NULL);
+                        if (v && (strstr(v, " #") || strstr(v, "\t#")))
+                                return nkp_fail(-EINVAL,
+                                                "The config '%s' has a '#' after the value of "
+                                                "[%s] %s=; put comments on their own lines.",
+                                                ctx->conf_path, *g, *k);
+                }
+        }
+        return 0;
+}
+
 static int load_config(nkp_context *ctx)
 {
         g_autoptr(GKeyFile) kf = g_key_file_new();
@@ -120,6 +169,9 @@ static int load_config(nkp_context *ctx)
                 return nkp_fail(-EINVAL, "Cannot read the config '%s': %s.", ctx->conf_path,
                                 error->message);
         }
+        int r = check_config_keys(ctx, kf);
+        if (r < 0)
+                return r;
         g_autofree char *tcti = g_key_file_get_string(kf, "tpm", "tcti", NULL);
         if (tcti) {
                 g_strstrip(tcti);
@@ -130,7 +182,7 @@ static int load_config(nkp_context *ctx)
                 ctx->tcti = g_steal_pointer(&tcti);
                 ctx->tcti_explicit = strcmp(ctx->tcti, "none") != 0;
         }
-        int r = load_migration_config(ctx, kf);
+        r = load_migration_config(ctx, kf);
         if (r < 0)
                 return r;
         return load_vtpm_config(ctx, kf);

@@ -1,0 +1,155 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* context.c: the paths under a root, and the config (ROOT/etc/nkp/nkp.conf):
+ * defaults, every setting, and every refusal (one line naming the file,
+ * no context returned). */
+#include <errno.h>
+#include <string.h>
+
+#include "testutil.h"
+
+typedef struct {
+        char *root;
+        char *conf;
+} Fixture;
+
+static void fixture_set_up(Fixture *f, gconstpointer data)
+{
+        (void) data;
+        f->root = testutil_mkdtemp();
+        g_autofree char *etc = g_build_filename(f->root, "etc", "nkp", NULL);
+        g_assert_cmpint(g_mkdir_with_parents(etc, 0700), ==, 0);
+        f->conf = g_build_filename(etc, "nkp.conf", NULL);
+        g_unsetenv("NKP_SWTPM_STATE_DIR");
+}
+
+static void fixture_tear_down(Fixture *f, gconstpointer data)
+{
+        (void) data;
+        testutil_rmtree(f->root);
+        g_free(f->root);
+        g_free(f->conf);
+}
+
+static void set_conf(Fixture *f, const char *text)
+{
+        g_assert_true(g_file_set_contents(f->conf, text, -1, NULL));
+}
+
+static nkp_context *open_ok(Fixture *f)
+{
+        nkp_context *ctx = NULL;
+        int r = nkp_context_new(f->root, &ctx);
+        if (r < 0)
+                g_error("nkp_context_new: %d (%s)", r, nkp_error_message());
+        return ctx;
+}
+
+static void test_defaults(Fixture *f, gconstpointer data)
+{
+        (void) data;
+        nkp_context *ctx = open_ok(f); /* no config file at all */
+        g_assert_cmpstr(nkp_context_root(ctx), ==, f->root);
+        g_assert_cmpstr(nkp_context_tcti(ctx), ==, "none"); /* no ROOT/dev/tpmrm0 */
+        g_assert_false(ctx->tcti_explicit);
+        g_autofree char *store = g_build_filename(f->root, "var/lib/nkp/providers.ini", NULL);
+        g_assert_cmpstr(ctx->store_path, ==, store);
+        g_autofree char *qc = g_build_filename(f->root, "etc/libvirt/qemu.conf", NULL);
+        g_assert_cmpstr(ctx->migration_qemu_conf, ==, qc);
+        g_assert_false(ctx->migration_allow_plain);
+        g_assert_cmpint(ctx->vtpm_policy, ==, NKP_VTPM_POLICY_ENROL);
+        g_assert_cmpstr(ctx->vtpm_swtpm_user, ==, "tss");
+        g_assert_cmpstr(ctx->vtpm_state_dir, ==, "/var/lib/libvirt/swtpm");
+        nkp_context_free(ctx);
+
+        /* A TPM device under the root: it is the default TCTI, not explicit. */
+        g_autofree char *dev = g_build_filename(f->root, "dev", NULL);
+        g_autofree char *rm0 = g_build_filename(dev, "tpmrm0", NULL);
+        g_assert_cmpint(g_mkdir_with_parents(dev, 0700), ==, 0);
+        g_assert_true(g_file_set_contents(rm0, "", 0, NULL));
+        ctx = open_ok(f);
+        g_assert_cmpstr(nkp_context_tcti(ctx), ==, "device:/dev/tpmrm0");
+        g_assert_false(ctx->tcti_explicit);
+        nkp_context_free(ctx);
+}
+
+static void test_every_setting(Fixture *f, gconstpointer data)
+{
+        (void) data;
+        set_conf(f, "# a comment\n"
+                    "[tpm]\n"
+                    "tcti = swtpm:host=127.0.0.1,port=2321\n"
+                    "[migration]\n"
+                    "allow_plain = true\n"
+                    "qemu_conf = /srv/qemu.conf\n"
+                    "[vtpm]\n"
+                    "# require: refuse plain vTPMs\n"
+                    "policy = require\n"
+                    "swtpm_user = swtpm\n"
+                    "state_dir = /srv/swtpm\n");
+        nkp_context *ctx = open_ok(f);
+        g_assert_cmpstr(nkp_context_tcti(ctx), ==, "swtpm:host=127.0.0.1,port=2321");
+        g_assert_true(ctx->tcti_explicit);
+        g_assert_true(ctx->migration_allow_plain);
+        g_assert_cmpstr(ctx->migration_qemu_conf, ==, "/srv/qemu.conf");
+        g_assert_cmpint(ctx->vtpm_policy, ==, NKP_VTPM_POLICY_REQUIRE);
+        g_assert_cmpstr(ctx->vtpm_swtpm_user, ==, "swtpm");
+        g_assert_cmpstr(ctx->vtpm_state_dir, ==, "/srv/swtpm");
+        nkp_context_free(ctx);
+
+        /* The environment overrides state_dir (the lab's hosts use it). */
+        g_setenv("NKP_SWTPM_STATE_DIR", "/elsewhere", TRUE);
+        ctx = open_ok(f);
+        g_assert_cmpstr(ctx->vtpm_state_dir, ==, "/elsewhere");
+        nkp_context_free(ctx);
+        g_unsetenv("NKP_SWTPM_STATE_DIR");
+
+        /* "enroll" is accepted for "enrol"; "none" is not an explicit TPM. */
+        set_conf(f, "[tpm]\ntcti=none\n[vtpm]\npolicy=enroll\n");
+        ctx = open_ok(f);
+        g_assert_cmpint(ctx->vtpm_policy, ==, NKP_VTPM_POLICY_ENROL);
+        g_assert_false(ctx->tcti_explicit);
+        nkp_context_free(ctx);
+}
+
+static void test_refused(Fixture *f, gconstpointer data)
+{
+        (void) data;
+        static const struct {
+                const char *what, *text, *needle;
+        } cases[] = {
+                { "not a key file", "tcti = none\n", "Cannot read the config" },
+                { "unknown section", "[tmp]\ntcti=none\n", "unknown section [tmp]" },
+                { "misspelt key", "[tpm]\ntcit=none\n", "unknown key tcit= in [tpm] (known there: tcti)" },
+                { "key in the wrong section", "[vtpm]\ntcti=none\n", "unknown key tcti= in [vtpm]" },
+                { "comment after a value", "[tpm]\ntcti = device:/dev/tpmrm0   # the TPM\n",
+                  "comments on their own lines" },
+                { "empty tcti", "[tpm]\ntcti=\n", "empty [tpm] tcti=" },
+                { "bad boolean", "[migration]\nallow_plain=maybe\n", "allow_plain" },
+                { "relative qemu_conf", "[migration]\nqemu_conf=qemu.conf\n", "qemu_conf" },
+                { "unknown policy", "[vtpm]\npolicy=sometimes\n", "policy=sometimes" },
+                { "relative state_dir", "[vtpm]\nstate_dir=swtpm\n", "state_dir" },
+        };
+        for (size_t i = 0; i < G_N_ELEMENTS(cases); i++) {
+                g_test_message("case: %s", cases[i].what);
+                set_conf(f, cases[i].text);
+                nkp_context *ctx = NULL;
+                g_assert_cmpint(nkp_context_new(f->root, &ctx), ==, -EINVAL);
+                g_assert_null(ctx);
+                const char *msg = nkp_error_message();
+                g_test_message("refused: %s", msg);
+                g_assert_nonnull(strstr(msg, f->conf));
+                g_assert_null(strchr(msg, '\n'));
+                if (!strstr(msg, cases[i].needle))
+                        g_error("'%s': message '%s' lacks '%s'", cases[i].what, msg, cases[i].needle);
+        }
+}
+
+int main(int argc, char **argv)
+{
+        g_test_init(&argc, &argv, NULL);
+#define ADD(path, fn) g_test_add(path, Fixture, NULL, fixture_set_up, fn, fixture_tear_down)
+        ADD("/context/defaults", test_defaults);
+        ADD("/context/every-setting", test_every_setting);
+        ADD("/context/refused", test_refused);
+        return g_test_run();
+}
