@@ -222,10 +222,6 @@ static int check_space(GPtrArray *paths)
         return 0;
 }
 
-/* Converts `path` into `path`.nkp-new: from LUKS under `old_value` (or
- * plain when NULL) to LUKS under `new_value` (or plain when NULL), then
- * compares the two images (`qemu-img compare` opens both, each with its
- * own key).  Encrypt: (NULL, new); decrypt: (old, NULL); deep rekey: both. */
 /* QEMU 7.2 sizes LUKS PBKDF2 iterations by timing 2^15 of them with the
  * thread's CPU time (getrusage), and fails with "Unable to get accurate CPU
  * usage" when that reads 0 ms.  Where CPU time is accounted in ticks (4 ms
@@ -238,6 +234,10 @@ static int check_space(GPtrArray *paths)
         "encrypt.format=luks,encrypt.key-secret=snew,encrypt.iter-time=10,encrypt.hash-alg=sha512"
 #define LUKS_CREATE_ATTEMPTS 6
 
+/* Converts `path` into `path`.nkp-new: from LUKS under `old_value` (or
+ * plain when NULL) to LUKS under `new_value` (or plain when NULL), then
+ * compares the two images (`qemu-img compare` opens both, each with its
+ * own key).  Encrypt: (NULL, new); decrypt: (old, NULL); deep rekey: both. */
 static int convert_disk(const char *path, const nkp_secret *old_value, const nkp_secret *new_value)
 {
         g_autofree char *tmp = g_strconcat(path, ".nkp-new", NULL);
