@@ -137,7 +137,8 @@ static void test_paths_confined(Fixture *f, gconstpointer data)
 {
         (void) data;
         g_autofree char *path = nkp_journal_path(f->ctx, vm_uuid);
-        const char *bad_files[] = { "images/a.qcow2", "/var/lib/../../etc/shadow", "/a/./b" };
+        const char *bad_files[] = { "images/a.qcow2", "/var/lib/../../etc/shadow", "/a/./b",
+                                    "/var//a.qcow2" };
         for (size_t i = 0; i < G_N_ELEMENTS(bad_files); i++) {
                 g_autoptr(NkpJournal) j = nkp_journal_new("encrypt", "vm1", vm_uuid, OLD_SIG, NEW_SIG);
                 g_ptr_array_add(j->files, g_strdup(bad_files[i]));

@@ -197,10 +197,10 @@ int nkp_journal_save(nkp_context *ctx, const NkpJournal *j)
                                                  "journal; rename it. Nothing was changed.",
                                         p);
                 if (!journal_path_ok(p, false))
-                        return nkp_fail(-EINVAL, "The path '%s' is not absolute or has '.' or "
-                                                 "'..' in it, which nkp cannot journal; give the "
-                                                 "domain its plain absolute path. Nothing was "
-                                                 "changed.",
+                        return nkp_fail(-EINVAL, "The path '%s' is not a plain absolute path "
+                                                 "(it has '.', '..', '//' or a trailing '/'), "
+                                                 "which nkp cannot journal; give the domain its "
+                                                 "plain absolute path. Nothing was changed.",
                                         p);
         }
         for (guint i = 0; i < j->scratch->len; i++)
