@@ -606,7 +606,7 @@ lab_luks_create() {
         fi
         lab_say "qemu-img create (LUKS) attempt $i: $err"
         rm -f "$path"
-        sleep "0.$((i * 2))"
+        sleep "$((i * 2 / 10)).$((i * 2 % 10))"   # 0.2 s, 0.4 s … 1.2 s
     done
     return 1
 }
