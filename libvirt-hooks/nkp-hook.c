@@ -235,7 +235,7 @@ static int define_secrets(nkp_context *ctx, const NkpDomain *d)
                 return r;
 
         g_autoptr(NkpVirt) v = NULL;
-        r = nkp_virt_open(libvirt_uri(), &v);
+        r = nkp_virt_open(libvirt_uri(), 0, &v);
         mark("connected");
         if (r < 0)
                 return nkp_fail_prefix(r, "VM '%s' cannot start: its keys cannot be handed to "
@@ -257,7 +257,7 @@ static int define_secrets(nkp_context *ctx, const NkpDomain *d)
 static void undefine_secrets(const NkpDomain *d)
 {
         g_autoptr(NkpVirt) v = NULL;
-        if (nkp_virt_open(libvirt_uri(), &v) < 0)
+        if (nkp_virt_open(libvirt_uri(), 0, &v) < 0)
                 return;
         for (size_t i = 0; i < nkp_keysafe_n_entries(d->keysafe); i++)
                 (void) nkp_virt_secret_undefine(v, nkp_keysafe_entry_secret_uuid(d->keysafe, i));

@@ -289,7 +289,7 @@ static void test_secret_value(void)
 static void test_virt_test_driver(void)
 {
         g_autoptr(NkpVirt) v = NULL;
-        if (nkp_virt_open("test:///default", &v) < 0) {
+        if (nkp_virt_open("test:///default", 0, &v) < 0) {
                 g_test_skip(nkp_error_message());
                 return;
         }

@@ -114,6 +114,23 @@ const char *nkp_context_root(const nkp_context *ctx);
 const char *nkp_context_tcti(const nkp_context *ctx);
 
 /* ------------------------------------------------------------------------ */
+/* libvirt connection                                                        */
+
+typedef struct nkp_virt nkp_virt;
+
+/* Opens `uri` (NULL: libvirt's default) read-write.  libvirt has no per-call
+ * timeout, so when `deadline_seconds` is not 0 every libvirt call made
+ * through the connection (the connect included) runs under a process alarm
+ * (SIGALRM): a call that does not return in time makes the process print
+ * one line on stderr ("PROG: libvirt did not answer within N seconds; …")
+ * and exit 1.  Only for programs that own SIGALRM; 0 leaves calls
+ * unbounded.  -ECONNREFUSED (with the fix) when libvirt cannot be reached. */
+int nkp_virt_open(const char *uri, unsigned deadline_seconds, nkp_virt **ret);
+
+/* Closes the connection.  Accepts NULL. */
+void nkp_virt_close(nkp_virt *v);
+
+/* ------------------------------------------------------------------------ */
 /* Providers                                                                 */
 
 typedef struct nkp_provider nkp_provider;

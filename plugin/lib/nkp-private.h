@@ -302,13 +302,16 @@ int nkp_domain_edit_format(NkpDomainEdit *e, char **ret);
  * so the bound is the calling program's: the hook and nkpctl arm a process
  * deadline (alarm) and exit with one line when it fires.  libvirt's default
  * error printing is switched off: errors come back as nkp_fail messages.
+ * (Since the library redesign the deadline is the connection's: see
+ * nkp_virt_open() in nkp.h.)
  *
  * Secret values: every nkp secret value is the lower-case hex text of the
  * 32-byte DEK (64 ASCII characters).  LUKS passphrases must be UTF-8 with
  * no NUL; using the same encoding for the vTPM keeps one rule (swtpm runs
  * PBKDF2 over whatever bytes it gets).  The entropy stays 256 bits. */
 
-typedef struct NkpVirt NkpVirt;
+/* The connection (nkp_virt) is public: nkp_virt_open() in nkp.h. */
+typedef nkp_virt NkpVirt;
 
 #define NKP_SECRET_VALUE_LEN (2 * NKP_DEK_SIZE)
 
@@ -318,9 +321,6 @@ int nkp_secret_value_from_dek(const nkp_secret *dek, nkp_secret **ret);
 /* The URI the hook uses when none is configured: the secret driver only. */
 #define NKP_HOOK_DEFAULT_URI "secret:///system"
 
-/* Opens `uri` (NULL: libvirt's default) read-write. */
-int nkp_virt_open(const char *uri, NkpVirt **ret);
-void nkp_virt_close(NkpVirt *v);
 /* The virConnectPtr (nkpd registers its domain events on it). */
 void *nkp_virt_connection(NkpVirt *v);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpVirt, nkp_virt_close)

@@ -5,19 +5,80 @@
  * /etc/libvirt/secrets) and private='yes' (the value cannot be read back
  * through the API).  Their value is hex(DEK): see nkp-private.h.
  *
- * Bounding: libvirt has no per-call timeout; the programs arm a process
- * deadline (see nkp-private.h and libvirt-hooks/nkp-hook.c). */
+ * Bounding: libvirt has no per-call timeout.  A connection opened with a
+ * deadline arms a process alarm (SIGALRM) around each libvirt call made
+ * through it; when it fires the process prints one line and exits 1 (see
+ * nkp_virt_open in nkp.h).  Nested calls keep the outermost arming. */
 #include <errno.h>
+#include <signal.h>
+#include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <libvirt/libvirt.h>
 #include <libvirt/virterror.h>
 
 #include "nkp-private.h"
 
-struct NkpVirt {
+struct nkp_virt {
         virConnectPtr conn;
+        unsigned deadline; /* seconds, 0 = unbounded */
 };
+
+/* ---- the call deadline ------------------------------------------------------ */
+
+/* Written before the alarm is armed, read by the handler (async-signal-safe
+ * write of a preformatted line). */
+static char deadline_line[256];
+static size_t deadline_line_len;
+static int deadline_depth;
+
+static void on_deadline(int sig)
+{
+        (void) sig;
+        ssize_t w = write(STDERR_FILENO, deadline_line, deadline_line_len);
+        (void) w;
+        _exit(1);
+}
+
+static void deadline_arm(unsigned seconds)
+{
+        if (deadline_depth++ > 0)
+                return;
+        const char *prg = g_get_prgname();
+        int n = snprintf(deadline_line, sizeof deadline_line,
+                         "%s: libvirt did not answer within %u seconds; is libvirtd running and "
+                         "responsive? Run the command again once it is: nkp never leaves a VM "
+                         "unable to start.\n",
+                         prg ? prg : "nkp", seconds);
+        deadline_line_len = n < 0 ? 0 : MIN((size_t) n, sizeof deadline_line - 1);
+        struct sigaction sa = { .sa_handler = on_deadline };
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGALRM, &sa, NULL);
+        alarm(seconds);
+}
+
+typedef struct {
+        bool armed;
+} VirtCall;
+
+static VirtCall virt_call_begin(unsigned seconds)
+{
+        if (seconds == 0)
+                return (VirtCall) { false };
+        deadline_arm(seconds);
+        return (VirtCall) { true };
+}
+
+static void virt_call_end(VirtCall *c)
+{
+        if (c->armed && --deadline_depth == 0)
+                alarm(0);
+}
+
+/* Bounds the rest of the enclosing function by the connection's deadline. */
+#define BOUNDED(v) __attribute__((cleanup(virt_call_end))) VirtCall virt_call_ = \
+        virt_call_begin((v)->deadline)
 
 static void silent_error(void *userdata, virErrorPtr err)
 {
@@ -72,9 +133,10 @@ int nkp_secret_value_from_dek(const nkp_secret *dek, nkp_secret **ret)
         return 0;
 }
 
-int nkp_virt_open(const char *uri, NkpVirt **ret)
+int nkp_virt_open(const char *uri, unsigned deadline_seconds, nkp_virt **ret)
 {
         virSetErrorFunc(NULL, silent_error);
+        VirtCall c __attribute__((cleanup(virt_call_end))) = virt_call_begin(deadline_seconds);
         virConnectPtr conn = virConnectOpen(uri);
         if (!conn) {
                 int err = virt_errno();
@@ -82,18 +144,21 @@ int nkp_virt_open(const char *uri, NkpVirt **ret)
                                 "Cannot connect to libvirt at '%s': %s. Is libvirtd running?",
                                 uri ? uri : "(default)", last_virt_error());
         }
-        NkpVirt *v = g_new0(NkpVirt, 1);
+        nkp_virt *v = g_new0(nkp_virt, 1);
         v->conn = conn;
+        v->deadline = deadline_seconds;
         *ret = v;
         return 0;
 }
 
-void nkp_virt_close(NkpVirt *v)
+void nkp_virt_close(nkp_virt *v)
 {
         if (!v)
                 return;
-        if (v->conn)
+        if (v->conn) {
+                BOUNDED(v);
                 virConnectClose(v->conn);
+        }
         g_free(v);
 }
 
@@ -103,9 +168,10 @@ static bool uuid_ok(const char *s)
         return s && nkp_uuid_parse(s, b) == 0;
 }
 
-int nkp_virt_secret_define(NkpVirt *v, const char *secret_uuid, const char *kind,
+int nkp_virt_secret_define(nkp_virt *v, const char *secret_uuid, const char *kind,
                            const char *vm_uuid, const char *volume, const nkp_secret *value)
 {
+        BOUNDED(v);
         if (!uuid_ok(secret_uuid) || !kind)
                 return nkp_fail(-EINVAL, "The secret UUID '%s' is not a valid UUID.",
                                 secret_uuid ? secret_uuid : "");
@@ -147,8 +213,9 @@ int nkp_virt_secret_define(NkpVirt *v, const char *secret_uuid, const char *kind
         return r < 0 ? r : 0;
 }
 
-int nkp_virt_secret_undefine(NkpVirt *v, const char *secret_uuid)
+int nkp_virt_secret_undefine(nkp_virt *v, const char *secret_uuid)
 {
+        BOUNDED(v);
         virSecretPtr sec = virSecretLookupByUUIDString(v->conn, secret_uuid);
         if (!sec)
                 return nkp_fail(virt_errno(), "No libvirt secret '%s': %s.", secret_uuid,
@@ -162,8 +229,9 @@ int nkp_virt_secret_undefine(NkpVirt *v, const char *secret_uuid)
         return r < 0 ? err : 0;
 }
 
-bool nkp_virt_secret_exists(NkpVirt *v, const char *secret_uuid)
+bool nkp_virt_secret_exists(nkp_virt *v, const char *secret_uuid)
 {
+        BOUNDED(v);
         virSecretPtr sec = virSecretLookupByUUIDString(v->conn, secret_uuid);
         if (!sec)
                 return false;
@@ -171,8 +239,9 @@ bool nkp_virt_secret_exists(NkpVirt *v, const char *secret_uuid)
         return true;
 }
 
-int nkp_virt_domain_xml(NkpVirt *v, const char *name, bool inactive, char **ret)
+int nkp_virt_domain_xml(nkp_virt *v, const char *name, bool inactive, char **ret)
 {
+        BOUNDED(v);
         virDomainPtr dom = virDomainLookupByName(v->conn, name);
         if (!dom)
                 return nkp_fail(virt_errno(), "No libvirt domain '%s': %s.", name,
@@ -190,8 +259,9 @@ int nkp_virt_domain_xml(NkpVirt *v, const char *name, bool inactive, char **ret)
         return 0;
 }
 
-int nkp_virt_domain_define(NkpVirt *v, const char *xml)
+int nkp_virt_domain_define(nkp_virt *v, const char *xml)
 {
+        BOUNDED(v);
         virDomainPtr dom = virDomainDefineXML(v->conn, xml);
         if (!dom)
                 return nkp_fail(virt_errno(), "libvirt refused the new domain definition: %s.",
@@ -205,8 +275,9 @@ static gint cmp_str(gconstpointer a, gconstpointer b)
         return strcmp(*(char *const *) a, *(char *const *) b);
 }
 
-int nkp_virt_domain_list(NkpVirt *v, GPtrArray **ret_names)
+int nkp_virt_domain_list(nkp_virt *v, GPtrArray **ret_names)
 {
+        BOUNDED(v);
         virDomainPtr *doms = NULL;
         int n = virConnectListAllDomains(v->conn, &doms, VIR_CONNECT_LIST_DOMAINS_PERSISTENT);
         if (n < 0)
@@ -225,8 +296,9 @@ int nkp_virt_domain_list(NkpVirt *v, GPtrArray **ret_names)
         return 0;
 }
 
-int nkp_virt_domain_is_active(NkpVirt *v, const char *name)
+int nkp_virt_domain_is_active(nkp_virt *v, const char *name)
 {
+        BOUNDED(v);
         virDomainPtr dom = virDomainLookupByName(v->conn, name);
         if (!dom)
                 return nkp_fail(virt_errno(), "No libvirt domain '%s': %s.", name,
@@ -240,8 +312,9 @@ int nkp_virt_domain_is_active(NkpVirt *v, const char *name)
         return r < 0 ? err : r;
 }
 
-int nkp_virt_domain_has_managed_save(NkpVirt *v, const char *name)
+int nkp_virt_domain_has_managed_save(nkp_virt *v, const char *name)
 {
+        BOUNDED(v);
         virDomainPtr dom = virDomainLookupByName(v->conn, name);
         if (!dom)
                 return nkp_fail(virt_errno(), "No libvirt domain '%s': %s.", name,
@@ -255,8 +328,9 @@ int nkp_virt_domain_has_managed_save(NkpVirt *v, const char *name)
         return r < 0 ? err : r;
 }
 
-int nkp_virt_managed_save_xml(NkpVirt *v, const char *name, char **ret)
+int nkp_virt_managed_save_xml(nkp_virt *v, const char *name, char **ret)
 {
+        BOUNDED(v);
         virDomainPtr dom = virDomainLookupByName(v->conn, name);
         if (!dom)
                 return nkp_fail(virt_errno(), "No libvirt domain '%s': %s.", name,
@@ -362,8 +436,9 @@ int nkp_vm_unlock(nkp_context *ctx, const NkpDomain *d, bool want_values, GPtrAr
 
 /* ---- the keysafe in the domain metadata ------------------------------------- */
 
-int nkp_virt_keysafe_get(NkpVirt *v, const char *name, bool live, char **ret)
+int nkp_virt_keysafe_get(nkp_virt *v, const char *name, bool live, char **ret)
 {
+        BOUNDED(v);
         virDomainPtr dom = virDomainLookupByName(v->conn, name);
         if (!dom)
                 return nkp_fail(virt_errno(), "No libvirt domain '%s': %s.", name,
@@ -386,8 +461,9 @@ int nkp_virt_keysafe_get(NkpVirt *v, const char *name, bool live, char **ret)
         return r;
 }
 
-int nkp_virt_keysafe_set(NkpVirt *v, const char *name, const char *keysafe_xml)
+int nkp_virt_keysafe_set(nkp_virt *v, const char *name, const char *keysafe_xml)
 {
+        BOUNDED(v);
         virDomainPtr dom = virDomainLookupByName(v->conn, name);
         if (!dom)
                 return nkp_fail(virt_errno(), "No libvirt domain '%s': %s.", name,
@@ -404,8 +480,9 @@ int nkp_virt_keysafe_set(NkpVirt *v, const char *name, const char *keysafe_xml)
         return r < 0 ? r : 0;
 }
 
-int nkp_virt_keysafe_put(NkpVirt *v, const char *name, const char *keysafe_xml, bool live)
+int nkp_virt_keysafe_put(nkp_virt *v, const char *name, const char *keysafe_xml, bool live)
 {
+        BOUNDED(v);
         virDomainPtr dom = virDomainLookupByName(v->conn, name);
         if (!dom)
                 return nkp_fail(virt_errno(), "No libvirt domain '%s': %s.", name,
@@ -434,7 +511,7 @@ int nkp_virt_keysafe_put(NkpVirt *v, const char *name, const char *keysafe_xml, 
         return r < 0 ? r : 0;
 }
 
-void *nkp_virt_connection(NkpVirt *v)
+void *nkp_virt_connection(nkp_virt *v)
 {
         return v->conn;
 }

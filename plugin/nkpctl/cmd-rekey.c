@@ -44,33 +44,6 @@ static const char rekey_usage[] =
         "Usage: nkpctl vm rekey DOMAIN [--provider NAME] [--deep]\n"
         "       nkpctl vm rekey --all [--provider NAME]\n";
 
-/* ---- libvirt deadline (libvirt has no per-call timeout) ------------------ */
-
-#define LIBVIRT_DEADLINE 60
-
-static void on_alarm(int sig)
-{
-        (void) sig;
-        static const char msg[] = "nkpctl: libvirt did not answer within 60 seconds; is "
-                                  "libvirtd running and responsive? Run the rekey again once it "
-                                  "is: a VM is never left unable to start.\n";
-        ssize_t w = write(STDERR_FILENO, msg, sizeof msg - 1);
-        (void) w;
-        _exit(1);
-}
-
-static void deadline_arm(void)
-{
-        struct sigaction sa = { .sa_handler = on_alarm };
-        sigaction(SIGALRM, &sa, NULL);
-        alarm(LIBVIRT_DEADLINE);
-}
-
-static void deadline_disarm(void)
-{
-        alarm(0);
-}
-
 /* ---- one VM --------------------------------------------------------------- */
 
 /* One definition of a domain: the persistent one, or the live one. */
@@ -404,12 +377,10 @@ static int rekey_single(NkpctlGlobals *g, const char *name, const char *provider
         if (pick_target(g, provider, &to, &to_kdk) < 0)
                 return nkpctl_lib_error();
         g_autoptr(NkpVirt) v = NULL;
-        deadline_arm();
-        if (nkp_virt_open(g->connect_uri, &v) < 0)
+        if (nkp_virt_open(g->connect_uri, NKPCTL_LIBVIRT_DEADLINE, &v) < 0)
                 return nkpctl_lib_error();
         RekeyResult res = { .name = g_strdup(name), .to = g_strdup(nkp_provider_name(to)) };
         int r = rekey_one(g, v, name, to, to_kdk, &res);
-        deadline_disarm();
         int rc = 0;
         if (r == 1)
                 rc = nkpctl_error("VM '%s' is not encrypted by nkp; nothing to rekey (to protect "
@@ -440,10 +411,9 @@ static int rekey_all(NkpctlGlobals *g, const char *provider)
                 return nkpctl_lib_error();
         g_autoptr(NkpVirt) v = NULL;
         g_autoptr(GPtrArray) names = NULL;
-        deadline_arm();
-        if (nkp_virt_open(g->connect_uri, &v) < 0 || nkp_virt_domain_list(v, &names) < 0)
+        if (nkp_virt_open(g->connect_uri, NKPCTL_LIBVIRT_DEADLINE, &v) < 0 ||
+            nkp_virt_domain_list(v, &names) < 0)
                 return nkpctl_lib_error();
-        deadline_disarm();
 
         g_autoptr(JsonBuilder) b = json_builder_new();
         json_builder_begin_array(b);
@@ -452,9 +422,7 @@ static int rekey_all(NkpctlGlobals *g, const char *provider)
                 const char *name = names->pdata[i];
                 RekeyResult res = { .name = g_strdup(name), .to = g_strdup(nkp_provider_name(to)) };
                 nkp_error_clear();
-                deadline_arm(); /* per VM: --all over many VMs may take long */
                 int r = rekey_one(g, v, name, to, to_kdk, &res);
-                deadline_disarm();
                 if (r == 1 || r == -ENOENT) { /* plain, or undefined meanwhile */
                         rekey_result_clear(&res);
                         continue;
@@ -544,8 +512,8 @@ int nkpctl_provider_dependents(NkpctlGlobals *g, const char *key_id, GPtrArray *
 {
         g_autoptr(NkpVirt) v = NULL;
         g_autoptr(GPtrArray) names = NULL;
-        deadline_arm();
-        if (nkp_virt_open(g->connect_uri, &v) < 0 || nkp_virt_domain_list(v, &names) < 0)
+        if (nkp_virt_open(g->connect_uri, NKPCTL_LIBVIRT_DEADLINE, &v) < 0 ||
+            nkp_virt_domain_list(v, &names) < 0)
                 return nkp_fail_prefix(-ECONNREFUSED, "Cannot tell which VMs use the provider");
         g_autoptr(GPtrArray) out = g_ptr_array_new_with_free_func(g_free);
         for (guint i = 0; i < names->len; i++) {
@@ -559,7 +527,6 @@ int nkpctl_provider_dependents(NkpctlGlobals *g, const char *key_id, GPtrArray *
                     definition_uses(v, name, DEF_SAVED, key_id))
                         g_ptr_array_add(out, g_strdup(name));
         }
-        deadline_disarm();
         *ret_names = g_steal_pointer(&out);
         return 0;
 }

@@ -37,7 +37,7 @@
  * first finishes or rolls back an operation a crash interrupted.
  *
  * Exit 0 on success; one line on stderr otherwise.  libvirt calls run under
- * a process deadline (alarm, 60 s): libvirt has no per-call timeout. */
+ * a deadline (nkp_virt_open, 60 s): libvirt has no per-call timeout. */
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -52,34 +52,9 @@
 
 #include "nkpctl.h"
 
-#define LIBVIRT_DEADLINE 60
-
-static void on_alarm(int sig)
-{
-        (void) sig;
-        static const char msg[] = "nkpctl: libvirt did not answer within 60 seconds; is "
-                                  "libvirtd running and responsive?\n";
-        ssize_t w = write(STDERR_FILENO, msg, sizeof msg - 1);
-        (void) w;
-        _exit(1);
-}
-
-static void deadline_arm(void)
-{
-        struct sigaction sa = { .sa_handler = on_alarm };
-        sigaction(SIGALRM, &sa, NULL);
-        alarm(LIBVIRT_DEADLINE);
-}
-
-static void deadline_disarm(void)
-{
-        alarm(0);
-}
-
 static int open_virt(NkpctlGlobals *g, NkpVirt **ret)
 {
-        deadline_arm();
-        return nkp_virt_open(g->connect_uri, ret);
+        return nkp_virt_open(g->connect_uri, NKPCTL_LIBVIRT_DEADLINE, ret);
 }
 
 static int load_domain(NkpVirt *v, const char *name, char **ret_xml, NkpDomain **ret)
@@ -796,9 +771,7 @@ static int convert_and_switch(NkpctlGlobals *g, NkpVirt *v, const Conversion *c)
 
         /* The hook refuses starts while we hold the lock; this catches a
          * start that was already under way when we took it. */
-        deadline_arm();
         r = require_shut_off(v, d->name);
-        deadline_disarm();
         if (r < 0)
                 return roll_back(g, j, r);
         for (guint i = 0; i < j->files->len; i++) {
@@ -806,9 +779,7 @@ static int convert_and_switch(NkpctlGlobals *g, NkpVirt *v, const Conversion *c)
                         return roll_back(g, j, r);
                 nkp_test_crash_point("swapped");
         }
-        deadline_arm();
         r = nkp_virt_domain_define(v, c->newxml);
-        deadline_disarm();
         if (r < 0) {
                 r = nkp_fail_prefix(r, "The new definition of VM '%s' was refused, so every file "
                                        "was put back and nothing was changed",
@@ -887,9 +858,7 @@ static int recover_locked(NkpctlGlobals *g, const NkpDomain *d, char **ret_op)
 int nkpctl_vm_recover(NkpctlGlobals *g, NkpVirt *v, const char *name)
 {
         g_autoptr(NkpDomain) d = NULL;
-        deadline_arm();
         int r = load_domain(v, name, NULL, &d);
-        deadline_disarm();
         if (r < 0)
                 return r;
         int fd = -1;
@@ -929,9 +898,7 @@ static int begin_command(NkpctlGlobals *g, NkpVirt *v, const char *name, const c
                          int *ret_lock, char **ret_xml, NkpDomain **ret)
 {
         g_autoptr(NkpDomain) d = NULL;
-        deadline_arm();
         int r = load_domain(v, name, NULL, &d);
-        deadline_disarm();
         if (r < 0)
                 return r;
         if ((r = lock_vm(g, d, ret_lock)) < 0)
@@ -949,11 +916,9 @@ static int begin_command(NkpctlGlobals *g, NkpVirt *v, const char *name, const c
                         name, op_words(done_op));
         }
         g_clear_pointer(&d, nkp_domain_free);
-        deadline_arm();
         r = load_domain(v, name, ret_xml, &d);
         if (r == 0)
                 r = require_shut_off(v, name);
-        deadline_disarm();
         if (r < 0)
                 return r;
         *ret = g_steal_pointer(&d);
@@ -967,7 +932,6 @@ static int vm_encrypt(NkpctlGlobals *g, const char *name, const char *provider_n
 {
         g_autoptr(NkpVirt) v = NULL;
         int r = open_virt(g, &v);
-        deadline_disarm();
         if (r < 0)
                 return nkpctl_lib_error();
         g_autofree char *xml = NULL;
@@ -1069,7 +1033,6 @@ static int vm_decrypt(NkpctlGlobals *g, const char *name)
 {
         g_autoptr(NkpVirt) v = NULL;
         int r = open_virt(g, &v);
-        deadline_disarm();
         if (r < 0)
                 return nkpctl_lib_error();
         g_autofree char *xml = NULL;
@@ -1138,10 +1101,8 @@ static int vm_decrypt(NkpctlGlobals *g, const char *name)
         if (convert_and_switch(g, v, &c) < 0)
                 return nkpctl_lib_error();
         /* Its secrets, if a start left any behind. */
-        deadline_arm();
         for (guint i = 0; i < secrets->len; i++)
                 (void) nkp_virt_secret_undefine(v, ((NkpVmSecret *) secrets->pdata[i])->secret_uuid);
-        deadline_disarm();
         nkp_alarm_clear(g->ctx, "vm-locked", name);
         if (!g->json)
                 printf("VM '%s' is no longer encrypted by nkp.\n", name);
@@ -1197,7 +1158,6 @@ int nkpctl_vm_rekey_deep(NkpctlGlobals *g, const char *name, const char *provide
 {
         g_autoptr(NkpVirt) v = NULL;
         int r = open_virt(g, &v);
-        deadline_disarm();
         if (r < 0)
                 return nkpctl_lib_error();
         g_autofree char *xml = NULL;
@@ -1282,10 +1242,8 @@ int nkpctl_vm_rekey_deep(NkpctlGlobals *g, const char *name, const char *provide
         if (convert_and_switch(g, v, &c) < 0)
                 return nkpctl_lib_error();
         /* The old secrets, if a start left any behind. */
-        deadline_arm();
         for (guint i = 0; i < secrets->len; i++)
                 (void) nkp_virt_secret_undefine(v, ((NkpVmSecret *) secrets->pdata[i])->secret_uuid);
-        deadline_disarm();
 
         GString *what = g_string_new(vtpm ? "vTPM" : "");
         for (guint i = 0; i < jobs->len; i++)
@@ -1578,7 +1536,6 @@ int nkpctl_host_unlock(NkpctlGlobals *g)
                 vm_status_clear(&s);
         }
         json_builder_end_array(b);
-        deadline_disarm();
         if (g->json)
                 nkpctl_print_json(json_builder_get_root(b));
         else if (unlocked + still == 0)

@@ -8,6 +8,9 @@
 
 #include "nkp-private.h"
 
+/* Bound on each libvirt call (nkp_virt_open): libvirt has no timeout. */
+#define NKPCTL_LIBVIRT_DEADLINE 60
+
 typedef struct {
         const char *root;        /* --root, NULL for "/" */
         const char *connect_uri; /* --connect, NULL for libvirt's default */

@@ -155,7 +155,7 @@ static void scan_all(NkpVirt *v)
 static NkpVirt *connect_libvirt(const char *uri, int *ret_cb)
 {
         NkpVirt *v = NULL;
-        if (nkp_virt_open(uri, &v) < 0)
+        if (nkp_virt_open(uri, 0, &v) < 0)
                 return NULL;
         virConnectPtr conn = nkp_virt_connection(v);
         int cb = virConnectDomainEventRegisterAny(conn, NULL, VIR_DOMAIN_EVENT_ID_LIFECYCLE,
