@@ -30,21 +30,6 @@ struct nkp_provider {
         enum nkp_seal seal;
 };
 
-bool nkp_provider_name_valid(const char *name)
-{
-        if (!name)
-                return false;
-        size_t n = strlen(name);
-        if (n < 1 || n > NKP_NAME_MAX)
-                return false;
-        for (size_t i = 0; i < n; i++) {
-                char c = name[i];
-                if (!g_ascii_isalnum(c) && c != '.' && c != '_' && c != '-')
-                        return false;
-        }
-        return true;
-}
-
 static int check_name(const char *name)
 {
         if (nkp_provider_name_valid(name))

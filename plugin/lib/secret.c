@@ -20,12 +20,6 @@ struct nkp_secret {
         uint8_t *data; /* its own anonymous mapping: lockable, MADV_DONTDUMP */
 };
 
-void nkp_wipe(void *p, size_t len)
-{
-        if (p && len)
-                OPENSSL_cleanse(p, len);
-}
-
 int nkp_secret_new(size_t len, nkp_secret **ret)
 {
         if (len == 0 || len > NKP_SECRET_MAX)

@@ -43,6 +43,23 @@
 
 #include "nkp-private.h"
 
+/* Here, not in provider.c: the store validates the names it reads, and the
+ * provider layer builds on the store, never the reverse. */
+bool nkp_provider_name_valid(const char *name)
+{
+        if (!name)
+                return false;
+        size_t n = strlen(name);
+        if (n < 1 || n > NKP_NAME_MAX)
+                return false;
+        for (size_t i = 0; i < n; i++) {
+                char c = name[i];
+                if (!g_ascii_isalnum(c) && c != '.' && c != '_' && c != '-')
+                        return false;
+        }
+        return true;
+}
+
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpStoreEntry, nkp_store_entry_free)
 
 #define STORE_VERSION 1

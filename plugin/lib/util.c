@@ -9,7 +9,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
+
 #include "nkp-private.h"
+
+/* The base of the base layer: secret.c builds on it, never the reverse. */
+void nkp_wipe(void *p, size_t len)
+{
+        if (p && len)
+                OPENSSL_cleanse(p, len);
+}
 
 static int write_all(int fd, const void *data, size_t len)
 {
