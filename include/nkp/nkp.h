@@ -205,6 +205,35 @@ void nkp_provider_free(nkp_provider *p);
 int nkp_provider_get_kdk(nkp_context *ctx, const char *key_id, nkp_secret **ret);
 
 /* ------------------------------------------------------------------------ */
+/* The host: its TPM and the key cache                                       */
+
+typedef struct nkp_host_status nkp_host_status;
+
+/* What `nkpctl host status` shows: whether a TPM is configured and answers
+ * (the TPM is opened once to find out; a stuck one costs its TCTI's
+ * timeout), and the providers whose KDK is in the key cache for this boot
+ * (names, key ids, "deleted from the store": never key bytes).  A TPM that
+ * does not answer is not an error here: it is reported by the accessors.
+ * Errors: the key cache cannot be read. */
+int nkp_host_status_get(nkp_context *ctx, nkp_host_status **ret);
+void nkp_host_status_free(nkp_host_status *st);
+/* false when the config says "none" or the default device is absent. */
+bool nkp_host_status_tpm_in_use(const nkp_host_status *st);
+bool nkp_host_status_tpm_answers(const nkp_host_status *st);
+/* Why a TPM in use does not answer (NULL when it does). */
+const char *nkp_host_status_tpm_error(const nkp_host_status *st);
+/* Cached providers, by index 0..n-1 (NULL / false past the end). */
+size_t nkp_host_status_n_cached(const nkp_host_status *st);
+const char *nkp_host_status_cached_name(const nkp_host_status *st, size_t i);
+const char *nkp_host_status_cached_key_id(const nkp_host_status *st, size_t i);
+bool nkp_host_status_cached_deleted(const nkp_host_status *st, size_t i);
+
+/* Forgets every unsealed KDK now, as a reboot does; *ret_forgotten (may be
+ * NULL) = how many were cached.  VMs that need them stay locked until the
+ * keys are unsealed again (the next start unseals from the store). */
+int nkp_host_flush_cache(nkp_context *ctx, size_t *ret_forgotten);
+
+/* ------------------------------------------------------------------------ */
 /* Key chain                                                                 */
 
 /* The one-way fingerprint of a KDK: 64 hex digits (HKDF-SHA256 with the
