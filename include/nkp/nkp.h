@@ -336,4 +336,15 @@ int64_t nkp_alarm_since(const nkp_alarm *a); /* seconds since the epoch, 0 if de
 }
 #endif
 
+/* GLib users (include <glib.h> first) get g_autoptr() for the public
+ * types. */
+#ifdef G_DEFINE_AUTOPTR_CLEANUP_FUNC
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_secret, nkp_secret_free)
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_context, nkp_context_free)
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_provider, nkp_provider_free)
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_keysafe, nkp_keysafe_free)
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_virt, nkp_virt_close)
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_host_status, nkp_host_status_free)
+#endif
+
 #endif /* NKP_NKP_H */

@@ -17,10 +17,7 @@
 
 #include "nkp/nkp.h"
 
-G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_secret, nkp_secret_free)
-G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_context, nkp_context_free)
-G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_provider, nkp_provider_free)
-G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_keysafe, nkp_keysafe_free)
+/* g_autoptr() of the public types: nkp.h defines them after glib.h. */
 
 /* ---- error.c ------------------------------------------------------------ */
 
