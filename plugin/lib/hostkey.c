@@ -215,7 +215,8 @@ static char *fs_source(const char *path)
  * libvirtd at every boot, fsck'd and grown by nkp; and on tmpfs (no disk)
  * there is nothing at rest to protect in the first place.  ext4 gets the
  * feature in place with one tune2fs command on a mounted filesystem, which
- * is a smaller and more honest step than a second filesystem nkp runs. */
+ * is a smaller and more honest step than a second filesystem nkp runs
+ * (measured: the kernel honours the feature at once, without a remount). */
 static int refuse_unsupported(const char *dir, int err)
 {
         const char *type = fs_type_name(dir);
@@ -223,8 +224,8 @@ static int refuse_unsupported(const char *dir, int err)
         if (err == -EOPNOTSUPP && strcmp(type, "ext4") == 0)
                 return nkp_fail(-EOPNOTSUPP,
                                 "'%s' cannot be encrypted: its ext4 filesystem (%s) lacks the "
-                                "'encrypt' feature; enable it with `tune2fs -O encrypt %s`, "
-                                "remount it, then run the command again.",
+                                "'encrypt' feature; enable it with `tune2fs -O encrypt %s` "
+                                "(it works while mounted), then run the command again.",
                                 dir, src ? src : "?", src ? src : "DEVICE");
         if (err == -EOPNOTSUPP && strcmp(type, "f2fs") == 0)
                 return nkp_fail(-EOPNOTSUPP,
