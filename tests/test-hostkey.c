@@ -529,8 +529,26 @@ static char *set_up(void)
         return NULL;
 }
 
+/* For bench/bench-hostkey-io.sh only: `test-hostkey --protect-empty DIR`
+ * adds the test host key (a fixed, public test KDK: never a real one) to
+ * DIR's filesystem and encrypts the empty DIR under it. */
+static int protect_empty(const char *dir)
+{
+        g_autoptr(nkp_secret) kdk = test_kdk(1);
+        g_autoptr(nkp_secret) key = NULL;
+        uint8_t id[NKP_FSCRYPT_ID_SIZE];
+        if (nkp_hostkey_derive(kdk, KEY_ID, HOST_ID, &key) < 0 ||
+            nkp_fscrypt_add_key(dir, key, id) < 0 || nkp_fscrypt_set_policy(dir, id) < 0) {
+                fprintf(stderr, "test-hostkey: %s\n", nkp_error_message());
+                return 1;
+        }
+        return 0;
+}
+
 int main(int argc, char **argv)
 {
+        if (argc == 3 && strcmp(argv[1], "--protect-empty") == 0)
+                return protect_empty(argv[2]);
         bool tap = false;
         for (int i = 1; i < argc; i++)
                 tap = tap || strcmp(argv[i], "--tap") == 0;
