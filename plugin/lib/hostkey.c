@@ -923,8 +923,10 @@ int nkp_hostkey_protect_dir(const char *dir, const uint8_t identifier[NKP_FSCRYP
                         return r;
                 /* An empty directory is encrypted in place: no copy, no
                  * clear blocks left behind. */
-                if (dir_is_empty(dir))
-                        return nkp_fscrypt_set_policy(dir, identifier);
+                if (dir_is_empty(dir)) {
+                        r = nkp_fscrypt_set_policy(dir, identifier);
+                        return r < 0 ? r : fsync_dir(dir); /* the policy reaches the disk */
+                }
                 r = make_encrypted_copy(dir, tmp, neu, identifier);
                 if (r < 0)
                         return r;
