@@ -585,4 +585,74 @@ int nkp_journal_reconcile(nkp_context *ctx, const NkpJournal *j, const char *sig
  * at the Nth (default first) time it passes `step`. */
 void nkp_test_crash_point(const char *step);
 
+/* ==== issues 14/15: the host key and its protected directories (hostkey.c) == */
+/* A key per host, derived from a provider's KDK, encrypts at rest (kernel
+ * fscrypt, policy v2) the directories libvirt writes behind nkp's back: the
+ * swtpm state of VMs nkp has not enrolled yet, managed-save images, dumps,
+ * NVRAM.  See hostkey.c and docs/host-key.md.  Root only.  Every function
+ * returns 0 or a negative errno with a one-line nkp_fail message that names
+ * the directory and the fix. */
+
+#define NKP_HOSTKEY_SIZE 64    /* an fscrypt v2 master key (AES-256-XTS) */
+#define NKP_FSCRYPT_ID_SIZE 16 /* the kernel's key identifier, in every policy */
+
+/* The host key of provider (kdk, key_id) on host `host_id` (a UUID):
+ * HKDF-SHA256(kdk, info = "nkp host key v1" 0x00 key_id host_id), 64 bytes,
+ * a new secret the caller frees.  -EINVAL bad KDK size or ids. */
+int nkp_hostkey_derive(const nkp_secret *kdk, const char *key_id, const char *host_id,
+                       nkp_secret **ret);
+
+/* This host's id: ROOT/var/lib/nkp/host-id (a random UUID, not secret),
+ * made when missing and `create`.  -ENOENT missing (!create), -EBADMSG
+ * damaged. */
+int nkp_hostkey_host_id(nkp_context *ctx, bool create, char ret[NKP_UUID_STRING_LEN + 1]);
+
+/* 0 when the filesystem holding `dir` can encrypt; else -EOPNOTSUPP with
+ * the refusal (tmpfs, ext4 without `tune2fs -O encrypt`, ...).  The
+ * fallback for such filesystems is that refusal (hostkey.c says why). */
+int nkp_fscrypt_check_supported(const char *dir);
+
+/* Adds `key` (NKP_HOSTKEY_SIZE bytes; not kept) to the filesystem holding
+ * `path` (its keyring lives until removed or unmounted); every directory
+ * encrypted under it unlocks.  `ret_identifier` gets the kernel's
+ * identifier.  Adding a key that is there already is fine. */
+int nkp_fscrypt_add_key(const char *path, const nkp_secret *key,
+                        uint8_t ret_identifier[NKP_FSCRYPT_ID_SIZE]);
+
+/* Removes the key `identifier` (every user's claim) from the filesystem
+ * holding `path`: its directories lock.  `ret_busy` (may be NULL) is set
+ * when files were still open and stay readable until closed (state
+ * LOCKING; a later call finishes).  -ENOKEY when the key is not there. */
+int nkp_fscrypt_remove_key(const char *path, const uint8_t identifier[NKP_FSCRYPT_ID_SIZE],
+                           bool *ret_busy);
+
+/* Encrypts the EMPTY directory `dir` under the key `identifier` (added
+ * before): AES-256-XTS contents, AES-256-CTS names, v2.  -ENOTEMPTY,
+ * -EEXIST (another key), -ENOKEY, -EOPNOTSUPP (the refusal). */
+int nkp_fscrypt_set_policy(const char *dir, const uint8_t identifier[NKP_FSCRYPT_ID_SIZE]);
+
+typedef enum {
+        NKP_FSCRYPT_PLAIN,    /* not encrypted (also: a filesystem without fscrypt) */
+        NKP_FSCRYPT_UNLOCKED, /* encrypted, its key present */
+        NKP_FSCRYPT_LOCKED,   /* encrypted, its key absent: names encrypted, open() ENOKEY */
+        NKP_FSCRYPT_LOCKING,  /* key removed, files still open keep it readable */
+} NkpFscryptState;
+const char *nkp_fscrypt_state_name(NkpFscryptState state);
+
+/* The state of `dir`; `ret_identifier` (may be NULL) gets its policy's key
+ * identifier (zeros when plain).  -EMEDIUMTYPE a v1 policy (not nkp's). */
+int nkp_fscrypt_status(const char *dir, NkpFscryptState *ret_state,
+                       uint8_t ret_identifier[NKP_FSCRYPT_ID_SIZE]);
+
+/* `nkpctl host protect` for one directory: encrypts `dir` (absolute) under
+ * the key `identifier`, which must be added.  An empty directory is
+ * encrypted in place; one holding files is copied into an encrypted sibling
+ * that then takes its place (crash-safe: a rerun after a kill at any point
+ * finishes; the states are in hostkey.c).  Idempotent: 0 at once when `dir`
+ * is already protected by that key.  The caller keeps writers out of `dir`
+ * meanwhile.  Refusals change nothing: -EOPNOTSUPP no fscrypt, -ENOKEY key
+ * not added, -EEXIST encrypted with another key, -EBUSY a mount point or a
+ * socket inside, -EUCLEAN siblings in a state protect never leaves. */
+int nkp_hostkey_protect_dir(const char *dir, const uint8_t identifier[NKP_FSCRYPT_ID_SIZE]);
+
 #endif /* NKP_PRIVATE_H */
