@@ -364,8 +364,8 @@ int nkp_ekcert_sign(nkp_context *ctx, const nkp_ekcert_request *req, uint8_t **r
  * ROOT/run/nkp/ekca.sock (`root` NULL or "/" for the host) and waits up to
  * 15 s for the answer.  No context is needed: the config is root's.  The
  * caller owns *ret_der (free with free()).  Errors: -ENOENT nkpd has no
- * ticket for the VM (not nkp's: swtpm's local CA); -ECONNREFUSED (or the
- * connect errno) the socket is not reachable ("is nkpd running?");
+ * ticket for the VM (not nkp's: swtpm's local CA); -ECONNREFUSED the
+ * socket is missing or nobody listens ("is nkpd running?");
  * -ENAMETOOLONG the socket path does not fit; -EREMOTEIO nkpd refused, the
  * message is its line (e.g. "nkp: only root and libvirt's swtpm user may
  * ask for vTPM certificates."); -EPROTO no, a malformed or a truncated

@@ -173,8 +173,11 @@ static int connect_signer(const char *root, int *ret_fd)
                 int e = errno;
                 if (fd >= 0)
                         close(fd);
-                return nkp_fail(-e, "nkp's certificate signer at '%s' is not reachable (%s): is "
-                                    "nkpd running? (systemctl start nkpd)",
+                /* Always -ECONNREFUSED: a missing socket (ENOENT) must not read as
+                 * "not nkp's VM", which would hand an nkp VM to swtpm's CA. */
+                return nkp_fail(-ECONNREFUSED,
+                                "nkp's certificate signer at '%s' is not reachable (%s): is "
+                                "nkpd running? (systemctl start nkpd)",
                                 path, g_strerror(e));
         }
         struct timeval tv = { .tv_sec = CLIENT_TIMEOUT_SECONDS };
