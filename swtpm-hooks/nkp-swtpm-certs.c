@@ -75,7 +75,6 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -132,12 +131,11 @@ static int issue(const nkp_ekcert_request *req, uint8_t **ret_der, size_t *ret_l
         if (geteuid() != 0)
                 /* No context: nkp.conf is 0600 root, and nothing else is needed. */
                 return nkp_ekcert_request_remote(root, req, ret_der, ret_len);
-        nkp_context *ctx = NULL;
+        g_autoptr(nkp_context) ctx = NULL;
         int r = nkp_context_new(root, &ctx);
-        if (r == 0)
-                r = nkp_ekcert_sign(ctx, req, ret_der, ret_len, ret_provider);
-        nkp_context_free(ctx);
-        return r;
+        if (r < 0)
+                return r;
+        return nkp_ekcert_sign(ctx, req, ret_der, ret_len, ret_provider);
 }
 
 int main(int argc, char **argv)
@@ -152,7 +150,7 @@ int main(int argc, char **argv)
                        "--vmid NAME:UUID --tpm2 … (swtpm_setup's create_certs_tool)\n");
                 return 0;
         }
-        nkp_ekcert_request *req = NULL;
+        g_autoptr(nkp_ekcert_request) req = NULL;
         int r = nkp_ekcert_request_from_argv(argc, argv, &req);
         if (r == -ENOENT)
                 return fallback(argv);
@@ -161,28 +159,23 @@ int main(int argc, char **argv)
         const char *vmid = nkp_ekcert_request_vmid(req);
         const char *type = nkp_ekcert_request_type(req);
 
-        uint8_t *der = NULL;
+        g_autofree uint8_t *der = NULL;
         size_t len = 0;
-        char *provider = NULL;
+        g_autofree char *provider = NULL;
         r = issue(req, &der, &len, &provider);
-        if (r == -ENOENT) {
-                nkp_ekcert_request_free(req);
+        if (r == -ENOENT)
                 return fallback(argv);
-        }
         if (r < 0)
                 /* From nkpd the line already says "nkp: …". */
-                r = geteuid() == 0 ? die("VM '%s': %s", vmid, nkp_error_message())
-                                   : die("%s", nkp_error_message());
-        else if (nkp_ekcert_write(req, der, len) < 0)
-                r = die("%s", nkp_error_message());
-        else if (provider)
+                return geteuid() == 0 ? die("VM '%s': %s", vmid, nkp_error_message())
+                                      : die("%s", nkp_error_message());
+        if (nkp_ekcert_write(req, der, len) < 0)
+                return die("%s", nkp_error_message());
+        if (provider)
                 printf("nkp: issued the %s certificate of VM '%s' with the EK CA of provider "
                        "'%s'\n",
                        type, vmid, provider);
         else
                 printf("nkp: issued the %s certificate of VM '%s' through nkpd\n", type, vmid);
-        free(der);
-        free(provider);
-        nkp_ekcert_request_free(req);
-        return r < 0 ? 1 : r;
+        return 0;
 }

@@ -21,9 +21,6 @@
 
 #include "testutil.h"
 
-G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_ekcert_request, nkp_ekcert_request_free)
-G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_daemon, nkp_daemon_free)
-
 #define URI "test:///default"
 
 typedef struct {

@@ -17,8 +17,6 @@
 
 #include "testutil.h"
 
-G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_ekcert_request, nkp_ekcert_request_free)
-
 #define VM_UUID "5b3e4f8a-1c2d-4e5f-8a9b-0c1d2e3f4a5b"
 #define VMID "vm1:" VM_UUID
 

@@ -477,6 +477,8 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_provider, nkp_provider_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_keysafe, nkp_keysafe_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_virt, nkp_virt_close)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_host_status, nkp_host_status_free)
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_ekcert_request, nkp_ekcert_request_free)
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_daemon, nkp_daemon_free)
 #endif
 
 #endif /* NKP_NKP_H */

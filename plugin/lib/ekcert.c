@@ -41,7 +41,6 @@ void nkp_ekcert_request_free(nkp_ekcert_request *r)
                 g_hash_table_unref(r->opts);
         g_free(r);
 }
-G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_ekcert_request, nkp_ekcert_request_free)
 
 const char *nkp_ekcert_request_type(const nkp_ekcert_request *r)
 {
