@@ -10,7 +10,9 @@
 #   create_certs_tool (nkp-swtpm-certs, per-host /etc/swtpm_setup.conf)
 #   issued the EK certificates with the provider's CA; a start that races
 #   the enrolment (nkpd stopped) is refused with nkp's line; [vtpm]
-#   policy=require refuses a plain vTPM; policy=off leaves it plain.
+#   policy=require refuses a plain vTPM; policy=off leaves it plain; nkpd
+#   reconnects after a libvirtd restart and its scan enrols what was
+#   defined meanwhile.
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -152,6 +154,31 @@ lab_exec b nkpctl provider ca-cert pe > "$LAB_DIR/ca-b.pem" || fail "ca-cert on 
 openssl verify -CAfile "$LAB_DIR/ca-b.pem" "$LAB_DIR/ek.pem" >/dev/null || fail "the guest's EK cert does not verify against host b's ca-cert"
 lab_exec b nkpctl host flush-cache >/dev/null 2>&1 || true
 pass "host b (provider restored from the backup): the guest's EK certificate verifies against its ca-cert too"
+
+# ---- libvirtd restarts: nkpd reconnects and scans -------------------------------------------
+# A domain written into libvirt's config while libvirtd is down is seen by
+# no event: only the scan at nkpd's reconnect can enrol it.
+connects=$(grep -c "following libvirt" "$LAB_DIR/nkpd.log")
+lpid=$(cat "$(lab_hostdir a)/fs/run/libvirtd.pid")
+kill "$lpid"
+for ((i = 0; i < 50; i++)); do kill -0 "$lpid" 2>/dev/null || break; sleep 0.2; done
+dom4=e4
+uuid4=$(cat /proc/sys/kernel/random/uuid)
+printf '%s\n' "<domain type='qemu'><name>$dom4</name><uuid>$uuid4</uuid><memory>65536</memory>" \
+    "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices><emulator>/usr/bin/qemu-system-x86_64</emulator>" \
+    "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm></devices></domain>" \
+    > "$(lab_path a /etc/libvirt/qemu)/$dom4.xml"
+for ((i = 0; i < 50; i++)); do grep -q "libvirt went away; reconnecting" "$LAB_DIR/nkpd.log" && break; sleep 0.2; done
+grep -q "libvirt went away; reconnecting" "$LAB_DIR/nkpd.log" || fail "nkpd did not notice that libvirtd stopped"
+sleep 2.5 # at least one failed connect: the 2 s retry
+lab_exec a env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 libvirtd -d ||
+    fail "libvirtd did not start again"
+for ((i = 0; i < 60; i++)); do [ "$(grep -c "following libvirt" "$LAB_DIR/nkpd.log")" -gt "$connects" ] && break; sleep 0.5; done
+[ "$(grep -c "following libvirt" "$LAB_DIR/nkpd.log")" -gt "$connects" ] || fail "nkpd did not reconnect after libvirtd restarted"
+for ((i = 0; i < 50; i++)); do has_keysafe "$dom4" && break; sleep 0.2; done
+has_keysafe "$dom4" || fail "nkpd's scan at reconnect did not enrol $dom4"
+lab_virsh a undefine "$dom4" >/dev/null
+pass "libvirtd restarted: nkpd reconnected and its scan enrolled a domain defined meanwhile"
 
 # ---- policy require / off ---------------------------------------------------------------
 nkpd_stop

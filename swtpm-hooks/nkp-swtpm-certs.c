@@ -64,31 +64,26 @@
  * tss would hold a signing key); writing the CA key to a tss-readable file
  * (the thing to avoid).
  *
+ * The request, both signers and the certificate file are libnkp's (nkp.h,
+ * "vTPM EK certificates"); this program picks the signer by its user and
+ * falls back to swtpm's local CA.
+ *
  * Exit 0 with one line on stdout (swtpm_setup logs it); non-zero with one
  * line on stderr (swtpm_setup puts it into its log and fails the start).
  * Environment (tests): NKP_ROOT relocates nkp's files, NKP_SWTPM_LOCALCA the
  * fallback program. */
 #include <errno.h>
-#include <fcntl.h>
-#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
-#include <sys/socket.h>
-#include <sys/time.h>
-#include <sys/un.h>
+#include <signal.h>
 #include <unistd.h>
 
-#include "nkp-private.h"
+#include <glib.h>
 
-static const char *const value_opts[] = {
-        "type", "ek", "dir", "logfile", "vmid", "configfile", "optsfile",
-        "tpm-spec-family", "tpm-spec-level", "tpm-spec-revision", "tpm-manufacturer",
-        "tpm-model", "tpm-version",
-};
+#include "nkp/nkp.h"
 
 static int die(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
 static int die(const char *fmt, ...)
@@ -104,6 +99,7 @@ static int die(const char *fmt, ...)
         return 1;
 }
 
+/* Not nkp's VM: swtpm's own local CA, with the same arguments. */
 static int fallback(char **argv)
 {
         const char *prog = g_getenv("NKP_SWTPM_LOCALCA");
@@ -116,111 +112,30 @@ static int fallback(char **argv)
         return die("cannot run swtpm's local CA '%s': %s.", prog, g_strerror(errno));
 }
 
-/* "--platform-manufacturer X" etc. from swtpm-localca.options. */
-static void read_optsfile(const char *path, GHashTable *opts)
+static bool wants_help(int argc, char **argv)
 {
-        g_autofree char *text = NULL;
-        if (!path || !g_file_get_contents(path, &text, NULL, NULL))
-                return;
-        g_auto(GStrv) tok = g_regex_split_simple("\\s+", text, 0, 0);
-        for (size_t i = 0; tok[i] && tok[i + 1]; i++) {
-                if (g_str_has_prefix(tok[i], "--platform-") && tok[i + 1][0] &&
-                    !g_str_has_prefix(tok[i + 1], "--"))
-                        g_hash_table_replace(opts, g_strdup(tok[i] + 2), g_strdup(tok[i + 1]));
-        }
+        for (int i = 1; i < argc; i++)
+                if (strcmp(argv[i], "--help") == 0)
+                        return true;
+        return false;
 }
 
-static int write_cert(const char *dir, const char *type, GBytes *der)
+/* Root signs in-process; any other user (libvirt's swtpm_user) asks nkpd.
+ * -ENOENT: no ticket, not nkp's VM. */
+static int issue(const nkp_ekcert_request *req, uint8_t **ret_der, size_t *ret_len,
+                 char **ret_provider)
 {
-        g_autofree char *path = g_build_filename(
-                dir, strcmp(type, "platform") == 0 ? "platform.cert" : "ek.cert", NULL);
-        int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
-        if (fd < 0)
-                return die("cannot write '%s': %s.", path, g_strerror(errno));
-        gsize len = 0;
-        const uint8_t *p = g_bytes_get_data(der, &len);
-        while (len) {
-                ssize_t n = write(fd, p, len);
-                if (n < 0 && errno == EINTR)
-                        continue;
-                if (n <= 0) {
-                        int e = errno;
-                        close(fd);
-                        return die("cannot write '%s': %s.", path, g_strerror(e));
-                }
-                p += n;
-                len -= (size_t) n;
-        }
-        if (close(fd) < 0)
-                return die("cannot write '%s': %s.", path, g_strerror(errno));
-        return 0;
-}
-
-/* Asks nkpd.  Returns 0 with *ret set, 1 for "no ticket", or exit code 2
- * after printing the error. */
-static int ask_signer(const char *root, const NkpEkCertRequest *req, GBytes **ret)
-{
-        /* No context: nkp.conf is 0600 root, and nothing else is needed. */
-        g_autofree char *path = g_strconcat(root && strcmp(root, "/") != 0 ? root : "",
-                                            NKP_EKCA_SOCKET, NULL);
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
-        if (strlen(path) >= sizeof sa.sun_path)
-                return die("the socket path '%s' is too long.", path) + 1;
-        strcpy(sa.sun_path, path);
-        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fd < 0 || connect(fd, (struct sockaddr *) &sa, sizeof sa) < 0) {
-                int e = errno;
-                if (fd >= 0)
-                        close(fd);
-                return die("nkp's certificate signer at '%s' is not reachable (%s): is nkpd "
-                           "running? (systemctl start nkpd)",
-                           path, g_strerror(e)) + 1;
-        }
-        struct timeval tv = { .tv_sec = 15 };
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-        g_autofree char *text = nkp_ekca_request_format(req);
-        size_t len = strlen(text), off = 0;
-        while (off < len) {
-                ssize_t n = write(fd, text + off, len - off);
-                if (n <= 0) {
-                        close(fd);
-                        return die("cannot send the request to nkpd: %s.", g_strerror(errno)) + 1;
-                }
-                off += (size_t) n;
-        }
-        GByteArray *in = g_byte_array_new();
-        uint8_t buf[4096];
-        for (;;) {
-                ssize_t n = read(fd, buf, sizeof buf);
-                if (n < 0 && errno == EINTR)
-                        continue;
-                if (n <= 0)
-                        break;
-                g_byte_array_append(in, buf, (guint) n);
-                if (in->len > 64 * 1024)
-                        break;
-        }
-        close(fd);
-        g_autoptr(GBytes) answer = g_byte_array_free_to_bytes(in);
-        gsize al = 0;
-        const char *a = g_bytes_get_data(answer, &al);
-        const char *nl = al ? memchr(a, '\n', al) : NULL;
-        if (!nl)
-                return die("nkpd sent no answer (see its log).") + 1;
-        g_autofree char *head = g_strndup(a, (gsize) (nl - a));
-        if (strcmp(head, "NOTICKET") == 0)
-                return 1;
-        if (g_str_has_prefix(head, "ERR "))
-                return die("%s", head + 4) + 1;
-        char *end = NULL;
-        if (!g_str_has_prefix(head, "OK "))
-                return die("nkpd sent a malformed answer.") + 1;
-        guint64 n = g_ascii_strtoull(head + 3, &end, 10);
-        size_t body = al - (size_t) (nl + 1 - a);
-        if (*end || n == 0 || n != body)
-                return die("nkpd sent a truncated certificate.") + 1;
-        *ret = g_bytes_new(nl + 1, body);
-        return 0;
+        const char *root = g_getenv("NKP_ROOT");
+        if (!root || !root[0])
+                root = "/";
+        if (geteuid() != 0)
+                /* No context: nkp.conf is 0600 root, and nothing else is needed. */
+                return nkp_ekcert_request_remote(root, req, ret_der, ret_len);
+        g_autoptr(nkp_context) ctx = NULL;
+        int r = nkp_context_new(root, &ctx);
+        if (r < 0)
+                return r;
+        return nkp_ekcert_sign(ctx, req, ret_der, ret_len, ret_provider);
 }
 
 int main(int argc, char **argv)
@@ -230,96 +145,35 @@ int main(int argc, char **argv)
         setrlimit(RLIMIT_CORE, &nocore);
         signal(SIGPIPE, SIG_IGN);
 
-        g_autoptr(GHashTable) opts = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
-        bool tpm2 = false, allow_signing = false, decryption = false;
-        for (int i = 1; i < argc; i++) {
-                const char *a = argv[i];
-                if (!g_str_has_prefix(a, "--"))
-                        return die("unexpected argument '%s'.", a);
-                a += 2;
-                if (strcmp(a, "tpm2") == 0) {
-                        tpm2 = true;
-                        continue;
-                }
-                if (strcmp(a, "allow-signing") == 0) {
-                        allow_signing = true;
-                        continue;
-                }
-                if (strcmp(a, "decryption") == 0) {
-                        decryption = true;
-                        continue;
-                }
-                if (strcmp(a, "help") == 0) {
-                        printf("Usage: nkp-swtpm-certs --type ek|platform --ek PARAM --dir DIR "
-                               "--vmid NAME:UUID --tpm2 … (swtpm_setup's create_certs_tool)\n");
-                        return 0;
-                }
-                bool known = false;
-                for (size_t k = 0; k < G_N_ELEMENTS(value_opts); k++)
-                        known = known || strcmp(a, value_opts[k]) == 0;
-                if (!known)
-                        return die("unknown option '--%s'.", a);
-                if (i + 1 >= argc)
-                        return die("option '--%s' needs a value.", a);
-                g_hash_table_replace(opts, g_strdup(a), g_strdup(argv[++i]));
+        if (wants_help(argc, argv)) {
+                printf("Usage: nkp-swtpm-certs --type ek|platform --ek PARAM --dir DIR "
+                       "--vmid NAME:UUID --tpm2 … (swtpm_setup's create_certs_tool)\n");
+                return 0;
         }
-        const char *vmid = g_hash_table_lookup(opts, "vmid");
-        const char *type = g_hash_table_lookup(opts, "type");
-        const char *dir = g_hash_table_lookup(opts, "dir");
-        char uuid[NKP_UUID_STRING_LEN + 1];
-        /* Not ours to judge: TPM 1.2, no VM id (swtpm_setup by hand). */
-        if (!tpm2 || !vmid || nkp_ekca_vmid_uuid(vmid, uuid) < 0)
+        g_autoptr(nkp_ekcert_request) req = NULL;
+        int r = nkp_ekcert_request_from_argv(argc, argv, &req);
+        if (r == -ENOENT)
                 return fallback(argv);
-        if (!type || !dir || !g_hash_table_lookup(opts, "ek"))
-                return die("--type, --ek and --dir are required.");
+        if (r < 0)
+                return die("%s", nkp_error_message());
+        const char *vmid = nkp_ekcert_request_vmid(req);
+        const char *type = nkp_ekcert_request_type(req);
 
-        read_optsfile(g_hash_table_lookup(opts, "optsfile"), opts);
-        NkpEkCertRequest req = {
-                .type = type,
-                .ek = g_hash_table_lookup(opts, "ek"),
-                .vmid = vmid,
-                .tpm_spec_family = g_hash_table_lookup(opts, "tpm-spec-family"),
-                .tpm_spec_level = g_hash_table_lookup(opts, "tpm-spec-level"),
-                .tpm_spec_revision = g_hash_table_lookup(opts, "tpm-spec-revision"),
-                .tpm_manufacturer = g_hash_table_lookup(opts, "tpm-manufacturer"),
-                .tpm_model = g_hash_table_lookup(opts, "tpm-model"),
-                .tpm_version = g_hash_table_lookup(opts, "tpm-version"),
-                .platform_manufacturer = g_hash_table_lookup(opts, "platform-manufacturer"),
-                .platform_model = g_hash_table_lookup(opts, "platform-model"),
-                .platform_version = g_hash_table_lookup(opts, "platform-version"),
-                .allow_signing = allow_signing,
-                .decryption = decryption,
-        };
-        if (!req.platform_manufacturer)
-                req.platform_manufacturer = "nkp";
-        if (!req.platform_model)
-                req.platform_model = "QEMU";
-        if (!req.platform_version)
-                req.platform_version = "1";
-
-        const char *root = g_getenv("NKP_ROOT");
-        g_autoptr(GBytes) der = NULL;
+        g_autofree uint8_t *der = NULL;
+        size_t len = 0;
         g_autofree char *provider = NULL;
-        if (geteuid() == 0) {
-                g_autoptr(nkp_context) ctx = NULL;
-                if (nkp_context_new(root && root[0] ? root : "/", &ctx) < 0)
-                        return die("%s", nkp_error_message());
-                int r = nkp_ekca_sign_request(ctx, &req, &der, &provider);
-                if (r == -ENOENT)
-                        return fallback(argv);
-                if (r < 0)
-                        return die("VM '%s': %s", vmid, nkp_error_message());
-        } else {
-                int r = ask_signer(root, &req, &der);
-                if (r == 1)
-                        return fallback(argv);
-                if (r != 0)
-                        return 1;
-        }
-        if (write_cert(dir, type, der) != 0)
-                return 1;
+        r = issue(req, &der, &len, &provider);
+        if (r == -ENOENT)
+                return fallback(argv);
+        if (r < 0)
+                /* From nkpd the line already says "nkp: …". */
+                return geteuid() == 0 ? die("VM '%s': %s", vmid, nkp_error_message())
+                                      : die("%s", nkp_error_message());
+        if (nkp_ekcert_write(req, der, len) < 0)
+                return die("%s", nkp_error_message());
         if (provider)
-                printf("nkp: issued the %s certificate of VM '%s' with the EK CA of provider '%s'\n",
+                printf("nkp: issued the %s certificate of VM '%s' with the EK CA of provider "
+                       "'%s'\n",
                        type, vmid, provider);
         else
                 printf("nkp: issued the %s certificate of VM '%s' through nkpd\n", type, vmid);

@@ -307,6 +307,138 @@ int nkp_keysafe_rewrap(nkp_keysafe *ks, const nkp_secret *old_kek, const nkp_pro
                        const nkp_secret *new_kdk);
 
 /* ------------------------------------------------------------------------ */
+/* vTPM EK certificates                                                      */
+/*                                                                           */
+/* swtpm_setup (run by libvirt at a vTPM's first start, as libvirt's         */
+/* swtpm_user) calls a create_certs_tool for the EK and platform             */
+/* certificates.  nkp's tool (swtpm-hooks/nkp-swtpm-certs) issues them with  */
+/* the EK CA of the VM's provider, for VMs whose vTPM the qemu hook is       */
+/* manufacturing right now (a "ticket" under ROOT/run/nkp/ekca, written by   */
+/* the hook's prepare step); every other request goes to swtpm's own local   */
+/* CA.  Root signs in-process (nkp_ekcert_sign); any other user asks nkpd    */
+/* over ROOT/run/nkp/ekca.sock (nkp_ekcert_request_remote), so the CA key    */
+/* never reaches the swtpm user.  Across these functions -ENOENT means "not  */
+/* nkp's VM: hand the request to swtpm's local CA".                          */
+
+typedef struct nkp_ekcert_request nkp_ekcert_request;
+
+/* The request in swtpm_setup's create_certs_tool command line (argv[0], the
+ * program, is skipped): --type ek|platform --ek <RSA modulus hex |
+ * x=<hex>,y=<hex>[,id=<curve>]> --dir D --vmid <name>:<uuid> --tpm2
+ * [--tpm-spec-family F --tpm-spec-level L --tpm-spec-revision R
+ * --tpm-manufacturer M --tpm-model M --tpm-version V --allow-signing
+ * --decryption --logfile F --configfile C --optsfile O].  The platform
+ * manufacturer/model/version come from the "--platform-manufacturer X"
+ * lines of --optsfile (as swtpm_localca reads them; default "nkp", "QEMU",
+ * "1").  "--help" is not a request: callers answer it before.  Nothing is
+ * checked against the host.  The caller owns *ret (nkp_ekcert_request_free).
+ * Errors: -EINVAL a malformed command line (an argument that is not an
+ * option, an unknown option, an option without its value, or no --type,
+ * --ek or --dir), in one line; -ENOENT a request that is not nkp's to judge
+ * (no --tpm2, i.e. a TPM 1.2, or no --vmid ending in a UUID, as when
+ * swtpm_setup runs by hand). */
+int nkp_ekcert_request_from_argv(int argc, char *const argv[], nkp_ekcert_request **ret);
+
+/* "ek" or "platform" (as given: checked when signing), and the --vmid.
+ * Owned by the request. */
+const char *nkp_ekcert_request_type(const nkp_ekcert_request *req);
+const char *nkp_ekcert_request_vmid(const nkp_ekcert_request *req);
+
+/* Accepts NULL. */
+void nkp_ekcert_request_free(nkp_ekcert_request *req);
+
+/* Root only, in-process: reads the VM's ticket, derives the EK CA of its
+ * provider (KDK from the key cache or the store; the CA key is freed before
+ * returning), and issues the DER certificate.  The caller owns *ret_der and
+ * *ret_provider (the provider's name; may be NULL): free with free().
+ * Errors: -ENOENT no ticket for the VM (not nkp's: swtpm's local CA);
+ * -ETIMEDOUT the ticket expired ("start the VM again"); -ENOKEY the
+ * provider is not on this host ("restore it"); -EBADMSG a damaged ticket;
+ * -EPERM/-EACCES the ticket or the store cannot be read (not root); -EINVAL
+ * a type other than ek/platform or an EK public key that does not parse;
+ * errors of nkp_provider_get_kdk(). */
+int nkp_ekcert_sign(nkp_context *ctx, const nkp_ekcert_request *req, uint8_t **ret_der,
+                    size_t *ret_len, char **ret_provider);
+
+/* Any user: sends the request (public data only) to nkpd's signer at
+ * ROOT/run/nkp/ekca.sock (`root` NULL or "/" for the host) and waits up to
+ * 15 s for the answer.  No context is needed: the config is root's.  The
+ * caller owns *ret_der (free with free()).  Errors: -ENOENT nkpd has no
+ * ticket for the VM (not nkp's: swtpm's local CA); -ECONNREFUSED the
+ * socket is missing or nobody listens ("is nkpd running?");
+ * -ENAMETOOLONG the socket path does not fit; -EREMOTEIO nkpd refused, the
+ * message is its line (e.g. "nkp: only root and libvirt's swtpm user may
+ * ask for vTPM certificates."); -EPROTO no, a malformed or a truncated
+ * answer; -EIO the request could not be sent. */
+int nkp_ekcert_request_remote(const char *root, const nkp_ekcert_request *req, uint8_t **ret_der,
+                              size_t *ret_len);
+
+/* Writes the DER certificate where swtpm_setup reads it: --dir's ek.cert or
+ * platform.cert (by --type), created 0600, truncated if present, never
+ * through a symlink.  -errno with the path when it cannot be written. */
+int nkp_ekcert_write(const nkp_ekcert_request *req, const uint8_t *der, size_t len);
+
+/* ------------------------------------------------------------------------ */
+/* Automatic enrolment / daemon                                              */
+/*                                                                           */
+/* What nkpd does, as a library: enrol the plain vTPMs that virt-manager,    */
+/* virt-install or virt-xml add before their first start, and sign vTPM      */
+/* certificates for swtpm users that are not root.                           */
+
+/* Enrols domain `name` if it has a plain emulator vTPM (no <encryption>)
+ * with no state yet and [vtpm] policy is "enrol": a DEK wrapped into the
+ * keysafe (the VM's own, else a new one for the host's default provider),
+ * the keysafe in <metadata>, <encryption secret=...> on the vTPM, the
+ * domain defined again.  Anything else is left alone: no vTPM, already
+ * encrypted, a vTPM entry in the keysafe, existing (clear or unreadable)
+ * state, a conversion by nkpctl running or interrupted, the domain gone.
+ * Returns 1 enrolled, 0 nothing done; `ret_note` (may be NULL) then gets
+ * one line for the log, or NULL when there is nothing to say (caller frees
+ * with free()).  Errors: -ENOENT no default provider; -EPERM the provider
+ * was never backed up; -EKEYREJECTED the VM's keysafe names a different
+ * key than the provider on this host; -EBADMSG the domain XML or keysafe
+ * does not parse; libvirt errors as -ECONNREFUSED, -EIO.  The message
+ * names the VM and the fix. */
+int nkp_vm_auto_enrol(nkp_context *ctx, nkp_virt *v, const char *name, char **ret_note);
+
+typedef struct nkp_daemon nkp_daemon;
+
+enum nkp_daemon_flags {
+        NKP_DAEMON_NO_LIBVIRT = 1u << 0, /* the certificate signer only */
+};
+
+/* Sets up nkpd's services in this process and returns at once; the work
+ * happens in nkp_daemon_iterate().
+ *  - The vTPM certificate signer: listens on ROOT/run/nkp/ekca.sock (made
+ *    0666, an old socket replaced; ROOT/run/nkp made 0755 if missing),
+ *    answering root and [vtpm] swtpm_user only (a user unknown on the host
+ *    leaves root only, with a warning in the log).
+ *  - Unless NKP_DAEMON_NO_LIBVIRT: follows libvirt's domain events at `uri`
+ *    (NULL: libvirt's default), connecting at the first iteration and again
+ *    2 s after a failed connect or a closed connection (libvirtd
+ *    restarted); at each connect every defined domain is passed to
+ *    nkp_vm_auto_enrol(), and after that every domain of a "defined" event.
+ * Uses libvirt's default event loop (virEventRegisterDefaultImpl), which is
+ * process-wide: one daemon per process.  Reports through the log function
+ * (NKP_LOG_INFO per action, NKP_LOG_WARNING for refusals and connection
+ * losses, NKP_LOG_ERROR for failed enrolments); `ctx` must outlive the
+ * daemon.  The caller owns *ret (nkp_daemon_free).  Errors: -EINVAL an
+ * unknown flag; -EIO libvirt's event loop cannot start; -errno with the
+ * path when the socket cannot be made (-ENAMETOOLONG a root too deep). */
+int nkp_daemon_new(nkp_context *ctx, const char *uri, unsigned flags, nkp_daemon **ret);
+
+/* One pass of the loop: (re)connects to libvirt when due, waits up to about
+ * one second for a certificate request, a domain event or a closed
+ * connection, and handles what came.  A program loops on it until its stop
+ * flag (set by its SIGTERM handler) is set.  Failures of single requests or
+ * enrolments are logged, not returned.  -EIO when libvirt's event loop
+ * itself fails (then stop). */
+int nkp_daemon_iterate(nkp_daemon *d);
+
+/* Disconnects from libvirt, closes and removes the socket.  Accepts NULL. */
+void nkp_daemon_free(nkp_daemon *d);
+
+/* ------------------------------------------------------------------------ */
 /* Alarms                                                                    */
 
 /* An alarm is either recorded (raised by a component, e.g. "vm-locked", kept
@@ -345,6 +477,8 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_provider, nkp_provider_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_keysafe, nkp_keysafe_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_virt, nkp_virt_close)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_host_status, nkp_host_status_free)
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_ekcert_request, nkp_ekcert_request_free)
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_daemon, nkp_daemon_free)
 #endif
 
 #endif /* NKP_NKP_H */

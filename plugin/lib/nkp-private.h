@@ -496,10 +496,7 @@ int nkp_enrol_build(nkp_context *ctx, const NkpDomain *d, const char *xml, const
  * pending) with the one-line message. */
 int nkp_vtpm_start_check(nkp_context *ctx, const NkpDomain *d);
 
-/* nkpd: enrols domain `name` when it has a plain emulator vTPM with no state
- * yet and the policy is enrol.  1 enrolled, 0 nothing to do, negative on
- * error.  `ret_note` (may be NULL) gets one line for the log. */
-int nkp_vm_auto_enrol(nkp_context *ctx, NkpVirt *v, const char *name, char **ret_note);
+/* nkp_vm_auto_enrol (nkpd's automatic enrolment) is public: nkp.h. */
 
 
 /* ==== issue 6: crash safety of file conversions (journal.c) ================= */

@@ -1,0 +1,295 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* nkpd as a library (public API, nkp.h "Automatic enrolment / daemon"):
+ * libvirt's default event loop carries both services,
+ *
+ *  - the vTPM certificate signer: a listening UNIX socket whose clients are
+ *    served one at a time by nkp_ekca_serve (ekca.c: SO_PEERCRED, ticket,
+ *    signature), so the CA key stays in this root process;
+ *  - automatic enrolment: a connection to libvirt with a lifecycle event
+ *    callback; names of "defined" domains are queued by the callback and
+ *    enrolled after the loop pass (nkp_vm_auto_enrol, enrol.c), not inside
+ *    libvirt's dispatch, whose connection lock the enrolment's own calls
+ *    would need.  A closed connection (libvirtd restarted) is dropped and
+ *    opened again 2 s later; every (re)connect scans every defined domain,
+ *    so nothing defined while nkpd was away is missed.
+ *
+ * This file and virt.c are the only ones that call libvirt. */
+#include <errno.h>
+#include <pwd.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <libvirt/libvirt.h>
+#include <libvirt/virterror.h>
+
+#include "nkp-private.h"
+
+#define RECONNECT_DELAY_USEC (2 * G_USEC_PER_SEC)
+#define TICK_MS 1000 /* libvirt's loop retries poll() on EINTR: wake to see the stop flag */
+#define KEEPALIVE_INTERVAL 5
+#define KEEPALIVE_COUNT 3
+
+struct nkp_daemon {
+        nkp_context *ctx;
+        /* the signer */
+        uid_t swtpm_uid; /* (uid_t) -1: root only */
+        int listen_fd;
+        char *socket_path;
+        int listen_watch;
+        int tick_timer;
+        /* libvirt */
+        bool use_libvirt;
+        char *uri; /* NULL: libvirt's default */
+        NkpVirt *virt;
+        int event_cb;
+        bool conn_closed;
+        bool unreachable_logged;
+        gint64 next_connect; /* monotonic, µs */
+        GPtrArray *pending;  /* names of domains from "defined" events */
+};
+
+static const char *policy_name(int policy)
+{
+        switch (policy) {
+        case NKP_VTPM_POLICY_ENROL:
+                return "enrol";
+        case NKP_VTPM_POLICY_REQUIRE:
+                return "require";
+        default:
+                return "off";
+        }
+}
+
+/* ---- the signer socket --------------------------------------------------------- */
+
+static void on_client(int watch, int fd, int events, void *opaque)
+{
+        (void) watch;
+        (void) events;
+        nkp_daemon *d = opaque;
+        int c = accept4(fd, NULL, NULL, SOCK_CLOEXEC);
+        if (c < 0)
+                return;
+        g_autofree char *note = NULL;
+        if (nkp_ekca_serve(d->ctx, c, d->swtpm_uid, &note) < 0)
+                nkp_log(NKP_LOG_WARNING, "certificate request refused: %s", nkp_error_message());
+        else if (note)
+                nkp_log(NKP_LOG_INFO, "%s", note);
+        close(c);
+}
+
+static int listen_signer(nkp_daemon *d)
+{
+        g_autofree char *path = nkp_context_path(d->ctx, NKP_EKCA_SOCKET);
+        g_autofree char *dir = g_path_get_dirname(path);
+        if (g_mkdir_with_parents(dir, 0755) < 0) {
+                int e = errno;
+                return nkp_fail(-e, "Cannot make '%s': %s.", dir, g_strerror(e));
+        }
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        if (strlen(path) >= sizeof sa.sun_path)
+                return nkp_fail(-ENAMETOOLONG, "The socket path '%s' is too long.", path);
+        strcpy(sa.sun_path, path);
+        (void) unlink(path);
+        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (fd < 0 || bind(fd, (struct sockaddr *) &sa, sizeof sa) < 0 || chmod(path, 0666) < 0 ||
+            listen(fd, 16) < 0) {
+                int e = errno;
+                if (fd >= 0)
+                        close(fd);
+                return nkp_fail(-e, "Cannot listen on '%s': %s.", path, g_strerror(e));
+        }
+        d->listen_fd = fd;
+        d->socket_path = g_steal_pointer(&path);
+        return 0;
+}
+
+static void resolve_swtpm_user(nkp_daemon *d)
+{
+        struct passwd *pw = getpwnam(d->ctx->vtpm_swtpm_user);
+        if (pw)
+                d->swtpm_uid = pw->pw_uid;
+        else
+                nkp_log(NKP_LOG_WARNING, "swtpm user '%s' unknown: the signer answers root only",
+                        d->ctx->vtpm_swtpm_user);
+}
+
+/* ---- libvirt ------------------------------------------------------------------- */
+
+static void on_tick(int timer, void *opaque)
+{
+        (void) timer;
+        (void) opaque;
+}
+
+static int on_lifecycle(virConnectPtr conn, virDomainPtr dom, int event, int detail, void *opaque)
+{
+        (void) conn;
+        (void) detail;
+        nkp_daemon *d = opaque;
+        if (event == VIR_DOMAIN_EVENT_DEFINED) {
+                const char *name = virDomainGetName(dom);
+                if (name)
+                        g_ptr_array_add(d->pending, g_strdup(name));
+        }
+        return 0;
+}
+
+static void on_close(virConnectPtr conn, int reason, void *opaque)
+{
+        (void) conn;
+        (void) reason;
+        nkp_daemon *d = opaque;
+        d->conn_closed = true;
+}
+
+static void enrol(nkp_daemon *d, const char *name)
+{
+        g_autofree char *note = NULL;
+        int r = nkp_vm_auto_enrol(d->ctx, d->virt, name, &note);
+        if (r < 0)
+                nkp_log(NKP_LOG_ERROR, "%s", nkp_error_message());
+        else if (note)
+                nkp_log(NKP_LOG_INFO, "%s", note);
+}
+
+static void scan_all(nkp_daemon *d)
+{
+        g_autoptr(GPtrArray) names = NULL;
+        if (nkp_virt_domain_list(d->virt, &names) < 0) {
+                nkp_log(NKP_LOG_ERROR, "%s", nkp_error_message());
+                return;
+        }
+        for (guint i = 0; i < names->len; i++)
+                enrol(d, names->pdata[i]);
+}
+
+static void disconnect_libvirt(nkp_daemon *d)
+{
+        if (!d->virt)
+                return;
+        virConnectPtr conn = nkp_virt_connection(d->virt);
+        if (d->event_cb >= 0)
+                virConnectDomainEventDeregisterAny(conn, d->event_cb);
+        virConnectUnregisterCloseCallback(conn, on_close);
+        nkp_virt_close(d->virt);
+        d->virt = NULL;
+        d->event_cb = -1;
+        g_ptr_array_set_size(d->pending, 0);
+}
+
+static void connect_libvirt(nkp_daemon *d)
+{
+        const char *shown = d->uri ? d->uri : "(default)";
+        NkpVirt *v = NULL;
+        if (nkp_virt_open(d->uri, 0, &v) < 0) {
+                if (!d->unreachable_logged)
+                        nkp_log(NKP_LOG_WARNING, "%s Trying again every 2 s.",
+                                nkp_error_message());
+                d->unreachable_logged = true;
+                d->next_connect = g_get_monotonic_time() + RECONNECT_DELAY_USEC;
+                return;
+        }
+        virConnectPtr conn = nkp_virt_connection(v);
+        int cb = virConnectDomainEventRegisterAny(conn, NULL, VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                                                  VIR_DOMAIN_EVENT_CALLBACK(on_lifecycle), d,
+                                                  NULL);
+        if (cb < 0) {
+                virErrorPtr e = virGetLastError();
+                if (!d->unreachable_logged)
+                        nkp_log(NKP_LOG_WARNING,
+                                "Cannot follow libvirt's domain events at '%s': %s. Trying "
+                                "again every 2 s.",
+                                shown, e && e->message ? e->message : "unknown libvirt error");
+                d->unreachable_logged = true;
+                nkp_virt_close(v);
+                d->next_connect = g_get_monotonic_time() + RECONNECT_DELAY_USEC;
+                return;
+        }
+        d->virt = v;
+        d->event_cb = cb;
+        d->conn_closed = false;
+        d->unreachable_logged = false;
+        virConnectRegisterCloseCallback(conn, on_close, d, NULL);
+        virConnectSetKeepAlive(conn, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT);
+        nkp_log(NKP_LOG_INFO, "following libvirt's domain events at '%s'", shown);
+        scan_all(d);
+}
+
+/* ---- the daemon ------------------------------------------------------------------ */
+
+int nkp_daemon_new(nkp_context *ctx, const char *uri, unsigned flags, nkp_daemon **ret)
+{
+        if (flags & ~(unsigned) NKP_DAEMON_NO_LIBVIRT)
+                return nkp_fail(-EINVAL, "Unknown daemon flags 0x%x.", flags);
+        if (virEventRegisterDefaultImpl() < 0)
+                return nkp_fail(-EIO, "Cannot start libvirt's event loop.");
+        nkp_daemon *d = g_new0(nkp_daemon, 1);
+        d->ctx = ctx;
+        d->swtpm_uid = (uid_t) -1;
+        d->listen_fd = -1;
+        d->listen_watch = -1;
+        d->tick_timer = -1;
+        d->event_cb = -1;
+        d->use_libvirt = !(flags & NKP_DAEMON_NO_LIBVIRT);
+        d->uri = g_strdup(uri);
+        d->pending = g_ptr_array_new_with_free_func(g_free);
+
+        resolve_swtpm_user(d);
+        int r = listen_signer(d);
+        if (r < 0) {
+                nkp_daemon_free(d);
+                return r;
+        }
+        d->listen_watch = virEventAddHandle(d->listen_fd, VIR_EVENT_HANDLE_READABLE, on_client,
+                                            d, NULL);
+        d->tick_timer = virEventAddTimeout(TICK_MS, on_tick, NULL, NULL);
+        if (d->listen_watch < 0 || d->tick_timer < 0) {
+                nkp_daemon_free(d);
+                return nkp_fail(-EIO, "Cannot watch the signer socket in libvirt's event loop.");
+        }
+        nkp_log(NKP_LOG_INFO, "vTPM certificate signer at '%s' (root and '%s'); [vtpm] policy=%s",
+                d->socket_path, ctx->vtpm_swtpm_user, policy_name(ctx->vtpm_policy));
+        *ret = d;
+        return 0;
+}
+
+int nkp_daemon_iterate(nkp_daemon *d)
+{
+        if (d->use_libvirt && !d->virt && g_get_monotonic_time() >= d->next_connect)
+                connect_libvirt(d);
+        if (virEventRunDefaultImpl() < 0)
+                return nkp_fail(-EIO, "libvirt's event loop failed.");
+        if (d->virt && d->conn_closed) {
+                nkp_log(NKP_LOG_WARNING, "libvirt went away; reconnecting");
+                disconnect_libvirt(d); /* the next pass connects again */
+                return 0;
+        }
+        while (d->virt && d->pending->len) {
+                g_autofree char *name = g_ptr_array_steal_index(d->pending, 0);
+                enrol(d, name);
+        }
+        return 0;
+}
+
+void nkp_daemon_free(nkp_daemon *d)
+{
+        if (!d)
+                return;
+        disconnect_libvirt(d);
+        if (d->listen_watch >= 0)
+                virEventRemoveHandle(d->listen_watch);
+        if (d->tick_timer >= 0)
+                virEventRemoveTimeout(d->tick_timer);
+        if (d->listen_fd >= 0)
+                close(d->listen_fd);
+        if (d->socket_path)
+                (void) unlink(d->socket_path);
+        g_free(d->socket_path);
+        g_free(d->uri);
+        g_ptr_array_unref(d->pending);
+        g_free(d);
+}
