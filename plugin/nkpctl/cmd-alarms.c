@@ -83,12 +83,11 @@ static int alarms_list(NkpctlGlobals *g, int argc, char **argv)
 }
 
 const NkpctlCommand nkpctl_alarms_commands[] = {
-        { "alarms", "list", "",
-          "Show what needs the administrator.",
+        { "alarms", "list", "", "Show what needs the administrator.",
           "Recorded alarms (e.g. vm-locked) and derived ones (provider-inactive, "
-          "provider-deleted), oldest first.  'nkpctl alarms' alone runs this verb.", NULL, 0, 0, alarms_list },
-        { "alarms", "clear", "KIND [SUBJECT]",
-          "Forget recorded alarms of KIND [for SUBJECT].",
+          "provider-deleted), oldest first.  'nkpctl alarms' alone runs this verb.",
+          NULL, 0, 0, alarms_list },
+        { "alarms", "clear", "KIND [SUBJECT]", "Forget recorded alarms of KIND [for SUBJECT].",
           "Derived alarms go away when their cause does.", NULL, 1, 2, alarms_clear },
         { 0 },
 };
