@@ -99,9 +99,9 @@ nk "$none" host flush-cache
 check "flush-cache on an empty cache: exit 0" '[ $rc = 0 ] && [[ $out == "Forgot 0 unsealed provider keys"* ]]'
 check "flush-cache wrote nothing" '[ ! -e "$none/var/lib/nkp" ]'
 nk "$none" host bogus
-check "unknown host command: exit 1, one line" '[ $rc = 1 ] && one_line'
+check "unknown host command: exit 2, one line" '[ $rc = 2 ] && one_line && [[ $err == *"unknown host command"* ]]'
 nk "$none" host
-check "no host command: exit 1, one line" '[ $rc = 1 ] && one_line'
+check "no host command: exit 2, one line" '[ $rc = 2 ] && one_line'
 
 # ---- a host with an swtpm ---------------------------------------------------------
 start_swtpm "$tmp/tpm-a" || exit 1

@@ -228,7 +228,8 @@ assert {(a["kind"], a["subject"]) for a in d} == {("provider-deleted","a"), ("pr
 run "$B" host flush-cache
 run "$B" alarms
 check "alarms (human) after flush-cache: none" [ "$out" = "No alarms." ]
-refused "alarms: stray argument" 2 "takes no arguments" "$B" alarms foo
+refused "alarms: stray argument" 2 "unknown alarms command 'foo'" "$B" alarms foo
+refused "alarms list: stray argument" 2 "takes no arguments" "$B" alarms list foo
 
 # ---- delete refused while a defined VM depends on the provider ----------------------------------
 V=$(newroot)

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* nkpctl alarms [--json]            recorded and derived alarms, oldest first
+/* nkpctl alarms [list] [--json]      recorded and derived alarms, oldest first
  * nkpctl alarms clear KIND [SUBJECT]  forget recorded alarms (derived ones
- *                                     go away when their cause does) */
+ *                                     go away when their cause does)
+ * The handlers and their rows of the command table (nkpctl.c). */
 #include <stdio.h>
 #include <string.h>
 
@@ -17,10 +18,6 @@ static char *since_text(int64_t t)
 
 static int alarms_clear(NkpctlGlobals *g, int argc, char **argv)
 {
-        if (argc < 2 || argc > 3) {
-                fputs("nkpctl: 'alarms clear' takes KIND [SUBJECT].\n", stderr);
-                return 2;
-        }
         if (nkp_alarm_clear(g->ctx, argv[1], argc == 3 ? argv[2] : NULL) < 0)
                 return nkpctl_lib_error();
         if (!g->json)
@@ -29,32 +26,10 @@ static int alarms_clear(NkpctlGlobals *g, int argc, char **argv)
         return 0;
 }
 
-int nkpctl_alarms(NkpctlGlobals *g, int argc, char **argv)
+static int alarms_list(NkpctlGlobals *g, int argc, char **argv)
 {
-        gboolean json = FALSE;
-        const GOptionEntry entries[] = {
-                { "json", 0, 0, G_OPTION_ARG_NONE, &json, "Print one JSON document on stdout", NULL },
-                G_OPTION_ENTRY_NULL,
-        };
-        g_autoptr(GOptionContext) oc = g_option_context_new("[clear KIND [SUBJECT]]");
-        g_autoptr(GError) error = NULL;
-        g_option_context_set_summary(oc, "Show what needs the admin: recorded alarms (e.g. vm-locked) "
-                                         "and derived ones (provider-inactive, provider-deleted).");
-        g_option_context_add_main_entries(oc, entries, NULL);
-        g_set_prgname("nkpctl alarms");
-        if (!g_option_context_parse(oc, &argc, &argv, &error)) {
-                nkpctl_error("%s.", error->message);
-                return 2;
-        }
-        if (json)
-                g->json = true;
-        if (argc >= 2 && strcmp(argv[1], "clear") == 0)
-                return alarms_clear(g, argc - 1, argv + 1);
-        if (argc != 1) {
-                nkpctl_error("'alarms' takes no arguments besides 'clear KIND [SUBJECT]'.");
-                return 2;
-        }
-
+        (void) argc;
+        (void) argv;
         nkp_alarm **list = NULL;
         size_t n = 0;
         if (nkp_alarm_list(g->ctx, &list, &n) < 0)
@@ -106,3 +81,13 @@ int nkpctl_alarms(NkpctlGlobals *g, int argc, char **argv)
         nkp_alarm_list_free(list, n);
         return 0;
 }
+
+const NkpctlCommand nkpctl_alarms_commands[] = {
+        { "alarms", "list", "", "Show what needs the administrator.",
+          "Recorded alarms (e.g. vm-locked) and derived ones (provider-inactive, "
+          "provider-deleted), oldest first.  'nkpctl alarms' alone runs this verb.",
+          NULL, 0, 0, alarms_list },
+        { "alarms", "clear", "KIND [SUBJECT]", "Forget recorded alarms of KIND [for SUBJECT].",
+          "Derived alarms go away when their cause does.", NULL, 1, 2, alarms_clear },
+        { 0 },
+};

@@ -5,14 +5,13 @@
  *                      (names, key ids, deleted flag: never key bytes), and
  *                      the number of alarms.  --json: one document.
  *   host flush-cache   forget every unsealed key now, as a reboot does.
- *   host unlock        after a restore: re-check locked VMs (cmd-vm.c). */
+ *   host unlock        after a restore: re-check locked VMs (cmd-vm.c).
+ * The handlers and their rows of the command table (nkpctl.c). */
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "nkpctl.h"
-
-static const char host_usage[] = "usage: nkpctl host status | host unlock | host flush-cache";
 
 typedef struct {
         bool in_use;
@@ -52,8 +51,10 @@ static int alarm_count(NkpctlGlobals *g)
         return (int) n;
 }
 
-static int host_status(NkpctlGlobals *g)
+static int host_status(NkpctlGlobals *g, int argc, char **argv)
 {
+        (void) argc;
+        (void) argv;
         g_autoptr(GArray) cached = NULL;
         if (nkp_cache_list(g->ctx, &cached) < 0)
                 return nkpctl_lib_error();
@@ -124,8 +125,10 @@ static int host_status(NkpctlGlobals *g)
         return 0;
 }
 
-static int host_flush(NkpctlGlobals *g)
+static int host_flush(NkpctlGlobals *g, int argc, char **argv)
 {
+        (void) argc;
+        (void) argv;
         g_autoptr(GArray) cached = NULL;
         if (nkp_cache_list(g->ctx, &cached) < 0)
                 return nkpctl_lib_error();
@@ -146,27 +149,23 @@ static int host_flush(NkpctlGlobals *g)
         return 0;
 }
 
-int nkpctl_host(NkpctlGlobals *g, int argc, char **argv)
+static int host_unlock(NkpctlGlobals *g, int argc, char **argv)
 {
-        const char *cmd = NULL;
-        for (int i = 1; i < argc; i++) {
-                if (strcmp(argv[i], "--json") == 0)
-                        g->json = true;
-                else if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-                        puts(host_usage);
-                        return 0;
-                } else if (argv[i][0] == '-' || cmd)
-                        return nkpctl_error("unexpected argument '%s'; %s", argv[i], host_usage);
-                else
-                        cmd = argv[i];
-        }
-        if (!cmd)
-                return nkpctl_error("%s", host_usage);
-        if (strcmp(cmd, "status") == 0)
-                return host_status(g);
-        if (strcmp(cmd, "flush-cache") == 0)
-                return host_flush(g);
-        if (strcmp(cmd, "unlock") == 0)
-                return nkpctl_host_unlock(g);
-        return nkpctl_error("unknown host command '%s'; %s", cmd, host_usage);
+        (void) argc;
+        (void) argv;
+        return nkpctl_host_unlock(g);
 }
+
+const NkpctlCommand nkpctl_host_commands[] = {
+        { "host", "status", "",
+          "Show the TPM, the key cache and the alarm count.",
+          "The TPM in use and whether it answers, the cached providers (names and key ids, never "
+          "key bytes), the number of alarms.", NULL, 0, 0, host_status },
+        { "host", "unlock", "",
+          "Re-check locked VMs after a provider restore.",
+          "Clears the vm-locked alarm of each VM whose provider is back; exits 1 while some "
+          "stay locked.", NULL, 0, 0, host_unlock },
+        { "host", "flush-cache", "", "Forget every unsealed provider key now.",
+          NULL, NULL, 0, 0, host_flush },
+        { 0 },
+};

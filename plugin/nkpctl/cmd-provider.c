@@ -1,13 +1,11 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* nkpctl provider …: create, list, show, set-default, delete, usage, backup,
- * restore.  Each subcommand parses its own options (GOptionContext); usage
- * errors exit 2, refused or failed operations exit 1 with one line on
- * stderr, success exits 0.  --json (global, or after the subcommand) prints
+ * restore, ca-cert: the handlers and their rows of the command table
+ * (nkpctl.c parses the options and counts the arguments).  --json prints
  * one JSON document on stdout. */
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <termios.h>
@@ -15,42 +13,9 @@
 
 #include "nkpctl.h"
 
-typedef int (*cmd_fn)(NkpctlGlobals *g, int argc, char **argv);
-
-static int usage_error(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
-static int usage_error(const char *fmt, ...)
-{
-        va_list ap;
-        fputs("nkpctl: ", stderr);
-        va_start(ap, fmt);
-        vfprintf(stderr, fmt, ap);
-        va_end(ap);
-        fputs(" (see: nkpctl provider --help)\n", stderr);
-        return 2;
-}
-
-/* Parses the options of one subcommand; on error prints one line and
- * returns 2.  `json` receives --json after the subcommand. */
-static int parse_options(NkpctlGlobals *g, const char *params, const char *summary,
-                         const GOptionEntry *entries, int *argc, char ***argv)
-{
-        gboolean json = FALSE;
-        const GOptionEntry common[] = {
-                { "json", 0, 0, G_OPTION_ARG_NONE, &json, "Print one JSON document on stdout", NULL },
-                G_OPTION_ENTRY_NULL,
-        };
-        g_autoptr(GOptionContext) oc = g_option_context_new(params);
-        g_autoptr(GError) error = NULL;
-        g_option_context_set_summary(oc, summary);
-        g_option_context_add_main_entries(oc, common, NULL);
-        if (entries)
-                g_option_context_add_main_entries(oc, entries, NULL);
-        if (!g_option_context_parse(oc, argc, argv, &error))
-                return usage_error("%s.", error->message);
-        if (json)
-                g->json = true;
-        return 0;
-}
+/* The verbs' options, filled by nkpctl.c's GOptionContext before run(). */
+static gboolean opt_require_tpm, opt_default, opt_force;
+static char *opt_out, *opt_password_file;
 
 static char *iso_time(int64_t t)
 {
@@ -165,20 +130,7 @@ static int get_password(const char *file, bool confirm, nkp_secret **ret)
 
 static int cmd_create(NkpctlGlobals *g, int argc, char **argv)
 {
-        gboolean require_tpm = FALSE, make_default = FALSE;
-        const GOptionEntry entries[] = {
-                { "require-tpm", 0, 0, G_OPTION_ARG_NONE, &require_tpm,
-                  "Only hosts with a TPM 2.0 may hold this provider", NULL },
-                { "default", 0, 0, G_OPTION_ARG_NONE, &make_default,
-                  "Refused: a new provider is inactive until backed up", NULL },
-                G_OPTION_ENTRY_NULL,
-        };
-        int r = parse_options(g, "NAME", "Create a provider with a fresh random key.", entries, &argc,
-                              &argv);
-        if (r)
-                return r;
-        if (argc != 2)
-                return usage_error("'provider create' takes exactly one NAME.");
+        (void) argc;
         const char *name = argv[1];
         if (!nkp_provider_name_valid(name)) {
                 nkp_provider_create(g->ctx, name, 0, NULL); /* for its message */
@@ -186,7 +138,7 @@ static int cmd_create(NkpctlGlobals *g, int argc, char **argv)
         }
         /* Refused before anything is written: a new provider was never
          * backed up, so it is inactive and cannot be the default. */
-        if (make_default)
+        if (opt_default)
                 return nkpctl_error("A new provider is inactive until it is backed up, so '%s' cannot "
                                     "be created as the default; nothing was created.  Create it, back "
                                     "it up (nkpctl provider backup %s --out FILE.p12), then run: "
@@ -194,7 +146,7 @@ static int cmd_create(NkpctlGlobals *g, int argc, char **argv)
                                     name, name, name);
 
         g_autoptr(nkp_provider) p = NULL;
-        if (nkp_provider_create(g->ctx, name, require_tpm ? NKP_PROVIDER_REQUIRE_TPM : 0, &p) < 0)
+        if (nkp_provider_create(g->ctx, name, opt_require_tpm ? NKP_PROVIDER_REQUIRE_TPM : 0, &p) < 0)
                 return nkpctl_lib_error();
         if (g->json) {
                 nkpctl_print_json(provider_json(p));
@@ -211,12 +163,8 @@ static int cmd_create(NkpctlGlobals *g, int argc, char **argv)
 
 static int cmd_list(NkpctlGlobals *g, int argc, char **argv)
 {
-        int r = parse_options(g, "", "List the providers of this host.", NULL, &argc, &argv);
-        if (r)
-                return r;
-        if (argc != 1)
-                return usage_error("'provider list' takes no arguments.");
-
+        (void) argc;
+        (void) argv;
         nkp_provider **list = NULL;
         size_t n = 0;
         if (nkp_provider_list(g->ctx, &list, &n) < 0)
@@ -257,10 +205,9 @@ static int cmd_list(NkpctlGlobals *g, int argc, char **argv)
         return 0;
 }
 
-static int get_named(NkpctlGlobals *g, const char *what, int argc, char **argv, nkp_provider **ret)
+/* The provider named by argv[1] (nkpctl.c checked there is one). */
+static int get_named(NkpctlGlobals *g, char **argv, nkp_provider **ret)
 {
-        if (argc != 2)
-                return usage_error("'provider %s' takes exactly one NAME.", what);
         if (nkp_provider_get(g->ctx, argv[1], ret) < 0)
                 return nkpctl_lib_error();
         return 0;
@@ -268,11 +215,9 @@ static int get_named(NkpctlGlobals *g, const char *what, int argc, char **argv, 
 
 static int cmd_show(NkpctlGlobals *g, int argc, char **argv)
 {
-        int r = parse_options(g, "NAME", "Show one provider.", NULL, &argc, &argv);
-        if (r)
-                return r;
+        (void) argc;
         g_autoptr(nkp_provider) p = NULL;
-        r = get_named(g, "show", argc, argv, &p);
+        int r = get_named(g, argv, &p);
         if (r)
                 return r;
         if (g->json) {
@@ -298,12 +243,9 @@ static int cmd_show(NkpctlGlobals *g, int argc, char **argv)
  * the provider; only the self-signature differs (ECDSA nonces). */
 static int cmd_ca_cert(NkpctlGlobals *g, int argc, char **argv)
 {
-        int r = parse_options(g, "NAME", "Print the provider's vTPM EK CA certificate (PEM).",
-                              NULL, &argc, &argv);
-        if (r)
-                return r;
+        (void) argc;
         g_autoptr(nkp_provider) p = NULL;
-        r = get_named(g, "ca-cert", argc, argv, &p);
+        int r = get_named(g, argv, &p);
         if (r)
                 return r;
         g_autoptr(NkpEkCa) ca = NULL;
@@ -328,12 +270,7 @@ static int cmd_ca_cert(NkpctlGlobals *g, int argc, char **argv)
 
 static int cmd_set_default(NkpctlGlobals *g, int argc, char **argv)
 {
-        int r = parse_options(g, "NAME", "Make a backed-up provider the host's default.", NULL, &argc,
-                              &argv);
-        if (r)
-                return r;
-        if (argc != 2)
-                return usage_error("'provider set-default' takes exactly one NAME.");
+        (void) argc;
         if (nkp_provider_set_default(g->ctx, argv[1]) < 0)
                 return nkpctl_lib_error();
         if (!g->json)
@@ -357,18 +294,9 @@ static char *join_quoted(GPtrArray *names)
 
 static int cmd_delete(NkpctlGlobals *g, int argc, char **argv)
 {
-        gboolean force = FALSE;
-        const GOptionEntry entries[] = {
-                { "force", 0, 0, G_OPTION_ARG_NONE, &force,
-                  "Delete even while defined VMs depend on it", NULL },
-                G_OPTION_ENTRY_NULL,
-        };
-        int r = parse_options(g, "NAME", "Delete a provider from this host's store.", entries, &argc,
-                              &argv);
-        if (r)
-                return r;
+        (void) argc;
         g_autoptr(nkp_provider) p = NULL;
-        r = get_named(g, "delete", argc, argv, &p);
+        int r = get_named(g, argv, &p);
         if (r)
                 return r;
         const char *name = nkp_provider_name(p);
@@ -376,7 +304,7 @@ static int cmd_delete(NkpctlGlobals *g, int argc, char **argv)
         g_autoptr(GPtrArray) vms = NULL;
         nkp_error_clear();
         r = nkpctl_provider_dependents(g, nkp_provider_key_id(p), &vms);
-        if (r < 0 && !force) {
+        if (r < 0 && !opt_force) {
                 g_autofree char *why = g_strdup(nkp_error_message());
                 g_strchomp(why);
                 if (g_str_has_suffix(why, "."))
@@ -386,7 +314,7 @@ static int cmd_delete(NkpctlGlobals *g, int argc, char **argv)
                                     why[0] ? why : "", why[0] ? "; " : "", name);
         }
         unsigned in_use = (r >= 0 && vms) ? vms->len : 0;
-        r = nkp_provider_delete(g->ctx, name, in_use, force);
+        r = nkp_provider_delete(g->ctx, name, in_use, opt_force);
         if (r == -EBUSY) {
                 g_autofree char *list = join_quoted(vms);
                 return nkpctl_error("Provider '%s' protects the defined VM%s %s; nothing was deleted.  "
@@ -425,12 +353,9 @@ static int cmd_delete(NkpctlGlobals *g, int argc, char **argv)
 
 static int cmd_usage(NkpctlGlobals *g, int argc, char **argv)
 {
-        int r = parse_options(g, "NAME", "List the defined VMs that depend on a provider.", NULL, &argc,
-                              &argv);
-        if (r)
-                return r;
+        (void) argc;
         g_autoptr(nkp_provider) p = NULL;
-        r = get_named(g, "usage", argc, argv, &p);
+        int r = get_named(g, argv, &p);
         if (r)
                 return r;
         g_autoptr(GPtrArray) vms = NULL;
@@ -465,22 +390,10 @@ static int cmd_usage(NkpctlGlobals *g, int argc, char **argv)
 
 static int cmd_backup(NkpctlGlobals *g, int argc, char **argv)
 {
-        g_autofree char *out = NULL, *pwfile = NULL;
-        const GOptionEntry entries[] = {
-                { "out", 'o', 0, G_OPTION_ARG_FILENAME, &out, "The PKCS#12 file to write (must not exist)",
-                  "FILE.p12" },
-                { "password-file", 0, 0, G_OPTION_ARG_FILENAME, &pwfile,
-                  "Read the password from the first line of F (else: prompt twice)", "F" },
-                G_OPTION_ENTRY_NULL,
-        };
-        int r = parse_options(g, "NAME", "Write a password-protected PKCS#12 backup of a provider.",
-                              entries, &argc, &argv);
-        if (r)
-                return r;
-        if (argc != 2)
-                return usage_error("'provider backup' takes exactly one NAME.");
+        (void) argc;
+        const char *out = opt_out;
         if (!out)
-                return usage_error("'provider backup' needs --out FILE.p12.");
+                return nkpctl_usage_error(g, "'provider backup' needs --out FILE.p12.");
         g_autoptr(nkp_provider) p = NULL;
         if (nkp_provider_get(g->ctx, argv[1], &p) < 0)
                 return nkpctl_lib_error();
@@ -488,7 +401,7 @@ static int cmd_backup(NkpctlGlobals *g, int argc, char **argv)
                 return nkpctl_error("'%s' already exists; refusing to overwrite it (choose another --out).",
                                     out);
         g_autoptr(nkp_secret) pw = NULL;
-        if (get_password(pwfile, true, &pw) < 0)
+        if (get_password(opt_password_file, true, &pw) < 0)
                 return nkpctl_lib_error();
         if (nkp_provider_backup(g->ctx, argv[1], out, pw) < 0)
                 return nkpctl_lib_error();
@@ -507,22 +420,11 @@ static int cmd_backup(NkpctlGlobals *g, int argc, char **argv)
 
 static int cmd_restore(NkpctlGlobals *g, int argc, char **argv)
 {
-        g_autofree char *pwfile = NULL;
-        const GOptionEntry entries[] = {
-                { "password-file", 0, 0, G_OPTION_ARG_FILENAME, &pwfile,
-                  "Read the password from the first line of F (else: prompt)", "F" },
-                G_OPTION_ENTRY_NULL,
-        };
-        int r = parse_options(g, "FILE.p12", "Restore a provider from its PKCS#12 backup.", entries,
-                              &argc, &argv);
-        if (r)
-                return r;
-        if (argc != 2)
-                return usage_error("'provider restore' takes exactly one FILE.p12.");
+        (void) argc;
         if (!g_file_test(argv[1], G_FILE_TEST_IS_REGULAR))
                 return nkpctl_error("'%s' is not a readable file.", argv[1]);
         g_autoptr(nkp_secret) pw = NULL;
-        if (get_password(pwfile, false, &pw) < 0)
+        if (get_password(opt_password_file, false, &pw) < 0)
                 return nkpctl_lib_error();
         g_autoptr(nkp_provider) p = NULL;
         bool already = false;
@@ -544,52 +446,59 @@ static int cmd_restore(NkpctlGlobals *g, int argc, char **argv)
         return 0;
 }
 
-static const struct {
-        const char *name;
-        cmd_fn fn;
-} commands[] = {
-        { "create", cmd_create },   { "list", cmd_list },         { "show", cmd_show },
-        { "set-default", cmd_set_default }, { "delete", cmd_delete }, { "usage", cmd_usage },
-        { "backup", cmd_backup },   { "restore", cmd_restore },
-        { "ca-cert", cmd_ca_cert },
+/* ---- the command table ------------------------------------------------------ */
+
+static const char password_note[] =
+        "The password is read from the first line of --password-file F or, without one, from the "
+        "terminal without echo; never from the command line.";
+
+static const GOptionEntry create_options[] = {
+        { "require-tpm", 0, 0, G_OPTION_ARG_NONE, &opt_require_tpm,
+          "Only hosts with a TPM 2.0 may hold this provider", NULL },
+        { "default", 0, 0, G_OPTION_ARG_NONE, &opt_default,
+          "Refused: a new provider is inactive until backed up", NULL },
+        G_OPTION_ENTRY_NULL,
 };
 
-static const char provider_usage[] =
-        "Usage: nkpctl [--root DIR] [--json] provider COMMAND …\n"
-        "\n"
-        "  create NAME [--require-tpm]       a fresh provider (inactive until backed up)\n"
-        "  list                              every provider of this host\n"
-        "  show NAME                         one provider\n"
-        "  set-default NAME                  the default for new VMs (backed-up providers only)\n"
-        "  delete NAME [--force]             refused while defined VMs depend on it\n"
-        "  usage NAME                        the defined VMs that depend on it\n"
-        "  backup NAME --out FILE.p12 [--password-file F]\n"
-        "  restore FILE.p12 [--password-file F]\n"
-        "  ca-cert NAME                      the provider's vTPM EK CA certificate (PEM)\n"
-        "\n"
-        "Each command takes --help and --json.\n";
+static const GOptionEntry delete_options[] = {
+        { "force", 0, 0, G_OPTION_ARG_NONE, &opt_force,
+          "Delete even while defined VMs depend on it", NULL },
+        G_OPTION_ENTRY_NULL,
+};
 
-int nkpctl_provider(NkpctlGlobals *g, int argc, char **argv)
-{
-        if (argc < 2) {
-                fputs(provider_usage, stderr);
-                return 2;
-        }
-        if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
-                fputs(provider_usage, stdout);
-                return 0;
-        }
-        for (size_t i = 0; i < G_N_ELEMENTS(commands); i++) {
-                if (strcmp(argv[1], commands[i].name) != 0)
-                        continue;
-                /* argv[0] becomes "provider CMD" for GOptionContext's help. */
-                g_autofree char *prog = g_strdup_printf("nkpctl provider %s", commands[i].name);
-                g_autofree char **args = g_new0(char *, (size_t) argc);
-                args[0] = prog;
-                for (int j = 2; j < argc; j++)
-                        args[j - 1] = argv[j];
-                g_set_prgname(prog);
-                return commands[i].fn(g, argc - 1, args);
-        }
-        return usage_error("unknown provider command '%s'.", argv[1]);
-}
+static const GOptionEntry backup_options[] = {
+        { "out", 'o', 0, G_OPTION_ARG_FILENAME, &opt_out, "The PKCS#12 file to write (must not exist)",
+          "FILE.p12" },
+        { "password-file", 0, 0, G_OPTION_ARG_FILENAME, &opt_password_file,
+          "Read the password from the first line of F (else: prompt twice)", "F" },
+        G_OPTION_ENTRY_NULL,
+};
+
+static const GOptionEntry restore_options[] = {
+        { "password-file", 0, 0, G_OPTION_ARG_FILENAME, &opt_password_file,
+          "Read the password from the first line of F (else: prompt)", "F" },
+        G_OPTION_ENTRY_NULL,
+};
+
+const NkpctlCommand nkpctl_provider_commands[] = {
+        { "provider", "create", "NAME", "Create a provider with a fresh random key.",
+          "A new provider is inactive (cannot be the default or protect a VM) until it is backed "
+          "up.",
+          create_options, 1, 1, cmd_create },
+        { "provider", "list", "", "List the providers of this host.", NULL, NULL, 0, 0, cmd_list },
+        { "provider", "show", "NAME", "Show one provider.", NULL, NULL, 1, 1, cmd_show },
+        { "provider", "set-default", "NAME", "Make a backed-up provider the host's default.", NULL,
+          NULL, 1, 1, cmd_set_default },
+        { "provider", "delete", "NAME", "Delete a provider from this host's store.",
+          "Refused while defined VMs depend on it (see 'provider usage'), unless --force.",
+          delete_options, 1, 1, cmd_delete },
+        { "provider", "usage", "NAME", "List the defined VMs that depend on a provider.", NULL, NULL,
+          1, 1, cmd_usage },
+        { "provider", "backup", "NAME", "Write a password-protected PKCS#12 backup.",
+          password_note, backup_options, 1, 1, cmd_backup },
+        { "provider", "restore", "FILE.p12", "Restore a provider from its PKCS#12 backup.",
+          password_note, restore_options, 1, 1, cmd_restore },
+        { "provider", "ca-cert", "NAME", "Print the provider's vTPM EK CA certificate.", NULL,
+          NULL, 1, 1, cmd_ca_cert },
+        { 0 },
+};
