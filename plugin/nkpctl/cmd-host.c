@@ -7,35 +7,9 @@
  *   host flush-cache   forget every unsealed key now, as a reboot does.
  *   host unlock        after a restore: re-check locked VMs (cmd-vm.c).
  * The handlers and their rows of the command table (nkpctl.c). */
-#include <errno.h>
 #include <stdio.h>
-#include <string.h>
 
 #include "nkpctl.h"
-
-typedef struct {
-        bool in_use;
-        bool answers;
-        char *error; /* why it does not answer */
-} TpmState;
-
-static void tpm_probe(NkpctlGlobals *g, TpmState *st)
-{
-        const char *tcti = nkp_context_tcti(g->ctx);
-        st->in_use = tcti && strcmp(tcti, "none") != 0;
-        if (!st->in_use)
-                return;
-        NkpTpm *tpm = NULL;
-        int r = nkp_tpm_open(g->ctx, &tpm);
-        if (r == 0) {
-                st->answers = true;
-                nkp_tpm_close(tpm);
-        } else if (r == -ENODEV) {
-                st->in_use = false; /* default device absent: no TPM */
-        } else {
-                st->error = g_strdup(nkp_error_message());
-        }
-}
 
 /* -1 when the alarms cannot be read (the reason goes to stderr). */
 static int alarm_count(NkpctlGlobals *g)
@@ -51,77 +25,83 @@ static int alarm_count(NkpctlGlobals *g)
         return (int) n;
 }
 
+static void status_json(NkpctlGlobals *g, const nkp_host_status *st, int alarms)
+{
+        g_autoptr(JsonBuilder) b = json_builder_new();
+        json_builder_begin_object(b);
+        json_builder_set_member_name(b, "root");
+        json_builder_add_string_value(b, nkp_context_root(g->ctx));
+        json_builder_set_member_name(b, "tpm");
+        json_builder_begin_object(b);
+        json_builder_set_member_name(b, "tcti");
+        json_builder_add_string_value(b, nkp_context_tcti(g->ctx));
+        json_builder_set_member_name(b, "in_use");
+        json_builder_add_boolean_value(b, nkp_host_status_tpm_in_use(st));
+        json_builder_set_member_name(b, "answers");
+        json_builder_add_boolean_value(b, nkp_host_status_tpm_answers(st));
+        if (nkp_host_status_tpm_error(st)) {
+                json_builder_set_member_name(b, "error");
+                json_builder_add_string_value(b, nkp_host_status_tpm_error(st));
+        }
+        json_builder_end_object(b);
+        json_builder_set_member_name(b, "cached_providers");
+        json_builder_begin_array(b);
+        for (size_t i = 0; i < nkp_host_status_n_cached(st); i++) {
+                json_builder_begin_object(b);
+                json_builder_set_member_name(b, "name");
+                json_builder_add_string_value(b, nkp_host_status_cached_name(st, i));
+                json_builder_set_member_name(b, "key_id");
+                json_builder_add_string_value(b, nkp_host_status_cached_key_id(st, i));
+                json_builder_set_member_name(b, "deleted");
+                json_builder_add_boolean_value(b, nkp_host_status_cached_deleted(st, i));
+                json_builder_end_object(b);
+        }
+        json_builder_end_array(b);
+        json_builder_set_member_name(b, "alarms");
+        if (alarms >= 0)
+                json_builder_add_int_value(b, alarms);
+        else
+                json_builder_add_null_value(b);
+        json_builder_end_object(b);
+        nkpctl_print_json(json_builder_get_root(b));
+}
+
+static void status_text(NkpctlGlobals *g, const nkp_host_status *st, int alarms)
+{
+        const char *tcti = nkp_context_tcti(g->ctx);
+        if (!nkp_host_status_tpm_in_use(st))
+                printf("TPM:              none (KDKs rest unsealed in the 0600 store)\n");
+        else if (nkp_host_status_tpm_answers(st))
+                printf("TPM:              %s (answers; KDKs are sealed to it)\n", tcti);
+        else
+                printf("TPM:              %s (NOT ANSWERING: %s)\n", tcti,
+                       nkp_host_status_tpm_error(st));
+        size_t n = nkp_host_status_n_cached(st);
+        printf("Cached providers: %zu\n", n);
+        for (size_t i = 0; i < n; i++)
+                printf("  %-24s %s%s\n", nkp_host_status_cached_name(st, i),
+                       nkp_host_status_cached_key_id(st, i),
+                       nkp_host_status_cached_deleted(st, i)
+                               ? "  (deleted from the store; gone at reboot)"
+                               : "");
+        if (alarms >= 0)
+                printf("Alarms:           %d%s\n", alarms, alarms ? " (see nkpctl alarms)" : "");
+        else
+                printf("Alarms:           unknown\n");
+}
+
 static int host_status(NkpctlGlobals *g, int argc, char **argv)
 {
         (void) argc;
         (void) argv;
-        g_autoptr(GArray) cached = NULL;
-        if (nkp_cache_list(g->ctx, &cached) < 0)
+        g_autoptr(nkp_host_status) st = NULL;
+        if (nkp_host_status_get(g->ctx, &st) < 0)
                 return nkpctl_lib_error();
-        TpmState tpm = { 0 };
-        tpm_probe(g, &tpm);
         int alarms = alarm_count(g);
-        const char *tcti = nkp_context_tcti(g->ctx);
-
-        if (g->json) {
-                g_autoptr(JsonBuilder) b = json_builder_new();
-                json_builder_begin_object(b);
-                json_builder_set_member_name(b, "root");
-                json_builder_add_string_value(b, nkp_context_root(g->ctx));
-                json_builder_set_member_name(b, "tpm");
-                json_builder_begin_object(b);
-                json_builder_set_member_name(b, "tcti");
-                json_builder_add_string_value(b, tcti);
-                json_builder_set_member_name(b, "in_use");
-                json_builder_add_boolean_value(b, tpm.in_use);
-                json_builder_set_member_name(b, "answers");
-                json_builder_add_boolean_value(b, tpm.answers);
-                if (tpm.error) {
-                        json_builder_set_member_name(b, "error");
-                        json_builder_add_string_value(b, tpm.error);
-                }
-                json_builder_end_object(b);
-                json_builder_set_member_name(b, "cached_providers");
-                json_builder_begin_array(b);
-                for (guint i = 0; i < cached->len; i++) {
-                        const NkpCacheInfo *c = &g_array_index(cached, NkpCacheInfo, i);
-                        json_builder_begin_object(b);
-                        json_builder_set_member_name(b, "name");
-                        json_builder_add_string_value(b, c->name);
-                        json_builder_set_member_name(b, "key_id");
-                        json_builder_add_string_value(b, c->key_id);
-                        json_builder_set_member_name(b, "deleted");
-                        json_builder_add_boolean_value(b, c->deleted);
-                        json_builder_end_object(b);
-                }
-                json_builder_end_array(b);
-                json_builder_set_member_name(b, "alarms");
-                if (alarms >= 0)
-                        json_builder_add_int_value(b, alarms);
-                else
-                        json_builder_add_null_value(b);
-                json_builder_end_object(b);
-                nkpctl_print_json(json_builder_get_root(b));
-        } else {
-                if (!tpm.in_use)
-                        printf("TPM:              none (KDKs rest unsealed in the 0600 store)\n");
-                else if (tpm.answers)
-                        printf("TPM:              %s (answers; KDKs are sealed to it)\n", tcti);
-                else
-                        printf("TPM:              %s (NOT ANSWERING: %s)\n", tcti, tpm.error);
-                printf("Cached providers: %u\n", cached->len);
-                for (guint i = 0; i < cached->len; i++) {
-                        const NkpCacheInfo *c = &g_array_index(cached, NkpCacheInfo, i);
-                        printf("  %-24s %s%s\n", c->name, c->key_id,
-                               c->deleted ? "  (deleted from the store; gone at reboot)" : "");
-                }
-                if (alarms >= 0)
-                        printf("Alarms:           %d%s\n", alarms,
-                               alarms ? " (see nkpctl alarms)" : "");
-                else
-                        printf("Alarms:           unknown\n");
-        }
-        g_free(tpm.error);
+        if (g->json)
+                status_json(g, st, alarms);
+        else
+                status_text(g, st, alarms);
         return 0;
 }
 
@@ -129,22 +109,20 @@ static int host_flush(NkpctlGlobals *g, int argc, char **argv)
 {
         (void) argc;
         (void) argv;
-        g_autoptr(GArray) cached = NULL;
-        if (nkp_cache_list(g->ctx, &cached) < 0)
-                return nkpctl_lib_error();
-        if (nkp_cache_flush(g->ctx) < 0)
+        size_t n = 0;
+        if (nkp_host_flush_cache(g->ctx, &n) < 0)
                 return nkpctl_lib_error();
         if (g->json) {
                 g_autoptr(JsonBuilder) b = json_builder_new();
                 json_builder_begin_object(b);
                 json_builder_set_member_name(b, "flushed");
-                json_builder_add_int_value(b, cached->len);
+                json_builder_add_int_value(b, (gint64) n);
                 json_builder_end_object(b);
                 nkpctl_print_json(json_builder_get_root(b));
         } else {
-                printf("Forgot %u unsealed provider key%s; VMs that need them stay locked until "
+                printf("Forgot %zu unsealed provider key%s; VMs that need them stay locked until "
                        "the keys are unsealed again.\n",
-                       cached->len, cached->len == 1 ? "" : "s");
+                       n, n == 1 ? "" : "s");
         }
         return 0;
 }
