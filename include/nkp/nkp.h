@@ -233,6 +233,13 @@ bool nkp_host_status_cached_deleted(const nkp_host_status *st, size_t i);
  * keys are unsealed again (the next start unseals from the store). */
 int nkp_host_flush_cache(nkp_context *ctx, size_t *ret_forgotten);
 
+/* The EK CA certificate (PEM, free with free()) of the provider with key id
+ * `key_id`: derived from its KDK, so every host holding the provider has the
+ * same CA (subject, key, key identifier; only the self-signature differs,
+ * ECDSA nonces).  -ENOENT the provider is not here (or its KDK is not
+ * available). */
+int nkp_provider_ca_cert_pem(nkp_context *ctx, const char *key_id, char **ret);
+
 /* ------------------------------------------------------------------------ */
 /* Key chain                                                                 */
 

@@ -295,6 +295,19 @@ int nkp_ekca_cert_pem(const NkpEkCa *ca, char **ret)
         return 0;
 }
 
+int nkp_provider_ca_cert_pem(nkp_context *ctx, const char *key_id, char **ret)
+{
+        g_autoptr(NkpEkCa) ca = NULL;
+        int r = nkp_ekca_for_provider(ctx, key_id, &ca);
+        if (r < 0)
+                return r;
+        g_autofree char *pem = NULL;
+        if ((r = nkp_ekca_cert_pem(ca, &pem)) < 0)
+                return r;
+        *ret = strdup(pem); /* the caller frees with free(), as nkp.h promises */
+        return *ret ? 0 : nkp_fail(-ENOMEM, "Out of memory.");
+}
+
 int nkp_ekca_cert_der(const NkpEkCa *ca, GBytes **ret)
 {
         unsigned char *der = NULL;

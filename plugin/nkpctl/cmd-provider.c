@@ -248,10 +248,8 @@ static int cmd_ca_cert(NkpctlGlobals *g, int argc, char **argv)
         int r = get_named(g, argv, &p);
         if (r)
                 return r;
-        g_autoptr(NkpEkCa) ca = NULL;
-        g_autofree char *pem = NULL;
-        if (nkp_ekca_for_provider(g->ctx, nkp_provider_key_id(p), &ca) < 0 ||
-            nkp_ekca_cert_pem(ca, &pem) < 0)
+        g_autofree char *pem = NULL; /* from malloc: g_free is free here */
+        if (nkp_provider_ca_cert_pem(g->ctx, nkp_provider_key_id(p), &pem) < 0)
                 return nkpctl_lib_error();
         if (g->json) {
                 g_autoptr(JsonBuilder) b = json_builder_new();
