@@ -28,6 +28,7 @@
 
 #define NKP_DL_NO_REDIRECT
 #include "dl-libvirt.h"
+#include "dl-tss2.h"
 #include "nkp-private.h"
 
 typedef struct {
@@ -95,4 +96,39 @@ int nkp_dlopen_libvirt(void)
         static GOnce once = G_ONCE_INIT;
         static DlResult res;
         return dl_result(g_once(&once, load_libvirt, &res));
+}
+
+/* ---- tpm2-tss ---------------------------------------------------------------- */
+
+NKP_TSS2_ESYS_SYMBOLS(NKP_DL_DEFINE)
+NKP_TSS2_MU_SYMBOLS(NKP_DL_DEFINE)
+NKP_TSS2_RC_SYMBOLS(NKP_DL_DEFINE)
+NKP_TSS2_TCTILDR_SYMBOLS(NKP_DL_DEFINE)
+
+static gpointer load_tss2(gpointer data)
+{
+        DlResult *res = data;
+        static const DlSym esys[] = { NKP_TSS2_ESYS_SYMBOLS(NKP_DL_ENTRY) };
+        static const DlSym mu[] = { NKP_TSS2_MU_SYMBOLS(NKP_DL_ENTRY) };
+        static const DlSym rc[] = { NKP_TSS2_RC_SYMBOLS(NKP_DL_ENTRY) };
+        static const DlSym tctildr[] = { NKP_TSS2_TCTILDR_SYMBOLS(NKP_DL_ENTRY) };
+        res->r = dlopen_syms("libtss2-esys.so.0", "libtss2-esys-3.0.2-0", esys,
+                             G_N_ELEMENTS(esys), &res->error);
+        if (res->r == 0)
+                res->r = dlopen_syms("libtss2-mu.so.0", "libtss2-mu0", mu, G_N_ELEMENTS(mu),
+                                     &res->error);
+        if (res->r == 0)
+                res->r = dlopen_syms("libtss2-rc.so.0", "libtss2-rc0", rc, G_N_ELEMENTS(rc),
+                                     &res->error);
+        if (res->r == 0)
+                res->r = dlopen_syms("libtss2-tctildr.so.0", "libtss2-tctildr0", tctildr,
+                                     G_N_ELEMENTS(tctildr), &res->error);
+        return res;
+}
+
+int nkp_dlopen_tss2(void)
+{
+        static GOnce once = G_ONCE_INIT;
+        static DlResult res;
+        return dl_result(g_once(&once, load_tss2, &res));
 }
