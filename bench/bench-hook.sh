@@ -26,7 +26,10 @@
 # around subprocess.run).  Prints every sample, then n, median, p95, min,
 # max per case and the ratio of medians to its /bin/true runs; and the
 # shared objects the process maps (LD_DEBUG=files, counted once per case).
-#   sudo bench/bench-hook.sh [BUILD_DIR] [N] [MISS_N]   (default build, 50, 20)
+# HOOK_B=PATH (optional): a second hook binary (e.g. one built from an older
+# commit) run in the same rounds, each case right after this build's, so
+# both are measured under the same load; its rows are marked "(B)".
+#   sudo [HOOK_B=PATH] bench/bench-hook.sh [BUILD_DIR] [N] [MISS_N]   (default build, 50, 20)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 BUILD=$(cd "${1:-build}" && pwd)
@@ -48,6 +51,11 @@ lab_install_nkp nkp "$BUILD"
 lab_host_start nkp || die "libvirtd"
 hook=/etc/libvirt/hooks/qemu.d/nkp
 [ -x "$(lab_path nkp "$hook")" ] || die "the hook is not installed"
+hook_b=""
+if [ -n "${HOOK_B:-}" ]; then # beside qemu.d/, so libvirt never runs it
+    hook_b=/etc/libvirt/hooks/nkp-b
+    install -m 0755 "$HOOK_B" "$(lab_path nkp "$hook_b")" || die "HOOK_B"
+fi
 
 umask 077
 head -c 24 /dev/urandom | base64 > "$LAB_DIR/pw"
@@ -70,22 +78,26 @@ grep -q "nkp:keysafe\|keysafe" "$LAB_DIR/enc.xml" || die "enc carries no keysafe
 n_secrets=$(lab_virsh nkp secret-list | grep -c . || true)
 
 echo "--- shared objects mapped by the hook (LD_DEBUG=files: each file the loader opens, at start or by dlopen)"
-count_objects() { # DOM OP SUBOP XML
+count_objects() { # HOOK DOM OP SUBOP XML
     lab_exec nkp env -i LC_ALL=C PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LD_DEBUG=files \
-        "$hook" "$1" "$2" "$3" - < "$4" 2>&1 >/dev/null | grep -o 'file=[^ ]*' | sort -u | wc -l
+        "$1" "$2" "$3" "$4" - < "$5" 2>&1 >/dev/null | grep -o 'file=[^ ]*' | sort -u | wc -l
 }
-echo "foreign (plain prepare begin): $(count_objects plain prepare begin "$LAB_DIR/plain.xml")"
-echo "ignored (enc started begin):   $(count_objects enc started begin "$LAB_DIR/enc.xml")"
-echo "prepare (enc prepare begin):   $(count_objects enc prepare begin "$LAB_DIR/enc.xml")"
-echo "release (enc release end):     $(count_objects enc release end "$LAB_DIR/enc.xml")"
+for h in "$hook" $hook_b; do
+    b=""; [ "$h" = "$hook" ] || b=" (B)"
+    echo "foreign$b (plain prepare begin): $(count_objects "$h" plain prepare begin "$LAB_DIR/plain.xml")"
+    echo "ignored$b (enc started begin):   $(count_objects "$h" enc started begin "$LAB_DIR/enc.xml")"
+    echo "prepare$b (enc prepare begin):   $(count_objects "$h" enc prepare begin "$LAB_DIR/enc.xml")"
+    echo "release$b (enc release end):     $(count_objects "$h" enc release end "$LAB_DIR/enc.xml")"
+done
 echo "/bin/true:                     $(lab_exec nkp env LD_DEBUG=files /bin/true 2>&1 | grep -o 'file=[^ ]*' | sort -u | wc -l)"
 [ "$(lab_virsh nkp secret-list | grep -c . || true)" = "$n_secrets" ] || die "secrets left after release"
 
 echo "--- samples: $N rounds of foreign, ignored, prepare, release (each + /bin/true), then $MISS_N cache misses"
 res="$LAB_DIR/res"
-lab_exec nkp python3 - "$hook" "$LAB_DIR" "$N" "$MISS_N" "$res" <<'PY' || die "hook timing"
+lab_exec nkp python3 - "$hook" "$LAB_DIR" "$N" "$MISS_N" "$res" $hook_b <<'PY' || die "hook timing"
 import subprocess, sys, time
 hook, d, n, miss_n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+hooks = [("", hook)] + [(" (B)", b) for b in sys.argv[6:]]
 xml = {k: open("%s/%s.xml" % (d, k), "rb").read() for k in ("enc", "plain")}
 env = {"LC_ALL": "C", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
 cases = [  # name, domain (its XML on stdin), op, subop
@@ -104,15 +116,18 @@ def run(prog, dom, op, subop):
     return dt
 res = {}
 def sample(name, dom, op, subop):
-    res.setdefault(name, []).append(run(hook, dom, op, subop))
-    res.setdefault(name + ".true", []).append(run("/bin/true", dom, op, subop))
+    for label, h in hooks:
+        res.setdefault(name + label, []).append(run(h, dom, op, subop))
+        res.setdefault(name + label + ".true", []).append(run("/bin/true", dom, op, subop))
 for i in range(n):
     for c in cases:
         sample(*c)
 for i in range(miss_n):
-    subprocess.run(["nkpctl", "host", "flush-cache"], check=True, stdout=subprocess.DEVNULL)
-    sample("miss", "enc", "prepare", "begin")
-    run(hook, "enc", "release", "end")
+    for label, h in hooks:
+        subprocess.run(["nkpctl", "host", "flush-cache"], check=True, stdout=subprocess.DEVNULL)
+        res.setdefault("miss" + label, []).append(run(h, "enc", "prepare", "begin"))
+        res.setdefault("miss" + label + ".true", []).append(run("/bin/true", "enc", "prepare", "begin"))
+        run(h, "enc", "release", "end")
 for k, v in res.items():
     print("%s: %s" % (k, " ".join("%.2f" % x for x in v)))
     with open("%s.%s" % (out, k), "w") as f:
@@ -122,9 +137,11 @@ PY
 
 echo "--- per case: the hook, then /bin/true with the same argv and stdin (ms)"
 for c in foreign ignored prepare release miss; do
-    [ -s "$res.$c" ] || continue
-    bench_dist "$c: hook" "$res.$c"
-    bench_dist "$c: /bin/true" "$res.$c.true"
+    for b in "" " (B)"; do
+        [ -s "$res.$c$b" ] || continue
+        bench_dist "$c$b: hook" "$res.$c$b"
+        bench_dist "$c$b: /bin/true" "$res.$c$b.true"
+    done
 done
 echo "--- medians and p95 (ms), ratio of medians hook / /bin/true ($(nproc) vCPUs, load $(cut -d' ' -f1-3 /proc/loadavg))"
 python3 - "$res" <<'PY'
@@ -132,12 +149,13 @@ import math, os, statistics, sys
 def stats(path):
     xs = sorted(float(l) for l in open(path) if l.strip())
     return statistics.median(xs), xs[max(0, math.ceil(0.95 * len(xs)) - 1)], len(xs)
-print("%-8s %4s %10s %10s %12s %12s %7s" % ("case", "n", "median", "p95", "true median", "true p95", "ratio"))
+print("%-12s %4s %10s %10s %12s %12s %7s" % ("case", "n", "median", "p95", "true median", "true p95", "ratio"))
 for c in ("foreign", "ignored", "prepare", "release", "miss"):
-    p = "%s.%s" % (sys.argv[1], c)
-    if not os.path.exists(p):
-        continue
-    m, p95, n = stats(p)
-    tm, tp95, _ = stats(p + ".true")
-    print("%-8s %4d %10.2f %10.2f %12.2f %12.2f %7.2f" % (c, n, m, p95, tm, tp95, m / tm))
+    for b in ("", " (B)"):
+        p = "%s.%s%s" % (sys.argv[1], c, b)
+        if not os.path.exists(p):
+            continue
+        m, p95, n = stats(p)
+        tm, tp95, _ = stats(p + ".true")
+        print("%-12s %4d %10.2f %10.2f %12.2f %12.2f %7.2f" % (c + b, n, m, p95, tm, tp95, m / tm))
 PY
