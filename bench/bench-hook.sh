@@ -135,6 +135,17 @@ for k, v in res.items():
 PY
 [ "$(lab_virsh nkp secret-list | grep -c . || true)" = "$n_secrets" ] || die "secrets left after the samples"
 
+echo "--- the hook's own phase timer (NKP_HOOK_TIMING=1, ms since main; libvirt is loaded inside 'connected' when it is dlopened), 5 prepares"
+for h in "$hook" $hook_b; do
+    for i in 1 2 3 4 5; do
+        b=""; [ "$h" = "$hook" ] || b=" (B)"
+        phases=$(lab_exec nkp env -i LC_ALL=C PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root NKP_HOOK_TIMING=1 \
+            "$h" enc prepare begin - < "$LAB_DIR/enc.xml" 2>&1 >/dev/null) || die "prepare with NKP_HOOK_TIMING: $phases"
+        lab_exec nkp "$h" enc release end - < "$LAB_DIR/enc.xml" >/dev/null 2>&1 || true
+        echo "prepare$b:${phases#nkp: timing}"
+    done
+done
+
 echo "--- per case: the hook, then /bin/true with the same argv and stdin (ms)"
 for c in foreign ignored prepare release miss; do
     for b in "" " (B)"; do
