@@ -17,9 +17,12 @@
  * + libcrypto 1.6; + libkeyutils 1.6; + libxml2 (which pulls in ICU and
  * libstdc++) 2.6; + tpm2-tss 3.0; + libvirt 9.7.  libxml2 parses every
  * domain XML the hook is given (the exact "is this nkp's?" decision), so
- * it is needed on every step that can act; OpenSSL (0.7 ms) is called
- * through ~140 functions all over the key core; GLib and keyutils cost
- * next to nothing.  Those stay ordinary link dependencies.
+ * it is needed on every step that can act; OpenSSL (0.7 ms, ~3 ms on a
+ * loaded machine) is called through ~140 functions all over the key core,
+ * some from static inline helpers in its own headers (the stacks) that a
+ * sym_ redirection cannot reach; GLib and keyutils cost next to nothing.
+ * Those stay ordinary link dependencies.  Figures: README, "Libraries
+ * loaded on first use" and the hook's benchmark (bench/bench-hook.sh).
  *
  * The SONAMEs are the ABI nkp was built against; a missing library fails
  * the operation that needs it with one line naming the package. */
@@ -55,6 +58,8 @@ static int dlopen_syms(const char *soname, const char *package, const DlSym *sym
                                                      "the version nkp was built against; "
                                                      "update %s.",
                                                      soname, syms[i].name, package);
+                        for (size_t j = 0; j < i; j++)
+                                *syms[j].ptr = NULL;
                         dlclose(dl);
                         return -ELIBACC;
                 }
