@@ -40,7 +40,8 @@ static void test_libvirt_on_open(void)
  * stays unloaded; after a flush the unseal loads it. */
 static void tss2_body(const char *tmp)
 {
-        TestSwtpm *tpm = testutil_swtpm_start(g_build_filename(tmp, "swtpm", NULL));
+        g_autofree char *state = g_build_filename(tmp, "swtpm", NULL);
+        TestSwtpm *tpm = testutil_swtpm_start(state);
         g_autofree char *root = testutil_make_root(tmp, "root", testutil_swtpm_tcti(tpm));
         g_assert_false(loaded("libtss2-esys.so.0"));
 
