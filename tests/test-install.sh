@@ -37,9 +37,31 @@ check "nkpctl in sbin, executable" "[ -x '$dest$prefix/sbin/nkpctl' ]"
 check "nkpd in sbin, executable" "[ -x '$dest$prefix/sbin/nkpd' ]"
 check "nkp-swtpm-certs in libexec/nkp (create_certs_tool)" \
 	"[ -x '$dest$prefix/libexec/nkp/nkp-swtpm-certs' ]"
-check "the nkpd systemd unit" "grep -q '^ExecStart=/usr/sbin/nkpd' '$dest$prefix/lib/systemd/system/nkpd.service'"
+# The unit: where systemd's pkg-config says units go, else PREFIX/lib/systemd/system.
+unitdir=$(pkg-config --variable=systemdsystemunitdir systemd 2>/dev/null) || unitdir=""
+[ -n "$unitdir" ] || unitdir=$prefix/lib/systemd/system
+echo "# systemd unit directory: $unitdir"
+check "the nkpd systemd unit in $unitdir" "grep -q '^ExecStart=/usr/sbin/nkpd' '$dest$unitdir/nkpd.service'"
+check "no other nkpd.service installed" "[ \"\$(find '$dest' -name nkpd.service | wc -l)\" = 1 ]"
 check "nkp.h and libnkp.pc for library users" \
 	"[ -f '$dest$prefix/include/nkp/nkp.h' ] && find '$dest$prefix' -name libnkp.pc | grep -q ."
+pc=$(find "$dest$prefix" -name libnkp.pc | head -n1)
+libs=$(PKG_CONFIG_PATH=$(dirname "$pc") pkg-config --static --libs libnkp 2>&1)
+echo "# pkg-config --static --libs libnkp: $libs"
+has_all_libs() {
+	local l
+	for l in -lglib-2.0 -lcrypto -lxml2 -lkeyutils; do grep -qw -- "$l" <<<"$libs" || return 1; done
+}
+check "libnkp.pc names every library libnkp.so links" "has_all_libs"
+# libvirt and tpm2-tss are dlopened when first needed (plugin/lib/dl.c): a
+# hook call for a VM that is not nkp's must not map them.
+lib=$(find "$dest$prefix" -name 'libnkp.so.0' | head -n1)
+links_neither() { # FILE…
+	[ -n "$1" ] && readelf -d "$@" >/dev/null && ! readelf -d "$@" | grep NEEDED | grep -Eq 'libvirt|libtss2'
+}
+bins=("$lib")
+[ -x "$hook" ] && bins+=("$hook")
+check "libnkp.so and the hook do not link libvirt or tpm2-tss (loaded on first use)" 'links_neither "${bins[@]}"'
 conf="$dest/etc/nkp/nkp.conf"
 check "the config at /etc/nkp/nkp.conf, 0644" "[ \"\$(stat -c %a '$conf')\" = 644 ]"
 check "the config has every section, all defaults commented out" \

@@ -11,8 +11,8 @@
 char *testutil_mkdtemp(void);
 void testutil_rmtree(const char *path);
 
-/* The path of a vectors file in ../shared/vectors, or NULL (and the test is
- * marked skipped with the reason) when that folder is absent. */
+/* The path of a vectors file in $NKP_VECTORS_DIR (tests/vectors/); a
+ * missing file aborts the test (the vectors live in the tree). */
 char *testutil_vector_path(const char *file);
 
 /* A snapshot of every file under `dir` (relative path -> contents+mode), to

@@ -124,7 +124,9 @@ typedef struct nkp_virt nkp_virt;
  * (SIGALRM): a call that does not return in time makes the process print
  * one line on stderr ("PROG: libvirt did not answer within N seconds; …")
  * and exit 1.  Only for programs that own SIGALRM; 0 leaves calls
- * unbounded.  -ECONNREFUSED (with the fix) when libvirt cannot be reached. */
+ * unbounded.  -ECONNREFUSED (with the fix) when libvirt cannot be reached.
+ * libnkp loads libvirt.so.0 here, on the first call (not at program
+ * start): -ELIBACC (naming the package) when it cannot be loaded. */
 int nkp_virt_open(const char *uri, unsigned deadline_seconds, nkp_virt **ret);
 
 /* Closes the connection.  Accepts NULL. */

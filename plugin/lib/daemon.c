@@ -25,6 +25,7 @@
 #include <libvirt/libvirt.h>
 #include <libvirt/virterror.h>
 
+#include "dl-libvirt.h" /* libvirt is loaded by nkp_daemon_new(), not at start */
 #include "nkp-private.h"
 
 #define RECONNECT_DELAY_USEC (2 * G_USEC_PER_SEC)
@@ -225,6 +226,9 @@ int nkp_daemon_new(nkp_context *ctx, const char *uri, unsigned flags, nkp_daemon
 {
         if (flags & ~(unsigned) NKP_DAEMON_NO_LIBVIRT)
                 return nkp_fail(-EINVAL, "Unknown daemon flags 0x%x.", flags);
+        int r = nkp_dlopen_libvirt(); /* its event loop serves the socket too */
+        if (r < 0)
+                return r;
         if (virEventRegisterDefaultImpl() < 0)
                 return nkp_fail(-EIO, "Cannot start libvirt's event loop.");
         nkp_daemon *d = g_new0(nkp_daemon, 1);
@@ -239,7 +243,7 @@ int nkp_daemon_new(nkp_context *ctx, const char *uri, unsigned flags, nkp_daemon
         d->pending = g_ptr_array_new_with_free_func(g_free);
 
         resolve_swtpm_user(d);
-        int r = listen_signer(d);
+        r = listen_signer(d);
         if (r < 0) {
                 nkp_daemon_free(d);
                 return r;

@@ -63,6 +63,7 @@
 #include <tss2/tss2_rc.h>
 #include <tss2/tss2_tctildr.h>
 
+#include "dl-tss2.h" /* tpm2-tss is loaded by nkp_tpm_open(), not at start */
 #include "nkp-private.h"
 
 #define BLOB_MAGIC "NKPT"
@@ -364,6 +365,9 @@ int nkp_tpm_open(const nkp_context *ctx, NkpTpm **ret)
                 return nkp_fail(-ENODEV, "This host has no TPM configured ([tpm] tcti=none in '%s').",
                                 ctx->conf_path);
 
+        int loaded = nkp_dlopen_tss2();
+        if (loaded < 0)
+                return loaded;
         quiet_tss_logging();
         g_autoptr(NkpTpm) tpm = g_new0(NkpTpm, 1);
         tpm->tcti_name = g_strdup(tcti);

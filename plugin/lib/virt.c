@@ -18,6 +18,7 @@
 #include <libvirt/libvirt.h>
 #include <libvirt/virterror.h>
 
+#include "dl-libvirt.h" /* libvirt is loaded by nkp_virt_open(), not at start */
 #include "nkp-private.h"
 
 struct nkp_virt {
@@ -135,6 +136,9 @@ int nkp_secret_value_from_dek(const nkp_secret *dek, nkp_secret **ret)
 
 int nkp_virt_open(const char *uri, unsigned deadline_seconds, nkp_virt **ret)
 {
+        int r = nkp_dlopen_libvirt();
+        if (r < 0)
+                return r;
         virSetErrorFunc(NULL, silent_error);
         VirtCall c __attribute__((cleanup(virt_call_end))) = virt_call_begin(deadline_seconds);
         virConnectPtr conn = virConnectOpen(uri);
