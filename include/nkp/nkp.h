@@ -305,6 +305,7 @@ bool nkp_rekey_result_running(const nkp_rekey_result *res);
 int nkp_rekey_result_error(const nkp_rekey_result *res);
 /* The failure's one-line message; NULL when the VM was rekeyed. */
 const char *nkp_rekey_result_message(const nkp_rekey_result *res);
+/* Accepts NULL. */
 void nkp_rekey_result_free(nkp_rekey_result *res);
 
 /* Shallow rekey of the defined domain `domain` to provider `provider`
@@ -313,6 +314,7 @@ void nkp_rekey_result_free(nkp_rekey_result *res);
  * provider must be here too (key cache or store).  On success *ret (owned
  * by the caller) says from which provider and whether the live definition
  * was rekeyed too.  Errors (nothing changed unless said):
+ *  -EINVAL      `domain` is NULL;
  *  -ENOENT      no provider `provider`, no default provider, or no domain
  *               `domain`;
  *  -EPERM       the target provider was never backed up;
@@ -340,7 +342,8 @@ int nkp_vm_rekey(nkp_context *ctx, nkp_virt *v, const char *domain, const char *
 
 /* Called by nkp_vm_rekey_all() once per nkp VM, in name order, right after
  * its rekey (so a program can report as it goes).  `res` is the library's,
- * valid during the call. */
+ * valid during the call.  The function may call nkp_vm_rekey() itself
+ * (nkpctl does after reconciling an -EINPROGRESS VM). */
 typedef void (*nkp_rekey_func)(const nkp_rekey_result *res, void *userdata);
 
 /* Shallow rekey of every defined VM that nkp protects to `provider` (NULL:

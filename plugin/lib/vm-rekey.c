@@ -388,6 +388,8 @@ static nkp_rekey_result *result_new(const char *name, const RekeyTarget *to)
 int nkp_vm_rekey(nkp_context *ctx, nkp_virt *v, const char *domain, const char *provider,
                  nkp_rekey_result **ret)
 {
+        if (!domain)
+                return nkp_fail(-EINVAL, "Name the VM to rekey.");
         RekeyTarget to = { 0 };
         int r = target_pick(ctx, provider, &to);
         if (r < 0)
