@@ -112,6 +112,29 @@ else
         fail "no lock file at $lock after a rekey (or no flock(1))"
 fi
 
+# An encrypt/decrypt/deep rekey of the VM that a crash interrupted (a
+# journal): the rekey reconciles it first (here: rolled back, the definition
+# being the old side), then rekeys; alone and with --all.
+journal="$R/var/lib/nkp/journal/6695eb01-f6a4-8304-79aa-97f2502e193f.ini"
+P="$TOP/vda.qcow2"
+interrupted_encrypt() {
+        echo OLD >"$P"; echo NEW >"$P.nkp-new"
+        printf '[journal]\nversion=1\nop=encrypt\nname=web01\nuuid=6695eb01-f6a4-8304-79aa-97f2502e193f\nphase=converting\nold=%s\nnew=none\nfiles=%s\nscratch=\n' \
+                "$(printf '0%.0s' $(seq 64))" "$P" >"$journal"
+        chmod 600 "$journal"
+}
+rolled_back() { [ ! -e "$P.nkp-new" ] && [ "$(cat "$P")" = OLD ] && [ ! -e "$journal" ]; }
+interrupted_encrypt
+run vm rekey web01 --provider new
+check "an interrupted conversion: reconciled, then rekeyed" \
+        bash -c '[ "$1" -eq 0 ] && grep -q "rekeyed to provider '"'new'"'" <<<"$2"' _ "$rc" "$out"
+check "... its new copy and journal removed" rolled_back
+interrupted_encrypt
+run vm rekey --all --provider new
+check "--all: an interrupted conversion reconciled, then rekeyed" \
+        bash -c '[ "$1" -eq 0 ] && [ "$2" = "web01: rekeyed to '"'new' (was 'old')"'" ]' _ "$rc" "$out"
+check "... its new copy and journal removed" rolled_back
+
 # The VM's provider deleted: still cached → the rekey works; cache flushed → refused.
 "$NKPCTL" --root "$R" --connect "$VC" provider delete old --force >/dev/null 2>&1
 run vm rekey web01 --provider new

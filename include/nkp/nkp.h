@@ -174,7 +174,8 @@ int nkp_provider_set_default(nkp_context *ctx, const char *name);
 /* Deletes a provider from the store.  Its KDK stays in the key cache (flagged
  * deleted) until the cache is flushed, so running VMs keep working.  Unless
  * `force`, refused with -EBUSY while `in_use` (the caller's count of defined
- * VMs that depend on it) is non-zero. */
+ * VMs that depend on it) is non-zero.  nkp_provider_delete_checked() counts
+ * them itself. */
 int nkp_provider_delete(nkp_context *ctx, const char *name, unsigned in_use, bool force);
 
 /* Writes a PKCS#12 backup of the provider to `path` (must not exist; created
@@ -446,6 +447,107 @@ int nkp_daemon_iterate(nkp_daemon *d);
 
 /* Disconnects from libvirt, closes and removes the socket.  Accepts NULL. */
 void nkp_daemon_free(nkp_daemon *d);
+/* Shallow rekey and provider users                                          */
+
+/* A shallow rekey gives a VM a new KEK (fresh salt, and another provider if
+ * asked): every DEK is unwrapped and wrapped again, the data, the vTPM
+ * state, the secret UUIDs and the running guest stay as they are.  The
+ * protocol and why it is crash safe: docs/rekey.md.  In short: the VM's
+ * lock is held from the first read to the last write; a running VM's live
+ * definition is written first, its persistent one last, each whole with
+ * one libvirt call, so a kill between leaves both usable and a rerun
+ * finishes; a start that slipped in meanwhile gets the new keysafe too. */
+
+/* What happened to one VM.  Free with nkp_rekey_result_free(). */
+typedef struct nkp_rekey_result nkp_rekey_result;
+
+const char *nkp_rekey_result_domain(const nkp_rekey_result *res);
+/* The provider that protected the VM before (NULL when the rekey failed
+ * before reading it). */
+const char *nkp_rekey_result_from(const nkp_rekey_result *res);
+/* The target provider. */
+const char *nkp_rekey_result_provider(const nkp_rekey_result *res);
+/* true when the VM ran and its live definition was rekeyed too. */
+bool nkp_rekey_result_running(const nkp_rekey_result *res);
+/* 0 when the VM was rekeyed, else the negative errno of nkp_vm_rekey(). */
+int nkp_rekey_result_error(const nkp_rekey_result *res);
+/* The failure's one-line message; NULL when the VM was rekeyed. */
+const char *nkp_rekey_result_message(const nkp_rekey_result *res);
+/* Accepts NULL. */
+void nkp_rekey_result_free(nkp_rekey_result *res);
+
+/* Shallow rekey of the defined domain `domain` to provider `provider`
+ * (NULL: the host's default), which must be on this host and active
+ * (backed up); the VM's own provider rotates its KEK.  The VM's current
+ * provider must be here too (key cache or store).  On success *ret (owned
+ * by the caller) says from which provider and whether the live definition
+ * was rekeyed too.  Errors (nothing changed unless said):
+ *  -EINVAL      `domain` is NULL;
+ *  -ENOENT      no provider `provider`, no default provider, or no domain
+ *               `domain`;
+ *  -EPERM       the target provider was never backed up;
+ *  -ENODATA     the VM is not protected by nkp (no keysafe);
+ *  -EINPROGRESS an encrypt, decrypt or deep rekey of the VM that a crash
+ *               interrupted must be reconciled first (nkpctl does it and
+ *               calls again);
+ *  -EBUSY       another process holds the VM's lock (waited ~2 s), or the
+ *               VM has a managed save image (it would restore with the old
+ *               keysafe);
+ *  -ENOKEY      the provider of its persistent or live keysafe is not on
+ *               this host; -EKEYREJECTED a provider with that key id holds
+ *               another key;
+ *  -EBADMSG     a wrapped DEK does not open, a keysafe is damaged, or the VM
+ *               runs without a keysafe in its live definition;
+ *  -ESTALE      the live and persistent keysafes hold different DEKs; or a
+ *               start during the rekey ran with another keysafe (the
+ *               persistent definition is rekeyed: run it again);
+ *  the target's KDK errors (nkp_provider_get_kdk) and libvirt's
+ *  (-ECONNREFUSED, -EIO).  When the persistent write fails after the live
+ *  one, the message says the VM is half rekeyed: it starts and runs with
+ *  either definition; a rerun finishes. */
+int nkp_vm_rekey(nkp_context *ctx, nkp_virt *v, const char *domain, const char *provider,
+                 nkp_rekey_result **ret);
+
+/* Called by nkp_vm_rekey_all() once per nkp VM, in name order, right after
+ * its rekey (so a program can report as it goes).  `res` is the library's,
+ * valid during the call.  The function may call nkp_vm_rekey() itself
+ * (nkpctl does after reconciling an -EINPROGRESS VM). */
+typedef void (*nkp_rekey_func)(const nkp_rekey_result *res, void *userdata);
+
+/* Shallow rekey of every defined VM that nkp protects to `provider` (NULL:
+ * the default), one after the other; plain VMs and domains undefined
+ * meanwhile are skipped silently.  A VM that fails (its result carries the
+ * error and message of nkp_vm_rekey) does not stop the others.  Returns 0
+ * once every VM was tried, whatever their results; a negative errno before
+ * any VM was touched: the target errors of nkp_vm_rekey (-ENOENT, -EPERM,
+ * KDK errors) or libvirt's when the domains cannot be listed. */
+int nkp_vm_rekey_all(nkp_context *ctx, nkp_virt *v, const char *provider, nkp_rekey_func func,
+                     void *userdata);
+
+/* The defined domains that depend on the provider with key id `key_id`:
+ * whose persistent definition names it (the next start needs it), or, for
+ * a running domain, whose live definition does (a libvirtd restart and a
+ * live migration need it), or whose managed save image does (a restore
+ * needs it).  A definition whose nkp data is damaged counts when its text
+ * names the key id.  *ret_names: a NULL-terminated array of *ret_n names,
+ * sorted; free each and the array with free().  Errors: libvirt's when the
+ * domains cannot be listed (-ECONNREFUSED, -EIO). */
+int nkp_provider_dependents(nkp_context *ctx, nkp_virt *v, const char *key_id, char ***ret_names,
+                            size_t *ret_n);
+
+/* nkp_provider_delete() counting the provider's users itself
+ * (nkp_provider_dependents over `v`; `v` NULL: the caller could not reach
+ * libvirt).  Unless `force`, refused while a defined VM depends on it
+ * (-EBUSY, the message names the VMs) and when the users cannot be counted
+ * (-ENOTCONN for `v` NULL, else libvirt's error, e.g. -ECONNREFUSED).
+ * With `force` it deletes anyway; on success *ret_users (may be NULL; a
+ * NULL-terminated array of *ret_n names, free each and the array with
+ * free()) names the VMs left without their provider: none unless `force`,
+ * and none when they could not be counted.  Other errors: -EINVAL bad
+ * name, -ENOENT no such provider, the store's.  Nothing is deleted on
+ * error. */
+int nkp_provider_delete_checked(nkp_context *ctx, nkp_virt *v, const char *name, bool force,
+                                char ***ret_users, size_t *ret_n);
 
 /* ------------------------------------------------------------------------ */
 /* Alarms                                                                    */
@@ -486,6 +588,7 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_provider, nkp_provider_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_keysafe, nkp_keysafe_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_virt, nkp_virt_close)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_host_status, nkp_host_status_free)
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_rekey_result, nkp_rekey_result_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_ekcert_request, nkp_ekcert_request_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_daemon, nkp_daemon_free)
 #endif

@@ -373,6 +373,15 @@ typedef struct {
 } NkpVmSecret;
 void nkp_vm_secret_free(gpointer p);
 
+/* The KEK that opens the keysafe of domain `d`: its provider's KDK (key
+ * cache, else the store; a deleted but cached provider works too), checked
+ * against the fingerprint the keysafe names, then nkp_kek_derive().  The
+ * messages are neutral (callers say what could not be done):  -ENOKEY the
+ * provider is not on this host, -EKEYREJECTED a provider with that key id
+ * holds another key, -EINVAL no keysafe, -EBADMSG a keysafe naming no
+ * provider; nkp_provider_get_kdk()'s other errors pass through. */
+int nkp_vm_kek(nkp_context *ctx, const NkpDomain *d, nkp_secret **ret);
+
 /* For a domain with a keysafe: the KDK of its provider (cache, else the
  * store), its fingerprint checked, the KEK derived, every DEK unwrapped into
  * a secret value.  -ENOKEY the provider is not on this host (the message is

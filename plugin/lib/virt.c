@@ -367,7 +367,7 @@ void nkp_vm_secret_free(gpointer p)
         g_free(s);
 }
 
-int nkp_vm_unlock(nkp_context *ctx, const NkpDomain *d, bool want_values, GPtrArray **ret)
+int nkp_vm_kek(nkp_context *ctx, const NkpDomain *d, nkp_secret **ret)
 {
         const nkp_keysafe *ks = d->keysafe;
         if (!ks)
@@ -382,29 +382,47 @@ int nkp_vm_unlock(nkp_context *ctx, const NkpDomain *d, bool want_values, GPtrAr
         g_autoptr(nkp_secret) kdk = NULL;
         int r = nkp_provider_get_kdk(ctx, key_id, &kdk);
         if (r == -ENOENT)
-                return nkp_fail(-ENOKEY,
-                                "VM '%s' is locked: its key provider '%s' (key id %s) is not on "
-                                "this host. Restore it: nkpctl provider restore FILE.p12, then: "
-                                "nkpctl host unlock",
-                                d->name, pname, key_id);
+                return nkp_fail(-ENOKEY, "The key provider '%s' (key id %s) of VM '%s' is not on "
+                                         "this host.",
+                                pname, key_id, d->name);
         if (r < 0)
-                return nkp_fail_prefix(r, "VM '%s' cannot be unlocked: the key of provider '%s' "
-                                          "(key id %s) is unavailable",
-                                       d->name, pname, key_id);
+                return r;
         g_autofree char *fp = NULL;
         r = nkp_kdk_fingerprint(kdk, &fp);
         if (r < 0)
                 return r;
         if (g_ascii_strcasecmp(fp, want_fp) != 0)
                 return nkp_fail(-EKEYREJECTED,
+                                "The provider with key id %s on this host holds a different key "
+                                "than '%s' that protects VM '%s' (fingerprint mismatch).",
+                                key_id, pname, d->name);
+        return nkp_kek_derive(kdk, nkp_keysafe_kek_salt(ks), key_id, d->uuid, ret);
+}
+
+int nkp_vm_unlock(nkp_context *ctx, const NkpDomain *d, bool want_values, GPtrArray **ret)
+{
+        g_autoptr(nkp_secret) kek = NULL;
+        int r = nkp_vm_kek(ctx, d, &kek);
+        const nkp_keysafe *ks = d->keysafe;
+        const char *pname = ks ? nkp_keysafe_provider_name(ks) : NULL;
+        const char *key_id = ks ? nkp_keysafe_provider_key_id(ks) : NULL;
+        if (r == -ENOKEY)
+                return nkp_fail(-ENOKEY,
+                                "VM '%s' is locked: its key provider '%s' (key id %s) is not on "
+                                "this host. Restore it: nkpctl provider restore FILE.p12, then: "
+                                "nkpctl host unlock",
+                                d->name, pname, key_id);
+        if (r == -EKEYREJECTED)
+                return nkp_fail(-EKEYREJECTED,
                                 "VM '%s' is locked: the provider with key id %s on this host holds "
                                 "a different key than '%s' that protects the VM (fingerprint "
                                 "mismatch). Restore the provider's own backup: nkpctl provider "
                                 "restore FILE.p12, then: nkpctl host unlock",
                                 d->name, key_id, pname);
-
-        g_autoptr(nkp_secret) kek = NULL;
-        r = nkp_kek_derive(kdk, nkp_keysafe_kek_salt(ks), key_id, d->uuid, &kek);
+        if (r < 0 && ks && pname && key_id)
+                return nkp_fail_prefix(r, "VM '%s' cannot be unlocked: the key of provider '%s' "
+                                          "(key id %s) is unavailable",
+                                       d->name, pname, key_id);
         if (r < 0)
                 return r;
 

@@ -282,11 +282,11 @@ static int cmd_set_default(NkpctlGlobals *g, int argc, char **argv)
         return 0;
 }
 
-static char *join_quoted(GPtrArray *names)
+static char *join_quoted(char **names)
 {
         g_autoptr(GString) s = g_string_new(NULL);
-        for (guint i = 0; i < names->len; i++)
-                g_string_append_printf(s, "%s'%s'", i ? ", " : "", (const char *) names->pdata[i]);
+        for (size_t i = 0; names[i]; i++)
+                g_string_append_printf(s, "%s'%s'", i ? ", " : "", names[i]);
         return g_string_free(g_steal_pointer(&s), FALSE);
 }
 
@@ -299,33 +299,20 @@ static int cmd_delete(NkpctlGlobals *g, int argc, char **argv)
                 return r;
         const char *name = nkp_provider_name(p);
 
-        g_autoptr(GPtrArray) vms = NULL;
+        g_autoptr(NkpVirt) v = NULL;
         nkp_error_clear();
-        r = nkpctl_provider_dependents(g, nkp_provider_key_id(p), &vms);
-        if (r < 0 && !opt_force) {
-                g_autofree char *why = g_strdup(nkp_error_message());
-                g_strchomp(why);
-                if (g_str_has_suffix(why, "."))
-                        why[strlen(why) - 1] = '\0';
-                return nkpctl_error("%s%sprovider '%s' was not deleted, since defined VMs may depend on "
-                                    "it (make libvirt reachable with --connect URI, or use --force).",
-                                    why[0] ? why : "", why[0] ? "; " : "", name);
-        }
-        unsigned in_use = (r >= 0 && vms) ? vms->len : 0;
-        r = nkp_provider_delete(g->ctx, name, in_use, opt_force);
-        if (r == -EBUSY) {
-                g_autofree char *list = join_quoted(vms);
-                return nkpctl_error("Provider '%s' protects the defined VM%s %s; nothing was deleted.  "
-                                    "Rekey %s to another provider (nkpctl vm rekey DOMAIN --provider "
-                                    "OTHER) or undefine %s first, or use --force.",
-                                    name, in_use == 1 ? "" : "s", list, in_use == 1 ? "it" : "them",
-                                    in_use == 1 ? "it" : "them");
-        }
-        if (r < 0)
+        if (nkp_virt_open(g->connect_uri, NKPCTL_LIBVIRT_DEADLINE, &v) < 0 && !opt_force)
+                return nkpctl_error("Cannot tell which VMs use the provider: %s Provider '%s' was "
+                                    "not deleted, since defined VMs may depend on it (make libvirt "
+                                    "reachable with --connect URI, or use --force).",
+                                    nkp_error_message(), name);
+        g_auto(GStrv) users = NULL;
+        size_t in_use = 0;
+        if (nkp_provider_delete_checked(g->ctx, v, name, opt_force, &users, &in_use) < 0)
                 return nkpctl_lib_error();
         if (in_use) {
                 /* --force: say which VMs were left without their provider. */
-                g_autofree char *list = join_quoted(vms);
+                g_autofree char *list = join_quoted(users);
                 fprintf(stderr,
                         "nkpctl: warning: provider '%s' still protects the defined VM%s %s; after "
                         "the next reboot %s will not start until the provider is restored "
@@ -356,9 +343,12 @@ static int cmd_usage(NkpctlGlobals *g, int argc, char **argv)
         int r = get_named(g, argv, &p);
         if (r)
                 return r;
-        g_autoptr(GPtrArray) vms = NULL;
+        g_autoptr(NkpVirt) v = NULL;
+        g_auto(GStrv) vms = NULL;
+        size_t n = 0;
         nkp_error_clear();
-        if (nkpctl_provider_dependents(g, nkp_provider_key_id(p), &vms) < 0) {
+        if (nkp_virt_open(g->connect_uri, NKPCTL_LIBVIRT_DEADLINE, &v) < 0 ||
+            nkp_provider_dependents(g->ctx, v, nkp_provider_key_id(p), &vms, &n) < 0) {
                 const char *why = nkp_error_message();
                 return nkpctl_error("Cannot list the VMs that use provider '%s': %s",
                                     nkp_provider_name(p), why[0] ? why : "no detail.");
@@ -372,17 +362,17 @@ static int cmd_usage(NkpctlGlobals *g, int argc, char **argv)
                 json_builder_add_string_value(b, nkp_provider_key_id(p));
                 json_builder_set_member_name(b, "vms");
                 json_builder_begin_array(b);
-                for (guint i = 0; i < vms->len; i++)
-                        json_builder_add_string_value(b, vms->pdata[i]);
+                for (size_t i = 0; i < n; i++)
+                        json_builder_add_string_value(b, vms[i]);
                 json_builder_end_array(b);
                 json_builder_end_object(b);
                 nkpctl_print_json(json_builder_get_root(b));
                 return 0;
         }
-        if (vms->len == 0)
+        if (n == 0)
                 printf("No defined VM uses provider '%s'.\n", nkp_provider_name(p));
-        for (guint i = 0; i < vms->len; i++)
-                printf("%s\n", (const char *) vms->pdata[i]);
+        for (size_t i = 0; i < n; i++)
+                printf("%s\n", vms[i]);
         return 0;
 }
 

@@ -71,15 +71,6 @@ int nkpctl_vm_rekey_deep(NkpctlGlobals *g, const char *name, const char *provide
  * another nkpctl holds the VM's lock. */
 int nkpctl_vm_recover(NkpctlGlobals *g, NkpVirt *v, const char *name);
 
-/* The names of the defined domains that depend on provider `key_id`
- * (cmd-rekey.c): whose persistent definition names it, or, for a running
- * domain, whose live definition does (a shallow rekey of a running VM
- * changes both; a live definition that still names the provider needs it
- * after a libvirtd restart or on a migration), or whose managed save image
- * does (a restore starts from it).  An unreachable libvirt is an error (the
- * caller refuses to delete). */
-int nkpctl_provider_dependents(NkpctlGlobals *g, const char *key_id, GPtrArray **ret_names);
-
 /* `host unlock` (cmd-vm.c): after a restore, re-checks every defined VM
  * whose provider was missing, clears the vm-locked alarms it can. */
 int nkpctl_host_unlock(NkpctlGlobals *g);
