@@ -152,6 +152,17 @@ int nkp_journal_lock(nkp_context *ctx, const char *vm_uuid, bool create, int *re
         return 0;
 }
 
+int nkp_vm_lock(nkp_context *ctx, const char *vm_uuid, bool create, unsigned wait_ms,
+                int *ret_fd)
+{
+        int r = nkp_journal_lock(ctx, vm_uuid, create, ret_fd);
+        for (unsigned waited = 0; r == -EBUSY && waited < wait_ms; waited += NKP_VM_LOCK_POLL_MS) {
+                g_usleep(NKP_VM_LOCK_POLL_MS * 1000);
+                r = nkp_journal_lock(ctx, vm_uuid, create, ret_fd);
+        }
+        return r;
+}
+
 void nkp_journal_unlock(int fd)
 {
         if (fd < 0)
