@@ -50,6 +50,10 @@ int nkp_write_file_atomic(const char *path, const void *data, size_t len, mode_t
  * that treat "missing" as "empty". */
 int nkp_read_file(const char *path, size_t max, bool private_mode, char **ret, size_t *ret_len);
 
+/* fsync of the directory holding `path` (a rename or unlink in it made
+ * durable).  0 or a negative errno, no message. */
+int nkp_fsync_dir_of(const char *path);
+
 /* mkdir -p with mode 0700 for every directory created; an existing final
  * directory with a group/other bit set is refused (-EPERM). */
 int nkp_mkdir_private(const char *path);

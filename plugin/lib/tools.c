@@ -538,16 +538,6 @@ int nkp_vtpm_convert(const nkp_context *ctx, const NkpDomain *d, const nkp_secre
         return 0;
 }
 
-static void fsync_dir_of(const char *path)
-{
-        g_autofree char *dir = g_path_get_dirname(path);
-        int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (fd >= 0) {
-                (void) fsync(fd);
-                close(fd);
-        }
-}
-
 int nkp_vtpm_stage(const nkp_context *ctx, const NkpDomain *d)
 {
         g_autofree char *src = nkp_vtpm_state_file(ctx, d);
@@ -564,7 +554,7 @@ int nkp_vtpm_stage(const nkp_context *ctx, const NkpDomain *d)
                                 d->name, src, g_strerror(e));
         }
         close(fd);
-        fsync_dir_of(dst);
+        (void) nkp_fsync_dir_of(dst);
         rm_rf(work);
         return 0;
 }

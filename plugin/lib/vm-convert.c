@@ -501,6 +501,34 @@ static void vm_lock_release(VmLock *fd)
 }
 G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC(VmLock, vm_lock_release)
 
+/* What the caller asked for, handed to an operation's body. */
+typedef struct {
+        const char *provider;
+        const char *disks;
+} OpArgs;
+
+/* The body of an operation, with the VM's lock held and the definition
+ * `d` (its XML `xml`) as it is after any recovery. */
+typedef int (*OpBody)(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, const char *xml,
+                      const OpArgs *a, nkp_vm_result *res);
+
+/* An operation from begin to end: lock, recovery, body, lock released. */
+static int run_operation(nkp_context *ctx, NkpVirt *v, const char *domain, const char *op,
+                         OpBody body, const OpArgs *a, nkp_vm_result **ret)
+{
+        g_autoptr(nkp_vm_result) res = result_new(domain);
+        g_autofree char *xml = NULL;
+        g_autoptr(NkpDomain) d = NULL;
+        g_auto(VmLock) lock = -1;
+        int r = begin_operation(ctx, v, domain, op, res, &lock, &xml, &d);
+        if (r == 0)
+                r = body(ctx, v, d, xml, a, res);
+        if (r < 0)
+                return r;
+        *ret = g_steal_pointer(&res);
+        return 0;
+}
+
 static void result_add_disks(nkp_vm_result *res, GPtrArray *jobs)
 {
         for (guint i = 0; i < jobs->len; i++)
@@ -546,8 +574,9 @@ static int provider_usable(const nkp_provider *p, const char *tail)
 }
 
 static int encrypt_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, const char *xml,
-                          const char *provider, const char *disks, nkp_vm_result *res)
+                          const OpArgs *a, nkp_vm_result *res)
 {
+        const char *provider = a->provider, *disks = a->disks;
         if (d->keysafe)
                 return nkp_fail(-EEXIST, "VM '%s' is already encrypted by provider '%s'; to move "
                                          "it, use: nkpctl vm rekey '%s' --provider NAME.",
@@ -592,17 +621,8 @@ static int encrypt_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, cons
 int nkp_vm_encrypt(nkp_context *ctx, nkp_virt *v, const char *domain, const char *provider,
                    const char *disks, nkp_vm_result **ret)
 {
-        g_autoptr(nkp_vm_result) res = result_new(domain);
-        g_autofree char *xml = NULL;
-        g_autoptr(NkpDomain) d = NULL;
-        g_auto(VmLock) lock = -1;
-        int r = begin_operation(ctx, v, domain, "encrypt", res, &lock, &xml, &d);
-        if (r == 0)
-                r = encrypt_locked(ctx, v, d, xml, provider, disks, res);
-        if (r < 0)
-                return r;
-        *ret = g_steal_pointer(&res);
-        return 0;
+        const OpArgs a = { .provider = provider, .disks = disks };
+        return run_operation(ctx, v, domain, "encrypt", encrypt_locked, &a, ret);
 }
 
 /* ---- decrypt ------------------------------------------------------------ */
@@ -646,8 +666,9 @@ static void undefine_old_secrets(NkpVirt *v, GPtrArray *secrets)
 }
 
 static int decrypt_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, const char *xml,
-                          nkp_vm_result *res)
+                          const OpArgs *a, nkp_vm_result *res)
 {
+        (void) a;
         if (!d->keysafe)
                 return nkp_fail(-ENOENT, "VM '%s' is not encrypted by nkp; nothing to do.",
                                 d->name);
@@ -694,17 +715,8 @@ static int decrypt_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, cons
 
 int nkp_vm_decrypt(nkp_context *ctx, nkp_virt *v, const char *domain, nkp_vm_result **ret)
 {
-        g_autoptr(nkp_vm_result) res = result_new(domain);
-        g_autofree char *xml = NULL;
-        g_autoptr(NkpDomain) d = NULL;
-        g_auto(VmLock) lock = -1;
-        int r = begin_operation(ctx, v, domain, "decrypt", res, &lock, &xml, &d);
-        if (r == 0)
-                r = decrypt_locked(ctx, v, d, xml, res);
-        if (r < 0)
-                return r;
-        *ret = g_steal_pointer(&res);
-        return 0;
+        const OpArgs a = { 0 };
+        return run_operation(ctx, v, domain, "decrypt", decrypt_locked, &a, ret);
 }
 
 /* ---- deep rekey ------------------------------------------------------------ */
@@ -770,8 +782,9 @@ static int old_keys(nkp_context *ctx, const NkpDomain *d, GPtrArray *jobs, bool 
 }
 
 static int rekey_deep_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, const char *xml,
-                             const char *provider, nkp_vm_result *res)
+                             const OpArgs *a, nkp_vm_result *res)
 {
+        const char *provider = a->provider;
         if (!d->keysafe)
                 return nkp_fail(-ENOENT, "VM '%s' is not encrypted by nkp, so it has no keys to "
                                          "renew; encrypt it with: nkpctl vm encrypt '%s'.",
@@ -817,15 +830,6 @@ static int rekey_deep_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, c
 int nkp_vm_rekey_deep(nkp_context *ctx, nkp_virt *v, const char *domain, const char *provider,
                       nkp_vm_result **ret)
 {
-        g_autoptr(nkp_vm_result) res = result_new(domain);
-        g_autofree char *xml = NULL;
-        g_autoptr(NkpDomain) d = NULL;
-        g_auto(VmLock) lock = -1;
-        int r = begin_operation(ctx, v, domain, "rekey-deep", res, &lock, &xml, &d);
-        if (r == 0)
-                r = rekey_deep_locked(ctx, v, d, xml, provider, res);
-        if (r < 0)
-                return r;
-        *ret = g_steal_pointer(&res);
-        return 0;
+        const OpArgs a = { .provider = provider };
+        return run_operation(ctx, v, domain, "rekey-deep", rekey_deep_locked, &a, ret);
 }

@@ -78,6 +78,27 @@ static void print_protected_json(const nkp_vm_result *res)
         nkpctl_print_json(json_builder_get_root(b));
 }
 
+/* After encrypt or rekey --deep. */
+static void print_protected(NkpctlGlobals *g, const nkp_vm_result *res, bool rekeyed)
+{
+        if (nkp_vm_result_finished(res)) {
+                print_finished(g, res);
+                return;
+        }
+        if (g->json) {
+                print_protected_json(res);
+                return;
+        }
+        g_autofree char *what = objects_text(res);
+        const char *name = nkp_vm_result_name(res), *provider = nkp_vm_result_provider(res);
+        if (rekeyed)
+                printf("VM '%s' has new keys from provider '%s'; its data was re-encrypted "
+                       "(%s).\n",
+                       name, provider, what);
+        else
+                printf("VM '%s' is encrypted by provider '%s' (%s).\n", name, provider, what);
+}
+
 static int vm_encrypt(NkpctlGlobals *g, const char *name, const char *provider,
                       const char *disks)
 {
@@ -85,15 +106,7 @@ static int vm_encrypt(NkpctlGlobals *g, const char *name, const char *provider,
         g_autoptr(nkp_vm_result) res = NULL;
         if (open_virt(g, &v) < 0 || nkp_vm_encrypt(g->ctx, v, name, provider, disks, &res) < 0)
                 return nkpctl_lib_error();
-        if (nkp_vm_result_finished(res))
-                print_finished(g, res);
-        else if (g->json)
-                print_protected_json(res);
-        else {
-                g_autofree char *what = objects_text(res);
-                printf("VM '%s' is encrypted by provider '%s' (%s).\n", name,
-                       nkp_vm_result_provider(res), what);
-        }
+        print_protected(g, res, false);
         return 0;
 }
 
@@ -124,16 +137,7 @@ int nkpctl_vm_rekey_deep(NkpctlGlobals *g, const char *name, const char *provide
         g_autoptr(nkp_vm_result) res = NULL;
         if (open_virt(g, &v) < 0 || nkp_vm_rekey_deep(g->ctx, v, name, provider, &res) < 0)
                 return nkpctl_lib_error();
-        if (nkp_vm_result_finished(res))
-                print_finished(g, res);
-        else if (g->json)
-                print_protected_json(res);
-        else {
-                g_autofree char *what = objects_text(res);
-                printf("VM '%s' has new keys from provider '%s'; its data was re-encrypted "
-                       "(%s).\n",
-                       name, nkp_vm_result_provider(res), what);
-        }
+        print_protected(g, res, true);
         return 0;
 }
 
