@@ -8,6 +8,8 @@
  *   crypto (HKDF, AES-GCM), keysafe, p12   — pure functions over bytes
  *   context, store, tpm, cache, alarms     — host state under the root
  *   provider                               — the public provider API on top
+ *   domain, virt, journal, enrol, tools    — libvirt glue, qemu-img/swtpm on pipes
+ *   vm-convert, vm-status, hook            — the VM operations (nkp.h) on top
  */
 #ifndef NKP_PRIVATE_H
 #define NKP_PRIVATE_H
