@@ -230,8 +230,9 @@ enum nkp_vm_state {
 /* "plain", "encrypted", "locked", "error". */
 const char *nkp_vm_state_name(enum nkp_vm_state state);
 
-/* The status of `domain`.  -ENOENT (or libvirt's error) when its
- * definition cannot be read (the message says why). */
+/* The status of `domain`.  -ENOENT no such domain; libvirt's errors and
+ * -EBADMSG (a definition or keysafe that cannot be parsed) pass through,
+ * the message says why. */
 int nkp_vm_status_get(nkp_context *ctx, nkp_virt *v, const char *domain, nkp_vm_status **ret);
 /* Every defined domain, sorted by name; a domain that cannot be read is in
  * the list in state NKP_VM_ERROR.  Free with nkp_vm_status_list_free. */

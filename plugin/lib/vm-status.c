@@ -138,13 +138,18 @@ static void pending_of(nkp_context *ctx, const NkpDomain *d, nkp_vm_status *s)
         nkp_error_clear();
 }
 
-static nkp_vm_status *status_of(nkp_context *ctx, nkp_virt *v, const char *name)
+/* Never fails: a definition that cannot be read is state error, with the
+ * reason (and its errno in *ret_err when not NULL). */
+static nkp_vm_status *status_of(nkp_context *ctx, nkp_virt *v, const char *name, int *ret_err)
 {
         nkp_vm_status *s = g_new0(nkp_vm_status, 1);
         g_autoptr(NkpDomain) d = NULL;
         s->name = g_strdup(name);
         s->objects = g_ptr_array_new_with_free_func(g_free);
-        if (nkp_vm_definition(v, name, NULL, &d) < 0) {
+        int r = nkp_vm_definition(v, name, NULL, &d);
+        if (ret_err)
+                *ret_err = r;
+        if (r < 0) {
                 s->state = NKP_VM_ERROR;
                 s->reason = g_strdup(nkp_error_message());
                 return s;
@@ -174,9 +179,10 @@ static nkp_vm_status *status_of(nkp_context *ctx, nkp_virt *v, const char *name)
 
 int nkp_vm_status_get(nkp_context *ctx, nkp_virt *v, const char *domain, nkp_vm_status **ret)
 {
-        g_autoptr(nkp_vm_status) s = status_of(ctx, v, domain);
-        if (s->state == NKP_VM_ERROR)
-                return nkp_fail(-ENOENT, "%s", s->reason);
+        int r = 0;
+        g_autoptr(nkp_vm_status) s = status_of(ctx, v, domain, &r);
+        if (r < 0)
+                return nkp_fail(r, "%s", s->reason);
         *ret = g_steal_pointer(&s);
         return 0;
 }
@@ -189,7 +195,7 @@ int nkp_vm_list(nkp_context *ctx, nkp_virt *v, nkp_vm_status ***ret, size_t *ret
                 return r;
         nkp_vm_status **list = g_new0(nkp_vm_status *, names->len + 1);
         for (guint i = 0; i < names->len; i++)
-                list[i] = status_of(ctx, v, names->pdata[i]);
+                list[i] = status_of(ctx, v, names->pdata[i], NULL);
         *ret = list;
         *ret_n = names->len;
         return 0;
