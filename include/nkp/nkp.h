@@ -133,6 +133,180 @@ int nkp_virt_open(const char *uri, unsigned deadline_seconds, nkp_virt **ret);
 void nkp_virt_close(nkp_virt *v);
 
 /* ------------------------------------------------------------------------ */
+/* VM operations                                                             */
+/*
+ * What nkpctl's `vm` commands and the hook do, on a domain of the libvirt
+ * connection `v` (see nkp_virt_open).  The conversions (encrypt, decrypt,
+ * deep rekey) change the VM's files and definition under the crash-safe
+ * conversion protocol (plugin/lib/vm-convert.c, docs/crash-safety.md): a
+ * kill -9 at any instant leaves a VM that starts, under the old keys or the
+ * new, and the next operation (or the hook at the next start) finishes or
+ * rolls back what was interrupted.  Each holds the VM's lock from start to
+ * end; the lock is waited for up to 2 seconds (the hook and `vm status`
+ * hold it for milliseconds), then refused with -EBUSY.
+ *
+ * Notes for the user go to the log function at NKP_LOG_WARNING, each
+ * beginning with "note: " (e.g. "note: VM 'x': rolled back the interrupted
+ * 'vm encrypt'; its files are as they were before it.").
+ *
+ * The vTPM state is looked for in the context's [vtpm] state_dir (nkp.conf;
+ * default /var/lib/libvirt/swtpm).  Decrypted vTPM state is only ever in
+ * memory (memfd), never in a file on disk.  qemu-img and swtpm get their
+ * keys on pipes. */
+
+/* What a conversion did.  Free with nkp_vm_result_free (accepts NULL). */
+typedef struct nkp_vm_result nkp_vm_result;
+
+const char *nkp_vm_result_name(const nkp_vm_result *r);
+/* The provider that protects the VM now; NULL after a decrypt. */
+const char *nkp_vm_result_provider(const nkp_vm_result *r);
+/* The emulated vTPM is (was, for decrypt) protected by nkp. */
+bool nkp_vm_result_vtpm(const nkp_vm_result *r);
+/* The disk targets ("vda") converted, in document order. */
+size_t nkp_vm_result_n_disks(const nkp_vm_result *r);
+const char *nkp_vm_result_disk(const nkp_vm_result *r, size_t i);
+/* Not NULL ("vm encrypt", "vm decrypt", "vm rekey --deep") when the
+ * operation found an interrupted run of itself and finished it: then
+ * nothing else was done, and the other accessors say nothing. */
+const char *nkp_vm_result_finished(const nkp_vm_result *r);
+void nkp_vm_result_free(nkp_vm_result *r);
+
+/* Encrypts the shut-off VM `domain`: its emulated vTPM (enrolled by the
+ * definition alone when it has no state yet, converted when it has clear
+ * state) and its plain file-backed qcow2 disks (`disks`: NULL or "all", or
+ * a comma-separated list of targets "vda,vdb"), under provider `provider`
+ * (NULL: the host's default), which must be active.  *ret on success.
+ * Errors (nothing changed, or rolled back; the message says which):
+ * -ENOENT no such domain, provider or disk, or nothing to encrypt;
+ * -EEXIST already encrypted (by nkp or a disk by another key); -EOPNOTSUPP a
+ * named disk is not a file-backed qcow2; -EPERM the provider was never
+ * backed up; -EBUSY the VM runs, has a managed save image, volatile vTPM
+ * state, or another operation holds its lock; -EUCLEAN vTPM state that nkp
+ * cannot take over; -ENOSPC not enough space for the copies; -EIO qemu-img
+ * or swtpm failed; -ESTALE an interrupted operation matches neither
+ * definition; errors of libvirt (nkp_virt_open) pass through. */
+int nkp_vm_encrypt(nkp_context *ctx, nkp_virt *v, const char *domain, const char *provider,
+                   const char *disks, nkp_vm_result **ret);
+
+/* Decrypts the shut-off VM `domain` (every object its keysafe protects back
+ * to plain, the keysafe removed, its libvirt secrets undefined, its
+ * vm-locked alarm cleared).  Errors as nkp_vm_encrypt, and -ENOENT not
+ * encrypted by nkp, -ENOKEY / -EKEYREJECTED its provider is not here (or is
+ * another key), -EBADMSG a wrapped key does not open. */
+int nkp_vm_decrypt(nkp_context *ctx, nkp_virt *v, const char *domain, nkp_vm_result **ret);
+
+/* Deep rekey of the shut-off VM `domain`: new DEKs for every object under a
+ * new keysafe and new secret UUIDs, the vTPM state and every disk
+ * re-encrypted, under `provider` (NULL: the VM's own).  Errors as
+ * nkp_vm_decrypt; -ENOKEY also when the VM's own provider is not in the
+ * store; -EUCLEAN a key in the keysafe for an object the VM no longer has. */
+int nkp_vm_rekey_deep(nkp_context *ctx, nkp_virt *v, const char *domain, const char *provider,
+                      nkp_vm_result **ret);
+
+enum nkp_vm_recovery {
+        NKP_VM_RECOVERY_NONE = 0,        /* nothing was interrupted */
+        NKP_VM_RECOVERY_ROLLED_BACK = 1, /* files as before the interrupted operation */
+        NKP_VM_RECOVERY_FINISHED = 2,    /* the interrupted operation was finished */
+};
+
+/* Takes VM `domain`'s lock for the call and reconciles an operation a crash
+ * interrupted to the VM's current persistent definition (a note is logged
+ * for each outcome but NONE).  *ret_outcome (may be NULL) says what was
+ * done.  -EBUSY another operation holds the lock; -ESTALE the definition is
+ * neither the one from before nor the one from after (the message names the
+ * fix); -EUCLEAN the files do not allow it; -EBADMSG a damaged journal;
+ * -ENOENT no such domain. */
+int nkp_vm_recover(nkp_context *ctx, nkp_virt *v, const char *domain,
+                   enum nkp_vm_recovery *ret_outcome);
+
+/* A VM as nkp sees it.  Free with nkp_vm_status_free (accepts NULL). */
+typedef struct nkp_vm_status nkp_vm_status;
+
+enum nkp_vm_state {
+        NKP_VM_PLAIN = 0,     /* no keysafe */
+        NKP_VM_ENCRYPTED = 1, /* its provider is here: it can start */
+        NKP_VM_LOCKED = 2,    /* its provider is missing or another key: reason says */
+        NKP_VM_ERROR = 3,     /* its definition cannot be read: reason says */
+};
+
+/* "plain", "encrypted", "locked", "error". */
+const char *nkp_vm_state_name(enum nkp_vm_state state);
+
+/* The status of `domain`.  -ENOENT no such domain; libvirt's errors and
+ * -EBADMSG (a definition or keysafe that cannot be parsed) pass through,
+ * the message says why. */
+int nkp_vm_status_get(nkp_context *ctx, nkp_virt *v, const char *domain, nkp_vm_status **ret);
+/* Every defined domain, sorted by name; a domain that cannot be read is in
+ * the list in state NKP_VM_ERROR.  Free with nkp_vm_status_list_free. */
+int nkp_vm_list(nkp_context *ctx, nkp_virt *v, nkp_vm_status ***ret, size_t *ret_n);
+void nkp_vm_status_list_free(nkp_vm_status **list, size_t n);
+
+const char *nkp_vm_status_name(const nkp_vm_status *s);
+const char *nkp_vm_status_uuid(const nkp_vm_status *s); /* NULL in state error */
+enum nkp_vm_state nkp_vm_status_state(const nkp_vm_status *s);
+bool nkp_vm_status_running(const nkp_vm_status *s);
+const char *nkp_vm_status_provider(const nkp_vm_status *s); /* NULL when plain */
+const char *nkp_vm_status_key_id(const nkp_vm_status *s);   /* NULL when plain */
+const char *nkp_vm_status_reason(const nkp_vm_status *s);   /* locked / error, else NULL */
+/* The protected objects, "kind:id" ("vtpm:vtpm", "disk:vda"). */
+size_t nkp_vm_status_n_objects(const nkp_vm_status *s);
+const char *nkp_vm_status_object(const nkp_vm_status *s, size_t i);
+/* An interrupted (or running) conversion: its op words ("vm encrypt"),
+ * phase ("converting", "ready") and whether its process still runs; op
+ * NULL when there is none. */
+const char *nkp_vm_status_pending_op(const nkp_vm_status *s);
+const char *nkp_vm_status_pending_phase(const nkp_vm_status *s);
+bool nkp_vm_status_pending_in_progress(const nkp_vm_status *s);
+void nkp_vm_status_free(nkp_vm_status *s);
+
+/* After a provider came back (restore): the status of every defined VM
+ * (as nkp_vm_list), and the vm-locked alarm of every VM that is encrypted
+ * (can start) cleared.  *ret_still_locked (may be NULL) counts the VMs
+ * still locked.  Errors of libvirt pass through. */
+int nkp_host_unlock(nkp_context *ctx, nkp_virt *v, nkp_vm_status ***ret, size_t *ret_n,
+                    unsigned *ret_still_locked);
+
+/* ------------------------------------------------------------------------ */
+/* Hook steps                                                                */
+/*
+ * The work of nkp's qemu hook (SYSCONFDIR/libvirt/hooks/qemu.d/50-nkp,
+ * which keeps its argv, stdin, deadline and output).  See
+ * plugin/lib/hook.c. */
+
+/* The largest domain XML nkp reads (the hook drains the rest of stdin). */
+#define NKP_DOMAIN_XML_MAX (8 * 1024 * 1024)
+
+enum nkp_hook_step {
+        NKP_HOOK_NONE = 0,      /* a step nkp ignores */
+        NKP_HOOK_START = 1,     /* prepare begin, restore begin */
+        NKP_HOOK_MIGRATE = 2,   /* migrate begin (destination) */
+        NKP_HOOK_RECONNECT = 3, /* reconnect begin (libvirtd restarted) */
+        NKP_HOOK_RELEASE = 4,   /* release end */
+};
+
+/* The step of libvirt's (op, subop) arguments. */
+enum nkp_hook_step nkp_hook_step_of(const char *op, const char *subop);
+
+/* true for START and MIGRATE: a failure aborts libvirt's operation.  A
+ * failure of the others must not (a failing reconnect kills the VM). */
+bool nkp_hook_step_may_fail(enum nkp_hook_step step);
+
+/* Runs `step` for domain `domain` whose XML (libvirt's stdin) is `xml`,
+ * `len` bytes, with nkp's files under `root` (NULL: "/") and libvirt's
+ * secrets through `uri` (NULL: "secret:///system").  Domains that are not
+ * nkp's cost a parse: 0.  START: an interrupted conversion reconciled (or
+ * -EBUSY while one runs), the VM's secrets defined, the [vtpm] policy
+ * applied (-EPERM / -EAGAIN), the EK CA ticket written.  MIGRATE: the
+ * provider, the keys and the TLS policy checked (-ENOKEY, -EKEYREJECTED,
+ * -EBADMSG, -EPERM, with a migration-refused alarm), then as START without
+ * the recovery.  RECONNECT: the secrets again.  RELEASE: the secrets
+ * undefined; always 0.  A failure returns a negative errno with one line
+ * in nkp_error_message(); -ENOKEY / -EKEYREJECTED also raise a vm-locked
+ * alarm.  Nothing is ever printed. */
+int nkp_hook_run(const char *root, const char *uri, enum nkp_hook_step step, const char *domain,
+                 const char *xml, size_t len);
+
+/* ------------------------------------------------------------------------ */
 /* Providers                                                                 */
 
 typedef struct nkp_provider nkp_provider;
@@ -589,6 +763,8 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_keysafe, nkp_keysafe_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_virt, nkp_virt_close)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_host_status, nkp_host_status_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_rekey_result, nkp_rekey_result_free)
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_vm_result, nkp_vm_result_free)
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_vm_status, nkp_vm_status_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_ekcert_request, nkp_ekcert_request_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_daemon, nkp_daemon_free)
 #endif

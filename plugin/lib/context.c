@@ -24,8 +24,9 @@
  *   swtpm_user = tss             libvirt's swtpm_user: the only non-root user
  *                                nkpd's certificate signer answers
  *   state_dir = PATH             libvirt's swtpm state (default
- *                                /var/lib/libvirt/swtpm; NKP_SWTPM_STATE_DIR
- *                                in the environment overrides both)
+ *                                /var/lib/libvirt/swtpm); the one place nkp
+ *                                (vm encrypt/decrypt/rekey --deep, the hook,
+ *                                nkpd) looks for vTPM state
  *
  * Unknown sections and keys are refused (check_config_keys).  Comments go on
  * their own lines: GKeyFile keeps a '#' after a value as part of the value.
@@ -213,11 +214,6 @@ int nkp_context_new(const char *root, nkp_context **ret)
         int r = load_config(ctx);
         if (r < 0)
                 return r;
-        const char *sd = g_getenv("NKP_SWTPM_STATE_DIR");
-        if (sd && sd[0]) {
-                g_free(ctx->vtpm_state_dir);
-                ctx->vtpm_state_dir = g_strdup(sd);
-        }
         *ret = g_steal_pointer(&ctx);
         return 0;
 }

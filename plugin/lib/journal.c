@@ -152,6 +152,17 @@ int nkp_journal_lock(nkp_context *ctx, const char *vm_uuid, bool create, int *re
         return 0;
 }
 
+int nkp_vm_lock(nkp_context *ctx, const char *vm_uuid, bool create, unsigned wait_ms,
+                int *ret_fd)
+{
+        int r = nkp_journal_lock(ctx, vm_uuid, create, ret_fd);
+        for (unsigned waited = 0; r == -EBUSY && waited < wait_ms; waited += NKP_VM_LOCK_POLL_MS) {
+                g_usleep(NKP_VM_LOCK_POLL_MS * 1000);
+                r = nkp_journal_lock(ctx, vm_uuid, create, ret_fd);
+        }
+        return r;
+}
+
 void nkp_journal_unlock(int fd)
 {
         if (fd < 0)
@@ -325,16 +336,6 @@ static bool exists(const char *path)
         return lstat(path, &st) == 0;
 }
 
-static void fsync_parent(const char *path)
-{
-        g_autofree char *dir = g_path_get_dirname(path);
-        int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (fd >= 0) {
-                (void) fsync(fd);
-                close(fd);
-        }
-}
-
 /* What one file needs, decided before anything is touched. */
 typedef enum {
         FIX_NOTHING,
@@ -426,7 +427,7 @@ static int apply_fix(const char *p, Fix fix)
                 r = do_unlink(old);
                 break;
         }
-        fsync_parent(p);
+        (void) nkp_fsync_dir_of(p);
         return r;
 }
 
@@ -443,7 +444,7 @@ int nkp_journal_swap_file(const char *path)
         }
         if (r == 0 && !exists(path))
                 r = nkp_fail(-ENOENT, "'%s' has no new copy to put in place.", path);
-        fsync_parent(path);
+        (void) nkp_fsync_dir_of(path);
         return r;
 }
 

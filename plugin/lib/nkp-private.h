@@ -8,6 +8,8 @@
  *   crypto (HKDF, AES-GCM), keysafe, p12   — pure functions over bytes
  *   context, store, tpm, cache, alarms     — host state under the root
  *   provider                               — the public provider API on top
+ *   domain, virt, journal, enrol, tools    — libvirt glue, qemu-img/swtpm on pipes
+ *   vm-convert, vm-status, hook            — the VM operations (nkp.h) on top
  */
 #ifndef NKP_PRIVATE_H
 #define NKP_PRIVATE_H
@@ -44,6 +46,10 @@ int nkp_write_file_atomic(const char *path, const void *data, size_t len, mode_t
  * the fix in the message).  -ENOENT passes through untouched for callers
  * that treat "missing" as "empty". */
 int nkp_read_file(const char *path, size_t max, bool private_mode, char **ret, size_t *ret_len);
+
+/* fsync of the directory holding `path` (a rename or unlink in it made
+ * durable).  0 or a negative errno, no message. */
+int nkp_fsync_dir_of(const char *path);
 
 /* mkdir -p with mode 0700 for every directory created; an existing final
  * directory with a group/other bit set is refused (-EPERM). */
@@ -239,7 +245,7 @@ int nkp_store_add(nkp_context *ctx, NkpStoreEntry *entry, const nkp_secret *kdk)
  * namespace-aware, never touches the network, never expands entities and
  * refuses any DOCTYPE; input above NKP_DOMAIN_XML_MAX is refused. */
 
-#define NKP_DOMAIN_XML_MAX (8 * 1024 * 1024)
+/* NKP_DOMAIN_XML_MAX: nkp.h. */
 
 typedef struct {
         char *target;            /* target dev, "vda" */
@@ -555,6 +561,15 @@ char *nkp_journal_path(const nkp_context *ctx, const char *vm_uuid);
  * Release with nkp_journal_unlock(). */
 int nkp_journal_lock(nkp_context *ctx, const char *vm_uuid, bool create, int *ret_fd);
 void nkp_journal_unlock(int fd);
+/* The one waiting rule for the VM's lock: nkp_journal_lock, tried again
+ * every NKP_VM_LOCK_POLL_MS for up to `wait_ms` (0: once) while another
+ * process holds it; then -EBUSY (no message set: the caller says who waits
+ * for what).  Commands wait 2 s (vm-convert.c); the hook and `vm status`
+ * never wait (0) and never create the lock file (`create` false: -ENOENT
+ * when nobody ever locked the VM). */
+#define NKP_VM_LOCK_POLL_MS 50
+int nkp_vm_lock(nkp_context *ctx, const char *vm_uuid, bool create, unsigned wait_ms,
+                int *ret_fd);
 
 /* Atomic write (0600) / read.  load: -ENOENT (no message) when there is
  * none, -EBADMSG damaged. */
@@ -660,5 +675,67 @@ int nkp_fscrypt_status(const char *dir, NkpFscryptState *ret_state,
  * not added, -EEXIST encrypted with another key, -EBUSY a mount point or a
  * socket inside, -EUCLEAN siblings in a state protect never leaves. */
 int nkp_hostkey_protect_dir(const char *dir, const uint8_t identifier[NKP_FSCRYPT_ID_SIZE]);
+/* ---- tools.c: running qemu-img and swtpm with keys on pipes ------------- */
+
+/* One run of a tool: argv[0] is looked up in PATH; secrets[i] is readable
+ * on the child's fd 3+i (a pipe filled before it starts), and `blob_fd`
+ * (-1: none) is the child's next fd (3+n_secrets), for swtpm_ioctl's
+ * state blob as /proc/self/fd/N.  stdout is discarded. */
+typedef struct {
+        const char *const *argv;
+        nkp_secret *const *secrets;
+        size_t n_secrets;
+        int blob_fd;
+} NkpToolRun;
+
+/* Returns the exit status (0..255; 128 when killed), or a negative errno
+ * with a message when the tool cannot run.  *ret_err (NULL: stderr is
+ * discarded and not waited for, as for a daemonizing swtpm) gets its
+ * stderr, to be g_free()d. */
+typedef int (*NkpToolRunner)(const NkpToolRun *run, char **ret_err, void *userdata);
+
+/* Tests only: runs `fn` instead of the tools (NULL: the real ones again). */
+void nkp_tools_set_runner(NkpToolRunner fn, void *userdata);
+
+/* Runs a tool through the current runner; *ret_err (may be NULL) gets the
+ * first line of its stderr. */
+int nkp_tool_run(const NkpToolRun *run, char **ret_err);
+
+/* Converts the qcow2 file `path` into `path`.nkp-new: from LUKS under
+ * `old_value` (NULL: plain) to LUKS under `new_value` (NULL: plain), then
+ * compares the two images, fsyncs the copy and gives it the owner and mode
+ * of `path`.  On failure the copy is removed (-EIO with qemu-img's line). */
+int nkp_disk_convert(const char *path, const nkp_secret *old_value, const nkp_secret *new_value);
+
+/* Writes the vTPM state of `d` (in ctx's [vtpm] state_dir), re-keyed from
+ * `old_key` to `new_key` (either may be NULL: clear), into the scratch
+ * directory (nkp_vtpm_scratch_dir) and checks it opens under the new key.
+ * The decrypted state is only ever in memfds.  Touches nothing else;
+ * -EBUSY when the vTPM has saved volatile state. */
+int nkp_vtpm_convert(const nkp_context *ctx, const NkpDomain *d, const nkp_secret *old_key,
+                     const nkp_secret *new_key);
+/* Moves the converted state beside the state file as <file>.nkp-new
+ * (journal.c's three names) and removes the scratch directory. */
+int nkp_vtpm_stage(const nkp_context *ctx, const NkpDomain *d);
+/* <state_dir>/<uuid>/.nkp-work (NKP_JOURNAL_SCRATCH_NAME). */
+char *nkp_vtpm_scratch_dir(const nkp_context *ctx, const NkpDomain *d);
+
+/* ---- vm-convert.c: the VM conversions and their recovery ------------------ */
+
+/* The persistent definition of domain `name`, parsed (and its XML when
+ * `ret_xml` is not NULL). */
+int nkp_vm_definition(NkpVirt *v, const char *name, char **ret_xml, NkpDomain **ret);
+
+/* The command words of a journal op: "rekey-deep" -> "vm rekey --deep". */
+const char *nkp_vm_op_words(const char *op);
+
+/* The one recovery, with the VM's lock held (nkp_vm_lock): loads the
+ * journal, compares the signature of the definition `d` with its two
+ * sides and reconciles the files to it (journal.c).  *ret = NONE when no
+ * journal, else ROLLED_BACK (a note is logged) or FINISHED; *ret_op (may
+ * be NULL) = the journal's op.  A damaged journal is said as "VM 'x'
+ * cannot start: …" when `at_start` (the hook). */
+int nkp_vm_recover_locked(nkp_context *ctx, const NkpDomain *d, bool at_start,
+                          enum nkp_vm_recovery *ret, char **ret_op);
 
 #endif /* NKP_PRIVATE_H */

@@ -35,7 +35,7 @@ static int write_all(int fd, const void *data, size_t len)
         return 0;
 }
 
-static int fsync_dir_of(const char *path)
+int nkp_fsync_dir_of(const char *path)
 {
         g_autofree char *dir = g_path_get_dirname(path);
         int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -83,7 +83,7 @@ int nkp_write_file_atomic(const char *path, const void *data, size_t len, mode_t
                 return nkp_fail(r, "Cannot replace '%s': %s.", path, strerror(-r));
         }
 
-        r = fsync_dir_of(path);
+        r = nkp_fsync_dir_of(path);
         if (r < 0)
                 return nkp_fail(r, "Cannot sync the directory of '%s': %s.", path, strerror(-r));
         return 0;

@@ -1,0 +1,225 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* What nkp knows about a VM (nkp.h "VM operations"): plain, encrypted (its
+ * provider here), locked (its provider missing or another key), or an
+ * error; an interrupted or running conversion (its journal and lock); and
+ * `host unlock`, which re-checks every VM after a provider came back.
+ * Reads only: nothing here changes a VM (host unlock clears alarms). */
+#include <errno.h>
+#include <string.h>
+
+#include "nkp-private.h"
+
+struct nkp_vm_status {
+        char *name;
+        char *uuid;
+        enum nkp_vm_state state;
+        char *provider;
+        char *key_id;
+        char *reason;
+        bool running;
+        GPtrArray *objects;        /* "kind:id" */
+        char *pending_op;          /* op words of an interrupted or running conversion */
+        const char *pending_phase; /* "converting" / "ready" */
+        bool pending_in_progress;  /* its process still holds the VM's lock */
+};
+
+void nkp_vm_status_free(nkp_vm_status *s)
+{
+        if (!s)
+                return;
+        g_free(s->name);
+        g_free(s->uuid);
+        g_free(s->provider);
+        g_free(s->key_id);
+        g_free(s->reason);
+        g_free(s->pending_op);
+        g_ptr_array_unref(s->objects);
+        g_free(s);
+}
+
+void nkp_vm_status_list_free(nkp_vm_status **list, size_t n)
+{
+        for (size_t i = 0; list && i < n; i++)
+                nkp_vm_status_free(list[i]);
+        g_free(list);
+}
+
+const char *nkp_vm_status_name(const nkp_vm_status *s)
+{
+        return s->name;
+}
+
+const char *nkp_vm_status_uuid(const nkp_vm_status *s)
+{
+        return s->uuid;
+}
+
+enum nkp_vm_state nkp_vm_status_state(const nkp_vm_status *s)
+{
+        return s->state;
+}
+
+const char *nkp_vm_state_name(enum nkp_vm_state state)
+{
+        switch (state) {
+        case NKP_VM_PLAIN:
+                return "plain";
+        case NKP_VM_ENCRYPTED:
+                return "encrypted";
+        case NKP_VM_LOCKED:
+                return "locked";
+        case NKP_VM_ERROR:
+                break;
+        }
+        return "error";
+}
+
+bool nkp_vm_status_running(const nkp_vm_status *s)
+{
+        return s->running;
+}
+
+const char *nkp_vm_status_provider(const nkp_vm_status *s)
+{
+        return s->provider;
+}
+
+const char *nkp_vm_status_key_id(const nkp_vm_status *s)
+{
+        return s->key_id;
+}
+
+const char *nkp_vm_status_reason(const nkp_vm_status *s)
+{
+        return s->reason;
+}
+
+size_t nkp_vm_status_n_objects(const nkp_vm_status *s)
+{
+        return s->objects->len;
+}
+
+const char *nkp_vm_status_object(const nkp_vm_status *s, size_t i)
+{
+        return i < s->objects->len ? s->objects->pdata[i] : NULL;
+}
+
+const char *nkp_vm_status_pending_op(const nkp_vm_status *s)
+{
+        return s->pending_op;
+}
+
+const char *nkp_vm_status_pending_phase(const nkp_vm_status *s)
+{
+        return s->pending_phase;
+}
+
+bool nkp_vm_status_pending_in_progress(const nkp_vm_status *s)
+{
+        return s->pending_in_progress;
+}
+
+/* A journal left for the VM: a conversion in progress (its lock is held)
+ * or interrupted (to be finished or rolled back). */
+static void pending_of(nkp_context *ctx, const NkpDomain *d, nkp_vm_status *s)
+{
+        g_autoptr(NkpJournal) j = NULL;
+        if (nkp_journal_load(ctx, d->uuid, &j) < 0) {
+                nkp_error_clear();
+                return;
+        }
+        s->pending_op = g_strdup(nkp_vm_op_words(j->op));
+        s->pending_phase = nkp_journal_phase_name(j->phase);
+        int fd = -1;
+        int r = nkp_vm_lock(ctx, d->uuid, false, 0, &fd);
+        s->pending_in_progress = r == -EBUSY;
+        if (r == 0)
+                nkp_journal_unlock(fd);
+        nkp_error_clear();
+}
+
+/* Never fails: a definition that cannot be read is state error, with the
+ * reason (and its errno in *ret_err when not NULL). */
+static nkp_vm_status *status_of(nkp_context *ctx, nkp_virt *v, const char *name, int *ret_err)
+{
+        nkp_vm_status *s = g_new0(nkp_vm_status, 1);
+        g_autoptr(NkpDomain) d = NULL;
+        s->name = g_strdup(name);
+        s->objects = g_ptr_array_new_with_free_func(g_free);
+        int r = nkp_vm_definition(v, name, NULL, &d);
+        if (ret_err)
+                *ret_err = r;
+        if (r < 0) {
+                s->state = NKP_VM_ERROR;
+                s->reason = g_strdup(nkp_error_message());
+                return s;
+        }
+        s->uuid = g_strdup(d->uuid);
+        s->running = nkp_virt_domain_is_active(v, name) > 0;
+        pending_of(ctx, d, s);
+        if (!d->keysafe) {
+                s->state = NKP_VM_PLAIN;
+                return s;
+        }
+        s->provider = g_strdup(nkp_keysafe_provider_name(d->keysafe));
+        s->key_id = g_strdup(nkp_keysafe_provider_key_id(d->keysafe));
+        for (size_t i = 0; i < nkp_keysafe_n_entries(d->keysafe); i++)
+                g_ptr_array_add(s->objects,
+                                g_strdup_printf("%s:%s", nkp_keysafe_entry_kind(d->keysafe, i),
+                                                nkp_keysafe_entry_id(d->keysafe, i)));
+        if (nkp_vm_unlock(ctx, d, false, NULL) < 0) {
+                s->state = NKP_VM_LOCKED;
+                s->reason = g_strdup(nkp_error_message());
+        } else {
+                s->state = NKP_VM_ENCRYPTED;
+        }
+        nkp_error_clear();
+        return s;
+}
+
+int nkp_vm_status_get(nkp_context *ctx, nkp_virt *v, const char *domain, nkp_vm_status **ret)
+{
+        int r = 0;
+        g_autoptr(nkp_vm_status) s = status_of(ctx, v, domain, &r);
+        if (r < 0)
+                return nkp_fail(r, "%s", s->reason);
+        *ret = g_steal_pointer(&s);
+        return 0;
+}
+
+int nkp_vm_list(nkp_context *ctx, nkp_virt *v, nkp_vm_status ***ret, size_t *ret_n)
+{
+        g_autoptr(GPtrArray) names = NULL;
+        int r = nkp_virt_domain_list(v, &names);
+        if (r < 0)
+                return r;
+        nkp_vm_status **list = g_new0(nkp_vm_status *, names->len + 1);
+        for (guint i = 0; i < names->len; i++)
+                list[i] = status_of(ctx, v, names->pdata[i], NULL);
+        *ret = list;
+        *ret_n = names->len;
+        return 0;
+}
+
+int nkp_host_unlock(nkp_context *ctx, nkp_virt *v, nkp_vm_status ***ret, size_t *ret_n,
+                    unsigned *ret_still_locked)
+{
+        nkp_vm_status **list = NULL;
+        size_t n = 0;
+        int r = nkp_vm_list(ctx, v, &list, &n);
+        if (r < 0)
+                return r;
+        unsigned still = 0;
+        for (size_t i = 0; i < n; i++) {
+                if (list[i]->state == NKP_VM_ENCRYPTED)
+                        (void) nkp_alarm_clear(ctx, "vm-locked", list[i]->name);
+                else if (list[i]->state == NKP_VM_LOCKED)
+                        still++;
+        }
+        nkp_error_clear();
+        *ret = list;
+        *ret_n = n;
+        if (ret_still_locked)
+                *ret_still_locked = still;
+        return 0;
+}
