@@ -42,6 +42,9 @@ LAB_DIR=${LAB_DIR:-}
 LAB_GUEST_KERNEL=${LAB_GUEST_KERNEL:-}
 LAB_GUEST_INITRD=${LAB_GUEST_INITRD:-}
 
+# Commands lab_cleanup_all runs first (lab_at_exit), last registered first.
+LAB_AT_EXIT=()
+
 # The directories each host gets its own copy of: "name:path inside the host".
 LAB_HOST_DIRS=(
     etc-libvirt:/etc/libvirt
@@ -117,7 +120,7 @@ lab_reap_stale() {
         read -r pid st < "$d/owner" || continue
         if [ -d "/proc/$pid" ] && [ "$(_lab_starttime "$pid")" = "$st" ]; then continue; fi
         lab_say "reaping stale lab $d (its test, pid $pid, is gone)"
-        ( LAB_DIR=$d; LAB_KEEP=0; trap - EXIT; lab_cleanup_all ) || true
+        ( LAB_DIR=$d; LAB_KEEP=0; LAB_AT_EXIT=(); trap - EXIT; lab_cleanup_all ) || true
     done
 }
 
@@ -487,9 +490,11 @@ lab_host_down() {
 }
 
 lab_cleanup_all() {
-    local rc=$? h
+    local rc=$? h i
     set +e
     trap - EXIT
+    for ((i = ${#LAB_AT_EXIT[@]} - 1; i >= 0; i--)); do eval "${LAB_AT_EXIT[i]}"; done
+    LAB_AT_EXIT=()
     if [ -n "$LAB_DIR" ] && [ -d "$LAB_DIR/hosts" ]; then
         for h in "$LAB_DIR"/hosts/*; do
             [ -d "$h" ] || continue
@@ -504,6 +509,13 @@ lab_cleanup_all() {
     fi
     return $rc
 }
+
+# lab_at_exit 'COMMAND': COMMAND (a shell command line) runs when the lab is
+# torn down (lab_cleanup_all, the EXIT trap, also after a failed check),
+# before the hosts go down; last registered runs first.  For what a test
+# starts itself and ends by PID (e.g. nkpd in a host): everything in a
+# host's namespaces is also ended by lab_host_down, by PID.
+lab_at_exit() { LAB_AT_EXIT+=("$1"); }
 
 # lab_link A B ADDR_A ADDR_B: a veth pair between the two hosts' network
 # namespaces ("lab-B" in A, "lab-A" in B), addresses default to /24.
