@@ -19,6 +19,11 @@
 #   lab_guest_xml --name g1 --disk "$LAB_DIR/shared/g1.qcow2" ... > g1.xml
 #   lab_wait_serial a g1 'NKP-MARKERS-WRITTEN' 120
 #   lab_host_down a
+#   lab_at_exit 'kill $pid'         # ends what the caller started, before the hosts go down
+#
+# Tests do not source this file directly: integration/lib/test.sh does, with
+# the assertions and the guest helpers (integration/README.md, "Shared test
+# helpers").
 #
 # Knobs (environment):
 #   NKP_LAB_CACHE      guest/kernel cache (default /var/cache/nkp-lab)

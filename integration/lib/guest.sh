@@ -51,7 +51,7 @@ lab_wait_domstate() { # HOST DOM STATE SECONDS
 
 lab_markers_written() { # HOST DOM MARK
     local line
-    LAB_MARKER_ERR= LAB_MARKER_LINES=
+    LAB_MARKER_ERR='' LAB_MARKER_LINES=''
     line=$(lab_wait_serial "$1" "$2" 'NKP-MARKERS-WRITTEN|NKP-ERROR' 240) \
         || { LAB_MARKER_ERR="no marker line within 240 s"; return 1; }
     LAB_MARKER_LINES=$line
@@ -60,7 +60,7 @@ lab_markers_written() { # HOST DOM MARK
 
 lab_markers_read() { # HOST DOM MARK
     local line tline
-    LAB_MARKER_ERR= LAB_MARKER_LINES=
+    LAB_MARKER_ERR='' LAB_MARKER_LINES=''
     line=$(lab_wait_serial "$1" "$2" 'NKP-DISK-MARKER=|NKP-ERROR|NKP-MARKERS-WRITTEN' 240) \
         || { LAB_MARKER_ERR="no marker line within 240 s"; return 1; }
     tline=$(lab_wait_serial "$1" "$2" 'NKP-TPM-MARKER=' "$LAB_TPM_MARKER_WAIT") \
