@@ -184,7 +184,8 @@ if [ "$rc" -eq 0 ]; then
         run "$B" provider ca-cert a
         ca1=$out
         run "$R2" provider ca-cert a
-        ca2=$out        # shellcheck disable=SC2034 # read by the check's condition below
+        # shellcheck disable=SC2034 # ca2 is read by the check's condition below
+        ca2=$out
         spki() { openssl x509 -noout -pubkey -subject <<<"$1" 2>/dev/null; }
         check "ca-cert is a PEM CA certificate" grep -q "CA:TRUE" < <(openssl x509 -noout -text <<<"$ca1")
         check "ca-cert: same subject and public key after restore" \
