@@ -438,8 +438,11 @@ lab_procs_alive() {
     local pid st
     while read -r pid st; do
         [ -n "$pid" ] || continue
+        # zombies are dead, not yet reaped; a process whose namespaces are
+        # gone is inside exit() (the kernel drops them before the zombie
+        # state): both are no leftover
         if [ "$(_lab_starttime "$pid")" = "$st" ] \
-           && [ "$(_lab_stat "$pid" 1)" != Z ]; then   # zombies: dead, not yet reaped
+           && [ "$(_lab_stat "$pid" 1)" != Z ] && readlink "/proc/$pid/ns/mnt" >/dev/null 2>&1; then
             echo "$pid($(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | cut -c1-60))"
         fi
     done <<<"$1"
