@@ -26,24 +26,23 @@ BLOCKS=5
 EXTRA=999
 source "$here/../integration/lab.sh"
 source "$here/bench-lib.sh"
-die() { echo "bench-hook-domains: $*" >&2; exit 1; }
-if ! why=$(lab_check_env); then die "cannot run here: $why"; fi
-[ -x "$BUILD/libvirt-hooks/nkp-hook" ] || die "build first (ninja -C $BUILD)"
+bench_need_lab
+[ -x "$BUILD/libvirt-hooks/nkp-hook" ] || bench_die "build first (ninja -C $BUILD)"
 
 export LAB_HOST_TPM=1
-lab_init || die "guest build failed"
-lab_host_create a && lab_install_nkp a "$BUILD" && lab_host_start a || die "lab host"
+lab_init || bench_die "guest build failed"
+lab_host_create a && lab_install_nkp a "$BUILD" && lab_host_start a || bench_die "lab host"
 umask 077
 head -c 24 /dev/urandom | base64 > "$LAB_DIR/pw"
-lab_exec a nkpctl provider create p1 >/dev/null || die "provider create"
-lab_exec a nkpctl provider backup p1 --out "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" >/dev/null || die "backup"
-lab_exec a nkpctl provider set-default p1 >/dev/null || die "set-default"
+lab_exec a nkpctl provider create p1 >/dev/null || bench_die "provider create"
+lab_exec a nkpctl provider backup p1 --out "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" >/dev/null || bench_die "backup"
+lab_exec a nkpctl provider set-default p1 >/dev/null || bench_die "set-default"
 qemu-img create -q -f qcow2 "$LAB_DIR/shared/enc.qcow2" 64M
 lab_guest_xml --name enc --disk "$LAB_DIR/shared/enc.qcow2" > "$LAB_DIR/enc.xml"
-lab_virsh a define "$LAB_DIR/enc.xml" >/dev/null || die "define enc"
+lab_virsh a define "$LAB_DIR/enc.xml" >/dev/null || bench_die "define enc"
 for i in 1 2 3 4; do
     if out=$(lab_exec a nkpctl vm encrypt enc 2>&1); then break; fi
-    grep -q "Unable to get accurate CPU usage" <<<"$out" && [ "$i" -lt 4 ] || die "vm encrypt: $out"
+    grep -q "Unable to get accurate CPU usage" <<<"$out" && [ "$i" -lt 4 ] || bench_die "vm encrypt: $out"
 done
 
 res="$LAB_DIR/res"
@@ -61,31 +60,31 @@ done
 virsh_batch() { lab_exec a timeout 900 virsh -q -c qemu:///system < "$1" >/dev/null; }
 block() { # label (1 or 1000), block number
     local n i t0; n=$(ndom)
-    [ "$n" = "$1" ] || die "phase $1 has $n domains"
-    bench_hook_times a enc "$PER_BLOCK" "$res/$1.b$2" || die "hook timing ($1 domains)"
+    [ "$n" = "$1" ] || bench_die "phase $1 has $n domains"
+    bench_hook_times a enc "$PER_BLOCK" "$res/$1.b$2" || bench_die "hook timing ($1 domains)"
     for k in prepare release exec; do cat "$res/$1.b$2.$k" >> "$res/$1.$k"; done
     for ((i = 0; i < LIST_N; i++)); do
         t0=$(bench_now_ns)
-        lab_exec a nkpctl vm list > "$res/list-$1.out" || die "nkpctl vm list"
+        lab_exec a nkpctl vm list > "$res/list-$1.out" || bench_die "nkpctl vm list"
         awk -v a="$t0" -v b="$(bench_now_ns)" 'BEGIN{printf "%.1f\n", (b - a) / 1e6}' >> "$res/$1.list"
     done
-    [ -z "$(lab_virsh a secret-list)" ] || die "secrets left after the hook runs"
+    [ -z "$(lab_virsh a secret-list)" ] || bench_die "secrets left after the hook runs"
 }
 
-bench_hook_times a enc 3 "$res/warmup" || die "hook warm-up"   # unseal once: the key is cached afterwards
+bench_hook_times a enc 3 "$res/warmup" || bench_die "hook warm-up"   # unseal once: the key is cached afterwards
 PER_BLOCK=$(((HOOK_N + BLOCKS - 1) / BLOCKS))
 echo "--- $BLOCKS blocks of (1 domain, $PER_BLOCK hook pairs + $LIST_N vm list) then (1000 domains, the same)"
 for b in $(seq 1 "$BLOCKS"); do
     block 1 "$b"
     t0=$(lab_now)
-    virsh_batch "$LAB_DIR/define.cmds" || die "defining $EXTRA domains"
+    virsh_batch "$LAB_DIR/define.cmds" || bench_die "defining $EXTRA domains"
     t_def=$(lab_since "$t0")
     block $((EXTRA + 1)) "$b"
     t0=$(lab_now)
-    virsh_batch "$LAB_DIR/undefine.cmds" || die "undefining $EXTRA domains"
+    virsh_batch "$LAB_DIR/undefine.cmds" || bench_die "undefining $EXTRA domains"
     echo "block $b done ($EXTRA tiny domains defined in $t_def s, undefined in $(lab_since "$t0") s, one virsh session each)"
 done
-[ "$(grep -c . "$res/list-1000.out")" -ge 1000 ] || die "nkpctl vm list did not list 1000 domains"
+[ "$(grep -c . "$res/list-1000.out")" -ge 1000 ] || bench_die "nkpctl vm list did not list 1000 domains"
 for n in 1 1000; do
     bench_dist "hook prepare ($n domains), ms" "$res/$n.prepare"
     bench_dist "hook release ($n domains), ms" "$res/$n.release"

@@ -4,6 +4,24 @@
 
 bench_now_ns() { date +%s%N; }
 
+# bench_die TEXT: "NAME: TEXT" on stderr (NAME: the benchmark's file name),
+# then the commands in BENCH_ON_DIE (log dumps), exit 1.  A benchmark prints
+# figures, not test lines: one that cannot measure stops here; the lab's
+# EXIT trap still ends everything it started.
+BENCH_ON_DIE=()
+bench_die() {
+    local c
+    echo "$(basename "$0" .sh): $*" >&2
+    for c in "${BENCH_ON_DIE[@]}"; do eval "$c" || true; done
+    exit 1
+}
+
+# bench_need_lab: stops (bench_die) with the reason when the lab cannot run here.
+bench_need_lab() {
+    local why
+    why=$(lab_check_env) || bench_die "cannot run here: $why"
+}
+
 # bench_table SAMPLES BASE V…: SAMPLES has lines "VARIANT METRIC VALUE";
 # prints, per METRIC (in order of first appearance), n and the median of
 # each variant V and of BASE, and the ratio of each V's median to BASE's.

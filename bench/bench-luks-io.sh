@@ -22,8 +22,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/bench-lib.sh"
 RUNS=${1:-5}
 SIZE_MIB=256
-die() { echo "bench-luks-io: $*" >&2; exit 1; }
-for c in qemu-img qemu-io qemu-nbd python3; do command -v "$c" >/dev/null || die "missing command: $c"; done
+for c in qemu-img qemu-io qemu-nbd python3; do command -v "$c" >/dev/null || bench_die "missing command: $c"; done
 
 dir=$(mktemp -d "${TMPDIR:-/var/tmp}/nkp-bench-luks.XXXXXX")
 cleanup() {
@@ -47,7 +46,7 @@ for i in 1 2 3 4 5; do   # QEMU 7.2's PBKDF benchmark fails now and then here ("
         break
     fi
     rm -f "$dir/luks.qcow2"
-    [ "$i" -lt 5 ] || die "qemu-img create (LUKS) failed 5 times"
+    [ "$i" -lt 5 ] || bench_die "qemu-img create (LUKS) failed 5 times"
 done
 qemu-img create -q -f qcow2 "$dir/plain.qcow2" "${SIZE_MIB}M"
 obj=(--object "secret,id=s0,file=$dir/key")
@@ -61,9 +60,9 @@ qio() { # variant, qemu-io commands…
     qemu-io "${obj[@]}" --image-opts -t none -n "$o" "${args[@]}"
 }
 # allocate every cluster first: later runs measure steady-state overwrites and reads
-qio luks "write -P 0x11 0 ${SIZE_MIB}M" >/dev/null || die "qemu-io on the LUKS image failed"
-qio plain "write -P 0x11 0 ${SIZE_MIB}M" >/dev/null || die "qemu-io on the plain image failed"
-qemu-img info "$dir/luks.qcow2" | grep -q 'encrypted: yes' || die "the LUKS image is not encrypted"
+qio luks "write -P 0x11 0 ${SIZE_MIB}M" >/dev/null || bench_die "qemu-io on the LUKS image failed"
+qio plain "write -P 0x11 0 ${SIZE_MIB}M" >/dev/null || bench_die "qemu-io on the plain image failed"
+qemu-img info "$dir/luks.qcow2" | grep -q 'encrypted: yes' || bench_die "the LUKS image is not encrypted"
 
 # qemu-io prints "256 MiB, 1 ops; 00.52 sec (487.659 MiB/sec and …)" or "(1.506 GiB/sec …)"
 mibps() { sed -n 's/.*(\([0-9.]*\) \([KMG]\)iB\/sec.*/\1 \2/p' | awk '{v=$1; if ($2=="G") v*=1024; if ($2=="K") v/=1024; printf "%.1f\n", v}'; }
@@ -73,7 +72,7 @@ nbd_bench() { # variant, size in bytes, [-w]
     local n=$((SIZE_MIB * 1024 * 1024 / s))
     t=$(qemu-img bench -f raw "$@" -c "$n" -s "$s" -d 16 "nbd+unix:///?socket=$dir/$v.sock" \
         | sed -n 's/^Run completed in \([0-9.]*\) seconds\.$/\1/p')
-    [ -n "$t" ] || die "qemu-img bench on the $v export failed"
+    [ -n "$t" ] || bench_die "qemu-img bench on the $v export failed"
     awk -v m="$SIZE_MIB" -v t="$t" 'BEGIN{printf "%.1f\n", m / t}'
 }
 
@@ -83,7 +82,7 @@ sample() { echo "$1 $2 $3" | tee -a "$samples"; }
 echo "--- samples (MiB/s; $SIZE_MIB MiB per run, RUNS=$RUNS, interleaved)"
 for r in $(seq 1 "$RUNS"); do
     for v in luks plain; do
-        out=$(qio "$v" "write -P $((r + 32)) 0 ${SIZE_MIB}M" "read 0 ${SIZE_MIB}M") || die "qemu-io $v"
+        out=$(qio "$v" "write -P $((r + 32)) 0 ${SIZE_MIB}M" "read 0 ${SIZE_MIB}M") || bench_die "qemu-io $v"
         sample "$v" qemu-io-write-256M "$(grep -A1 '^wrote' <<<"$out" | tail -n1 | mibps)"
         sample "$v" qemu-io-read-256M "$(grep -A1 '^read' <<<"$out" | tail -n1 | mibps)"
     done
@@ -92,10 +91,10 @@ done
 for v in luks plain; do
     if [ "$v" = luks ]; then
         qemu-nbd "${obj[@]}" --image-opts "$opts_luks" -k "$dir/$v.sock" -t --cache=none --aio=native \
-            --pid-file "$dir/$v.pid" --fork || die "qemu-nbd ($v)"
+            --pid-file "$dir/$v.pid" --fork || bench_die "qemu-nbd ($v)"
     else
         qemu-nbd --image-opts "$opts_plain" -k "$dir/$v.sock" -t --cache=none --aio=native \
-            --pid-file "$dir/$v.pid" --fork || die "qemu-nbd ($v)"
+            --pid-file "$dir/$v.pid" --fork || bench_die "qemu-nbd ($v)"
     fi
 done
 for r in $(seq 1 "$RUNS"); do

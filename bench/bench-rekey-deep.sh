@@ -19,25 +19,24 @@ BUILD=$(cd "${1:-build}" && pwd)
 SIZE=${2:-1024}
 RUNS=${3:-3}
 source "$here/../integration/lab.sh"
-if ! why=$(lab_check_env); then echo "bench-rekey-deep: cannot run here: $why" >&2; exit 1; fi
-[ -x "$BUILD/plugin/nkpctl/nkpctl" ] && [ -x "$BUILD/tests/test-domain" ] ||
-    { echo "bench-rekey-deep: build first (ninja -C $BUILD)" >&2; exit 1; }
-die() { echo "bench-rekey-deep: $*" >&2; exit 1; }
+source "$here/bench-lib.sh"
+bench_need_lab
+[ -x "$BUILD/plugin/nkpctl/nkpctl" ] && [ -x "$BUILD/tests/test-domain" ] || bench_die "build first (ninja -C $BUILD)"
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.2f", b-a}'; }
 
 lab_init --no-guest
-lab_host_up a || die "host a"
+lab_host_up a || bench_die "host a"
 lab_install_nkp a "$BUILD"
 umask 077
 printf 'bench password\n' > "$LAB_DIR/pw"
-lab_exec a nkpctl provider create p1 >/dev/null || die "provider create"
-lab_exec a nkpctl provider backup p1 --out "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" >/dev/null || die "backup"
-lab_exec a nkpctl provider set-default p1 >/dev/null || die "set-default"
+lab_exec a nkpctl provider create p1 >/dev/null || bench_die "provider create"
+lab_exec a nkpctl provider backup p1 --out "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" >/dev/null || bench_die "backup"
+lab_exec a nkpctl provider set-default p1 >/dev/null || bench_die "set-default"
 
 S="$LAB_DIR/shared"
 head -c "$((SIZE * 1024 * 1024))" /dev/urandom > "$S/data.raw"
-qemu-img convert -q -f raw -O qcow2 "$S/data.raw" "$S/vm.qcow2" || die "qemu-img convert (fill)"
+qemu-img convert -q -f raw -O qcow2 "$S/data.raw" "$S/vm.qcow2" || bench_die "qemu-img convert (fill)"
 cp "$S/vm.qcow2" "$S/plain.qcow2"
 rm -f "$S/data.raw"
 cat > "$LAB_DIR/vm.xml" <<EOF
@@ -54,14 +53,14 @@ cat > "$LAB_DIR/vm.xml" <<EOF
   </devices>
 </domain>
 EOF
-lab_virsh a define "$LAB_DIR/vm.xml" >/dev/null || die "define"
-lab_exec a nkpctl vm encrypt bench >/dev/null || die "vm encrypt"
+lab_virsh a define "$LAB_DIR/vm.xml" >/dev/null || bench_die "define"
+lab_exec a nkpctl vm encrypt bench >/dev/null || bench_die "vm encrypt"
 
 # The current disk DEK, for the qemu-img baseline (test-only key dump).
 key_now() {
     lab_virsh a dumpxml --inactive bench | lab_exec a "$BUILD/tests/test-domain" --dump-keys / |
         awk '$1 == "dek:disk:vda" {printf "%s", $2}' > "$LAB_DIR/old.key"
-    [ -s "$LAB_DIR/old.key" ] || die "no disk key"
+    [ -s "$LAB_DIR/old.key" ] || bench_die "no disk key"
 }
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$LAB_DIR/new.key"
 
@@ -69,7 +68,7 @@ samples="$LAB_DIR/samples"
 : > "$samples"
 for ((i = 1; i <= RUNS; i++)); do
     t=$(now)
-    lab_exec a nkpctl vm rekey bench --deep >/dev/null || die "vm rekey --deep"
+    lab_exec a nkpctl vm rekey bench --deep >/dev/null || bench_die "vm rekey --deep"
     echo "deep $(since "$t")" >> "$samples"
 
     key_now
@@ -86,14 +85,14 @@ for ((i = 1; i <= RUNS; i++)); do
             "$S/luks-out.qcow2" 2>&1); then
             break
         fi
-        grep -q "accurate CPU usage" <<<"$err" && [ $attempt -lt 5 ] || die "qemu-img convert luks: $err"
+        grep -q "accurate CPU usage" <<<"$err" && [ $attempt -lt 5 ] || bench_die "qemu-img convert luks: $err"
     done
     echo "luks $(since "$t")" >> "$samples"
     rm -f "$S/luks-out.qcow2"
 
     rm -f "$S/plain-out.qcow2"
     t=$(now)
-    qemu-img convert -q -f qcow2 -O qcow2 "$S/plain.qcow2" "$S/plain-out.qcow2" || die "qemu-img convert plain"
+    qemu-img convert -q -f qcow2 -O qcow2 "$S/plain.qcow2" "$S/plain-out.qcow2" || bench_die "qemu-img convert plain"
     echo "plain $(since "$t")" >> "$samples"
     rm -f "$S/plain-out.qcow2"
     echo "run $i: $(tail -n 3 "$samples" | tr '\n' ' ')" >&2

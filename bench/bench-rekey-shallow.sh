@@ -21,9 +21,9 @@ BUILD=$(cd "${1:-build}" && pwd)
 COUNTS=${2:-1 10 100}
 RUNS=${3:-5}
 source "$here/../integration/lab.sh"
-die() { echo "bench-rekey-shallow: $*" >&2; exit 1; }
-if ! why=$(lab_check_env); then die "cannot run here: $why"; fi
-[ -x "$BUILD/libvirt-hooks/nkp-hook" ] || die "build first (ninja -C $BUILD)"
+source "$here/bench-lib.sh"
+bench_need_lab
+[ -x "$BUILD/libvirt-hooks/nkp-hook" ] || bench_die "build first (ninja -C $BUILD)"
 
 BATCH=8          # VMs started at once
 VM_MEM_MIB=64    # guest RAM (paused: mostly untouched)
@@ -33,16 +33,16 @@ median() { sort -n | awk '{a[NR]=$1} END{if (NR==0) print "-"; else if (NR%2) pr
 mem_avail_kib() { awk '/^MemAvailable:/{print $2}' /proc/meminfo; }
 nk() { lab_exec a nkpctl "$@"; }
 
-lab_init || die "guest build failed"
-lab_host_up a || die "host a did not come up"
+lab_init || bench_die "guest build failed"
+lab_host_up a || bench_die "host a did not come up"
 lab_install_nkp a "$BUILD"
 umask 077
 printf 'bench password\n' > "$LAB_DIR/pw"
 for p in p1 p2; do
-    nk provider create "$p" >/dev/null || die "provider create $p"
-    nk provider backup "$p" --out "$LAB_DIR/$p.p12" --password-file "$LAB_DIR/pw" >/dev/null || die "backup $p"
+    nk provider create "$p" >/dev/null || bench_die "provider create $p"
+    nk provider backup "$p" --out "$LAB_DIR/$p.p12" --password-file "$LAB_DIR/pw" >/dev/null || bench_die "backup $p"
 done
-nk provider set-default p1 >/dev/null || die "set-default"
+nk provider set-default p1 >/dev/null || bench_die "set-default"
 echo "# machine: $(nproc) vCPUs, $(($(mem_avail_kib) / 1024)) MiB available, load $(cut -d' ' -f1-3 /proc/loadavg)"
 
 running=0
@@ -60,8 +60,8 @@ grow_to() {
             d=$(printf 'r%03d' "$i")
             qemu-img create -q -f qcow2 "$LAB_DIR/shared/$d.qcow2" 1M
             lab_guest_xml --name "$d" --disk "$LAB_DIR/shared/$d.qcow2" --mem "$VM_MEM_MIB" > "$LAB_DIR/$d.xml"
-            lab_virsh a define "$LAB_DIR/$d.xml" >/dev/null || die "define $d"
-            nk vm encrypt "$d" --disks= >/dev/null || die "vm encrypt $d"
+            lab_virsh a define "$LAB_DIR/$d.xml" >/dev/null || bench_die "define $d"
+            nk vm encrypt "$d" --disks= >/dev/null || bench_die "vm encrypt $d"
             batch+=("$d")
         done
         pids=()
@@ -70,7 +70,7 @@ grow_to() {
             pids+=($!)
         done
         for i in "${!pids[@]}"; do
-            wait "${pids[$i]}" || die "start ${batch[$i]}: $(cat "$LAB_DIR/${batch[$i]}.start")"
+            wait "${pids[$i]}" || bench_die "start ${batch[$i]}: $(cat "$LAB_DIR/${batch[$i]}.start")"
         done
         running=$((running + ${#batch[@]}))
     done
@@ -82,15 +82,15 @@ target=p2
 for n in $COUNTS; do
     short=""
     grow_to "$n" || short=" (only $running could run)"
-    [ "$running" -gt 0 ] || die "no VM runs"
+    [ "$running" -gt 0 ] || bench_die "no VM runs"
     n=$running
     all=()
     for ((r = 1; r <= RUNS; r++)); do
         t=$(lab_now)
-        out=$(nk --json vm rekey --all --provider "$target") || die "--all: $out"
+        out=$(nk --json vm rekey --all --provider "$target") || bench_die "--all: $out"
         ms=$(ms_since "$t")
         ok=$(python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(v["result"]=="rekeyed" and v["running"] for v in d))' <<<"$out")
-        [ "$ok" = "$n" ] || die "--all rekeyed $ok of $n running VMs"
+        [ "$ok" = "$n" ] || bench_die "--all rekeyed $ok of $n running VMs"
         per=$(awk -v a="$ms" -v n="$n" 'BEGIN{printf "%.1f", a/n}')
         echo "N=$n --all run $r to $target: $ms ms total, $per ms per VM"
         all+=("$per")
@@ -101,13 +101,13 @@ for n in $COUNTS; do
     for ((i = 1; i <= m; i++)); do
         d=$(printf 'r%03d' "$i")
         t=$(lab_now)
-        nk vm rekey "$d" --provider "$target" >/dev/null || die "rekey $d"
+        nk vm rekey "$d" --provider "$target" >/dev/null || bench_die "rekey $d"
         singles+=("$(ms_since "$t")")
     done
     echo "N=$n single rekeys ($m VMs): ${singles[*]} ms"
     for ((i = 1; i <= n; i++)); do
         d=$(printf 'r%03d' "$i")
-        [ "$(lab_virsh a domstate "$d" | head -n1)" = paused ] || die "$d is no longer paused/running"
+        [ "$(lab_virsh a domstate "$d" | head -n1)" = paused ] || bench_die "$d is no longer paused/running"
     done
     med_all=$(printf '%s\n' "${all[@]}" | median)
     med_one=$(printf '%s\n' "${singles[@]}" | median)

@@ -36,21 +36,18 @@ HOOK_N=${3:-50}
 PAUSED_N=${4:-20}
 source "$here/../integration/lab.sh"
 source "$here/bench-lib.sh"
-die() {
-    echo "bench-vm-start: $*" >&2
-    if [ -n "${LAB_DIR:-}" ]; then { lab_dump nkp enc; lab_dump base hand; } 2>/dev/null || true; fi
-    exit 1
-}
-if ! why=$(lab_check_env); then echo "bench-vm-start: cannot run here: $why" >&2; exit 1; fi
-[ -x "$BUILD/libvirt-hooks/nkp-hook" ] || die "build first (ninja -C $BUILD)"
+source "$here/../integration/lib/guest.sh"     # the guest's marker checks (one TPM wait)
+BENCH_ON_DIE=('if [ -n "${LAB_DIR:-}" ]; then { lab_dump nkp enc; lab_dump base hand; } 2>/dev/null || true; fi')
+bench_need_lab
+[ -x "$BUILD/libvirt-hooks/nkp-hook" ] || bench_die "build first (ninja -C $BUILD)"
 
-lab_init || die "guest build failed"
-LAB_HOST_TPM=1 lab_host_create nkp || die "host nkp"
+lab_init || bench_die "guest build failed"
+LAB_HOST_TPM=1 lab_host_create nkp || bench_die "host nkp"
 lab_install_nkp nkp "$BUILD"
-lab_host_create base || die "host base"
-lab_host_start nkp && lab_host_start base || die "libvirtd"
+lab_host_create base || bench_die "host base"
+lab_host_start nkp && lab_host_start base || bench_die "libvirtd"
 [ -x "$(lab_path nkp /etc/libvirt/hooks/qemu.d)/nkp" ] && [ -z "$(ls -A "$(lab_path base /etc/libvirt/hooks)/qemu.d")" ] \
-    || die "the hook must be installed on host nkp only"
+    || bench_die "the hook must be installed on host nkp only"
 
 VARIANTS=(nkp hand hand+hook)
 host_of() { case $1 in nkp|hand+hook) echo nkp;; hand) echo base;; esac; }
@@ -60,27 +57,27 @@ umask 077
 mark="BENCH$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
 # nkp's way
 head -c 24 /dev/urandom | base64 > "$LAB_DIR/pw"
-lab_exec nkp nkpctl provider create p1 >/dev/null || die "provider create"
-lab_exec nkp nkpctl provider backup p1 --out "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" >/dev/null || die "backup"
-lab_exec nkp nkpctl provider set-default p1 >/dev/null || die "set-default"
+lab_exec nkp nkpctl provider create p1 >/dev/null || bench_die "provider create"
+lab_exec nkp nkpctl provider backup p1 --out "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" >/dev/null || bench_die "backup"
+lab_exec nkp nkpctl provider set-default p1 >/dev/null || bench_die "set-default"
 qemu-img create -q -f qcow2 "$LAB_DIR/shared/enc.qcow2" 64M
 lab_guest_xml --name enc --disk "$LAB_DIR/shared/enc.qcow2" --marker "$mark" > "$LAB_DIR/enc.xml"
-lab_virsh nkp define "$LAB_DIR/enc.xml" >/dev/null || die "define enc"
+lab_virsh nkp define "$LAB_DIR/enc.xml" >/dev/null || bench_die "define enc"
 for i in 1 2 3 4; do
     if out=$(lab_exec nkp nkpctl vm encrypt enc 2>&1); then break; fi
-    grep -q "Unable to get accurate CPU usage" <<<"$out" && [ "$i" -lt 4 ] || die "vm encrypt: $out"
+    grep -q "Unable to get accurate CPU usage" <<<"$out" && [ "$i" -lt 4 ] || bench_die "vm encrypt: $out"
 done
 # by hand, on each host (its own disk)
 head -c 32 /dev/urandom > "$LAB_DIR/vtpm.key"
 head -c 32 /dev/urandom | base64 -w0 > "$LAB_DIR/disk.key"
 for h in base nkp; do
     disk="$LAB_DIR/shared/hand-$h.qcow2"
-    lab_luks_create "$disk" 64M "$LAB_DIR/disk.key" || die "LUKS qcow2"
-    tpmsec=$(lab_secret_define "$h" --usage vtpm --target hand-vtpm "$LAB_DIR/vtpm.key") || die "vTPM secret"
-    disksec=$(lab_secret_define "$h" --usage volume --target "$disk" "$LAB_DIR/disk.key") || die "disk secret"
+    lab_luks_create "$disk" 64M "$LAB_DIR/disk.key" || bench_die "LUKS qcow2"
+    tpmsec=$(lab_secret_define "$h" --usage vtpm --target hand-vtpm "$LAB_DIR/vtpm.key") || bench_die "vTPM secret"
+    disksec=$(lab_secret_define "$h" --usage volume --target "$disk" "$LAB_DIR/disk.key") || bench_die "disk secret"
     lab_guest_xml --name hand --disk "$disk" --marker "$mark" \
         --tpm-secret "$tpmsec" --disk-secret "$disksec" > "$LAB_DIR/hand-$h.xml"
-    lab_virsh "$h" define "$LAB_DIR/hand-$h.xml" >/dev/null || die "define hand on $h"
+    lab_virsh "$h" define "$LAB_DIR/hand-$h.xml" >/dev/null || bench_die "define hand on $h"
 done
 n_hand_secrets=$(lab_virsh nkp secret-list | grep -c . || true)
 
@@ -95,27 +92,26 @@ wait_line() {
 }
 stop_vm() { # variant: destroy, then wait for "shut off" and (nkp) the release hook's secret removal
     local h d i; h=$(host_of "$1"); d=$(dom_of "$1")
-    lab_virsh "$h" destroy "$d" >/dev/null || die "destroy $d on $h"
+    lab_virsh "$h" destroy "$d" >/dev/null || bench_die "destroy $d on $h"
     for ((i = 0; i < 150; i++)); do
         if [ "$(lab_virsh "$h" domstate "$d" | head -n1)" = "shut off" ]; then
             if [ "$h" = base ] || [ "$(lab_virsh "$h" secret-list | grep -c . || true)" = "$n_hand_secrets" ]; then return 0; fi
         fi
         sleep 0.2
     done
-    die "$d on $h did not stop cleanly"
+    bench_die "$d on $h did not stop cleanly"
 }
 samples="$LAB_DIR/samples"
 : > "$samples"
 measure() { # variant → one sample line per metric
-    local v=$1 h d t0 t1 t2 line tline; h=$(host_of "$v"); d=$(dom_of "$v")
+    local v=$1 h d t0 t1 t2 line; h=$(host_of "$v"); d=$(dom_of "$v")
     rm -f "$(lab_serial_path "$h" "$d")"
     t0=$(bench_now_ns)
-    lab_virsh "$h" start "$d" >/dev/null || die "start $d on $h"
+    lab_virsh "$h" start "$d" >/dev/null || bench_die "start $d on $h"
     t1=$(bench_now_ns)
-    line=$(wait_line "$h" "$d" 'NKP-DISK-MARKER=|NKP-ERROR' 300) || die "$v: no marker line"
+    line=$(wait_line "$h" "$d" 'NKP-DISK-MARKER=|NKP-ERROR' 300) || bench_die "$v: no marker line"
     t2=$(bench_now_ns)
-    tline=$(wait_line "$h" "$d" 'NKP-TPM-MARKER=' 5) || die "$v: no TPM marker line"
-    [ "$line" = "NKP-DISK-MARKER=$mark" ] && [ "$tline" = "NKP-TPM-MARKER=$mark" ] || die "$v read back: $line / $tline"
+    lab_markers_read "$h" "$d" "$mark" || bench_die "$v read back: $LAB_MARKER_ERR"
     stop_vm "$v"
     echo "$v virsh_start_ms $(((t1 - t0) / 1000000))" | tee -a "$samples"
     echo "$v start_to_markers_ms $(((t2 - t0) / 1000000))" | tee -a "$samples"
@@ -125,9 +121,8 @@ echo "--- warm-up: first start of each (swtpm_setup, markers written; not counte
 for v in "${VARIANTS[@]}"; do
     h=$(host_of "$v"); d=$(dom_of "$v")
     t0=$(lab_now)
-    lab_virsh "$h" start "$d" >/dev/null || die "first start $d on $h"
-    line=$(wait_line "$h" "$d" 'NKP-MARKERS-WRITTEN|NKP-ERROR' 300) || die "$v: first boot wrote no markers"
-    [ "$line" = "NKP-MARKERS-WRITTEN tpm=$mark disk=$mark" ] || die "$v first boot: $line"
+    lab_virsh "$h" start "$d" >/dev/null || bench_die "first start $d on $h"
+    lab_markers_written "$h" "$d" "$mark" || bench_die "$v first boot: $LAB_MARKER_ERR"
     echo "$v: first start to markers written $(lab_since "$t0") s"
     stop_vm "$v"
 done
@@ -141,9 +136,9 @@ echo "--- samples: virsh start --paused ($PAUSED_N each, interleaved; the whole 
 measure_paused() { # variant
     local v=$1 h d t0 t1; h=$(host_of "$v"); d=$(dom_of "$v")
     t0=$(bench_now_ns)
-    lab_virsh "$h" start --paused "$d" >/dev/null || die "start --paused $d on $h"
+    lab_virsh "$h" start --paused "$d" >/dev/null || bench_die "start --paused $d on $h"
     t1=$(bench_now_ns)
-    [ "$(lab_virsh "$h" domstate "$d" | head -n1)" = paused ] || die "$d is not paused"
+    [ "$(lab_virsh "$h" domstate "$d" | head -n1)" = paused ] || bench_die "$d is not paused"
     stop_vm "$v"
     echo "$v virsh_start_paused_ms $(((t1 - t0) / 1000000))" >> "$samples"
 }
@@ -154,13 +149,13 @@ grep ' virsh_start_paused_ms ' "$samples" | tr '\n' ';' | sed 's/;$/\n/; s/ virs
 
 echo "--- the hook's own wall time on host nkp ($HOOK_N prepare+release pairs, as libvirt runs it)"
 res="$LAB_DIR/hook"
-bench_hook_times nkp enc "$HOOK_N" "$res" || die "hook timing"
-[ "$(lab_virsh nkp secret-list | grep -c . || true)" = "$n_hand_secrets" ] || die "secrets left after the hook runs"
+bench_hook_times nkp enc "$HOOK_N" "$res" || bench_die "hook timing"
+[ "$(lab_virsh nkp secret-list | grep -c . || true)" = "$n_hand_secrets" ] || bench_die "secrets left after the hook runs"
 bench_dist "hook prepare, ms" "$res.prepare"
 bench_dist "hook release, ms" "$res.release"
 bench_dist "fork+exec of /bin/true, same argv+stdin (baseline), ms" "$res.exec"
 phases=$(lab_exec nkp env NKP_HOOK_TIMING=1 /etc/libvirt/hooks/qemu.d/nkp enc prepare begin - < "$res.xml" 2>&1 >/dev/null) \
-    || die "hook with NKP_HOOK_TIMING: $phases"
+    || bench_die "hook with NKP_HOOK_TIMING: $phases"
 lab_exec nkp /etc/libvirt/hooks/qemu.d/nkp enc release end - < "$res.xml" >/dev/null 2>&1 || true
 echo "one prepare, the hook's own phase timer (NKP_HOOK_TIMING=1, ms since exec): ${phases#nkp: timing }"
 

@@ -35,6 +35,7 @@ build_arg=${1:-build}
 [ -d "$build_arg" ] || { echo "demo: no build directory '$build_arg' (meson setup build && ninja -C build)" >&2; exit 1; }
 BUILD=$(cd "$build_arg" && pwd)
 source "$here/lab.sh"
+source "$here/lib/guest.sh"     # the guest's marker lines: lab_markers_written / lab_markers_read
 
 if ! why=$(lab_check_env); then
     echo "demo: cannot run the lab here: $why" >&2
@@ -69,12 +70,7 @@ must() { run "$1"; [ "$RC" = 0 ] || die "'$1' failed (exit $RC)"; }
 must_fail() { run "$1"; [ "$RC" != 0 ] || die "'$1' succeeded; it must fail"; }
 expect() { grep -Eq -- "$1" <<<"$OUT" || die "${2:-the output has no line matching /$1/}"; }
 expect_not() { ! grep -Eq -- "$1" <<<"$OUT" || die "${2:-the output has a line matching /$1/}"; }
-domstate() { lab_virsh "$H" domstate "$VM" 2>/dev/null | head -n1; }
-wait_shut_off() {
-    local i
-    for ((i = 0; i < 300; i++)); do [ "$(domstate)" = "shut off" ] && return 0; sleep 0.2; done
-    return 1
-}
+wait_shut_off() { lab_wait_domstate "$H" "$VM" "shut off" 60; }
 # wait_no_secrets: the release hook runs just after "shut off"; give it 10 s.
 wait_no_secrets() {
     local i
@@ -86,7 +82,16 @@ serial_wait() {
     local line
     line=$(lab_wait_serial "$H" "$VM" "$1" 240) || die "the guest printed no line matching /$1/ within 240 s"
     printf 'vm1 serial console: %s\n' "$line"
-    SERIAL_LINE=$line
+}
+# markers written|read: the guest's marker lines (integration/lib/guest.sh)
+# must name MARK; shows the lines it read.
+markers() {
+    local rc=0 line
+    "lab_markers_$1" "$H" "$VM" "$MARK" || rc=$?
+    while IFS= read -r line; do
+        [ -z "$line" ] || printf 'vm1 serial console: %s\n' "$line"
+    done <<<"$LAB_MARKER_LINES"
+    [ $rc = 0 ] || die "the guest's markers ($1): $LAB_MARKER_ERR"
 }
 
 printf 'nkp demo: a key provider protecting a VM (vTPM + LUKS disk) on a throwaway libvirt host\n'
@@ -157,8 +162,7 @@ step "first start: the guest writes its markers (TPM NV index + disk header)"
 rm -f "$(lab_serial_path "$H" "$VM")"
 t=$(lab_now)
 must "virsh start $VM"
-serial_wait 'NKP-MARKERS-WRITTEN|NKP-ERROR'
-[ "$SERIAL_LINE" = "NKP-MARKERS-WRITTEN tpm=$MARK disk=$MARK" ] || die "the guest did not write both markers"
+markers written
 note "start to markers written: $(lab_since "$t") s"
 must 'virsh secret-list --ephemeral --private'
 n=$(grep -c -E '^ *[0-9a-f]{8}-' <<<"$OUT" || true)
@@ -177,10 +181,7 @@ expect '^0$' "the hook's release step must remove the VM's secrets when it stops
 rm -f "$(lab_serial_path "$H" "$VM")"
 t=$(lab_now)
 must "virsh start $VM"
-serial_wait 'NKP-TPM-MARKER=|NKP-ERROR'
-[ "$SERIAL_LINE" = "NKP-TPM-MARKER=$MARK" ] || die "vTPM marker read back: $SERIAL_LINE (want $MARK)"
-serial_wait 'NKP-DISK-MARKER='
-[ "$SERIAL_LINE" = "NKP-DISK-MARKER=$MARK" ] || die "disk marker read back: $SERIAL_LINE (want $MARK)"
+markers read
 note "start to markers read back: $(lab_since "$t") s"
 must "virsh shutdown $VM"
 wait_shut_off || die "$VM did not shut off after virsh shutdown"
@@ -231,10 +232,7 @@ step "start it: the markers written before the loss are intact"
 rm -f "$(lab_serial_path "$H" "$VM")"
 t=$(lab_now)
 must "virsh start $VM"
-serial_wait 'NKP-TPM-MARKER=|NKP-ERROR'
-[ "$SERIAL_LINE" = "NKP-TPM-MARKER=$MARK" ] || die "vTPM marker after the restore: $SERIAL_LINE (want $MARK)"
-serial_wait 'NKP-DISK-MARKER='
-[ "$SERIAL_LINE" = "NKP-DISK-MARKER=$MARK" ] || die "disk marker after the restore: $SERIAL_LINE (want $MARK)"
+markers read
 note "start to markers read back: $(lab_since "$t") s"
 must "nkpctl vm status $VM"
 expect "^$VM: encrypted by $P" "vm status after the restore"

@@ -19,6 +19,11 @@
 #   lab_guest_xml --name g1 --disk "$LAB_DIR/shared/g1.qcow2" ... > g1.xml
 #   lab_wait_serial a g1 'NKP-MARKERS-WRITTEN' 120
 #   lab_host_down a
+#   lab_at_exit 'kill $pid'         # ends what the caller started, before the hosts go down
+#
+# Tests do not source this file directly: integration/lib/test.sh does, with
+# the assertions and the guest helpers (integration/README.md, "Shared test
+# helpers").
 #
 # Knobs (environment):
 #   NKP_LAB_CACHE      guest/kernel cache (default /var/cache/nkp-lab)
@@ -41,6 +46,9 @@ LAB_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 LAB_DIR=${LAB_DIR:-}
 LAB_GUEST_KERNEL=${LAB_GUEST_KERNEL:-}
 LAB_GUEST_INITRD=${LAB_GUEST_INITRD:-}
+
+# Commands lab_cleanup_all runs first (lab_at_exit), last registered first.
+LAB_AT_EXIT=()
 
 # The directories each host gets its own copy of: "name:path inside the host".
 LAB_HOST_DIRS=(
@@ -117,7 +125,7 @@ lab_reap_stale() {
         read -r pid st < "$d/owner" || continue
         if [ -d "/proc/$pid" ] && [ "$(_lab_starttime "$pid")" = "$st" ]; then continue; fi
         lab_say "reaping stale lab $d (its test, pid $pid, is gone)"
-        ( LAB_DIR=$d; LAB_KEEP=0; trap - EXIT; lab_cleanup_all ) || true
+        ( LAB_DIR=$d; LAB_KEEP=0; LAB_AT_EXIT=(); trap - EXIT; lab_cleanup_all ) || true
     done
 }
 
@@ -430,8 +438,11 @@ lab_procs_alive() {
     local pid st
     while read -r pid st; do
         [ -n "$pid" ] || continue
+        # zombies are dead, not yet reaped; a process whose namespaces are
+        # gone is inside exit() (the kernel drops them before the zombie
+        # state): both are no leftover
         if [ "$(_lab_starttime "$pid")" = "$st" ] \
-           && [ "$(_lab_stat "$pid" 1)" != Z ]; then   # zombies: dead, not yet reaped
+           && [ "$(_lab_stat "$pid" 1)" != Z ] && readlink "/proc/$pid/ns/mnt" >/dev/null 2>&1; then
             echo "$pid($(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | cut -c1-60))"
         fi
     done <<<"$1"
@@ -487,9 +498,11 @@ lab_host_down() {
 }
 
 lab_cleanup_all() {
-    local rc=$? h
+    local rc=$? h i
     set +e
     trap - EXIT
+    for ((i = ${#LAB_AT_EXIT[@]} - 1; i >= 0; i--)); do eval "${LAB_AT_EXIT[i]}"; done
+    LAB_AT_EXIT=()
     if [ -n "$LAB_DIR" ] && [ -d "$LAB_DIR/hosts" ]; then
         for h in "$LAB_DIR"/hosts/*; do
             [ -d "$h" ] || continue
@@ -504,6 +517,13 @@ lab_cleanup_all() {
     fi
     return $rc
 }
+
+# lab_at_exit 'COMMAND': COMMAND (a shell command line) runs when the lab is
+# torn down (lab_cleanup_all, the EXIT trap, also after a failed check),
+# before the hosts go down; last registered runs first.  For what a test
+# starts itself and ends by PID (e.g. nkpd in a host): everything in a
+# host's namespaces is also ended by lab_host_down, by PID.
+lab_at_exit() { LAB_AT_EXIT+=("$1"); }
 
 # lab_link A B ADDR_A ADDR_B: a veth pair between the two hosts' network
 # namespaces ("lab-B" in A, "lab-A" in B), addresses default to /24.

@@ -7,22 +7,22 @@
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-T=t-demo
+source "$here/../tests/lib/assert.sh"
 BUILD=${NKP_BUILD_DIR:?NKP_BUILD_DIR not set}
 log=$(mktemp /var/tmp/nkp-t-demo.XXXXXX.log)
 trap 'rm -f "$log"' EXIT
-fail() { echo "FAIL: $T: $*"; echo "----- demo output (tail)"; tail -n 60 "$log"; exit 1; }
+ASSERT_ON_FAIL+=('echo "----- demo output (tail)"; tail -n 60 "$log"')
+note "t-demo: the Quickstart, integration/demo.sh end to end"
 
 start=$(date +%s)
 rc=0
 "$here/demo.sh" "$BUILD" > "$log" 2>&1 || rc=$?
 secs=$(($(date +%s) - start))
 if [ $rc = 77 ]; then
-    echo "SKIP: $T: $(grep -m1 '^demo: cannot run' "$log" || tail -n1 "$log")"
-    exit 77
+    skip_all "$(grep -m1 '^demo: cannot run' "$log" || tail -n1 "$log")"
 fi
 [ $rc = 0 ] || fail "demo.sh exited $rc: $(grep -m1 '^demo: FAILED' "$log" || true)"
-echo "PASS: $T: demo.sh exited 0 in $secs s"
+pass "demo.sh exited 0 in $secs s"
 
 out=$(tr -d '\r' < "$log")
 mark=$(sed -n 's/^vm1 serial console: NKP-MARKERS-WRITTEN tpm=\([A-Za-z0-9]*\) disk=.*/\1/p' <<<"$out" | head -n1)
@@ -31,7 +31,7 @@ grep -qx "vm1 serial console: NKP-MARKERS-WRITTEN tpm=$mark disk=$mark" <<<"$out
 n_tpm=$(grep -cx "vm1 serial console: NKP-TPM-MARKER=$mark" <<<"$out" || true)
 n_disk=$(grep -cx "vm1 serial console: NKP-DISK-MARKER=$mark" <<<"$out" || true)
 [ "$n_tpm" = 2 ] && [ "$n_disk" = 2 ] || fail "markers read back $n_tpm (vTPM) and $n_disk (disk) times, want 2 each (stop/start, after the restore)"
-echo "PASS: $T: first boot wrote both markers ($mark), read back intact after stop/start and after the restore"
+pass "first boot wrote both markers ($mark), read back intact after stop/start and after the restore"
 
 need() { grep -Eq -- "$1" <<<"$out" || fail "no line matching /$1/ ($2)"; }
 need '^demo-host# nkpctl provider backup prod --out [^ ]+\.p12 --password-file [^ ]+$' "backup with a password file"
@@ -48,13 +48,13 @@ grep -Eq -- "^/[^ ]*/vm1\.qcow2:0$" <<<"$out" || fail "the qcow2 grep line is mi
 grep -Eq -- "/tpm2-00\.permall:0$" <<<"$out" || fail "the vTPM state grep line is missing"
 grep -Eq -- "^[0-9]+ keys \(.*kdk\) looked for .*: none found$" <<<"$out" || fail "no key check, or a key was found in clear"
 need '^== demo finished: all [0-9]+ steps did what they say' "the final line"
-echo "PASS: $T: locked start with nkp's line, vm-locked alarm, vm status locked, restore + unlock, nothing in clear"
+pass "locked start with nkp's line, vm-locked alarm, vm status locked, restore + unlock, nothing in clear"
 
 labdir=$(sed -n 's/^   (lab directory \([^;]*\);.*/\1/p' <<<"$out" | head -n1)
 [ -n "$labdir" ] || fail "the demo did not print its lab directory"
 [ ! -e "$labdir" ] || fail "the demo left its lab directory $labdir"
 left=$(pgrep -af -- "$labdir" | grep -v -e pgrep || true)
 [ -z "$left" ] || fail "processes of the demo's lab still run: $left"
-echo "PASS: $T: nothing left behind ($labdir and its processes gone)"
-echo "TIMING: $T: demo $secs s"
-echo "PASS: $T"
+pass "nothing left behind ($labdir and its processes gone)"
+timing "demo $secs s"
+assert_done

@@ -7,27 +7,12 @@
 # in clear (a control guest without encryption shows the check can see it).
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-source "$here/lab.sh"
-
-T=t-lab-smoke
-pass() { echo "PASS: $T: $*"; }
-fail() {
-    echo "FAIL: $T: $*"
-    [ -z "${LAB_DIR:-}" ] || [ ! -d "$LAB_DIR/hosts/a" ] || lab_dump a "${dom:-}"
-    exit 1
-}
-timing() { echo "TIMING: $T: $*"; }
-
-if ! why=$(lab_check_env); then
-    echo "SKIP: $T: $why"
-    exit 77
-fi
+source "$(dirname "$0")/lib/test.sh"
+lab_test t-lab-smoke "the lab itself: one host, encrypted vTPM + LUKS disk by hand, markers, nothing in clear"
 
 t0=$(lab_now)
-lab_init || fail "guest build failed"
+lab_test_init
 timing "guest kernel+initramfs ready in $(lab_since "$t0") s"
-echo "INFO: $T: domain type $LAB_DOMAIN_TYPE, LAB_DIR $LAB_DIR"
 
 t=$(lab_now)
 lab_host_up a || fail "host a did not come up"
@@ -63,12 +48,7 @@ lab_guest_xml --name "$dom" --uuid "$uuid" --disk "$disk" --marker "$mark" \
 lab_virsh a define "$LAB_DIR/$dom.xml" >/dev/null || fail "define"
 
 serial=$(lab_serial_path a "$dom")
-t=$(lab_now)
-lab_virsh a start "$dom" >/dev/null || fail "first start"
-timing "virsh start (first, incl. swtpm_setup) returned in $(lab_since "$t") s"
-line=$(lab_wait_serial a "$dom" 'NKP-MARKERS-WRITTEN|NKP-ERROR' 240) || fail "no marker line on first boot"
-timing "first boot: start to markers written $(lab_since "$t") s"
-[ "$line" = "NKP-MARKERS-WRITTEN tpm=$mark disk=$mark" ] || fail "first boot said: $line"
+boot_and_write a "$dom" "$mark"
 lab_wait_serial a "$dom" 'NKP-TICK 1$' 30 >/dev/null || fail "guest does not tick"
 pass "first boot wrote the markers ($mark)"
 
@@ -78,13 +58,7 @@ timing "destroy $(lab_since "$t") s"
 rm -f "$serial"
 
 for boot in 2 3; do
-    t=$(lab_now)
-    lab_virsh a start "$dom" >/dev/null || fail "start #$boot"
-    line=$(lab_wait_serial a "$dom" 'NKP-DISK-MARKER=|NKP-ERROR|NKP-MARKERS-WRITTEN' 240) || fail "no marker line on boot #$boot"
-    timing "boot #$boot: start to markers read $(lab_since "$t") s"
-    tline=$(lab_wait_serial a "$dom" 'NKP-TPM-MARKER=' 5) || fail "no TPM marker on boot #$boot"
-    [ "$tline" = "NKP-TPM-MARKER=$mark" ] || fail "boot #$boot TPM marker: $tline (want $mark)"
-    [ "$line" = "NKP-DISK-MARKER=$mark" ] || fail "boot #$boot disk marker: $line (want $mark)"
+    boot_and_read a "$dom" "$mark" --running "boot #$boot"
     pass "boot #$boot read both markers back"
     t=$(lab_now)
     if [ $boot = 2 ]; then
@@ -92,11 +66,7 @@ for boot in 2 3; do
     else
         # graceful: ACPI power button -> the guest's acpid powers off
         lab_virsh a shutdown "$dom" >/dev/null || fail "shutdown #$boot"
-        for ((i = 0; i < 300; i++)); do
-            [ "$(lab_virsh a domstate "$dom" 2>/dev/null)" = "shut off" ] && break
-            sleep 0.2
-        done
-        [ "$(lab_virsh a domstate "$dom")" = "shut off" ] || fail "guest ignored virsh shutdown"
+        lab_wait_domstate a "$dom" "shut off" 60 || fail "guest ignored virsh shutdown"
         lab_wait_serial a "$dom" 'NKP-ACPI-POWEROFF' 1 >/dev/null || fail "no NKP-ACPI-POWEROFF line"
         timing "virsh shutdown to shut off $(lab_since "$t") s"
         pass "virsh shutdown powers the guest off"
@@ -128,11 +98,7 @@ t=$(lab_now)
 dom=$cdom
 lab_virsh a start "$cdom" >/dev/null || fail "start control"
 lab_wait_serial a "$cdom" 'NKP-POWEROFF' 240 >/dev/null || fail "control guest did not power off"
-for ((i = 0; i < 100; i++)); do
-    [ "$(lab_virsh a domstate "$cdom" 2>/dev/null)" = "shut off" ] && break
-    sleep 0.2
-done
-[ "$(lab_virsh a domstate "$cdom")" = "shut off" ] || fail "control guest still running after poweroff"
+lab_wait_domstate a "$cdom" "shut off" 20 || fail "control guest still running after poweroff"
 timing "control guest (plain, nkp.poweroff=1) start to shut off $(lab_since "$t") s"
 grep -a -q "$cmark" "$(lab_path a "/var/lib/libvirt/swtpm/$cuuid/tpm2")/tpm2-00.permall" \
     || fail "control: marker not found in the clear vTPM state (the check is blind)"
@@ -151,6 +117,4 @@ left=$(lab_procs_alive "$procs")
 grep -q " $LAB_DIR[/ ]" /proc/self/mountinfo && fail "mounts left under $LAB_DIR"
 [ ! -e "$hostdir" ] || fail "$hostdir not removed"
 pass "host down: no processes, no mounts, state removed"
-timing "total $(lab_since "$t0") s"
-echo "PASS: $T"
-exit 0
+lab_test_done

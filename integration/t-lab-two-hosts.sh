@@ -8,33 +8,14 @@
 # reboots.
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-source "$here/lab.sh"
-
-T=t-lab-two-hosts
-pass() { echo "PASS: $T: $*"; }
-fail() {
-    echo "FAIL: $T: $*"
-    if [ -n "${LAB_DIR:-}" ]; then
-        [ ! -d "$LAB_DIR/hosts/a" ] || lab_dump a "${dom:-}"
-        [ ! -d "$LAB_DIR/hosts/b" ] || lab_dump b "${dom:-}"
-    fi
-    exit 1
-}
-timing() { echo "TIMING: $T: $*"; }
-
-if ! why=$(lab_check_env); then
-    echo "SKIP: $T: $why"
-    exit 77
-fi
+source "$(dirname "$0")/lib/test.sh"
+lab_test t-lab-two-hosts "the lab itself: two hosts on a veth, TCP + TLS, host TPMs, live migration both ways"
 
 export LAB_TLS=1 LAB_HOST_TPM=1
 ADDR_A=10.77.0.1
 ADDR_B=10.77.0.2
 
-t0=$(lab_now)
-lab_init || fail "guest build failed"
-echo "INFO: $T: domain type $LAB_DOMAIN_TYPE, LAB_DIR $LAB_DIR"
+lab_test_init
 
 t=$(lab_now)
 lab_host_create a "$ADDR_A/24" || fail "create host a"
@@ -68,20 +49,12 @@ uuid=$(cat /proc/sys/kernel/random/uuid)
 mark="NKPMIG$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
 lab_guest_xml --name "$dom" --uuid "$uuid" --disk "$disk" --marker "$mark" > "$LAB_DIR/$dom.xml"
 lab_virsh a define "$LAB_DIR/$dom.xml" >/dev/null || fail "define on a"
-t=$(lab_now)
-lab_virsh a start "$dom" >/dev/null || fail "start on a"
-line=$(lab_wait_serial a "$dom" 'NKP-MARKERS-WRITTEN|NKP-ERROR' 240) || fail "no marker line on a"
-timing "start to markers written on a $(lab_since "$t") s"
-[ "$line" = "NKP-MARKERS-WRITTEN tpm=$mark disk=$mark" ] || fail "guest said: $line"
+boot_and_write a "$dom" "$mark"
 lab_wait_serial a "$dom" 'NKP-TICK 3$' 30 >/dev/null || fail "guest does not tick on a"
 pass "guest running and counting on a"
 
-last_tick() { # host: the last NKP-TICK number in that host's serial log
-    tr -d '\r' < "$(lab_serial_path "$1" "$dom")" | sed -n 's/^NKP-TICK \([0-9]*\)$/\1/p' | tail -n1
-}
-first_tick() {
-    tr -d '\r' < "$(lab_serial_path "$1" "$dom")" | sed -n 's/^NKP-TICK \([0-9]*\)$/\1/p' | head -n1
-}
+last_tick() { lab_ticks "$1" "$dom" | tail -n1; }   # HOST: the last NKP-TICK number in its serial log
+first_tick() { lab_ticks "$1" "$dom" | head -n1; }
 
 migrate() { # src dst dst_addr [tls]
     local src=$1 dst=$2 daddr=$3 tls=${4:-} t before after first
@@ -131,6 +104,4 @@ left=$(lab_procs_alive "$procs")
 grep -q " $LAB_DIR[/ ]" /proc/self/mountinfo && fail "mounts left under $LAB_DIR"
 [ ! -e "$LAB_DIR" ] || [ "${LAB_KEEP:-0}" = 1 ] || fail "$LAB_DIR not removed"
 pass "both hosts down: no processes, no mounts, no state"
-timing "total $(lab_since "$t0") s"
-echo "PASS: $T"
-exit 0
+lab_test_done

@@ -26,28 +26,11 @@
 # run without a crash. NKP_CRASH_ALL=1 crashes every step of all three.
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-source "$here/lab.sh"
-
-T=t-nkp-crash
-BUILD=${NKP_BUILD_DIR:?NKP_BUILD_DIR not set}
-pass() { echo "PASS: $T: $*"; }
-fail() {
-    echo "FAIL: $T: $*"
-    [ -z "${LAB_DIR:-}" ] || [ ! -d "$LAB_DIR/hosts/a" ] || lab_dump a "${dom:-}"
-    exit 1
-}
-timing() { echo "TIMING: $T: $*"; }
-
-if ! why=$(lab_check_env); then
-    echo "SKIP: $T: $why"
-    exit 77
-fi
-[ -x "$BUILD/libvirt-hooks/nkp-hook" ] || { echo "SKIP: $T: the hook is not built"; exit 77; }
-[ -x "$BUILD/tests/test-domain" ] || { echo "SKIP: $T: tests/test-domain (key dump) is not built"; exit 77; }
-for c in qemu-io swtpm swtpm_ioctl python3; do
-    command -v "$c" >/dev/null || { echo "SKIP: $T: $c is not installed"; exit 77; }
-done
+source "$(dirname "$0")/lib/test.sh"
+lab_test t-nkp-crash "kill -9 at every step of encrypt/rekey --deep/decrypt: the VM starts with its markers, reruns finish or roll back" \
+    --built libvirt-hooks/nkp-hook --built tests/test-domain \
+    --needs qemu-io --needs swtpm --needs swtpm_ioctl --needs python3
+BUILD=$NKP_BUILD_DIR
 
 # The steps, in protocol order (docs/crash-safety.md). With a vTPM and one
 # disk there are two files: swap-half/swapped fire once per file (#2 = the disk).
@@ -59,35 +42,12 @@ DECRYPT_STEPS=${NKP_CRASH_DECRYPT_STEPS-"journal disk-copied ready swap-half#2 f
 if [ "${NKP_CRASH_ALL:-0}" = 1 ]; then REKEY_STEPS=$ALL_STEPS; DECRYPT_STEPS=$ALL_STEPS; fi
 
 nk() { lab_exec a nkpctl "$@"; }
-state_of() { lab_virsh a domstate "$1" 2>/dev/null | head -n1; }
-wait_state() { # dom state seconds
-    local i
-    for ((i = 0; i < $3 * 5; i++)); do [ "$(state_of "$1")" = "$2" ] && return 0; sleep 0.2; done
-    return 1
-}
-boots=0
-boot_and_read() { # CONTEXT
-    local t line tline
-    rm -f "$(lab_serial_path a "$dom")"
-    t=$(lab_now)
-    lab_virsh a start "$dom" >/dev/null || fail "$1: start: $(lab_virsh a start "$dom" 2>&1 || true)"
-    line=$(lab_wait_serial a "$dom" 'NKP-DISK-MARKER=|NKP-ERROR|NKP-MARKERS-WRITTEN' 240) || fail "$1: no marker line"
-    tline=$(lab_wait_serial a "$dom" 'NKP-TPM-MARKER=' 10) || fail "$1: no TPM marker line"
-    [ "$line" = "NKP-DISK-MARKER=$mark" ] || fail "$1: disk marker: $line (want $mark)"
-    [ "$tline" = "NKP-TPM-MARKER=$mark" ] || fail "$1: TPM marker: $tline (want $mark)"
-    boot_s=$(lab_since "$t")
-    lab_virsh a destroy "$dom" >/dev/null || fail "$1: destroy"
-    wait_state "$dom" "shut off" 30 || fail "$1: not shut off"
-    boots=$((boots + 1))
-}
 # The side the definition is on: "plain", or the keysafe's KEK salt.
 side() {
     local x; x=$(lab_virsh a dumpxml --inactive "$dom")
     grep -oE "kek salt=.[A-Za-z0-9+/=]+" <<<"$x" | head -n1 | cut -c11- || true
 }
-leftovers() {
-    ls -d "$disk".nkp-* "$state"/*.nkp-* "$(lab_path a /var/lib/nkp/journal)"/*.ini "$state"/../.nkp-work 2>/dev/null || true
-}
+leftovers() { lab_leftovers a "$disk" "$state"; }
 op_cmd() { # OP → the nkpctl arguments
     case $1 in
     encrypt) echo "vm encrypt $dom";;
@@ -127,7 +87,7 @@ crash_one() {
         grep -q "interrupted '$(op_words "$op")' pending" <<<"$st" || fail "$ctx: vm status does not show the interrupted operation: $st"
     fi
     if [ $path = hook ]; then
-        boot_and_read "$ctx (hook recovery)"
+        boot_and_read a "$dom" "$mark" "$ctx (hook recovery)"
         [ -z "$(leftovers)" ] || fail "$ctx: the hook left $(leftovers)"
         nk vm status "$dom" | grep -q pending && fail "$ctx: still pending after the start"
         if [ $forward = 1 ]; then
@@ -138,7 +98,7 @@ crash_one() {
             out=$(nk $(op_cmd "$op") 2>&1) || fail "$ctx: the rerun after the rollback failed: $out"
             check_new_side "$op" "$before" "$ctx (rerun)"
         fi
-        echo "# $ctx: hook $([ $forward = 1 ] && echo finished || echo 'rolled back'), markers intact (boot $boot_s s)$([ $forward = 1 ] || echo '; rerun done')"
+        echo "# $ctx: hook $([ $forward = 1 ] && echo finished || echo 'rolled back'), markers intact (boot $BOOT_S s)$([ $forward = 1 ] || echo '; rerun done')"
     else
         if [ "$step" != done ]; then
             # shellcheck disable=SC2046
@@ -151,11 +111,11 @@ crash_one() {
         fi
         check_new_side "$op" "$before" "$ctx (nkpctl rerun)"
         [ -z "$(leftovers)" ] || fail "$ctx: the rerun left $(leftovers)"
-        boot_and_read "$ctx (after nkpctl recovery)"
+        boot_and_read a "$dom" "$mark" "$ctx (after nkpctl recovery)"
         local what="rerun rolled back and redid it"
         [ $forward = 0 ] || what="rerun finished it"
         [ "$step" != done ] || what="nothing left to do (no journal)"
-        echo "# $ctx: $what, markers intact (boot $boot_s s)"
+        echo "# $ctx: $what, markers intact (boot $BOOT_S s)"
     fi
     runs=$((runs + 1))
     timing "$ctx via $path: $(lab_since "$t") s (until the kill $conv_s s)"
@@ -170,7 +130,7 @@ run_op() {
 }
 
 t0=$(lab_now)
-lab_init || fail "guest build failed"
+lab_test_init
 lab_host_up a || fail "host a did not come up"
 lab_install_nkp a "$BUILD"
 umask 077
@@ -188,12 +148,9 @@ qemu-img create -q -f qcow2 "$disk" 32M || fail "qemu-img create"
 lab_guest_xml --name "$dom" --uuid "$uuid" --disk "$disk" --marker "$mark" --mem 192 > "$LAB_DIR/$dom.xml"
 lab_virsh a define "$LAB_DIR/$dom.xml" >/dev/null || fail "define"
 out=$(nk vm encrypt "$dom" 2>&1) || fail "vm encrypt: $out"
-rm -f "$(lab_serial_path a "$dom")"
-lab_virsh a start "$dom" >/dev/null || fail "first start: $(lab_virsh a start "$dom" 2>&1 || true)"
-line=$(lab_wait_serial a "$dom" 'NKP-MARKERS-WRITTEN|NKP-ERROR' 240) || fail "no marker line on first boot"
-[ "$line" = "NKP-MARKERS-WRITTEN tpm=$mark disk=$mark" ] || fail "first boot said: $line"
+boot_and_write a "$dom" "$mark"
 lab_virsh a destroy "$dom" >/dev/null
-wait_state "$dom" "shut off" 30 || fail "not shut off"
+lab_wait_domstate a "$dom" "shut off" 30 || fail "not shut off"
 state=$(lab_path a "/var/lib/libvirt/swtpm/$uuid/tpm2")
 out=$(nk vm decrypt "$dom" 2>&1) || fail "vm decrypt: $out"
 [ -s "$state/tpm2-00.permall" ] || fail "no vTPM state"
@@ -209,7 +166,7 @@ for ((i = 0; i < n; i++)); do
     run_op rekey-deep "${rek[i]:-}"
     run_op decrypt "${dec[i]:-}"
 done
-pass "$runs crashes (encrypt: ${#enc[@]}, rekey --deep: ${#rek[@]}, decrypt: ${#dec[@]} steps), each followed by a start that read both markers; every rerun finished or rolled back; $boots boots"
+pass "$runs crashes (encrypt: ${#enc[@]}, rekey --deep: ${#rek[@]}, decrypt: ${#dec[@]} steps), each followed by a start that read both markers; every rerun finished or rolled back; $BOOTS boots"
 
 # ---- kill -9 at random times (no boot each: the hook by hand, data read offline) ----
 # The command is killed after a random delay (within its usual run time);
@@ -218,23 +175,6 @@ pass "$runs crashes (encrypt: ${#enc[@]}, rekey --deep: ${#rek[@]}, decrypt: ${#
 # read back with the key of that definition (qemu-io) and the vTPM state
 # must open with its key (swtpm), both outside the guest.
 hook_by_hand() { lab_exec a /etc/libvirt/hooks/qemu.d/nkp "$dom" "$1" "$2" - < "$LAB_DIR/cur.xml"; }
-vtpm_opens() { # STATEFILE [KEYFILE]: swtpm loads the state (with that key)
-    local d; d=$(mktemp -d "$LAB_DIR/vtpm.XXXXXX")
-    cp "$1" "$d/tpm2-00.permall"
-    local ok=1 key=()
-    [ -z "${2:-}" ] || key=(--key "pwdfile=$2,mode=aes-256-cbc")
-    if swtpm socket --tpm2 --tpmstate "dir=$d" "${key[@]}" \
-        --ctrl "type=unixio,path=$d/ctrl" --server "type=unixio,path=$d/srv" \
-        --flags not-need-init --pid "file=$d/pid" --log "file=$d/log" -d 2>/dev/null; then
-        local i
-        for ((i = 0; i < 100; i++)); do [ -S "$d/ctrl" ] && break; sleep 0.05; done
-        if swtpm_ioctl --unix "$d/ctrl" --save permanent "$d/blob" >/dev/null 2>&1 && [ -s "$d/blob" ]; then ok=0; fi
-        swtpm_ioctl --unix "$d/ctrl" -s >/dev/null 2>&1 || true
-        [ ! -s "$d/pid" ] || kill "$(cat "$d/pid")" 2>/dev/null || true
-    fi
-    rm -rf "$d"
-    return $ok
-}
 # qemu-io's `read -v` hex dump on stdin: do its bytes start with argv[1]?
 marker_py='
 import re, sys
@@ -264,11 +204,11 @@ check_offline() { # CONTEXT
         awk '$1 == "dek:disk:vda" {printf "%s", $2}' "$LAB_DIR/cur.keys" > "$LAB_DIR/disk.key"
         awk '$1 == "dek:vtpm:vtpm" {printf "%s", $2}' "$LAB_DIR/cur.keys" > "$LAB_DIR/vtpm.key"
         disk_has_marker "$LAB_DIR/disk.key" || fail "$1: the disk marker does not read with the definition's key"
-        vtpm_opens "$state/tpm2-00.permall" "$LAB_DIR/vtpm.key" || fail "$1: the vTPM state does not open with the definition's key"
+        lab_vtpm_opens "$state/tpm2-00.permall" "$LAB_DIR/vtpm.key" || fail "$1: the vTPM state does not open with the definition's key"
         rm -f "$LAB_DIR/cur.keys" "$LAB_DIR/disk.key" "$LAB_DIR/vtpm.key"
     else
         disk_has_marker || fail "$1: the plain disk has no marker"
-        vtpm_opens "$state/tpm2-00.permall" || fail "$1: the clear vTPM state does not open"
+        lab_vtpm_opens "$state/tpm2-00.permall" || fail "$1: the clear vTPM state does not open"
     fi
 }
 RANDOM_KILLS=${NKP_CRASH_RANDOM:-15}
@@ -306,10 +246,8 @@ summary=$(for r in "${!outcome[@]}"; do printf '%s: %s; ' "$r" "${outcome[$r]}";
 timing "$RANDOM_KILLS random kills with offline checks $(lab_since "$t") s"
 pass "$RANDOM_KILLS kill -9 at random times, each reconciled by the hook (run by hand) to data that opens with the definition's keys ($summary)"
 
-boot_and_read "final"
+boot_and_read a "$dom" "$mark" "final"
 [ -z "$(leftovers)" ] || fail "left $(leftovers)"
 pass "final start after all of it: both markers read back"
 
-timing "total $(lab_since "$t0") s"
-echo "PASS: $T"
-exit 0
+lab_test_done

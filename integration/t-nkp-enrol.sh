@@ -15,27 +15,13 @@
 #   defined meanwhile.
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-source "$here/lab.sh"
-
-T=t-nkp-enrol
-BUILD=${NKP_BUILD_DIR:?NKP_BUILD_DIR not set}
+source "$(dirname "$0")/lib/test.sh"
+lab_test t-nkp-enrol "virt-xml vTPMs enrolled by nkpd, EK certs from the provider's CA, [vtpm] policy" \
+    --needs virt-xml --needs python3 \
+    --built libvirt-hooks/nkp-hook --built plugin/nkpd/nkpd --built swtpm-hooks/nkp-swtpm-certs
+BUILD=$NKP_BUILD_DIR
 nkpd_pid=
-pass() { echo "PASS: $T: $*"; }
-fail() {
-    echo "FAIL: $T: $*"
-    [ -z "${LAB_DIR:-}" ] || [ ! -f "$LAB_DIR/nkpd.log" ] || sed 's/^/# nkpd: /' "$LAB_DIR/nkpd.log"
-    [ -z "${LAB_DIR:-}" ] || [ ! -d "$LAB_DIR/hosts/a" ] || lab_dump a "${dom:-}"
-    exit 1
-}
-
-if ! why=$(lab_check_env); then echo "SKIP: $T: $why"; exit 77; fi
-for c in virt-xml python3; do
-    command -v "$c" >/dev/null || { echo "SKIP: $T: $c missing"; exit 77; }
-done
-for f in libvirt-hooks/nkp-hook plugin/nkpd/nkpd swtpm-hooks/nkp-swtpm-certs; do
-    [ -x "$BUILD/$f" ] || { echo "SKIP: $T: $f is not built"; exit 77; }
-done
+ASSERT_ON_FAIL+=('[ -z "${LAB_DIR:-}" ] || [ ! -f "$LAB_DIR/nkpd.log" ] || sed "s/^/# nkpd: /" "$LAB_DIR/nkpd.log"')
 
 nk() { lab_exec a nkpctl "$@"; }
 nkpd_start() {
@@ -53,7 +39,6 @@ nkpd_stop() {
     kill -9 "$nkpd_pid" 2>/dev/null || true
     nkpd_pid=
 }
-trap 'nkpd_stop' EXIT
 set_policy() { printf '[tpm]\ntcti=none\n[vtpm]\npolicy=%s\n' "$1" > "$(lab_path a /etc/nkp)/nkp.conf"; }
 plain_domain() { # NAME MARK: a domain without a vTPM
     local d=$1
@@ -66,7 +51,8 @@ add_tpm() { lab_exec a virt-xml --connect qemu:///system "$1" --add-device --tpm
 has_keysafe() { lab_virsh a dumpxml --inactive "$1" | grep -q 'nkp.invalid/xmlns/keysafe'; }
 
 t0=$(lab_now)
-lab_init || fail "guest build failed"
+lab_test_init
+lab_at_exit nkpd_stop
 lab_host_create a || fail "host a"
 lab_install_nkp a "$BUILD"
 # swtpm_setup in this host calls nkp's create_certs_tool.
@@ -112,9 +98,7 @@ lab_virsh a dumpxml --inactive "$dom2" | grep -q "<encryption secret=" || fail "
 pass "nkpd enrolled the virt-xml vTPMs (scan at start, DEFINED event): keysafe names 'pe'"
 
 # ---- first start: markers, certificates from the provider's CA ------------------------
-lab_virsh a start "$dom" >/dev/null || fail "start $dom: $(lab_virsh a start "$dom" 2>&1 || true)"
-line=$(lab_wait_serial a "$dom" 'NKP-MARKERS-WRITTEN|NKP-ERROR' 240) || fail "no marker line"
-[ "$line" = "NKP-MARKERS-WRITTEN tpm=$mark disk=$mark" ] || fail "first boot: $line"
+boot_and_write a "$dom" "$mark"
 swlog=$(cat "$(lab_path a /var/log/swtpm/libvirt/qemu)/$dom-swtpm.log" 2>/dev/null || true)
 n=$(grep -c "with the EK CA of provider 'pe'" <<<"$swlog" || true)
 [ "$n" = 3 ] || fail "swtpm_setup log does not show 3 certificates by provider pe: $(tail -5 <<<"$swlog")"
@@ -128,12 +112,7 @@ lab_virsh a destroy "$dom" >/dev/null
 [ ! -e "$(lab_path a /run/nkp/ekca)/$uuid" ] || fail "the certificate ticket outlived the VM"
 pass "first start: markers written; swtpm_setup got the RSA+ECC EK and platform certificates from pe's CA; ticket gone"
 
-rm -f "$(lab_serial_path a "$dom")"
-lab_virsh a start "$dom" >/dev/null || fail "second start"
-line=$(lab_wait_serial a "$dom" 'NKP-DISK-MARKER=|NKP-ERROR' 240) || fail "no marker line on the second boot"
-tline=$(lab_wait_serial a "$dom" 'NKP-TPM-MARKER=' 5) || fail "no TPM marker"
-[ "$line" = "NKP-DISK-MARKER=$mark" ] && [ "$tline" = "NKP-TPM-MARKER=$mark" ] || fail "second boot: $line / $tline"
-lab_virsh a destroy "$dom" >/dev/null
+boot_and_read a "$dom" "$mark" "$dom, second boot"
 state=$(lab_path a "/var/lib/libvirt/swtpm/$uuid/tpm2")/tpm2-00.permall
 python3 - "$mark" "$state" <<'PY' || fail "the vTPM state has the marker or certificate strings in clear"
 import sys
@@ -201,5 +180,4 @@ python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["state"]=="plain",
 pass "policy off: plain vTPM untouched, starts in clear, vm status plain"
 nkpd_stop
 
-echo "TIMING: $T: total $(lab_since "$t0") s"
-echo "PASS: $T"
+lab_test_done

@@ -10,65 +10,18 @@
 #   → it keeps running, stops and starts; hook wall time; concurrent starts.
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-source "$here/lab.sh"
-
-T=t-nkp-lifecycle
-BUILD=${NKP_BUILD_DIR:?NKP_BUILD_DIR not set}
-pass() { echo "PASS: $T: $*"; }
-fail() {
-    echo "FAIL: $T: $*"
-    [ -z "${LAB_DIR:-}" ] || [ ! -d "$LAB_DIR/hosts/a" ] || lab_dump a "${dom:-}"
-    exit 1
-}
-timing() { echo "TIMING: $T: $*"; }
-
-if ! why=$(lab_check_env); then
-    echo "SKIP: $T: $why"
-    exit 77
-fi
-[ -x "$BUILD/libvirt-hooks/nkp-hook" ] || { echo "SKIP: $T: the hook is not built"; exit 77; }
+source "$(dirname "$0")/lib/test.sh"
+lab_test t-nkp-lifecycle "encrypt, start/stop, reboot, locked, restore+unlock, libvirtd restart, concurrent starts" \
+    --built libvirt-hooks/nkp-hook
+BUILD=$NKP_BUILD_DIR
 
 nk() { lab_exec a nkpctl "$@"; }
 ms_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN{printf "%d", (b-a)*1000}'; }
-state_of() { lab_virsh a domstate "$1" 2>/dev/null | head -n1; }
-wait_state() { # dom state seconds
-    local i
-    for ((i = 0; i < $3 * 5; i++)); do [ "$(state_of "$1")" = "$2" ] && return 0; sleep 0.2; done
-    return 1
-}
-# boot_and_read DOM: start, wait for both markers read back, destroy.
-boot_and_read() {
-    local d=$1 t line tline
-    rm -f "$(lab_serial_path a "$d")"
-    t=$(lab_now)
-    lab_virsh a start "$d" >/dev/null || fail "start $d: $(lab_virsh a start "$d" 2>&1 || true)"
-    line=$(lab_wait_serial a "$d" 'NKP-DISK-MARKER=|NKP-ERROR|NKP-MARKERS-WRITTEN' 240) || fail "$d: no marker line"
-    tline=$(lab_wait_serial a "$d" 'NKP-TPM-MARKER=' 5) || fail "$d: no TPM marker line"
-    [ "$line" = "NKP-DISK-MARKER=$mark" ] || fail "$d disk marker: $line (want $mark)"
-    [ "$tline" = "NKP-TPM-MARKER=$mark" ] || fail "$d TPM marker: $tline (want $mark)"
-    timing "$d: start to markers read $(lab_since "$t") s"
-    lab_virsh a destroy "$d" >/dev/null || fail "destroy $d"
-}
+state_of() { lab_domstate a "$1"; }
 sums() { sha256sum "$disk" "$state/tpm2-00.permall" | awk '{print $1}'; }
-restart_libvirtd() {
-    local h; h=$(lab_hostdir a)
-    local pid; pid=$(cat "$h/fs/run/libvirtd.pid")
-    kill -TERM "$pid"
-    local i
-    for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    ! kill -0 "$pid" 2>/dev/null || fail "libvirtd did not stop"
-    lab_exec a env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-        LANG=C.UTF-8 libvirtd -d || fail "libvirtd did not start again"
-    for ((i = 0; i < 120; i++)); do
-        lab_exec a timeout 10 virsh -q -c qemu:///system version >/dev/null 2>&1 && return 0
-        sleep 0.5
-    done
-    fail "libvirtd does not answer after the restart"
-}
 
 t0=$(lab_now)
-lab_init || fail "guest build failed"
+lab_test_init
 lab_host_up a || fail "host a did not come up"
 lab_install_nkp a "$BUILD"
 lab_exec a test -x /etc/libvirt/hooks/qemu.d/nkp || fail "hook not installed"
@@ -80,7 +33,7 @@ printf 'lab password for p1\n' > "$LAB_DIR/pw"
 nk provider create p1 >/dev/null || fail "provider create"
 if ! out=$(nk provider backup p1 --out "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" 2>&1); then
     case $out in
-    *"not implemented"*) echo "SKIP: $T: provider backup has not landed yet ($out)"; exit 77;;
+    *"not implemented"*) skip_all "provider backup has not landed yet ($out)";;
     *) fail "provider backup: $out";;
     esac
 fi
@@ -118,12 +71,7 @@ pass "vm encrypt: keysafe in metadata, vTPM <encryption>, LUKS qcow2; status/lis
 
 # ---- first boot: markers written ------------------------------------------------
 serial=$(lab_serial_path a "$dom")
-t=$(lab_now)
-lab_virsh a start "$dom" >/dev/null || fail "first start: $(lab_virsh a start "$dom" 2>&1 || true)"
-timing "virsh start (first, swtpm_setup + hook) returned in $(lab_since "$t") s"
-line=$(lab_wait_serial a "$dom" 'NKP-MARKERS-WRITTEN|NKP-ERROR' 240) || fail "no marker line on first boot"
-[ "$line" = "NKP-MARKERS-WRITTEN tpm=$mark disk=$mark" ] || fail "first boot said: $line"
-timing "first boot: start to markers written $(lab_since "$t") s"
+boot_and_write a "$dom" "$mark"
 secrets=$(lab_virsh a secret-list)
 n_sec=$(grep -c . <<<"$secrets" || true)
 [ "$n_sec" -ge 2 ] || fail "expected the VM's 2 secrets while it runs, got: $secrets"
@@ -133,12 +81,12 @@ done
 [ -z "$(ls -A "$(lab_path a /etc/libvirt/secrets)" 2>/dev/null)" ] || fail "files in /etc/libvirt/secrets: $(ls "$(lab_path a /etc/libvirt/secrets)")"
 pass "first boot wrote the markers; 2 ephemeral private secrets while running, nothing in /etc/libvirt/secrets"
 lab_virsh a destroy "$dom" >/dev/null || fail "destroy"
-wait_state "$dom" "shut off" 30 || fail "not shut off"
+lab_wait_domstate a "$dom" "shut off" 30 || fail "not shut off"
 sleep 0.5
 [ -z "$(lab_virsh a secret-list)" ] || fail "secrets left after the VM stopped: $(lab_virsh a secret-list)"
 pass "release removed the VM's secrets"
 
-boot_and_read "$dom"
+boot_and_read a "$dom" "$mark"
 pass "second boot read both markers back"
 
 # ---- nothing in clear ----------------------------------------------------------------
@@ -194,7 +142,7 @@ timing "hook phases (since exec): ${phases#nkp: timing }"
 lab_host_stop a
 nk host flush-cache >/dev/null || fail "host flush-cache"
 lab_host_start a || fail "host a did not come back"
-boot_and_read "$dom"
+boot_and_read a "$dom" "$mark"
 pass "after a reboot (daemons down, key cache flushed) the VM starts unattended"
 
 # ---- provider deleted before the reboot: locked -----------------------------------------
@@ -223,21 +171,21 @@ nk provider restore "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" >/dev/null |
 out=$(nk host unlock 2>&1) || fail "host unlock: $out"
 grep -q "$dom: unlocked" <<<"$out" || fail "host unlock did not report $dom: $out"
 nk alarms 2>/dev/null | grep -q "vm-locked" && fail "vm-locked alarm still there after unlock"
-boot_and_read "$dom"
+boot_and_read a "$dom" "$mark"
 pass "restore + host unlock: the VM starts, markers intact"
 
 # ---- libvirtd restart while the VM runs -----------------------------------------------------
 rm -f "$serial"
 lab_virsh a start "$dom" >/dev/null || fail "start before the libvirtd restart"
 lab_wait_serial a "$dom" 'NKP-TICK 2$' 240 >/dev/null || fail "guest does not tick"
-restart_libvirtd
+lab_restart_libvirtd a
 sleep 1
 [ "$(state_of "$dom")" = "running" ] || fail "VM not running after the libvirtd restart ($(state_of "$dom"))"
 n=$(grep -a -c 'NKP-TICK' "$serial")
 lab_wait_serial a "$dom" "NKP-TICK $((n + 2))\$" 60 >/dev/null || fail "guest stopped ticking after the libvirtd restart"
 [ "$(lab_virsh a secret-list | grep -c .)" -ge 2 ] || fail "reconnect did not define the secrets again"
 lab_virsh a destroy "$dom" >/dev/null || fail "destroy after the restart"
-boot_and_read "$dom"
+boot_and_read a "$dom" "$mark"
 pass "libvirtd restart while running: the VM kept running (reconnect re-defined its secrets), stops and starts"
 
 # ---- concurrent starts (paused: the hook path without guest CPU load) ------------------------
@@ -270,14 +218,12 @@ out=$(nk vm decrypt "$dom" 2>&1) || fail "vm decrypt: $out"
 nk vm status "$dom" | grep -q ": plain" || fail "vm status after decrypt: $(nk vm status "$dom" 2>&1)"
 qemu-img info "$disk" | grep -q 'encrypted: yes' && fail "qcow2 still encrypted after vm decrypt"
 lab_virsh a dumpxml --inactive "$dom" | grep -q 'nkp.invalid' && fail "keysafe left after vm decrypt"
-boot_and_read "$dom"
+boot_and_read a "$dom" "$mark"
 pass "vm decrypt: plain qcow2 and clear vTPM state, the VM starts with its markers"
 out=$(nk vm encrypt "$dom" --provider p1 2>&1) || fail "vm encrypt of a vTPM with clear state: $out"
-boot_and_read "$dom"
+boot_and_read a "$dom" "$mark"
 state_sz=$(stat -c %s "$state/tpm2-00.permall"); state_gz=$(gzip -c "$state/tpm2-00.permall" | wc -c)
 [ "$state_gz" -ge $((state_sz * 95 / 100)) ] || fail "re-encrypted vTPM state compresses"
 pass "vm encrypt converts existing clear vTPM state; markers intact"
 
-timing "total $(lab_since "$t0") s"
-echo "PASS: $T"
-exit 0
+lab_test_done

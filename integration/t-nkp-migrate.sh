@@ -23,29 +23,10 @@
 #      the guest counts on, no nkp secret left on B.
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-source "$here/lab.sh"
-
-T=t-nkp-migrate
-BUILD=${NKP_BUILD_DIR:?NKP_BUILD_DIR not set}
-pass() { echo "PASS: $T: $*"; }
-fail() {
-    echo "FAIL: $T: $*"
-    if [ -n "${LAB_DIR:-}" ]; then
-        [ ! -d "$LAB_DIR/hosts/a" ] || lab_dump a "${dom:-}"
-        [ ! -d "$LAB_DIR/hosts/b" ] || lab_dump b "${dom:-}"
-    fi
-    exit 1
-}
-timing() { echo "TIMING: $T: $*"; }
-
-if ! why=$(lab_check_env); then
-    echo "SKIP: $T: $why"
-    exit 77
-fi
-command -v openssl >/dev/null || { echo "SKIP: $T: openssl missing (lab TLS)"; exit 77; }
-command -v python3 >/dev/null || { echo "SKIP: $T: python3 missing"; exit 77; }
-[ -x "$BUILD/libvirt-hooks/nkp-hook" ] || { echo "SKIP: $T: the hook is not built"; exit 77; }
+source "$(dirname "$0")/lib/test.sh"
+lab_test t-nkp-migrate "two hosts: refused (no provider, drift, tampered keysafe, TLS policy), A→B→A live, B reboot" \
+    --needs openssl --needs python3 --built libvirt-hooks/nkp-hook
+BUILD=$NKP_BUILD_DIR
 
 ADDR_A=10.77.0.1
 ADDR_B=10.77.0.2
@@ -54,8 +35,8 @@ NS=https://nkp.invalid/xmlns/keysafe/1
 
 nk() { local h=$1; shift; lab_exec "$h" nkpctl "$@"; }
 addr_of() { if [ "$1" = a ]; then echo "$ADDR_A"; else echo "$ADDR_B"; fi; }
-state_of() { lab_virsh "$1" domstate "$dom" 2>/dev/null | head -n1; }
-ticks() { tr -d '\r' < "$(lab_serial_path "$1" "$dom")" 2>/dev/null | sed -n 's/^NKP-TICK \([0-9]*\)$/\1/p'; }
+state_of() { lab_domstate "$1" "$dom"; }
+ticks() { lab_ticks "$1" "$dom"; }
 last_tick() { ticks "$1" | tail -n1; }
 first_tick() { ticks "$1" | head -n1; }
 # wait_ticks HOST N: the last tick on HOST reaches N (bounded)
@@ -128,9 +109,7 @@ moved() {
 }
 
 # ---- two hosts: A does not force TLS for migrations, B does ----------------------
-t0=$(lab_now)
-lab_init || fail "guest build failed"
-echo "INFO: $T: domain type $LAB_DOMAIN_TYPE, LAB_DIR $LAB_DIR"
+lab_test_init
 t=$(lab_now)
 lab_host_create a "$ADDR_A/24" || fail "create host a"
 LAB_QEMU_CONF_EXTRA='migrate_tls_force = 1' lab_host_create b "$ADDR_B/24" || fail "create host b"
@@ -156,18 +135,8 @@ uuid=$(cat /proc/sys/kernel/random/uuid)
 qemu-img create -q -f qcow2 "$disk" 64M || fail "qemu-img create"
 lab_guest_xml --name "$dom" --uuid "$uuid" --disk "$disk" --marker "$mark" > "$LAB_DIR/$dom.xml"
 lab_virsh a define "$LAB_DIR/$dom.xml" >/dev/null || fail "define on a"
-# QEMU 7.2's PBKDF benchmark fails now and then here ("Unable to get
-# accurate CPU usage", integration/README.md); vm encrypt changes nothing then.
-for i in 1 2 3 4; do
-    if out=$(nk a vm encrypt "$dom" 2>&1); then break; fi
-    grep -q "Unable to get accurate CPU usage" <<<"$out" && [ "$i" -lt 4 ] || fail "vm encrypt: $out"
-    echo "# vm encrypt attempt $i: $out"
-done
-t=$(lab_now)
-lab_virsh a start "$dom" >/dev/null || fail "start on a: $(lab_virsh a start "$dom" 2>&1 || true)"
-line=$(lab_wait_serial a "$dom" 'NKP-MARKERS-WRITTEN|NKP-ERROR' 240) || fail "no marker line on a"
-[ "$line" = "NKP-MARKERS-WRITTEN tpm=$mark disk=$mark" ] || fail "first boot said: $line"
-timing "first boot on a: start to markers written $(lab_since "$t") s"
+lab_vm_encrypt a "$dom"
+boot_and_write a "$dom" "$mark"
 wait_ticks a 3 || fail "the guest does not count on a"
 pass "encrypted guest (vTPM + LUKS disk) running on a, markers written, counting"
 
@@ -229,14 +198,7 @@ wait_no_secrets b || fail "secrets left on b after the VM stopped"
 lab_host_stop b
 nk b host flush-cache >/dev/null || fail "host flush-cache on b"
 lab_host_start b || fail "b did not come back"
-rm -f "$(lab_serial_path b "$dom")"
-t=$(lab_now)
-lab_virsh b start "$dom" >/dev/null || fail "start on b after the reboot: $(lab_virsh b start "$dom" 2>&1 || true)"
-line=$(lab_wait_serial b "$dom" 'NKP-DISK-MARKER=|NKP-ERROR|NKP-MARKERS-WRITTEN' 240) || fail "no marker line on b"
-tline=$(lab_wait_serial b "$dom" 'NKP-TPM-MARKER=' 5) || fail "no TPM marker line on b"
-[ "$line" = "NKP-DISK-MARKER=$mark" ] || fail "disk marker on b: $line (want $mark)"
-[ "$tline" = "NKP-TPM-MARKER=$mark" ] || fail "TPM marker on b: $tline (want $mark)"
-timing "start on b after its reboot to markers read $(lab_since "$t") s"
+boot_and_read b "$dom" "$mark" --running "$dom on b after its reboot"
 wait_ticks b 3 || fail "the guest does not count on b"
 pass "stopped on b, b rebooted (key cache flushed): the VM starts there and reads its TPM NV and disk markers"
 
@@ -258,6 +220,4 @@ timing "cleanup of both hosts $(lab_since "$t") s"
 left=$(lab_procs_alive "$procs")
 [ -z "$left" ] || fail "processes of the hosts left: $left"
 pass "both hosts down, nothing left"
-timing "total $(lab_since "$t0") s"
-echo "PASS: $T"
-exit 0
+lab_test_done

@@ -9,57 +9,18 @@
 #   markers back; a second deep rekey moves it to provider p2, markers again.
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-source "$here/lab.sh"
-
-T=t-nkp-rekey-deep
-BUILD=${NKP_BUILD_DIR:?NKP_BUILD_DIR not set}
-pass() { echo "PASS: $T: $*"; }
-fail() {
-    echo "FAIL: $T: $*"
-    [ -z "${LAB_DIR:-}" ] || [ ! -d "$LAB_DIR/hosts/a" ] || lab_dump a "${dom:-}"
-    exit 1
-}
-timing() { echo "TIMING: $T: $*"; }
-
-if ! why=$(lab_check_env); then
-    echo "SKIP: $T: $why"
-    exit 77
-fi
-[ -x "$BUILD/libvirt-hooks/nkp-hook" ] || { echo "SKIP: $T: the hook is not built"; exit 77; }
-[ -x "$BUILD/tests/test-domain" ] || { echo "SKIP: $T: tests/test-domain (key dump) is not built"; exit 77; }
-for c in qemu-io swtpm swtpm_ioctl; do
-    command -v "$c" >/dev/null || { echo "SKIP: $T: $c is not installed"; exit 77; }
-done
+source "$(dirname "$0")/lib/test.sh"
+lab_test t-nkp-rekey-deep "vm rekey --deep: refusals change nothing, old DEKs no longer open the new files, markers intact" \
+    --built libvirt-hooks/nkp-hook --built tests/test-domain \
+    --needs qemu-io --needs swtpm --needs swtpm_ioctl
+BUILD=$NKP_BUILD_DIR
 
 nk() { lab_exec a nkpctl "$@"; }
-state_of() { lab_virsh a domstate "$1" 2>/dev/null | head -n1; }
-wait_state() { # dom state seconds
-    local i
-    for ((i = 0; i < $3 * 5; i++)); do [ "$(state_of "$1")" = "$2" ] && return 0; sleep 0.2; done
-    return 1
-}
-# boot_and_read DOM: start, both markers read back, destroy.
-boot_and_read() {
-    local d=$1 t line tline
-    rm -f "$(lab_serial_path a "$d")"
-    t=$(lab_now)
-    lab_virsh a start "$d" >/dev/null || fail "start $d: $(lab_virsh a start "$d" 2>&1 || true)"
-    line=$(lab_wait_serial a "$d" 'NKP-DISK-MARKER=|NKP-ERROR|NKP-MARKERS-WRITTEN' 240) || fail "$d: no marker line"
-    tline=$(lab_wait_serial a "$d" 'NKP-TPM-MARKER=' 10) || fail "$d: no TPM marker line"
-    [ "$line" = "NKP-DISK-MARKER=$mark" ] || fail "$d disk marker: $line (want $mark)"
-    [ "$tline" = "NKP-TPM-MARKER=$mark" ] || fail "$d TPM marker: $tline (want $mark)"
-    timing "$d: start to markers read $(lab_since "$t") s"
-    lab_virsh a destroy "$d" >/dev/null || fail "destroy $d"
-    wait_state "$d" "shut off" 30 || fail "$d not shut off"
-}
 # What must not change when a command is refused: the definition, the files.
 sums() {
     { lab_virsh a dumpxml --inactive "$1"; cat "$2"; [ -z "${3:-}" ] || cat "$3"; } | sha256sum | awk '{print $1}'
 }
-leftovers() { # files a conversion may leave, and the journal
-    ls -d "$disk".nkp-* "$state"/*.nkp-* "$(lab_path a /var/lib/nkp/journal)"/*.ini "$state"/../.nkp-work 2>/dev/null || true
-}
+leftovers() { lab_leftovers a "$disk" "$state"; }
 # refused WHAT EXPECTED-TEXT CMD…: non-zero exit, one line with the text,
 # nothing changed.
 refused() {
@@ -86,27 +47,8 @@ disk_marker() {
     qemu-io --object "secret,id=s0,file=$2,format=raw" \
         --image-opts "driver=qcow2,file.filename=$1,encrypt.key-secret=s0" -r -c 'read -v 0 64' 2>&1
 }
-# vtpm_opens STATEFILE KEYFILE: swtpm loads the state with that key (what
-# vm encrypt's own check does: start, save the permanent state).
-vtpm_opens() {
-    local d; d=$(mktemp -d "$LAB_DIR/vtpm.XXXXXX")
-    cp "$1" "$d/tpm2-00.permall"
-    local ok=1
-    if swtpm socket --tpm2 --tpmstate "dir=$d" --key "pwdfile=$2,mode=aes-256-cbc" \
-        --ctrl "type=unixio,path=$d/ctrl" --server "type=unixio,path=$d/srv" \
-        --flags not-need-init --pid "file=$d/pid" --log "file=$d/log" -d 2>/dev/null; then
-        local i
-        for ((i = 0; i < 100; i++)); do [ -S "$d/ctrl" ] && break; sleep 0.05; done
-        if swtpm_ioctl --unix "$d/ctrl" --save permanent "$d/blob" >/dev/null 2>&1 && [ -s "$d/blob" ]; then ok=0; fi
-        swtpm_ioctl --unix "$d/ctrl" -s >/dev/null 2>&1 || true
-        [ ! -s "$d/pid" ] || kill "$(cat "$d/pid")" 2>/dev/null || true
-    fi
-    rm -rf "$d"
-    return $ok
-}
-
 t0=$(lab_now)
-lab_init || fail "guest build failed"
+lab_test_init
 lab_host_up a || fail "host a did not come up"
 lab_install_nkp a "$BUILD"
 umask 077
@@ -128,12 +70,9 @@ qemu-img create -q -f qcow2 "$disk" 64M || fail "qemu-img create"
 lab_guest_xml --name "$dom" --uuid "$uuid" --disk "$disk" --marker "$mark" > "$LAB_DIR/$dom.xml"
 lab_virsh a define "$LAB_DIR/$dom.xml" >/dev/null || fail "define"
 out=$(nk vm encrypt "$dom" 2>&1) || fail "vm encrypt: $out"
-rm -f "$(lab_serial_path a "$dom")"
-lab_virsh a start "$dom" >/dev/null || fail "first start: $(lab_virsh a start "$dom" 2>&1 || true)"
-line=$(lab_wait_serial a "$dom" 'NKP-MARKERS-WRITTEN|NKP-ERROR' 240) || fail "no marker line on first boot"
-[ "$line" = "NKP-MARKERS-WRITTEN tpm=$mark disk=$mark" ] || fail "first boot said: $line"
+boot_and_write a "$dom" "$mark"
 lab_virsh a destroy "$dom" >/dev/null
-wait_state "$dom" "shut off" 30 || fail "not shut off"
+lab_wait_domstate a "$dom" "shut off" 30 || fail "not shut off"
 state=$(lab_path a "/var/lib/libvirt/swtpm/$uuid/tpm2")
 [ -s "$state/tpm2-00.permall" ] || fail "no vTPM state"
 pass "g1 encrypted by p1 (vTPM + disk), markers written"
@@ -149,7 +88,7 @@ refused "not enough space" "Not enough space" lab_exec a env NKP_TEST_FREE_SPACE
 lab_virsh a start --paused "$dom" >/dev/null || fail "start --paused"
 refused "running VM" "is running" lab_exec a nkpctl vm rekey "$dom" --deep
 out=$(lab_virsh a managedsave "$dom" 2>&1) || fail "managedsave: $out"
-wait_state "$dom" "shut off" 30 || fail "not shut off after managedsave"
+lab_wait_domstate a "$dom" "shut off" 30 || fail "not shut off after managedsave"
 refused "saved state" "has a saved state" lab_exec a nkpctl vm rekey "$dom" --deep
 lab_virsh a managedsave-remove "$dom" >/dev/null || fail "managedsave-remove"
 pass "refused with one line, definition and files unchanged: plain VM, unknown provider, inactive provider, not enough space, running VM, saved state"
@@ -193,12 +132,12 @@ grep -q "NKPDISK1" <<<"$o" || fail "no marker in the old copy: $o"
 o=$(disk_marker "$disk" "$LAB_DIR/new-vda.key") || fail "the new DEK does not open the new disk: $o"
 grep -q "NKPDISK1" <<<"$o" || fail "no marker in the new disk: $o"
 pass "disk: the old DEK no longer opens the new file (\"$(grep -o -i 'invalid password[^.]*' <<<"$(disk_marker "$disk" "$LAB_DIR/old-vda.key")" | head -n1)\"), but opens the old copy; the new DEK opens the new file"
-vtpm_opens "$state/tpm2-00.permall" "$LAB_DIR/new-vtpm.key" || fail "the new vTPM DEK does not open the new vTPM state"
-vtpm_opens "$state/tpm2-00.permall" "$LAB_DIR/old-vtpm.key" && fail "the old vTPM DEK opens the new vTPM state"
+lab_vtpm_opens "$state/tpm2-00.permall" "$LAB_DIR/new-vtpm.key" || fail "the new vTPM DEK does not open the new vTPM state"
+lab_vtpm_opens "$state/tpm2-00.permall" "$LAB_DIR/old-vtpm.key" && fail "the old vTPM DEK opens the new vTPM state"
 pass "vTPM: the new DEK opens the new state, the old DEK does not"
 rm -f "$LAB_DIR"/*.key "$LAB_DIR"/*.keys "$LAB_DIR/old-copy.qcow2"
 
-boot_and_read "$dom"
+boot_and_read a "$dom" "$mark"
 pass "after the deep rekey the VM starts and reads both markers back"
 
 # ---- to another provider --------------------------------------------------------------
@@ -208,9 +147,7 @@ timing "deep rekey to p2 $(lab_since "$t") s"
 nk vm status "$dom" | grep -q "encrypted by p2" || fail "vm status after rekey to p2: $(nk vm status "$dom" 2>&1)"
 use=$(nk --json provider usage p1) || fail "provider usage p1"
 python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["vms"]==[], d' <<<"$use" || fail "p1 still used: $use"
-boot_and_read "$dom"
+boot_and_read a "$dom" "$mark"
 pass "deep rekey --provider p2: the VM moved to p2 and reads its markers"
 
-timing "total $(lab_since "$t0") s"
-echo "PASS: $T"
-exit 0
+lab_test_done

@@ -8,35 +8,18 @@
 # allow_plain = true): TLS is t-nkp-migrate's business.
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-source "$here/lab.sh"
-
-T=t-nkp-rekey-migrate
-BUILD=${NKP_BUILD_DIR:?NKP_BUILD_DIR not set}
+source "$(dirname "$0")/lib/test.sh"
+lab_test t-nkp-rekey-migrate "two hosts: a VM rekeyed while running migrates only to a host holding the new provider" \
+    --built libvirt-hooks/nkp-hook
+BUILD=$NKP_BUILD_DIR
 dom=g
-pass() { echo "PASS: $T: $*"; }
-fail() {
-    echo "FAIL: $T: $*"
-    if [ -n "${LAB_DIR:-}" ]; then
-        [ ! -d "$LAB_DIR/hosts/a" ] || lab_dump a "$dom"
-        [ ! -d "$LAB_DIR/hosts/b" ] || lab_dump b "$dom"
-    fi
-    exit 1
-}
-timing() { echo "TIMING: $T: $*"; }
-
-if ! why=$(lab_check_env); then
-    echo "SKIP: $T: $why"
-    exit 77
-fi
-[ -x "$BUILD/libvirt-hooks/nkp-hook" ] || { echo "SKIP: $T: the hook is not built"; exit 77; }
 
 nk() { local h=$1; shift; lab_exec "$h" nkpctl "$@"; }
-state_of() { lab_virsh "$1" domstate "$dom" 2>/dev/null | head -n1; }
+state_of() { lab_domstate "$1" "$dom"; }
 migrate() { lab_virsh a migrate --live --unsafe --persistent --undefinesource "$dom" qemu+tcp://10.77.0.2/system 2>&1; }
 
 t0=$(lab_now)
-lab_init || fail "guest build failed"
+lab_test_init
 lab_host_create a 10.77.0.1/24 && lab_host_create b 10.77.0.2/24 || fail "create the hosts"
 lab_link a b 10.77.0.1 10.77.0.2 || fail "veth link"
 lab_install_nkp a "$BUILD"
@@ -78,6 +61,4 @@ lab_wait_serial b "$dom" 'NKP-TICK [0-9]+$' 60 >/dev/null || fail "g does not ti
 nk b vm status "$dom" | grep -q "$dom: encrypted by p2" || fail "vm status on b: $(nk b vm status "$dom" 2>&1)"
 pass "after provider restore p2 on b: g migrates and runs on b, encrypted by p2"
 
-timing "total $(lab_since "$t0") s"
-echo "PASS: $T"
-exit 0
+lab_test_done

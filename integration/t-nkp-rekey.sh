@@ -15,34 +15,15 @@
 #   (g1 running, g3 shut off) to the new default.
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-source "$here/lab.sh"
-
-T=t-nkp-rekey
-BUILD=${NKP_BUILD_DIR:?NKP_BUILD_DIR not set}
-pass() { echo "PASS: $T: $*"; }
-fail() {
-    echo "FAIL: $T: $*"
-    [ -z "${LAB_DIR:-}" ] || [ ! -d "$LAB_DIR/hosts/a" ] || lab_dump a "${dom:-}"
-    exit 1
-}
-timing() { echo "TIMING: $T: $*"; }
+source "$(dirname "$0")/lib/test.sh"
+lab_test t-nkp-rekey "shallow rekey of a running VM: refusals, half-done states, kill -9, --all, provider retirement" \
+    --built libvirt-hooks/nkp-hook
+BUILD=$NKP_BUILD_DIR
 ms_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN{printf "%d", (b-a)*1000}'; }
-
-if ! why=$(lab_check_env); then
-    echo "SKIP: $T: $why"
-    exit 77
-fi
-[ -x "$BUILD/libvirt-hooks/nkp-hook" ] || { echo "SKIP: $T: the hook is not built"; exit 77; }
 
 NS=https://nkp.invalid/xmlns/keysafe/1
 nk() { lab_exec a nkpctl "$@"; }
-state_of() { lab_virsh a domstate "$1" 2>/dev/null | head -n1; }
-wait_state() { # dom state seconds
-    local i
-    for ((i = 0; i < $3 * 5; i++)); do [ "$(state_of "$1")" = "$2" ] && return 0; sleep 0.2; done
-    return 1
-}
+state_of() { lab_domstate a "$1"; }
 # keysafe_provider DOM --inactive|--live: the provider name its keysafe holds
 keysafe_provider() {
     local flag=()
@@ -72,45 +53,6 @@ refused() {
     [ "$before" = "$after" ] || fail "$what: a domain definition changed"
     echo "# $what: $err"
 }
-boot_and_read() { # DOM: start, both markers read back, destroy
-    local d=$1 t line tline
-    rm -f "$(lab_serial_path a "$d")"
-    t=$(lab_now)
-    lab_virsh a start "$d" >/dev/null || fail "start $d: $(lab_virsh a start "$d" 2>&1 || true)"
-    line=$(lab_wait_serial a "$d" 'NKP-DISK-MARKER=|NKP-ERROR|NKP-MARKERS-WRITTEN' 240) || fail "$d: no marker line"
-    tline=$(lab_wait_serial a "$d" 'NKP-TPM-MARKER=' 5) || fail "$d: no TPM marker line"
-    [ "$line" = "NKP-DISK-MARKER=$mark" ] || fail "$d disk marker: $line (want $mark)"
-    [ "$tline" = "NKP-TPM-MARKER=$mark" ] || fail "$d TPM marker: $tline (want $mark)"
-    timing "$d: start to markers read $(lab_since "$t") s"
-    lab_virsh a destroy "$d" >/dev/null || fail "destroy $d"
-    wait_state "$d" "shut off" 30 || fail "$d not shut off"
-}
-# encrypt DOM ARGS…: vm encrypt, retried on QEMU 7.2's flaky PBKDF benchmark
-# ("Unable to get accurate CPU usage", see integration/README.md).
-encrypt() {
-    local i out
-    for i in 1 2 3 4 5; do
-        out=$(nk vm encrypt "$@" 2>&1) && return 0
-        grep -q "accurate CPU usage" <<<"$out" || fail "vm encrypt $*: $out"
-        echo "# vm encrypt $1, attempt $i: $out"
-    done
-    fail "vm encrypt $*: $out"
-}
-restart_libvirtd() { # libvirtd only: running VMs stay, ephemeral secrets go
-    local h; h=$(lab_hostdir a)
-    local pid; pid=$(cat "$h/fs/run/libvirtd.pid")
-    kill -TERM "$pid"
-    local i
-    for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    ! kill -0 "$pid" 2>/dev/null || fail "libvirtd did not stop"
-    lab_exec a env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-        LANG=C.UTF-8 libvirtd -d || fail "libvirtd did not start again"
-    for ((i = 0; i < 120; i++)); do
-        lab_exec a timeout 10 virsh -q -c qemu:///system version >/dev/null 2>&1 && return 0
-        sleep 0.5
-    done
-    fail "libvirtd does not answer after the restart"
-}
 reboot_host() { # daemons down, key cache flushed, up
     lab_host_stop a
     nk host flush-cache >/dev/null || fail "host flush-cache"
@@ -118,7 +60,7 @@ reboot_host() { # daemons down, key cache flushed, up
 }
 
 t0=$(lab_now)
-lab_init || fail "guest build failed"
+lab_test_init
 lab_host_up a || fail "host a did not come up"
 lab_install_nkp a "$BUILD"
 pass "host a up with nkp installed ($(lab_since "$t0") s)"
@@ -141,11 +83,11 @@ disk="$LAB_DIR/shared/g1.qcow2"
 qemu-img create -q -f qcow2 "$disk" 64M || fail "qemu-img create"
 lab_guest_xml --name g1 --disk "$disk" --marker "$mark" > "$LAB_DIR/g1.xml"
 lab_virsh a define "$LAB_DIR/g1.xml" >/dev/null || fail "define g1"
-encrypt g1
+lab_vm_encrypt a g1
 qemu-img create -q -f qcow2 "$LAB_DIR/shared/g3.qcow2" 16M
 lab_guest_xml --name g3 --disk "$LAB_DIR/shared/g3.qcow2" --mem 64 > "$LAB_DIR/g3.xml"
 lab_virsh a define "$LAB_DIR/g3.xml" >/dev/null || fail "define g3"
-encrypt g3 --provider p4 --disks=
+lab_vm_encrypt a g3 --provider p4 --disks=
 qemu-img create -q -f qcow2 "$LAB_DIR/shared/plainvm.qcow2" 16M
 lab_guest_xml --name plainvm --disk "$LAB_DIR/shared/plainvm.qcow2" --no-tpm --mem 64 > "$LAB_DIR/plainvm.xml"
 lab_virsh a define "$LAB_DIR/plainvm.xml" >/dev/null || fail "define plainvm"
@@ -158,13 +100,13 @@ pass "g1 (vTPM + disk) encrypted by p1, g3 (vTPM) by p4, plainvm plain"
 # g3 started (paused) on B, then A put into its persistent definition.
 ks_a=$(lab_virsh a metadata g3 "$NS" --config)
 out=$(nk vm decrypt g3 2>&1) || fail "vm decrypt g3: $out"
-encrypt g3 --provider p4 --disks=
+lab_vm_encrypt a g3 --provider p4 --disks=
 ks_b=$(lab_virsh a metadata g3 "$NS" --config)
 lab_virsh a start --paused g3 >/dev/null || fail "start --paused g3: $(lab_virsh a start --paused g3 2>&1 || true)"
 lab_virsh a metadata g3 "$NS" --key nkp --set "$ks_a" --config >/dev/null || fail "put keysafe A into g3's persistent definition"
 refused "live and persistent keysafes hold different keys" "hold different keys" vm rekey g3 --provider p2
 lab_virsh a destroy g3 >/dev/null || fail "destroy g3"
-wait_state g3 "shut off" 30 || fail "g3 not shut off"
+lab_wait_domstate a g3 "shut off" 30 || fail "g3 not shut off"
 lab_virsh a metadata g3 "$NS" --key nkp --set "$ks_b" --config >/dev/null || fail "put keysafe B back"
 nk vm status g3 | grep -q "g3: encrypted by p4 (vtpm:vtpm)" || fail "vm status g3: $(nk vm status g3 2>&1)"
 pass "a running VM whose live and persistent keysafes hold different DEKs: rekey refused, nothing changed"
@@ -181,12 +123,9 @@ python3 -c 'import json,sys; d={v["name"]: v for v in json.load(sys.stdin)}; ass
 lab_virsh a managedsave-remove g3 >/dev/null || fail "managedsave-remove g3"
 pass "a VM with a saved state (managedsave): rekey refused with the fix, --all reports it failed"
 
-t=$(lab_now)
-lab_virsh a start g1 >/dev/null || fail "first start: $(lab_virsh a start g1 2>&1 || true)"
-line=$(lab_wait_serial a g1 'NKP-MARKERS-WRITTEN|NKP-ERROR' 240) || fail "no marker line on first boot"
-[ "$line" = "NKP-MARKERS-WRITTEN tpm=$mark disk=$mark" ] || fail "first boot said: $line"
+boot_and_write a g1 "$mark"
 lab_wait_serial a g1 'NKP-TICK 2$' 120 >/dev/null || fail "g1 does not tick"
-timing "g1 first boot to ticking $(lab_since "$t") s"
+timing "g1 first boot to ticking $(lab_since "$LAB_BOOT_T") s"
 pass "g1 runs: markers written, ticking"
 
 # ---- bad input: one line, nothing changed --------------------------------------------
@@ -285,16 +224,16 @@ still_ticking g1 || fail "g1 stopped ticking after provider delete"
 # libvirtd restart with p1 gone from the store and the key cache: the
 # reconnect hook defines g1's secrets again from its live keysafe (p2).
 nk host flush-cache >/dev/null || fail "host flush-cache"
-restart_libvirtd
+lab_restart_libvirtd a
 sleep 1
 [ "$(state_of g1)" = running ] || fail "g1 is $(state_of g1) after the libvirtd restart"
 [ "$(lab_virsh a secret-list | grep -c .)" -ge 2 ] || fail "reconnect did not define g1's secrets again (live keysafe)"
 still_ticking g1 || fail "g1 stopped ticking after the libvirtd restart"
 lab_virsh a destroy g1 >/dev/null || fail "destroy g1"
-wait_state g1 "shut off" 30 || fail "g1 not shut off"
+lab_wait_domstate a g1 "shut off" 30 || fail "g1 not shut off"
 reboot_host
 nk provider list | grep -q '^p1' && fail "p1 still listed after delete"
-boot_and_read g1
+boot_and_read a g1 "$mark"
 pass "provider usage p1 empty, delete p1 without --force; libvirtd restart: g1 keeps running (secrets from its live keysafe); after a reboot g1 starts and reads its markers"
 
 # ---- --all: a locked VM is reported and the rest goes on -------------------------------------------
@@ -332,11 +271,9 @@ use=$(nk --json provider usage p4)
 python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["vms"]==[], d' <<<"$use" || fail "provider usage p4: $use"
 out=$(nk provider delete p4 2>&1) || fail "provider delete p4: $out"
 lab_virsh a destroy g1 >/dev/null || fail "destroy g1"
-wait_state g1 "shut off" 30 || fail "g1 not shut off"
+lab_wait_domstate a g1 "shut off" 30 || fail "g1 not shut off"
 reboot_host
-boot_and_read g1
+boot_and_read a g1 "$mark"
 pass "--all moved g1 (running) and g3 (shut off) to the default p2; p4 retired; after a reboot g1 reads its markers"
 
-timing "total $(lab_since "$t0") s"
-echo "PASS: $T"
-exit 0
+lab_test_done

@@ -7,8 +7,9 @@
 #   journal, lock free     -> files reconciled to the XML on stdin, start goes on
 #   definition of neither  -> start refused with one line, files untouched
 set -u
+source "$(dirname "$0")/lib/cli.sh"
 HOOK=${NKP_HOOK:?NKP_HOOK not set}
-command -v flock >/dev/null || { echo "1..0 # SKIP flock(1) is not installed"; exit 77; }
+command -v flock >/dev/null || skip_all "flock(1) is not installed"
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 export NKP_ROOT=$root
@@ -16,11 +17,7 @@ mkdir -p "$root/etc/nkp" && printf '[vtpm]\npolicy=off\n' > "$root/etc/nkp/nkp.c
 export NKP_LIBVIRT_URI="qemu+unix:///system?socket=$root/no-such-socket"
 export NKP_HOOK_TIMEOUT=10
 
-n=0
-fails=0
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-not_ok() { n=$((n + 1)); fails=$((fails + 1)); echo "not ok $n - $1"; }
-check() { if eval "$2"; then ok "$1"; else not_ok "$1  # rc=$rc err=$err"; fi; }
+check_diag() { echo "rc=$rc err=$err"; }   # printed after a failed check
 
 uuid=0c1d2e3f-4a5b-4c6d-8e7f-8091a2b3c4d5
 xml="<domain type='qemu'><name>vm1</name><uuid>$uuid</uuid><memory>65536</memory><os><type>hvm</type></os><devices/></domain>"
@@ -85,5 +82,4 @@ rm -f "$jdir/$uuid.ini" "$P.nkp-new"
 run
 check "lock file, no journal: start goes on" '[ $rc = 0 ] && [ "$(files)" = "vda.qcow2=OLD " ]'
 
-echo "1..$n"
-[ $fails = 0 ]
+assert_done

@@ -3,6 +3,7 @@
 # The qemu hook program on bad, foreign and locked input (no libvirtd
 # needed: none of these cases may reach libvirt).  NKP_ROOT = a temp root.
 set -u
+source "$(dirname "$0")/lib/cli.sh"
 HOOK=${NKP_HOOK:?NKP_HOOK not set}
 NKPCTL=${NKPCTL:?NKPCTL not set}
 BUILD=${NKP_BUILD_DIR:?}
@@ -14,12 +15,6 @@ mkdir -p "$root/etc/nkp" && printf '[vtpm]\npolicy=off\n' > "$root/etc/nkp/nkp.c
 # Any libvirt call would fail fast here instead of touching a real daemon.
 export NKP_LIBVIRT_URI="qemu+unix:///system?socket=$root/no-such-socket"
 export NKP_HOOK_TIMEOUT=10
-
-n=0
-fails=0
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-not_ok() { n=$((n + 1)); fails=$((fails + 1)); echo "not ok $n - $1"; }
-check() { if eval "$2"; then ok "$1"; else not_ok "$1"; fi; }
 
 # run NAME OP SUBOP < input: sets rc, out, err
 run() {
@@ -98,7 +93,7 @@ if locked=$("$BUILD/tests/test-domain" --emit-nkp-domain) && [ -n "$locked" ]; t
 		check "locked VM: a vm-locked alarm is listed" '[[ $alarms == *vm-locked*guest1* ]]'
 		check "locked VM: nothing but the alarm changed" '[ "$(snapshot)" = "$before" ]'
 	else
-		echo "ok $((n += 1)) # SKIP nkpctl alarms not implemented yet"
+		skip "nkpctl alarms not implemented yet"
 	fi
 	run guest1 migrate begin <<<"$locked"
 	check "locked VM, migrate: refused early, exit 1, stdout empty" '[ $rc = 1 ] && [ -z "$out" ]'
@@ -112,8 +107,7 @@ if locked=$("$BUILD/tests/test-domain" --emit-nkp-domain) && [ -n "$locked" ]; t
 	echo "# hook wall time, locked prepare: ${ms} ms"
 	check "locked VM: refusal is fast (< 2 s)" '[ $ms -lt 2000 ]'
 else
-	echo "ok $((n += 1)) # SKIP keysafe.c not implemented yet: locked-VM cases"
+	skip "keysafe.c not implemented yet: locked-VM cases"
 fi
 
-echo "1..$n"
-[ $fails = 0 ]
+assert_done

@@ -4,15 +4,10 @@
 # swtpm_setup, systemd and the admin look for it, the installed programs run,
 # the installed config loads, and a reinstall keeps an edited config.
 set -u
+source "$(dirname "$0")/lib/cli.sh"
 BUILD=${NKP_BUILD_DIR:?NKP_BUILD_DIR not set}
 dest=$(mktemp -d)
 trap 'rm -rf "$dest"' EXIT
-
-n=0
-fails=0
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-not_ok() { n=$((n + 1)); fails=$((fails + 1)); echo "not ok $n - $1"; }
-check() { if eval "$2"; then ok "$1"; else not_ok "$1"; fi; }
 
 install_into() {
 	meson install -C "$BUILD" --no-rebuild --quiet --destdir "$dest" >"$dest.log" 2>&1
@@ -86,5 +81,4 @@ before=$(sha256sum <"$conf")
 check "a reinstall succeeds" "install_into"
 check "a reinstall keeps the edited config" "[ \"\$(sha256sum <'$conf')\" = '$before' ]"
 
-echo "1..$n"
-[ "$fails" = 0 ]
+assert_done

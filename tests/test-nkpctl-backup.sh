@@ -7,9 +7,10 @@
 # non-zero exit, ONE line on stderr, and the target root byte-for-byte
 # unchanged.
 set -u
+source "$(dirname "$0")/lib/cli.sh"
 
 NKPCTL=${NKPCTL:?set NKPCTL to the built nkpctl}
-command -v openssl >/dev/null || { echo "1..0 # SKIP the openssl program is not installed"; exit 77; }
+command -v openssl >/dev/null || skip_all "the openssl program is not installed"
 TOP=$(mktemp -d)
 # Flush every root's key cache (kernel keyring) before removing it: the
 # keyrings outlive the process and would pile up in root's @u.
@@ -21,26 +22,6 @@ cleanup() {
         rm -rf "$TOP"
 }
 trap cleanup EXIT
-fails=0
-n=0
-
-ok()   { n=$((n + 1)); echo "ok $n - $*"; }
-fail() { n=$((n + 1)); fails=$((fails + 1)); echo "not ok $n - $*"; }
-check() { local what=$1; shift; if "$@"; then ok "$what"; else fail "$what"; fi; }
-
-newroot() {
-        local r
-        r=$(mktemp -d "$TOP/root.XXXXXX")
-        mkdir -p "$r/etc/nkp"
-        printf '[tpm]\ntcti=none\n' >"$r/etc/nkp/nkp.conf"
-        echo "$r"
-}
-
-# A digest of every path, mode, size and content under a tree.
-tree_sum() {
-        (cd "$1" && { find . -printf '%p %m %s %y\n' | LC_ALL=C sort
-                      find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum; }) | sha256sum
-}
 
 # run ROOT ARGS…: runs nkpctl, leaves $out, $err, $rc.
 run() {
@@ -58,11 +39,11 @@ refused() {
         run "$root" "$@"
         after=$(tree_sum "$root")
         lines=$(printf '%s' "$err" | grep -c '')
-        if [ "$rc" -eq 0 ]; then fail "$what: exit 0"; return; fi
-        if [ "$lines" -ne 1 ]; then fail "$what: $lines lines on stderr: $err"; return; fi
-        case "$err" in *"$needle"*) ;; *) fail "$what: stderr lacks '$needle': $err"; return;; esac
-        if [ "$before" != "$after" ]; then fail "$what: the tree changed"; return; fi
-        ok "$what"
+        if [ "$rc" -eq 0 ]; then not_ok "$what: exit 0"; return; fi
+        if [ "$lines" -ne 1 ]; then not_ok "$what: $lines lines on stderr: $err"; return; fi
+        case "$err" in *"$needle"*) ;; *) not_ok "$what: stderr lacks '$needle': $err"; return;; esac
+        if [ "$before" != "$after" ]; then not_ok "$what: the tree changed"; return; fi
+        pass "$what"
         echo "#   $err"
 }
 
@@ -79,7 +60,7 @@ EMPTY=$TOP/empty
 : >"$EMPTY"
 
 # ---- backup ---------------------------------------------------------------
-R1=$(newroot)
+R1=$(cli_newroot "$TOP")
 run "$R1" provider create prod
 check "create prod" [ "$rc" -eq 0 ]
 run "$R1" --json provider show prod
@@ -101,7 +82,7 @@ echo "# backup took $(secs "$t0" "$t1") s"
 check "the backup is mode 0600" [ "$(stat -c %a "$F")" = 600 ]
 run "$R1" --json provider show prod
 check "prod is backed up" [ "$(printf '%s' "$out" | json 'print(d["backed_up"])')" = True ]
-if grep -qa "correct horse" "$F"; then fail "the password is in the file"; else ok "the password is not in the file"; fi
+if grep -qa "correct horse" "$F"; then not_ok "the password is in the file"; else pass "the password is not in the file"; fi
 
 before=$(sha256sum <"$F")
 refused "backup over an existing file" "already exists" "$R1" provider backup prod --out "$F" --password-file "$PW"
@@ -110,7 +91,7 @@ check "…which is unchanged" [ "$(sha256sum <"$F")" = "$before" ]
 # ---- openssl reads it ----------------------------------------------------------
 info=$(openssl pkcs12 -info -in "$F" -passin "file:$PW" -nokeys 2>&1); orc=$?
 check "openssl pkcs12 -info reads the backup (exit $orc)" [ "$orc" -eq 0 ]
-has() { case "$info" in *"$1"*) ok "openssl shows: $1";; *) fail "openssl output lacks '$1': $info";; esac; }
+has() { case "$info" in *"$1"*) pass "openssl shows: $1";; *) not_ok "openssl output lacks '$1': $info";; esac; }
 has "friendlyName: prod"
 has "$KEY_ID"
 has "MAC: sha256, Iteration 600000"
@@ -120,7 +101,7 @@ openssl pkcs12 -info -in "$F" -passin "file:$WRONG" -nokeys >/dev/null 2>&1
 check "openssl refuses the wrong password" [ $? -ne 0 ]
 
 # ---- restore into another root ---------------------------------------------------
-R2=$(newroot)
+R2=$(cli_newroot "$TOP")
 t0=$(now)
 run "$R2" provider restore "$F" --password-file "$PW"
 t1=$(now)
@@ -137,10 +118,10 @@ check "restoring again succeeds (exit $rc: $err)" [ "$rc" -eq 0 ]
 check "…and says it was already there" [ "$(printf '%s' "$out" | json 'print(d["already"])')" = True ]
 check "…and changes nothing" [ "$before" = "$(tree_sum "$R2")" ]
 run "$R2" provider restore "$F" --password-file "$PW"
-case "$out" in *already*) ok "restore again says 'already' in plain text";; *) fail "restore again: $out";; esac
+case "$out" in *already*) pass "restore again says 'already' in plain text";; *) not_ok "restore again: $out";; esac
 
 # ---- bad files: refused, the target root unchanged --------------------------------
-R3=$(newroot)
+R3=$(cli_newroot "$TOP")
 run "$R3" provider create other
 check "create another provider in the target root" [ "$rc" -eq 0 ]
 
@@ -176,10 +157,9 @@ head -c 4096 /dev/urandom >"$TOP/random.p12"
 refused "random bytes" "" "$R3" provider restore "$TOP/random.p12" --password-file "$PW"
 
 # name collision: R4 holds another provider called prod
-R4=$(newroot)
+R4=$(cli_newroot "$TOP")
 run "$R4" provider create prod
 check "create a different prod" [ "$rc" -eq 0 ]
 refused "same name, other key id" "A different provider named 'prod'" "$R4" provider restore "$F" --password-file "$PW"
 
-echo "1..$n"
-[ "$fails" -eq 0 ]
+assert_done

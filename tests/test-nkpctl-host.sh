@@ -4,9 +4,10 @@
 # throwaway swtpm instances.  Cleans up (swtpm by PID, per-store key caches,
 # temp dirs) even when a check fails.  Exit 77 = skipped.
 set -u
+source "$(dirname "$0")/lib/cli.sh"
 NKPCTL=${NKPCTL:?NKPCTL not set}
-command -v swtpm >/dev/null || { echo "1..0 # SKIP swtpm is not installed"; exit 77; }
-command -v jq >/dev/null || { echo "1..0 # SKIP jq is not installed"; exit 77; }
+command -v swtpm >/dev/null || skip_all "swtpm is not installed"
+command -v jq >/dev/null || skip_all "jq is not installed"
 
 tmp=$(mktemp -d)
 pids=()
@@ -24,11 +25,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-n=0
-fails=0
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-not_ok() { n=$((n + 1)); fails=$((fails + 1)); echo "not ok $n - $1"; [ -n "${err:-}" ] && echo "# stderr: $err"; }
-check() { if eval "$2"; then ok "$1"; else not_ok "$1"; fi; }
+check_diag() { [ -z "${err:-}" ] || echo "stderr: $err"; }   # printed after a failed check
 
 # nk ROOT ARGS…: sets rc, out, err, secs
 nk() {
@@ -165,7 +162,7 @@ check "provider show works without the TPM (no key needed)" '[ $rc = 0 ]'
 echo "correct horse" >"$tmp/pw"
 nk "$hb" provider backup prod --out "$tmp/prod.p12" --password-file "$tmp/pw"
 if [[ $err == *"not implemented yet"* ]]; then
-	n=$((n + 1)); echo "ok $n - # SKIP provider backup is not implemented yet"
+	skip "provider backup is not implemented yet"
 else
 check "a cold provider with the TPM gone: one-line error naming the TCTI, within 2 s ($secs s)" '[ $rc = 1 ] && one_line && [[ $err == *"$tcti_b"* ]] && [ "$(echo "$secs < 2" | bc)" = 1 ]'
 fi
@@ -175,5 +172,4 @@ nk "$none" provider create secure --require-tpm
 check "create --require-tpm without a TPM: refused, one line" '[ $rc = 1 ] && one_line'
 check "  ... nothing written" '[ ! -e "$none/var/lib/nkp/providers.ini" ]'
 
-echo "1..$n"
-[ "$fails" = 0 ]
+assert_done

@@ -4,6 +4,7 @@
 # --root; every refused command must exit non-zero with ONE line on stderr
 # and leave the tree byte-for-byte unchanged.
 set -u
+source "$(dirname "$0")/lib/cli.sh"
 
 NKPCTL=${NKPCTL:?set NKPCTL to the built nkpctl}
 TOP=$(mktemp -d)
@@ -15,26 +16,6 @@ cleanup() {
         rm -rf "$TOP"
 }
 trap cleanup EXIT
-fails=0
-n=0
-
-ok()   { n=$((n + 1)); echo "ok $n - $*"; }
-fail() { n=$((n + 1)); fails=$((fails + 1)); echo "not ok $n - $*"; }
-check() { local what=$1; shift; if "$@"; then ok "$what"; else fail "$what"; fi; }
-
-newroot() {
-        local r
-        r=$(mktemp -d "$TOP/root.XXXXXX")
-        mkdir -p "$r/etc/nkp"
-        printf '[tpm]\ntcti=none\n' >"$r/etc/nkp/nkp.conf"
-        echo "$r"
-}
-
-# A digest of every path, mode, size and content under a tree.
-tree_sum() {
-        (cd "$1" && { find . -printf '%p %m %s %y\n' | LC_ALL=C sort
-                      find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum; }) | sha256sum
-}
 
 # run ROOT ARGS…: runs nkpctl, leaves $out, $err, $rc.
 # (--connect test:///default: provider usage/delete ask libvirt which VMs use a
@@ -54,17 +35,17 @@ refused() {
         run "$root" "$@"
         after=$(tree_sum "$root")
         lines=$(printf '%s' "$err" | grep -c '')
-        if [ "$rc" -ne "$want" ]; then fail "$what: exit $rc, expected $want ($err)"; return; fi
-        if [ "$lines" -ne 1 ]; then fail "$what: $lines lines on stderr: $err"; return; fi
-        case "$err" in nkpctl:*"$needle"*) ;; *) fail "$what: stderr lacks '$needle': $err"; return;; esac
-        if [ "$before" != "$after" ]; then fail "$what: the tree changed"; return; fi
-        ok "$what"
+        if [ "$rc" -ne "$want" ]; then not_ok "$what: exit $rc, expected $want ($err)"; return; fi
+        if [ "$lines" -ne 1 ]; then not_ok "$what: $lines lines on stderr: $err"; return; fi
+        case "$err" in nkpctl:*"$needle"*) ;; *) not_ok "$what: stderr lacks '$needle': $err"; return;; esac
+        if [ "$before" != "$after" ]; then not_ok "$what: the tree changed"; return; fi
+        pass "$what"
 }
 
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); $1"; }
 
 # ---- create, list, show --------------------------------------------------
-R=$(newroot)
+R=$(cli_newroot "$TOP")
 run "$R" provider create prod
 check "create prod" [ "$rc" -eq 0 ]
 check "create prints the backup hint" grep -q "nkpctl provider backup prod" <<<"$out"
@@ -117,20 +98,20 @@ refused "usage: unknown option" 2 "Unknown option" "$R" provider list --bogus
 refused "usage: unknown command" 2 "unknown provider command" "$R" provider frobnicate
 refused "usage: unknown global option" 2 "unknown or incomplete option" "$R" --bogus provider list
 refused "backup without --out" 2 "--out" "$R" provider backup prod
-E=$(newroot)
+E=$(cli_newroot "$TOP")
 refused "invalid name on an empty root" 1 "not a valid provider name" "$E" provider create "a b"
 refused "create --default on an empty root" 1 "back it up" "$E" provider create first --default
 check "  ... created no store" [ ! -e "$E/var/lib/nkp" ]
 
 # ---- 33rd provider ------------------------------------------------------------
-L=$(newroot)
-for i in $(seq -w 1 32); do "$NKPCTL" --root "$L" provider create "p$i" >/dev/null || fail "create p$i"; done
+L=$(cli_newroot "$TOP")
+for i in $(seq -w 1 32); do "$NKPCTL" --root "$L" provider create "p$i" >/dev/null || not_ok "create p$i"; done
 run "$L" --json provider list
 check "32 providers" json 'assert len(d) == 32' <<<"$out"
 refused "33rd provider" 1 "32 providers" "$L" provider create p33
 
 # ---- damaged store ---------------------------------------------------------------
-C=$(newroot)
+C=$(cli_newroot "$TOP")
 "$NKPCTL" --root "$C" provider create one >/dev/null
 chmod 0644 "$C/var/lib/nkp/providers.ini"
 refused "store file 0644: list" 1 "chmod 600" "$C" provider list
@@ -162,7 +143,7 @@ check "stale temp file: create works" [ "$rc" -eq 0 ]
 check "stale temp file: removed by the next writer" [ -z "$(find "$C" -name '*.tmp-*')" ]
 
 # ---- concurrency: 8 creates at once ------------------------------------------------------
-P=$(newroot)
+P=$(cli_newroot "$TOP")
 pids=()
 for i in 1 2 3 4 5 6 7 8; do
         "$NKPCTL" --root "$P" provider create "par$i" >/dev/null 2>"$TOP/par$i.err" &
@@ -177,13 +158,13 @@ check "8 parallel creates: 8 distinct key ids" json 'assert len({p["key_id"] for
 check "8 parallel creates: no temp files" [ -z "$(find "$P" -name '*.tmp-*')" ]
 
 # ---- backup → set-default, delete -----------------------------------------------------------
-B=$(newroot)
+B=$(cli_newroot "$TOP")
 "$NKPCTL" --root "$B" provider create a >/dev/null
 "$NKPCTL" --root "$B" provider create b >/dev/null
 printf 'correct horse battery staple\n' >"$TOP/pw"
 run "$B" provider backup a --out "$TOP/a.p12" --password-file "$TOP/pw"
 if [ "$rc" -eq 0 ]; then
-        ok "backup a"
+        pass "backup a"
         run "$B" --json provider show a
         check "backed up: active, not default" json 'assert d["backed_up"] and d["active"] and not d["default"]' <<<"$out"
         refused "backup to an existing file" 1 "already exists" "$B" provider backup a --out "$TOP/a.p12" --password-file "$TOP/pw"
@@ -194,7 +175,7 @@ if [ "$rc" -eq 0 ]; then
         run "$B" alarms --json
         check "alarms: only b inactive" json 'assert [(a["kind"], a["subject"]) for a in d] == [("provider-inactive", "b")]' <<<"$out"
         refused "set-default of inactive b keeps a" 1 "back it up first" "$B" provider set-default b
-        R2=$(newroot)
+        R2=$(cli_newroot "$TOP")
         run "$R2" provider restore "$TOP/a.p12" --password-file "$TOP/pw"
         check "restore into a second root" [ "$rc" -eq 0 ]
         run "$R2" provider restore "$TOP/a.p12" --password-file "$TOP/pw"
@@ -203,14 +184,15 @@ if [ "$rc" -eq 0 ]; then
         run "$B" provider ca-cert a
         ca1=$out
         run "$R2" provider ca-cert a
+        # shellcheck disable=SC2034 # ca2 is read by the check's condition below
         ca2=$out
         spki() { openssl x509 -noout -pubkey -subject <<<"$1" 2>/dev/null; }
         check "ca-cert is a PEM CA certificate" grep -q "CA:TRUE" < <(openssl x509 -noout -text <<<"$ca1")
         check "ca-cert: same subject and public key after restore" \
-                [ -n "$(spki "$ca1")" ] && [ "$(spki "$ca1")" = "$(spki "$ca2")" ]
+                '[ -n "$(spki "$ca1")" ] && [ "$(spki "$ca1")" = "$(spki "$ca2")" ]'
         refused "ca-cert of an unknown provider" 1 "no provider named 'zz'" "$B" provider ca-cert zz
 else
-        fail "backup a: $err"
+        not_ok "backup a: $err"
 fi
 run "$B" provider usage a --json
 check "usage --json" json 'assert d["name"] == "a" and d["vms"] == []' <<<"$out"
@@ -232,7 +214,7 @@ refused "alarms: stray argument" 2 "unknown alarms command 'foo'" "$B" alarms fo
 refused "alarms list: stray argument" 2 "takes no arguments" "$B" alarms list foo
 
 # ---- delete refused while a defined VM depends on the provider ----------------------------------
-V=$(newroot)
+V=$(cli_newroot "$TOP")
 "$NKPCTL" --root "$V" provider create used >/dev/null
 "$NKPCTL" --root "$V" provider create unused >/dev/null
 run "$V" --json provider show used
@@ -275,7 +257,7 @@ check "delete --force warns and names the VM" grep -q "warning: provider 'used' 
 
 # ---- with a TPM (a throwaway swtpm) -------------------------------------------------------------
 if command -v swtpm >/dev/null; then
-        T=$(newroot)
+        T=$(cli_newroot "$TOP")
         started=false
         for try in 1 2 3 4 5; do
                 port=$((20000 + RANDOM % 40000))
@@ -299,16 +281,15 @@ if command -v swtpm >/dev/null; then
                 run "$T" host flush-cache
                 run "$T" provider backup sealed --out "$TOP/sealed.p12" --password-file "$TOP/pw"
                 check "backup of a sealed provider (unsealed by the TPM)" [ "$rc" -eq 0 ]
-                R4=$(newroot)
+                R4=$(cli_newroot "$TOP")
                 refused "restore of a require-tpm provider on a host without a TPM" 1 "requires a TPM" "$R4" provider restore "$TOP/sealed.p12" --password-file "$TOP/pw"
                 kill "$swtpm_pid" 2>/dev/null; wait "$swtpm_pid" 2>/dev/null; swtpm_pid=
                 refused "create while the configured TPM is gone" 1 "plain" "$T" provider create plain
         else
-                fail "swtpm did not start"
+                not_ok "swtpm did not start"
         fi
 else
         echo "# SKIP TPM cases: swtpm is not installed"
 fi
 
-echo "1..$n"
-[ "$fails" -eq 0 ]
+assert_done

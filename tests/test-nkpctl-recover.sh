@@ -9,8 +9,9 @@
 #   - a rerun reconciles first: rolled back to a plain definition; refused
 #     when the definition is neither side (journal and files untouched)
 set -u
+source "$(dirname "$0")/lib/cli.sh"
 NKPCTL=${NKPCTL:?NKPCTL not set}
-command -v flock >/dev/null || { echo "1..0 # SKIP flock(1) is not installed"; exit 77; }
+command -v flock >/dev/null || skip_all "flock(1) is not installed"
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 mkdir -p "$root/etc/nkp" && printf '[tpm]\ntcti=none\n' > "$root/etc/nkp/nkp.conf"
@@ -20,11 +21,7 @@ if ! uuid=$(virsh -q -c test:///default domuuid test 2>/dev/null) || [ -z "$uuid
 fi
 jdir="$root/var/lib/nkp/journal"
 
-n=0
-fails=0
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-not_ok() { n=$((n + 1)); fails=$((fails + 1)); echo "not ok $n - $1"; }
-check() { if eval "$2"; then ok "$1"; else not_ok "$1  # rc=$rc out=$out"; fi; }
+check_diag() { echo "rc=$rc out=$out"; }   # printed after a failed check
 run() { out=$("$@" 2>&1); rc=$?; }
 
 # The test domain runs, so a command that gets past the lock and the
@@ -90,5 +87,4 @@ run nk vm decrypt test
 check "rerun of the same op whose new (plain) definition is in place: finished, exit 0" '[ $rc = 0 ] && grep -q "VM '"'"'test'"'"': finished the interrupted vm decrypt." <<<"$out"'
 check "... the old copy removed, the journal too" '[ "$(cat "$P")" = NEW ] && [ ! -e "$P.nkp-old" ] && [ ! -e "$jdir/$uuid.ini" ]'
 
-echo "1..$n"
-[ $fails = 0 ]
+assert_done

@@ -8,6 +8,7 @@
 # is integration/t-nkp-rekey.sh.  The test driver reloads its file on every
 # connection, so each nkpctl run starts from the same domains.
 set -u
+source "$(dirname "$0")/lib/cli.sh"
 
 NKPCTL=${NKPCTL:?set NKPCTL to the built nkpctl}
 TOP=$(mktemp -d)
@@ -17,16 +18,7 @@ cleanup() {
         rm -rf "$TOP"
 }
 trap cleanup EXIT
-fails=0
-n=0
-ok()   { n=$((n + 1)); echo "ok $n - $*"; }
-fail() { n=$((n + 1)); fails=$((fails + 1)); echo "not ok $n - $*"; }
-check() { local what=$1; shift; if "$@"; then ok "$what"; else fail "$what"; fi; }
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); $1"; }
-tree_sum() {
-        (cd "$1" && { find . -printf '%p %m %s %y\n' | LC_ALL=C sort
-                      find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum; }) | sha256sum
-}
 run() {
         out=$("$NKPCTL" --root "$R" --connect "$VC" "$@" 2>"$TOP/stderr"); rc=$?
         err=$(cat "$TOP/stderr")
@@ -36,11 +28,11 @@ refused() { # WHAT NEEDLE ARGS…: exit 1, one stderr line with NEEDLE, store un
         before=$(tree_sum "$R")
         run "$@"
         after=$(tree_sum "$R")
-        if [ "$rc" -ne 1 ]; then fail "$what: exit $rc ($err)"; return; fi
-        if [ "$(printf '%s' "$err" | grep -c '')" -ne 1 ]; then fail "$what: not one stderr line: $err"; return; fi
-        case "$err" in nkpctl:*"$needle"*) ;; *) fail "$what: stderr lacks '$needle': $err"; return;; esac
-        if [ "$before" != "$after" ]; then fail "$what: the store changed"; return; fi
-        ok "$what"
+        if [ "$rc" -ne 1 ]; then not_ok "$what: exit $rc ($err)"; return; fi
+        if [ "$(printf '%s' "$err" | grep -c '')" -ne 1 ]; then not_ok "$what: not one stderr line: $err"; return; fi
+        case "$err" in nkpctl:*"$needle"*) ;; *) not_ok "$what: stderr lacks '$needle': $err"; return;; esac
+        if [ "$before" != "$after" ]; then not_ok "$what: the store changed"; return; fi
+        pass "$what"
 }
 
 mkdir -p "$R/etc/nkp"
@@ -109,7 +101,7 @@ if [ -e "$lock" ] && command -v flock >/dev/null; then
         refused "the VM is locked by another nkpctl command" "being changed by another nkpctl command" vm rekey web01
         exec 9<&-
 else
-        fail "no lock file at $lock after a rekey (or no flock(1))"
+        not_ok "no lock file at $lock after a rekey (or no flock(1))"
 fi
 
 # An encrypt/decrypt/deep rekey of the VM that a crash interrupted (a
@@ -149,5 +141,4 @@ check "--all says how many were not rekeyed" grep -q "1 of 1 nkp VMs were not re
 run --json vm rekey --all
 check "--all --json with a locked VM" json 'assert d[0]["result"] == "locked" and "old" in d[0]["reason"], d' <<<"$out"
 
-echo "1..$n"
-[ "$fails" -eq 0 ]
+assert_done

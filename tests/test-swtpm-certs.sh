@@ -10,12 +10,13 @@
 #  - as a user other than root: the request goes to nkpd's socket (SO_PEERCRED),
 #    a user that is not the swtpm user is refused.
 set -u
+source "$(dirname "$0")/lib/cli.sh"
 NKPCTL=${NKPCTL:?NKPCTL not set}
 BUILD=${NKP_BUILD_DIR:?}
 TOOL=$BUILD/swtpm-hooks/nkp-swtpm-certs
 NKPD=$BUILD/plugin/nkpd/nkpd
-command -v swtpm_setup >/dev/null || { echo "1..0 # SKIP no swtpm_setup"; exit 77; }
-[ -x "$TOOL" ] || { echo "1..0 # SKIP tool not built"; exit 77; }
+command -v swtpm_setup >/dev/null || skip_all "no swtpm_setup"
+[ -x "$TOOL" ] || skip_all "tool not built"
 
 top=$(mktemp -d)
 nkpd_pid=
@@ -28,12 +29,6 @@ cleanup() {
 }
 trap cleanup EXIT
 chmod 0755 "$top"
-
-n=0
-fails=0
-ok() { n=$((n + 1)); echo "ok $n - $1"; }
-not_ok() { n=$((n + 1)); fails=$((fails + 1)); echo "not ok $n - $1"; }
-check() { if eval "$2"; then ok "$1"; else not_ok "$1"; fi; }
 
 newroot() {
         mkdir -p "$1/etc/nkp"
@@ -132,5 +127,4 @@ else
         echo "# SKIP socket part: nkpd not built, no setpriv, or not root"
 fi
 
-echo "1..$n"
-[ "$fails" -eq 0 ]
+assert_done
