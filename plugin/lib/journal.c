@@ -519,32 +519,3 @@ int nkp_journal_reconcile(nkp_context *ctx, const NkpJournal *j, const char *sig
                 *ret_outcome = forward ? NKP_RECONCILE_FORWARD : NKP_RECONCILE_BACK;
         return 0;
 }
-
-/* ---- test-only crash injection ----------------------------------------------------- */
-
-void nkp_test_crash_point(const char *step)
-{
-        static GHashTable *seen;
-        const char *want = g_getenv("NKP_TEST_CRASH_AT");
-        if (!want || !want[0])
-                return;
-        /* NKP_TEST_CRASH_AT=step dies at its first occurrence, step#N at its Nth. */
-        g_autofree char *name = g_strdup(want);
-        char *hash = strchr(name, '#');
-        unsigned nth = 1;
-        if (hash) {
-                *hash = '\0';
-                nth = (unsigned) g_ascii_strtoull(hash + 1, NULL, 10);
-        }
-        if (strcmp(name, step) != 0)
-                return;
-        if (!seen)
-                seen = g_hash_table_new(g_str_hash, g_str_equal);
-        unsigned n = GPOINTER_TO_UINT(g_hash_table_lookup(seen, step)) + 1;
-        g_hash_table_insert(seen, (gpointer) step, GUINT_TO_POINTER(n));
-        if (n != nth)
-                return;
-        fprintf(stderr, "nkp: test crash at step '%s'\n", want);
-        fflush(stderr);
-        raise(SIGKILL);
-}
