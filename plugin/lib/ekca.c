@@ -810,21 +810,6 @@ int nkp_ekca_request_parse(char *text, NkpEkCertRequest *req)
         return 0;
 }
 
-static bool write_all(int fd, const void *buf, size_t len)
-{
-        const uint8_t *p = buf;
-        while (len) {
-                ssize_t n = write(fd, p, len);
-                if (n < 0 && errno == EINTR)
-                        continue;
-                if (n <= 0)
-                        return false;
-                p += n;
-                len -= (size_t) n;
-        }
-        return true;
-}
-
 int nkp_ekca_serve(nkp_context *ctx, int fd, uid_t allowed_uid, char **ret_note)
 {
         struct ucred cred;
@@ -853,13 +838,13 @@ int nkp_ekca_serve(nkp_context *ctx, int fd, uid_t allowed_uid, char **ret_note)
         if (cred.uid != 0 && cred.uid != allowed_uid) {
                 static const char deny[] = "ERR nkp: only root and libvirt's swtpm user may ask "
                                            "for vTPM certificates.\n";
-                (void) write_all(fd, deny, sizeof deny - 1);
+                (void) nkp_write_all(fd, deny, sizeof deny - 1);
                 return nkp_fail(-EPERM, "Refused a certificate request from uid %u (pid %d).",
                                 (unsigned) cred.uid, (int) cred.pid);
         }
         if (len < 2 || buf[len - 1] != '\n' || buf[len - 2] != '\n') {
                 static const char bad[] = "ERR nkp: incomplete certificate request.\n";
-                (void) write_all(fd, bad, sizeof bad - 1);
+                (void) nkp_write_all(fd, bad, sizeof bad - 1);
                 return nkp_fail(-EBADMSG, "An incomplete certificate request was refused.");
         }
         NkpEkCertRequest req;
@@ -870,7 +855,7 @@ int nkp_ekca_serve(nkp_context *ctx, int fd, uid_t allowed_uid, char **ret_note)
                 r = nkp_ekca_sign_request(ctx, &req, &der, &provider);
         if (r == -ENOENT) {
                 static const char nt[] = "NOTICKET\n";
-                (void) write_all(fd, nt, sizeof nt - 1);
+                (void) nkp_write_all(fd, nt, sizeof nt - 1);
                 if (ret_note)
                         *ret_note = g_strdup_printf("no ticket for '%s': swtpm's local CA",
                                                     req.vmid ? req.vmid : "?");
@@ -881,13 +866,13 @@ int nkp_ekca_serve(nkp_context *ctx, int fd, uid_t allowed_uid, char **ret_note)
                 for (char *p = line; p[0] && p[1]; p++)
                         if (*p == '\n')
                                 *p = ' ';
-                (void) write_all(fd, line, strlen(line));
+                (void) nkp_write_all(fd, line, strlen(line));
                 return r;
         }
         gsize dl = 0;
         const void *dd = g_bytes_get_data(der, &dl);
         g_autofree char *hdr = g_strdup_printf("OK %zu\n", (size_t) dl);
-        if (!write_all(fd, hdr, strlen(hdr)) || !write_all(fd, dd, dl))
+        if (nkp_write_all(fd, hdr, strlen(hdr)) < 0 || nkp_write_all(fd, dd, dl) < 0)
                 return nkp_fail(-EIO, "Cannot send the certificate to the client.");
         if (ret_note)
                 *ret_note = g_strdup_printf("issued the %s certificate of '%s' (provider '%s')",

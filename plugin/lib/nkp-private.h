@@ -41,6 +41,10 @@ const char *nkp_openssl_error(void);
 int nkp_write_file_atomic(const char *path, const void *data, size_t len, mode_t mode,
                           bool exclusive);
 
+/* write(2) until all of `data` is written (EINTR retried): 0 or -errno
+ * (-EIO for a write that wrote nothing). */
+int nkp_write_all(int fd, const void *data, size_t len);
+
 /* Reads a whole file of at most `max` bytes.  When `private_mode`, refuses a
  * file that is not a regular file owned by us with mode 0600 (-EPERM, with
  * the fix in the message).  -ENOENT passes through untouched for callers

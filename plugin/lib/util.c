@@ -20,7 +20,7 @@ void nkp_wipe(void *p, size_t len)
                 OPENSSL_cleanse(p, len);
 }
 
-static int write_all(int fd, const void *data, size_t len)
+int nkp_write_all(int fd, const void *data, size_t len)
 {
         const uint8_t *p = data;
         while (len > 0) {
@@ -29,6 +29,8 @@ static int write_all(int fd, const void *data, size_t len)
                         continue;
                 if (n < 0)
                         return -errno;
+                if (n == 0)
+                        return -EIO;
                 p += n;
                 len -= (size_t) n;
         }
@@ -56,7 +58,7 @@ int nkp_write_file_atomic(const char *path, const void *data, size_t len, mode_t
 
         int r = fchmod(fd, mode) < 0 ? -errno : 0;
         if (r == 0)
-                r = write_all(fd, data, len);
+                r = nkp_write_all(fd, data, len);
         if (r == 0 && fsync(fd) < 0)
                 r = -errno;
         if (close(fd) < 0 && r == 0)
