@@ -535,6 +535,13 @@ lab_link() {
     local hb; hb=$(lab_hostdir "$b")
     nsenter --net="$hb/ns/net" sleep 60 &
     local sp=$!
+    # $! is nsenter's PID before it has entered the namespace: under load
+    # the peer would land in the wrong one.  Wait until it is inside.
+    local want i; want=$(stat -L -c %i "$hb/ns/net")
+    for i in $(seq 100); do
+        [ "$(stat -L -c %i "/proc/$sp/ns/net" 2>/dev/null)" = "$want" ] && break
+        sleep 0.05
+    done
     local ok=0
     if lab_exec "$a" ip link add "lab-$b" type veth peer name "lab-$a" netns "$sp" \
        && lab_exec "$a" ip addr add "$aa" dev "lab-$b" \
