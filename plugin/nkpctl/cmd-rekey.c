@@ -89,27 +89,12 @@ static void outcome_line(const Outcome *o)
 
 /* ---- one VM --------------------------------------------------------------- */
 
-/* nkp_vm_rekey, after reconciling a conversion of the VM that a crash
- * interrupted when the library asks for it (-EINPROGRESS).  The recovery
- * is still nkpctl's (cmd-vm.c); once it is the library's, nkp_vm_rekey
- * does it itself and this goes. */
-static int rekey_recovering(NkpctlGlobals *g, NkpVirt *v, const char *name,
-                            const char *provider, nkp_rekey_result **ret)
-{
-        int r = nkp_vm_rekey(g->ctx, v, name, provider, ret);
-        if (r != -EINPROGRESS)
-                return r;
-        if ((r = nkpctl_vm_recover(g, v, name)) < 0)
-                return r;
-        return nkp_vm_rekey(g->ctx, v, name, provider, ret);
-}
-
 static int rekey_single(NkpctlGlobals *g, const char *name, const char *provider)
 {
         g_autoptr(NkpVirt) v = NULL;
         g_autoptr(nkp_rekey_result) res = NULL;
         if (nkp_virt_open(g->connect_uri, NKPCTL_LIBVIRT_DEADLINE, &v) < 0 ||
-            rekey_recovering(g, v, name, provider, &res) < 0)
+            nkp_vm_rekey(g->ctx, v, name, provider, &res) < 0)
                 return nkpctl_lib_error();
         Outcome o = outcome_of(res);
         if (g->json) {
@@ -140,18 +125,6 @@ static void report_one(const nkp_rekey_result *res, void *userdata)
 {
         RekeyAll *all = userdata;
         Outcome o = outcome_of(res);
-        g_autoptr(nkp_rekey_result) again = NULL;
-        if (o.error == -EINPROGRESS) {
-                int r = rekey_recovering(all->g, all->v, o.name, all->provider, &again);
-                if (r == -ENODATA || r == -ENOENT) /* rolled back to plain, or gone */
-                        return;
-                if (r == 0) {
-                        o = outcome_of(again);
-                } else {
-                        o.error = r;
-                        o.reason = nkp_error_message();
-                }
-        }
         if (o.error == 0)
                 all->done++;
         else
