@@ -562,8 +562,9 @@ lab_install_nkp() {
     local name=$1 build=$2 h; h=$(lab_hostdir "$name")
     local hook="$build/libvirt-hooks/nkp-hook"
     if [ -x "$hook" ]; then
-        cp "$hook" "$h/fs/etc-libvirt/hooks/qemu.d/nkp"
-        chmod 0755 "$h/fs/etc-libvirt/hooks/qemu.d/nkp"
+        # A link, not a copy: the hook finds libnkp.so.0 through its
+        # build-tree RUNPATH ($ORIGIN is the link's target directory).
+        ln -sfn "$(realpath "$hook")" "$h/fs/etc-libvirt/hooks/qemu.d/nkp"
         if [ -s "$h/fs/run/libvirtd.pid" ] && kill -0 "$(cat "$h/fs/run/libvirtd.pid")" 2>/dev/null; then
             kill -HUP "$(cat "$h/fs/run/libvirtd.pid")"
         fi

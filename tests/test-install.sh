@@ -17,9 +17,14 @@ install_into() {
 	return "$rc"
 }
 
-prefix=$(meson introspect --buildoptions "$BUILD" |
-	python3 -c 'import json,sys; print(next(o["value"] for o in json.load(sys.stdin) if o["name"]=="prefix"))')
-echo "# prefix: $prefix"
+option() { # NAME: a meson build option's value
+	meson introspect --buildoptions "$BUILD" |
+		python3 -c 'import json,sys; print(next(o["value"] for o in json.load(sys.stdin) if o["name"]==sys.argv[1]))' "$1"
+}
+prefix=$(option prefix)
+libdir=$(option libdir)
+case $libdir in /*) ;; *) libdir=$prefix/$libdir ;; esac
+echo "# prefix: $prefix, libdir: $libdir"
 check "meson install succeeds" "install_into"
 
 hook="$dest/etc/libvirt/hooks/qemu.d/50-nkp"
@@ -54,15 +59,48 @@ lib=$(find "$dest$prefix" -name 'libnkp.so.0' | head -n1)
 links_neither() { # FILE…
 	[ -n "$1" ] && readelf -d "$@" >/dev/null && ! readelf -d "$@" | grep NEEDED | grep -Eq 'libvirt|libtss2'
 }
-bins=("$lib")
-[ -x "$hook" ] && bins+=("$hook")
-check "libnkp.so and the hook do not link libvirt or tpm2-tss (loaded on first use)" 'links_neither "${bins[@]}"'
+programs=("$dest$prefix/sbin/nkpctl" "$dest$prefix/sbin/nkpd" "$dest$prefix/libexec/nkp/nkp-swtpm-certs")
+[ -x "$hook" ] && programs+=("$hook")
+bins=("$lib" "${programs[@]}")
+check "libnkp.so and the programs do not link libvirt or tpm2-tss (loaded on first use)" 'links_neither "${bins[@]}"'
+# The programs are thin: they link libnkp.so, not a copy of the library.
+links_libnkp() { # FILE…
+	local f
+	for f; do readelf -d "$f" | grep NEEDED | grep -q 'libnkp\.so\.0' || { echo "# $f"; return 1; }; done
+}
+check "each installed program links libnkp.so.0" 'links_libnkp "${programs[@]}"'
+# ... and include only the public header: each source of each installed
+# program compiles with include/ (nkp/nkp.h), its own folder and GLib on the
+# path, never plugin/lib (nkp-private.h) or the build tree.
+SRC=${NKP_SOURCE_DIR:?NKP_SOURCE_DIR not set}
+public_only() {
+	local name file defs bad=0
+	while IFS=$'\t' read -r name file defs; do
+		# shellcheck disable=SC2086 # defs: the target's own -D flags, one word each
+		cc -fsyntax-only -std=c11 $defs -I"$SRC/include" -I"$(dirname "$file")" \
+			$(pkg-config --cflags glib-2.0 json-glib-1.0) "$file" 2>&1 | sed "s|^|# $name: |" | grep . && bad=1
+	done < <(meson introspect --targets "$BUILD" | python3 -c '
+import json, sys
+for t in json.load(sys.stdin):
+    if t["type"] == "executable" and t.get("installed"):
+        for s in t["target_sources"]:
+            defs = " ".join(p for p in s["parameters"] if p.startswith("-D"))
+            for f in s["sources"]:
+                print(t["name"], f, defs, sep="\t")')
+	[ "$bad" = 0 ]
+}
+check "every installed program's source compiles over include/ alone (no private header)" public_only
 conf="$dest/etc/nkp/nkp.conf"
 check "the config at /etc/nkp/nkp.conf, 0644" "[ \"\$(stat -c %a '$conf')\" = 644 ]"
 check "the config has every section, all defaults commented out" \
 	"grep -q '^\[tpm\]' '$conf' && grep -q '^\[migration\]' '$conf' && grep -q '^\[vtpm\]' '$conf' && ! grep -Eq '^[a-z_]+ *=' '$conf'"
 
 # The installed nkpctl runs and reads the installed config (--root = DESTDIR).
+# It finds the installed libnkp.so.0 in the libdir (on a real host the
+# loader's default path; under DESTDIR, through LD_LIBRARY_PATH).
+export LD_LIBRARY_PATH="$dest$libdir"
+check "the installed nkpctl runs against the installed libnkp.so.0" \
+	"ldd '$dest$prefix/sbin/nkpctl' | grep -q 'libnkp.so.0 => $dest$libdir/libnkp.so.0'"
 out=$("$dest$prefix/sbin/nkpctl" --root "$dest" provider list 2>&1)
 rc=$?
 check "installed nkpctl reads the installed config" "[ $rc = 0 ]"

@@ -136,6 +136,12 @@ refused() {
 refused "provider show of a missing provider" "${G[@]}" provider show nope
 refused "vm status of a missing domain" "${G[@]}" vm status nosuch
 refused "vm rekey of a plain VM" "${G[@]}" vm rekey test
+# A domain named like an option goes after "--": it is the argument, not a
+# usage error (libvirt then says there is no such domain).
+for verb in encrypt decrypt status; do
+        refused "vm $verb -- -x: '-x' is the DOMAIN" "${G[@]}" vm "$verb" -- -x
+        check "  ... and is looked up" 'grep -q "domain .-x." <<<"$err"'
+done
 
 # ---- --json (and --root) before or after the verb ---------------------------------------
 "$NKPCTL" --root "$R" provider create one >/dev/null 2>&1

@@ -11,11 +11,13 @@
  * between the live and the persistent write, the refusals (tampered
  * keysafe, the VM's provider missing, no such target, target never backed
  * up, plain VM, live and persistent DEKs differ, a managed save, the VM's
- * lock held, an interrupted conversion) each with both definitions
- * unchanged, --all with a locked VM, the dependents of a provider over the
+ * lock held, a damaged journal) each with both definitions unchanged, an
+ * interrupted deep rekey rolled back before the rekey, --all with a locked
+ * VM, the dependents of a provider over the
  * persistent and the live definition, and delete refused while used. */
 #include <errno.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <libvirt/libvirt.h>
 
@@ -327,13 +329,46 @@ static void test_busy(Fixture *f, gconstpointer data)
         assert_refused(f, v, "web01", "p2", -EBUSY, "being changed by another nkpctl command");
         nkp_journal_unlock(fd);
 
-        /* An interrupted conversion: the caller reconciles it first. */
+        /* A damaged journal: the recovery cannot tell what was
+         * interrupted, so nothing is rekeyed. */
         g_autofree char *journal = nkp_journal_path(f->ctx, WEB_UUID);
         g_assert_true(g_file_set_contents(journal, "", 0, NULL));
-        assert_refused(f, v, "web01", "p2", -EINPROGRESS, "interrupted");
+        g_assert_cmpint(chmod(journal, 0600), ==, 0);
+        assert_refused(f, v, "web01", "p2", -EBADMSG, "damaged");
         g_assert_cmpint(unlink(journal), ==, 0);
         g_autoptr(nkp_rekey_result) res = NULL;
         g_assert_cmpint(nkp_vm_rekey(f->ctx, v, "web01", "p2", &res), ==, 0);
+}
+
+/* A deep rekey of web01 that a crash interrupted before its new
+ * definition: the rekey rolls it back (the new copy of its file removed,
+ * the journal gone), then rekeys the VM as it is. */
+static void test_interrupted_conversion_reconciled(Fixture *f, gconstpointer data)
+{
+        (void) data;
+        g_autoptr(NkpVirt) v = connect(f);
+        g_autoptr(NkpDomain) d = NULL;
+        g_assert_cmpint(nkp_vm_definition(v, "web01", NULL, &d), ==, 0);
+        g_autofree char *old_sig = nkp_domain_signature(d);
+        g_autofree char *file = g_build_filename(f->root, "vda.qcow2", NULL);
+        g_autofree char *copy = g_strconcat(file, ".nkp-new", NULL);
+        g_assert_true(g_file_set_contents(file, "OLD", -1, NULL));
+        g_assert_true(g_file_set_contents(copy, "NEW", -1, NULL));
+        g_autoptr(NkpJournal) j = nkp_journal_new("rekey-deep", "web01", WEB_UUID, old_sig,
+                                                  "00112233445566778899aabbccddeeff00112233445566"
+                                                  "778899aabbccddeeff");
+        g_ptr_array_add(j->files, g_strdup(file));
+        g_assert_cmpint(nkp_journal_save(f->ctx, j), ==, 0);
+
+        g_autoptr(nkp_rekey_result) res = NULL;
+        g_assert_cmpint(nkp_vm_rekey(f->ctx, v, "web01", "p2", &res), ==, 0);
+        g_assert_cmpstr(nkp_rekey_result_provider(res), ==, "p2");
+        g_autofree char *journal = nkp_journal_path(f->ctx, WEB_UUID);
+        g_assert_false(g_file_test(journal, G_FILE_TEST_EXISTS));
+        g_assert_false(g_file_test(copy, G_FILE_TEST_EXISTS));
+        g_autofree char *kept = NULL;
+        g_assert_true(g_file_get_contents(file, &kept, NULL, NULL));
+        g_assert_cmpstr(kept, ==, "OLD");
 }
 
 /* A kill between the live write and the persistent one leaves the live
@@ -492,6 +527,7 @@ int main(int argc, char **argv)
         ADD("/vm-rekey/refusals", test_refusals);
         ADD("/vm-rekey/provider-missing", test_provider_missing);
         ADD("/vm-rekey/busy", test_busy);
+        ADD("/vm-rekey/interrupted-conversion-reconciled", test_interrupted_conversion_reconciled);
         ADD("/vm-rekey/rerun-after-kill-between-writes", test_rerun_after_kill_between_writes);
         ADD("/vm-rekey/all", test_rekey_all);
         ADD("/provider-users/delete-checked", test_delete_checked);

@@ -655,15 +655,18 @@ void nkp_rekey_result_free(nkp_rekey_result *res);
  * (backed up); the VM's own provider rotates its KEK.  The VM's current
  * provider must be here too (key cache or store).  On success *ret (owned
  * by the caller) says from which provider and whether the live definition
- * was rekeyed too.  Errors (nothing changed unless said):
+ * was rekeyed too.  An encrypt, decrypt or deep rekey of the VM that a crash
+ * interrupted is reconciled first, as nkp_vm_recover() does (a note is
+ * logged); then the VM, as it is now, is rekeyed.  Errors (nothing changed
+ * unless said):
  *  -EINVAL      `domain` is NULL;
  *  -ENOENT      no provider `provider`, no default provider, or no domain
  *               `domain`;
  *  -EPERM       the target provider was never backed up;
- *  -ENODATA     the VM is not protected by nkp (no keysafe);
- *  -EINPROGRESS an encrypt, decrypt or deep rekey of the VM that a crash
- *               interrupted must be reconciled first (nkpctl does it and
- *               calls again);
+ *  -ENODATA     the VM is not protected by nkp (no keysafe), also after an
+ *               interrupted encrypt was rolled back;
+ *  the errors of nkp_vm_recover() when the interrupted operation cannot be
+ *               reconciled (-ESTALE, -EUCLEAN, -EBADMSG; nothing rekeyed);
  *  -EBUSY       another process holds the VM's lock (waited ~2 s), or the
  *               VM has a managed save image (it would restore with the old
  *               keysafe);
@@ -684,8 +687,7 @@ int nkp_vm_rekey(nkp_context *ctx, nkp_virt *v, const char *domain, const char *
 
 /* Called by nkp_vm_rekey_all() once per nkp VM, in name order, right after
  * its rekey (so a program can report as it goes).  `res` is the library's,
- * valid during the call.  The function may call nkp_vm_rekey() itself
- * (nkpctl does after reconciling an -EINPROGRESS VM). */
+ * valid during the call. */
 typedef void (*nkp_rekey_func)(const nkp_rekey_result *res, void *userdata);
 
 /* Shallow rekey of every defined VM that nkp protects to `provider` (NULL:

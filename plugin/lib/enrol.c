@@ -241,7 +241,7 @@ static bool conversion_pending(nkp_context *ctx, const NkpDomain *d)
         if (access(journal, F_OK) == 0)
                 return true;
         int fd = -1;
-        int r = nkp_journal_lock(ctx, d->uuid, false, &fd);
+        int r = nkp_vm_lock(ctx, d->uuid, false, 0, &fd); /* a daemon never waits */
         if (r == 0)
                 nkp_journal_unlock(fd);
         nkp_error_clear();

@@ -568,9 +568,17 @@ void nkp_journal_unlock(int fd);
 /* The one waiting rule for the VM's lock: nkp_journal_lock, tried again
  * every NKP_VM_LOCK_POLL_MS for up to `wait_ms` (0: once) while another
  * process holds it; then -EBUSY (no message set: the caller says who waits
- * for what).  Commands wait 2 s (vm-convert.c); the hook and `vm status`
- * never wait (0) and never create the lock file (`create` false: -ENOENT
- * when nobody ever locked the VM). */
+ * for what).  Who waits how long:
+ *  - commands that change a VM (encrypt, decrypt, rekey, rekey --deep)
+ *    wait 2 s and create the lock file (nkp_vm_lock_recovered,
+ *    vm-convert.c): the hook and `vm status` hold it for milliseconds;
+ *  - the hook and `vm status` never wait (0) and never create the lock
+ *    file (`create` false: -ENOENT when nobody ever locked the VM);
+ *  - nkpd's enrolment (enrol.c) never waits either (0, `create` false):
+ *    its one event loop serves every VM, and a held lock means an nkpctl
+ *    command owns the VM and decides what it becomes (an enrolment now
+ *    would be undone by that command's define); nkpd looks at the VM
+ *    again at its next define event or scan. */
 #define NKP_VM_LOCK_POLL_MS 50
 int nkp_vm_lock(nkp_context *ctx, const char *vm_uuid, bool create, unsigned wait_ms,
                 int *ret_fd);
@@ -741,5 +749,19 @@ const char *nkp_vm_op_words(const char *op);
  * cannot start: …" when `at_start` (the hook). */
 int nkp_vm_recover_locked(nkp_context *ctx, const NkpDomain *d, bool at_start,
                           enum nkp_vm_recovery *ret, char **ret_op);
+
+/* How every command that changes a VM's keys or files begins (vm encrypt,
+ * decrypt, rekey, rekey --deep): takes the VM's lock with the commands'
+ * rule (nkp_vm_lock, waiting COMMAND_LOCK_WAIT_MS; -EBUSY with a message
+ * naming the fix), reconciles a conversion a crash interrupted
+ * (nkp_vm_recover_locked; notes are logged, "finished … first" when the
+ * finished op is not `op`), then reads the persistent definition again
+ * under the lock.  `d` is the definition read before (its name and UUID).
+ * On success the lock stays held in *ret_lock (release it with
+ * nkp_journal_unlock), *ret (and *ret_xml when not NULL) is the definition
+ * as it is now, and *ret_finished (may be NULL) the journal op that was
+ * finished, or NULL.  On error nothing is held. */
+int nkp_vm_lock_recovered(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, const char *op,
+                          int *ret_lock, char **ret_finished, char **ret_xml, NkpDomain **ret);
 
 #endif /* NKP_PRIVATE_H */

@@ -399,8 +399,8 @@ static int lock_for_command(nkp_context *ctx, const NkpDomain *d, int *ret_fd)
         int r = nkp_vm_lock(ctx, d->uuid, true, COMMAND_LOCK_WAIT_MS, ret_fd);
         if (r == -EBUSY)
                 return nkp_fail(r, "VM '%s' is being changed by another nkpctl command (vm "
-                                   "encrypt, decrypt or rekey --deep); wait for it to finish, "
-                                   "then run this one again. Nothing was changed.",
+                                   "encrypt, decrypt or rekey); wait for it to finish, then run "
+                                   "this one again. Nothing was changed.",
                                 d->name);
         return r;
 }
@@ -457,6 +457,36 @@ int nkp_vm_recover(nkp_context *ctx, nkp_virt *v, const char *domain,
         return 0;
 }
 
+int nkp_vm_lock_recovered(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, const char *op,
+                          int *ret_lock, char **ret_finished, char **ret_xml, NkpDomain **ret)
+{
+        int fd = -1;
+        int r = lock_for_command(ctx, d, &fd);
+        if (r < 0)
+                return r;
+        g_autofree char *done_op = NULL;
+        enum nkp_vm_recovery outcome;
+        r = nkp_vm_recover_locked(ctx, d, false, &outcome, &done_op);
+        if (r == 0 && outcome == NKP_VM_RECOVERY_FINISHED && strcmp(done_op, op) != 0)
+                nkp_log(NKP_LOG_WARNING, "note: VM '%s': finished the interrupted '%s' first.",
+                        d->name, nkp_vm_op_words(done_op));
+        /* Read again under the lock: the recovery, or another command
+         * before we held it, may have changed it. */
+        g_autoptr(NkpDomain) now = NULL;
+        if (r == 0)
+                r = nkp_vm_definition(v, d->name, ret_xml, &now);
+        if (r < 0) {
+                nkp_journal_unlock(fd);
+                return r;
+        }
+        if (ret_finished)
+                *ret_finished = outcome == NKP_VM_RECOVERY_FINISHED ? g_steal_pointer(&done_op)
+                                                                     : NULL;
+        *ret_lock = fd;
+        *ret = g_steal_pointer(&now);
+        return 0;
+}
+
 /* The start of encrypt, decrypt and rekey --deep: the definition, the lock
  * (kept in *ret_lock until the caller releases it), an interrupted
  * operation reconciled, the definition again (as it is now), the VM shut
@@ -465,29 +495,18 @@ int nkp_vm_recover(nkp_context *ctx, nkp_virt *v, const char *domain,
 static int begin_operation(nkp_context *ctx, NkpVirt *v, const char *name, const char *op,
                            nkp_vm_result *res, int *ret_lock, char **ret_xml, NkpDomain **ret)
 {
-        g_autoptr(NkpDomain) d = NULL;
-        int r = nkp_vm_definition(v, name, NULL, &d);
+        g_autoptr(NkpDomain) before = NULL, d = NULL;
+        int r = nkp_vm_definition(v, name, NULL, &before);
         if (r < 0)
-                return r;
-        if ((r = lock_for_command(ctx, d, ret_lock)) < 0)
                 return r;
         g_autofree char *done_op = NULL;
-        enum nkp_vm_recovery outcome;
-        if ((r = nkp_vm_recover_locked(ctx, d, false, &outcome, &done_op)) < 0)
+        if ((r = nkp_vm_lock_recovered(ctx, v, before, op, ret_lock, &done_op, ret_xml, &d)) < 0)
                 return r;
-        if (outcome == NKP_VM_RECOVERY_FINISHED) {
-                if (strcmp(done_op, op) == 0) {
-                        res->finished = g_strdup(nkp_vm_op_words(op));
-                        return 1;
-                }
-                nkp_log(NKP_LOG_WARNING, "note: VM '%s': finished the interrupted '%s' first.",
-                        name, nkp_vm_op_words(done_op));
+        if (done_op && strcmp(done_op, op) == 0) {
+                res->finished = g_strdup(nkp_vm_op_words(op));
+                return 1;
         }
-        g_clear_pointer(&d, nkp_domain_free);
-        r = nkp_vm_definition(v, name, ret_xml, &d);
-        if (r == 0)
-                r = require_shut_off(v, name);
-        if (r < 0)
+        if ((r = require_shut_off(v, name)) < 0)
                 return r;
         *ret = g_steal_pointer(&d);
         return 0;

@@ -14,8 +14,8 @@
  *     with this rekey (a deep rekey's new DEKs overwritten by a rewrap of
  *     the old ones would lock the VM out of its own data), and the hook
  *     refuses to start the VM meanwhile.  A conversion of theirs that a
- *     crash interrupted (a journal) is refused with -EINPROGRESS: the
- *     caller reconciles it and calls again.
+ *     crash interrupted (a journal) is reconciled first, by the same
+ *     recovery as theirs (nkp_vm_lock_recovered, vm-convert.c).
  *  3. the persistent definition's keysafe is opened with the KDK of the
  *     provider it names (nkp_vm_kek: key cache, else the store; a provider
  *     deleted but still cached works too).  If the VM runs, its live
@@ -313,25 +313,6 @@ static bool journal_pending(nkp_context *ctx, const char *vm_uuid)
         return g_file_test(path, G_FILE_TEST_EXISTS);
 }
 
-/* The VM's lock.  The hook (at a start) and `vm status` hold it for
- * milliseconds: worth two seconds of patience; a command holds it for as
- * long as its work takes: refused. */
-static int lock_vm(nkp_context *ctx, const NkpDomain *d, int *ret_fd)
-{
-        int r = -EBUSY;
-        for (int i = 0; i < 40 && r == -EBUSY; i++) {
-                if (i)
-                        g_usleep(50 * 1000);
-                r = nkp_journal_lock(ctx, d->uuid, true, ret_fd);
-        }
-        if (r == -EBUSY)
-                return nkp_fail(r, "VM '%s' is being changed by another nkpctl command (vm "
-                                   "encrypt, decrypt or rekey); wait for it to finish, then run "
-                                   "this one again. Nothing was changed.",
-                                d->name);
-        return r;
-}
-
 static int not_nkp(const char *name)
 {
         return nkp_fail(-ENODATA, "VM '%s' is not encrypted by nkp; nothing to rekey (to "
@@ -339,40 +320,24 @@ static int not_nkp(const char *name)
                         name, name);
 }
 
-/* With the lock held and `dp` read under it: a conversion that a crash
- * interrupted is the caller's to reconcile first (until the library owns
- * the recovery, nkpctl_vm_recover() does it). */
-static int rekey_checked(nkp_context *ctx, NkpVirt *v, NkpDomain *dp, const RekeyTarget *to,
-                         nkp_rekey_result *res)
-{
-        if (journal_pending(ctx, dp->uuid))
-                return nkp_fail(-EINPROGRESS, "VM '%s' has an interrupted vm encrypt, decrypt or "
-                                              "rekey --deep to finish first; nothing was changed.",
-                                dp->name);
-        if (!dp->keysafe)
-                return not_nkp(dp->name);
-        return rekey_locked(ctx, v, dp, to, res);
-}
-
 /* Shallow rekey of domain `name` to `to`, filling `res` as it goes. */
 static int rekey_one(nkp_context *ctx, NkpVirt *v, const char *name, const RekeyTarget *to,
                      nkp_rekey_result *res)
 {
-        g_autoptr(NkpDomain) dp = NULL;
-        int r = load_definition(v, name, false, &dp);
+        g_autoptr(NkpDomain) before = NULL;
+        int r = load_definition(v, name, false, &before);
         if (r < 0)
                 return r;
         /* A plain VM is never locked (no lock file made for it). */
-        if (!dp->keysafe && !journal_pending(ctx, dp->uuid))
+        if (!before->keysafe && !journal_pending(ctx, before->uuid))
                 return not_nkp(name);
+        /* The lock and the recovery of every command (vm-convert.c): an
+         * interrupted encrypt rolled back leaves a plain VM (-ENODATA). */
         int fd = -1;
-        if ((r = lock_vm(ctx, dp, &fd)) < 0)
+        g_autoptr(NkpDomain) dp = NULL;
+        if ((r = nkp_vm_lock_recovered(ctx, v, before, "rekey", &fd, NULL, NULL, &dp)) < 0)
                 return r;
-        /* Read again under the lock: another command may have changed it. */
-        g_clear_pointer(&dp, nkp_domain_free);
-        r = load_definition(v, name, false, &dp);
-        if (r == 0)
-                r = rekey_checked(ctx, v, dp, to, res);
+        r = dp->keysafe ? rekey_locked(ctx, v, dp, to, res) : not_nkp(name);
         nkp_journal_unlock(fd);
         return r;
 }

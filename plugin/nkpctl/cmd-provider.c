@@ -69,15 +69,16 @@ static void restore_tty_and_die(int sig)
         raise(sig);
 }
 
+/* One password from the terminal `fd`, echo off.  Returns 0, or the exit
+ * code 1 with the reason printed. */
 static int prompt_once(int fd, const char *prompt, nkp_secret **ret)
 {
         struct termios noecho;
         struct sigaction sa = { .sa_handler = restore_tty_and_die }, old_int, old_term, old_quit;
 
         if (tcgetattr(fd, &tty_saved) < 0)
-                return nkp_fail(-ENOTTY,
-                                "Cannot turn off the terminal echo to ask for the password; use "
-                                "--password-file FILE.");
+                return nkpctl_error("Cannot turn off the terminal echo to ask for the password; "
+                                    "use --password-file FILE.");
         noecho = tty_saved;
         noecho.c_lflag &= ~(tcflag_t) (ECHO | ECHOE | ECHOK);
         noecho.c_lflag |= ICANON | ECHONL;
@@ -87,40 +88,41 @@ static int prompt_once(int fd, const char *prompt, nkp_secret **ret)
         sigaction(SIGQUIT, &sa, &old_quit);
         /* Echo off before the prompt appears: nothing typed after it is
          * ever echoed (or flushed away). */
-        if (tcsetattr(fd, TCSAFLUSH, &noecho) < 0 || write(fd, prompt, strlen(prompt)) < 0) {
-                tcsetattr(fd, TCSAFLUSH, &tty_saved);
-                tty_fd = -1;
-                return nkp_fail(-EIO, "Cannot prompt for the password on the terminal.");
-        }
-        int r = nkp_password_read_fd(fd, ret);
+        bool prompted = tcsetattr(fd, TCSAFLUSH, &noecho) == 0 &&
+                        write(fd, prompt, strlen(prompt)) >= 0;
+        int r = prompted ? nkp_password_read_fd(fd, ret) : -EIO;
         tcsetattr(fd, TCSAFLUSH, &tty_saved);
         tty_fd = -1;
         sigaction(SIGINT, &old_int, NULL);
         sigaction(SIGTERM, &old_term, NULL);
         sigaction(SIGQUIT, &old_quit, NULL);
-        return r;
+        if (!prompted)
+                return nkpctl_error("Cannot prompt for the password on the terminal; use "
+                                    "--password-file FILE.");
+        return r < 0 ? nkpctl_lib_error() : 0;
 }
 
 /* The password from --password-file, else from the terminal without echo
- * (twice when `confirm`). */
+ * (twice when `confirm`): nkpctl's own, the library never prompts.
+ * Returns 0, or the exit code 1 with the reason printed. */
 static int get_password(const char *file, bool confirm, nkp_secret **ret)
 {
         if (file)
-                return nkp_password_read_file(file, ret);
+                return nkp_password_read_file(file, ret) < 0 ? nkpctl_lib_error() : 0;
 
         int fd = open("/dev/tty", O_RDWR | O_CLOEXEC | O_NOCTTY);
         if (fd < 0)
-                return nkp_fail(-ENXIO, "There is no terminal to ask for the password; use "
-                                        "--password-file FILE.");
+                return nkpctl_error("There is no terminal to ask for the password; use "
+                                    "--password-file FILE.");
         g_autoptr(nkp_secret) first = NULL, second = NULL;
         int r = prompt_once(fd, confirm ? "New backup password: " : "Backup password: ", &first);
-        if (r >= 0 && confirm) {
+        if (r == 0 && confirm) {
                 r = prompt_once(fd, "Repeat the password: ", &second);
-                if (r >= 0 && !nkp_secret_equal(first, second))
-                        r = nkp_fail(-EINVAL, "The two passwords differ; nothing was written.");
+                if (r == 0 && !nkp_secret_equal(first, second))
+                        r = nkpctl_error("The two passwords differ; nothing was written.");
         }
         close(fd);
-        if (r < 0)
+        if (r)
                 return r;
         *ret = g_steal_pointer(&first);
         return 0;
@@ -299,9 +301,8 @@ static int cmd_delete(NkpctlGlobals *g, int argc, char **argv)
                 return r;
         const char *name = nkp_provider_name(p);
 
-        g_autoptr(NkpVirt) v = NULL;
-        nkp_error_clear();
-        if (nkp_virt_open(g->connect_uri, NKPCTL_LIBVIRT_DEADLINE, &v) < 0 && !opt_force)
+        g_autoptr(nkp_virt) v = NULL;
+        if (nkpctl_virt_open(g, &v) < 0 && !opt_force)
                 return nkpctl_error("Cannot tell which VMs use the provider: %s Provider '%s' was "
                                     "not deleted, since defined VMs may depend on it (make libvirt "
                                     "reachable with --connect URI, or use --force).",
@@ -343,11 +344,10 @@ static int cmd_usage(NkpctlGlobals *g, int argc, char **argv)
         int r = get_named(g, argv, &p);
         if (r)
                 return r;
-        g_autoptr(NkpVirt) v = NULL;
+        g_autoptr(nkp_virt) v = NULL;
         g_auto(GStrv) vms = NULL;
         size_t n = 0;
-        nkp_error_clear();
-        if (nkp_virt_open(g->connect_uri, NKPCTL_LIBVIRT_DEADLINE, &v) < 0 ||
+        if (nkpctl_virt_open(g, &v) < 0 ||
             nkp_provider_dependents(g->ctx, v, nkp_provider_key_id(p), &vms, &n) < 0) {
                 const char *why = nkp_error_message();
                 return nkpctl_error("Cannot list the VMs that use provider '%s': %s",
@@ -389,8 +389,9 @@ static int cmd_backup(NkpctlGlobals *g, int argc, char **argv)
                 return nkpctl_error("'%s' already exists; refusing to overwrite it (choose another --out).",
                                     out);
         g_autoptr(nkp_secret) pw = NULL;
-        if (get_password(opt_password_file, true, &pw) < 0)
-                return nkpctl_lib_error();
+        int r = get_password(opt_password_file, true, &pw);
+        if (r)
+                return r;
         if (nkp_provider_backup(g->ctx, argv[1], out, pw) < 0)
                 return nkpctl_lib_error();
         if (g->json) {
@@ -412,8 +413,9 @@ static int cmd_restore(NkpctlGlobals *g, int argc, char **argv)
         if (!g_file_test(argv[1], G_FILE_TEST_IS_REGULAR))
                 return nkpctl_error("'%s' is not a readable file.", argv[1]);
         g_autoptr(nkp_secret) pw = NULL;
-        if (get_password(opt_password_file, false, &pw) < 0)
-                return nkpctl_lib_error();
+        int r = get_password(opt_password_file, false, &pw);
+        if (r)
+                return r;
         g_autoptr(nkp_provider) p = NULL;
         bool already = false;
         if (nkp_provider_restore(g->ctx, argv[1], pw, &p, &already) < 0)

@@ -1,37 +1,26 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* nkpctl vm …: enrolling VMs (encrypt/decrypt), deep rekey, their status,
- * crash recovery, and `host unlock`: argument parsing and printing over
- * libnkp's VM operations (nkp.h "VM operations"; the protocol itself is in
- * plugin/lib/vm-convert.c).
+/* nkpctl vm …: the vm group's verbs and their rows of the command table
+ * (nkpctl.c parses the options and counts the arguments), and `host
+ * unlock`: printing around libnkp's VM operations (nkp.h "VM operations";
+ * the protocol itself is in plugin/lib/vm-convert.c).
  *
  *   vm encrypt DOMAIN [--provider NAME] [--disks all|vda,vdb…]
  *   vm decrypt DOMAIN
- *   vm rekey DOMAIN --deep [--provider NAME]   (parsed in cmd-rekey.c)
+ *   vm rekey DOMAIN [--provider NAME] [--deep] | --all [--provider NAME]
+ *                                      (shallow: cmd-rekey.c)
  *   vm status DOMAIN | vm list
  *
- * The library's notes ("note: VM 'x': rolled back the interrupted …") come
- * through nkpctl's log function ("nkpctl: note: …" on stderr).
- *
- * Exit 0 on success; one line on stderr otherwise.  libvirt calls run under
- * a deadline (nkp_virt_open, NKPCTL_LIBVIRT_DEADLINE). */
+ * A domain named like an option goes after "--": vm encrypt -- -x.  The
+ * library's notes ("note: VM 'x': rolled back the interrupted …") come
+ * through nkpctl's log function ("nkpctl: note: …" on stderr).  libvirt
+ * calls run under a deadline (nkpctl_virt_open). */
 #include <stdio.h>
-#include <string.h>
 
 #include "nkpctl.h"
 
-static int open_virt(NkpctlGlobals *g, NkpVirt **ret)
-{
-        return nkp_virt_open(g->connect_uri, NKPCTL_LIBVIRT_DEADLINE, ret);
-}
-
-static void add_str(JsonBuilder *b, const char *member, const char *value)
-{
-        json_builder_set_member_name(b, member);
-        if (value)
-                json_builder_add_string_value(b, value);
-        else
-                json_builder_add_null_value(b);
-}
+/* The verbs' options, filled by nkpctl.c's GOptionContext before run(). */
+static char *opt_provider, *opt_disks;
+static gboolean opt_deep, opt_all;
 
 /* ---- encrypt, decrypt, rekey --deep ---------------------------------------- */
 
@@ -45,8 +34,8 @@ static void print_finished(NkpctlGlobals *g, const nkp_vm_result *res)
         }
         g_autoptr(JsonBuilder) b = json_builder_new();
         json_builder_begin_object(b);
-        add_str(b, "name", name);
-        add_str(b, "finished", nkp_vm_result_finished(res));
+        nkpctl_json_add_string(b, "name", name);
+        nkpctl_json_add_string(b, "finished", nkp_vm_result_finished(res));
         json_builder_end_object(b);
         nkpctl_print_json(json_builder_get_root(b));
 }
@@ -65,8 +54,8 @@ static void print_protected_json(const nkp_vm_result *res)
 {
         g_autoptr(JsonBuilder) b = json_builder_new();
         json_builder_begin_object(b);
-        add_str(b, "name", nkp_vm_result_name(res));
-        add_str(b, "provider", nkp_vm_result_provider(res));
+        nkpctl_json_add_string(b, "name", nkp_vm_result_name(res));
+        nkpctl_json_add_string(b, "provider", nkp_vm_result_provider(res));
         json_builder_set_member_name(b, "vtpm");
         json_builder_add_boolean_value(b, nkp_vm_result_vtpm(res));
         json_builder_set_member_name(b, "disks");
@@ -99,22 +88,25 @@ static void print_protected(NkpctlGlobals *g, const nkp_vm_result *res, bool rek
                 printf("VM '%s' is encrypted by provider '%s' (%s).\n", name, provider, what);
 }
 
-static int vm_encrypt(NkpctlGlobals *g, const char *name, const char *provider,
-                      const char *disks)
+static int vm_encrypt(NkpctlGlobals *g, int argc, char **argv)
 {
-        g_autoptr(NkpVirt) v = NULL;
+        (void) argc;
+        g_autoptr(nkp_virt) v = NULL;
         g_autoptr(nkp_vm_result) res = NULL;
-        if (open_virt(g, &v) < 0 || nkp_vm_encrypt(g->ctx, v, name, provider, disks, &res) < 0)
+        if (nkpctl_virt_open(g, &v) < 0 ||
+            nkp_vm_encrypt(g->ctx, v, argv[1], opt_provider, opt_disks, &res) < 0)
                 return nkpctl_lib_error();
         print_protected(g, res, false);
         return 0;
 }
 
-static int vm_decrypt(NkpctlGlobals *g, const char *name)
+static int vm_decrypt(NkpctlGlobals *g, int argc, char **argv)
 {
-        g_autoptr(NkpVirt) v = NULL;
+        (void) argc;
+        const char *name = argv[1];
+        g_autoptr(nkp_virt) v = NULL;
         g_autoptr(nkp_vm_result) res = NULL;
-        if (open_virt(g, &v) < 0 || nkp_vm_decrypt(g->ctx, v, name, &res) < 0)
+        if (nkpctl_virt_open(g, &v) < 0 || nkp_vm_decrypt(g->ctx, v, name, &res) < 0)
                 return nkpctl_lib_error();
         if (nkp_vm_result_finished(res))
                 print_finished(g, res);
@@ -123,29 +115,37 @@ static int vm_decrypt(NkpctlGlobals *g, const char *name)
         else {
                 g_autoptr(JsonBuilder) b = json_builder_new();
                 json_builder_begin_object(b);
-                add_str(b, "name", name);
-                add_str(b, "state", "plain");
+                nkpctl_json_add_string(b, "name", name);
+                nkpctl_json_add_string(b, "state", "plain");
                 json_builder_end_object(b);
                 nkpctl_print_json(json_builder_get_root(b));
         }
         return 0;
 }
 
-int nkpctl_vm_rekey_deep(NkpctlGlobals *g, const char *name, const char *provider)
+static int vm_rekey_deep(NkpctlGlobals *g, const char *name)
 {
-        g_autoptr(NkpVirt) v = NULL;
+        g_autoptr(nkp_virt) v = NULL;
         g_autoptr(nkp_vm_result) res = NULL;
-        if (open_virt(g, &v) < 0 || nkp_vm_rekey_deep(g->ctx, v, name, provider, &res) < 0)
+        if (nkpctl_virt_open(g, &v) < 0 ||
+            nkp_vm_rekey_deep(g->ctx, v, name, opt_provider, &res) < 0)
                 return nkpctl_lib_error();
         print_protected(g, res, true);
         return 0;
 }
 
-int nkpctl_vm_recover(NkpctlGlobals *g, nkp_virt *v, const char *name)
+static int vm_rekey(NkpctlGlobals *g, int argc, char **argv)
 {
-        enum nkp_vm_recovery outcome;
-        int r = nkp_vm_recover(g->ctx, v, name, &outcome);
-        return r < 0 ? r : (int) outcome;
+        if (opt_all == (argc == 2))
+                return nkpctl_usage_error(g, "'vm rekey' takes one DOMAIN or --all.");
+        if (opt_all && opt_deep)
+                return nkpctl_usage_error(g, "--deep rekeys one shut-off DOMAIN; --all is shallow "
+                                             "only.");
+        if (opt_deep)
+                return vm_rekey_deep(g, argv[1]);
+        if (opt_all)
+                return nkpctl_rekey_all(g, opt_provider);
+        return nkpctl_rekey_one(g, argv[1], opt_provider);
 }
 
 /* ---- status / list ------------------------------------------------------ */
@@ -153,19 +153,19 @@ int nkpctl_vm_recover(NkpctlGlobals *g, nkp_virt *v, const char *name)
 static void status_json(JsonBuilder *b, const nkp_vm_status *s)
 {
         json_builder_begin_object(b);
-        add_str(b, "name", nkp_vm_status_name(s));
-        add_str(b, "uuid", nkp_vm_status_uuid(s));
-        add_str(b, "state", nkp_vm_state_name(nkp_vm_status_state(s)));
+        nkpctl_json_add_string(b, "name", nkp_vm_status_name(s));
+        nkpctl_json_add_string(b, "uuid", nkp_vm_status_uuid(s));
+        nkpctl_json_add_string(b, "state", nkp_vm_state_name(nkp_vm_status_state(s)));
         json_builder_set_member_name(b, "running");
         json_builder_add_boolean_value(b, nkp_vm_status_running(s));
-        add_str(b, "provider", nkp_vm_status_provider(s));
-        add_str(b, "key_id", nkp_vm_status_key_id(s));
-        add_str(b, "reason", nkp_vm_status_reason(s));
+        nkpctl_json_add_string(b, "provider", nkp_vm_status_provider(s));
+        nkpctl_json_add_string(b, "key_id", nkp_vm_status_key_id(s));
+        nkpctl_json_add_string(b, "reason", nkp_vm_status_reason(s));
         json_builder_set_member_name(b, "pending");
         if (nkp_vm_status_pending_op(s)) {
                 json_builder_begin_object(b);
-                add_str(b, "op", nkp_vm_status_pending_op(s));
-                add_str(b, "phase", nkp_vm_status_pending_phase(s));
+                nkpctl_json_add_string(b, "op", nkp_vm_status_pending_op(s));
+                nkpctl_json_add_string(b, "phase", nkp_vm_status_pending_phase(s));
                 json_builder_set_member_name(b, "in_progress");
                 json_builder_add_boolean_value(b, nkp_vm_status_pending_in_progress(s));
                 json_builder_end_object(b);
@@ -212,11 +212,12 @@ static void status_line(const nkp_vm_status *s)
                        name, op, nkp_vm_status_pending_phase(s));
 }
 
-static int vm_status(NkpctlGlobals *g, const char *name)
+static int vm_status(NkpctlGlobals *g, int argc, char **argv)
 {
-        g_autoptr(NkpVirt) v = NULL;
+        (void) argc;
+        g_autoptr(nkp_virt) v = NULL;
         g_autoptr(nkp_vm_status) s = NULL;
-        if (open_virt(g, &v) < 0 || nkp_vm_status_get(g->ctx, v, name, &s) < 0)
+        if (nkpctl_virt_open(g, &v) < 0 || nkp_vm_status_get(g->ctx, v, argv[1], &s) < 0)
                 return nkpctl_lib_error();
         if (g->json) {
                 g_autoptr(JsonBuilder) b = json_builder_new();
@@ -228,12 +229,14 @@ static int vm_status(NkpctlGlobals *g, const char *name)
         return 0;
 }
 
-static int vm_list(NkpctlGlobals *g)
+static int vm_list(NkpctlGlobals *g, int argc, char **argv)
 {
-        g_autoptr(NkpVirt) v = NULL;
+        (void) argc;
+        (void) argv;
+        g_autoptr(nkp_virt) v = NULL;
         nkp_vm_status **list = NULL;
         size_t n = 0;
-        if (open_virt(g, &v) < 0 || nkp_vm_list(g->ctx, v, &list, &n) < 0)
+        if (nkpctl_virt_open(g, &v) < 0 || nkp_vm_list(g->ctx, v, &list, &n) < 0)
                 return nkpctl_lib_error();
         g_autoptr(JsonBuilder) b = json_builder_new();
         json_builder_begin_array(b);
@@ -250,75 +253,15 @@ static int vm_list(NkpctlGlobals *g)
         return 0;
 }
 
-/* ---- entry points ------------------------------------------------------- */
-
-static const char vm_usage[] =
-        "Usage: nkpctl vm encrypt DOMAIN [--provider NAME] [--disks all|vda,vdb…]\n"
-        "       nkpctl vm decrypt DOMAIN\n"
-        "       nkpctl vm rekey DOMAIN [--provider NAME] [--deep] | --all [--provider NAME]\n"
-        "       nkpctl vm status DOMAIN | nkpctl vm list\n";
-
-/* An option's value: "--name VALUE" (advancing *i) or "--name=VALUE". */
-static const char *option_value(int argc, char **argv, int *i, const char *name)
-{
-        size_t len = strlen(name);
-        if (strcmp(argv[*i], name) == 0 && *i + 1 < argc)
-                return argv[++*i];
-        if (strncmp(argv[*i], name, len) == 0 && argv[*i][len] == '=')
-                return argv[*i] + len + 1;
-        return NULL;
-}
-
-static int vm_encrypt_args(NkpctlGlobals *g, int argc, char **argv)
-{
-        const char *provider = NULL, *disks = NULL, *domain = NULL, *value;
-        for (int i = 2; i < argc; i++) {
-                if ((value = option_value(argc, argv, &i, "--provider")))
-                        provider = value;
-                else if ((value = option_value(argc, argv, &i, "--disks")))
-                        disks = value;
-                else if (argv[i][0] != '-' && !domain)
-                        domain = argv[i];
-                else {
-                        fputs(vm_usage, stderr);
-                        return nkpctl_error("unknown or incomplete option '%s'.", argv[i]);
-                }
-        }
-        if (!domain) {
-                fputs(vm_usage, stderr);
-                return 2;
-        }
-        return vm_encrypt(g, domain, provider, disks);
-}
-
-int nkpctl_vm(NkpctlGlobals *g, int argc, char **argv)
-{
-        if (argc < 2) {
-                fputs(vm_usage, stderr);
-                return 2;
-        }
-        const char *cmd = argv[1];
-        if (strcmp(cmd, "list") == 0 && argc == 2)
-                return vm_list(g);
-        if (strcmp(cmd, "status") == 0 && argc == 3)
-                return vm_status(g, argv[2]);
-        if (strcmp(cmd, "decrypt") == 0 && argc == 3)
-                return vm_decrypt(g, argv[2]);
-        if (strcmp(cmd, "encrypt") == 0 && argc >= 3)
-                return vm_encrypt_args(g, argc, argv);
-        if (strcmp(cmd, "rekey") == 0)
-                return nkpctl_vm_rekey(g, argc, argv);
-        fputs(vm_usage, stderr);
-        return nkpctl_error("unknown vm command '%s'.", cmd);
-}
+/* ---- host unlock (a host verb: cmd-host.c) ----------------------------- */
 
 int nkpctl_host_unlock(NkpctlGlobals *g)
 {
-        g_autoptr(NkpVirt) v = NULL;
+        g_autoptr(nkp_virt) v = NULL;
         nkp_vm_status **list = NULL;
         size_t n = 0;
         unsigned still = 0, unlocked = 0;
-        if (open_virt(g, &v) < 0 || nkp_host_unlock(g->ctx, v, &list, &n, &still) < 0)
+        if (nkpctl_virt_open(g, &v) < 0 || nkp_host_unlock(g->ctx, v, &list, &n, &still) < 0)
                 return nkpctl_lib_error();
         g_autoptr(JsonBuilder) b = json_builder_new();
         json_builder_begin_array(b);
@@ -350,3 +293,41 @@ int nkpctl_host_unlock(NkpctlGlobals *g)
                                     still);
         return 0;
 }
+
+/* ---- the table --------------------------------------------------------- */
+
+static const GOptionEntry encrypt_options[] = {
+        { "provider", 0, 0, G_OPTION_ARG_STRING, &opt_provider,
+          "The provider whose keys protect the VM (default: the host's default)", "NAME" },
+        { "disks", 0, 0, G_OPTION_ARG_STRING, &opt_disks,
+          "The qcow2 disks to encrypt: all (default) or targets such as vda,vdb", "all|vda,vdb…" },
+        G_OPTION_ENTRY_NULL,
+};
+
+static const GOptionEntry rekey_options[] = {
+        { "provider", 0, 0, G_OPTION_ARG_STRING, &opt_provider,
+          "The provider to rekey to (default: the host's default)", "NAME" },
+        { "deep", 0, 0, G_OPTION_ARG_NONE, &opt_deep,
+          "New data keys: vTPM state and disks re-encrypted (VM shut off)", NULL },
+        { "all", 0, 0, G_OPTION_ARG_NONE, &opt_all, "Every nkp VM of this host (shallow)", NULL },
+        G_OPTION_ENTRY_NULL,
+};
+
+const NkpctlCommand nkpctl_vm_commands[] = {
+        { "vm", "encrypt", "DOMAIN",
+          "Encrypt a shut-off VM's vTPM and qcow2 disks.",
+          "Crash safe: an interrupted run is finished or rolled back by the next nkpctl command "
+          "on the VM, or by its next start.",
+          encrypt_options, 1, 1, vm_encrypt },
+        { "vm", "decrypt", "DOMAIN", "Decrypt a shut-off nkp VM back to plain.", NULL, NULL, 1,
+          1, vm_decrypt },
+        { "vm", "rekey", "DOMAIN|--all", "Rekey one VM, or every nkp VM, to a provider.",
+          "Shallow (default): a new KEK, the same data keys; online, the guest notices nothing.\n"
+          "Deep (--deep): new data keys, the vTPM state and every disk re-encrypted; the VM must "
+          "be shut off and a full copy of its disks must fit.",
+          rekey_options, 0, 1, vm_rekey },
+        { "vm", "status", "DOMAIN", "Show whether a VM is plain, encrypted or locked.",
+          NULL, NULL, 1, 1, vm_status },
+        { "vm", "list", "", "Show the status of every defined VM.", NULL, NULL, 0, 0, vm_list },
+        { 0 },
+};

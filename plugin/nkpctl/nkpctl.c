@@ -22,8 +22,11 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "nkp-config.h"
 #include "nkpctl.h"
+
+#ifndef NKP_VERSION
+#error "NKP_VERSION comes from meson (plugin/nkpctl/meson.build)"
+#endif
 
 typedef struct {
         const char *name;
@@ -107,6 +110,20 @@ void nkpctl_print_json(JsonNode *node)
         g_autofree char *text = json_generator_to_data(gen, NULL);
         json_node_unref(node);
         puts(text);
+}
+
+void nkpctl_json_add_string(JsonBuilder *b, const char *member, const char *value)
+{
+        json_builder_set_member_name(b, member);
+        if (value)
+                json_builder_add_string_value(b, value);
+        else
+                json_builder_add_null_value(b);
+}
+
+int nkpctl_virt_open(const NkpctlGlobals *g, nkp_virt **ret)
+{
+        return nkp_virt_open(g->connect_uri, NKPCTL_LIBVIRT_DEADLINE, ret);
 }
 
 static void log_to_stderr(enum nkp_log_level level, const char *message, void *userdata)
@@ -230,6 +247,18 @@ static char *arity_problem(const NkpctlCommand *c, const char *name, int n)
         return g_strdup_printf("'%s' takes %s.", name, c->params);
 }
 
+/* GOption keeps the "--" that ends the options when a word after it starts
+ * with '-' (vm encrypt -- -x): drop it, so that word is the argument. */
+static void drop_separator(int *argc, char **argv)
+{
+        for (int i = 1; i < *argc; i++)
+                if (strcmp(argv[i], "--") == 0) {
+                        memmove(&argv[i], &argv[i + 1], (size_t) (*argc - i) * sizeof *argv);
+                        (*argc)--;
+                        return;
+                }
+}
+
 /* Parses the verb's options and the global ones from every word of argv
  * but the group and the verb, checks the positional arguments, opens the
  * context and runs the verb.  --help is GOption's: usage on stdout, exit 0. */
@@ -268,6 +297,7 @@ static int run_verb(NkpctlGlobals *g, const NkpctlCommand *c, int argc, char **a
         char **parsed = args;
         if (!g_option_context_parse(oc, &n, &parsed, &error))
                 return nkpctl_usage_error(g, "%s.", error->message);
+        drop_separator(&n, parsed);
         g_autofree char *problem = arity_problem(c, g->command, n - 1);
         if (problem)
                 return nkpctl_usage_error(g, "%s", problem);

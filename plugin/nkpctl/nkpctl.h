@@ -4,9 +4,12 @@
 #ifndef NKPCTL_H
 #define NKPCTL_H
 
+/* Programs include only the public API (nkp.h) and link libnkp.so; GLib
+ * first, for nkp.h's g_autoptr declarations. */
+#include <glib.h>
 #include <json-glib/json-glib.h>
 
-#include "nkp-private.h"
+#include "nkp/nkp.h"
 
 /* Bound on each libvirt call (nkp_virt_open): libvirt has no timeout. */
 #define NKPCTL_LIBVIRT_DEADLINE 60
@@ -42,38 +45,25 @@ typedef struct {
         int (*run)(NkpctlGlobals *g, int argc, char **argv);
 } NkpctlCommand;
 
-/* The verbs of each group (cmd-provider.c, cmd-vm-table.c, cmd-host.c,
+/* The verbs of each group (cmd-provider.c, cmd-vm.c, cmd-host.c,
  * cmd-alarms.c), each array ended by an entry whose verb is NULL. */
 extern const NkpctlCommand nkpctl_provider_commands[];
 extern const NkpctlCommand nkpctl_vm_commands[];
 extern const NkpctlCommand nkpctl_host_commands[];
 extern const NkpctlCommand nkpctl_alarms_commands[];
 
-/* The vm group's old entry point (cmd-vm.c): argv[0] is "vm", argv[1] the
- * verb, then its arguments and options as typed. */
-int nkpctl_vm(NkpctlGlobals *g, int argc, char **argv);
-
-/* `vm rekey` (cmd-rekey.c): shallow rekey of one VM or --all; --deep goes
- * to nkpctl_vm_rekey_deep.  argv[1] is "rekey". */
-int nkpctl_vm_rekey(NkpctlGlobals *g, int argc, char **argv);
-
-/* Deep rekey of the shut-off VM `name` (cmd-vm.c): new DEKs, the vTPM state
- * and every encrypted disk re-encrypted, under `provider` (NULL: the VM's
- * current provider). */
-int nkpctl_vm_rekey_deep(NkpctlGlobals *g, const char *name, const char *provider);
-
-/* Before changing VM `name`'s keys or files (cmd-vm.c): takes the VM's lock
- * for the call, and reconciles an operation that a crash interrupted (vm
- * encrypt/decrypt/rekey --deep, see docs/crash-safety.md) to the VM's
- * current persistent definition.  0 nothing was pending, 1 rolled back
- * (a note on stderr), 2 finished (a note on stderr); a negative errno with
- * libnkp's message set (print it with nkpctl_lib_error()), e.g. -EBUSY when
- * another nkpctl holds the VM's lock. */
-int nkpctl_vm_recover(NkpctlGlobals *g, NkpVirt *v, const char *name);
+/* Shallow rekey (cmd-rekey.c) of VM `name`, or of every nkp VM, to
+ * `provider` (NULL: the default); prints the result(s); returns the exit
+ * code. */
+int nkpctl_rekey_one(NkpctlGlobals *g, const char *name, const char *provider);
+int nkpctl_rekey_all(NkpctlGlobals *g, const char *provider);
 
 /* `host unlock` (cmd-vm.c): after a restore, re-checks every defined VM
  * whose provider was missing, clears the vm-locked alarms it can. */
 int nkpctl_host_unlock(NkpctlGlobals *g);
+
+/* nkp_virt_open() of --connect's URI under NKPCTL_LIBVIRT_DEADLINE. */
+int nkpctl_virt_open(const NkpctlGlobals *g, nkp_virt **ret);
 
 /* Prints "nkpctl: <message>" on stderr; returns the exit code 1. */
 int nkpctl_error(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
@@ -84,5 +74,7 @@ int nkpctl_usage_error(const NkpctlGlobals *g, const char *fmt, ...) G_GNUC_PRIN
 int nkpctl_lib_error(void);
 /* Prints `node` as one JSON document on stdout (takes ownership). */
 void nkpctl_print_json(JsonNode *node);
+/* Adds member `member` to the object being built: `value`, or null. */
+void nkpctl_json_add_string(JsonBuilder *b, const char *member, const char *value);
 
 #endif
