@@ -724,13 +724,23 @@ EOF
 # lab_serial_path HOST DOMAIN: the domain's serial log on HOST (as seen from outside).
 lab_serial_path() { lab_path "$1" "/var/log/nkp-guest/$2.serial"; }
 
+# lab_serial_lines HOST DOMAIN: the whole lines of the serial log (CR and
+# NUL dropped).  A line the guest is still writing is left out: a marker
+# read half-written would match a regex of its prefix.
+lab_serial_lines() {
+    local log
+    log=$(tr -d '\r\0' 2>/dev/null < "$(lab_serial_path "$1" "$2")"; echo x)
+    log=${log%x}
+    printf '%s' "${log%"${log##*$'\n'}"}"   # up to the last newline
+}
+
 # lab_wait_serial HOST DOMAIN REGEX [TIMEOUT]: wait until the serial log has a
-# line matching REGEX (grep -E); prints the first match. Returns 1 on timeout.
+# whole line matching REGEX (grep -E); prints the first match. Returns 1 on
+# timeout.
 lab_wait_serial() {
-    local f; f=$(lab_serial_path "$1" "$2")
     local re=$3 t=${4:-120} i line
     for ((i = 0; i < t * 5; i++)); do
-        if [ -f "$f" ] && line=$(tr -d '\r' < "$f" 2>/dev/null | grep -a -m1 -E "$re"); then
+        if line=$(lab_serial_lines "$1" "$2" | grep -a -m1 -E "$re"); then
             echo "$line"; return 0
         fi
         sleep 0.2

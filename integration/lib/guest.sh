@@ -103,7 +103,7 @@ boot_and_read() { # HOST DOM MARK [--running] [CONTEXT]
 }
 
 lab_ticks() { # HOST DOM
-    tr -d '\r' < "$(lab_serial_path "$1" "$2")" 2>/dev/null | sed -n 's/^NKP-TICK \([0-9]*\)$/\1/p'
+    lab_serial_lines "$1" "$2" | sed -n 's/^NKP-TICK \([0-9]*\)$/\1/p'
 }
 
 lab_restart_libvirtd() { # HOST: libvirtd only; running VMs stay, ephemeral secrets go
