@@ -210,25 +210,44 @@ int nkp_enrol_build(nkp_context *ctx, const NkpDomain *d, const char *xml, const
 
 /* ---- the rule at start (the hook) --------------------------------------------- */
 
+/* A plain vTPM with no state at start is a new VM's first start (issue 15):
+ * virt-install and virt-manager start a new VM with createXML before they
+ * define it, and `virsh create` never defines it, so nkpd cannot have
+ * enrolled it.  Its state may be made now only where it is encrypted at
+ * rest anyway: a state directory protected by the host key and unlocked
+ * (the key is added here on demand).  nkpd enrols the VM once it is defined
+ * and the prepare step converts that state to the VM's own DEK at its next
+ * start (nkp_vm_adopt_vtpm_state).  The refusals never promise what cannot
+ * work: the domain of a failed createXML is gone, so no "again in a
+ * moment". */
 int nkp_vtpm_start_check(nkp_context *ctx, const NkpDomain *d)
 {
         if (!d->has_vtpm || d->tpm_secret || ctx->vtpm_policy == NKP_VTPM_POLICY_OFF)
                 return 0;
-        enum nkp_vtpm_state st = nkp_vtpm_state(ctx, d);
         if (ctx->vtpm_policy == NKP_VTPM_POLICY_REQUIRE)
                 return nkp_fail(-EPERM,
                                 "VM '%s' cannot start: its vTPM is not encrypted and this host's "
-                                "policy requires it ([vtpm] policy=require in nkp.conf); encrypt "
-                                "it first: nkpctl vm encrypt '%s'",
+                                "policy requires it ([vtpm] policy=require in nkp.conf); create "
+                                "the VM enrolled (nkpctl vm create FILE.xml [--start]), or encrypt "
+                                "a defined one first (nkpctl vm encrypt '%s')",
                                 d->name, d->name);
-        if (st == NKP_VTPM_STATE_NONE)
-                return nkp_fail(-EAGAIN,
-                                "VM '%s' cannot start yet: its new vTPM is not enrolled with nkp "
-                                "(enrolment by nkpd pending); start it again in a moment, or "
-                                "enrol it now: nkpctl vm encrypt '%s'",
-                                d->name, d->name);
-        /* Existing clear state: left alone (vm status reports it). */
-        return 0;
+        if (nkp_vtpm_state(ctx, d) != NKP_VTPM_STATE_NONE)
+                return 0; /* existing clear state: left alone (vm status reports it) */
+        int r = nkp_hostkey_dir_ready(ctx, ctx->vtpm_state_dir, true);
+        if (r > 0)
+                return 0;
+        if (r == -ENOKEY)
+                return nkp_fail_prefix(r, "VM '%s' cannot start: its new vTPM state would "
+                                          "have nowhere encrypted to go",
+                                       d->name);
+        if (r < 0)
+                return nkp_fail_prefix(r, "VM '%s' cannot start", d->name);
+        return nkp_fail(-EPERM,
+                        "VM '%s' cannot start: its new vTPM would write its state in clear, "
+                        "because '%s' is not protected by the host key; protect it once (nkpctl "
+                        "host protect), or enrol the VM first (nkpctl vm create FILE.xml; a "
+                        "defined VM: nkpctl vm encrypt '%s')",
+                        d->name, ctx->vtpm_state_dir, d->name);
 }
 
 /* ---- nkpd: automatic enrolment ------------------------------------------------ */

@@ -675,6 +675,14 @@ int nkp_fscrypt_status(const char *dir, NkpFscryptState *ret_state,
  * not added, -EEXIST encrypted with another key, -EBUSY a mount point or a
  * socket inside, -EUCLEAN siblings in a state protect never leaves. */
 int nkp_hostkey_protect_dir(const char *dir, const uint8_t identifier[NKP_FSCRYPT_ID_SIZE]);
+/* host-protect.c (the public half is nkp.h "The host key").  1 when `dir`
+ * is a recorded protected directory, encrypted with the recorded host key
+ * and unlocked (the key added first when it is locked and `load`); 0 when
+ * it is not protected (no record, not recorded, plain, missing, another
+ * key); -ENOKEY when it is protected but stays locked (the message says
+ * why and the fix), the errors of nkp_host_key_load. */
+int nkp_hostkey_dir_ready(nkp_context *ctx, const char *dir, bool load);
+
 /* ---- tools.c: running qemu-img and swtpm with keys on pipes ------------- */
 
 /* One run of a tool: argv[0] is looked up in PATH; secrets[i] is readable
