@@ -11,7 +11,8 @@
  *    domain XML -- nothing is written;
  *  - nkp_vtpm_start_check: the hook's rule for a plain emulator vTPM at
  *    start ([vtpm] policy in nkp.conf);
- *  - nkp_vm_auto_enrol: nkpd's enrolment of a plain vTPM with no state yet.
+ *  - nkp_vm_auto_enrol: nkpd's enrolment of a plain vTPM with no state yet,
+ *    or with state a first start made under the host key (issue 15).
  *
  * Why "no state yet" matters: libvirt hands the vTPM secret to swtpm_setup
  * at the first start, so a vTPM enrolled before its first start never has a
@@ -291,7 +292,13 @@ int nkp_vm_auto_enrol(nkp_context *ctx, NkpVirt *v, const char *name, char **ret
                                 return 0; /* not ours to guess: vm status shows it */
         }
         enum nkp_vtpm_state st = nkp_vtpm_state(ctx, d);
-        if (st != NKP_VTPM_STATE_NONE) {
+        /* State made by a first start before the definition (virt-install,
+         * issue 15) in the host-key-protected state directory: enrolled
+         * too; the prepare step converts the state at the next start. */
+        bool under_host_key = st == NKP_VTPM_STATE_CLEAR &&
+                              nkp_hostkey_dir_ready(ctx, ctx->vtpm_state_dir, false) > 0;
+        nkp_error_clear();
+        if (st != NKP_VTPM_STATE_NONE && !under_host_key) {
                 if (ret_note)
                         *ret_note = g_strdup_printf(
                                 "VM '%s' has a plain vTPM with existing %s state: left alone "
@@ -314,7 +321,12 @@ int nkp_vm_auto_enrol(nkp_context *ctx, NkpVirt *v, const char *name, char **ret
         r = nkp_virt_domain_define(v, en->xml);
         if (r < 0)
                 return nkp_fail_prefix(r, "VM '%s' cannot be enrolled", name);
-        if (ret_note)
+        if (ret_note && under_host_key)
+                *ret_note = g_strdup_printf("VM '%s': its vTPM is now enrolled with provider '%s'; "
+                                            "its state, made before (under the host key), is "
+                                            "converted to its own key at its next start",
+                                            name, en->provider);
+        else if (ret_note)
                 *ret_note = g_strdup_printf("VM '%s': its new vTPM is now encrypted by provider "
                                             "'%s'",
                                             name, en->provider);

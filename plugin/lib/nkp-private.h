@@ -734,6 +734,15 @@ char *nkp_vtpm_scratch_dir(const nkp_context *ctx, const NkpDomain *d);
  * `ret_xml` is not NULL). */
 int nkp_vm_definition(NkpVirt *v, const char *name, char **ret_xml, NkpDomain **ret);
 
+/* The prepare step of a VM nkpd enrolled after its vTPM state was made in
+ * clear under the host key (issue 15: virt-install's transient first
+ * start): the state converted to the VM's own DEK, crash-safely (one
+ * rename; the state's header says which side it is on).  0 nothing to do
+ * (no keysafe vTPM key, state absent or already encrypted), 1 converted;
+ * -EBUSY nkpctl holds the VM's lock, nkp_vm_unlock's and the conversion's
+ * errors, each one line "VM 'x' cannot start: …". */
+int nkp_vm_adopt_vtpm_state(nkp_context *ctx, const NkpDomain *d);
+
 /* The command words of a journal op: "rekey-deep" -> "vm rekey --deep". */
 const char *nkp_vm_op_words(const char *op);
 

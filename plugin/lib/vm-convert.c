@@ -31,9 +31,11 @@
  * (recover_locked: the one recovery, which the hook's prepare step uses
  * too). */
 #include <errno.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <unistd.h>
 
 #include "nkp-private.h"
 
@@ -832,4 +834,70 @@ int nkp_vm_rekey_deep(nkp_context *ctx, nkp_virt *v, const char *domain, const c
 {
         const OpArgs a = { .provider = provider };
         return run_operation(ctx, v, domain, "rekey-deep", rekey_deep_locked, &a, ret);
+}
+
+/* ---- a vTPM state made before its enrolment (issue 15) ----------------------- */
+/* virt-install starts a new VM before it defines it, so swtpm_setup made
+ * its state in clear (swtpm's level) inside the host-key-protected state
+ * directory; nkpd then enrolled the VM (enrol.c).  At the next start the
+ * prepare step converts that state to the VM's own DEK, before swtpm opens
+ * it: nkp_vtpm_convert (swtpm's state-blob interface, the decrypted state in
+ * memfds) writes the encrypted copy as <file>.nkp-new beside the state,
+ * then one rename() puts it in place.
+ *
+ * Crash safety without a journal: one file changes, the definition does
+ * not (it already names the key), and the state file says by its own header
+ * which side it is on.  A kill before the rename leaves the clear state (and
+ * maybe a stale .nkp-new, removed by the next run, which converts again); a
+ * kill after it leaves the encrypted state, which needs nothing more.  The
+ * VM's lock keeps nkpctl and a concurrent start out meanwhile. */
+int nkp_vm_adopt_vtpm_state(nkp_context *ctx, const NkpDomain *d)
+{
+        if (!d->keysafe || !d->has_vtpm || !d->tpm_secret ||
+            nkp_vtpm_state(ctx, d) != NKP_VTPM_STATE_CLEAR)
+                return 0;
+        int fd = -1;
+        int r = nkp_vm_lock(ctx, d->uuid, true, COMMAND_LOCK_WAIT_MS, &fd);
+        if (r == -EBUSY)
+                return nkp_fail(r, "VM '%s' cannot start now: nkpctl is changing its keys; wait "
+                                   "for it to finish, then start it.",
+                                d->name);
+        if (r < 0)
+                return r;
+        g_auto(VmLock) lock = fd;
+        if (nkp_vtpm_state(ctx, d) != NKP_VTPM_STATE_CLEAR)
+                return 0; /* converted meanwhile */
+        g_autoptr(GPtrArray) secrets = NULL;
+        if ((r = nkp_vm_unlock(ctx, d, true, &secrets)) < 0)
+                return r;
+        const nkp_secret *value = NULL;
+        for (guint i = 0; i < secrets->len; i++) {
+                const NkpVmSecret *s = secrets->pdata[i];
+                if (strcmp(s->kind, NKP_OBJECT_VTPM) == 0 &&
+                    g_ascii_strcasecmp(s->secret_uuid, d->tpm_secret) == 0)
+                        value = s->value;
+        }
+        if (!value)
+                return nkp_fail(-EUCLEAN, "VM '%s' cannot start: its vTPM names the secret %s, "
+                                          "which its keysafe does not hold; nothing was changed.",
+                                d->name, d->tpm_secret);
+        g_autofree char *file = nkp_vtpm_state_file(ctx, d);
+        g_autofree char *staged = g_strconcat(file, ".nkp-new", NULL);
+        if (unlink(staged) < 0 && errno != ENOENT)
+                return nkp_fail(-errno, "Cannot remove the stale '%s': %s.", staged,
+                                g_strerror(errno));
+        if ((r = nkp_vtpm_convert(ctx, d, NULL, value)) < 0 || (r = nkp_vtpm_stage(ctx, d)) < 0)
+                return nkp_fail_prefix(r, "VM '%s' cannot start: its vTPM state cannot be "
+                                          "encrypted with its key",
+                                       d->name);
+        nkp_test_crash_point("adopt-staged");
+        if (rename(staged, file) < 0)
+                return nkp_fail(-errno, "VM '%s' cannot start: cannot put its encrypted vTPM "
+                                        "state in place: %s.",
+                                d->name, g_strerror(errno));
+        (void) nkp_fsync_dir_of(file);
+        nkp_log(NKP_LOG_INFO, "VM '%s': its vTPM state, made before nkp enrolled it, is now "
+                              "encrypted with its own key.",
+                d->name);
+        return 1;
 }
