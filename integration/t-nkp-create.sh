@@ -13,8 +13,10 @@
 #   filesystem holds no marker (a control file outside the protected
 #   directory is found there); stop/start: the prepare step converts the
 #   state to the VM's DEK (swtpm-encrypted, no marker) and the markers are
-#   read back; `virsh create` of a vTPM domain starts; under policy=require
-#   it is refused with the line naming `nkpctl vm create`.
+#   read back; `vm encrypt --disks vda` adds the disk to the auto-enrolled
+#   VM's keysafe (markers read back); `virsh create` of a vTPM domain starts;
+#   under policy=require it is refused with the line naming `nkpctl vm
+#   create`, and `nkpctl vm create --transient` starts it encrypted.
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
 set -euo pipefail
 source "$(dirname "$0")/lib/test.sh"
@@ -128,6 +130,18 @@ info=$(state_info "$uuid" "$mark")
 boot_and_read a "$dom" "$mark" "$dom, stop/start"
 pass "next start: state converted to the VM's DEK (swtpm-encrypted, no marker); markers survive stop/start"
 
+# ---- vm encrypt --disks on the auto-enrolled VM ------------------------------------------------
+ks_before=$(lab_virsh a dumpxml --inactive "$dom" | grep -o "<encryption secret='[^']*'" | head -1)
+lab_vm_encrypt a "$dom" --disks vda
+st=$(nk --json vm status "$dom") || fail "vm status $dom"
+python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["state"]=="encrypted" and d["provider"]=="pc" and "vtpm:vtpm" in d["objects"] and "disk:vda" in d["objects"], d' <<<"$st" ||
+    fail "vm status after --disks vda: $st"
+qemu-img info "$LAB_DIR/shared/$dom.qcow2" | grep -q "encrypted: yes" || fail "vda is not LUKS after vm encrypt --disks vda"
+lab_virsh a dumpxml --inactive "$dom" | grep -q "$ks_before" || fail "the vTPM's secret changed"
+[ "$(grep -a -c "$mark" "$LAB_DIR/shared/$dom.qcow2" || true)" = 0 ] || fail "the disk marker is in clear in the LUKS qcow2"
+boot_and_read a "$dom" "$mark" "$dom, after vm encrypt --disks vda"
+pass "vm encrypt --disks vda on the auto-enrolled VM: disk added to its keysafe (LUKS, same vTPM key); markers read back"
+
 # ---- virsh create of a vTPM domain (transient) ------------------------------------------------
 m2=$(new_mark)
 qemu-img create -q -f qcow2 "$LAB_DIR/shared/t2.qcow2" 64M
@@ -145,7 +159,18 @@ qemu-img create -q -f qcow2 "$LAB_DIR/shared/t3.qcow2" 64M
 lab_guest_xml --name t3 --disk "$LAB_DIR/shared/t3.qcow2" --marker "$(new_mark)" > "$LAB_DIR/t3.xml"
 if err=$(lab_virsh a create "$LAB_DIR/t3.xml" 2>&1); then fail "policy=require: a plain vTPM started"; fi
 grep -q "policy=require" <<<"$err" && grep -q "nkpctl vm create" <<<"$err" || fail "require line: $err"
-set_policy enrol
 pass "policy=require: virsh create of a plain vTPM refused, naming 'nkpctl vm create'"
+m3=$(new_mark)
+lab_guest_xml --name t3 --disk "$LAB_DIR/shared/t3.qcow2" --marker "$m3" > "$LAB_DIR/t3.xml"
+rm -f "$(lab_serial_path a t3)"
+out=$(nk vm create "$LAB_DIR/t3.xml" --transient 2>&1) || fail "vm create --transient: $out"
+lab_markers_written a t3 "$m3" || fail "t3: $LAB_MARKER_ERR"
+lab_virsh a dumpxml t3 | grep -q 'nkp.invalid/xmlns/keysafe' || fail "t3 runs without its keysafe"
+uuid3=$(lab_virsh a domuuid t3 | tr -d '[:space:]')
+[ "$(state_info "$uuid3" "$m3")" = "flag=1 marker=0" ] || fail "t3's vTPM state is not swtpm-encrypted"
+lab_virsh a destroy t3 >/dev/null || true
+lab_virsh a dominfo t3 >/dev/null 2>&1 && fail "t3 still exists after destroy (it should be transient)"
+set_policy enrol
+pass "policy=require: nkpctl vm create --transient starts it with its vTPM encrypted from the first byte"
 
 lab_test_done

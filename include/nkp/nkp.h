@@ -195,6 +195,23 @@ int nkp_vm_encrypt(nkp_context *ctx, nkp_virt *v, const char *domain, const char
  * another key), -EBADMSG a wrapped key does not open. */
 int nkp_vm_decrypt(nkp_context *ctx, nkp_virt *v, const char *domain, nkp_vm_result **ret);
 
+/* `nkpctl vm create FILE.xml`: a new VM whose domain XML `xml` (with a
+ * <uuid>) has a plain emulated vTPM is enrolled before libvirt sees it (a
+ * DEK, the keysafe, <encryption secret>), so its vTPM state is encrypted
+ * from its first byte whatever [vtpm] policy says; then defined
+ * (default), defined and started (NKP_VM_CREATE_START), or started as a
+ * transient domain (NKP_VM_CREATE_TRANSIENT, nothing defined).  `provider`
+ * NULL: the default.  *ret names the VM and the provider.  Errors (nothing
+ * changed): -EINVAL no <uuid>/<name> or unknown flags, -EEXIST a keysafe
+ * already, a VM of that name defined or vTPM state for that UUID, -ENOENT
+ * no plain emulated vTPM or no default provider, -EPERM the provider was
+ * never backed up; libvirt's errors (a define that succeeded stays when
+ * only the start fails: the message says so). */
+#define NKP_VM_CREATE_START 1u
+#define NKP_VM_CREATE_TRANSIENT 2u
+int nkp_vm_create(nkp_context *ctx, nkp_virt *v, const char *xml, const char *provider,
+                  unsigned flags, nkp_vm_result **ret);
+
 /* Deep rekey of the shut-off VM `domain`: new DEKs for every object under a
  * new keysafe and new secret UUIDs, the vTPM state and every disk
  * re-encrypted, under `provider` (NULL: the VM's own).  Errors as

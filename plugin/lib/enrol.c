@@ -153,6 +153,17 @@ int nkp_enrol_build(nkp_context *ctx, const NkpDomain *d, const char *xml, const
                                         "VM '%s': the provider with key id %s on this host holds "
                                         "a different key than the one that protects the VM.",
                                         d->name, key_id);
+                /* A fresh KEK salt, the same DEKs: the new definition's
+                 * signature (journal.c) differs from the old one, so a crash
+                 * while disks are added is reconciled to the right side. */
+                g_autoptr(nkp_secret) old_kek = NULL;
+                r = nkp_kek_derive(kdk, nkp_keysafe_kek_salt(ks), key_id, d->uuid, &old_kek);
+                if (r >= 0)
+                        r = nkp_keysafe_rewrap_for(ks, old_kek, nkp_keysafe_provider_name(ks),
+                                                   key_id, fp, kdk);
+                if (r < 0)
+                        return nkp_fail_prefix(r, "VM '%s': its keysafe cannot take another key",
+                                               d->name);
         } else {
                 if (!p)
                         return nkp_fail(-EINVAL, "No provider to enrol VM '%s' with.", d->name);

@@ -343,6 +343,9 @@ bool nkp_virt_secret_exists(NkpVirt *v, const char *secret_uuid);
 int nkp_virt_domain_xml(NkpVirt *v, const char *name, bool inactive, char **ret);
 /* Defines `xml` as the persistent definition. */
 int nkp_virt_domain_define(NkpVirt *v, const char *xml);
+/* Starts a new domain from `xml`: transient (createXML, nothing defined),
+ * else defined, then started. */
+int nkp_virt_domain_create(NkpVirt *v, const char *xml, bool transient);
 /* Names of every defined (persistent) domain, sorted. */
 int nkp_virt_domain_list(NkpVirt *v, GPtrArray **ret_names);
 /* 1 running/paused, 0 shut off, negative error. */

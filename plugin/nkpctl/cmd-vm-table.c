@@ -101,5 +101,10 @@ const NkpctlCommand nkpctl_vm_commands[] = {
         { "vm", "status", "DOMAIN", "Show whether a VM is plain, encrypted or locked.",
           NULL, NULL, 1, 1, vm_status },
         { "vm", "list", "", "Show the status of every defined VM.", NULL, NULL, 0, 0, vm_list },
+        { "vm", "create", "FILE.xml", "Create a new VM with its vTPM encrypted from the start.",
+          "Enrols the domain XML's plain emulated vTPM (a <uuid> is needed) before libvirt sees "
+          "it, then defines it (--start: and starts it; --transient: starts it as virsh create "
+          "does, defining nothing). The way to create vTPM VMs under [vtpm] policy=require.",
+          nkpctl_vm_create_options, 1, 1, nkpctl_vm_create },
         { 0 },
 };

@@ -350,3 +350,46 @@ int nkpctl_host_unlock(NkpctlGlobals *g)
                                     still);
         return 0;
 }
+
+/* ==== issue 15: vm create (table row in the vm group's table) ================== */
+/* vm create FILE.xml [--provider NAME] [--start] [--transient]: a new VM
+ * enrolled before libvirt sees it (nkp_vm_create). */
+
+static char *opt_create_provider;
+static gboolean opt_create_start, opt_create_transient;
+
+const GOptionEntry nkpctl_vm_create_options[] = {
+        { "provider", 0, 0, G_OPTION_ARG_STRING, &opt_create_provider,
+          "The provider whose keys protect the VM (default: the host's default)", "NAME" },
+        { "start", 0, 0, G_OPTION_ARG_NONE, &opt_create_start, "Start it once defined", NULL },
+        { "transient", 0, 0, G_OPTION_ARG_NONE, &opt_create_transient,
+          "Start it as a transient domain (virsh create), define nothing", NULL },
+        G_OPTION_ENTRY_NULL,
+};
+
+int nkpctl_vm_create(NkpctlGlobals *g, int argc, char **argv)
+{
+        (void) argc;
+        g_autofree char *xml = NULL;
+        g_autoptr(GError) error = NULL;
+        if (!g_file_get_contents(argv[1], &xml, NULL, &error))
+                return nkpctl_error("Cannot read '%s': %s", argv[1], error->message);
+        g_autoptr(NkpVirt) v = NULL;
+        if (open_virt(g, &v) < 0)
+                return nkpctl_lib_error();
+        unsigned flags = (opt_create_start ? NKP_VM_CREATE_START : 0) |
+                         (opt_create_transient ? NKP_VM_CREATE_TRANSIENT : 0);
+        g_autoptr(nkp_vm_result) res = NULL;
+        if (nkp_vm_create(g->ctx, v, xml, opt_create_provider, flags, &res) < 0)
+                return nkpctl_lib_error();
+        if (g->json) {
+                print_protected_json(res);
+                return 0;
+        }
+        printf("VM '%s': created with its vTPM encrypted by provider '%s'; %s.\n",
+               nkp_vm_result_name(res), nkp_vm_result_provider(res),
+               opt_create_transient ? "started (transient: nothing defined)"
+               : opt_create_start   ? "defined and started"
+                                    : "defined (virsh start it)");
+        return 0;
+}

@@ -75,6 +75,10 @@ int nkpctl_vm_recover(NkpctlGlobals *g, NkpVirt *v, const char *name);
  * whose provider was missing, clears the vm-locked alarms it can. */
 int nkpctl_host_unlock(NkpctlGlobals *g);
 
+/* `vm create FILE.xml` (cmd-vm.c, issue 15 block) and its options. */
+extern const GOptionEntry nkpctl_vm_create_options[];
+int nkpctl_vm_create(NkpctlGlobals *g, int argc, char **argv);
+
 /* Prints "nkpctl: <message>" on stderr; returns the exit code 1. */
 int nkpctl_error(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
 /* Prints "nkpctl: <message>  Try 'nkpctl <g->command> --help'." on stderr
