@@ -111,6 +111,7 @@ pass "virt-install --import --tpm emulator succeeded; the guest wrote its marker
 for ((i = 0; i < 50; i++)); do has_keysafe "$dom" && break; sleep 0.2; done
 has_keysafe "$dom" || fail "nkpd did not enrol $dom"
 lab_virsh a dumpxml --inactive "$dom" | grep -q "<encryption secret=" || fail "$dom: no <encryption secret>"
+for ((i = 0; i < 50; i++)); do grep -q "converted to its own key at its next start" "$LAB_DIR/nkpd.log" && break; sleep 0.2; done
 grep -q "converted to its own key at its next start" "$LAB_DIR/nkpd.log" || fail "nkpd's note is missing"
 uuid=$(lab_virsh a domuuid "$dom" | tr -d '[:space:]')
 pass "nkpd enrolled $dom after its transient first start (keysafe, <encryption secret>)"
