@@ -38,6 +38,14 @@
 #                      qemu+tls://ADDR/system work
 #   LAB_HOST_TPM=1     each host gets its own swtpm as "host TPM" on its own
 #                      127.0.0.1:2321 (see lab_host_tpm)
+#   LAB_FSCRYPT_LIBVIRT=1  each host created gets its /var/lib/libvirt on a
+#                      loop-mounted ext4 with the 'encrypt' feature
+#                      ($h/var-lib-libvirt.img, 256 MiB sparse), mounted in
+#                      the host's mount namespace only and unmounted by
+#                      lab_host_down, so `nkpctl host protect` can encrypt
+#                      /var/lib/libvirt/swtpm (fscrypt).  From outside, read
+#                      that tree with lab_exec (lab_path shows the empty
+#                      skeleton under it), and the raw image with lab_fscrypt_image.
 
 LAB_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 : "${NKP_LAB_CACHE:=/var/cache/nkp-lab}"
@@ -294,6 +302,12 @@ lab_host_create() {
             binds+="mount --bind '$h/files/$(basename "$f")' '$f'"$'\n'
         fi
     done
+    if [ "${LAB_FSCRYPT_LIBVIRT:-0}" = 1 ]; then
+        truncate -s 256M "$h/var-lib-libvirt.img"
+        mkfs.ext4 -q -F -O encrypt "$h/var-lib-libvirt.img" || { lab_say "mkfs.ext4 -O encrypt failed"; return 1; }
+        binds+="mount -o loop '$h/var-lib-libvirt.img' /var/lib/libvirt"$'\n'
+        binds+="cp -a '$h/fs/var-lib-libvirt/.' /var/lib/libvirt/"$'\n'
+    fi
     if ! unshare --mount="$h/ns/mnt" --uts="$h/ns/uts" --net="$h/ns/net" --propagation private \
         /bin/bash -euc "
             $binds
@@ -470,6 +484,13 @@ lab_host_stop() {
     lab_say "WARNING: processes of $name survive SIGKILL: $(lab_host_pids "$name" | tr '\n' ' ')"
 }
 
+# lab_fscrypt_image NAME: host NAME's raw /var/lib/libvirt image (LAB_FSCRYPT_LIBVIRT=1),
+# after its filesystem is synced: what a stolen disk would show.
+lab_fscrypt_image() {
+    lab_exec "$1" sync -f /var/lib/libvirt
+    echo "$(lab_hostdir "$1")/var-lib-libvirt.img"
+}
+
 # lab_host_restart NAME: stop all its daemons and VMs, start libvirtd again.
 lab_host_restart() { lab_host_stop "$1" && lab_host_start "$1"; }
 
@@ -478,6 +499,10 @@ lab_host_down() {
     local name=$1 h; h=$(lab_hostdir "$name")
     [ -d "$h" ] || return 0
     lab_host_stop "$name"
+    if [ -e "$h/var-lib-libvirt.img" ]; then
+        lab_exec "$name" umount /var/lib/libvirt 2>/dev/null ||
+            lab_exec "$name" umount -l /var/lib/libvirt 2>/dev/null || true
+    fi
     local f
     for f in mnt uts net; do
         if mountpoint -q "$h/ns/$f" 2>/dev/null || grep -q " $h/ns/$f " /proc/self/mountinfo; then

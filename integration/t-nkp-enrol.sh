@@ -78,7 +78,7 @@ plain_domain "$dom" "$mark"
 add_tpm "$dom"
 has_keysafe "$dom" && fail "enrolled without nkpd?"
 if err=$(lab_virsh a start "$dom" 2>&1); then fail "a plain vTPM with no state started (nkpd not running)"; fi
-grep -q "not enrolled with nkp" <<<"$err" && grep -q "nkpctl vm encrypt" <<<"$err" || fail "race start error: $err"
+grep -q "would write its state in clear" <<<"$err" && grep -q "nkpctl vm encrypt" <<<"$err" || fail "race start error: $err"
 uuid=$(lab_virsh a domuuid "$dom" | tr -d '[:space:]')
 [ ! -e "$(lab_path a "/var/lib/libvirt/swtpm/$uuid")/tpm2/tpm2-00.permall" ] || fail "clear vTPM state written by a refused start"
 pass "start before enrolment refused with nkp's line and the fix, no state written"

@@ -195,6 +195,23 @@ int nkp_vm_encrypt(nkp_context *ctx, nkp_virt *v, const char *domain, const char
  * another key), -EBADMSG a wrapped key does not open. */
 int nkp_vm_decrypt(nkp_context *ctx, nkp_virt *v, const char *domain, nkp_vm_result **ret);
 
+/* `nkpctl vm create FILE.xml`: a new VM whose domain XML `xml` (with a
+ * <uuid>) has a plain emulated vTPM is enrolled before libvirt sees it (a
+ * DEK, the keysafe, <encryption secret>), so its vTPM state is encrypted
+ * from its first byte whatever [vtpm] policy says; then defined
+ * (default), defined and started (NKP_VM_CREATE_START), or started as a
+ * transient domain (NKP_VM_CREATE_TRANSIENT, nothing defined).  `provider`
+ * NULL: the default.  *ret names the VM and the provider.  Errors (nothing
+ * changed): -EINVAL no <uuid>/<name> or unknown flags, -EEXIST a keysafe
+ * already, a VM of that name defined or vTPM state for that UUID, -ENOENT
+ * no plain emulated vTPM or no default provider, -EPERM the provider was
+ * never backed up; libvirt's errors (a define that succeeded stays when
+ * only the start fails: the message says so). */
+#define NKP_VM_CREATE_START 1u
+#define NKP_VM_CREATE_TRANSIENT 2u
+int nkp_vm_create(nkp_context *ctx, nkp_virt *v, const char *xml, const char *provider,
+                  unsigned flags, nkp_vm_result **ret);
+
 /* Deep rekey of the shut-off VM `domain`: new DEKs for every object under a
  * new keysafe and new secret UUIDs, the vTPM state and every disk
  * re-encrypted, under `provider` (NULL: the VM's own).  Errors as
@@ -259,8 +276,10 @@ const char *nkp_vm_status_pending_phase(const nkp_vm_status *s);
 bool nkp_vm_status_pending_in_progress(const nkp_vm_status *s);
 void nkp_vm_status_free(nkp_vm_status *s);
 
-/* After a provider came back (restore): the status of every defined VM
- * (as nkp_vm_list), and the vm-locked alarm of every VM that is encrypted
+/* After a provider came back (restore): the host key added to the kernel
+ * when directories are protected (nkp_host_key_load; a failure is logged as
+ * a warning and counted in *ret_still_locked), the status of every defined
+ * VM (as nkp_vm_list), and the vm-locked alarm of every VM that is encrypted
  * (can start) cleared.  *ret_still_locked (may be NULL) counts the VMs
  * still locked.  Errors of libvirt pass through. */
 int nkp_host_unlock(nkp_context *ctx, nkp_virt *v, nkp_vm_status ***ret, size_t *ret_n,
@@ -409,6 +428,54 @@ bool nkp_host_status_cached_deleted(const nkp_host_status *st, size_t i);
  * NULL) = how many were cached.  VMs that need them stay locked until the
  * keys are unsealed again (the next start unseals from the store). */
 int nkp_host_flush_cache(nkp_context *ctx, size_t *ret_forgotten);
+
+/* ---- The host key (issues 14/15; docs/host-key.md) ---------------------
+ * A key per host, derived from a provider's KDK and this host's id
+ * (ROOT/var/lib/nkp/host-id), encrypts at rest (the kernel's fscrypt) the
+ * directories libvirt writes behind nkp's back: first of all the swtpm state
+ * directory ([vtpm] state_dir), where a VM started before nkp could enrol it
+ * (virt-install's transient first start) writes its new vTPM state.  Which
+ * provider and which directories: ROOT/var/lib/nkp/hostkey.ini, written by
+ * nkp_host_protect (a state file, backed up with /var/lib/nkp).  Root only. */
+
+/* `nkpctl host protect`: encrypts `dir` (absolute; NULL: [vtpm] state_dir)
+ * under the host key of `provider` (NULL: the one already recorded, else the
+ * default; it must be backed up), recording both first.  An empty directory
+ * is encrypted in place; one holding files is copied into an encrypted
+ * sibling that takes its place, crash-safely: a rerun after a kill finishes
+ * (no VM using the directory may run meanwhile).  Idempotent.
+ * Errors (nothing changed): -EOPNOTSUPP the filesystem has no fscrypt (the
+ * message names the fix), -EEXIST another provider is recorded or `dir` is
+ * encrypted with another key, -ENOKEY the recorded provider is missing,
+ * -EPERM the provider was never backed up, -EBUSY another run or `dir` is a
+ * mount point, -ENOENT no default provider; hostkey.c's other errors. */
+int nkp_host_protect(nkp_context *ctx, const char *provider, const char *dir);
+
+/* Adds the host key to the kernel (for every recorded directory's
+ * filesystem) when directories are protected and the provider's KDK can be
+ * had (store + TPM, or the key cache).  Called at `host unlock`, at nkpd's
+ * start and by the hook's prepare step on demand.  Returns 0 when nothing
+ * is protected, 1 when the key is in the kernel.  Errors: -ENOKEY the
+ * provider or host id is missing (the directories stay locked; the message
+ * says to restore the provider), -EKEYREJECTED the key made is not the
+ * directories' (a "hostkey-locked" alarm is raised), -EBADMSG a damaged
+ * record. */
+int nkp_host_key_load(nkp_context *ctx);
+
+typedef struct nkp_hostkey_status nkp_hostkey_status;
+/* The recorded provider and every protected directory with its state.
+ * Errors: -EBADMSG a damaged record (no record: an empty status). */
+int nkp_hostkey_status_get(nkp_context *ctx, nkp_hostkey_status **ret);
+void nkp_hostkey_status_free(nkp_hostkey_status *st);
+/* NULL when nothing is protected. */
+const char *nkp_hostkey_status_provider(const nkp_hostkey_status *st);
+const char *nkp_hostkey_status_key_id(const nkp_hostkey_status *st);
+size_t nkp_hostkey_status_n_dirs(const nkp_hostkey_status *st);
+/* By index 0..n-1 (NULL past the end).  The state: "unlocked", "locked",
+ * "locking", "missing", "plain (not finished: …)", "encrypted with another
+ * key", "unreadable". */
+const char *nkp_hostkey_status_dir(const nkp_hostkey_status *st, size_t i);
+const char *nkp_hostkey_status_dir_state(const nkp_hostkey_status *st, size_t i);
 
 /* The EK CA certificate (PEM, free with free()) of the provider with key id
  * `key_id`: derived from its KDK, so every host holding the provider has the
@@ -764,6 +831,7 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_provider, nkp_provider_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_keysafe, nkp_keysafe_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_virt, nkp_virt_close)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_host_status, nkp_host_status_free)
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_hostkey_status, nkp_hostkey_status_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_rekey_result, nkp_rekey_result_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_vm_result, nkp_vm_result_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_vm_status, nkp_vm_status_free)

@@ -257,6 +257,13 @@ int nkp_daemon_new(nkp_context *ctx, const char *uri, unsigned flags, nkp_daemon
         }
         nkp_log(NKP_LOG_INFO, "vTPM certificate signer at '%s' (root and '%s'); [vtpm] policy=%s",
                 d->socket_path, ctx->vtpm_swtpm_user, policy_name(ctx->vtpm_policy));
+        /* The host key at boot, before VMs are started (docs/host-key.md). */
+        int hk = nkp_host_key_load(ctx);
+        if (hk < 0)
+                nkp_log(NKP_LOG_WARNING, "%s", nkp_error_message());
+        else if (hk > 0)
+                nkp_log(NKP_LOG_INFO, "host key added: the protected directories are unlocked");
+        nkp_error_clear();
         *ret = d;
         return 0;
 }

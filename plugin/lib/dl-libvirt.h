@@ -20,6 +20,8 @@
         X(virConnectRegisterCloseCallback)      \
         X(virConnectSetKeepAlive)               \
         X(virConnectUnregisterCloseCallback)    \
+        X(virDomainCreate)                      \
+        X(virDomainCreateXML)                   \
         X(virDomainDefineXML)                   \
         X(virDomainFree)                        \
         X(virDomainGetMetadata)                 \
@@ -61,6 +63,8 @@ int nkp_dlopen_libvirt(void);
 #define virConnectRegisterCloseCallback sym_virConnectRegisterCloseCallback
 #define virConnectSetKeepAlive sym_virConnectSetKeepAlive
 #define virConnectUnregisterCloseCallback sym_virConnectUnregisterCloseCallback
+#define virDomainCreate sym_virDomainCreate
+#define virDomainCreateXML sym_virDomainCreateXML
 #define virDomainDefineXML sym_virDomainDefineXML
 #define virDomainFree sym_virDomainFree
 #define virDomainGetMetadata sym_virDomainGetMetadata

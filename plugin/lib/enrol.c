@@ -11,7 +11,8 @@
  *    domain XML -- nothing is written;
  *  - nkp_vtpm_start_check: the hook's rule for a plain emulator vTPM at
  *    start ([vtpm] policy in nkp.conf);
- *  - nkp_vm_auto_enrol: nkpd's enrolment of a plain vTPM with no state yet.
+ *  - nkp_vm_auto_enrol: nkpd's enrolment of a plain vTPM with no state yet,
+ *    or with state a first start made under the host key (issue 15).
  *
  * Why "no state yet" matters: libvirt hands the vTPM secret to swtpm_setup
  * at the first start, so a vTPM enrolled before its first start never has a
@@ -50,39 +51,6 @@ enum nkp_vtpm_state nkp_vtpm_state(const nkp_context *ctx, const NkpDomain *d)
                 return NKP_VTPM_STATE_UNKNOWN;
         unsigned flags = (unsigned) h[4] << 8 | h[5];
         return (flags & 1) ? NKP_VTPM_STATE_ENCRYPTED : NKP_VTPM_STATE_CLEAR;
-}
-
-/* ---- the provider ------------------------------------------------------------ */
-
-int nkp_provider_pick(nkp_context *ctx, const char *name, nkp_provider **ret)
-{
-        if (name) {
-                int r = nkp_provider_get(ctx, name, ret);
-                if (r == -ENOENT)
-                        return nkp_fail(r, "There is no provider '%s' on this host (see: nkpctl "
-                                           "provider list).",
-                                        name);
-                return r;
-        }
-        nkp_provider **list = NULL;
-        size_t n = 0;
-        int r = nkp_provider_list(ctx, &list, &n);
-        if (r < 0)
-                return r;
-        nkp_provider *found = NULL;
-        for (size_t i = 0; i < n; i++)
-                if (nkp_provider_flags(list[i]) & NKP_PROVIDER_DEFAULT) {
-                        found = list[i];
-                        list[i] = NULL;
-                        break;
-                }
-        nkp_provider_list_free(list, n);
-        if (!found)
-                return nkp_fail(-ENOENT, "No default provider on this host: name one with "
-                                         "--provider NAME, or set one: nkpctl provider "
-                                         "set-default NAME.");
-        *ret = found;
-        return 0;
 }
 
 /* ---- building an enrolment --------------------------------------------------- */
@@ -152,6 +120,17 @@ int nkp_enrol_build(nkp_context *ctx, const NkpDomain *d, const char *xml, const
                                         "VM '%s': the provider with key id %s on this host holds "
                                         "a different key than the one that protects the VM.",
                                         d->name, key_id);
+                /* A fresh KEK salt, the same DEKs: the new definition's
+                 * signature (journal.c) differs from the old one, so a crash
+                 * while disks are added is reconciled to the right side. */
+                g_autoptr(nkp_secret) old_kek = NULL;
+                r = nkp_kek_derive(kdk, nkp_keysafe_kek_salt(ks), key_id, d->uuid, &old_kek);
+                if (r >= 0)
+                        r = nkp_keysafe_rewrap_for(ks, old_kek, nkp_keysafe_provider_name(ks),
+                                                   key_id, fp, kdk);
+                if (r < 0)
+                        return nkp_fail_prefix(r, "VM '%s': its keysafe cannot take another key",
+                                               d->name);
         } else {
                 if (!p)
                         return nkp_fail(-EINVAL, "No provider to enrol VM '%s' with.", d->name);
@@ -210,25 +189,44 @@ int nkp_enrol_build(nkp_context *ctx, const NkpDomain *d, const char *xml, const
 
 /* ---- the rule at start (the hook) --------------------------------------------- */
 
+/* A plain vTPM with no state at start is a new VM's first start (issue 15):
+ * virt-install and virt-manager start a new VM with createXML before they
+ * define it, and `virsh create` never defines it, so nkpd cannot have
+ * enrolled it.  Its state may be made now only where it is encrypted at
+ * rest anyway: a state directory protected by the host key and unlocked
+ * (the key is added here on demand).  nkpd enrols the VM once it is defined
+ * and the prepare step converts that state to the VM's own DEK at its next
+ * start (nkp_vm_adopt_vtpm_state).  The refusals never promise what cannot
+ * work: the domain of a failed createXML is gone, so no "again in a
+ * moment". */
 int nkp_vtpm_start_check(nkp_context *ctx, const NkpDomain *d)
 {
         if (!d->has_vtpm || d->tpm_secret || ctx->vtpm_policy == NKP_VTPM_POLICY_OFF)
                 return 0;
-        enum nkp_vtpm_state st = nkp_vtpm_state(ctx, d);
         if (ctx->vtpm_policy == NKP_VTPM_POLICY_REQUIRE)
                 return nkp_fail(-EPERM,
                                 "VM '%s' cannot start: its vTPM is not encrypted and this host's "
-                                "policy requires it ([vtpm] policy=require in nkp.conf); encrypt "
-                                "it first: nkpctl vm encrypt '%s'",
+                                "policy requires it ([vtpm] policy=require in nkp.conf); create "
+                                "the VM enrolled (nkpctl vm create FILE.xml [--start]), or encrypt "
+                                "a defined one first (nkpctl vm encrypt '%s')",
                                 d->name, d->name);
-        if (st == NKP_VTPM_STATE_NONE)
-                return nkp_fail(-EAGAIN,
-                                "VM '%s' cannot start yet: its new vTPM is not enrolled with nkp "
-                                "(enrolment by nkpd pending); start it again in a moment, or "
-                                "enrol it now: nkpctl vm encrypt '%s'",
-                                d->name, d->name);
-        /* Existing clear state: left alone (vm status reports it). */
-        return 0;
+        if (nkp_vtpm_state(ctx, d) != NKP_VTPM_STATE_NONE)
+                return 0; /* existing clear state: left alone (vm status reports it) */
+        int r = nkp_hostkey_dir_ready(ctx, ctx->vtpm_state_dir, true);
+        if (r > 0)
+                return 0;
+        if (r == -ENOKEY)
+                return nkp_fail_prefix(r, "VM '%s' cannot start: its new vTPM state would "
+                                          "have nowhere encrypted to go",
+                                       d->name);
+        if (r < 0)
+                return nkp_fail_prefix(r, "VM '%s' cannot start", d->name);
+        return nkp_fail(-EPERM,
+                        "VM '%s' cannot start: its new vTPM would write its state in clear, "
+                        "because '%s' is not protected by the host key; protect it once (nkpctl "
+                        "host protect), or enrol the VM first (nkpctl vm create FILE.xml; a "
+                        "defined VM: nkpctl vm encrypt '%s')",
+                        d->name, ctx->vtpm_state_dir, d->name);
 }
 
 /* ---- nkpd: automatic enrolment ------------------------------------------------ */
@@ -272,7 +270,13 @@ int nkp_vm_auto_enrol(nkp_context *ctx, NkpVirt *v, const char *name, char **ret
                                 return 0; /* not ours to guess: vm status shows it */
         }
         enum nkp_vtpm_state st = nkp_vtpm_state(ctx, d);
-        if (st != NKP_VTPM_STATE_NONE) {
+        /* State made by a first start before the definition (virt-install,
+         * issue 15) in the host-key-protected state directory: enrolled
+         * too; the prepare step converts the state at the next start. */
+        bool under_host_key = st == NKP_VTPM_STATE_CLEAR &&
+                              nkp_hostkey_dir_ready(ctx, ctx->vtpm_state_dir, false) > 0;
+        nkp_error_clear();
+        if (st != NKP_VTPM_STATE_NONE && !under_host_key) {
                 if (ret_note)
                         *ret_note = g_strdup_printf(
                                 "VM '%s' has a plain vTPM with existing %s state: left alone "
@@ -295,7 +299,12 @@ int nkp_vm_auto_enrol(nkp_context *ctx, NkpVirt *v, const char *name, char **ret
         r = nkp_virt_domain_define(v, en->xml);
         if (r < 0)
                 return nkp_fail_prefix(r, "VM '%s' cannot be enrolled", name);
-        if (ret_note)
+        if (ret_note && under_host_key)
+                *ret_note = g_strdup_printf("VM '%s': its vTPM is now enrolled with provider '%s'; "
+                                            "its state, made before (under the host key), is "
+                                            "converted to its own key at its next start",
+                                            name, en->provider);
+        else if (ret_note)
                 *ret_note = g_strdup_printf("VM '%s': its new vTPM is now encrypted by provider "
                                             "'%s'",
                                             name, en->provider);

@@ -8,7 +8,11 @@
  *                                  while one runs); the VM's DEKs unwrapped
  *                                  and defined as ephemeral private libvirt
  *                                  secrets; the [vtpm] policy for a plain
- *                                  vTPM; the EK CA ticket of a new vTPM.
+ *                                  vTPM (a new one starts when its state
+ *                                  lands under the host key, enrol.c); a
+ *                                  vTPM state made before nkpd enrolled the
+ *                                  VM converted to its DEK (vm-convert.c);
+ *                                  the EK CA ticket of a new vTPM.
  *   migrate begin (destination)    the checks of "The migrate step" below,
  *                                  then the secrets as for a start.
  *   reconnect begin                the secrets again (libvirtd restarted).
@@ -291,6 +295,8 @@ static int start_nkp_domain(nkp_context *ctx, const char *uri, enum nkp_hook_ste
         int r = define_secrets(ctx, uri, d);
         if (r == 0 && step == NKP_HOOK_START)
                 r = nkp_vtpm_start_check(ctx, d);
+        if (r == 0 && step == NKP_HOOK_START)
+                r = nkp_vm_adopt_vtpm_state(ctx, d);
         if (r == 0 && step == NKP_HOOK_START)
                 r = ekca_ticket(ctx, d);
         return r;

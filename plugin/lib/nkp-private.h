@@ -1,15 +1,16 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * Internals of libnkp shared between its modules, its tests and the
- * programs built in this tree (nkpctl, the hook).  Not installed.
+ * Internals of libnkp shared between its modules and its tests.  Not
+ * installed; the programs include only nkp.h (tests/test-install.sh).
  *
- * Layers (lower never includes higher):
- *   error, secret, util (files, uuid)      — depend on nothing of nkp
- *   crypto (HKDF, AES-GCM), keysafe, p12   — pure functions over bytes
- *   context, store, tpm, cache, alarms     — host state under the root
- *   provider                               — the public provider API on top
- *   domain, virt, journal, enrol, tools    — libvirt glue, qemu-img/swtpm on pipes
- *   vm-convert, vm-status, hook            — the VM operations (nkp.h) on top
+ * Sections by module, grouped by the library's four layers (each a static
+ * library that links only the layers below it: plugin/meson.build checks
+ * it at build time; README "Design in brief" draws them):
+ *   base  error, util, secret, dl
+ *   keys  context, crypto, keysafe, backup (p12), store, tpm, cache,
+ *         provider, alarms, ekca, ekcert, host, hostkey, host-protect
+ *   virt  domain, virt
+ *   vm    journal, enrol, tools, vm-convert, vm-status, vm-rekey, hook, daemon
  */
 #ifndef NKP_PRIVATE_H
 #define NKP_PRIVATE_H
@@ -20,6 +21,8 @@
 #include "nkp/nkp.h"
 
 /* g_autoptr() of the public types: nkp.h defines them after glib.h. */
+
+/* ==== layer base: errors, secret bytes, files, UUIDs (depends on nothing of nkp) === */
 
 /* ---- error.c ------------------------------------------------------------ */
 
@@ -67,6 +70,8 @@ int nkp_random_bytes(void *buf, size_t len);
 /* Lower-case hex of `len` bytes into `out` (2*len+1). */
 void nkp_hex_encode(const uint8_t *in, size_t len, char *out);
 
+/* ==== layer keys: crypto, keysafe, PKCS#12, store, TPM, cache, providers, EK CA, host key === */
+
 /* ---- crypto.c: thin glue over OpenSSL 3 ----------------------------------- */
 
 int nkp_hkdf_sha256(const uint8_t *ikm, size_t ikm_len, const uint8_t *salt, size_t salt_len,
@@ -94,7 +99,7 @@ int nkp_keysafe_new_for(const char *vm_uuid, const char *provider_name, const ch
 int nkp_keysafe_rewrap_for(nkp_keysafe *ks, const nkp_secret *old_kek, const char *provider_name,
                            const char *key_id, const char *fingerprint, const nkp_secret *new_kdk);
 
-/* ---- p12.c: PKCS#12 provider backups (pure, in memory; fuzzed) ---------- */
+/* ---- backup.c: PKCS#12 provider backups (pure, in memory; fuzzed) ------- */
 
 typedef struct {
         char name[NKP_NAME_MAX + 1];
@@ -242,7 +247,157 @@ int nkp_store_entry_new(nkp_context *ctx, const char *name, const char *key_id, 
  * the key cache.  On error nothing is written. */
 int nkp_store_add(nkp_context *ctx, NkpStoreEntry *entry, const nkp_secret *kdk);
 
-/* ==== issue 4 (libvirt side): domain.c, virt.c ============================ */
+/* Provider `name`, else the host's default.  -ENOENT (with the fix). */
+int nkp_provider_pick(nkp_context *ctx, const char *name, nkp_provider **ret);
+
+/* ---- ekca.c: the provider's EK CA ---------------------------------------- */
+/* See plugin/lib/ekca.c for the derivation and the certificate profiles. */
+
+typedef struct NkpEkCa NkpEkCa;
+
+/* The EK CA of provider (name, key id) derived from its KDK: an ECDSA P-384
+ * key and a self-signed CA certificate whose every field but the signature
+ * is the same on every host holding the provider. */
+int nkp_ekca_new(const nkp_secret *kdk, const char *provider_name, const char *key_id,
+                 NkpEkCa **ret);
+/* The same for the provider with `key_id` on this host (store + KDK from the
+ * cache or the store).  -ENOENT when the provider is not here. */
+int nkp_ekca_for_provider(nkp_context *ctx, const char *key_id, NkpEkCa **ret);
+void nkp_ekca_free(NkpEkCa *ca);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpEkCa, nkp_ekca_free)
+
+/* The CA certificate, PEM (free with g_free) or DER. */
+int nkp_ekca_cert_pem(const NkpEkCa *ca, char **ret);
+int nkp_ekca_cert_der(const NkpEkCa *ca, GBytes **ret);
+
+/* What swtpm_setup's create_certs_tool is given (strings as on its command
+ * line; NULL where absent). */
+typedef struct {
+        const char *type;              /* "ek" or "platform" */
+        const char *ek;                /* RSA modulus in hex, or x=<hex>,y=<hex>[,id=<curve>] */
+        const char *vmid;              /* "<name>:<uuid>" (libvirt); the subject CN */
+        const char *tpm_spec_family;   /* EK: "2.0" */
+        const char *tpm_spec_level;    /* EK: "0" */
+        const char *tpm_spec_revision; /* EK: "164" */
+        const char *tpm_manufacturer;  /* "id:00001014" */
+        const char *tpm_model;         /* "swtpm" */
+        const char *tpm_version;       /* "id:20191023" */
+        const char *platform_manufacturer; /* platform certificate only */
+        const char *platform_model;
+        const char *platform_version;
+        bool allow_signing;
+        bool decryption;
+} NkpEkCertRequest;
+
+/* Issues the DER certificate that `req` asks for, signed by `ca`.
+ * -EINVAL for a malformed or incomplete request (the message says what). */
+int nkp_ekca_issue(const NkpEkCa *ca, const NkpEkCertRequest *req, GBytes **ret);
+
+/* Tickets (see ekca.c): the prepare hook's "VM `vm_uuid`'s vTPM is being
+ * manufactured now by provider `key_id`", valid `ttl_seconds`.  No key bytes.
+ * read: -ENOENT none (not an nkp VM), -ETIMEDOUT expired. */
+int nkp_ekca_ticket_write(nkp_context *ctx, const char *vm_uuid, const char *key_id,
+                          unsigned ttl_seconds);
+int nkp_ekca_ticket_read(nkp_context *ctx, const char *vm_uuid, char **ret_key_id);
+void nkp_ekca_ticket_remove(nkp_context *ctx, const char *vm_uuid);
+#define NKP_EKCA_TICKET_TTL 300
+
+/* The UUID at the end of swtpm_setup's --vmid ("<name>:<uuid>"). */
+int nkp_ekca_vmid_uuid(const char *vmid, char ret[NKP_UUID_STRING_LEN + 1]);
+
+/* Root only: the VM's ticket, its provider's CA, the certificate.
+ * -ENOENT no ticket (use swtpm's local CA), -ENOKEY provider not here. */
+int nkp_ekca_sign_request(nkp_context *ctx, const NkpEkCertRequest *req, GBytes **ret,
+                          char **ret_provider);
+
+/* The signer's wire format (nkp-swtpm-certs <-> nkpd, see ekca.c). */
+#define NKP_EKCA_REQ_MAX 8192
+#define NKP_EKCA_SOCKET "/run/nkp/ekca.sock" /* under the context root */
+char *nkp_ekca_request_format(const NkpEkCertRequest *req);
+int nkp_ekca_request_parse(char *text, NkpEkCertRequest *req);
+/* Serves one request on the connected UNIX socket `fd`: the peer must be
+ * root or `allowed_uid` (SO_PEERCRED).  `ret_note` (may be NULL) gets one
+ * line for the log. */
+int nkp_ekca_serve(nkp_context *ctx, int fd, uid_t allowed_uid, char **ret_note);
+
+/* ---- hostkey.c, host-protect.c: the host key and its protected directories */
+/* A key per host, derived from a provider's KDK, encrypts at rest (kernel
+ * fscrypt, policy v2) the directories libvirt writes behind nkp's back: the
+ * swtpm state of VMs nkp has not enrolled yet, managed-save images, dumps,
+ * NVRAM.  See hostkey.c and docs/host-key.md.  Root only.  Every function
+ * returns 0 or a negative errno with a one-line nkp_fail message that names
+ * the directory and the fix. */
+
+#define NKP_HOSTKEY_SIZE 64    /* an fscrypt v2 master key (AES-256-XTS) */
+#define NKP_FSCRYPT_ID_SIZE 16 /* the kernel's key identifier, in every policy */
+
+/* The host key of provider (kdk, key_id) on host `host_id` (a UUID):
+ * HKDF-SHA256(kdk, info = "nkp host key v1" 0x00 key_id host_id), 64 bytes,
+ * a new secret the caller frees.  -EINVAL bad KDK size or ids. */
+int nkp_hostkey_derive(const nkp_secret *kdk, const char *key_id, const char *host_id,
+                       nkp_secret **ret);
+
+/* This host's id: ROOT/var/lib/nkp/host-id (a random UUID, not secret),
+ * made when missing and `create`.  -ENOENT missing (!create), -EBADMSG
+ * damaged. */
+int nkp_hostkey_host_id(nkp_context *ctx, bool create, char ret[NKP_UUID_STRING_LEN + 1]);
+
+/* 0 when the filesystem holding `dir` can encrypt; else -EOPNOTSUPP with
+ * the refusal (tmpfs, ext4 without `tune2fs -O encrypt`, ...).  The
+ * fallback for such filesystems is that refusal (hostkey.c says why). */
+int nkp_fscrypt_check_supported(const char *dir);
+
+/* Adds `key` (NKP_HOSTKEY_SIZE bytes; not kept) to the filesystem holding
+ * `path` (its keyring lives until removed or unmounted); every directory
+ * encrypted under it unlocks.  `ret_identifier` gets the kernel's
+ * identifier.  Adding a key that is there already is fine. */
+int nkp_fscrypt_add_key(const char *path, const nkp_secret *key,
+                        uint8_t ret_identifier[NKP_FSCRYPT_ID_SIZE]);
+
+/* Removes the key `identifier` (every user's claim) from the filesystem
+ * holding `path`: its directories lock.  `ret_busy` (may be NULL) is set
+ * when files were still open and stay readable until closed (state
+ * LOCKING; a later call finishes).  -ENOKEY when the key is not there. */
+int nkp_fscrypt_remove_key(const char *path, const uint8_t identifier[NKP_FSCRYPT_ID_SIZE],
+                           bool *ret_busy);
+
+/* Encrypts the EMPTY directory `dir` under the key `identifier` (added
+ * before): AES-256-XTS contents, AES-256-CTS names, v2.  -ENOTEMPTY,
+ * -EEXIST (another key), -ENOKEY, -EOPNOTSUPP (the refusal). */
+int nkp_fscrypt_set_policy(const char *dir, const uint8_t identifier[NKP_FSCRYPT_ID_SIZE]);
+
+typedef enum {
+        NKP_FSCRYPT_PLAIN,    /* not encrypted (also: a filesystem without fscrypt) */
+        NKP_FSCRYPT_UNLOCKED, /* encrypted, its key present */
+        NKP_FSCRYPT_LOCKED,   /* encrypted, its key absent: names encrypted, open() ENOKEY */
+        NKP_FSCRYPT_LOCKING,  /* key removed, files still open keep it readable */
+} NkpFscryptState;
+const char *nkp_fscrypt_state_name(NkpFscryptState state);
+
+/* The state of `dir`; `ret_identifier` (may be NULL) gets its policy's key
+ * identifier (zeros when plain).  -EMEDIUMTYPE a v1 policy (not nkp's). */
+int nkp_fscrypt_status(const char *dir, NkpFscryptState *ret_state,
+                       uint8_t ret_identifier[NKP_FSCRYPT_ID_SIZE]);
+
+/* `nkpctl host protect` for one directory: encrypts `dir` (absolute) under
+ * the key `identifier`, which must be added.  An empty directory is
+ * encrypted in place; one holding files is copied into an encrypted sibling
+ * that then takes its place (crash-safe: a rerun after a kill at any point
+ * finishes; the states are in hostkey.c).  Idempotent: 0 at once when `dir`
+ * is already protected by that key.  The caller keeps writers out of `dir`
+ * meanwhile.  Refusals change nothing: -EOPNOTSUPP no fscrypt, -ENOKEY key
+ * not added, -EEXIST encrypted with another key, -EBUSY a mount point or a
+ * socket inside, -EUCLEAN siblings in a state protect never leaves. */
+int nkp_hostkey_protect_dir(const char *dir, const uint8_t identifier[NKP_FSCRYPT_ID_SIZE]);
+/* host-protect.c (the public half is nkp.h "The host key").  1 when `dir`
+ * is a recorded protected directory, encrypted with the recorded host key
+ * and unlocked (the key added first when it is locked and `load`); 0 when
+ * it is not protected (no record, not recorded, plain, missing, another
+ * key); -ENOKEY when it is protected but stays locked (the message says
+ * why and the fix), the errors of nkp_host_key_load. */
+int nkp_hostkey_dir_ready(nkp_context *ctx, const char *dir, bool load);
+
+/* ==== layer virt: the libvirt glue (domain XML, connection, secrets, metadata) === */
 
 /* ---- domain.c: the domain XML (the hook's stdin, libvirt's XML) --------- */
 /* Pure functions over text; fuzzed (tests/fuzz/fuzz-domain.c).  Parsing is
@@ -347,6 +502,9 @@ bool nkp_virt_secret_exists(NkpVirt *v, const char *secret_uuid);
 int nkp_virt_domain_xml(NkpVirt *v, const char *name, bool inactive, char **ret);
 /* Defines `xml` as the persistent definition. */
 int nkp_virt_domain_define(NkpVirt *v, const char *xml);
+/* Starts a new domain from `xml`: transient (createXML, nothing defined),
+ * else defined, then started. */
+int nkp_virt_domain_create(NkpVirt *v, const char *xml, bool transient);
 /* Names of every defined (persistent) domain, sorted. */
 int nkp_virt_domain_list(NkpVirt *v, GPtrArray **ret_names);
 /* 1 running/paused, 0 shut off, negative error. */
@@ -400,125 +558,9 @@ int nkp_vm_kek(nkp_context *ctx, const NkpDomain *d, nkp_secret **ret);
  * open.  When `want_values` is false only the provider is checked. */
 int nkp_vm_unlock(nkp_context *ctx, const NkpDomain *d, bool want_values, GPtrArray **ret);
 
-/* ==== issue 7: the provider's EK CA (ekca.c) ================================ */
-/* See plugin/lib/ekca.c for the derivation and the certificate profiles. */
+/* ==== layer vm: journal and lock, enrolment, tools on pipes, the VM operations === */
 
-typedef struct NkpEkCa NkpEkCa;
-
-/* The EK CA of provider (name, key id) derived from its KDK: an ECDSA P-384
- * key and a self-signed CA certificate whose every field but the signature
- * is the same on every host holding the provider. */
-int nkp_ekca_new(const nkp_secret *kdk, const char *provider_name, const char *key_id,
-                 NkpEkCa **ret);
-/* The same for the provider with `key_id` on this host (store + KDK from the
- * cache or the store).  -ENOENT when the provider is not here. */
-int nkp_ekca_for_provider(nkp_context *ctx, const char *key_id, NkpEkCa **ret);
-void nkp_ekca_free(NkpEkCa *ca);
-G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpEkCa, nkp_ekca_free)
-
-/* The CA certificate, PEM (free with g_free) or DER. */
-int nkp_ekca_cert_pem(const NkpEkCa *ca, char **ret);
-int nkp_ekca_cert_der(const NkpEkCa *ca, GBytes **ret);
-
-/* What swtpm_setup's create_certs_tool is given (strings as on its command
- * line; NULL where absent). */
-typedef struct {
-        const char *type;              /* "ek" or "platform" */
-        const char *ek;                /* RSA modulus in hex, or x=<hex>,y=<hex>[,id=<curve>] */
-        const char *vmid;              /* "<name>:<uuid>" (libvirt); the subject CN */
-        const char *tpm_spec_family;   /* EK: "2.0" */
-        const char *tpm_spec_level;    /* EK: "0" */
-        const char *tpm_spec_revision; /* EK: "164" */
-        const char *tpm_manufacturer;  /* "id:00001014" */
-        const char *tpm_model;         /* "swtpm" */
-        const char *tpm_version;       /* "id:20191023" */
-        const char *platform_manufacturer; /* platform certificate only */
-        const char *platform_model;
-        const char *platform_version;
-        bool allow_signing;
-        bool decryption;
-} NkpEkCertRequest;
-
-/* Issues the DER certificate that `req` asks for, signed by `ca`.
- * -EINVAL for a malformed or incomplete request (the message says what). */
-int nkp_ekca_issue(const NkpEkCa *ca, const NkpEkCertRequest *req, GBytes **ret);
-
-/* Tickets (see ekca.c): the prepare hook's "VM `vm_uuid`'s vTPM is being
- * manufactured now by provider `key_id`", valid `ttl_seconds`.  No key bytes.
- * read: -ENOENT none (not an nkp VM), -ETIMEDOUT expired. */
-int nkp_ekca_ticket_write(nkp_context *ctx, const char *vm_uuid, const char *key_id,
-                          unsigned ttl_seconds);
-int nkp_ekca_ticket_read(nkp_context *ctx, const char *vm_uuid, char **ret_key_id);
-void nkp_ekca_ticket_remove(nkp_context *ctx, const char *vm_uuid);
-#define NKP_EKCA_TICKET_TTL 300
-
-/* The UUID at the end of swtpm_setup's --vmid ("<name>:<uuid>"). */
-int nkp_ekca_vmid_uuid(const char *vmid, char ret[NKP_UUID_STRING_LEN + 1]);
-
-/* Root only: the VM's ticket, its provider's CA, the certificate.
- * -ENOENT no ticket (use swtpm's local CA), -ENOKEY provider not here. */
-int nkp_ekca_sign_request(nkp_context *ctx, const NkpEkCertRequest *req, GBytes **ret,
-                          char **ret_provider);
-
-/* The signer's wire format (nkp-swtpm-certs <-> nkpd, see ekca.c). */
-#define NKP_EKCA_REQ_MAX 8192
-#define NKP_EKCA_SOCKET "/run/nkp/ekca.sock" /* under the context root */
-char *nkp_ekca_request_format(const NkpEkCertRequest *req);
-int nkp_ekca_request_parse(char *text, NkpEkCertRequest *req);
-/* Serves one request on the connected UNIX socket `fd`: the peer must be
- * root or `allowed_uid` (SO_PEERCRED).  `ret_note` (may be NULL) gets one
- * line for the log. */
-int nkp_ekca_serve(nkp_context *ctx, int fd, uid_t allowed_uid, char **ret_note);
-
-/* ==== issue 7: enrolling VMs (enrol.c), shared by vm encrypt and nkpd ====== */
-
-enum nkp_vtpm_state {
-        NKP_VTPM_STATE_NONE,      /* never started: no state file */
-        NKP_VTPM_STATE_CLEAR,
-        NKP_VTPM_STATE_ENCRYPTED,
-        NKP_VTPM_STATE_UNKNOWN,   /* unreadable or not swtpm's format */
-};
-/* ctx->vtpm_state_dir/<uuid>/tpm2/tpm2-00.permall (tpm1.2/tpm-00.permall). */
-char *nkp_vtpm_state_file(const nkp_context *ctx, const NkpDomain *d);
-enum nkp_vtpm_state nkp_vtpm_state(const nkp_context *ctx, const NkpDomain *d);
-
-/* Provider `name`, else the host's default.  -ENOENT (with the fix). */
-int nkp_provider_pick(nkp_context *ctx, const char *name, nkp_provider **ret);
-
-typedef struct {
-        char *target;
-        char secret_uuid[NKP_UUID_STRING_LEN + 1];
-        nkp_secret *value; /* hex(DEK) */
-} NkpEnrolDisk;
-
-typedef struct {
-        char *xml;      /* the new definition (keysafe, <encryption>s) */
-        char *provider; /* name of the provider that protects it */
-        bool vtpm;
-        char vtpm_secret_uuid[NKP_UUID_STRING_LEN + 1];
-        nkp_secret *vtpm_value; /* hex(DEK) of the vTPM */
-        GPtrArray *disks;       /* NkpEnrolDisk*, in the order asked */
-} NkpEnrolment;
-void nkp_enrolment_free(NkpEnrolment *en);
-G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpEnrolment, nkp_enrolment_free)
-
-/* Keys, keysafe and new XML for domain `d` (its XML `xml`): a DEK for the
- * vTPM when `vtpm`, one per disk target in `disk_targets` (char*, may be
- * NULL).  A VM that has a keysafe gets the new keys in it, under its own
- * provider (`p` ignored); otherwise a new keysafe for `p`, which must be
- * active.  Writes nothing. */
-int nkp_enrol_build(nkp_context *ctx, const NkpDomain *d, const char *xml, const nkp_provider *p,
-                    bool vtpm, GPtrArray *disk_targets, NkpEnrolment **ret);
-
-/* The hook's rule for a plain emulator vTPM at start ([vtpm] policy):
- * 0 go; -EPERM (require) or -EAGAIN (enrol, no state yet: enrolment
- * pending) with the one-line message. */
-int nkp_vtpm_start_check(nkp_context *ctx, const NkpDomain *d);
-
-/* nkp_vm_auto_enrol (nkpd's automatic enrolment) is public: nkp.h. */
-
-
-/* ==== issue 6: crash safety of file conversions (journal.c) ================= */
+/* ---- journal.c: the VM lock, crash safety of file conversions ------------ */
 /* vm encrypt/decrypt and vm rekey --deep replace files (disks, the vTPM
  * state) and the definition; the journal says what was being done, so that
  * whoever comes next (the command run again, or the hook at the next start)
@@ -618,75 +660,51 @@ int nkp_journal_reconcile(nkp_context *ctx, const NkpJournal *j, const char *sig
  * at the Nth (default first) time it passes `step`. */
 void nkp_test_crash_point(const char *step);
 
-/* ==== issues 14/15: the host key and its protected directories (hostkey.c) == */
-/* A key per host, derived from a provider's KDK, encrypts at rest (kernel
- * fscrypt, policy v2) the directories libvirt writes behind nkp's back: the
- * swtpm state of VMs nkp has not enrolled yet, managed-save images, dumps,
- * NVRAM.  See hostkey.c and docs/host-key.md.  Root only.  Every function
- * returns 0 or a negative errno with a one-line nkp_fail message that names
- * the directory and the fix. */
+/* ---- enrol.c: enrolling VMs (vm encrypt, vm create, nkpd) ---------------- */
 
-#define NKP_HOSTKEY_SIZE 64    /* an fscrypt v2 master key (AES-256-XTS) */
-#define NKP_FSCRYPT_ID_SIZE 16 /* the kernel's key identifier, in every policy */
+enum nkp_vtpm_state {
+        NKP_VTPM_STATE_NONE,      /* never started: no state file */
+        NKP_VTPM_STATE_CLEAR,
+        NKP_VTPM_STATE_ENCRYPTED,
+        NKP_VTPM_STATE_UNKNOWN,   /* unreadable or not swtpm's format */
+};
+/* ctx->vtpm_state_dir/<uuid>/tpm2/tpm2-00.permall (tpm1.2/tpm-00.permall). */
+char *nkp_vtpm_state_file(const nkp_context *ctx, const NkpDomain *d);
+enum nkp_vtpm_state nkp_vtpm_state(const nkp_context *ctx, const NkpDomain *d);
 
-/* The host key of provider (kdk, key_id) on host `host_id` (a UUID):
- * HKDF-SHA256(kdk, info = "nkp host key v1" 0x00 key_id host_id), 64 bytes,
- * a new secret the caller frees.  -EINVAL bad KDK size or ids. */
-int nkp_hostkey_derive(const nkp_secret *kdk, const char *key_id, const char *host_id,
-                       nkp_secret **ret);
+typedef struct {
+        char *target;
+        char secret_uuid[NKP_UUID_STRING_LEN + 1];
+        nkp_secret *value; /* hex(DEK) */
+} NkpEnrolDisk;
 
-/* This host's id: ROOT/var/lib/nkp/host-id (a random UUID, not secret),
- * made when missing and `create`.  -ENOENT missing (!create), -EBADMSG
- * damaged. */
-int nkp_hostkey_host_id(nkp_context *ctx, bool create, char ret[NKP_UUID_STRING_LEN + 1]);
+typedef struct {
+        char *xml;      /* the new definition (keysafe, <encryption>s) */
+        char *provider; /* name of the provider that protects it */
+        bool vtpm;
+        char vtpm_secret_uuid[NKP_UUID_STRING_LEN + 1];
+        nkp_secret *vtpm_value; /* hex(DEK) of the vTPM */
+        GPtrArray *disks;       /* NkpEnrolDisk*, in the order asked */
+} NkpEnrolment;
+void nkp_enrolment_free(NkpEnrolment *en);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpEnrolment, nkp_enrolment_free)
 
-/* 0 when the filesystem holding `dir` can encrypt; else -EOPNOTSUPP with
- * the refusal (tmpfs, ext4 without `tune2fs -O encrypt`, ...).  The
- * fallback for such filesystems is that refusal (hostkey.c says why). */
-int nkp_fscrypt_check_supported(const char *dir);
+/* Keys, keysafe and new XML for domain `d` (its XML `xml`): a DEK for the
+ * vTPM when `vtpm`, one per disk target in `disk_targets` (char*, may be
+ * NULL).  A VM that has a keysafe gets the new keys in it, under its own
+ * provider (`p` ignored); otherwise a new keysafe for `p`, which must be
+ * active.  Writes nothing. */
+int nkp_enrol_build(nkp_context *ctx, const NkpDomain *d, const char *xml, const nkp_provider *p,
+                    bool vtpm, GPtrArray *disk_targets, NkpEnrolment **ret);
 
-/* Adds `key` (NKP_HOSTKEY_SIZE bytes; not kept) to the filesystem holding
- * `path` (its keyring lives until removed or unmounted); every directory
- * encrypted under it unlocks.  `ret_identifier` gets the kernel's
- * identifier.  Adding a key that is there already is fine. */
-int nkp_fscrypt_add_key(const char *path, const nkp_secret *key,
-                        uint8_t ret_identifier[NKP_FSCRYPT_ID_SIZE]);
+/* The hook's rule for a plain emulator vTPM at start ([vtpm] policy):
+ * 0 go; -EPERM (require) or -EAGAIN (enrol, no state yet: enrolment
+ * pending) with the one-line message. */
+int nkp_vtpm_start_check(nkp_context *ctx, const NkpDomain *d);
 
-/* Removes the key `identifier` (every user's claim) from the filesystem
- * holding `path`: its directories lock.  `ret_busy` (may be NULL) is set
- * when files were still open and stay readable until closed (state
- * LOCKING; a later call finishes).  -ENOKEY when the key is not there. */
-int nkp_fscrypt_remove_key(const char *path, const uint8_t identifier[NKP_FSCRYPT_ID_SIZE],
-                           bool *ret_busy);
+/* nkp_vm_auto_enrol (nkpd's automatic enrolment) is public: nkp.h. */
 
-/* Encrypts the EMPTY directory `dir` under the key `identifier` (added
- * before): AES-256-XTS contents, AES-256-CTS names, v2.  -ENOTEMPTY,
- * -EEXIST (another key), -ENOKEY, -EOPNOTSUPP (the refusal). */
-int nkp_fscrypt_set_policy(const char *dir, const uint8_t identifier[NKP_FSCRYPT_ID_SIZE]);
 
-typedef enum {
-        NKP_FSCRYPT_PLAIN,    /* not encrypted (also: a filesystem without fscrypt) */
-        NKP_FSCRYPT_UNLOCKED, /* encrypted, its key present */
-        NKP_FSCRYPT_LOCKED,   /* encrypted, its key absent: names encrypted, open() ENOKEY */
-        NKP_FSCRYPT_LOCKING,  /* key removed, files still open keep it readable */
-} NkpFscryptState;
-const char *nkp_fscrypt_state_name(NkpFscryptState state);
-
-/* The state of `dir`; `ret_identifier` (may be NULL) gets its policy's key
- * identifier (zeros when plain).  -EMEDIUMTYPE a v1 policy (not nkp's). */
-int nkp_fscrypt_status(const char *dir, NkpFscryptState *ret_state,
-                       uint8_t ret_identifier[NKP_FSCRYPT_ID_SIZE]);
-
-/* `nkpctl host protect` for one directory: encrypts `dir` (absolute) under
- * the key `identifier`, which must be added.  An empty directory is
- * encrypted in place; one holding files is copied into an encrypted sibling
- * that then takes its place (crash-safe: a rerun after a kill at any point
- * finishes; the states are in hostkey.c).  Idempotent: 0 at once when `dir`
- * is already protected by that key.  The caller keeps writers out of `dir`
- * meanwhile.  Refusals change nothing: -EOPNOTSUPP no fscrypt, -ENOKEY key
- * not added, -EEXIST encrypted with another key, -EBUSY a mount point or a
- * socket inside, -EUCLEAN siblings in a state protect never leaves. */
-int nkp_hostkey_protect_dir(const char *dir, const uint8_t identifier[NKP_FSCRYPT_ID_SIZE]);
 /* ---- tools.c: running qemu-img and swtpm with keys on pipes ------------- */
 
 /* One run of a tool: argv[0] is looked up in PATH; secrets[i] is readable
@@ -737,6 +755,15 @@ char *nkp_vtpm_scratch_dir(const nkp_context *ctx, const NkpDomain *d);
 /* The persistent definition of domain `name`, parsed (and its XML when
  * `ret_xml` is not NULL). */
 int nkp_vm_definition(NkpVirt *v, const char *name, char **ret_xml, NkpDomain **ret);
+
+/* The prepare step of a VM nkpd enrolled after its vTPM state was made in
+ * clear under the host key (issue 15: virt-install's transient first
+ * start): the state converted to the VM's own DEK, crash-safely (one
+ * rename; the state's header says which side it is on).  0 nothing to do
+ * (no keysafe vTPM key, state absent or already encrypted), 1 converted;
+ * -EBUSY nkpctl holds the VM's lock, nkp_vm_unlock's and the conversion's
+ * errors, each one line "VM 'x' cannot start: …". */
+int nkp_vm_adopt_vtpm_state(nkp_context *ctx, const NkpDomain *d);
 
 /* The command words of a journal op: "rekey-deep" -> "vm rekey --deep". */
 const char *nkp_vm_op_words(const char *op);

@@ -548,3 +548,36 @@ void nkp_provider_free(nkp_provider *p)
 {
         g_free(p);
 }
+
+/* Provider `name`, else the host's default: what every command that
+ * protects a VM starts from. */
+int nkp_provider_pick(nkp_context *ctx, const char *name, nkp_provider **ret)
+{
+        if (name) {
+                int r = nkp_provider_get(ctx, name, ret);
+                if (r == -ENOENT)
+                        return nkp_fail(r, "There is no provider '%s' on this host (see: nkpctl "
+                                           "provider list).",
+                                        name);
+                return r;
+        }
+        nkp_provider **list = NULL;
+        size_t n = 0;
+        int r = nkp_provider_list(ctx, &list, &n);
+        if (r < 0)
+                return r;
+        nkp_provider *found = NULL;
+        for (size_t i = 0; i < n; i++)
+                if (nkp_provider_flags(list[i]) & NKP_PROVIDER_DEFAULT) {
+                        found = list[i];
+                        list[i] = NULL;
+                        break;
+                }
+        nkp_provider_list_free(list, n);
+        if (!found)
+                return nkp_fail(-ENOENT, "No default provider on this host: name one with "
+                                         "--provider NAME, or set one: nkpctl provider "
+                                         "set-default NAME.");
+        *ret = found;
+        return 0;
+}

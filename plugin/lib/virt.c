@@ -274,6 +274,23 @@ int nkp_virt_domain_define(nkp_virt *v, const char *xml)
         return 0;
 }
 
+int nkp_virt_domain_create(nkp_virt *v, const char *xml, bool transient)
+{
+        BOUNDED(v);
+        virDomainPtr dom = transient ? virDomainCreateXML(v->conn, xml, 0)
+                                     : virDomainDefineXML(v->conn, xml);
+        if (!dom)
+                return nkp_fail(virt_errno(), "libvirt refused the new domain: %s.",
+                                last_virt_error());
+        int r = 0;
+        if (!transient && virDomainCreate(dom) < 0)
+                r = nkp_fail(virt_errno(), "The domain is defined, but libvirt could not start "
+                                           "it: %s.",
+                             last_virt_error());
+        virDomainFree(dom);
+        return r;
+}
+
 static gint cmp_str(gconstpointer a, gconstpointer b)
 {
         return strcmp(*(char *const *) a, *(char *const *) b);

@@ -31,9 +31,11 @@
  * (recover_locked: the one recovery, which the hook's prepare step uses
  * too). */
 #include <errno.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <unistd.h>
 
 #include "nkp-private.h"
 
@@ -592,14 +594,51 @@ static int provider_usable(const nkp_provider *p, const char *tail)
                         nkp_provider_name(p), nkp_provider_name(p), tail);
 }
 
+/* `vm encrypt VM --disks …` on a VM nkp already protects (e.g. a vTPM
+ * nkpd enrolled): the disks get DEKs in the VM's own keysafe (re-wrapped
+ * under a fresh KEK salt, same provider, the other DEKs unchanged) and are
+ * converted under the same protocol as a first encrypt. */
+static int add_disks_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, const char *xml,
+                            const char *disks, nkp_vm_result *res)
+{
+        g_autoptr(GPtrArray) jobs = g_ptr_array_new_with_free_func(disk_job_free);
+        int r = parse_disks(d, disks, jobs);
+        if (r < 0)
+                return r;
+        if (jobs->len == 0)
+                return nkp_fail(-ENOENT, "VM '%s' has no plain qcow2 disk to add to its keysafe; "
+                                         "nothing was changed.",
+                                d->name);
+        g_autoptr(GPtrArray) targets = g_ptr_array_new();
+        for (guint i = 0; i < jobs->len; i++)
+                g_ptr_array_add(targets, ((DiskJob *) jobs->pdata[i])->target);
+        g_autoptr(NkpEnrolment) en = NULL;
+        if ((r = nkp_enrol_build(ctx, d, xml, NULL, false, targets, &en)) < 0)
+                return r;
+        for (guint i = 0; i < jobs->len; i++) {
+                DiskJob *j = jobs->pdata[i];
+                j->new_value = g_steal_pointer(&((NkpEnrolDisk *) en->disks->pdata[i])->value);
+        }
+        const Conversion c = { .op = "encrypt", .d = d, .newxml = en->xml, .jobs = jobs };
+        if ((r = convert_and_switch(ctx, v, &c)) < 0)
+                return r;
+        res->provider = g_strdup(en->provider);
+        result_add_disks(res, jobs);
+        return 0;
+}
+
 static int encrypt_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, const char *xml,
                           const OpArgs *a, nkp_vm_result *res)
 {
         const char *provider = a->provider, *disks = a->disks;
+        if (d->keysafe && disks && !provider)
+                return add_disks_locked(ctx, v, d, xml, disks, res);
         if (d->keysafe)
-                return nkp_fail(-EEXIST, "VM '%s' is already encrypted by provider '%s'; to move "
-                                         "it, use: nkpctl vm rekey '%s' --provider NAME.",
-                                d->name, nkp_keysafe_provider_name(d->keysafe), d->name);
+                return nkp_fail(-EEXIST, "VM '%s' is already encrypted by provider '%s'; to add "
+                                         "disks: nkpctl vm encrypt '%s' --disks vda[,vdb] (its own "
+                                         "provider); to move it: nkpctl vm rekey '%s' --provider "
+                                         "NAME.",
+                                d->name, nkp_keysafe_provider_name(d->keysafe), d->name, d->name);
         g_autoptr(nkp_provider) p = NULL;
         int r = nkp_provider_pick(ctx, provider, &p);
         if (r < 0 || (r = provider_usable(p, "")) < 0)
@@ -851,4 +890,137 @@ int nkp_vm_rekey_deep(nkp_context *ctx, nkp_virt *v, const char *domain, const c
 {
         const OpArgs a = { .provider = provider };
         return run_operation(ctx, v, domain, "rekey-deep", rekey_deep_locked, &a, ret);
+}
+
+/* ---- a vTPM state made before its enrolment (issue 15) ----------------------- */
+/* virt-install starts a new VM before it defines it, so swtpm_setup made
+ * its state in clear (swtpm's level) inside the host-key-protected state
+ * directory; nkpd then enrolled the VM (enrol.c).  At the next start the
+ * prepare step converts that state to the VM's own DEK, before swtpm opens
+ * it: nkp_vtpm_convert (swtpm's state-blob interface, the decrypted state in
+ * memfds) writes the encrypted copy as <file>.nkp-new beside the state,
+ * then one rename() puts it in place.
+ *
+ * Crash safety without a journal: one file changes, the definition does
+ * not (it already names the key), and the state file says by its own header
+ * which side it is on.  A kill before the rename leaves the clear state (and
+ * maybe a stale .nkp-new, removed by the next run, which converts again); a
+ * kill after it leaves the encrypted state, which needs nothing more.  The
+ * VM's lock keeps nkpctl and a concurrent start out meanwhile. */
+int nkp_vm_adopt_vtpm_state(nkp_context *ctx, const NkpDomain *d)
+{
+        if (!d->keysafe || !d->has_vtpm || !d->tpm_secret ||
+            nkp_vtpm_state(ctx, d) != NKP_VTPM_STATE_CLEAR)
+                return 0;
+        int fd = -1;
+        int r = nkp_vm_lock(ctx, d->uuid, true, COMMAND_LOCK_WAIT_MS, &fd);
+        if (r == -EBUSY)
+                return nkp_fail(r, "VM '%s' cannot start now: nkpctl is changing its keys; wait "
+                                   "for it to finish, then start it.",
+                                d->name);
+        if (r < 0)
+                return r;
+        g_auto(VmLock) lock = fd;
+        if (nkp_vtpm_state(ctx, d) != NKP_VTPM_STATE_CLEAR)
+                return 0; /* converted meanwhile */
+        g_autoptr(GPtrArray) secrets = NULL;
+        if ((r = nkp_vm_unlock(ctx, d, true, &secrets)) < 0)
+                return r;
+        const nkp_secret *value = NULL;
+        for (guint i = 0; i < secrets->len; i++) {
+                const NkpVmSecret *s = secrets->pdata[i];
+                if (strcmp(s->kind, NKP_OBJECT_VTPM) == 0 &&
+                    g_ascii_strcasecmp(s->secret_uuid, d->tpm_secret) == 0)
+                        value = s->value;
+        }
+        if (!value)
+                return nkp_fail(-EUCLEAN, "VM '%s' cannot start: its vTPM names the secret %s, "
+                                          "which its keysafe does not hold; nothing was changed.",
+                                d->name, d->tpm_secret);
+        g_autofree char *file = nkp_vtpm_state_file(ctx, d);
+        g_autofree char *staged = g_strconcat(file, ".nkp-new", NULL);
+        if (unlink(staged) < 0 && errno != ENOENT)
+                return nkp_fail(-errno, "Cannot remove the stale '%s': %s.", staged,
+                                g_strerror(errno));
+        if ((r = nkp_vtpm_convert(ctx, d, NULL, value)) < 0 || (r = nkp_vtpm_stage(ctx, d)) < 0)
+                return nkp_fail_prefix(r, "VM '%s' cannot start: its vTPM state cannot be "
+                                          "encrypted with its key",
+                                       d->name);
+        nkp_test_crash_point("adopt-staged");
+        if (rename(staged, file) < 0)
+                return nkp_fail(-errno, "VM '%s' cannot start: cannot put its encrypted vTPM "
+                                        "state in place: %s.",
+                                d->name, g_strerror(errno));
+        (void) nkp_fsync_dir_of(file);
+        nkp_log(NKP_LOG_INFO, "VM '%s': its vTPM state, made before nkp enrolled it, is now "
+                              "encrypted with its own key.",
+                d->name);
+        return 1;
+}
+
+/* ---- create (issue 15) ------------------------------------------------------ */
+/* A new VM enrolled before libvirt ever sees it: the vTPM has no state yet,
+ * so libvirt hands its secret to swtpm_setup at the first start and no
+ * byte of it is ever clear, whatever [vtpm] policy says (the way to create
+ * VMs under `require`).  Nothing is written but what libvirt writes. */
+int nkp_vm_create(nkp_context *ctx, nkp_virt *v, const char *xml, const char *provider,
+                  unsigned flags, nkp_vm_result **ret)
+{
+        if (flags & ~(unsigned) (NKP_VM_CREATE_START | NKP_VM_CREATE_TRANSIENT))
+                return nkp_fail(-EINVAL, "Unknown vm create flags 0x%x.", flags);
+        g_autoptr(NkpDomain) d = NULL;
+        int r = nkp_domain_parse(xml, strlen(xml), &d);
+        if (r < 0)
+                return nkp_fail_prefix(r, "The domain XML cannot be read");
+        if (!d->name || !d->uuid)
+                return nkp_fail(-EINVAL, "The domain XML has no <name> or no <uuid>; nkp binds a "
+                                         "VM's keys to its UUID: add one (<uuid>$(uuidgen)</uuid>, "
+                                         "or virt-install --print-xml writes one). Nothing was "
+                                         "changed.");
+        if (d->keysafe)
+                return nkp_fail(-EEXIST, "The domain XML of VM '%s' already carries an nkp "
+                                         "keysafe; define it as it is (virsh define). Nothing was "
+                                         "changed.",
+                                d->name);
+        if (!d->has_vtpm || d->tpm_secret)
+                return nkp_fail(-ENOENT, "VM '%s' has no plain emulated vTPM to enrol; define it "
+                                         "with virsh define, then encrypt its disks with nkpctl "
+                                         "vm encrypt '%s' --disks vda. Nothing was changed.",
+                                d->name, d->name);
+        g_autofree char *existing = NULL;
+        r = nkp_virt_domain_xml(v, d->name, true, &existing);
+        if (r == 0)
+                return nkp_fail(-EEXIST, "A VM named '%s' is already defined; protect it with "
+                                         "nkpctl vm encrypt '%s'. Nothing was changed.",
+                                d->name, d->name);
+        if (r != -ENOENT)
+                return r;
+        nkp_error_clear();
+        if (nkp_vtpm_state(ctx, d) != NKP_VTPM_STATE_NONE) {
+                g_autofree char *f = nkp_vtpm_state_file(ctx, d);
+                return nkp_fail(-EEXIST, "VM '%s' is not new: its vTPM state '%s' exists already; "
+                                         "define it and use nkpctl vm encrypt '%s'. Nothing was "
+                                         "changed.",
+                                d->name, f, d->name);
+        }
+        g_autoptr(nkp_provider) p = NULL;
+        if ((r = nkp_provider_pick(ctx, provider, &p)) < 0 ||
+            (r = provider_usable(p, " Nothing was changed.")) < 0)
+                return r;
+        g_autoptr(NkpEnrolment) en = NULL;
+        if ((r = nkp_enrol_build(ctx, d, xml, p, true, NULL, &en)) < 0)
+                return r;
+        if (flags & NKP_VM_CREATE_TRANSIENT)
+                r = nkp_virt_domain_create(v, en->xml, true);
+        else if (flags & NKP_VM_CREATE_START)
+                r = nkp_virt_domain_create(v, en->xml, false);
+        else
+                r = nkp_virt_domain_define(v, en->xml);
+        if (r < 0)
+                return r;
+        g_autoptr(nkp_vm_result) res = result_new(d->name);
+        res->provider = g_strdup(nkp_provider_name(p));
+        res->vtpm = true;
+        *ret = g_steal_pointer(&res);
+        return 0;
 }

@@ -204,12 +204,18 @@ int nkp_vm_list(nkp_context *ctx, nkp_virt *v, nkp_vm_status ***ret, size_t *ret
 int nkp_host_unlock(nkp_context *ctx, nkp_virt *v, nkp_vm_status ***ret, size_t *ret_n,
                     unsigned *ret_still_locked)
 {
+        /* The host key first: VMs whose vTPM state lives in a protected
+         * directory need it as much as their provider. */
+        unsigned still = 0;
+        if (nkp_host_key_load(ctx) < 0) {
+                nkp_log(NKP_LOG_WARNING, "%s", nkp_error_message());
+                still++;
+        }
         nkp_vm_status **list = NULL;
         size_t n = 0;
         int r = nkp_vm_list(ctx, v, &list, &n);
         if (r < 0)
                 return r;
-        unsigned still = 0;
         for (size_t i = 0; i < n; i++) {
                 if (list[i]->state == NKP_VM_ENCRYPTED)
                         (void) nkp_alarm_clear(ctx, "vm-locked", list[i]->name);

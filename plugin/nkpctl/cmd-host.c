@@ -6,6 +6,9 @@
  *                      the number of alarms.  --json: one document.
  *   host flush-cache   forget every unsealed key now, as a reboot does.
  *   host unlock        after a restore: re-check locked VMs (cmd-vm.c).
+ *   host protect [--provider NAME] [--dir DIR]
+ *                      encrypt DIR (default: the swtpm state directory) at
+ *                      rest with the host key (nkp.h "The host key").
  * The handlers and their rows of the command table (nkpctl.c). */
 #include <stdio.h>
 
@@ -25,7 +28,44 @@ static int alarm_count(NkpctlGlobals *g)
         return (int) n;
 }
 
-static void status_json(NkpctlGlobals *g, const nkp_host_status *st, int alarms)
+static void hostkey_json(JsonBuilder *b, const nkp_hostkey_status *hk)
+{
+        json_builder_set_member_name(b, "host_key");
+        json_builder_begin_object(b);
+        json_builder_set_member_name(b, "provider");
+        if (nkp_hostkey_status_provider(hk))
+                json_builder_add_string_value(b, nkp_hostkey_status_provider(hk));
+        else
+                json_builder_add_null_value(b);
+        json_builder_set_member_name(b, "protected");
+        json_builder_begin_array(b);
+        for (size_t i = 0; i < nkp_hostkey_status_n_dirs(hk); i++) {
+                json_builder_begin_object(b);
+                json_builder_set_member_name(b, "dir");
+                json_builder_add_string_value(b, nkp_hostkey_status_dir(hk, i));
+                json_builder_set_member_name(b, "state");
+                json_builder_add_string_value(b, nkp_hostkey_status_dir_state(hk, i));
+                json_builder_end_object(b);
+        }
+        json_builder_end_array(b);
+        json_builder_end_object(b);
+}
+
+static void hostkey_text(const nkp_hostkey_status *hk)
+{
+        if (!nkp_hostkey_status_provider(hk)) {
+                printf("Host key:         none (nothing protected: nkpctl host protect)\n");
+                return;
+        }
+        printf("Host key:         from provider '%s' (key id %s)\n",
+               nkp_hostkey_status_provider(hk), nkp_hostkey_status_key_id(hk));
+        for (size_t i = 0; i < nkp_hostkey_status_n_dirs(hk); i++)
+                printf("  %-32s %s\n", nkp_hostkey_status_dir(hk, i),
+                       nkp_hostkey_status_dir_state(hk, i));
+}
+
+static void status_json(NkpctlGlobals *g, const nkp_host_status *st, int alarms,
+                        const nkp_hostkey_status *hk)
 {
         g_autoptr(JsonBuilder) b = json_builder_new();
         json_builder_begin_object(b);
@@ -57,6 +97,8 @@ static void status_json(NkpctlGlobals *g, const nkp_host_status *st, int alarms)
                 json_builder_end_object(b);
         }
         json_builder_end_array(b);
+        if (hk)
+                hostkey_json(b, hk);
         json_builder_set_member_name(b, "alarms");
         if (alarms >= 0)
                 json_builder_add_int_value(b, alarms);
@@ -66,7 +108,8 @@ static void status_json(NkpctlGlobals *g, const nkp_host_status *st, int alarms)
         nkpctl_print_json(json_builder_get_root(b));
 }
 
-static void status_text(NkpctlGlobals *g, const nkp_host_status *st, int alarms)
+static void status_text(NkpctlGlobals *g, const nkp_host_status *st, int alarms,
+                        const nkp_hostkey_status *hk)
 {
         const char *tcti = nkp_context_tcti(g->ctx);
         if (!nkp_host_status_tpm_in_use(st))
@@ -84,6 +127,8 @@ static void status_text(NkpctlGlobals *g, const nkp_host_status *st, int alarms)
                        nkp_host_status_cached_deleted(st, i)
                                ? "  (deleted from the store; gone at reboot)"
                                : "");
+        if (hk)
+                hostkey_text(hk);
         if (alarms >= 0)
                 printf("Alarms:           %d%s\n", alarms, alarms ? " (see nkpctl alarms)" : "");
         else
@@ -98,10 +143,13 @@ static int host_status(NkpctlGlobals *g, int argc, char **argv)
         if (nkp_host_status_get(g->ctx, &st) < 0)
                 return nkpctl_lib_error();
         int alarms = alarm_count(g);
+        g_autoptr(nkp_hostkey_status) hk = NULL;
+        if (nkp_hostkey_status_get(g->ctx, &hk) < 0)
+                fprintf(stderr, "nkpctl: warning: %s\n", nkp_error_message());
         if (g->json)
-                status_json(g, st, alarms);
+                status_json(g, st, alarms, hk);
         else
-                status_text(g, st, alarms);
+                status_text(g, st, alarms, hk);
         return 0;
 }
 
@@ -134,6 +182,45 @@ static int host_unlock(NkpctlGlobals *g, int argc, char **argv)
         return nkpctl_host_unlock(g);
 }
 
+/* ---- host protect (issues 14/15) ------------------------------------------- */
+
+static char *opt_protect_provider, *opt_protect_dir;
+
+static int host_protect(NkpctlGlobals *g, int argc, char **argv)
+{
+        (void) argc;
+        (void) argv;
+        if (nkp_host_protect(g->ctx, opt_protect_provider, opt_protect_dir) < 0)
+                return nkpctl_lib_error();
+        g_autoptr(nkp_hostkey_status) hk = NULL;
+        if (nkp_hostkey_status_get(g->ctx, &hk) < 0)
+                return nkpctl_lib_error();
+        if (g->json) {
+                g_autoptr(JsonBuilder) b = json_builder_new();
+                json_builder_begin_object(b);
+                hostkey_json(b, hk);
+                json_builder_end_object(b);
+                nkpctl_print_json(json_builder_get_root(b));
+        } else {
+                printf("Protected by the host key of provider '%s':\n",
+                       nkp_hostkey_status_provider(hk));
+                for (size_t i = 0; i < nkp_hostkey_status_n_dirs(hk); i++)
+                        printf("  %-32s %s\n", nkp_hostkey_status_dir(hk, i),
+                               nkp_hostkey_status_dir_state(hk, i));
+        }
+        return 0;
+}
+
+static const GOptionEntry protect_options[] = {
+        { "provider", 0, 0, G_OPTION_ARG_STRING, &opt_protect_provider,
+          "The provider the host key comes from (default: the one already used, else the "
+          "host's default)", "NAME" },
+        { "dir", 0, 0, G_OPTION_ARG_STRING, &opt_protect_dir,
+          "The directory to protect (default: the swtpm state directory, [vtpm] state_dir)",
+          "DIR" },
+        G_OPTION_ENTRY_NULL,
+};
+
 const NkpctlCommand nkpctl_host_commands[] = {
         { "host", "status", "",
           "Show the TPM, the key cache and the alarm count.",
@@ -145,5 +232,14 @@ const NkpctlCommand nkpctl_host_commands[] = {
           "stay locked.", NULL, 0, 0, host_unlock },
         { "host", "flush-cache", "", "Forget every unsealed provider key now.",
           NULL, NULL, 0, 0, host_flush },
+        { "host", "protect", "",
+          "Encrypt a directory at rest with the host key (default: the swtpm state directory).",
+          "The host key is derived from a provider (backed up) and this host's id; the kernel's "
+          "file encryption (fscrypt: ext4 with the 'encrypt' feature, f2fs) encrypts DIR under "
+          "it, so a VM started before nkp enrols it (virt-install, virsh create) writes its new "
+          "vTPM state encrypted. A directory holding files is converted crash-safely (rerun "
+          "after an interruption); run it with no VM using DIR running. The key is added again "
+          "at every boot by nkpd, nkpctl host unlock or the first VM start.",
+          protect_options, 0, 0, host_protect },
         { 0 },
 };

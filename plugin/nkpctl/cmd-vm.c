@@ -294,6 +294,49 @@ int nkpctl_host_unlock(NkpctlGlobals *g)
         return 0;
 }
 
+/* ---- vm create ----------------------------------------------------------- */
+/* vm create FILE.xml [--provider NAME] [--start] [--transient]: a new VM
+ * enrolled before libvirt sees it (nkp_vm_create). */
+
+static char *opt_create_provider;
+static gboolean opt_create_start, opt_create_transient;
+
+static const GOptionEntry create_options[] = {
+        { "provider", 0, 0, G_OPTION_ARG_STRING, &opt_create_provider,
+          "The provider whose keys protect the VM (default: the host's default)", "NAME" },
+        { "start", 0, 0, G_OPTION_ARG_NONE, &opt_create_start, "Start it once defined", NULL },
+        { "transient", 0, 0, G_OPTION_ARG_NONE, &opt_create_transient,
+          "Start it as a transient domain (virsh create), define nothing", NULL },
+        G_OPTION_ENTRY_NULL,
+};
+
+static int vm_create(NkpctlGlobals *g, int argc, char **argv)
+{
+        (void) argc;
+        g_autofree char *xml = NULL;
+        g_autoptr(GError) error = NULL;
+        if (!g_file_get_contents(argv[1], &xml, NULL, &error))
+                return nkpctl_error("Cannot read '%s': %s", argv[1], error->message);
+        g_autoptr(nkp_virt) v = NULL;
+        if (nkpctl_virt_open(g, &v) < 0)
+                return nkpctl_lib_error();
+        unsigned flags = (opt_create_start ? NKP_VM_CREATE_START : 0) |
+                         (opt_create_transient ? NKP_VM_CREATE_TRANSIENT : 0);
+        g_autoptr(nkp_vm_result) res = NULL;
+        if (nkp_vm_create(g->ctx, v, xml, opt_create_provider, flags, &res) < 0)
+                return nkpctl_lib_error();
+        if (g->json) {
+                print_protected_json(res);
+                return 0;
+        }
+        printf("VM '%s': created with its vTPM encrypted by provider '%s'; %s.\n",
+               nkp_vm_result_name(res), nkp_vm_result_provider(res),
+               opt_create_transient ? "started (transient: nothing defined)"
+               : opt_create_start   ? "defined and started"
+                                    : "defined (virsh start it)");
+        return 0;
+}
+
 /* ---- the table --------------------------------------------------------- */
 
 static const GOptionEntry encrypt_options[] = {
@@ -329,5 +372,10 @@ const NkpctlCommand nkpctl_vm_commands[] = {
         { "vm", "status", "DOMAIN", "Show whether a VM is plain, encrypted or locked.",
           NULL, NULL, 1, 1, vm_status },
         { "vm", "list", "", "Show the status of every defined VM.", NULL, NULL, 0, 0, vm_list },
+        { "vm", "create", "FILE.xml", "Create a new VM with its vTPM encrypted from the start.",
+          "Enrols the domain XML's plain emulated vTPM (a <uuid> is needed) before libvirt sees "
+          "it, then defines it (--start: and starts it; --transient: starts it as virsh create "
+          "does, defining nothing). The way to create vTPM VMs under [vtpm] policy=require.",
+          create_options, 1, 1, vm_create },
         { 0 },
 };
