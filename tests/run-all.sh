@@ -15,9 +15,11 @@ trap 'rm -f "$results"' EXIT
 
 phase() { printf "\n==== %s (at %ss) ====\n" "$*" "$SECONDS"; }
 
-# Appends "RESULT name" lines from a meson build's testlog.json.
+# Appends "RESULT name" lines from the test log a run_suite call wrote
+# (its own file per label: another meson test in the same build directory
+# cannot overwrite it).
 collect() { # build-dir label
-        python3 - "$1/meson-logs/testlog.json" "$2" >>"$results" <<'PY'
+        python3 - "$1/meson-logs/run-all-$2.json" "$2" >>"$results" <<'PY'
 import json, sys
 path, label = sys.argv[1], sys.argv[2]
 try:
@@ -43,8 +45,8 @@ build() { # dir, meson setup args…
 }
 
 run_suite() { # dir label suite
-        rm -f "$1/meson-logs/testlog.json"
-        meson test -C "$1" --suite "$3" --print-errorlogs --no-rebuild
+        rm -f "$1/meson-logs/run-all-$2.json"
+        meson test -C "$1" --suite "$3" --print-errorlogs --no-rebuild --logbase "run-all-$2"
         collect "$1" "$2"
 }
 
