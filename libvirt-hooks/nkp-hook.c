@@ -74,10 +74,11 @@
  * the modular daemons the calls go to virtsecretd, another process.  The
  * deadline above bounds whatever is left (a wedged daemon).
  *
- * Measured in the lab (integration/t-nkp-lifecycle.sh, TCG, 2 vCPUs, a
- * loaded machine): hook prepare for a VM with a vTPM and one disk ~23 ms
- * inside the hook (connect ~6 ms, two secrets defined and set ~14 ms),
- * 33-62 ms median through nsenter; 8 simultaneous `virsh start` of
+ * Cost (bench/bench-hook.sh, README "Benchmarks"): a step with nothing to
+ * do (a domain that is not nkp's, an ignored step) ~4 ms, since libnkp
+ * loads libvirt and tpm2-tss only when it needs them; an nkp VM's prepare
+ * ~19 ms, most of it loading libvirt.  Measured in the lab
+ * (integration/t-nkp-lifecycle.sh, TCG, 2 vCPUs, a loaded machine): 8 simultaneous `virsh start` of
  * encrypted VMs all succeed in ~5 s; 24 simultaneous (more than
  * max_workers = 20) all succeed too: 17.9 s for all 24 first starts
  * (swtpm_setup included), 12.2 s for the next 24 (`virsh start --paused`).
