@@ -60,7 +60,17 @@ fi
 if [ "${NKP_SKIP_ASAN:-0}" != 1 ]; then
         phase "unit tests (ASan + UBSan)"
         if build build-asan -Db_sanitize=address,undefined -Db_lundef=false; then
-                ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+                # intercept_tls_get_addr=0: gcc 12's LeakSanitizer records
+                # the dynamic-TLS blocks of libraries loaded by dlopen (libnkp
+                # loads libvirt on first use) through a __tls_get_addr
+                # interceptor, can record a garbage block after a failed
+                # libvirt connect, and then crashes its own tracer at exit
+                # ("Tracer caught signal 11", "DTLS 9 at 0x7a-…": test-
+                # nkpctl-provider, provider delete --force without libvirt).
+                # Leaks are still checked; dynamic TLS is just not scanned
+                # as a root (nkp keeps no heap pointer only there).
+                ASAN_OPTIONS=detect_leaks=1:intercept_tls_get_addr=0 \
+                UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
                         run_suite build-asan asan unit
         else
                 echo "FAIL build-asan:compile" >>"$results"
