@@ -217,7 +217,7 @@ static void test_signer(Fixture *f, gconstpointer data)
         struct stat st;
         g_assert_cmpint(stat(sock, &st), ==, 0);
         g_assert_true(S_ISSOCK(st.st_mode));
-        g_assert_cmpint(st.st_mode & 0777, ==, 0666);
+        g_assert_cmpint(st.st_mode & 0777, ==, 0660);
 
         const char *uuid = "66666666-6666-4666-8666-666666666666";
         g_autofree char *vmid = g_strdup_printf("vm6:%s", uuid);
@@ -239,7 +239,7 @@ static void test_signer(Fixture *f, gconstpointer data)
 
         g_autoptr(nkp_provider) p = NULL;
         g_assert_cmpint(nkp_provider_get(f->ctx, "auto", &p), ==, 0);
-        g_assert_cmpint(nkp_ekca_ticket_write(f->ctx, uuid, nkp_provider_key_id(p), 300), ==, 0);
+        g_assert_cmpint(nkp_ekca_ticket_write(f->ctx, uuid, "vm6", nkp_provider_key_id(p), 300), ==, 0);
         Client c2 = { .root = f->root, .req = req };
         int r = ask_daemon(d, &c2);
         if (r < 0)
