@@ -8,6 +8,9 @@
  *  - policy=off enrols nothing;
  *  - the signer socket is served by nkp_daemon_iterate (a client thread
  *    asks through nkp_ekcert_request_remote) and removed by nkp_daemon_free;
+ *    one certificate per kind per ticket, the subject from the ticket, a
+ *    --vmid that disagrees refused; a silent client delays no other; a uid
+ *    that is not allowed is refused unread; ROOT/run/nkp made 0750 at start;
  *  - bad flags, a socket path that does not fit.
  * Not covered here: the reconnect after libvirtd restarts (the test driver
  * never closes a connection by itself; integration/t-nkp-enrol.sh runs the
