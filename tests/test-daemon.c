@@ -439,6 +439,37 @@ static void test_signer_slow_client(Fixture *f, gconstpointer data)
         close(silent);
 }
 
+/* At most 16 clients at once: the 17th is told at once, not queued. */
+static void test_signer_bounded(Fixture *f, gconstpointer data)
+{
+        (void) data;
+        g_autoptr(nkp_daemon) d = NULL;
+        g_assert_cmpint(nkp_daemon_new(f->ctx, NULL, NKP_DAEMON_NO_LIBVIRT, &d), ==, 0);
+        int silent[16];
+        for (size_t i = 0; i < G_N_ELEMENTS(silent); i++) {
+                silent[i] = connect_socket(f->root);
+                g_assert_cmpint(silent[i], >=, 0);
+        }
+        g_assert_cmpint(nkp_daemon_iterate(d), ==, 0); /* accepts all 16 */
+        int extra = connect_socket(f->root);
+        g_assert_cmpint(extra, >=, 0);
+        char buf[128] = "";
+        ssize_t n = -1;
+        for (int i = 0; i < 5 && n < 0; i++) {
+                g_assert_cmpint(nkp_daemon_iterate(d), ==, 0);
+                n = recv(extra, buf, sizeof buf - 1, MSG_DONTWAIT);
+        }
+        g_assert_cmpint(n, >, 0);
+        buf[n] = '\0';
+        g_assert_cmpstr(buf, ==, "ERR nkp: nkpd is busy; try again.\n");
+        /* The 16 are still being read (their deadline has not come). */
+        g_assert_cmpint(recv(silent[0], buf, sizeof buf, MSG_DONTWAIT), ==, -1);
+        g_assert_cmpint(errno, ==, EAGAIN);
+        close(extra);
+        for (size_t i = 0; i < G_N_ELEMENTS(silent); i++)
+                close(silent[i]);
+}
+
 /* A client of a uid that is neither root nor the swtpm user (but in its
  * group, so it can reach the socket) is refused before nkpd reads anything:
  * nkpd closes with the request unread, which the client sees as a reset
@@ -546,6 +577,7 @@ int main(int argc, char **argv)
         g_test_add("/daemon/signer-once", Fixture, NULL, setup, test_signer_once, teardown);
         g_test_add("/daemon/signer-slow-client", Fixture, NULL, setup, test_signer_slow_client,
                    teardown);
+        g_test_add("/daemon/signer-bounded", Fixture, NULL, setup, test_signer_bounded, teardown);
         g_test_add("/daemon/signer-peer-refused", Fixture, NULL, setup, test_signer_peer_refused,
                    teardown);
         g_test_add("/daemon/signer-socket-dir", Fixture, NULL, setup, test_signer_socket_dir,
