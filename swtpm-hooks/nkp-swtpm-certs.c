@@ -35,9 +35,11 @@
  *
  *  1. The qemu hook's prepare step (root, runs before swtpm_setup, has the
  *     domain XML on stdin) writes a ticket ROOT/run/nkp/ekca/<vm uuid>
- *     (0600 root, "key_id=…, expires=now+300 s", no key bytes) for an nkp
- *     VM whose vTPM has no state yet: only then does swtpm_setup run.  The
- *     release step removes it.  The ticket maps the VM to its provider
+ *     (0600 root, the provider's key id, the VM's name, expires=now+300 s,
+ *     no key bytes) for an nkp VM whose vTPM has no state yet: only then
+ *     does swtpm_setup run.  It is good for one certificate of each kind
+ *     (RSA EK, ECC EK, platform) whose subject is the ticket's VM; the
+ *     third removes it, and so does the release step (plugin/lib/ekca.c).  The ticket maps the VM to its provider
  *     without asking libvirt, and limits issuing to the window in which that
  *     VM's vTPM is being manufactured.
  *  2. Running as root (the lab, or qemu.conf swtpm_user = "root"): the tool
@@ -46,13 +48,15 @@
  *  3. Running as any other user (tss): the tool cannot read the ticket, the
  *     store or the cache.  It sends the request (public data only: the EK
  *     public key, the vmid, the TPM attributes) over the UNIX socket
- *     ROOT/run/nkp/ekca.sock to nkpd, which runs as root, checks the peer
- *     with SO_PEERCRED (root or the configured swtpm user only, [vtpm]
- *     swtpm_user in nkp.conf, default tss), checks the VM's ticket, signs,
- *     and sends back the DER certificate.  The key never leaves root's
- *     processes.  A tss process can at most obtain a certificate for a VM
- *     whose ticket is live, i.e. during that VM's first start -- which
- *     swtpm_setup, running as tss, does anyway.
+ *     ROOT/run/nkp/ekca.sock (in a 0750 root:<swtpm group> directory) to
+ *     nkpd, which runs as root, checks the peer with SO_PEERCRED before
+ *     reading (root or the configured swtpm user only, [vtpm] swtpm_user in
+ *     nkp.conf, default tss), checks the VM's ticket, signs, and sends back
+ *     the DER certificate.  The key never leaves root's processes.  A tss
+ *     process can at most take one of the three certificates of a VM whose
+ *     ticket is live, i.e. during that VM's first start, and swtpm_setup's
+ *     own request of that kind is then refused (README: what the signer
+ *     promises).
  *  4. No ticket (the VM has no nkp provider, or its vTPM state already
  *     exists): exec swtpm's own local CA (/usr/share/swtpm/swtpm-localca,
  *     else /usr/bin/swtpm_localca) with the same arguments, as if nkp were

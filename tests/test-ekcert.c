@@ -158,7 +158,7 @@ static void test_argv_bad(void)
 
 static void ticket(Fixture *f, const char *key_id, unsigned ttl)
 {
-        g_assert_cmpint(nkp_ekca_ticket_write(f->ctx, VM_UUID, key_id, ttl), ==, 0);
+        g_assert_cmpint(nkp_ekca_ticket_write(f->ctx, VM_UUID, "vm1", key_id, ttl), ==, 0);
 }
 
 static X509 *read_cert(const char *path)

@@ -35,9 +35,9 @@ newroot() {
         printf '[tpm]\ntcti=none\n' > "$1/etc/nkp/nkp.conf"
         chmod 0600 "$1/etc/nkp/nkp.conf"
 }
-ticket() { # ROOT UUID KEY_ID EXPIRES
+ticket() { # ROOT UUID KEY_ID EXPIRES NAME: what the prepare hook writes
         mkdir -p -m 0700 "$1/run/nkp/ekca"
-        printf 'key_id=%s\nexpires=%s\n' "$3" "$4" > "$1/run/nkp/ekca/$2"
+        printf '[ticket]\nkey_id=%s\nname=%s\nexpires=%s\n' "$3" "${5:-vm1}" "$4" > "$1/run/nkp/ekca/$2"
         chmod 0600 "$1/run/nkp/ekca/$2"
 }
 conf() { # FILE TOOL
@@ -60,6 +60,7 @@ NKP_ROOT=$R1 swtpm_setup --tpm2 --tpmstate "$top/st1" --vmid "vm1:$uuid" --logfi
         --write-ek-cert-files "$top/out1" >/dev/null 2>&1
 check "swtpm_setup with nkp-swtpm-certs succeeds" '[ $? -eq 0 ]'
 check "the tool issued 3 certificates (log)" '[ "$(grep -c "with the EK CA of provider .p1." "$top/log1")" = 3 ]'
+check "the three kinds consumed the ticket" '[ ! -e "$R1/run/nkp/ekca/$uuid" ]'
 "$NKPCTL" --root "$R1" provider ca-cert p1 > "$top/ca1.pem"
 for f in ek-rsa2048.crt ek-secp384r1.crt; do
         check "$f verifies against provider ca-cert" \
@@ -95,22 +96,26 @@ ekhex=$(openssl genrsa 2048 2>/dev/null | openssl rsa -noout -modulus 2>/dev/nul
 args=(--type ek --ek "$ekhex" --dir "$top" --tpm2 --tpm-spec-family 2.0 --tpm-spec-level 0
       --tpm-spec-revision 164 --tpm-manufacturer id:00001014 --tpm-model swtpm --tpm-version id:20191023)
 exp=$(cat /proc/sys/kernel/random/uuid)
-ticket "$R1" "$exp" "$kid" $(($(date +%s) - 5))
+ticket "$R1" "$exp" "$kid" $(($(date +%s) - 5)) vm3
 err=$(NKP_ROOT=$R1 NKP_SWTPM_LOCALCA=$top/fake-localca "$TOOL" "${args[@]}" --vmid "vm3:$exp" 2>&1 >/dev/null)
 check "expired ticket: refused with one line" '[ $? -ne 0 ] && grep -q "expired" <<<"$err" && [ "$(grep -c . <<<"$err")" = 1 ]'
 gone=$(cat /proc/sys/kernel/random/uuid)
-ticket "$R1" "$gone" "00000000-0000-4000-8000-00000000dead" $(($(date +%s) + 300))
+ticket "$R1" "$gone" "00000000-0000-4000-8000-00000000dead" $(($(date +%s) + 300)) vm4
 err=$(NKP_ROOT=$R1 "$TOOL" "${args[@]}" --vmid "vm4:$gone" 2>&1 >/dev/null)
 check "provider not here: refused, says restore" '[ $? -ne 0 ] && grep -q "provider restore" <<<"$err"'
 
 # ---- not root: through nkpd's socket ------------------------------------------------
 if [ -x "$NKPD" ] && command -v setpriv >/dev/null && [ "$(id -u)" = 0 ]; then
         chmod 0755 "$R1" "$R1/run" 2>/dev/null
+        chmod 0700 "$R1/run/nkp"  # as a hook run before nkpd leaves it
+        ticket "$R1" "$uuid" "$kid" $(($(date +%s) + 300))
         printf '[tpm]\ntcti=none\n[vtpm]\nswtpm_user=nobody\n' > "$R1/etc/nkp/nkp.conf"
         NKP_ROOT=$R1 "$NKPD" --no-libvirt > "$top/nkpd.log" 2>&1 &
         nkpd_pid=$!
         for _ in $(seq 50); do [ -S "$R1/run/nkp/ekca.sock" ] && break; sleep 0.1; done
         check "nkpd serves the signer socket" '[ -S "$R1/run/nkp/ekca.sock" ]'
+        check "nkpd made /run/nkp 0750 root:nogroup, the socket 0660" \
+                '[ "$(stat -c %a:%U:%G "$R1/run/nkp")" = 750:root:nogroup ] && [ "$(stat -c %a "$R1/run/nkp/ekca.sock")" = 660 ]'
         mkdir -p "$top/dn" && chown nobody "$top/dn"
         out=$(NKP_ROOT=$R1 setpriv --reuid=nobody --regid=nogroup --clear-groups "$TOOL" "${args[@]}" \
                 --vmid "vm1:$uuid" --dir "$top/dn" 2>&1)
@@ -118,9 +123,15 @@ if [ -x "$NKPD" ] && command -v setpriv >/dev/null && [ "$(id -u)" = 0 ]; then
                 '[ $? -eq 0 ] && openssl verify -CAfile "$top/ca1.pem" <(openssl x509 -inform der -in "$top/dn/ek.cert") >/dev/null 2>&1'
         check "nobody cannot read the ticket or the store" \
                 '! setpriv --reuid=nobody --regid=nogroup --clear-groups cat "$R1/run/nkp/ekca/$uuid" "$R1/var/lib/nkp/providers.ini" >/dev/null 2>&1'
+        out=$(NKP_ROOT=$R1 setpriv --reuid=nobody --regid=nogroup --clear-groups "$TOOL" "${args[@]}" \
+                --vmid "vm1:$uuid" --dir "$top/dn" 2>&1)
+        check "the same kind again: refused, one line" '[ $? -ne 0 ] && grep -q "already issued" <<<"$out" && [ "$(grep -c . <<<"$out")" = 1 ]'
+        out=$(NKP_ROOT=$R1 setpriv --reuid=daemon --regid=nogroup --clear-groups "$TOOL" "${args[@]}" \
+                --vmid "vm1:$uuid" --dir "$top/dn" 2>&1)
+        check "another user of the swtpm group is refused by nkpd (SO_PEERCRED)" '[ $? -ne 0 ] && grep -q "swtpm user" <<<"$out"'
         out=$(NKP_ROOT=$R1 setpriv --reuid=daemon --regid=daemon --clear-groups "$TOOL" "${args[@]}" \
                 --vmid "vm1:$uuid" --dir "$top/dn" 2>&1)
-        check "another user is refused by nkpd (SO_PEERCRED)" '[ $? -ne 0 ] && grep -q "swtpm user" <<<"$out"'
+        check "a user outside the swtpm group cannot reach the socket" '[ $? -ne 0 ] && grep -q "Permission denied" <<<"$out"'
         kill "$nkpd_pid"; wait "$nkpd_pid" 2>/dev/null; nkpd_pid=
         check "nkpd removed its socket on exit" '[ ! -e "$R1/run/nkp/ekca.sock" ]'
 else

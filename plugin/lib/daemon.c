@@ -2,9 +2,10 @@
 /* nkpd as a library (public API, nkp.h "Automatic enrolment / daemon"):
  * libvirt's default event loop carries both services,
  *
- *  - the vTPM certificate signer: a listening UNIX socket whose clients are
- *    served one at a time by nkp_ekca_serve (ekca.c: SO_PEERCRED, ticket,
- *    signature), so the CA key stays in this root process;
+ *  - the vTPM certificate signer: a listening UNIX socket in ROOT/run/nkp
+ *    (0750 root:<swtpm user's group>), its clients checked at accept
+ *    (SO_PEERCRED), read without blocking and answered by nkp_ekca_answer
+ *    (ekca.c: ticket, signature), so the CA key stays in this root process;
  *  - automatic enrolment: a connection to libvirt with a lifecycle event
  *    callback; names of "defined" domains are queued by the callback and
  *    enrolled after the loop pass (nkp_vm_auto_enrol, enrol.c), not inside
@@ -15,6 +16,7 @@
  *
  * This file and virt.c are the only ones that call libvirt. */
 #include <errno.h>
+#include <fcntl.h>
 #include <pwd.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -37,7 +39,9 @@ struct nkp_daemon {
         nkp_context *ctx;
         /* the signer */
         uid_t swtpm_uid; /* (uid_t) -1: root only */
+        gid_t swtpm_gid; /* the socket directory's group; 0 (root) if the user is unknown */
         int listen_fd;
+        GPtrArray *clients; /* SignerClient: those being read */
         char *socket_path;
         int listen_watch;
         int tick_timer;
@@ -65,39 +69,157 @@ static const char *policy_name(int policy)
 }
 
 /* ---- the signer socket --------------------------------------------------------- */
+/* Each client is a small state in libvirt's loop, never a blocking read:
+ * SO_PEERCRED right after accept (others are refused before a byte is
+ * read), then its request is read as it arrives, answered when whole, and
+ * dropped at NKP_EKCA_CLIENT_DEADLINE_MS after accept whatever it did.  At
+ * most CLIENT_MAX at once; more are refused at once.  A slow or silent
+ * client costs one slot for 2 s and delays nobody. */
+
+#define CLIENT_MAX 16
+
+typedef struct {
+        nkp_daemon *d;
+        int fd;
+        int watch;
+        int timer;
+        size_t len;
+        char buf[NKP_EKCA_REQ_MAX];
+} SignerClient;
+
+static void client_close(SignerClient *c)
+{
+        if (c->watch >= 0)
+                virEventRemoveHandle(c->watch);
+        if (c->timer >= 0)
+                virEventRemoveTimeout(c->timer);
+        close(c->fd);
+        g_ptr_array_remove_fast(c->d->clients, c);
+        g_free(c);
+}
+
+static void client_answer(SignerClient *c)
+{
+        g_autoptr(GBytes) answer = NULL;
+        g_autofree char *note = NULL;
+        if (nkp_ekca_answer(c->d->ctx, c->buf, c->len, &answer, &note) < 0)
+                nkp_log(NKP_LOG_WARNING, "certificate request refused: %s", nkp_error_message());
+        else if (note)
+                nkp_log(NKP_LOG_INFO, "%s", note);
+        gsize n = 0;
+        const void *p = g_bytes_get_data(answer, &n);
+        /* A few KiB into the empty socket buffer of a fresh connection: never waits;
+         * a client that made it fail gets nothing. */
+        if (send(c->fd, p, n, MSG_DONTWAIT | MSG_NOSIGNAL) != (ssize_t) n)
+                nkp_log(NKP_LOG_WARNING, "cannot send the certificate answer: %s",
+                        g_strerror(errno));
+        client_close(c);
+}
+
+static void on_client_data(int watch, int fd, int events, void *opaque)
+{
+        (void) watch;
+        (void) events;
+        SignerClient *c = opaque;
+        for (;;) {
+                ssize_t n = read(fd, c->buf + c->len, sizeof c->buf - c->len);
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+                        return; /* more later, or the deadline */
+                if (n > 0)
+                        c->len += (size_t) n;
+                if (n <= 0 || c->len == sizeof c->buf ||
+                    nkp_ekca_request_complete(c->buf, c->len)) {
+                        client_answer(c); /* whole, too long or cut: nkp_ekca_answer says */
+                        return;
+                }
+        }
+}
+
+static void on_client_deadline(int timer, void *opaque)
+{
+        (void) timer;
+        SignerClient *c = opaque;
+        nkp_log(NKP_LOG_WARNING, "a certificate client sent no whole request within %d ms: dropped",
+                NKP_EKCA_CLIENT_DEADLINE_MS);
+        nkp_ekca_send_line(c->fd, "ERR nkp: ", "the certificate request did not arrive in time.");
+        client_close(c);
+}
+
+static void client_add(nkp_daemon *d, int fd)
+{
+        if (nkp_ekca_peer_check(fd, d->swtpm_uid) < 0) {
+                nkp_log(NKP_LOG_WARNING, "%s", nkp_error_message());
+                nkp_ekca_send_line(fd, "ERR nkp: ", "only root and libvirt's swtpm user may ask "
+                                                    "for vTPM certificates.");
+                close(fd);
+                return;
+        }
+        if (d->clients->len >= CLIENT_MAX) {
+                nkp_log(NKP_LOG_WARNING, "%d certificate clients at once: one refused", CLIENT_MAX);
+                nkp_ekca_send_line(fd, "ERR nkp: ", "nkpd is busy; try again.");
+                close(fd);
+                return;
+        }
+        SignerClient *c = g_new0(SignerClient, 1);
+        c->d = d;
+        c->fd = fd;
+        c->watch = virEventAddHandle(fd, VIR_EVENT_HANDLE_READABLE, on_client_data, c, NULL);
+        c->timer = virEventAddTimeout(NKP_EKCA_CLIENT_DEADLINE_MS, on_client_deadline, c, NULL);
+        g_ptr_array_add(d->clients, c);
+        if (c->watch < 0 || c->timer < 0) {
+                nkp_log(NKP_LOG_WARNING, "cannot watch a certificate client");
+                client_close(c);
+        }
+}
 
 static void on_client(int watch, int fd, int events, void *opaque)
 {
         (void) watch;
         (void) events;
         nkp_daemon *d = opaque;
-        int c = accept4(fd, NULL, NULL, SOCK_CLOEXEC);
-        if (c < 0)
-                return;
-        g_autofree char *note = NULL;
-        if (nkp_ekca_serve(d->ctx, c, d->swtpm_uid, &note) < 0)
-                nkp_log(NKP_LOG_WARNING, "certificate request refused: %s", nkp_error_message());
-        else if (note)
-                nkp_log(NKP_LOG_INFO, "%s", note);
-        close(c);
+        int c;
+        while ((c = accept4(fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK)) >= 0)
+                client_add(d, c);
+}
+
+/* ROOT/run/nkp: root and the swtpm user's group may enter (the socket), no
+ * one else; set at every start, whoever made it (the hook makes it 0700). */
+static int prepare_socket_dir(nkp_daemon *d, const char *dir)
+{
+        if (g_mkdir_with_parents(dir, 0750) < 0) {
+                int e = errno;
+                return nkp_fail(-e, "Cannot make '%s': %s.", dir, g_strerror(e));
+        }
+        int fd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0 || fchown(fd, 0, d->swtpm_gid) < 0 || fchmod(fd, 0750) < 0) {
+                int e = errno;
+                if (fd >= 0)
+                        close(fd);
+                return nkp_fail(-e, "Cannot make '%s' a directory of root and group %u, mode "
+                                    "0750: %s.",
+                                dir, (unsigned) d->swtpm_gid, g_strerror(e));
+        }
+        close(fd);
+        return 0;
 }
 
 static int listen_signer(nkp_daemon *d)
 {
         g_autofree char *path = nkp_context_path(d->ctx, NKP_EKCA_SOCKET);
         g_autofree char *dir = g_path_get_dirname(path);
-        if (g_mkdir_with_parents(dir, 0755) < 0) {
-                int e = errno;
-                return nkp_fail(-e, "Cannot make '%s': %s.", dir, g_strerror(e));
-        }
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         if (strlen(path) >= sizeof sa.sun_path)
                 return nkp_fail(-ENAMETOOLONG, "The socket path '%s' is too long.", path);
         strcpy(sa.sun_path, path);
+        int r = prepare_socket_dir(d, dir);
+        if (r < 0)
+                return r;
         (void) unlink(path);
         int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-        if (fd < 0 || bind(fd, (struct sockaddr *) &sa, sizeof sa) < 0 || chmod(path, 0666) < 0 ||
-            listen(fd, 16) < 0) {
+        if (fd < 0 || bind(fd, (struct sockaddr *) &sa, sizeof sa) < 0 ||
+            chown(path, 0, d->swtpm_gid) < 0 || chmod(path, 0660) < 0 || listen(fd, 16) < 0) {
                 int e = errno;
                 if (fd >= 0)
                         close(fd);
@@ -111,9 +233,10 @@ static int listen_signer(nkp_daemon *d)
 static void resolve_swtpm_user(nkp_daemon *d)
 {
         struct passwd *pw = getpwnam(d->ctx->vtpm_swtpm_user);
-        if (pw)
+        if (pw) {
                 d->swtpm_uid = pw->pw_uid;
-        else
+                d->swtpm_gid = pw->pw_gid;
+        } else
                 nkp_log(NKP_LOG_WARNING, "swtpm user '%s' unknown: the signer answers root only",
                         d->ctx->vtpm_swtpm_user);
 }
@@ -241,6 +364,7 @@ int nkp_daemon_new(nkp_context *ctx, const char *uri, unsigned flags, nkp_daemon
         d->use_libvirt = !(flags & NKP_DAEMON_NO_LIBVIRT);
         d->uri = g_strdup(uri);
         d->pending = g_ptr_array_new_with_free_func(g_free);
+        d->clients = g_ptr_array_new();
 
         resolve_swtpm_user(d);
         r = listen_signer(d);
@@ -291,6 +415,9 @@ void nkp_daemon_free(nkp_daemon *d)
         if (!d)
                 return;
         disconnect_libvirt(d);
+        while (d->clients->len)
+                client_close(d->clients->pdata[0]);
+        g_ptr_array_unref(d->clients);
         if (d->listen_watch >= 0)
                 virEventRemoveHandle(d->listen_watch);
         if (d->tick_timer >= 0)

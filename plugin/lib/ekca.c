@@ -60,7 +60,9 @@
  * 128-bit serial; signed ecdsa-with-SHA384.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -611,34 +613,65 @@ int nkp_ekca_issue(const NkpEkCa *ca, const NkpEkCertRequest *req, GBytes **ret)
 
 /* ---- who may have a certificate: the hook's tickets ------------------------ */
 /* The prepare hook (root, before swtpm_setup) writes ROOT/run/nkp/ekca/<vm
- * uuid> for an nkp VM whose vTPM has no state yet: "key_id=<provider key
- * id>\nexpires=<unix time>\n", 0600 root in a 0700 directory.  No key bytes.
- * It says "this VM's vTPM is being manufactured now, by this provider".  The
- * signer issues certificates for a VM only while its ticket is there and
- * fresh; release removes it.  No ticket: not nkp's VM, swtpm's own local CA
- * applies. */
+ * uuid> for an nkp VM whose vTPM has no state yet (0600 root in a 0700
+ * directory, no key bytes):
+ *
+ *   [ticket]
+ *   key_id=<provider key id>
+ *   name=<VM name>
+ *   expires=<unix time>
+ *   issued=<kinds already issued, ";"-separated>   (absent at first)
+ *
+ * It says "this VM's vTPM is being manufactured now, by this provider".
+ * swtpm_setup asks for three certificates at a vTPM's first start, one of
+ * each kind: the RSA EK ("ek" with a modulus), the ECC EK ("ek" with x=,y=)
+ * and the platform certificate.  The signer issues each kind once per
+ * ticket, for the VM the ticket names (the requester's --vmid must agree;
+ * the subject is built from the ticket), and removes the ticket when all
+ * three were issued; release removes it too (a start that failed half-way).
+ * So the signer is no oracle: per VM start, at most three certificates,
+ * within the ticket's lifetime.  No ticket: not nkp's VM, swtpm's own local
+ * CA applies. */
 
-#define TICKET_MAX 512
+#define TICKET_MAX 8192
+#define TICKET_GROUP "ticket"
+
+static const char *const ticket_kinds[] = { "ek-rsa", "ek-ecc", "platform" };
 
 static char *ticket_dir(const nkp_context *ctx)
 {
         return g_build_filename(ctx->run_dir, "ekca", NULL);
 }
 
-static int ticket_path(const nkp_context *ctx, const char *vm_uuid, char **ret)
+static int canonical_uuid(const char *vm_uuid, char canon[NKP_UUID_STRING_LEN + 1])
 {
         uint8_t u[16];
-        char canon[NKP_UUID_STRING_LEN + 1];
         if (nkp_uuid_parse(vm_uuid, u) < 0)
                 return nkp_fail(-EINVAL, "'%s' is not a VM UUID.", vm_uuid ? vm_uuid : "");
         nkp_uuid_format(u, canon);
+        return 0;
+}
+
+static int ticket_path(const nkp_context *ctx, const char *vm_uuid, char **ret)
+{
+        char canon[NKP_UUID_STRING_LEN + 1];
+        int r = canonical_uuid(vm_uuid, canon);
+        if (r < 0)
+                return r;
         g_autofree char *dir = ticket_dir(ctx);
         *ret = g_build_filename(dir, canon, NULL);
         return 0;
 }
 
-int nkp_ekca_ticket_write(nkp_context *ctx, const char *vm_uuid, const char *key_id,
-                          unsigned ttl_seconds)
+static int ticket_save(const char *path, GKeyFile *kf)
+{
+        gsize len = 0;
+        g_autofree char *text = g_key_file_to_data(kf, &len, NULL);
+        return nkp_write_file_atomic(path, text, len, 0600, false);
+}
+
+int nkp_ekca_ticket_write(nkp_context *ctx, const char *vm_uuid, const char *vm_name,
+                          const char *key_id, unsigned ttl_seconds)
 {
         uint8_t k[16];
         g_autofree char *path = NULL;
@@ -647,14 +680,18 @@ int nkp_ekca_ticket_write(nkp_context *ctx, const char *vm_uuid, const char *key
                 return r;
         if (nkp_uuid_parse(key_id, k) < 0)
                 return nkp_fail(-EINVAL, "'%s' is not a valid key id.", key_id ? key_id : "");
+        if (!vm_name || !vm_name[0] || !g_utf8_validate(vm_name, -1, NULL))
+                return nkp_fail(-EINVAL, "A certificate ticket needs the VM's name.");
         g_autofree char *dir = ticket_dir(ctx);
         r = nkp_mkdir_private(dir);
         if (r < 0)
                 return r;
-        int64_t expires = g_get_real_time() / G_USEC_PER_SEC + ttl_seconds;
-        g_autofree char *text = g_strdup_printf("key_id=%s\nexpires=%" G_GINT64_FORMAT "\n", key_id,
-                                                expires);
-        return nkp_write_file_atomic(path, text, strlen(text), 0600, false);
+        g_autoptr(GKeyFile) kf = g_key_file_new();
+        g_key_file_set_string(kf, TICKET_GROUP, "key_id", key_id);
+        g_key_file_set_string(kf, TICKET_GROUP, "name", vm_name);
+        g_key_file_set_int64(kf, TICKET_GROUP, "expires",
+                             g_get_real_time() / G_USEC_PER_SEC + ttl_seconds);
+        return ticket_save(path, kf);
 }
 
 void nkp_ekca_ticket_remove(nkp_context *ctx, const char *vm_uuid)
@@ -665,7 +702,9 @@ void nkp_ekca_ticket_remove(nkp_context *ctx, const char *vm_uuid)
         nkp_error_clear();
 }
 
-int nkp_ekca_ticket_read(nkp_context *ctx, const char *vm_uuid, char **ret_key_id)
+/* The ticket of `vm_uuid`, checked (fields, expiry).  -ENOENT none,
+ * -ETIMEDOUT expired, -EBADMSG damaged. */
+static int ticket_load(nkp_context *ctx, const char *vm_uuid, char **ret_path, GKeyFile **ret)
 {
         g_autofree char *path = NULL;
         int r = ticket_path(ctx, vm_uuid, &path);
@@ -679,19 +718,31 @@ int nkp_ekca_ticket_read(nkp_context *ctx, const char *vm_uuid, char **ret_key_i
         if (r < 0)
                 return r;
         g_autoptr(GKeyFile) kf = g_key_file_new();
-        g_autofree char *grouped = g_strconcat("[t]\n", text, NULL);
-        if (!g_key_file_load_from_data(kf, grouped, -1, G_KEY_FILE_NONE, NULL))
+        if (!g_key_file_load_from_data(kf, text, len, G_KEY_FILE_NONE, NULL))
                 return nkp_fail(-EBADMSG, "The certificate ticket '%s' is damaged.", path);
-        g_autofree char *key_id = g_key_file_get_string(kf, "t", "key_id", NULL);
-        gint64 expires = g_key_file_get_int64(kf, "t", "expires", NULL);
+        g_autofree char *key_id = g_key_file_get_string(kf, TICKET_GROUP, "key_id", NULL);
+        g_autofree char *name = g_key_file_get_string(kf, TICKET_GROUP, "name", NULL);
+        gint64 expires = g_key_file_get_int64(kf, TICKET_GROUP, "expires", NULL);
         uint8_t k[16];
-        if (!key_id || nkp_uuid_parse(key_id, k) < 0 || expires <= 0)
+        if (!key_id || nkp_uuid_parse(key_id, k) < 0 || !name || !name[0] || expires <= 0)
                 return nkp_fail(-EBADMSG, "The certificate ticket '%s' is damaged.", path);
         if (expires < g_get_real_time() / G_USEC_PER_SEC)
                 return nkp_fail(-ETIMEDOUT,
                                 "The certificate ticket of VM %s has expired; start the VM again.",
                                 vm_uuid);
-        *ret_key_id = g_steal_pointer(&key_id);
+        if (ret_path)
+                *ret_path = g_steal_pointer(&path);
+        *ret = g_steal_pointer(&kf);
+        return 0;
+}
+
+int nkp_ekca_ticket_read(nkp_context *ctx, const char *vm_uuid, char **ret_key_id)
+{
+        g_autoptr(GKeyFile) kf = NULL;
+        int r = ticket_load(ctx, vm_uuid, NULL, &kf);
+        if (r < 0)
+                return r;
+        *ret_key_id = g_key_file_get_string(kf, TICKET_GROUP, "key_id", NULL);
         return 0;
 }
 
@@ -706,17 +757,108 @@ int nkp_ekca_vmid_uuid(const char *vmid, char ret[NKP_UUID_STRING_LEN + 1])
         return 0;
 }
 
-int nkp_ekca_sign_request(nkp_context *ctx, const NkpEkCertRequest *req, GBytes **ret,
-                          char **ret_provider)
+/* Which of swtpm_setup's three calls `req` is (see the tickets above). */
+static int request_kind(const NkpEkCertRequest *req, const char **ret)
 {
-        char uuid[NKP_UUID_STRING_LEN + 1];
-        int r = nkp_ekca_vmid_uuid(req->vmid, uuid);
+        if (g_strcmp0(req->type, "platform") == 0)
+                *ret = "platform";
+        else if (g_strcmp0(req->type, "ek") == 0)
+                *ret = req->ek && g_str_has_prefix(req->ek, "x=") ? "ek-ecc" : "ek-rsa";
+        else
+                return nkp_fail(-EINVAL, "Unknown certificate type '%s' (ek or platform).",
+                                req->type ? req->type : "");
+        return 0;
+}
+
+/* Holds the tickets' lock (flock on their directory) while `fd` is open:
+ * one request at a time decides and records, nkpd's or a root tool's. */
+static int ticket_lock(nkp_context *ctx, int *ret_fd)
+{
+        g_autofree char *dir = ticket_dir(ctx);
+        int fd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0 && errno == ENOENT)
+                return nkp_fail(-ENOENT, "No nkp certificate tickets on this host.");
+        if (fd < 0) {
+                int e = errno;
+                return nkp_fail(-e, "Cannot open '%s': %s.", dir, g_strerror(e));
+        }
+        while (flock(fd, LOCK_EX) < 0)
+                if (errno != EINTR) {
+                        int e = errno;
+                        close(fd);
+                        return nkp_fail(-e, "Cannot lock '%s': %s.", dir, g_strerror(e));
+                }
+        *ret_fd = fd;
+        return 0;
+}
+
+/* Records `kind` as issued in the ticket at `path`; the last kind removes
+ * it.  Done before the certificate leaves: a ticket that cannot be updated
+ * issues nothing. */
+static int ticket_consume(const char *path, GKeyFile *kf, const char *kind)
+{
+        gsize n = 0;
+        g_auto(GStrv) issued = g_key_file_get_string_list(kf, TICKET_GROUP, "issued", &n, NULL);
+        g_autoptr(GPtrArray) now = g_ptr_array_new();
+        for (gsize i = 0; i < n; i++)
+                g_ptr_array_add(now, issued[i]);
+        g_ptr_array_add(now, (gpointer) kind);
+        if (now->len >= G_N_ELEMENTS(ticket_kinds)) {
+                if (unlink(path) < 0 && errno != ENOENT) {
+                        int e = errno;
+                        return nkp_fail(-e, "Cannot remove the certificate ticket '%s': %s.",
+                                        path, g_strerror(e));
+                }
+                return 0;
+        }
+        g_key_file_set_string_list(kf, TICKET_GROUP, "issued",
+                                   (const char *const *) now->pdata, now->len);
+        return ticket_save(path, kf);
+}
+
+/* The ticket's verdict on `req` for VM `uuid`: its provider key id and the
+ * subject (CN) to use.  The caller holds ticket_lock. */
+static int ticket_admit(nkp_context *ctx, const NkpEkCertRequest *req, const char *uuid,
+                        const char *kind, char **ret_path, GKeyFile **ret_kf, char **ret_cn)
+{
+        g_autoptr(GKeyFile) kf = NULL;
+        g_autofree char *path = NULL;
+        int r = ticket_load(ctx, uuid, &path, &kf);
         if (r < 0)
                 return r;
-        g_autofree char *key_id = NULL;
-        r = nkp_ekca_ticket_read(ctx, uuid, &key_id);
+        g_autofree char *name = g_key_file_get_string(kf, TICKET_GROUP, "name", NULL);
+        g_autofree char *cn = g_strdup_printf("%s:%s", name, uuid);
+        /* swtpm_setup's --vmid is libvirt's "<name>:<uuid>". */
+        char want_uuid[NKP_UUID_STRING_LEN + 1];
+        const char *colon = strrchr(req->vmid, ':');
+        if (!colon || (size_t) (colon - req->vmid) != strlen(name) ||
+            strncmp(req->vmid, name, strlen(name)) != 0 ||
+            nkp_ekca_vmid_uuid(req->vmid, want_uuid) < 0 || strcmp(want_uuid, uuid) != 0)
+                return nkp_fail(-EACCES,
+                                "The VM id '%s' is not the VM whose vTPM is being made ('%s'); "
+                                "nothing was issued.",
+                                req->vmid, cn);
+        g_auto(GStrv) issued = g_key_file_get_string_list(kf, TICKET_GROUP, "issued", NULL, NULL);
+        if (issued && g_strv_contains((const char *const *) issued, kind))
+                return nkp_fail(-EALREADY,
+                                "The %s certificate of VM '%s' was already issued at this start "
+                                "(one of each kind per start); nothing was issued.",
+                                kind, cn);
+        *ret_path = g_steal_pointer(&path);
+        *ret_kf = g_steal_pointer(&kf);
+        *ret_cn = g_steal_pointer(&cn);
+        return 0;
+}
+
+static int sign_admitted(nkp_context *ctx, const NkpEkCertRequest *req, const char *uuid,
+                         const char *kind, GBytes **ret, char **ret_provider)
+{
+        g_autoptr(GKeyFile) kf = NULL;
+        g_autofree char *path = NULL, *cn = NULL;
+        int r = ticket_admit(ctx, req, uuid, kind, &path, &kf, &cn);
         if (r < 0)
                 return r;
+        g_autofree char *key_id = g_key_file_get_string(kf, TICKET_GROUP, "key_id", NULL);
         g_autoptr(NkpEkCa) ca = NULL;
         r = nkp_ekca_for_provider(ctx, key_id, &ca);
         if (r == -ENOENT)
@@ -727,12 +869,32 @@ int nkp_ekca_sign_request(nkp_context *ctx, const NkpEkCertRequest *req, GBytes 
                                 key_id, uuid);
         if (r < 0)
                 return r;
-        r = nkp_ekca_issue(ca, req, ret);
-        if (r < 0)
+        NkpEkCertRequest subject = *req;
+        subject.vmid = cn; /* the ticket's VM, not the requester's word */
+        g_autoptr(GBytes) der = NULL;
+        if ((r = nkp_ekca_issue(ca, &subject, &der)) < 0 ||
+            (r = ticket_consume(path, kf, kind)) < 0)
                 return r;
+        *ret = g_steal_pointer(&der);
         if (ret_provider)
                 *ret_provider = g_strdup(ca->name);
         return 0;
+}
+
+int nkp_ekca_sign_request(nkp_context *ctx, const NkpEkCertRequest *req, GBytes **ret,
+                          char **ret_provider)
+{
+        char uuid[NKP_UUID_STRING_LEN + 1];
+        const char *kind = NULL;
+        int r = nkp_ekca_vmid_uuid(req->vmid, uuid);
+        if (r < 0 || (r = request_kind(req, &kind)) < 0)
+                return r;
+        int lock = -1;
+        if ((r = ticket_lock(ctx, &lock)) < 0)
+                return r;
+        r = sign_admitted(ctx, req, uuid, kind, ret, ret_provider);
+        close(lock);
+        return r;
 }
 
 /* ---- the signer service (nkpd; the wire format of the tool) --------------- */
@@ -810,52 +972,55 @@ int nkp_ekca_request_parse(char *text, NkpEkCertRequest *req)
         return 0;
 }
 
-int nkp_ekca_serve(nkp_context *ctx, int fd, uid_t allowed_uid, char **ret_note)
+int nkp_ekca_peer_check(int fd, uid_t allowed_uid)
 {
         struct ucred cred;
         socklen_t cl = sizeof cred;
-        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) < 0)
-                return nkp_fail(-errno, "Cannot identify the certificate client: %s.", g_strerror(errno));
-        struct timeval tv = { .tv_sec = 5 };
-        (void) setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-        char buf[NKP_EKCA_REQ_MAX + 1];
-        size_t len = 0;
-        while (len < NKP_EKCA_REQ_MAX) {
-                ssize_t n = read(fd, buf + len, NKP_EKCA_REQ_MAX - len);
-                if (n < 0 && errno == EINTR)
-                        continue;
-                if (n <= 0)
-                        break;
-                len += (size_t) n;
-                buf[len] = '\0';
-                if (len >= 2 && buf[len - 1] == '\n' && buf[len - 2] == '\n')
-                        break;
-                if (len == 1 && buf[0] == '\n')
-                        break;
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) < 0) {
+                int e = errno;
+                return nkp_fail(-e, "Cannot identify the certificate client: %s.", g_strerror(e));
         }
-        buf[len] = '\0';
-        /* Checked after reading, so the refusal reaches the client. */
-        if (cred.uid != 0 && cred.uid != allowed_uid) {
-                static const char deny[] = "ERR nkp: only root and libvirt's swtpm user may ask "
-                                           "for vTPM certificates.\n";
-                (void) nkp_write_all(fd, deny, sizeof deny - 1);
-                return nkp_fail(-EPERM, "Refused a certificate request from uid %u (pid %d).",
+        if (cred.uid != 0 && cred.uid != allowed_uid)
+                return nkp_fail(-EPERM, "Refused a certificate client of uid %u (pid %d): only "
+                                        "root and libvirt's swtpm user may ask for vTPM "
+                                        "certificates.",
                                 (unsigned) cred.uid, (int) cred.pid);
-        }
-        if (len < 2 || buf[len - 1] != '\n' || buf[len - 2] != '\n') {
-                static const char bad[] = "ERR nkp: incomplete certificate request.\n";
-                (void) nkp_write_all(fd, bad, sizeof bad - 1);
+        return 0;
+}
+
+void nkp_ekca_send_line(int fd, const char *head, const char *message)
+{
+        g_autofree char *line = g_strdup_printf("%s%s\n", head, message ? message : "");
+        for (char *p = line; p[0] && p[1]; p++)
+                if (*p == '\n')
+                        *p = ' ';
+        /* Never waits: an answer this small fits the empty socket buffer. */
+        (void) send(fd, line, strlen(line), MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
+bool nkp_ekca_request_complete(const char *buf, size_t len)
+{
+        return (len == 1 && buf[0] == '\n') ||
+               (len >= 2 && buf[len - 1] == '\n' && buf[len - 2] == '\n');
+}
+
+int nkp_ekca_answer(nkp_context *ctx, char *buf, size_t len, GBytes **ret_answer,
+                    char **ret_note)
+{
+        g_autofree char *text = g_strndup(buf, len); /* NUL-terminated, no NUL inside */
+        if (!nkp_ekca_request_complete(buf, len) || strlen(text) != len) {
+                *ret_answer = g_bytes_new_static("ERR nkp: incomplete certificate request.\n",
+                                                 41);
                 return nkp_fail(-EBADMSG, "An incomplete certificate request was refused.");
         }
         NkpEkCertRequest req;
         g_autoptr(GBytes) der = NULL;
         g_autofree char *provider = NULL;
-        int r = nkp_ekca_request_parse(buf, &req);
+        int r = nkp_ekca_request_parse(text, &req);
         if (r == 0)
                 r = nkp_ekca_sign_request(ctx, &req, &der, &provider);
         if (r == -ENOENT) {
-                static const char nt[] = "NOTICKET\n";
-                (void) nkp_write_all(fd, nt, sizeof nt - 1);
+                *ret_answer = g_bytes_new_static("NOTICKET\n", 9);
                 if (ret_note)
                         *ret_note = g_strdup_printf("no ticket for '%s': swtpm's local CA",
                                                     req.vmid ? req.vmid : "?");
@@ -866,14 +1031,16 @@ int nkp_ekca_serve(nkp_context *ctx, int fd, uid_t allowed_uid, char **ret_note)
                 for (char *p = line; p[0] && p[1]; p++)
                         if (*p == '\n')
                                 *p = ' ';
-                (void) nkp_write_all(fd, line, strlen(line));
+                *ret_answer = g_bytes_new(line, strlen(line));
                 return r;
         }
         gsize dl = 0;
         const void *dd = g_bytes_get_data(der, &dl);
+        GByteArray *out = g_byte_array_new();
         g_autofree char *hdr = g_strdup_printf("OK %zu\n", (size_t) dl);
-        if (nkp_write_all(fd, hdr, strlen(hdr)) < 0 || nkp_write_all(fd, dd, dl) < 0)
-                return nkp_fail(-EIO, "Cannot send the certificate to the client.");
+        g_byte_array_append(out, (const guint8 *) hdr, (guint) strlen(hdr));
+        g_byte_array_append(out, dd, (guint) dl);
+        *ret_answer = g_byte_array_free_to_bytes(out);
         if (ret_note)
                 *ret_note = g_strdup_printf("issued the %s certificate of '%s' (provider '%s')",
                                             req.type, req.vmid, provider);

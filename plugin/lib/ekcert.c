@@ -249,13 +249,14 @@ int nkp_ekcert_request_remote(const char *root, const nkp_ekcert_request *r, uin
         if (rc < 0)
                 return rc;
         g_autofree char *text = nkp_ekca_request_format(&r->req);
-        if (!send_all(fd, text, strlen(text))) {
-                int e = errno;
-                close(fd);
-                return nkp_fail(-EIO, "Cannot send the request to nkpd: %s.", g_strerror(e));
-        }
+        /* nkpd refuses some clients before reading (SO_PEERCRED) and closes:
+         * its one line is still there to read after a failed send. */
+        bool sent = send_all(fd, text, strlen(text));
+        int e = errno;
         g_autoptr(GBytes) answer = receive_all(fd);
         close(fd);
+        if (!sent && g_bytes_get_size(answer) == 0)
+                return nkp_fail(-EIO, "Cannot send the request to nkpd: %s.", g_strerror(e));
         return parse_answer(answer, ret_der, ret_len);
 }
 

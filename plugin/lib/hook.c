@@ -242,8 +242,8 @@ static int ekca_ticket(nkp_context *ctx, const NkpDomain *d)
 {
         if (!d->has_vtpm || !d->tpm_secret || nkp_vtpm_state(ctx, d) != NKP_VTPM_STATE_NONE)
                 return 0;
-        int r = nkp_ekca_ticket_write(ctx, d->uuid, nkp_keysafe_provider_key_id(d->keysafe),
-                                      NKP_EKCA_TICKET_TTL);
+        int r = nkp_ekca_ticket_write(ctx, d->uuid, d->name,
+                                      nkp_keysafe_provider_key_id(d->keysafe), NKP_EKCA_TICKET_TTL);
         if (r < 0)
                 return nkp_fail_prefix(r, "VM '%s' cannot start: its vTPM certificate ticket "
                                           "cannot be written",

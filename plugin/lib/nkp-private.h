@@ -293,11 +293,13 @@ typedef struct {
  * -EINVAL for a malformed or incomplete request (the message says what). */
 int nkp_ekca_issue(const NkpEkCa *ca, const NkpEkCertRequest *req, GBytes **ret);
 
-/* Tickets (see ekca.c): the prepare hook's "VM `vm_uuid`'s vTPM is being
- * manufactured now by provider `key_id`", valid `ttl_seconds`.  No key bytes.
- * read: -ENOENT none (not an nkp VM), -ETIMEDOUT expired. */
-int nkp_ekca_ticket_write(nkp_context *ctx, const char *vm_uuid, const char *key_id,
-                          unsigned ttl_seconds);
+/* Tickets (see ekca.c): the prepare hook's "VM `vm_uuid` (`vm_name`)'s vTPM
+ * is being manufactured now by provider `key_id`", valid `ttl_seconds`, good
+ * for one certificate of each kind (RSA EK, ECC EK, platform).  No key bytes.
+ * write: -EINVAL bad uuid, key id or name.  read: -ENOENT none (not an nkp
+ * VM), -ETIMEDOUT expired, -EBADMSG damaged. */
+int nkp_ekca_ticket_write(nkp_context *ctx, const char *vm_uuid, const char *vm_name,
+                          const char *key_id, unsigned ttl_seconds);
 int nkp_ekca_ticket_read(nkp_context *ctx, const char *vm_uuid, char **ret_key_id);
 void nkp_ekca_ticket_remove(nkp_context *ctx, const char *vm_uuid);
 #define NKP_EKCA_TICKET_TTL 300
@@ -305,8 +307,12 @@ void nkp_ekca_ticket_remove(nkp_context *ctx, const char *vm_uuid);
 /* The UUID at the end of swtpm_setup's --vmid ("<name>:<uuid>"). */
 int nkp_ekca_vmid_uuid(const char *vmid, char ret[NKP_UUID_STRING_LEN + 1]);
 
-/* Root only: the VM's ticket, its provider's CA, the certificate.
- * -ENOENT no ticket (use swtpm's local CA), -ENOKEY provider not here. */
+/* Root only: the VM's ticket, its provider's CA, the certificate; consumes
+ * the request's kind from the ticket (the last kind removes it).  The
+ * subject is the ticket's "<name>:<uuid>".  -ENOENT no ticket (use swtpm's
+ * local CA), -ENOKEY provider not here, -EACCES --vmid is not the ticket's
+ * VM, -EALREADY this kind was issued already, -ETIMEDOUT ticket expired;
+ * nothing is issued on any error. */
 int nkp_ekca_sign_request(nkp_context *ctx, const NkpEkCertRequest *req, GBytes **ret,
                           char **ret_provider);
 
@@ -315,10 +321,19 @@ int nkp_ekca_sign_request(nkp_context *ctx, const NkpEkCertRequest *req, GBytes 
 #define NKP_EKCA_SOCKET "/run/nkp/ekca.sock" /* under the context root */
 char *nkp_ekca_request_format(const NkpEkCertRequest *req);
 int nkp_ekca_request_parse(char *text, NkpEkCertRequest *req);
-/* Serves one request on the connected UNIX socket `fd`: the peer must be
- * root or `allowed_uid` (SO_PEERCRED).  `ret_note` (may be NULL) gets one
- * line for the log. */
-int nkp_ekca_serve(nkp_context *ctx, int fd, uid_t allowed_uid, char **ret_note);
+#define NKP_EKCA_CLIENT_DEADLINE_MS 2000 /* nkpd: the whole request, from accept */
+/* The peer of the connected UNIX socket `fd` is root or `allowed_uid`
+ * (SO_PEERCRED; nothing is read): 0, or -EPERM naming the uid. */
+int nkp_ekca_peer_check(int fd, uid_t allowed_uid);
+/* Sends "<head><message>\n" (newlines inside made spaces) without waiting. */
+void nkp_ekca_send_line(int fd, const char *head, const char *message);
+/* `buf` holds a whole request (ends with an empty line). */
+bool nkp_ekca_request_complete(const char *buf, size_t len);
+/* The answer to the request in `buf` (`len` bytes): "OK <n>\n" + DER,
+ * "NOTICKET\n" or "ERR <line>\n", always set.  Returns 0 or the refusal's
+ * error; `ret_note` (may be NULL) gets one line for the log on success. */
+int nkp_ekca_answer(nkp_context *ctx, char *buf, size_t len, GBytes **ret_answer,
+                    char **ret_note);
 
 /* ---- hostkey.c, host-protect.c: the host key and its protected directories */
 /* A key per host, derived from a provider's KDK, encrypts at rest (kernel

@@ -13,8 +13,10 @@
  *     default) enrols.
  *  2. The vTPM certificate signer for nkp-swtpm-certs when swtpm_setup runs
  *     as a non-root swtpm_user: ROOT/run/nkp/ekca.sock, answered for root and
- *     [vtpm] swtpm_user only (SO_PEERCRED), for VMs with a live hook ticket
- *     (see swtpm-hooks/nkp-swtpm-certs.c).  The CA key never leaves nkpd.
+ *     [vtpm] swtpm_user only (SO_PEERCRED at accept), one certificate of each
+ *     kind per live hook ticket, each client within 2 s and never blocking
+ *     the loop (see swtpm-hooks/nkp-swtpm-certs.c, plugin/lib/daemon.c).
+ *     The CA key never leaves nkpd.
  *
  * Both live in libnkp (nkp_daemon_new, nkp.h); this program parses its
  * command line, hardens the process, prints the library's log and stops on
