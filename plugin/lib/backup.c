@@ -34,6 +34,7 @@
  * the decrypted SafeContents DER and its BMPString copies of the password.
  */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -57,15 +58,7 @@
 
 static bool name_valid(const char *s)
 {
-        size_t n = strlen(s);
-        if (n < 1 || n > NKP_NAME_MAX)
-                return false;
-        for (size_t i = 0; i < n; i++) {
-                char c = s[i];
-                if (!g_ascii_isalnum(c) && c != '.' && c != '_' && c != '-')
-                        return false;
-        }
-        return true;
+        return nkp_provider_name_valid(s);
 }
 
 /* The password as a NUL-terminated string (what OpenSSL's PKCS#12 calls
@@ -862,7 +855,10 @@ int nkp_provider_restore(nkp_context *ctx, const char *path, const nkp_secret *p
 
         g_autofree char *der = NULL;
         size_t len = 0;
-        r = nkp_read_file(path, NKP_P12_MAX_SIZE, false, &der, &len);
+        /* The admin's own file: a symlink to it is followed (nkp's files
+         * are read with O_NOFOLLOW; this one is not nkp's). */
+        g_autofree char *real = realpath(path, NULL);
+        r = nkp_read_file(real ? real : path, NKP_P12_MAX_SIZE, false, &der, &len);
         if (r == -EFBIG)
                 return nkp_fail(-EFBIG, "'%s' is larger than %d bytes; it is not an nkp provider backup.", path,
                                 NKP_P12_MAX_SIZE);
