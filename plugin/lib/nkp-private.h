@@ -505,7 +505,11 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpVirt, nkp_virt_close)
 /* Defines an ephemeral, private secret `secret_uuid` and sets its value.
  * kind NKP_OBJECT_VTPM: usage vtpm, name "nkp-vtpm-<vm uuid>";
  * NKP_OBJECT_DISK: usage volume, `volume` = the disk path.  Idempotent: an
- * existing secret with that UUID gets the value again. */
+ * existing secret with that UUID gets the value again, provided it is
+ * ephemeral and private (else -EEXIST, one line, nothing changed). */
+/* Whether a libvirt secret's XML (virSecretGetXMLDesc) says ephemeral='yes'
+ * and private='yes': the only pre-existing secret nkp puts a DEK in. */
+bool nkp_virt_secret_xml_reusable(const char *xml);
 int nkp_virt_secret_define(NkpVirt *v, const char *secret_uuid, const char *kind,
                            const char *vm_uuid, const char *volume, const nkp_secret *value);
 /* -ENOENT when there is none. */
