@@ -536,6 +536,17 @@ static void test_reconcile_outside_dirs(Fixture *f, gconstpointer data)
                 g_assert_nonnull(strstr(nkp_error_message(), "nothing was changed"));
                 testutil_assert_same_tree(before, f->root);
         }
+        /* A file whose directory is gone: refused, nothing changed. */
+        {
+                g_autoptr(NkpJournal) j = nkp_journal_new("encrypt", "vm1", vm_uuid, OLD_SIG, NEW_SIG);
+                g_autofree char *gone = g_build_filename(f->root, "gone", "a.qcow2", NULL);
+                g_ptr_array_add(j->files, g_strdup(gone));
+                g_ptr_array_add(j->dirs, g_strdup(good->dirs->pdata[0]));
+                g_autoptr(GHashTable) before = testutil_snapshot_tree(f->root);
+                g_assert_cmpint(nkp_journal_reconcile(f->ctx, j, OLD_SIG, NULL), ==, -ENOENT);
+                g_assert_nonnull(strstr(nkp_error_message(), "cannot be opened"));
+                testutil_assert_same_tree(before, f->root);
+        }
         /* A damaged dirs entry does not load. */
         g_autofree char *text = g_strdup_printf("[journal]\nversion=1\nop=encrypt\nname=vm1\n"
                                                 "uuid=%s\nphase=ready\nold=none\nnew=none\n"

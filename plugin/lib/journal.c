@@ -571,9 +571,18 @@ static int confine(nkp_context *ctx, const NkpJournal *j, Confined *c)
                 const char *p = i < j->files->len ? j->files->pdata[i]
                                                   : j->scratch->pdata[i - j->files->len];
                 c->fds[i] = nkp_open_parent(p, &c->bases[i]);
+                if (c->fds[i] < 0) {
+                        int e = -c->fds[i];
+                        c->n++;
+                        return nkp_fail(-e,
+                                        "VM '%s': the journal of its interrupted '%s' names '%s', "
+                                        "whose directory cannot be opened (%s); nothing was "
+                                        "changed.",
+                                        j->vm_name, j->op, p, g_strerror(e));
+                }
                 struct stat st;
                 g_autofree char *id = NULL;
-                if (c->fds[i] >= 0 && fstat(c->fds[i], &st) == 0)
+                if (fstat(c->fds[i], &st) == 0)
                         id = dir_id(&st);
                 if (!id || !g_ptr_array_find_with_equal_func(j->dirs, id, g_str_equal, NULL)) {
                         c->n++;
