@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <glib/gstdio.h>
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/pkcs12.h>
 #include <openssl/x509.h>
@@ -244,6 +245,7 @@ typedef struct {
         int n_bags;
         int safe_iter, mac_iter;
         bool setup_mac_only; /* MacData without computing the MAC */
+        int safe_nid;        /* 0: NID_aes_256_cbc; -1: no encryption */
 } P12Spec;
 
 static int our_nid(void)
@@ -288,7 +290,8 @@ static GBytes *make_p12(const P12Spec *spec)
         if (spec->n_bags == 0) /* someone else's secret: ignored */
                 g_assert_nonnull(PKCS12_add_secret(&bags, NID_data, value, (int) spec->kdk_len));
         STACK_OF(PKCS7) *safes = NULL;
-        g_assert_true(PKCS12_add_safe(&safes, bags, NID_aes_256_cbc, spec->safe_iter, PASSWORD));
+        g_assert_true(PKCS12_add_safe(&safes, bags, spec->safe_nid ? spec->safe_nid : NID_aes_256_cbc,
+                                      spec->safe_iter, PASSWORD));
         PKCS12 *p12 = PKCS12_add_safes(safes, 0);
         g_assert_nonnull(p12);
         if (spec->setup_mac_only)
@@ -823,6 +826,175 @@ static void test_provider_tpm(void)
         testutil_isolated(tpm_body);
 }
 
+/* ---- files nkp must not accept: weak or unverifiable protection ------------- */
+
+/* A DER header (tag, definite length) and `body`, appended to `out`. */
+static void der_put(GByteArray *out, uint8_t tag, const GByteArray *body)
+{
+        uint8_t h[6] = { tag };
+        size_t n = 1;
+        guint len = body->len;
+        if (len < 0x80) {
+                h[n++] = (uint8_t) len;
+        } else if (len < 0x100) {
+                h[n++] = 0x81;
+                h[n++] = (uint8_t) len;
+        } else {
+                g_assert_cmpuint(len, <, 0x10000);
+                h[n++] = 0x82;
+                h[n++] = (uint8_t) (len >> 8);
+                h[n++] = (uint8_t) len;
+        }
+        g_byte_array_append(out, h, (guint) n);
+        g_byte_array_append(out, body->data, body->len);
+}
+
+/* `der` and `n`: what an i2d_*() call with a NULL buffer returned. */
+static void i2d_put(GByteArray *out, int n, unsigned char **der)
+{
+        g_assert_cmpint(n, >, 0);
+        g_byte_array_append(out, *der, (guint) n);
+        OPENSSL_free(*der);
+        *der = NULL;
+}
+
+/* An nkp backup whose MacData is replaced by a PBMAC1 one (RFC 9579:
+ * PBKDF2 with `iter`, HMAC-SHA256), as OpenSSL 3.4 writes it; the MAC value
+ * is zeros (checked, if ever, after the count). */
+static GBytes *make_pbmac1(int iter)
+{
+        P12Spec spec = { "p", GOOD_UUID, "", NKP_KDK_SIZE, 1, LOW_ITER, LOW_ITER, false, 0 };
+        g_autoptr(GBytes) good = make_p12(&spec);
+        gsize len;
+        const unsigned char *der = g_bytes_get_data(good, &len), *p = der;
+        long inner;
+        int tag, cls;
+        g_assert_cmpint(ASN1_get_object(&p, &inner, &tag, &cls, (long) len) & 0x80, ==, 0);
+        const unsigned char *first = p; /* version INTEGER, authSafe ContentInfo */
+        for (int i = 0; i < 2; i++) {
+                const unsigned char *q = p;
+                long l;
+                g_assert_cmpint(ASN1_get_object(&q, &l, &tag, &cls, (long) (der + len - p)) & 0x80, ==, 0);
+                p = q + l;
+        }
+        g_autoptr(GByteArray) kdf = g_byte_array_new(), params = g_byte_array_new();
+        unsigned char salt[16] = { 1 }, *out = NULL;
+        int n;
+        X509_ALGOR *pbkdf2 = PKCS5_pbkdf2_set(iter, salt, sizeof salt, NID_hmacWithSHA256, 32);
+        g_assert_nonnull(pbkdf2);
+        n = i2d_X509_ALGOR(pbkdf2, &out);
+        i2d_put(kdf, n, &out);
+        X509_ALGOR_free(pbkdf2);
+        X509_ALGOR *hmac = X509_ALGOR_new();
+        X509_ALGOR_set0(hmac, OBJ_nid2obj(NID_hmacWithSHA256), V_ASN1_NULL, NULL);
+        n = i2d_X509_ALGOR(hmac, &out);
+        i2d_put(kdf, n, &out);
+        X509_ALGOR_free(hmac);
+        der_put(params, 0x30, kdf); /* PBMAC1-params */
+        g_autoptr(GByteArray) alg_body = g_byte_array_new(), alg = g_byte_array_new();
+        n = i2d_ASN1_OBJECT(OBJ_nid2obj(NID_pbmac1), &out);
+        i2d_put(alg_body, n, &out);
+        g_byte_array_append(alg_body, params->data, params->len);
+        der_put(alg, 0x30, alg_body);
+        g_autoptr(GByteArray) zeros = g_byte_array_new(), digest_info = g_byte_array_new();
+        g_autoptr(GByteArray) di_body = g_byte_array_new(), mac_body = g_byte_array_new();
+        g_byte_array_set_size(zeros, 32);
+        memset(zeros->data, 0, 32);
+        g_byte_array_append(di_body, alg->data, alg->len);
+        der_put(di_body, 0x04, zeros);
+        der_put(digest_info, 0x30, di_body);
+        g_byte_array_append(mac_body, digest_info->data, digest_info->len);
+        g_byte_array_set_size(zeros, 8);
+        der_put(mac_body, 0x04, zeros);                        /* macSalt */
+        g_byte_array_append(mac_body, (const guint8 *) "\x02\x01\x01", 3); /* iterations 1 */
+        g_autoptr(GByteArray) pfx_body = g_byte_array_new(), pfx = g_byte_array_new();
+        g_byte_array_append(pfx_body, first, (guint) (p - first));
+        der_put(pfx_body, 0x30, mac_body);
+        der_put(pfx, 0x30, pfx_body);
+        return g_bytes_new(pfx->data, pfx->len);
+}
+
+/* `openssl pkcs12 -export` of a throwaway key and certificate, with `opts`. */
+static GBytes *openssl_export(const char *dir, const char *opts)
+{
+        g_autofree char *cmd = g_strdup_printf(
+                "cd '%s' && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+                "-keyout k.pem -out c.pem -subj /CN=nkp-test -days 1 2>/dev/null && "
+                "openssl pkcs12 -export -inkey k.pem -in c.pem -passout 'pass:" PASSWORD "' "
+                "-out f.p12 %s",
+                dir, opts);
+        int status = 0;
+        g_autofree char *err = NULL;
+        const char *argv[] = { "/bin/sh", "-c", cmd, NULL };
+        g_assert_true(g_spawn_sync(NULL, (char **) argv, NULL, G_SPAWN_STDOUT_TO_DEV_NULL, NULL, NULL,
+                                   NULL, &err, &status, NULL));
+        if (!g_spawn_check_wait_status(status, NULL))
+                g_error("openssl pkcs12 %s failed: %s", opts, err);
+        g_autofree char *f = g_build_filename(dir, "f.p12", NULL);
+        g_autofree char *data = NULL;
+        gsize len = 0;
+        g_assert_true(g_file_get_contents(f, &data, &len, NULL));
+        return g_bytes_new(data, len);
+}
+
+/* Each file is refused with one line that says what it is and how to
+ * re-export it (never "damaged"), by the import and by a restore, which
+ * leaves the root as it was. */
+static void test_weak_files(void)
+{
+        Hosts h;
+        hosts_init(&h);
+        g_assert_cmpint(nkp_provider_create(h.ctx2, "other", 0, NULL), ==, 0);
+        P12Spec clear = { "p", GOOD_UUID, "", NKP_KDK_SIZE, 1, LOW_ITER, LOW_ITER, false, -1 };
+        P12Spec des3 = clear;
+        des3.safe_nid = NID_pbe_WithSHA1And3_Key_TripleDES_CBC;
+        struct {
+                const char *what;
+                GBytes *der;
+                const char *needle;
+        } rows[] = {
+                { "nkp bag in a clear safe", make_p12(&clear), "keys are not encrypted" },
+                { "nkp bag under PBE-SHA1-3DES", make_p12(&des3), "legacy pbeWithSHA1And3-KeyTripleDES-CBC" },
+                { "openssl -keypbe NONE -certpbe NONE", openssl_export(h.dir, "-keypbe NONE -certpbe NONE"),
+                  "keys are not encrypted" },
+                { "openssl -keypbe PBE-SHA1-3DES -certpbe PBE-SHA1-3DES",
+                  openssl_export(h.dir, "-keypbe PBE-SHA1-3DES -certpbe PBE-SHA1-3DES"), "legacy pbeWithSHA1And3" },
+                { "openssl -certpbe PBE-SHA1-3DES only",
+                  openssl_export(h.dir, "-certpbe PBE-SHA1-3DES"), "legacy pbeWithSHA1And3" },
+                { "openssl -keypbe PBE-SHA1-3DES only (shrouded key in a clear safe)",
+                  openssl_export(h.dir, "-keypbe PBE-SHA1-3DES"), "legacy pbeWithSHA1And3" },
+                { "openssl -legacy (RC2-40 certificates)", openssl_export(h.dir, "-legacy"), "legacy pbeWithSHA1And40BitRC2-CBC" },
+                { "openssl PBES2 with DES-EDE3-CBC", openssl_export(h.dir, "-keypbe DES-EDE3-CBC -certpbe DES-EDE3-CBC"),
+                  "PBES2 and des-ede3-cbc instead of AES" },
+                { "PBMAC1 asking for too many iterations", make_pbmac1(NKP_P12_MAX_ITERATIONS + 1), "password iterations" },
+                { "PBMAC1 (unverifiable before OpenSSL 3.4)", make_pbmac1(LOW_ITER),
+                  OpenSSL_version_num() < 0x30400000L ? "PBMAC1 MAC (RFC 9579)" : "password is wrong" },
+        };
+        for (size_t i = 0; i < G_N_ELEMENTS(rows); i++) {
+                g_test_message("row: %s", rows[i].what);
+                NkpBackupInfo out;
+                nkp_secret *got = NULL;
+                int err = strstr(rows[i].needle, "wrong") ? -EACCES : -EBADMSG;
+                g_assert_cmpint(import(rows[i].der, PASSWORD, &out, &got), ==, err);
+                g_assert_null(got);
+                const char *msg = nkp_error_message();
+                g_test_message("refused: %s", msg);
+                assert_error(rows[i].needle);
+                g_assert_null(strchr(msg, '\n'));
+                g_assert_null(strstr(msg, "damaged"));
+                if (strstr(rows[i].needle, "legacy") || strstr(rows[i].needle, "not encrypted") ||
+                    strstr(rows[i].needle, "instead of AES"))
+                        assert_error("-keypbe AES-256-CBC -certpbe AES-256-CBC");
+                g_autofree char *file = host_file(&h, "weak.p12");
+                gsize len;
+                const void *data = g_bytes_get_data(rows[i].der, &len);
+                g_assert_true(g_file_set_contents(file, data, (gssize) len, NULL));
+                restore_refused(h.ctx2, h.root2, file, h.pw, err, rows[i].needle);
+                g_bytes_unref(rows[i].der);
+        }
+        hosts_done(&h);
+}
+
 int main(int argc, char **argv)
 {
         g_test_init(&argc, &argv, NULL);
@@ -838,6 +1010,7 @@ int main(int argc, char **argv)
         g_test_add_func("/p12/iterations-capped", test_iterations_capped);
         g_test_add_func("/p12/cert-bundle", test_cert_bundle);
         g_test_add_func("/p12/openssl-reads-it", test_openssl_reads_it);
+        g_test_add_func("/p12/weak-files", test_weak_files);
         g_test_add_func("/provider/round-trip", test_provider_round_trip);
         g_test_add_func("/provider/restore-refused", test_provider_restore_refused);
         g_test_add_func("/provider/backup-refused", test_provider_backup_refused);

@@ -130,13 +130,31 @@ static void test_refused(Fixture *f, gconstpointer data)
                 { "relative qemu_conf", "[migration]\nqemu_conf=qemu.conf\n", "qemu_conf" },
                 { "unknown policy", "[vtpm]\npolicy=sometimes\n", "policy=sometimes" },
                 { "relative state_dir", "[vtpm]\nstate_dir=swtpm\n", "state_dir" },
+                /* Duplicates: GKeyFile lets the last one win, silently. */
+                { "tcti twice (the second unseals)", "[tpm]\ntcti=device:/dev/tpmrm0\ntcti=none\n",
+                  "line 3: [tpm] tcti= is set a second time (first on line 2)" },
+                { "tcti twice, same value", "[tpm]\ntcti=none\n\n# again\ntcti = none\n",
+                  "line 5: [tpm] tcti= is set a second time (first on line 2)" },
+                { "[tpm] twice", "[tpm]\ntcti=device:/dev/tpmrm0\n[vtpm]\npolicy=enrol\n[tpm]\ntcti=none\n",
+                  "line 5: the section [tpm] appears a second time (first on line 1)" },
+                { "[tpm] twice, spaced", "[tpm]\n[ tpm ]\n", "line 2: the section [tpm] appears a second time" },
+                { "policy twice", "[vtpm]\npolicy=require\npolicy=off\n",
+                  "line 3: [vtpm] policy= is set a second time" },
+                { "allow_plain twice", "[migration]\nallow_plain=false\nallow_plain=true\n",
+                  "line 3: [migration] allow_plain= is set a second time" },
+                /* Not UTF-8: GKeyFile reads no value, the default stays. */
+                { "tcti not UTF-8", "[tpm]\ntcti=device:/dev/tpm\xff\n", "line 2 is not UTF-8" },
+                { "policy not UTF-8", "[vtpm]\npolicy=requir\xe9\n", "line 2 is not UTF-8" },
+                { "section name not UTF-8", "[tpm]\ntcti=none\n[\xc3(]\n", "line 3 is not UTF-8" },
         };
         for (size_t i = 0; i < G_N_ELEMENTS(cases); i++) {
                 g_test_message("case: %s", cases[i].what);
                 set_conf(f, cases[i].text);
+                g_autoptr(GHashTable) before = testutil_snapshot_tree(f->root);
                 nkp_context *ctx = NULL;
                 g_assert_cmpint(nkp_context_new(f->root, &ctx), ==, -EINVAL);
                 g_assert_null(ctx);
+                testutil_assert_same_tree(before, f->root);
                 const char *msg = nkp_error_message();
                 g_test_message("refused: %s", msg);
                 g_assert_nonnull(strstr(msg, f->conf));

@@ -26,11 +26,12 @@ img="$root/images"
 mkdir -p "$jdir" "$img" && chmod 700 "$root/var/lib/nkp" "$jdir"
 P="$img/vda.qcow2"
 
-# journal OLD NEW PHASE: an interrupted encrypt of P, plus a scratch dir
+# journal OLD NEW PHASE [FILE [DIRS]]: an interrupted encrypt of FILE (P), plus
+# a scratch dir; DIRS the directories recorded when it began (P's)
 journal() {
 	mkdir -p "$img/.nkp-work" && echo blob > "$img/.nkp-work/blob"
-	printf '[journal]\nversion=1\nop=encrypt\nname=vm1\nuuid=%s\nphase=%s\nold=%s\nnew=%s\nfiles=%s\nscratch=%s\n' \
-		"$uuid" "$3" "$1" "$2" "$P" "$img/.nkp-work" > "$jdir/$uuid.ini"
+	printf '[journal]\nversion=1\nop=encrypt\nname=vm1\nuuid=%s\nphase=%s\nold=%s\nnew=%s\nfiles=%s\nscratch=%s\ndirs=%s\n' \
+		"$uuid" "$3" "$1" "$2" "${4:-$P}" "$img/.nkp-work" "${5-$(stat -c %d:%i "$img")}" > "$jdir/$uuid.ini"
 	chmod 600 "$jdir/$uuid.ini"
 	: > "$jdir/$uuid.lock"
 }
@@ -81,5 +82,20 @@ check "... files and journal untouched" '[ "$(files)" = "$before" ] && [ -e "$jd
 rm -f "$jdir/$uuid.ini" "$P.nkp-new"
 run
 check "lock file, no journal: start goes on" '[ $rc = 0 ] && [ "$(files)" = "vda.qcow2=OLD " ]'
+
+# 6. a journal naming a file outside the directories it recorded (crafted or
+#    damaged: here /etc-like), or recording none (older nkp): refused with one
+#    line, nothing renamed or removed anywhere
+etc="$root/etc-like"
+mkdir -p "$etc" && echo SECRET > "$etc/shadow" && echo PLANTED > "$etc/shadow.nkp-old"
+echo OLD > "$P"
+for row in "$etc/shadow|" "$P|none" ; do
+	file=${row%%|*}; dirs=${row#*|}
+	if [ "$dirs" = none ]; then journal none "$SALT" ready "$file" ""; else journal none "$SALT" ready "$file"; fi
+	before=$(tree_sum "$root")
+	run
+	check "journal naming $file, dirs '${dirs:-P\'s}': start refused with one line" '[ $rc = 1 ] && [ "$(grep -c . <<<"$err")" = 1 ] && grep -q "outside the directories" <<<"$err"'
+	check "... nothing on disk changed" '[ "$(tree_sum "$root")" = "$before" ]'
+done
 
 assert_done

@@ -105,10 +105,18 @@ out=$("$dest$prefix/sbin/nkpctl" --root "$dest" provider list 2>&1)
 rc=$?
 check "installed nkpctl reads the installed config" "[ $rc = 0 ]"
 [ "$rc" = 0 ] || echo "# $out"
+# Edited in place: a second [tpm] section appended instead is refused.
+cp "$conf" "$conf.orig"
 printf '\n[tpm]\ntcti = none\n' >>"$conf"
+out=$("$dest$prefix/sbin/nkpctl" --root "$dest" provider list 2>&1)
+rc=$?
+check "a second [tpm] section appended: one clear line naming it, non-zero exit" \
+	"[ $rc != 0 ] && [ \$(wc -l <<<\"\$out\") = 1 ] && grep -q 'the section \[tpm\] appears a second time' <<<\"\$out\""
+mv "$conf.orig" "$conf"
+sed -i 's|^#tcti = .*|tcti = none|' "$conf"
 out=$("$dest$prefix/sbin/nkpctl" --root "$dest" --json host status 2>&1)
 check "an edit to the config takes effect (tcti none)" "grep -q '\"tcti\" *: *\"none\"' <<<\"\$out\""
-printf '[vtpm]\npolicy = maybe\n' >>"$conf"
+sed -i 's|^#policy = .*|policy = maybe|' "$conf"
 out=$("$dest$prefix/sbin/nkpctl" --root "$dest" provider list 2>&1)
 rc=$?
 check "a bad config value: one clear line, non-zero exit" \

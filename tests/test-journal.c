@@ -437,6 +437,125 @@ static void test_crash_point_fires(Fixture *f, gconstpointer data)
         g_test_trap_assert_stderr("*test crash at step 'swapped#2'*");
 }
 
+/* A .nkp-work that is a symlink (planted, or a directory swapped for one)
+ * is removed itself: what it points at survives, by every remover. */
+static void test_scratch_symlink(Fixture *f, gconstpointer data)
+{
+        (void) data;
+        g_autofree char *victim = g_build_filename(f->root, "victim", NULL);
+        g_autofree char *keep = g_build_filename(victim, "keep", NULL);
+        g_autofree char *sub = g_build_filename(victim, "sub", NULL);
+        g_autofree char *keep2 = g_build_filename(sub, "keep2", NULL);
+        g_autofree char *scratch = g_build_filename(f->dir, ".nkp-work", NULL);
+        g_assert_cmpint(g_mkdir_with_parents(sub, 0700), ==, 0);
+        put(keep, "precious");
+        put(keep2, "precious too");
+        g_autoptr(GHashTable) before = testutil_snapshot_tree(victim);
+
+        /* 1. .nkp-work itself a symlink: reconcile (back) and remove_scratch. */
+        const char *files[] = { "a.qcow2", NULL };
+        g_autoptr(NkpJournal) j = journal_for(f, files, NKP_JOURNAL_READY);
+        g_ptr_array_add(j->scratch, g_strdup(scratch));
+        put(j->files->pdata[0], "OLD");
+        g_assert_cmpint(symlink(victim, scratch), ==, 0);
+        g_assert_cmpint(nkp_journal_save(f->ctx, j), ==, 0);
+        g_assert_cmpint(nkp_journal_reconcile(f->ctx, j, OLD_SIG, NULL), ==, 0);
+        testutil_assert_same_tree(before, victim);
+        g_assert_false(g_file_test(scratch, G_FILE_TEST_EXISTS | G_FILE_TEST_IS_SYMLINK));
+        g_assert_cmpint(symlink(victim, scratch), ==, 0);
+        nkp_journal_remove_scratch(j);
+        testutil_assert_same_tree(before, victim);
+        g_assert_cmpint(symlink(victim, scratch), ==, 0);
+        nkp_remove_tree(scratch);
+        testutil_assert_same_tree(before, victim);
+
+        /* 2. A symlink inside a real .nkp-work: unlinked, not entered. */
+        g_assert_cmpint(g_mkdir_with_parents(scratch, 0700), ==, 0);
+        g_autofree char *link = g_build_filename(scratch, "cur", NULL);
+        g_assert_cmpint(symlink(victim, link), ==, 0);
+        g_autofree char *blob = g_build_filename(scratch, "blob", NULL);
+        put(blob, "decrypted vTPM state");
+        nkp_journal_remove_scratch(j);
+        testutil_assert_same_tree(before, victim);
+        g_assert_false(g_file_test(scratch, G_FILE_TEST_EXISTS));
+}
+
+/* Recovery touches only the directories recorded when the operation began:
+ * a journal naming anything else (crafted, or a later edit) is refused with
+ * one line and nothing anywhere changes. */
+static void test_reconcile_outside_dirs(Fixture *f, gconstpointer data)
+{
+        (void) data;
+        g_autofree char *etc = g_build_filename(f->root, "etc", NULL);
+        g_autofree char *shadow = g_build_filename(etc, "shadow", NULL);
+        g_autofree char *planted = g_build_filename(etc, "shadow.nkp-old", NULL);
+        g_assert_cmpint(g_mkdir_with_parents(etc, 0700), ==, 0);
+        const char *files[] = { "a.qcow2", NULL };
+        g_autoptr(NkpJournal) good = journal_for(f, files, NKP_JOURNAL_READY);
+        put(good->files->pdata[0], "OLD");
+        g_assert_cmpint(nkp_journal_save(f->ctx, good), ==, 0);
+        g_assert_cmpuint(good->dirs->len, ==, 1);
+        struct {
+                const char *what;
+                const char *file;      /* NULL: images/a.qcow2 */
+                bool keep_dirs;        /* the recorded dirs, else none */
+                bool scratch_outside;  /* an extra scratch dir in etc */
+        } rows[] = {
+                { "a file in another directory", shadow, true, false },
+                { "a journal that recorded no directory", NULL, false, false },
+                { "a scratch directory elsewhere", NULL, true, true },
+        };
+        for (size_t i = 0; i < G_N_ELEMENTS(rows); i++) {
+                put(shadow, "root:x:0:");
+                put(planted, "PLANTED");
+                g_autofree char *scratch = g_build_filename(etc, ".nkp-work", NULL);
+                g_autofree char *inside = g_build_filename(scratch, "keep", NULL);
+                g_assert_cmpint(g_mkdir_with_parents(scratch, 0700), ==, 0);
+                put(inside, "kept");
+                g_autoptr(NkpJournal) j = nkp_journal_new("encrypt", "vm1", vm_uuid, OLD_SIG,
+                                                          NEW_SIG);
+                j->phase = NKP_JOURNAL_READY;
+                g_ptr_array_add(j->files, g_strdup(rows[i].file ? rows[i].file
+                                                                : good->files->pdata[0]));
+                if (rows[i].scratch_outside)
+                        g_ptr_array_add(j->scratch, g_strdup(scratch));
+                if (rows[i].keep_dirs)
+                        g_ptr_array_add(j->dirs, g_strdup(good->dirs->pdata[0]));
+                /* Written as text, the way a crafted journal would be. */
+                gsize len = 0;
+                g_autofree char *text = nkp_journal_format(j, &len);
+                g_autofree char *path = nkp_journal_path(f->ctx, vm_uuid);
+                g_assert_cmpint(nkp_write_file_atomic(path, text, len, 0600, false), ==, 0);
+                g_autoptr(NkpJournal) back = NULL;
+                g_assert_cmpint(nkp_journal_load(f->ctx, vm_uuid, &back), ==, 0);
+                g_autoptr(GHashTable) before = testutil_snapshot_tree(f->root);
+                g_test_message("row: %s", rows[i].what);
+                g_assert_cmpint(nkp_journal_reconcile(f->ctx, back, OLD_SIG, NULL), ==, -EPERM);
+                g_assert_null(strchr(nkp_error_message(), '\n'));
+                g_assert_nonnull(strstr(nkp_error_message(), "outside the directories"));
+                g_assert_nonnull(strstr(nkp_error_message(), "nothing was changed"));
+                testutil_assert_same_tree(before, f->root);
+        }
+        /* A file whose directory is gone: refused, nothing changed. */
+        {
+                g_autoptr(NkpJournal) j = nkp_journal_new("encrypt", "vm1", vm_uuid, OLD_SIG, NEW_SIG);
+                g_autofree char *gone = g_build_filename(f->root, "gone", "a.qcow2", NULL);
+                g_ptr_array_add(j->files, g_strdup(gone));
+                g_ptr_array_add(j->dirs, g_strdup(good->dirs->pdata[0]));
+                g_autoptr(GHashTable) before = testutil_snapshot_tree(f->root);
+                g_assert_cmpint(nkp_journal_reconcile(f->ctx, j, OLD_SIG, NULL), ==, -ENOENT);
+                g_assert_nonnull(strstr(nkp_error_message(), "cannot be opened"));
+                testutil_assert_same_tree(before, f->root);
+        }
+        /* A damaged dirs entry does not load. */
+        g_autofree char *text = g_strdup_printf("[journal]\nversion=1\nop=encrypt\nname=vm1\n"
+                                                "uuid=%s\nphase=ready\nold=none\nnew=none\n"
+                                                "files=/img/a\nscratch=\ndirs=12:x\n",
+                                                vm_uuid);
+        g_autoptr(NkpJournal) j = NULL;
+        g_assert_cmpint(nkp_journal_parse(text, strlen(text), vm_uuid, "t", &j), ==, -EBADMSG);
+}
+
 #define ADD(path, fn) g_test_add(path, Fixture, NULL, fixture_set_up, fn, fixture_tear_down)
 
 int main(int argc, char **argv)
@@ -451,6 +570,8 @@ int main(int argc, char **argv)
         ADD("/journal/reconcile-matrix", test_reconcile_matrix);
         ADD("/journal/reconcile-unknown-side", test_reconcile_unknown_side);
         ADD("/journal/reconcile-all-or-nothing", test_reconcile_all_or_nothing);
+        ADD("/journal/scratch-symlink", test_scratch_symlink);
+        ADD("/journal/reconcile-outside-dirs", test_reconcile_outside_dirs);
         ADD("/journal/crash-point-off", test_crash_point_off);
         ADD("/journal/crash-point-fires", test_crash_point_fires);
         return g_test_run();

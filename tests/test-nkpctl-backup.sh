@@ -156,6 +156,39 @@ refused "certificate bundle" "not an nkp provider backup" "$R3" provider restore
 head -c 4096 /dev/urandom >"$TOP/random.p12"
 refused "random bytes" "" "$R3" provider restore "$TOP/random.p12" --password-file "$PW"
 
+# weak PKCS#12 files made by openssl pkcs12 itself: refused saying what they are
+# and how to re-export them, never "damaged"
+for opts in "-keypbe NONE -certpbe NONE|keys are not encrypted" \
+            "-legacy|legacy pbeWithSHA1And40BitRC2-CBC" \
+            "-keypbe PBE-SHA1-3DES -certpbe PBE-SHA1-3DES|legacy pbeWithSHA1And3-KeyTripleDES-CBC"; do
+        openssl pkcs12 -export -inkey "$TOP/cert.key" -in "$TOP/cert.pem" ${opts%%|*} \
+                -passout "file:$PW" -out "$TOP/weak.p12" >/dev/null 2>&1
+        refused "openssl pkcs12 ${opts%%|*}" "${opts#*|}" "$R3" provider restore "$TOP/weak.p12" --password-file "$PW"
+        case "$err" in *"-keypbe AES-256-CBC -certpbe AES-256-CBC"*) pass "... says how to re-export";; *) not_ok "... no re-export hint: $err";; esac
+        case "$err" in *damaged*) not_ok "... says damaged: $err";; *) pass "... does not say damaged";; esac
+        rm -f "$TOP/weak.p12"
+done
+
+# the password file: a named FIFO (no writer) or a directory or a device is
+# refused at once, never a hang; a pipe on stdin still works (the demo's way)
+mkfifo "$TOP/fifo"
+refused "password file is a named FIFO" "is a named FIFO" "$R3" provider restore "$F" --password-file "$TOP/fifo"
+refused "password file is a directory" "is a directory" "$R3" provider restore "$F" --password-file "$TOP"
+refused "password file is /dev/zero" "a device or socket" "$R3" provider restore "$F" --password-file /dev/zero
+refused "backup with a FIFO as the password file" "is a named FIFO" "$R1" provider backup prod --out "$TOP/never.p12" --password-file "$TOP/fifo"
+check "... and no backup file was written" [ ! -e "$TOP/never.p12" ]
+R5=$(cli_newroot "$TOP")
+out=$(cat "$PW" | "$NKPCTL" --root "$R5" provider restore "$F" --password-file /dev/stdin 2>&1); rc=$?
+check "a pipe on /dev/stdin as the password file works (exit $rc: $out)" [ "$rc" -eq 0 ]
+
+# a symlink to the backup is followed for reading (no ELOOP)
+R6=$(cli_newroot "$TOP")
+ln -s "$F" "$TOP/link.p12"
+run "$R6" provider restore "$TOP/link.p12" --password-file "$PW"
+check "restore through a symlinked path (exit $rc: $err)" [ "$rc" -eq 0 ]
+run "$R6" --json provider show prod
+check "... the same key id" [ "$(printf '%s' "$out" | json 'print(d["key_id"])')" = "$KEY_ID" ]
+
 # name collision: R4 holds another provider called prod
 R4=$(cli_newroot "$TOP")
 run "$R4" provider create prod

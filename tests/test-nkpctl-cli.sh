@@ -167,6 +167,17 @@ same_json "vm status" "--json --root $R --connect test:///default vm status test
 nk --root "$R" provider list --json
 check "provider list --json names both providers" \
         'python3 -c "import json,sys; assert [p[\"name\"] for p in json.loads(sys.argv[1])] == [\"one\", \"two\"]" "$out"'
+# nkpctl holds KDKs: like the hook and nkpd it makes itself non-dumpable
+# and turns core dumps off first thing (seen by strace, where there is one).
+if command -v strace >/dev/null; then
+        trace=$(strace -qq -e trace=prctl,setrlimit,prlimit64 "$NKPCTL" --root "$R" provider list 2>&1 >/dev/null)
+        err=$trace
+        check "nkpctl: PR_SET_DUMPABLE 0 at start" 'grep -Eq "prctl\\(PR_SET_DUMPABLE, (0|SUID_DUMP_DISABLE)\\)" <<<"$trace"'
+        check "nkpctl: RLIMIT_CORE 0 at start" 'grep -Eq "(setrlimit|prlimit64)\(.*RLIMIT_CORE, \{rlim_cur=0, rlim_max=0\}" <<<"$trace"'
+        err=
+else
+        ok "# SKIP strace is not installed: dumpable/core checks"
+fi
 "$NKPCTL" --root "$R" host flush-cache >/dev/null 2>&1
 
 echo "1..$n"

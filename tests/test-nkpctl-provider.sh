@@ -87,6 +87,10 @@ assert k == [("provider-inactive","dev"), ("provider-inactive","prod")], k' <<<"
 refused "duplicate name" 1 "already exists" "$R" provider create prod
 refused "invalid name (space)" 1 "not a valid provider name" "$R" provider create "bad name"
 refused "invalid name (slash)" 1 "not a valid provider name" "$R" provider create "../x"
+refused "invalid name (..)" 1 "not a valid provider name" "$R" provider create ..
+refused "invalid name (.)" 1 "not a valid provider name" "$R" provider create .
+refused "show of '..'" 1 "not a valid provider name" "$R" provider show ..
+refused "--root ''" 2 "--root needs a directory" "$R" --root "" provider list
 refused "invalid name (65 chars)" 1 "not a valid provider name" "$R" provider create "$(printf 'x%.0s' {1..65})"
 refused "create --default" 1 "back it up" "$R" provider create newone --default
 refused "set-default of an inactive provider" 1 "nkpctl provider backup prod --out FILE.p12" "$R" provider set-default prod

@@ -52,8 +52,8 @@ img="$root/images"
 mkdir -p "$img"
 P="$img/vda.qcow2"
 journal() { # OLD NEW PHASE
-	printf '[journal]\nversion=1\nop=encrypt\nname=test\nuuid=%s\nphase=%s\nold=%s\nnew=%s\nfiles=%s\nscratch=\n' \
-		"$uuid" "$3" "$1" "$2" "$P" > "$jdir/$uuid.ini"
+	printf '[journal]\nversion=1\nop=encrypt\nname=test\nuuid=%s\nphase=%s\nold=%s\nnew=%s\nfiles=%s\nscratch=\ndirs=%s\n' \
+		"$uuid" "$3" "$1" "$2" "$P" "$(stat -c %d:%i "$img")" > "$jdir/$uuid.ini"
 	chmod 600 "$jdir/$uuid.ini"
 }
 
@@ -81,7 +81,7 @@ check "rerun on the old (plain) definition: rolled back, then goes on" 'grep -q 
 check "... the new copy removed, the journal too" '[ "$(cat "$P")" = OLD ] && [ ! -e "$P.nkp-new" ] && [ ! -e "$jdir/$uuid.ini" ]'
 
 echo NEW > "$P"; echo OLD > "$P.nkp-old"
-printf '[journal]\nversion=1\nop=decrypt\nname=test\nuuid=%s\nphase=ready\nold=%s\nnew=none\nfiles=%s\nscratch=\n' "$uuid" "$SALT" "$P" > "$jdir/$uuid.ini"
+printf '[journal]\nversion=1\nop=decrypt\nname=test\nuuid=%s\nphase=ready\nold=%s\nnew=none\nfiles=%s\nscratch=\ndirs=%s\n' "$uuid" "$SALT" "$P" "$(stat -c %d:%i "$img")" > "$jdir/$uuid.ini"
 chmod 600 "$jdir/$uuid.ini"
 run nk vm decrypt test
 check "rerun of the same op whose new (plain) definition is in place: finished, exit 0" '[ $rc = 0 ] && grep -q "VM '"'"'test'"'"': finished the interrupted vm decrypt." <<<"$out"'

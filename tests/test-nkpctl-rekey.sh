@@ -111,8 +111,8 @@ journal="$R/var/lib/nkp/journal/6695eb01-f6a4-8304-79aa-97f2502e193f.ini"
 P="$TOP/vda.qcow2"
 interrupted_encrypt() {
         echo OLD >"$P"; echo NEW >"$P.nkp-new"
-        printf '[journal]\nversion=1\nop=encrypt\nname=web01\nuuid=6695eb01-f6a4-8304-79aa-97f2502e193f\nphase=converting\nold=%s\nnew=none\nfiles=%s\nscratch=\n' \
-                "$(printf '0%.0s' $(seq 64))" "$P" >"$journal"
+        printf '[journal]\nversion=1\nop=encrypt\nname=web01\nuuid=6695eb01-f6a4-8304-79aa-97f2502e193f\nphase=converting\nold=%s\nnew=none\nfiles=%s\nscratch=\ndirs=%s\n' \
+                "$(printf '0%.0s' $(seq 64))" "$P" "$(stat -c %d:%i "$TOP")" >"$journal"
         chmod 600 "$journal"
 }
 rolled_back() { [ ! -e "$P.nkp-new" ] && [ "$(cat "$P")" = OLD ] && [ ! -e "$journal" ]; }

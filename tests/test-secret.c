@@ -117,6 +117,38 @@ static void test_private_dir(void)
         testutil_rmtree(dir);
 }
 
+/* A secret with nkp's UUID defined beforehand by someone else is reused
+ * only when its XML (as libvirt returns it) says ephemeral and private.
+ * libvirt's test:///default driver has no secrets, so the decision is
+ * tested on the XML; nkp_virt_secret_define refuses (-EEXIST, one line)
+ * whatever it rejects. */
+static void test_virt_secret_reusable(void)
+{
+        static const struct {
+                const char *xml;
+                bool reuse;
+        } rows[] = {
+                { "<secret ephemeral='yes' private='yes'><uuid>U</uuid></secret>", true },
+                { "<secret ephemeral=\"yes\" private=\"yes\">\n  <uuid>U</uuid>\n  <usage type='vtpm'>"
+                  "<name>nkp-vtpm-x</name></usage>\n</secret>\n", true },
+                { "<secret ephemeral='no' private='no'><uuid>U</uuid></secret>", false },
+                { "<secret ephemeral='yes' private='no'><uuid>U</uuid></secret>", false },
+                { "<secret ephemeral='no' private='yes'><uuid>U</uuid></secret>", false },
+                { "<secret private='yes'><uuid>U</uuid></secret>", false },
+                { "<secret ephemeral='yes'><uuid>U</uuid></secret>", false },
+                { "<secret ephemeral='YES' private='yes'/>", false },
+                { "<secret ephemeral='yes ' private='yes'/>", false },
+                { "<notasecret ephemeral='yes' private='yes'/>", false },
+                { "<secret ephemeral='yes' private='yes'", false },
+                { "", false },
+                { NULL, false },
+        };
+        for (size_t i = 0; i < G_N_ELEMENTS(rows); i++) {
+                g_test_message("row %zu: %s", i, rows[i].xml ? rows[i].xml : "(null)");
+                g_assert_cmpint(nkp_virt_secret_xml_reusable(rows[i].xml), ==, rows[i].reuse);
+        }
+}
+
 int main(int argc, char **argv)
 {
         g_test_init(&argc, &argv, NULL);
@@ -126,5 +158,6 @@ int main(int argc, char **argv)
         g_test_add_func("/util/atomic-write", test_atomic_write);
         g_test_add_func("/util/uuid", test_uuid);
         g_test_add_func("/util/private-dir", test_private_dir);
+        g_test_add_func("/virt/secret-reusable", test_virt_secret_reusable);
         return g_test_run();
 }

@@ -85,8 +85,10 @@ bool nkp_secret_equal(const nkp_secret *a, const nkp_secret *b);
 void nkp_secret_free(nkp_secret *s);
 
 /* Reads a password from the file at `path`: the first line, without its
- * line ending.  An empty password is refused (-EINVAL).  The buffers used to
- * read are wiped. */
+ * line ending.  An empty password is refused (-EINVAL), and so is a path
+ * that is not a regular file, a terminal or an anonymous pipe (a named
+ * FIFO, a device, a socket, a directory: -EINVAL at once, never blocking).
+ * The buffers used to read are wiped. */
 int nkp_password_read_file(const char *path, nkp_secret **ret);
 
 /* Same from an open file descriptor, which stays open. */

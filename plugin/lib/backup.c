@@ -22,8 +22,11 @@
  * test password guesses.
  *
  * Reading (nkp_p12_import) trusts nothing: a size cap, DER that must end
- * where the file ends, every iteration count (MAC and each encrypted safe)
- * checked against a cap before any key derivation runs, the MAC verified
+ * where the file ends, every iteration count (MAC, PBMAC1's PBKDF2, each
+ * encrypted safe) checked against a cap before any key derivation runs,
+ * only PBES2/PBKDF2/AES safes (legacy PBES1/3DES/RC2 and keys or secrets in
+ * a clear safe are refused, with how to re-export; PBMAC1 is refused where
+ * OpenSSL < 3.4 cannot verify it), the MAC verified
  * before anything is decrypted, exactly one nkp secret bag, and every field
  * of it validated.  Other bags (certificates, keys, foreign secrets) are
  * ignored; a file without an nkp bag is "not an nkp backup".  Decrypted
@@ -31,6 +34,7 @@
  * the decrypted SafeContents DER and its BMPString copies of the password.
  */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -54,15 +58,7 @@
 
 static bool name_valid(const char *s)
 {
-        size_t n = strlen(s);
-        if (n < 1 || n > NKP_NAME_MAX)
-                return false;
-        for (size_t i = 0; i < n; i++) {
-                char c = s[i];
-                if (!g_ascii_isalnum(c) && c != '.' && c != '_' && c != '-')
-                        return false;
-        }
-        return true;
+        return nkp_provider_name_valid(s);
 }
 
 /* The password as a NUL-terminated string (what OpenSSL's PKCS#12 calls
@@ -222,10 +218,29 @@ static int check_iterations(const ASN1_INTEGER *iter, uint64_t max, uint64_t *to
         return 0;
 }
 
+/* How to make a file nkp accepts, said in every refusal of a weak one. */
+#define REEXPORT_HINT                                                                        \
+        "re-export it with AES (openssl pkcs12 -export ... -keypbe AES-256-CBC -certpbe "    \
+        "AES-256-CBC -macalg sha256, what nkpctl provider backup writes), or make a new "   \
+        "backup with nkpctl provider backup"
+
+static int refuse_weak(const char *what)
+{
+        return nkp_fail(-EBADMSG, "The file is a PKCS#12 file %s, which nkp refuses; %s.", what,
+                        REEXPORT_HINT);
+}
+
+static bool aes_cbc(int nid)
+{
+        return nid == NID_aes_128_cbc || nid == NID_aes_192_cbc || nid == NID_aes_256_cbc;
+}
+
 /* The iteration count of a password-based encryption algorithm, checked
- * before OpenSSL runs the key derivation.  PBES2 must use PBKDF2 (not
- * scrypt, whose cost is not bounded by an iteration count); PBES1 and the
- * PKCS#12 PBEs carry a PBEParameter. */
+ * before OpenSSL runs the key derivation.  Only PBES2 (RFC 8018) with PBKDF2
+ * (not scrypt, whose cost is not bounded by an iteration count) and AES-CBC
+ * is accepted: PBES1 and the PKCS#12 PBEs (3DES, RC2, RC4: `openssl pkcs12
+ * -legacy`, OpenSSL 1.x's defaults) are refused by name, before any key
+ * derivation, never reported as "damaged". */
 static int check_pbe(const X509_ALGOR *alg, uint64_t max, uint64_t *total)
 {
         const ASN1_OBJECT *oid;
@@ -242,6 +257,18 @@ static int check_pbe(const X509_ALGOR *alg, uint64_t max, uint64_t *total)
                 if (!p2 || !p2->keyfunc) {
                         PBE2PARAM_free(p2);
                         return nkp_fail(-EBADMSG, "The file is not a valid PKCS#12 file (bad PBES2 parameters).");
+                }
+                const ASN1_OBJECT *eoid = NULL;
+                if (p2->encryption)
+                        X509_ALGOR_get0(&eoid, NULL, NULL, p2->encryption);
+                if (!eoid || !aes_cbc(OBJ_obj2nid(eoid))) {
+                        char name[80] = "an unknown cipher";
+                        if (eoid)
+                                OBJ_obj2txt(name, sizeof name, eoid, 0);
+                        PBE2PARAM_free(p2);
+                        g_autofree char *what = g_strdup_printf(
+                                "encrypted with PBES2 and %s instead of AES", name);
+                        return refuse_weak(what);
                 }
                 const ASN1_OBJECT *koid;
                 int kptype;
@@ -264,17 +291,96 @@ static int check_pbe(const X509_ALGOR *alg, uint64_t max, uint64_t *total)
                 return r;
         }
         if (nid != NID_undef && EVP_PBE_find(EVP_PBE_TYPE_OUTER, nid, NULL, NULL, NULL)) {
-                PBEPARAM *pp = ASN1_item_unpack(pval, ASN1_ITEM_rptr(PBEPARAM));
-                if (!pp || !pp->iter) {
-                        PBEPARAM_free(pp);
-                        return nkp_fail(-EBADMSG, "The file is not a valid PKCS#12 file (bad PBE parameters).");
-                }
-                r = check_iterations(pp->iter, max, total);
-                PBEPARAM_free(pp);
-                return r;
+                g_autofree char *what = g_strdup_printf(
+                        "encrypted with the legacy %s (PBES1 / PKCS#12 v1 PBE, as written by "
+                        "openssl pkcs12 -legacy or OpenSSL 1.x)",
+                        OBJ_nid2ln(nid));
+                return refuse_weak(what);
         }
         return nkp_fail(-EBADMSG, "The file is encrypted with an algorithm nkp does not read; it was "
                                   "not made by nkp.");
+}
+
+/* RFC 9579's PBMAC1 MAC (OpenSSL 3.4+ writes it with -pbmac1_pbkdf2): its
+ * PBKDF2 count is capped as the classic MAC's is, before anything else;
+ * then, where the OpenSSL that runs cannot verify it (before 3.4), the file
+ * is refused with a line that says so, not as a wrong password. */
+#define OPENSSL_PBMAC1 0x30400000L
+
+static int check_mac_alg(const PKCS12 *p12, uint64_t max, uint64_t *total)
+{
+        const X509_ALGOR *macalg = NULL;
+        PKCS12_get0_mac(NULL, &macalg, NULL, NULL, p12);
+        const ASN1_OBJECT *oid = NULL;
+        int ptype = 0;
+        const void *pval = NULL;
+        if (macalg)
+                X509_ALGOR_get0(&oid, &ptype, &pval, macalg);
+        if (!oid || OBJ_obj2nid(oid) != NID_pbmac1)
+                return 0;
+        const ASN1_STRING *seq = pval;
+        const unsigned char *p = seq && ptype == V_ASN1_SEQUENCE ? seq->data : NULL;
+        X509_ALGORS *params = p ? d2i_X509_ALGORS(NULL, &p, seq->length) : NULL;
+        int r = 0;
+        if (!params || sk_X509_ALGOR_num(params) != 2) {
+                r = nkp_fail(-EBADMSG, "The file is not a valid PKCS#12 file (bad PBMAC1 "
+                                       "parameters).");
+                goto out;
+        }
+        const ASN1_OBJECT *koid;
+        int kptype;
+        const void *kpval;
+        X509_ALGOR_get0(&koid, &kptype, &kpval, sk_X509_ALGOR_value(params, 0));
+        PBKDF2PARAM *kdf = OBJ_obj2nid(koid) == NID_id_pbkdf2 && kptype == V_ASN1_SEQUENCE
+                                   ? ASN1_item_unpack(kpval, ASN1_ITEM_rptr(PBKDF2PARAM))
+                                   : NULL;
+        if (!kdf || !kdf->iter) {
+                PBKDF2PARAM_free(kdf);
+                r = nkp_fail(-EBADMSG, "The file's PBMAC1 MAC does not use PBKDF2; it was not "
+                                       "made by nkp.");
+                goto out;
+        }
+        r = check_iterations(kdf->iter, max, total);
+        PBKDF2PARAM_free(kdf);
+        if (r == 0 && OpenSSL_version_num() < OPENSSL_PBMAC1)
+                r = nkp_fail(-EBADMSG,
+                             "The file is a PKCS#12 file with a PBMAC1 MAC (RFC 9579), which the "
+                             "OpenSSL here (%s) cannot verify; restore it on a host with OpenSSL "
+                             "3.4 or later, or re-export it with the classic MAC (openssl pkcs12 "
+                             "-export ... -macalg sha256).",
+                             OpenSSL_version(OPENSSL_VERSION_STRING));
+out:
+        sk_X509_ALGOR_pop_free(params, X509_ALGOR_free);
+        return r;
+}
+
+/* A safe nkp may read without decrypting it (ContentInfo data): it must not
+ * hold a key or a secret in the clear (`openssl pkcs12 -keypbe NONE
+ * -certpbe NONE`, or an nkp bag moved out of its encrypted safe), and a
+ * shrouded key in it must be encrypted as an encrypted safe must be. */
+static int check_clear_safe(PKCS7 *p7, uint64_t max, uint64_t *total)
+{
+        STACK_OF(PKCS12_SAFEBAG) *bags = PKCS12_unpack_p7data(p7);
+        if (!bags)
+                return nkp_fail(-EBADMSG, "The file is not a valid PKCS#12 file (a safe cannot be "
+                                          "read).");
+        int r = 0;
+        for (int i = 0; r == 0 && i < sk_PKCS12_SAFEBAG_num(bags); i++) {
+                const PKCS12_SAFEBAG *bag = sk_PKCS12_SAFEBAG_value(bags, i);
+                int nid = PKCS12_SAFEBAG_get_nid(bag);
+                if (nid == NID_secretBag || nid == NID_keyBag || nid == NID_safeContentsBag) {
+                        r = refuse_weak("whose keys are not encrypted (made with -keypbe NONE "
+                                        "-certpbe NONE, or altered)");
+                } else if (nid == NID_pkcs8ShroudedKeyBag) {
+                        const X509_ALGOR *alg = NULL;
+                        X509_SIG_get0(PKCS12_SAFEBAG_get0_pkcs8(bag), &alg, NULL);
+                        r = alg ? check_pbe(alg, max, total)
+                                : nkp_fail(-EBADMSG, "The file is not a valid PKCS#12 file (bad "
+                                                     "shrouded key).");
+                }
+        }
+        free_bags(bags);
+        return r;
 }
 
 /* The single UTF8String value of the bag attribute `oid`, copied into `out`
@@ -450,6 +556,8 @@ int nkp_p12_import_capped(const void *der, size_t len, const nkp_secret *passwor
         const ASN1_INTEGER *mac_iter = NULL;
         PKCS12_get0_mac(NULL, NULL, NULL, &mac_iter, p12);
         r = check_iterations(mac_iter, max_iterations, &total);
+        if (r == 0)
+                r = check_mac_alg(p12, max_iterations, &total);
         if (r < 0)
                 goto out;
         safes = PKCS12_unpack_authsafes(p12);
@@ -465,8 +573,12 @@ int nkp_p12_import_capped(const void *der, size_t len, const nkp_secret *passwor
         for (int i = 0; i < sk_PKCS7_num(safes); i++) {
                 PKCS7 *p7 = sk_PKCS7_value(safes, i);
                 int nid = OBJ_obj2nid(p7->type);
-                if (nid == NID_pkcs7_data)
+                if (nid == NID_pkcs7_data) {
+                        r = check_clear_safe(p7, max_iterations, &total);
+                        if (r < 0)
+                                goto out;
                         continue;
+                }
                 if (nid != NID_pkcs7_encrypted || !p7->d.encrypted || !p7->d.encrypted->enc_data ||
                     !p7->d.encrypted->enc_data->algorithm) {
                         r = nkp_fail(-EBADMSG, "The file holds a kind of safe nkp does not read; it is not "
@@ -743,7 +855,10 @@ int nkp_provider_restore(nkp_context *ctx, const char *path, const nkp_secret *p
 
         g_autofree char *der = NULL;
         size_t len = 0;
-        r = nkp_read_file(path, NKP_P12_MAX_SIZE, false, &der, &len);
+        /* The admin's own file: a symlink to it is followed (nkp's files
+         * are read with O_NOFOLLOW; this one is not nkp's). */
+        g_autofree char *real = realpath(path, NULL);
+        r = nkp_read_file(real ? real : path, NKP_P12_MAX_SIZE, false, &der, &len);
         if (r == -EFBIG)
                 return nkp_fail(-EFBIG, "'%s' is larger than %d bytes; it is not an nkp provider backup.", path,
                                 NKP_P12_MAX_SIZE);

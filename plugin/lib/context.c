@@ -28,7 +28,10 @@
  *                                (vm encrypt/decrypt/rekey --deep, the hook,
  *                                nkpd) looks for vTPM state
  *
- * Unknown sections and keys are refused (check_config_keys).  Comments go on
+ * Unknown sections and keys are refused (check_config_keys), and so are a
+ * section or a key given twice and a line that is not UTF-8 (check_config_lines):
+ * GKeyFile lets the last duplicate win and reads a non-UTF-8 value as absent,
+ * and either could leave keys unsealed without a word.  Comments go on
  * their own lines: GKeyFile keeps a '#' after a value as part of the value.
  *
  * Without a config the default TCTI is device:/dev/tpmrm0 when that device
@@ -159,18 +162,76 @@ static int check_config_keys(const nkp_context *ctx, GKeyFile *kf)
         return 0;
 }
 
+/* What GKeyFile would merge or drop without a word, by line: a section or
+ * a key (in its section) seen before, and a line that is not UTF-8. */
+static int check_config_lines(const nkp_context *ctx, const char *text)
+{
+        g_auto(GStrv) lines = g_strsplit(text, "\n", -1);
+        g_autoptr(GHashTable) seen = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
+        g_autofree char *group = NULL;
+        for (guint n = 0; lines[n]; n++) {
+                guint line = n + 1;
+                if (!g_utf8_validate(lines[n], -1, NULL))
+                        return nkp_fail(-EINVAL, "The config '%s': line %u is not UTF-8; write it "
+                                                 "in UTF-8 (nkp reads no value from it).",
+                                        ctx->conf_path, line);
+                g_autofree char *l = g_strstrip(g_strdup(lines[n]));
+                if (!l[0] || l[0] == '#')
+                        continue;
+                char *eq = strchr(l, '=');
+                g_autofree char *id = NULL;
+                if (l[0] == '[' && l[strlen(l) - 1] == ']') {
+                        l[strlen(l) - 1] = '\0';
+                        g_free(group);
+                        group = g_strstrip(g_strdup(l + 1));
+                        id = g_strconcat("[", group, "]", NULL);
+                } else if (eq && group) {
+                        *eq = '\0';
+                        id = g_strconcat(group, "\n", g_strstrip(l), NULL);
+                } else {
+                        continue; /* GKeyFile says what is wrong with it */
+                }
+                guint first = GPOINTER_TO_UINT(g_hash_table_lookup(seen, id));
+                if (first && id[0] == '[')
+                        return nkp_fail(-EINVAL, "The config '%s', line %u: the section [%s] "
+                                                 "appears a second time (first on line %u); "
+                                                 "merge them into one.",
+                                        ctx->conf_path, line, group, first);
+                if (first)
+                        return nkp_fail(-EINVAL, "The config '%s', line %u: [%s] %s= is set a "
+                                                 "second time (first on line %u); keep one.",
+                                        ctx->conf_path, line, group, l, first);
+                g_hash_table_insert(seen, g_steal_pointer(&id), GUINT_TO_POINTER(line));
+        }
+        return 0;
+}
+
+#define CONFIG_MAX (64 * 1024)
+
 static int load_config(nkp_context *ctx)
 {
         g_autoptr(GKeyFile) kf = g_key_file_new();
         g_autoptr(GError) error = NULL;
+        g_autofree char *text = NULL;
+        gsize len = 0;
 
-        if (!g_key_file_load_from_file(kf, ctx->conf_path, G_KEY_FILE_NONE, &error)) {
+        /* Read as GKeyFile did (a symlinked config is fine), then checked. */
+        if (!g_file_get_contents(ctx->conf_path, &text, &len, &error)) {
                 if (g_error_matches(error, G_FILE_ERROR, G_FILE_ERROR_NOENT))
                         return 0;
                 return nkp_fail(-EINVAL, "Cannot read the config '%s': %s.", ctx->conf_path,
                                 error->message);
         }
-        int r = check_config_keys(ctx, kf);
+        if (len > CONFIG_MAX || strlen(text) != len)
+                return nkp_fail(-EINVAL, "The config '%s' is not a text file of at most %d bytes.",
+                                ctx->conf_path, CONFIG_MAX);
+        int r = check_config_lines(ctx, text);
+        if (r < 0)
+                return r;
+        if (!g_key_file_load_from_data(kf, text, len, G_KEY_FILE_NONE, &error))
+                return nkp_fail(-EINVAL, "Cannot read the config '%s': %s.", ctx->conf_path,
+                                error->message);
+        r = check_config_keys(ctx, kf);
         if (r < 0)
                 return r;
         g_autofree char *tcti = g_key_file_get_string(kf, "tpm", "tcti", NULL);

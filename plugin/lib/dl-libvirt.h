@@ -41,6 +41,7 @@
         X(virGetLastError)                      \
         X(virSecretDefineXML)                   \
         X(virSecretFree)                        \
+        X(virSecretGetXMLDesc)                  \
         X(virSecretLookupByUUIDString)          \
         X(virSecretSetValue)                    \
         X(virSecretUndefine)                    \
@@ -84,6 +85,7 @@ int nkp_dlopen_libvirt(void);
 #define virGetLastError sym_virGetLastError
 #define virSecretDefineXML sym_virSecretDefineXML
 #define virSecretFree sym_virSecretFree
+#define virSecretGetXMLDesc sym_virSecretGetXMLDesc
 #define virSecretLookupByUUIDString sym_virSecretLookupByUUIDString
 #define virSecretSetValue sym_virSecretSetValue
 #define virSecretUndefine sym_virSecretUndefine

@@ -15,6 +15,9 @@
  *   new = <signature of the definition after>
  *   files = P1;P2;…                the files being replaced
  *   scratch = D1;…                 work directories, removed on recovery
+ *   dirs = DEV:INO;…               the directories holding them, recorded at
+ *                                  the first save; recovery renames and
+ *                                  removes nothing outside them
  *
  * A signature is the hex KEK salt of the definition's keysafe, or "none"
  * when it has no keysafe: every keysafe gets a fresh random salt, so the
@@ -60,6 +63,7 @@ NkpJournal *nkp_journal_new(const char *op, const char *vm_name, const char *vm_
         j->phase = NKP_JOURNAL_CONVERTING;
         j->files = g_ptr_array_new_with_free_func(g_free);
         j->scratch = g_ptr_array_new_with_free_func(g_free);
+        j->dirs = g_ptr_array_new_with_free_func(g_free);
         return j;
 }
 
@@ -76,6 +80,8 @@ void nkp_journal_free(NkpJournal *j)
                 g_ptr_array_unref(j->files);
         if (j->scratch)
                 g_ptr_array_unref(j->scratch);
+        if (j->dirs)
+                g_ptr_array_unref(j->dirs);
         g_free(j);
 }
 
@@ -199,7 +205,53 @@ static char *join_paths(GPtrArray *paths)
         return g_string_free(s, FALSE);
 }
 
-int nkp_journal_save(nkp_context *ctx, const NkpJournal *j)
+static char *dir_id(const struct stat *st)
+{
+        return g_strdup_printf("%ju:%ju", (uintmax_t) st->st_dev, (uintmax_t) st->st_ino);
+}
+
+static bool dir_id_ok(const char *id)
+{
+        g_auto(GStrv) parts = g_strsplit(id, ":", -1);
+        if (g_strv_length(parts) != 2)
+                return false;
+        for (char **p = parts; *p; p++)
+                if (!g_ascii_string_to_unsigned(*p, 10, 0, G_MAXUINT64, NULL, NULL))
+                        return false;
+        return true;
+}
+
+/* The directory that holds `path`, as recorded in a journal. */
+static int parent_id(const char *path, char **ret)
+{
+        g_autofree char *dir = g_path_get_dirname(path);
+        struct stat st;
+        if (stat(dir, &st) < 0 || !S_ISDIR(st.st_mode))
+                return nkp_fail(-errno ? -errno : -ENOTDIR,
+                                "Cannot read the directory '%s': %s. Nothing was changed.", dir,
+                                g_strerror(errno ? errno : ENOTDIR));
+        *ret = dir_id(&st);
+        return 0;
+}
+
+static int record_dirs(NkpJournal *j)
+{
+        GPtrArray *lists[] = { j->files, j->scratch };
+        for (size_t l = 0; l < G_N_ELEMENTS(lists); l++)
+                for (guint i = 0; i < lists[l]->len; i++) {
+                        char *id = NULL;
+                        int r = parent_id(lists[l]->pdata[i], &id);
+                        if (r < 0)
+                                return r;
+                        if (g_ptr_array_find_with_equal_func(j->dirs, id, g_str_equal, NULL))
+                                g_free(id);
+                        else
+                                g_ptr_array_add(j->dirs, id);
+                }
+        return 0;
+}
+
+int nkp_journal_save(nkp_context *ctx, NkpJournal *j)
 {
         for (guint i = 0; i < j->files->len; i++) {
                 const char *p = j->files->pdata[i];
@@ -219,10 +271,13 @@ int nkp_journal_save(nkp_context *ctx, const NkpJournal *j)
                         return nkp_fail(-EINVAL, "Internal error: '%s' is not an nkp work "
                                                  "directory. Nothing was changed.",
                                         (const char *) j->scratch->pdata[i]);
+        int r = j->dirs->len ? 0 : record_dirs(j);
+        if (r < 0)
+                return r;
         gsize len = 0;
         g_autofree char *text = nkp_journal_format(j, &len);
         g_autofree char *dir = journal_dir(ctx);
-        int r = nkp_mkdir_private(dir);
+        r = nkp_mkdir_private(dir);
         if (r < 0)
                 return r;
         g_autofree char *path = nkp_journal_path(ctx, j->vm_uuid);
@@ -234,6 +289,7 @@ char *nkp_journal_format(const NkpJournal *j, size_t *ret_len)
         g_autoptr(GKeyFile) kf = g_key_file_new();
         g_autofree char *files = join_paths(j->files);
         g_autofree char *scratch = join_paths(j->scratch);
+        g_autofree char *dirs = join_paths(j->dirs);
         g_key_file_set_integer(kf, JOURNAL_GROUP, "version", 1);
         g_key_file_set_string(kf, JOURNAL_GROUP, "op", j->op);
         g_key_file_set_string(kf, JOURNAL_GROUP, "name", j->vm_name);
@@ -243,6 +299,7 @@ char *nkp_journal_format(const NkpJournal *j, size_t *ret_len)
         g_key_file_set_string(kf, JOURNAL_GROUP, "new", j->new_sig);
         g_key_file_set_string(kf, JOURNAL_GROUP, "files", files);
         g_key_file_set_string(kf, JOURNAL_GROUP, "scratch", scratch);
+        g_key_file_set_string(kf, JOURNAL_GROUP, "dirs", dirs);
         gsize len = 0;
         char *text = g_key_file_to_data(kf, &len, NULL);
         *ret_len = len;
@@ -296,6 +353,7 @@ int nkp_journal_parse(const char *text, size_t len, const char *vm_uuid, const c
         g_autofree char *new_sig = g_key_file_get_string(kf, JOURNAL_GROUP, "new", NULL);
         g_autofree char *files = g_key_file_get_string(kf, JOURNAL_GROUP, "files", NULL);
         g_autofree char *scratch = g_key_file_get_string(kf, JOURNAL_GROUP, "scratch", NULL);
+        g_autofree char *dirs = g_key_file_get_string(kf, JOURNAL_GROUP, "dirs", NULL);
         int version = g_key_file_get_integer(kf, JOURNAL_GROUP, "version", NULL);
         if (version != 1 || !op || !name || !uuid || !phase || !old_sig || !new_sig ||
             !uuid_ok(uuid) || (vm_uuid && g_ascii_strcasecmp(uuid, vm_uuid) != 0) ||
@@ -309,6 +367,17 @@ int nkp_journal_parse(const char *text, size_t len, const char *vm_uuid, const c
                 return nkp_fail(-EBADMSG, "The journal '%s' names a file or work directory that "
                                           "nkp would never write; it is damaged.",
                                 path);
+        /* A journal without dirs (older nkp) loads, but reconcile refuses it. */
+        g_auto(GStrv) ids = g_strsplit(dirs ? dirs : "", ";", -1);
+        for (char **p = ids; *p; p++) {
+                if (!(*p)[0])
+                        continue;
+                if (!dir_id_ok(*p))
+                        return nkp_fail(-EBADMSG, "The journal '%s' has a damaged 'dirs' entry "
+                                                  "'%s'.",
+                                        path, *p);
+                g_ptr_array_add(j->dirs, g_strdup(*p));
+        }
         *ret = g_steal_pointer(&j);
         return 0;
 }
@@ -316,9 +385,9 @@ int nkp_journal_parse(const char *text, size_t len, const char *vm_uuid, const c
 int nkp_journal_remove(nkp_context *ctx, const char *vm_uuid)
 {
         g_autofree char *path = nkp_journal_path(ctx, vm_uuid);
-        if (unlink(path) < 0 && errno != ENOENT)
-                return nkp_fail(-errno, "Cannot remove the journal '%s': %s.", path,
-                                g_strerror(errno));
+        int r = nkp_unlink_nofollow(path);
+        if (r < 0)
+                return nkp_fail(r, "Cannot remove the journal '%s': %s.", path, g_strerror(-r));
         g_autofree char *dir = journal_dir(ctx);
         int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (fd >= 0) {
@@ -330,10 +399,13 @@ int nkp_journal_remove(nkp_context *ctx, const char *vm_uuid)
 
 /* ---- reconciling the files with a definition ----------------------------------- */
 
-static bool exists(const char *path)
+/* Every name is looked up relative to its directory's fd, without
+ * following a symlink: the directory was checked once (confine()), and a
+ * later swap of a path component cannot redirect a rename. */
+static bool exists_at(int dfd, const char *name)
 {
         struct stat st;
-        return lstat(path, &st) == 0;
+        return fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0;
 }
 
 /* What one file needs, decided before anything is touched. */
@@ -346,11 +418,12 @@ typedef enum {
         FIX_DROP_OLD,      /* forward: P, old        -> P            */
 } Fix;
 
-static int plan_file(const NkpJournal *j, const char *p, bool forward, Fix *ret)
+static int plan_file(const NkpJournal *j, const char *p, int dfd, const char *base, bool forward,
+                     Fix *ret)
 {
-        g_autofree char *neu = g_strconcat(p, ".nkp-new", NULL);
-        g_autofree char *old = g_strconcat(p, ".nkp-old", NULL);
-        bool hp = exists(p), hn = exists(neu), ho = exists(old);
+        g_autofree char *neu = g_strconcat(base, ".nkp-new", NULL);
+        g_autofree char *old = g_strconcat(base, ".nkp-old", NULL);
+        bool hp = exists_at(dfd, base), hn = exists_at(dfd, neu), ho = exists_at(dfd, old);
         if (!forward) {
                 /* P.nkp-old only ever comes from renaming the original away,
                  * so whenever it exists it is the original. */
@@ -381,50 +454,68 @@ static int plan_file(const NkpJournal *j, const char *p, bool forward, Fix *ret)
         return 0;
 }
 
-static int do_rename(const char *from, const char *to)
+static int do_rename(int dfd, const char *from, const char *to, const char *p)
 {
-        if (rename(from, to) < 0)
-                return nkp_fail(-errno, "Cannot rename '%s' to '%s': %s.", from, to,
-                                g_strerror(errno));
+        if (renameat(dfd, from, dfd, to) < 0)
+                return nkp_fail(-errno, "Cannot rename '%s' to '%s' beside '%s': %s.", from, to,
+                                p, g_strerror(errno));
         return 0;
 }
 
-static int do_unlink(const char *path)
+static int do_unlink(int dfd, const char *name, const char *p)
 {
-        if (unlink(path) < 0 && errno != ENOENT)
-                return nkp_fail(-errno, "Cannot remove '%s': %s.", path, g_strerror(errno));
+        int r = nkp_unlink_at(dfd, name);
+        if (r < 0)
+                return nkp_fail(r, "Cannot remove '%s' beside '%s': %s.", name, p,
+                                g_strerror(-r));
         return 0;
 }
 
-static int apply_fix(const char *p, Fix fix)
+static int swap_at(int dfd, const char *base, const char *path)
 {
-        g_autofree char *neu = g_strconcat(p, ".nkp-new", NULL);
-        g_autofree char *old = g_strconcat(p, ".nkp-old", NULL);
+        g_autofree char *neu = g_strconcat(base, ".nkp-new", NULL);
+        g_autofree char *old = g_strconcat(base, ".nkp-old", NULL);
+        int r = 0;
+        if (exists_at(dfd, base) && !exists_at(dfd, old))
+                r = do_rename(dfd, base, old, path);
+        if (r == 0 && exists_at(dfd, neu)) {
+                nkp_test_crash_point("swap-half");
+                r = do_rename(dfd, neu, base, path);
+        }
+        if (r == 0 && !exists_at(dfd, base))
+                r = nkp_fail(-ENOENT, "'%s' has no new copy to put in place.", path);
+        return r;
+}
+
+static int apply_fix(const char *p, int dfd, const char *base, Fix fix)
+{
+        g_autofree char *neu = g_strconcat(base, ".nkp-new", NULL);
+        g_autofree char *old = g_strconcat(base, ".nkp-old", NULL);
         int r = 0;
         switch (fix) {
         case FIX_NOTHING:
                 return 0;
         case FIX_DROP_NEW:
-                r = do_unlink(neu);
+                r = do_unlink(dfd, neu, p);
                 break;
         case FIX_RESTORE_OLD:
                 /* rename() replaces P (the new copy) in one step. */
-                r = do_rename(old, p);
+                r = do_rename(dfd, old, base, p);
                 if (r == 0)
-                        r = do_unlink(neu);
+                        r = do_unlink(dfd, neu, p);
                 break;
         case FIX_SWAP_AND_DROP:
-                r = nkp_journal_swap_file(p);
+                r = swap_at(dfd, base, p);
                 if (r == 0)
-                        r = do_unlink(old);
+                        r = do_unlink(dfd, old, p);
                 break;
         case FIX_NEW_IN:
-                r = do_rename(neu, p);
+                r = do_rename(dfd, neu, base, p);
                 if (r == 0)
-                        r = do_unlink(old);
+                        r = do_unlink(dfd, old, p);
                 break;
         case FIX_DROP_OLD:
-                r = do_unlink(old);
+                r = do_unlink(dfd, old, p);
                 break;
         }
         (void) nkp_fsync_dir_of(p);
@@ -433,40 +524,77 @@ static int apply_fix(const char *p, Fix fix)
 
 int nkp_journal_swap_file(const char *path)
 {
-        g_autofree char *neu = g_strconcat(path, ".nkp-new", NULL);
-        g_autofree char *old = g_strconcat(path, ".nkp-old", NULL);
-        int r = 0;
-        if (exists(path) && !exists(old))
-                r = do_rename(path, old);
-        if (r == 0 && exists(neu)) {
-                nkp_test_crash_point("swap-half");
-                r = do_rename(neu, path);
-        }
-        if (r == 0 && !exists(path))
-                r = nkp_fail(-ENOENT, "'%s' has no new copy to put in place.", path);
+        g_autofree char *base = NULL;
+        int dfd = nkp_open_parent(path, &base);
+        if (dfd < 0)
+                return nkp_fail(dfd, "Cannot open the directory of '%s': %s.", path,
+                                g_strerror(-dfd));
+        int r = swap_at(dfd, base, path);
         (void) nkp_fsync_dir_of(path);
+        close(dfd);
         return r;
-}
-
-static void remove_tree(const char *path)
-{
-        g_autoptr(GDir) dir = g_dir_open(path, 0, NULL);
-        const char *e;
-        while (dir && (e = g_dir_read_name(dir))) {
-                g_autofree char *p = g_build_filename(path, e, NULL);
-                struct stat st;
-                if (lstat(p, &st) == 0 && S_ISDIR(st.st_mode))
-                        remove_tree(p);
-                else
-                        (void) unlink(p);
-        }
-        (void) rmdir(path);
 }
 
 void nkp_journal_remove_scratch(const NkpJournal *j)
 {
         for (guint i = 0; i < j->scratch->len; i++)
-                remove_tree(j->scratch->pdata[i]);
+                nkp_remove_tree(j->scratch->pdata[i]);
+}
+
+/* The directory of every path the journal names, opened once and checked
+ * against the directories recorded when the operation began: a damaged or
+ * crafted journal cannot make recovery rename or delete anything else. */
+typedef struct {
+        int *fds;
+        char **bases;
+        guint n;
+} Confined;
+
+static void confined_clear(Confined *c)
+{
+        for (guint i = 0; i < c->n; i++) {
+                if (c->fds[i] >= 0)
+                        close(c->fds[i]);
+                g_free(c->bases[i]);
+        }
+        g_free(c->fds);
+        g_free(c->bases);
+}
+
+static int confine(nkp_context *ctx, const NkpJournal *j, Confined *c)
+{
+        guint total = j->files->len + j->scratch->len;
+        c->fds = g_new(int, total);
+        c->bases = g_new0(char *, total);
+        for (c->n = 0; c->n < total; c->n++) {
+                guint i = c->n;
+                const char *p = i < j->files->len ? j->files->pdata[i]
+                                                  : j->scratch->pdata[i - j->files->len];
+                c->fds[i] = nkp_open_parent(p, &c->bases[i]);
+                if (c->fds[i] < 0) {
+                        int e = -c->fds[i];
+                        c->n++;
+                        return nkp_fail(-e,
+                                        "VM '%s': the journal of its interrupted '%s' names '%s', "
+                                        "whose directory cannot be opened (%s); nothing was "
+                                        "changed.",
+                                        j->vm_name, j->op, p, g_strerror(e));
+                }
+                struct stat st;
+                g_autofree char *id = NULL;
+                if (fstat(c->fds[i], &st) == 0)
+                        id = dir_id(&st);
+                if (!id || !g_ptr_array_find_with_equal_func(j->dirs, id, g_str_equal, NULL)) {
+                        c->n++;
+                        return nkp_fail(-EPERM,
+                                        "VM '%s': the journal '%s/journal/%s.ini' names '%s', "
+                                        "outside the directories its '%s' recorded when it "
+                                        "began; nothing was changed. Check the journal, and "
+                                        "move it away if it is not nkp's.",
+                                        j->vm_name, ctx->store_dir, j->vm_uuid, p, j->op);
+                }
+        }
+        return 0;
 }
 
 int nkp_journal_reconcile(nkp_context *ctx, const NkpJournal *j, const char *sig,
@@ -496,23 +624,30 @@ int nkp_journal_reconcile(nkp_context *ctx, const NkpJournal *j, const char *sig
                                 j->vm_name, nkp_journal_phase_name(j->phase));
 
         /* Every file is checked before any is touched: an error changes nothing. */
+        Confined c = { 0 };
+        int r = confine(ctx, j, &c);
         g_autofree Fix *fixes = g_new0(Fix, j->files->len + 1);
-        for (guint i = 0; i < j->files->len; i++) {
-                int r = plan_file(j, j->files->pdata[i], forward, &fixes[i]);
-                if (r < 0)
-                        return r;
+        for (guint i = 0; r == 0 && i < j->files->len; i++)
+                r = plan_file(j, j->files->pdata[i], c.fds[i], c.bases[i], forward, &fixes[i]);
+        if (r < 0) {
+                confined_clear(&c);
+                return r;
         }
         /* Scratch first when rolling back: it may hold a decrypted vTPM blob. */
-        nkp_journal_remove_scratch(j);
-        for (guint i = 0; i < j->files->len; i++) {
-                int r = apply_fix(j->files->pdata[i], fixes[i]);
+        for (guint i = j->files->len; i < c.n; i++)
+                nkp_remove_tree_at(c.fds[i], c.bases[i]);
+        for (guint i = 0; r == 0 && i < j->files->len; i++) {
+                r = apply_fix(j->files->pdata[i], c.fds[i], c.bases[i], fixes[i]);
                 if (r < 0)
-                        return nkp_fail_prefix(r, "VM '%s': cannot %s the interrupted '%s'",
-                                               j->vm_name, forward ? "finish" : "roll back",
-                                               j->op);
-                nkp_test_crash_point("file-reconciled");
+                        r = nkp_fail_prefix(r, "VM '%s': cannot %s the interrupted '%s'",
+                                            j->vm_name, forward ? "finish" : "roll back", j->op);
+                else
+                        nkp_test_crash_point("file-reconciled");
         }
-        int r = nkp_journal_remove(ctx, j->vm_uuid);
+        confined_clear(&c);
+        if (r < 0)
+                return r;
+        r = nkp_journal_remove(ctx, j->vm_uuid);
         if (r < 0)
                 return r;
         if (ret_outcome)

@@ -58,6 +58,21 @@ int nkp_read_file(const char *path, size_t max, bool private_mode, char **ret, s
  * durable).  0 or a negative errno, no message. */
 int nkp_fsync_dir_of(const char *path);
 
+/* Removing and renaming that never follow a symlink in the last component
+ * (the parent directory is opened, then *at() calls with its fd).  No
+ * message set; 0 or a negative errno.
+ * nkp_open_parent: an O_PATH fd of dirname(path) (close it) and in
+ *   *ret_base the basename (g_free it).
+ * nkp_unlink_at / nkp_unlink_nofollow: ENOENT counts as done.
+ * nkp_remove_tree[_at]: best effort rm -rf; a symlink is removed itself,
+ *   what it points at is never touched. */
+int nkp_open_parent(const char *path, char **ret_base);
+int nkp_unlink_at(int dfd, const char *name);
+int nkp_unlink_nofollow(const char *path);
+int nkp_rename_nofollow(const char *from, const char *to);
+void nkp_remove_tree_at(int dfd, const char *name);
+void nkp_remove_tree(const char *path);
+
 /* mkdir -p with mode 0700 for every directory created; an existing final
  * directory with a group/other bit set is refused (-EPERM). */
 int nkp_mkdir_private(const char *path);
@@ -505,7 +520,11 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpVirt, nkp_virt_close)
 /* Defines an ephemeral, private secret `secret_uuid` and sets its value.
  * kind NKP_OBJECT_VTPM: usage vtpm, name "nkp-vtpm-<vm uuid>";
  * NKP_OBJECT_DISK: usage volume, `volume` = the disk path.  Idempotent: an
- * existing secret with that UUID gets the value again. */
+ * existing secret with that UUID gets the value again, provided it is
+ * ephemeral and private (else -EEXIST, one line, nothing changed). */
+/* Whether a libvirt secret's XML (virSecretGetXMLDesc) says ephemeral='yes'
+ * and private='yes': the only pre-existing secret nkp puts a DEK in. */
+bool nkp_virt_secret_xml_reusable(const char *xml);
 int nkp_virt_secret_define(NkpVirt *v, const char *secret_uuid, const char *kind,
                            const char *vm_uuid, const char *volume, const nkp_secret *value);
 /* -ENOENT when there is none. */
@@ -596,6 +615,9 @@ typedef struct {
         char *new_sig;      /* … and after */
         GPtrArray *files;   /* char*: absolute paths P being replaced */
         GPtrArray *scratch; /* char*: work directories to remove on recovery */
+        GPtrArray *dirs;    /* char* "DEV:INO": the directories holding files and
+                             * scratch when the operation began (the first save);
+                             * reconcile touches nothing anywhere else */
 } NkpJournal;
 
 typedef enum {
@@ -642,7 +664,9 @@ int nkp_vm_lock(nkp_context *ctx, const char *vm_uuid, bool create, unsigned wai
 
 /* Atomic write (0600) / read.  load: -ENOENT (no message) when there is
  * none, -EBADMSG damaged. */
-int nkp_journal_save(nkp_context *ctx, const NkpJournal *j);
+/* The first save records j->dirs (the parent directory of every file and
+ * scratch directory); later saves keep them. */
+int nkp_journal_save(nkp_context *ctx, NkpJournal *j);
 int nkp_journal_load(nkp_context *ctx, const char *vm_uuid, NkpJournal **ret);
 /* The two halves of save and load, apart for the fuzzer.  parse: `vm_uuid`
  * NULL accepts any VM; `path` names the journal in errors.  format: the

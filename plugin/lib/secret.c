@@ -4,7 +4,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
+#include <linux/magic.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include <openssl/crypto.h>
@@ -134,12 +137,46 @@ int nkp_password_read_fd(int fd, nkp_secret **ret)
         return nkp_secret_new_copy(buf->data, len, ret);
 }
 
+/* A password comes from a regular file, a terminal, or a pipe the caller
+ * made (`cat pw | nkpctl … --password-file /dev/stdin`).  A named FIFO with
+ * no writer would block forever, and a device or socket is no password
+ * file: refused at once.  The open never blocks (O_NONBLOCK, cleared again
+ * for reading). */
+static int password_source_ok(int fd, const char *path)
+{
+        struct stat st;
+        if (fstat(fd, &st) < 0)
+                return nkp_fail(-errno, "Cannot stat the password file '%s': %s.", path,
+                                strerror(errno));
+        if (S_ISREG(st.st_mode) || isatty(fd))
+                return 0;
+        struct statfs sfs;
+        if (S_ISFIFO(st.st_mode) && fstatfs(fd, &sfs) == 0 && sfs.f_type == PIPEFS_MAGIC)
+                return 0; /* an anonymous pipe: its writer is the caller */
+        return nkp_fail(-EINVAL,
+                        "The password file '%s' is %s, not a regular file or a terminal; put "
+                        "the password in a file (mode 0600) and give that.",
+                        path,
+                        S_ISFIFO(st.st_mode)  ? "a named FIFO"
+                        : S_ISDIR(st.st_mode) ? "a directory"
+                                              : "a device or socket");
+}
+
 int nkp_password_read_file(const char *path, nkp_secret **ret)
 {
-        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
         if (fd < 0)
                 return nkp_fail(-errno, "Cannot open the password file '%s': %s.", path, strerror(errno));
-        int r = nkp_password_read_fd(fd, ret);
+        int r = password_source_ok(fd, path);
+        int fl = fcntl(fd, F_GETFL);
+        if (r == 0 && (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0))
+                r = nkp_fail(-errno, "Cannot read the password file '%s': %s.", path,
+                             strerror(errno));
+        if (r < 0) {
+                close(fd);
+                return r;
+        }
+        r = nkp_password_read_fd(fd, ret);
         close(fd);
         if (r == -EINVAL && strcmp(nkp_error_message(), "The password is empty.") == 0)
                 return nkp_fail(-EINVAL, "The password file '%s' is empty.", path);

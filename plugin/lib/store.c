@@ -52,6 +52,9 @@ bool nkp_provider_name_valid(const char *name)
         size_t n = strlen(name);
         if (n < 1 || n > NKP_NAME_MAX)
                 return false;
+        /* Names become file names (backups, the cache): never a directory. */
+        if (strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
+                return false;
         for (size_t i = 0; i < n; i++) {
                 char c = name[i];
                 if (!g_ascii_isalnum(c) && c != '.' && c != '_' && c != '-')

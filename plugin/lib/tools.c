@@ -190,7 +190,7 @@ int nkp_disk_convert(const char *path, const nkp_secret *old_value, const nkp_se
 {
         g_autofree char *tmp = g_strconcat(path, ".nkp-new", NULL);
         g_autofree char *err = NULL;
-        (void) unlink(tmp); /* a leftover of an interrupted run */
+        (void) nkp_unlink_nofollow(tmp); /* a leftover of an interrupted run */
 
         nkp_secret *secrets[2];
         size_t n = 0;
@@ -237,13 +237,13 @@ int nkp_disk_convert(const char *path, const nkp_secret *old_value, const nkp_se
                 if (attempt > 0)
                         g_usleep((gulong) (100000 << attempt)); /* 0.2 s, 0.4 s … 3.2 s */
                 g_clear_pointer(&err, g_free);
-                (void) unlink(tmp);
+                (void) nkp_unlink_nofollow(tmp);
                 r = run_argv(argv, secrets, n, &err);
                 if (r == 0 || !new_value || !err || !strstr(err, "accurate CPU usage"))
                         break;
         }
         if (r != 0) {
-                (void) unlink(tmp);
+                (void) nkp_unlink_nofollow(tmp);
                 if (r < 0)
                         return r;
                 return nkp_fail(-EIO, "qemu-img could not convert '%s': %s. Nothing was changed.",
@@ -264,7 +264,7 @@ int nkp_disk_convert(const char *path, const nkp_secret *old_value, const nkp_se
         cmp[c] = NULL;
         r = run_argv(cmp, secrets, n, &err);
         if (r != 0) {
-                (void) unlink(tmp);
+                (void) nkp_unlink_nofollow(tmp);
                 if (r < 0)
                         return r;
                 return nkp_fail(-EIO, "The converted copy of '%s' differs from it (qemu-img "
@@ -272,7 +272,7 @@ int nkp_disk_convert(const char *path, const nkp_secret *old_value, const nkp_se
                                 path, err && err[0] ? err : "differs");
         }
         if ((r = finish_copy(tmp, path)) < 0) {
-                (void) unlink(tmp);
+                (void) nkp_unlink_nofollow(tmp);
                 return nkp_fail(r, "Cannot finish the converted copy of '%s': %s.", path,
                                 g_strerror(-r));
         }
@@ -415,18 +415,10 @@ static int swtpm_blob(const char *work, const char *tag, const char *what, int b
         return r == 0 ? 0 : nkp_fail(-EIO, "swtpm_ioctl %s failed on the vTPM state.", what);
 }
 
+/* The work directory, never following a symlink planted in it or at it. */
 static void rm_rf(const char *path)
 {
-        g_autoptr(GDir) dir = g_dir_open(path, 0, NULL);
-        const char *e;
-        while (dir && (e = g_dir_read_name(dir))) {
-                g_autofree char *p = g_build_filename(path, e, NULL);
-                if (g_file_test(p, G_FILE_TEST_IS_DIR) && !g_file_test(p, G_FILE_TEST_IS_SYMLINK))
-                        rm_rf(p);
-                else
-                        (void) unlink(p);
-        }
-        (void) rmdir(path);
+        nkp_remove_tree(path);
 }
 
 /* B: a new state under `new_key` from the blob. */
@@ -546,8 +538,9 @@ int nkp_vtpm_stage(const nkp_context *ctx, const NkpDomain *d)
         g_autofree char *made = g_build_filename(work, "new", base, NULL);
         g_autofree char *dst = g_strconcat(src, ".nkp-new", NULL);
         int fd = open(made, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-        if (fd < 0 || fsync(fd) < 0 || rename(made, dst) < 0) {
-                int e = errno;
+        int r = fd < 0 || fsync(fd) < 0 ? -errno : nkp_rename_nofollow(made, dst);
+        if (r < 0) {
+                int e = -r;
                 if (fd >= 0)
                         close(fd);
                 return nkp_fail(-e, "Cannot put the new vTPM state of VM '%s' beside '%s': %s.",

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
+#include <dirent.h>
 #include <string.h>
 #include <sys/random.h>
 #include <sys/stat.h>
@@ -146,6 +147,90 @@ int nkp_read_file(const char *path, size_t max, bool private_mode, char **ret, s
         if (ret_len)
                 *ret_len = have;
         return 0;
+}
+
+/* ---- removing and renaming without following symlinks ---------------------- */
+
+int nkp_open_parent(const char *path, char **ret_base)
+{
+        g_autofree char *dir = g_path_get_dirname(path);
+        int fd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (fd < 0)
+                return -errno;
+        *ret_base = g_path_get_basename(path);
+        return fd;
+}
+
+int nkp_unlink_at(int dfd, const char *name)
+{
+        if (unlinkat(dfd, name, 0) < 0 && errno != ENOENT)
+                return -errno;
+        return 0;
+}
+
+int nkp_unlink_nofollow(const char *path)
+{
+        g_autofree char *base = NULL;
+        int dfd = nkp_open_parent(path, &base);
+        if (dfd < 0)
+                return dfd == -ENOENT ? 0 : dfd;
+        int r = nkp_unlink_at(dfd, base);
+        close(dfd);
+        return r;
+}
+
+int nkp_rename_nofollow(const char *from, const char *to)
+{
+        g_autofree char *fb = NULL, *tb = NULL;
+        int ffd = nkp_open_parent(from, &fb);
+        if (ffd < 0)
+                return ffd;
+        int tfd = nkp_open_parent(to, &tb);
+        if (tfd < 0) {
+                close(ffd);
+                return tfd;
+        }
+        int r = renameat(ffd, fb, tfd, tb) < 0 ? -errno : 0;
+        close(ffd);
+        close(tfd);
+        return r;
+}
+
+/* Depth-first, every entry by name relative to its directory's fd: a
+ * symlink met anywhere is unlinked itself, never entered. */
+void nkp_remove_tree_at(int dfd, const char *name)
+{
+        struct stat st;
+        if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+                return;
+        if (!S_ISDIR(st.st_mode)) {
+                (void) unlinkat(dfd, name, 0);
+                return;
+        }
+        int fd = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0)
+                return;
+        DIR *d = fdopendir(fd);
+        if (!d) {
+                close(fd);
+                return;
+        }
+        struct dirent *e;
+        while ((e = readdir(d)))
+                if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0)
+                        nkp_remove_tree_at(dirfd(d), e->d_name);
+        closedir(d);
+        (void) unlinkat(dfd, name, AT_REMOVEDIR);
+}
+
+void nkp_remove_tree(const char *path)
+{
+        g_autofree char *base = NULL;
+        int dfd = nkp_open_parent(path, &base);
+        if (dfd < 0)
+                return;
+        nkp_remove_tree_at(dfd, base);
+        close(dfd);
 }
 
 int nkp_mkdir_private(const char *path)

@@ -12,10 +12,13 @@
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include <libvirt/libvirt.h>
+#include <libxml/parser.h>
+#include <libxml/tree.h>
 #include <libvirt/virterror.h>
 
 #include "dl-libvirt.h" /* libvirt is loaded by nkp_virt_open(), not at start */
@@ -172,6 +175,50 @@ static bool uuid_ok(const char *s)
         return s && nkp_uuid_parse(s, b) == 0;
 }
 
+/* Whether the root element of a secret's XML says `attr`='yes'. */
+static bool secret_attr_yes(xmlNode *root, const char *attr)
+{
+        xmlChar *val = xmlGetProp(root, (const xmlChar *) attr);
+        bool yes = val && strcmp((const char *) val, "yes") == 0;
+        xmlFree(val);
+        return yes;
+}
+
+bool nkp_virt_secret_xml_reusable(const char *xml)
+{
+        if (!xml)
+                return false;
+        xmlDoc *doc = xmlReadMemory(xml, (int) strlen(xml), NULL, "UTF-8",
+                                    XML_PARSE_NONET | XML_PARSE_NOERROR | XML_PARSE_NOWARNING);
+        xmlNode *root = doc ? xmlDocGetRootElement(doc) : NULL;
+        bool ok = root && !doc->intSubset && strcmp((const char *) root->name, "secret") == 0 &&
+                  secret_attr_yes(root, "ephemeral") && secret_attr_yes(root, "private");
+        xmlFreeDoc(doc);
+        return ok;
+}
+
+/* A secret with nkp's UUID that someone else defined persistent (its value
+ * written to libvirt's disk) or readable (virsh secret-get-value) would
+ * receive a DEK where it must never be: reused only when it is ephemeral
+ * and private, as nkp defines them. */
+static int check_existing_secret(virSecretPtr sec, const char *secret_uuid)
+{
+        char *xml = virSecretGetXMLDesc(sec, 0);
+        if (!xml)
+                return nkp_fail(virt_errno(), "Cannot read the libvirt secret '%s': %s.",
+                                secret_uuid, last_virt_error());
+        bool ok = nkp_virt_secret_xml_reusable(xml);
+        free(xml);
+        if (!ok)
+                return nkp_fail(-EEXIST,
+                                "libvirt already holds a secret with nkp's UUID %s that is not "
+                                "ephemeral and private, so nkp will not put a key in it; nothing "
+                                "was changed. Check who defined it (virsh secret-dumpxml %s), "
+                                "then remove it (virsh secret-undefine %s).",
+                                secret_uuid, secret_uuid, secret_uuid);
+        return 0;
+}
+
 int nkp_virt_secret_define(nkp_virt *v, const char *secret_uuid, const char *kind,
                            const char *vm_uuid, const char *volume, const nkp_secret *value)
 {
@@ -200,7 +247,13 @@ int nkp_virt_secret_define(nkp_virt *v, const char *secret_uuid, const char *kin
                 secret_uuid, usage);
 
         virSecretPtr sec = virSecretLookupByUUIDString(v->conn, secret_uuid);
-        if (!sec) {
+        if (sec) {
+                int r = check_existing_secret(sec, secret_uuid);
+                if (r < 0) {
+                        virSecretFree(sec);
+                        return r;
+                }
+        } else {
                 sec = virSecretDefineXML(v->conn, xml, 0);
                 if (!sec)
                         return nkp_fail(virt_errno(), "Cannot define the libvirt secret '%s': %s.",

@@ -939,18 +939,17 @@ int nkp_vm_adopt_vtpm_state(nkp_context *ctx, const NkpDomain *d)
                                 d->name, d->tpm_secret);
         g_autofree char *file = nkp_vtpm_state_file(ctx, d);
         g_autofree char *staged = g_strconcat(file, ".nkp-new", NULL);
-        if (unlink(staged) < 0 && errno != ENOENT)
-                return nkp_fail(-errno, "Cannot remove the stale '%s': %s.", staged,
-                                g_strerror(errno));
+        if ((r = nkp_unlink_nofollow(staged)) < 0)
+                return nkp_fail(r, "Cannot remove the stale '%s': %s.", staged, g_strerror(-r));
         if ((r = nkp_vtpm_convert(ctx, d, NULL, value)) < 0 || (r = nkp_vtpm_stage(ctx, d)) < 0)
                 return nkp_fail_prefix(r, "VM '%s' cannot start: its vTPM state cannot be "
                                           "encrypted with its key",
                                        d->name);
         nkp_test_crash_point("adopt-staged");
-        if (rename(staged, file) < 0)
-                return nkp_fail(-errno, "VM '%s' cannot start: cannot put its encrypted vTPM "
-                                        "state in place: %s.",
-                                d->name, g_strerror(errno));
+        if ((r = nkp_rename_nofollow(staged, file)) < 0)
+                return nkp_fail(r, "VM '%s' cannot start: cannot put its encrypted vTPM "
+                                   "state in place: %s.",
+                                d->name, g_strerror(-r));
         (void) nkp_fsync_dir_of(file);
         nkp_log(NKP_LOG_INFO, "VM '%s': its vTPM state, made before nkp enrolled it, is now "
                               "encrypted with its own key.",

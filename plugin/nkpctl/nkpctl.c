@@ -21,6 +21,8 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 
 #include "nkpctl.h"
 
@@ -302,6 +304,9 @@ static int run_verb(NkpctlGlobals *g, const NkpctlCommand *c, int argc, char **a
         if (problem)
                 return nkpctl_usage_error(g, "%s", problem);
 
+        if (root && !root[0])
+                return nkpctl_usage_error(g, "--root needs a directory (--root / for this host "
+                                             "itself).");
         g->root = root;
         g->connect_uri = connect_uri;
         g->json = json;
@@ -317,6 +322,13 @@ int main(int argc, char **argv)
 {
         NkpctlGlobals g = { 0 };
         Scan s;
+
+        /* nkpctl holds KDKs and passwords in memory: no core dump and no
+         * ptrace by other processes of the same user, like the hook and
+         * nkpd. */
+        prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+        struct rlimit nocore = { 0, 0 };
+        setrlimit(RLIMIT_CORE, &nocore);
 
         /* The terminal's charset for GOption's usage text; numbers and
          * messages stay in the C locale. */
