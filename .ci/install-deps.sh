@@ -10,7 +10,7 @@ packages="
   libvirt-dev libxml2-dev python3
   swtpm swtpm-tools tpm2-tools
   libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils virtinst
-  busybox-static cpio gzip kmod iproute2 bindfs util-linux procps psmisc
+  busybox-static cpio gzip kmod iproute2 bindfs util-linux procps psmisc strace
 "
 missing=""
 for p in $packages; do
