@@ -69,6 +69,7 @@ dom vm "" "<tpm><backend type='emulator'><encryption secret='$uuid'/></backend><
 { echo "<!DOCTYPE domain [<!ENTITY n 'vm'>]>"; dom '&n;' "" "$tpm_plain"; } >"$rows/real-entity"
 dom vm "" "$tpm_plain" | head -c 120 >"$rows/truncated"
 head -c 4096 /dev/urandom >"$rows/binary-garbage"
+printf "<?xml version='1.0' encoding='SHIFT_JIS'?><domain>\x81\x00\x00\x00" >"$rows/bad-encoding"
 : >"$rows/empty"
 { dom vm "" "$tpm_plain"; head -c $((9 * 1024 * 1024)) /dev/zero | tr '\0' ' '; } >"$rows/huge"
 { dom vm "" "$tpm_plain"; echo "<junk/>"; } >"$rows/plain-vtpm-then-junk"
@@ -90,6 +91,7 @@ real-doctype                 |$(unread require)|$(unread enrol)|go
 real-entity                  |$(unread require)|$(unread enrol)|go
 truncated                    |$(unread require)|$(unread enrol)|go
 binary-garbage               |$(unread require)|$(unread enrol)|go
+bad-encoding                 |$(unread require)|$(unread enrol)|go
 empty                        |$(unread require)|$(unread enrol)|go
 huge                         |$(unread require)|$(unread enrol)|go
 plain-vtpm-then-junk         |$(unread require)|$(unread enrol)|go

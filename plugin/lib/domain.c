@@ -77,6 +77,27 @@ static void refuse_doctype(void *user, const xmlChar *name, const xmlChar *exter
         xmlStopParser(ctxt);
 }
 
+/* libxml2 reports some errors (a failed encoding conversion, "I/O error")
+ * through its generic handler, which prints on stderr even with
+ * XML_PARSE_NOERROR; the hook's stderr must hold one line, so they are
+ * dropped while nkp parses (the parse still fails with its own message). */
+static void drop_generic_error(void *ctx, const char *msg, ...)
+{
+        (void) ctx;
+        (void) msg;
+}
+
+static xmlDocPtr read_memory_quietly(xmlParserCtxtPtr ctxt, const char *xml, size_t len)
+{
+        xmlGenericErrorFunc old_func = xmlGenericError;
+        void *old_ctx = xmlGenericErrorContext;
+        xmlSetGenericErrorFunc(NULL, drop_generic_error);
+        xmlDocPtr doc = xmlCtxtReadMemory(ctxt, xml, (int) len, "domain.xml", NULL,
+                                          parse_options());
+        xmlSetGenericErrorFunc(old_ctx, old_func);
+        return doc;
+}
+
 /* Parses into a document whose root is a namespace-less <domain>. */
 static int read_doc(const char *xml, size_t len, xmlDocPtr *ret)
 {
@@ -94,8 +115,7 @@ static int read_doc(const char *xml, size_t len, xmlDocPtr *ret)
                 return nkp_fail(-ENOMEM, "Out of memory while parsing the domain XML.");
         }
         ctxt->sax->internalSubset = refuse_doctype;
-        xmlDocPtr doc = xmlCtxtReadMemory(ctxt, xml, (int) len, "domain.xml", NULL,
-                                          parse_options());
+        xmlDocPtr doc = read_memory_quietly(ctxt, xml, len);
         if (ctxt->_private) {
                 xmlFreeDoc(doc);
                 xmlFreeParserCtxt(ctxt);
