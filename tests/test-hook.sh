@@ -145,6 +145,13 @@ printf '[vtpm]\npolicy=maybe\n' >"$root/etc/nkp/nkp.conf"
 run vm prepare begin <"$rows/truncated"
 check "truncated, unreadable config: refused, one line naming both" \
 	'[ $rc = 1 ] && [[ $err == "nkp: VM '"'vm'"' cannot start: nkp cannot read its domain XML ("*"nor its own config"*"policy=maybe"* ]]'
+for name in no-vtpm encrypted-vtpm; do
+	run vm prepare begin <"$rows/$name"
+	check "$name, unreadable config: refused (policy unknown), one line" \
+		'[ $rc = 1 ] && [ "$(printf "%s\n" "$err" | wc -l)" = 1 ] && [[ $err == "nkp: VM '"'vm'"' cannot start: nkp cannot load its config"*"policy=maybe"* ]]'
+done
+run vm release end <"$rows/encrypted-vtpm"
+check "unreadable config, release: exit 0" '[ $rc = 0 ]'
 printf '[vtpm]\npolicy=off\n' >"$root/etc/nkp/nkp.conf"
 rm -rf "$rows"
 "$HOOK" x prepare </dev/null >/dev/null 2>&1

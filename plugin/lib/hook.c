@@ -47,7 +47,10 @@
  * letting it through would start a plain vTPM the policy forbids.  Under
  * policy=off it goes on (0), unless it mentions nkp's namespace (nkp data
  * that cannot be read is always refused).  Internal failures at those steps
- * (no context, a lock, libvirt's secret API) refuse too.
+ * refuse too: an nkp.conf that cannot be loaded refuses every start (the
+ * policy is unknown, and an interrupted conversion could not be finished),
+ * as do a conversion lock, a key that does not unwrap, libvirt's secret
+ * API.
  *   reconnect, release: always 0 on input nkp cannot read.  Refusing
  *   protects nothing there (the VM already runs or is gone): a failing
  *   reconnect makes libvirt kill the running VM, and release failures are
@@ -395,17 +398,23 @@ int nkp_hook_run(const char *root, const char *uri, enum nkp_hook_step step, con
         if (!d->keysafe && step != NKP_HOOK_START)
                 return 0;
         g_autoptr(nkp_context) ctx = NULL;
-        int ctx_r = nkp_context_new(root, &ctx);
-        if (step == NKP_HOOK_START && ctx_r == 0 && (r = recover_for_start(ctx, d)) < 0)
+        r = nkp_context_new(root, &ctx);
+        if (r < 0) {
+                if (!may_fail)
+                        return 0;
+                g_autofree char *verb = step_verb(step);
+                return nkp_fail_prefix(r, "VM '%s' cannot %s: nkp cannot load its config, so "
+                                          "it cannot apply this host's [vtpm] policy",
+                                       d->name, verb);
+        }
+        if (step == NKP_HOOK_START && (r = recover_for_start(ctx, d)) < 0)
                 return r;
         if (!d->keysafe) {
                 /* A plain emulator vTPM (virt-manager & co.): the [vtpm] policy. */
                 if (!d->has_vtpm || d->tpm_secret)
                         return 0;
-                return ctx_r < 0 ? ctx_r : nkp_vtpm_start_check(ctx, d);
+                return nkp_vtpm_start_check(ctx, d);
         }
-        if (ctx_r < 0)
-                return may_fail ? ctx_r : 0;
 
         switch (step) {
         case NKP_HOOK_MIGRATE:
