@@ -33,10 +33,13 @@
  * back first, to match the definition being started (finish_interrupted,
  * docs/crash-safety.md).
  *
- * A domain without an nkp keysafe, or input that is not a domain XML and
- * does not mention nkp's namespace, is not nkp's business: exit 0, no
- * output.  Input that mentions nkp's namespace but cannot be parsed: exit 1
- * with one line (for the steps that can fail).
+ * A domain without an nkp keysafe or a plain vTPM is not nkp's business:
+ * exit 0, no output.  Input nkp cannot read as a domain (malformed,
+ * truncated, empty, too large, a DOCTYPE) fails closed at the steps that can
+ * fail (prepare, restore, migrate): exit 1 with one line, because nkp cannot
+ * tell whether it starts a plain vTPM; only under [vtpm] policy=off does
+ * such input go on (exit 0), and never when it mentions nkp's namespace.
+ * reconnect and release always exit 0 on it (hook.c says why).
  *
  * Output: nothing on stdout, ever (stdout is /dev/null from the first
  * instruction).  On failure exactly one line on stderr, which libvirt puts

@@ -91,7 +91,7 @@ static void test_bad_input(void)
         expect_bad("<domain><uuid>" VM_UUID "</uuid></domain>", -EBADMSG);
         expect_bad("<domain><name>x</name><uuid>not-a-uuid</uuid></domain>", -EBADMSG);
         expect_bad("<domain><name>x</name></domain>", -EBADMSG);
-        /* Entity tricks are refused before parsing. */
+        /* A DOCTYPE stops the parse before any of its declarations is read. */
         expect_bad("<!DOCTYPE domain [<!ENTITY a 'aaaa'><!ENTITY b '&a;&a;&a;&a;'>]>"
                    "<domain><name>&b;</name><uuid>" VM_UUID "</uuid></domain>",
                    -EBADMSG);
@@ -108,6 +108,74 @@ static void test_bad_input(void)
         g_assert_cmpint(nkp_domain_parse(huge, big, &d), ==, -EFBIG);
         g_free(huge);
         g_assert_null(d);
+}
+
+/* What libvirt 9.0 accepts and keeps, nkp reads (issue 13): "<!DOCTYPE" in
+ * a comment or a CDATA block of another tool's metadata is text, and a
+ * name has no length cap. */
+static void test_libvirt_accepts(void)
+{
+        static const char comment[] =
+                "<domain><name>c</name><uuid>" VM_UUID "</uuid>"
+                "<!-- see <!DOCTYPE html> and <!ENTITY x 'y'> -->"
+                "<metadata><t:x xmlns:t='urn:tool'><![CDATA[<!DOCTYPE d [<!ENTITY a 'b'>]>]]>"
+                "</t:x></metadata><devices><tpm model='tpm-crb'><backend type='emulator' "
+                "version='2.0'/></tpm></devices></domain>";
+        g_autoptr(NkpDomain) d = NULL;
+        g_assert_cmpint(nkp_domain_parse(comment, strlen(comment), &d), ==, 0);
+        g_assert_cmpstr(d->name, ==, "c");
+        g_assert_true(d->has_vtpm);
+        g_assert_null(d->tpm_secret);
+
+        g_autofree char *name = g_strnfill(5000, 'n');
+        g_autofree char *long_name = g_strdup_printf(
+                "<domain><name>%s</name><uuid>" VM_UUID "</uuid></domain>", name);
+        g_autoptr(NkpDomain) l = NULL;
+        g_assert_cmpint(nkp_domain_parse(long_name, strlen(long_name), &l), ==, 0);
+        g_assert_cmpstr(l->name, ==, name);
+
+        /* The name as libvirt keeps it: not stripped. */
+        static const char spaced[] = "<domain><name> a b </name><uuid>" VM_UUID "</uuid></domain>";
+        g_autoptr(NkpDomain) sp = NULL;
+        g_assert_cmpint(nkp_domain_parse(spaced, strlen(spaced), &sp), ==, 0);
+        g_assert_cmpstr(sp->name, ==, " a b ");
+}
+
+/* A real DOCTYPE is found by the parser, whatever follows it. */
+static void test_real_doctype(void)
+{
+        static const char *const docs[] = {
+                "<!DOCTYPE domain><domain><name>x</name><uuid>" VM_UUID "</uuid></domain>",
+                "<?xml version='1.0'?>\n<!DOCTYPE domain [<!ENTITY a 'a'>]>\n"
+                "<domain><name>x</name><uuid>" VM_UUID "</uuid></domain>",
+                "<!-- c --><!DOCTYPE domain PUBLIC 'p' 's'><domain/>",
+        };
+        for (size_t i = 0; i < G_N_ELEMENTS(docs); i++) {
+                NkpDomain *d = NULL;
+                g_assert_cmpint(nkp_domain_parse(docs[i], strlen(docs[i]), &d), ==, -EBADMSG);
+                g_assert_null(d);
+                g_assert_nonnull(strstr(nkp_error_message(), "DOCTYPE"));
+        }
+}
+
+/* Every emulator <tpm> in every <devices> counts, as in libvirt's XPath:
+ * one plain vTPM makes the domain's vTPM plain. */
+static void test_vtpm_anywhere(void)
+{
+        static const char two_devices[] =
+                "<domain><name>t</name><uuid>" VM_UUID "</uuid><devices/><devices>"
+                "<tpm><backend type='emulator'/></tpm></devices></domain>";
+        static const char two_tpms[] =
+                "<domain><name>t</name><uuid>" VM_UUID "</uuid><devices>"
+                "<tpm><backend type='emulator'><encryption secret='" VM_UUID "'/></backend></tpm>"
+                "<tpm><backend type='emulator'/></tpm></devices></domain>";
+        g_autoptr(NkpDomain) a = NULL, b = NULL;
+        g_assert_cmpint(nkp_domain_parse(two_devices, strlen(two_devices), &a), ==, 0);
+        g_assert_true(a->has_vtpm);
+        g_assert_null(a->tpm_secret);
+        g_assert_cmpint(nkp_domain_parse(two_tpms, strlen(two_tpms), &b), ==, 0);
+        g_assert_true(b->has_vtpm);
+        g_assert_null(b->tpm_secret);
 }
 
 static void test_no_devices(void)
@@ -397,6 +465,9 @@ int main(int argc, char **argv)
         g_test_add_func("/domain/plain", test_plain);
         g_test_add_func("/domain/bad-input", test_bad_input);
         g_test_add_func("/domain/no-devices", test_no_devices);
+        g_test_add_func("/domain/libvirt-accepts", test_libvirt_accepts);
+        g_test_add_func("/domain/real-doctype", test_real_doctype);
+        g_test_add_func("/domain/vtpm-anywhere", test_vtpm_anywhere);
         g_test_add_func("/domain/passthrough-tpm", test_passthrough_tpm_ignored);
         g_test_add_func("/domain/foreign-metadata", test_foreign_metadata);
         g_test_add_func("/domain/keysafe-two", test_keysafe_two);

@@ -47,14 +47,113 @@ for op in "prepare begin" "start begin" "started begin" "migrate begin" "restore
 	check "foreign domain, $op: exit 0, silent" '[ $rc = 0 ] && [ -z "$out" ] && [ -z "$err" ]'
 done
 
-run x prepare begin <<<'<domain><name>x</name>' 
-check "truncated foreign XML: exit 0" '[ $rc = 0 ] && [ -z "$err" ]'
-run x prepare begin <<<'<!DOCTYPE d [<!ENTITY a "a">]><domain><name>&a;</name></domain>' 
-check "entity XML without nkp: exit 0" '[ $rc = 0 ] && [ -z "$err" ]'
-head -c $((9 * 1024 * 1024)) /dev/zero | tr '\0' ' ' >"$root/in"
-run x prepare begin <"$root/in"
-rm -f "$root/in"
-check "9 MiB of input: exit 0" '[ $rc = 0 ] && [ -z "$err" ]'
+# ---- hostile input x [vtpm] policy: would libvirt start the VM? (issue 13) ----
+# Each row: NAME FILE then, per policy (require enrol off), the expected
+# outcome of `prepare begin`: "go" (exit 0, silent) or "refuse:GLOB" (exit 1,
+# exactly one line "nkp: …" matching GLOB).  Input nkp cannot read fails
+# closed unless the policy is off; input libvirt 9.0 accepts and keeps (a
+# DOCTYPE inside a comment or a CDATA block, a 5000-character name) is read,
+# so its plain vTPM meets the policy like any other.
+rows=$root/rows
+mkdir -p "$rows"
+uuid=6f1c3a52-9d0e-4b8a-a1f2-0c3d4e5f6a7b
+tpm_plain="<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
+tpm_enc="<tpm model='tpm-crb'><backend type='emulator' version='2.0'><encryption secret='$uuid'/></backend></tpm>"
+dom() { printf "<domain type='kvm'><name>%s</name><uuid>$uuid</uuid>%s<devices>%s</devices></domain>\n" "$@"; }
+dom vm "<!-- see <!DOCTYPE html> and <!ENTITY x 'y'> -->" "$tpm_plain" >"$rows/comment-doctype"
+dom vm "<metadata><t:x xmlns:t='urn:tool'><![CDATA[<!DOCTYPE d [<!ENTITY a 'b'>]>]]></t:x></metadata>" "$tpm_plain" >"$rows/cdata-doctype"
+dom vm "<metadata><t:x xmlns:t='urn:tool'><![CDATA[<!DOCTYPE x>]]></t:x></metadata>" "$tpm_enc" >"$rows/cdata-encrypted"
+dom "$(head -c 5000 /dev/zero | tr '\0' n)" "" "$tpm_plain" >"$rows/long-name"
+dom vm "" "<tpm><backend type='emulator'><encryption secret='$uuid'/></backend></tpm>$tpm_plain" >"$rows/two-tpms-one-plain"
+{ echo "<!DOCTYPE domain>"; dom vm "" "$tpm_plain"; } >"$rows/real-doctype"
+{ echo "<!DOCTYPE domain [<!ENTITY n 'vm'>]>"; dom '&n;' "" "$tpm_plain"; } >"$rows/real-entity"
+dom vm "" "$tpm_plain" | head -c 120 >"$rows/truncated"
+head -c 4096 /dev/urandom >"$rows/binary-garbage"
+printf "<?xml version='1.0' encoding='SHIFT_JIS'?><domain>\x81\x00\x00\x00" >"$rows/bad-encoding"
+: >"$rows/empty"
+{ dom vm "" "$tpm_plain"; head -c $((9 * 1024 * 1024)) /dev/zero | tr '\0' ' '; } >"$rows/huge"
+{ dom vm "" "$tpm_plain"; echo "<junk/>"; } >"$rows/plain-vtpm-then-junk"
+dom vm "" "$tpm_plain" | sed "s|<domain |<domain xmlns='urn:other' |" >"$rows/other-namespace"
+dom vm "" "$tpm_enc" >"$rows/encrypted-vtpm"
+dom vm "" "" >"$rows/no-vtpm"
+
+policy_refuse='refuse:*"VM '"'vm'"' cannot start: its vTPM is not encrypted and this host'"'"'s policy requires it"*'
+enrol_refuse='refuse:*"VM '"'vm'"' cannot start: its new vTPM would write its state in clear"*'
+unread() { echo "refuse:*\"VM 'vm' cannot start: nkp cannot read its domain XML (\"*\"policy=$1 in\"*"; }
+long_require='refuse:*"cannot start: its vTPM is not encrypted and this host'"'"'s policy requires it"*'
+long_enrol='refuse:*"cannot start: its new vTPM would write its state in clear"*'
+table="comment-doctype       |$policy_refuse|$enrol_refuse|go
+cdata-doctype                |$policy_refuse|$enrol_refuse|go
+cdata-encrypted              |go|go|go
+long-name                    |$long_require|$long_enrol|go
+two-tpms-one-plain           |$policy_refuse|$enrol_refuse|go
+real-doctype                 |$(unread require)|$(unread enrol)|go
+real-entity                  |$(unread require)|$(unread enrol)|go
+truncated                    |$(unread require)|$(unread enrol)|go
+binary-garbage               |$(unread require)|$(unread enrol)|go
+bad-encoding                 |$(unread require)|$(unread enrol)|go
+empty                        |$(unread require)|$(unread enrol)|go
+huge                         |$(unread require)|$(unread enrol)|go
+plain-vtpm-then-junk         |$(unread require)|$(unread enrol)|go
+other-namespace              |$(unread require)|$(unread enrol)|go
+encrypted-vtpm               |go|go|go
+no-vtpm                      |go|go|go"
+
+set_policy() {
+	printf '[tpm]\ntcti=none\n[vtpm]\npolicy=%s\nstate_dir=%s\n' "$1" "$root/swtpm" >"$root/etc/nkp/nkp.conf"
+}
+mkdir -p "$root/swtpm"
+n_rows=0
+while IFS='|' read -r name req enr off; do
+	name=${name// /}
+	col=0
+	for policy in require enrol off; do
+		col=$((col + 1))
+		case $col in 1) want=$req ;; 2) want=$enr ;; 3) want=$off ;; esac
+		set_policy "$policy"
+		run vm prepare begin <"$rows/$name"
+		n_rows=$((n_rows + 1))
+		if [ "$want" = go ]; then
+			check "$name, policy=$policy: libvirt goes (exit 0, silent)" \
+				'[ $rc = 0 ] && [ -z "$out" ] && [ -z "$err" ]'
+		else
+			glob=${want#refuse:}
+			check "$name, policy=$policy: libvirt refuses (exit 1, one line)" \
+				'[ $rc = 1 ] && [ -z "$out" ] && [ "$(printf "%s\n" "$err" | wc -l)" = 1 ] && [[ $err == "nkp: "* ]]'
+			eval "[[ \$err == $glob ]]"
+			check "$name, policy=$policy: the line says why ($glob)" '[ $? = 0 ]' || echo "# got: ${err:0:300}"
+		fi
+	done
+done <<<"$table"
+check "the bad-input table has at least 36 cases" '[ $n_rows -ge 36 ]'
+
+# Migrate (refuses like a start) and the steps that must never fail.
+set_policy require
+run vm migrate begin <"$rows/truncated"
+check "truncated, policy=require, migrate: refused, one line naming this host" \
+	'[ $rc = 1 ] && [ -z "$out" ] && [[ $err == "nkp: VM '"'vm'"' cannot be migrated to host '"'$(hostname)'"': nkp cannot read"* ]]'
+for op in "reconnect begin" "release end"; do
+	set -- $op
+	for name in truncated real-doctype empty; do
+		run vm "$1" "$2" <"$rows/$name"
+		check "$name, policy=require, $op: exit 0, silent (must never fail)" \
+			'[ $rc = 0 ] && [ -z "$err" ]'
+	done
+done
+# A config that cannot be loaded: the policy is unknown, so refused.
+printf '[vtpm]\npolicy=maybe\n' >"$root/etc/nkp/nkp.conf"
+run vm prepare begin <"$rows/truncated"
+check "truncated, unreadable config: refused, one line naming both" \
+	'[ $rc = 1 ] && [[ $err == "nkp: VM '"'vm'"' cannot start: nkp cannot read its domain XML ("*"nor its own config"*"policy=maybe"* ]]'
+for name in no-vtpm encrypted-vtpm; do
+	run vm prepare begin <"$rows/$name"
+	check "$name, unreadable config: refused (policy unknown), one line" \
+		'[ $rc = 1 ] && [ "$(printf "%s\n" "$err" | wc -l)" = 1 ] && [[ $err == "nkp: VM '"'vm'"' cannot start: nkp cannot load its config"*"policy=maybe"* ]]'
+done
+run vm release end <"$rows/encrypted-vtpm"
+check "unreadable config, release: exit 0" '[ $rc = 0 ]'
+printf '[vtpm]\npolicy=off\n' >"$root/etc/nkp/nkp.conf"
+rm -rf "$rows"
 "$HOOK" x prepare </dev/null >/dev/null 2>&1
 check "too few arguments: exit 0" '[ $? = 0 ]'
 

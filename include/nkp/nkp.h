@@ -315,7 +315,11 @@ bool nkp_hook_step_may_fail(enum nkp_hook_step step);
 /* Runs `step` for domain `domain` whose XML (libvirt's stdin) is `xml`,
  * `len` bytes, with nkp's files under `root` (NULL: "/") and libvirt's
  * secrets through `uri` (NULL: "secret:///system").  Domains that are not
- * nkp's cost a parse: 0.  START: an interrupted conversion reconciled (or
+ * nkp's cost a parse: 0.  Input nkp cannot read as a domain at START or
+ * MIGRATE fails closed: -EBADMSG / -EFBIG (or the config's error) unless
+ * [vtpm] policy=off and the input does not mention nkp's namespace; at
+ * RECONNECT and RELEASE it is 0.  A config that cannot be loaded fails
+ * every START (and the MIGRATE of an nkp VM) with its error.  START: an interrupted conversion reconciled (or
  * -EBUSY while one runs), the VM's secrets defined, the [vtpm] policy
  * applied (-EPERM / -EAGAIN), the EK CA ticket written.  MIGRATE: the
  * provider, the keys and the TLS policy checked (-ENOKEY, -EKEYREJECTED,

@@ -5,8 +5,18 @@
  * treated as hostile: it is parsed with libxml2 without network access,
  * without entity substitution, without DTD loading, with a size cap, and a
  * document that declares a DOCTYPE is refused outright (libvirt never writes
- * one; refusing it closes every entity-expansion trick).  libxml2's own
- * error printing is switched off: the library never prints.
+ * one; refusing it closes every entity-expansion trick).  The DOCTYPE is
+ * found by the parser (its internalSubset callback stops the parse before
+ * any declaration is read), never by searching the text: a comment or a
+ * CDATA block that merely contains "<!DOCTYPE" is text, libvirt keeps it in
+ * another tool's <metadata>, and nkp must read that domain like libvirt does
+ * (issue 13).  libxml2's own error printing is switched off: the library
+ * never prints.
+ *
+ * <name> is kept as libvirt keeps it (its whole text, not stripped, no
+ * length cap: libvirt 9.0 has none); <tpm> and <disk> are read from every
+ * <devices>, as libvirt's "./devices/tpm" XPath does, and a vTPM counts as
+ * encrypted only when every emulator <tpm> has an <encryption secret=…>.
  *
  * What is read (namespace-aware; libvirt's elements have no namespace):
  *
@@ -54,6 +64,40 @@ bool nkp_domain_mentions_nkp(const char *xml, size_t len)
         return xml && memmem(xml, len, NKP_KEYSAFE_NS, strlen(NKP_KEYSAFE_NS)) != NULL;
 }
 
+/* libxml2 calls this at "<!DOCTYPE name …", before it reads any
+ * declaration of the internal subset: the parse stops there. */
+static void refuse_doctype(void *user, const xmlChar *name, const xmlChar *external_id,
+                           const xmlChar *system_id)
+{
+        (void) name;
+        (void) external_id;
+        (void) system_id;
+        xmlParserCtxtPtr ctxt = user;
+        ctxt->_private = (void *) 1;
+        xmlStopParser(ctxt);
+}
+
+/* libxml2 reports some errors (a failed encoding conversion, "I/O error")
+ * through its generic handler, which prints on stderr even with
+ * XML_PARSE_NOERROR; the hook's stderr must hold one line, so they are
+ * dropped while nkp parses (the parse still fails with its own message). */
+static void drop_generic_error(void *ctx, const char *msg, ...)
+{
+        (void) ctx;
+        (void) msg;
+}
+
+static xmlDocPtr read_memory_quietly(xmlParserCtxtPtr ctxt, const char *xml, size_t len)
+{
+        xmlGenericErrorFunc old_func = xmlGenericError;
+        void *old_ctx = xmlGenericErrorContext;
+        xmlSetGenericErrorFunc(NULL, drop_generic_error);
+        xmlDocPtr doc = xmlCtxtReadMemory(ctxt, xml, (int) len, "domain.xml", NULL,
+                                          parse_options());
+        xmlSetGenericErrorFunc(old_ctx, old_func);
+        return doc;
+}
+
 /* Parses into a document whose root is a namespace-less <domain>. */
 static int read_doc(const char *xml, size_t len, xmlDocPtr *ret)
 {
@@ -64,15 +108,20 @@ static int read_doc(const char *xml, size_t len, xmlDocPtr *ret)
                                 NKP_DOMAIN_XML_MAX);
         if (len > INT32_MAX)
                 return nkp_fail(-EFBIG, "The domain XML is too large.");
-        if (memmem(xml, len, "<!DOCTYPE", 9) || memmem(xml, len, "<!ENTITY", 8))
-                return nkp_fail(-EBADMSG, "The domain XML declares a DOCTYPE or an entity, which "
-                                          "libvirt never writes; refused.");
         xmlInitParser();
         xmlParserCtxtPtr ctxt = xmlNewParserCtxt();
-        if (!ctxt)
+        if (!ctxt || !ctxt->sax) {
+                xmlFreeParserCtxt(ctxt);
                 return nkp_fail(-ENOMEM, "Out of memory while parsing the domain XML.");
-        xmlDocPtr doc = xmlCtxtReadMemory(ctxt, xml, (int) len, "domain.xml", NULL,
-                                          parse_options());
+        }
+        ctxt->sax->internalSubset = refuse_doctype;
+        xmlDocPtr doc = read_memory_quietly(ctxt, xml, len);
+        if (ctxt->_private) {
+                xmlFreeDoc(doc);
+                xmlFreeParserCtxt(ctxt);
+                return nkp_fail(-EBADMSG, "The domain XML declares a DOCTYPE, which libvirt never "
+                                          "writes; refused.");
+        }
         if (!doc) {
                 xmlErrorPtr e = xmlCtxtGetLastError(ctxt);
                 g_autofree char *msg = g_strdup(e && e->message ? e->message : "malformed");
@@ -248,16 +297,38 @@ static void read_disk(NkpDomain *d, xmlNodePtr n)
         g_ptr_array_add(d->disks, disk);
 }
 
+/* The first emulator <tpm> describes the vTPM; any later one without an
+ * <encryption secret=…> makes it plain (fail closed: libvirt would reject
+ * such a domain, nkp must not let it through as encrypted). */
 static void read_tpm(NkpDomain *d, xmlNodePtr n)
 {
         xmlNodePtr be = child(n, "backend");
         g_autofree char *type = attr(be, "type");
-        if (d->has_vtpm || !type || strcmp(type, "emulator") != 0)
+        if (!type || strcmp(type, "emulator") != 0)
                 return;
+        g_autofree char *secret = attr(child(be, "encryption"), "secret");
+        if (d->has_vtpm) {
+                if (!secret)
+                        g_clear_pointer(&d->tpm_secret, g_free);
+                return;
+        }
         d->has_vtpm = true;
         d->tpm_model = attr(n, "model");
         d->tpm_version = attr(be, "version");
-        d->tpm_secret = attr(child(be, "encryption"), "secret");
+        d->tpm_secret = g_steal_pointer(&secret);
+}
+
+/* The whole text of an element, as libvirt's "string(./name[1])" reads it. */
+static char *raw_text(xmlNodePtr n)
+{
+        if (!n)
+                return NULL;
+        xmlChar *v = xmlNodeGetContent(n);
+        if (!v)
+                return NULL;
+        char *r = g_strdup((const char *) v);
+        xmlFree(v);
+        return r;
 }
 
 int nkp_domain_parse(const char *xml, size_t len, NkpDomain **ret)
@@ -270,10 +341,10 @@ int nkp_domain_parse(const char *xml, size_t len, NkpDomain **ret)
         d->disks = g_ptr_array_new_with_free_func(disk_free);
         xmlNodePtr root = xmlDocGetRootElement(doc);
 
-        d->name = text(child(root, "name"));
+        d->name = raw_text(child(root, "name"));
         g_autofree char *uuid = text(child(root, "uuid"));
         uint8_t ub[16];
-        if (!d->name || d->name[0] == '\0' || strlen(d->name) > 1024) {
+        if (!d->name || d->name[0] == '\0') {
                 xmlFreeDoc(doc);
                 return nkp_fail(-EBADMSG, "The domain XML has no usable <name>.");
         }
@@ -284,12 +355,15 @@ int nkp_domain_parse(const char *xml, size_t len, NkpDomain **ret)
         d->uuid = g_malloc(NKP_UUID_STRING_LEN + 1);
         nkp_uuid_format(ub, d->uuid);
 
-        xmlNodePtr devices = child(root, "devices");
-        for (xmlNodePtr n = devices ? devices->children : NULL; n; n = n->next) {
-                if (is_elem(n, "disk"))
-                        read_disk(d, n);
-                else if (is_elem(n, "tpm"))
-                        read_tpm(d, n);
+        for (xmlNodePtr devices = root->children; devices; devices = devices->next) {
+                if (!is_elem(devices, "devices"))
+                        continue;
+                for (xmlNodePtr n = devices->children; n; n = n->next) {
+                        if (is_elem(n, "disk"))
+                                read_disk(d, n);
+                        else if (is_elem(n, "tpm"))
+                                read_tpm(d, n);
+                }
         }
 
         xmlNodePtr ks = NULL;

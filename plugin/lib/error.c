@@ -10,7 +10,11 @@
 
 #include "nkp-private.h"
 
-static _Thread_local char last_error[1024];
+/* Large enough for a sentence around a long VM name: libvirt caps no name,
+ * and the hook's one line must still say why after a 5000-character one
+ * (issue 13).  A fixed buffer, so a pointer from nkp_error_message() stays
+ * valid; a longer message is cut at the end. */
+static _Thread_local char last_error[16384];
 static _Thread_local char openssl_text[512];
 
 static nkp_log_func log_func;
@@ -56,13 +60,10 @@ int nkp_fail(int err, const char *fmt, ...)
 
 int nkp_fail_prefix(int err, const char *fmt, ...)
 {
-        char cause[sizeof last_error];
-        char prefix[sizeof last_error];
+        g_autofree char *cause = g_strdup(last_error);
         va_list ap;
-
-        g_strlcpy(cause, last_error, sizeof cause);
         va_start(ap, fmt);
-        vsnprintf(prefix, sizeof prefix, fmt, ap);
+        g_autofree char *prefix = g_strdup_vprintf(fmt, ap);
         va_end(ap);
         if (cause[0])
                 return nkp_fail(err, "%s: %s", prefix, cause);

@@ -36,8 +36,26 @@
  *      then refuses to send in clear too.  docs/migration.md defends it.
  * A successful step clears an earlier "migration-refused" alarm.
  *
- * A domain without an nkp keysafe, or input that is not a domain XML and
- * does not mention nkp's namespace, is not nkp's business: 0 at once. */
+ * A domain without an nkp keysafe (nor a plain vTPM at start) is not nkp's
+ * business: 0 at once.
+ *
+ * When the hook cannot decide (issue 13): input that is not a domain XML
+ * nkp can read (malformed, truncated, empty, too large, a DOCTYPE, another
+ * root element) at a step that can refuse (start, migrate) is refused with
+ * one line under [vtpm] policy enrol or require, or when nkp's config
+ * cannot be loaded: nkp cannot tell whether the VM has a plain vTPM, and
+ * letting it through would start a plain vTPM the policy forbids.  Under
+ * policy=off it goes on (0), unless it mentions nkp's namespace (nkp data
+ * that cannot be read is always refused).  Internal failures at those steps
+ * refuse too: an nkp.conf that cannot be loaded refuses every start (the
+ * policy is unknown, and an interrupted conversion could not be finished),
+ * as do a conversion lock, a key that does not unwrap, libvirt's secret
+ * API.
+ *   reconnect, release: always 0 on input nkp cannot read.  Refusing
+ *   protects nothing there (the VM already runs or is gone): a failing
+ *   reconnect makes libvirt kill the running VM, and release failures are
+ *   ignored by libvirt.  The secrets of such a VM are then neither redefined
+ *   nor undefined (ephemeral, they go with libvirtd anyway). */
 #include <errno.h>
 #include <string.h>
 
@@ -302,14 +320,61 @@ static int start_nkp_domain(nkp_context *ctx, const char *uri, enum nkp_hook_ste
         return r;
 }
 
-static int unreadable_nkp_data(enum nkp_hook_step step, const char *domain, int r)
+static const char *policy_name(int policy)
 {
-        bool migrate = step == NKP_HOOK_MIGRATE;
-        return nkp_fail(r, "VM '%s' cannot %s%s%s: its domain XML carries nkp data that cannot "
-                           "be read: %s",
-                        domain, migrate ? "be migrated to host '" : "start",
-                        migrate ? g_get_host_name() : "", migrate ? "'" : "",
-                        nkp_error_message());
+        switch (policy) {
+        case NKP_VTPM_POLICY_REQUIRE:
+                return "require";
+        case NKP_VTPM_POLICY_OFF:
+                return "off";
+        default:
+                return "enrol";
+        }
+}
+
+/* "start" or "be migrated to host 'H'", for the refusals below. */
+static char *step_verb(enum nkp_hook_step step)
+{
+        if (step == NKP_HOOK_MIGRATE)
+                return g_strdup_printf("be migrated to host '%s'", g_get_host_name());
+        return g_strdup("start");
+}
+
+/* The input of a step that can refuse is not a domain nkp can read (the
+ * parser's error `r`, its message set): nkp cannot tell whether the VM has
+ * a plain vTPM, so it fails closed (issue 13).  Nkp data it cannot read:
+ * always refused.  Otherwise the [vtpm] policy decides: off means plain
+ * vTPMs are not nkp's business, so foreign input goes on (0); enrol and
+ * require refuse, as does a config that cannot be loaded (the policy is
+ * unknown).  One line naming the VM, the reason and the fix. */
+static int refuse_undecidable(const char *root, enum nkp_hook_step step, const char *domain,
+                              const char *xml, size_t len, int r)
+{
+        g_autofree char *why = g_strdup(nkp_error_message());
+        g_autofree char *verb = step_verb(step);
+        if (!domain || !domain[0])
+                domain = "?";
+        if (nkp_domain_mentions_nkp(xml, len))
+                return nkp_fail(r, "VM '%s' cannot %s: its domain XML carries nkp data that "
+                                   "cannot be read: %s",
+                                domain, verb, why);
+        g_autoptr(nkp_context) ctx = NULL;
+        int ctx_r = nkp_context_new(root, &ctx);
+        if (ctx_r < 0) {
+                g_autofree char *conf_why = g_strdup(nkp_error_message());
+                return nkp_fail(ctx_r, "VM '%s' cannot %s: nkp cannot read its domain XML (%s) "
+                                       "nor its own config to know the [vtpm] policy (%s)",
+                                domain, verb, why, conf_why);
+        }
+        if (ctx->vtpm_policy == NKP_VTPM_POLICY_OFF) {
+                nkp_error_clear();
+                return 0;
+        }
+        return nkp_fail(r, "VM '%s' cannot %s: nkp cannot read its domain XML (%s), so it "
+                           "cannot tell whether its vTPM is encrypted as this host's policy "
+                           "requires ([vtpm] policy=%s in %s); report the XML to nkp's "
+                           "maintainers, or set policy=off if plain vTPMs are allowed here",
+                        domain, verb, why, policy_name(ctx->vtpm_policy), ctx->conf_path);
 }
 
 int nkp_hook_run(const char *root, const char *uri, enum nkp_hook_step step, const char *domain,
@@ -323,26 +388,33 @@ int nkp_hook_run(const char *root, const char *uri, enum nkp_hook_step step, con
         g_autoptr(NkpDomain) d = NULL;
         int r = nkp_domain_parse(xml, len, &d);
         if (r < 0) {
-                if (!nkp_domain_mentions_nkp(xml, len) || !may_fail) {
+                if (!may_fail) {
+                        /* reconnect, release: see the file's comment. */
                         nkp_error_clear();
-                        return 0; /* not nkp's, or a step that must not fail */
+                        return 0;
                 }
-                return unreadable_nkp_data(step, domain, r);
+                return refuse_undecidable(root, step, domain, xml, len, r);
         }
         if (!d->keysafe && step != NKP_HOOK_START)
                 return 0;
         g_autoptr(nkp_context) ctx = NULL;
-        int ctx_r = nkp_context_new(root, &ctx);
-        if (step == NKP_HOOK_START && ctx_r == 0 && (r = recover_for_start(ctx, d)) < 0)
+        r = nkp_context_new(root, &ctx);
+        if (r < 0) {
+                if (!may_fail)
+                        return 0;
+                g_autofree char *verb = step_verb(step);
+                return nkp_fail_prefix(r, "VM '%s' cannot %s: nkp cannot load its config, so "
+                                          "it cannot apply this host's [vtpm] policy",
+                                       d->name, verb);
+        }
+        if (step == NKP_HOOK_START && (r = recover_for_start(ctx, d)) < 0)
                 return r;
         if (!d->keysafe) {
                 /* A plain emulator vTPM (virt-manager & co.): the [vtpm] policy. */
                 if (!d->has_vtpm || d->tpm_secret)
                         return 0;
-                return ctx_r < 0 ? ctx_r : nkp_vtpm_start_check(ctx, d);
+                return nkp_vtpm_start_check(ctx, d);
         }
-        if (ctx_r < 0)
-                return may_fail ? ctx_r : 0;
 
         switch (step) {
         case NKP_HOOK_MIGRATE:

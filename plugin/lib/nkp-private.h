@@ -432,7 +432,9 @@ int nkp_hostkey_dir_ready(nkp_context *ctx, const char *dir, bool load);
 /* ---- domain.c: the domain XML (the hook's stdin, libvirt's XML) --------- */
 /* Pure functions over text; fuzzed (tests/fuzz/fuzz-domain.c).  Parsing is
  * namespace-aware, never touches the network, never expands entities and
- * refuses any DOCTYPE; input above NKP_DOMAIN_XML_MAX is refused. */
+ * refuses a DOCTYPE the parser meets (not the text "<!DOCTYPE" in a comment
+ * or CDATA); input above NKP_DOMAIN_XML_MAX is refused.  <name> is libvirt's
+ * (whole text, no length cap). */
 
 /* NKP_DOMAIN_XML_MAX: nkp.h. */
 
@@ -449,10 +451,11 @@ typedef struct {
 typedef struct {
         char *name;
         char *uuid;               /* lower case */
-        bool has_vtpm;            /* a <tpm> with an emulator backend */
+        bool has_vtpm;            /* a <tpm> with an emulator backend (any <devices>) */
         char *tpm_model;
         char *tpm_version;
-        char *tpm_secret;         /* <encryption secret=…> of the backend, NULL when none */
+        char *tpm_secret;         /* <encryption secret=…> of the backend; NULL when none,
+                                     or when any emulator <tpm> has none */
         GPtrArray *disks;         /* NkpDomainDisk*, document order */
         char *keysafe_xml;        /* the nkp element of <metadata>, standalone; NULL when none */
         nkp_keysafe *keysafe;     /* parsed keysafe_xml; NULL when none */
