@@ -7,31 +7,10 @@
 
 #include "testutil.h"
 
-typedef struct {
-        char *root;
-        nkp_context *ctx;
-} Fixture;
-
-static void setup(Fixture *f, gconstpointer data)
-{
-        (void) data;
-        f->root = testutil_mkdtemp();
-        g_autofree char *etc = g_build_filename(f->root, "etc/nkp", NULL);
-        g_assert_cmpint(g_mkdir_with_parents(etc, 0700), ==, 0);
-        g_autofree char *conf = g_build_filename(etc, "nkp.conf", NULL);
-        g_assert_true(g_file_set_contents(conf, "[tpm]\ntcti=none\n", -1, NULL));
-        g_assert_cmpint(nkp_context_new(f->root, &f->ctx), ==, 0);
-        nkp_cache_flush(f->ctx);
-}
-
-static void teardown(Fixture *f, gconstpointer data)
-{
-        (void) data;
-        nkp_cache_flush(f->ctx);
-        nkp_context_free(f->ctx);
-        testutil_rmtree(f->root);
-        g_free(f->root);
-}
+/* A throwaway root without a TPM (testutil.c). */
+typedef TestutilRoot Fixture;
+#define setup testutil_root_setup
+#define teardown testutil_root_teardown
 
 /* The alarms as "kind/subject" strings, in list order. */
 static char *alarms_text(Fixture *f)

@@ -20,31 +20,10 @@
 #define VM_UUID "5b3e4f8a-1c2d-4e5f-8a9b-0c1d2e3f4a5b"
 #define VMID "vm1:" VM_UUID
 
-typedef struct {
-        char *root;
-        nkp_context *ctx;
-} Fixture;
-
-static void setup(Fixture *f, gconstpointer data)
-{
-        (void) data;
-        f->root = testutil_mkdtemp();
-        g_autofree char *etc = g_build_filename(f->root, "etc/nkp", NULL);
-        g_assert_cmpint(g_mkdir_with_parents(etc, 0700), ==, 0);
-        g_autofree char *conf = g_build_filename(etc, "nkp.conf", NULL);
-        g_assert_true(g_file_set_contents(conf, "[tpm]\ntcti=none\n", -1, NULL));
-        g_assert_cmpint(nkp_context_new(f->root, &f->ctx), ==, 0);
-        nkp_cache_flush(f->ctx);
-}
-
-static void teardown(Fixture *f, gconstpointer data)
-{
-        (void) data;
-        nkp_cache_flush(f->ctx);
-        nkp_context_free(f->ctx);
-        testutil_rmtree(f->root);
-        g_free(f->root);
-}
+/* A throwaway root without a TPM (testutil.c). */
+typedef TestutilRoot Fixture;
+#define setup testutil_root_setup
+#define teardown testutil_root_teardown
 
 static char *rsa_ek_hex(void)
 {

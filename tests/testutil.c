@@ -115,3 +115,24 @@ GBytes *testutil_unhex(const char *hex)
         }
         return g_bytes_new_take(buf, n / 2);
 }
+
+void testutil_root_setup(TestutilRoot *f, gconstpointer data)
+{
+        (void) data;
+        f->root = testutil_mkdtemp();
+        g_autofree char *etc = g_build_filename(f->root, "etc/nkp", NULL);
+        g_assert_cmpint(g_mkdir_with_parents(etc, 0700), ==, 0);
+        g_autofree char *conf = g_build_filename(etc, "nkp.conf", NULL);
+        g_assert_true(g_file_set_contents(conf, "[tpm]\ntcti=none\n", -1, NULL));
+        g_assert_cmpint(nkp_context_new(f->root, &f->ctx), ==, 0);
+        nkp_cache_flush(f->ctx);
+}
+
+void testutil_root_teardown(TestutilRoot *f, gconstpointer data)
+{
+        (void) data;
+        nkp_cache_flush(f->ctx);
+        nkp_context_free(f->ctx);
+        testutil_rmtree(f->root);
+        g_free(f->root);
+}

@@ -20,6 +20,16 @@ char *testutil_vector_path(const char *file);
 GHashTable *testutil_snapshot_tree(const char *dir);
 void testutil_assert_same_tree(GHashTable *before, const char *dir);
 
+/* A g_test fixture: a throwaway root whose config says "no TPM" (whatever
+ * the machine has) and its context; the root's key cache is flushed before
+ * and after, and the root removed. */
+typedef struct {
+        char *root;
+        nkp_context *ctx;
+} TestutilRoot;
+void testutil_root_setup(TestutilRoot *f, gconstpointer data);
+void testutil_root_teardown(TestutilRoot *f, gconstpointer data);
+
 /* Hex helpers for known-answer vectors. */
 GBytes *testutil_unhex(const char *hex);
 
