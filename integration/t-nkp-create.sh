@@ -24,26 +24,7 @@ lab_test t-nkp-create "virt-install/virsh create of vTPM VMs: host key, nkpd enr
     --needs virt-install --needs python3 --needs mkfs.ext4 \
     --built libvirt-hooks/nkp-hook --built plugin/nkpd/nkpd
 BUILD=$NKP_BUILD_DIR
-nkpd_pid=
-ASSERT_ON_FAIL+=('[ -z "${LAB_DIR:-}" ] || [ ! -f "$LAB_DIR/nkpd.log" ] || sed "s/^/# nkpd: /" "$LAB_DIR/nkpd.log"')
-
 nk() { lab_exec a nkpctl "$@"; }
-nkpd_start() {
-    lab_exec a bash -c "'$BUILD/plugin/nkpd/nkpd' >>'$LAB_DIR/nkpd.log' 2>&1 & echo \$! > /run/nkpd.test.pid"
-    nkpd_pid=$(cat "$(lab_path a /run)/nkpd.test.pid")
-    local i
-    for ((i = 0; i < 50; i++)); do grep -q "following libvirt" "$LAB_DIR/nkpd.log" 2>/dev/null && return 0; sleep 0.2; done
-    fail "nkpd did not connect to libvirt"
-}
-nkpd_stop() {
-    [ -n "$nkpd_pid" ] || return 0
-    kill "$nkpd_pid" 2>/dev/null || true
-    local i
-    for ((i = 0; i < 50; i++)); do kill -0 "$nkpd_pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$nkpd_pid" 2>/dev/null || true
-    nkpd_pid=
-}
-set_policy() { printf '[tpm]\ntcti=none\n[vtpm]\npolicy=%s\n' "$1" > "$(lab_path a /etc/nkp)/nkp.conf"; }
 has_keysafe() { lab_virsh a dumpxml --inactive "$1" | grep -q 'nkp.invalid/xmlns/keysafe'; }
 new_mark() { echo "NKPCREATE$(od -An -N5 -tx1 /dev/urandom | tr -d ' \n')"; }
 # state_info UUID MARK: "flag=<0|1> marker=<count>" of the vTPM state file, read in the host

@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 # The frame of a lab test (integration/t-*.sh): header, assertions, cleanup.
 #
-#   source "$(dirname "$0")/lib/test.sh"   # lab.sh, the assertions, lib/guest.sh
+#   source "$(dirname "$0")/lib/test.sh"   # lab.sh, the assertions, lib/guest.sh, lib/nkpd.sh
 #   lab_test t-nkp-x "what it checks, one line" [--needs CMD]… [--built PATH]…
 #   lab_test_init                          # lab_init (EXIT trap) or fail
 #   … pass / fail / check / timing / note (tests/lib/assert.sh) …
@@ -25,6 +25,7 @@ LAB_TEST_LIB=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$LAB_TEST_LIB/../lab.sh"
 source "$LAB_TEST_LIB/../../tests/lib/assert.sh"
 source "$LAB_TEST_LIB/guest.sh"
+source "$LAB_TEST_LIB/nkpd.sh"
 
 lab_test() {
     local what=$2 c f
