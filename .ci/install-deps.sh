@@ -11,6 +11,10 @@ packages="
   swtpm swtpm-tools tpm2-tools
   libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils virtinst
   busybox-static cpio gzip kmod iproute2 bindfs util-linux procps psmisc strace
+  ovmf virtnbdbackup socat curl
+  tang clevis clevis-tpm2 jose libjose-dev libgfshare-dev libgfshare-bin
+  cockpit-ws cockpit-bridge cockpit-system chromium chromium-driver
+  debhelper dpkg-dev fakeroot lintian scdoc bash-completion
 "
 missing=""
 for p in $packages; do
