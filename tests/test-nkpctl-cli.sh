@@ -125,6 +125,8 @@ usage_error "vm rekey: DOMAIN and --all" "vm rekey" "${G[@]}" vm rekey test --al
 usage_error "vm rekey: --all --deep" "vm rekey" "${G[@]}" vm rekey --all --deep
 usage_error "vm rekey: neither DOMAIN nor --all" "vm rekey" "${G[@]}" vm rekey
 usage_error "alarms clear: no KIND" "alarms clear" "${G[@]}" alarms clear
+usage_error "vm encrypt: --progress of an unknown kind" "vm encrypt" "${G[@]}" vm encrypt test --progress=bogus
+check "  ... naming the kinds" 'grep -q "progress is json, bar or none" <<<"$err"'
 
 # ---- refused: exit 1, one line --------------------------------------------------------
 refused() {

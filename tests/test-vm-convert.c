@@ -509,6 +509,37 @@ static void test_rekey_deep_and_decrypt(Fixture *f, gconstpointer data)
         assert_no_leftovers(f);
 }
 
+/* The progress function sees each step of each long operation, in order,
+ * ending with done == total. */
+static void record_progress(const char *op, const char *vm, const char *step, unsigned done,
+                            unsigned total, void *userdata)
+{
+        g_string_append_printf(userdata, "%s %s %s %u/%u;", op, vm, step, done, total);
+}
+
+static void test_progress(Fixture *f, gconstpointer data)
+{
+        (void) data;
+        g_autoptr(GString) seen = g_string_new(NULL);
+        nkp_context_set_progress(f->ctx, record_progress, seen);
+        do_encrypt(f);
+        g_assert_cmpstr(seen->str, ==,
+                        "encrypt vm1 vtpm 0/3;encrypt vm1 vda 1/3;encrypt vm1 definition 2/3;"
+                        "encrypt vm1 done 3/3;");
+        g_string_truncate(seen, 0);
+        g_autoptr(nkp_vm_result) res = NULL;
+        g_assert_cmpint(nkp_vm_rekey_deep(f->ctx, f->v, "vm1", NULL, &res), ==, 0);
+        g_assert_cmpstr(seen->str, ==,
+                        "rekey-deep vm1 vtpm 0/3;rekey-deep vm1 vda 1/3;"
+                        "rekey-deep vm1 definition 2/3;rekey-deep vm1 done 3/3;");
+        /* Removed again: nothing more is reported. */
+        nkp_context_set_progress(f->ctx, NULL, NULL);
+        g_string_truncate(seen, 0);
+        g_autoptr(nkp_vm_result) dec = NULL;
+        g_assert_cmpint(nkp_vm_decrypt(f->ctx, f->v, "vm1", &dec), ==, 0);
+        g_assert_cmpstr(seen->str, ==, "");
+}
+
 static void test_tool_failure_rolls_back(Fixture *f, gconstpointer data)
 {
         (void) data;
@@ -645,6 +676,7 @@ int main(int argc, char **argv)
         g_test_add(name, Fixture, NULL, fixture_set_up, fn, fixture_tear_down)
         ADD("/vm/encrypt", test_encrypt);
         ADD("/vm/rekey-deep-decrypt", test_rekey_deep_and_decrypt);
+        ADD("/vm/progress", test_progress);
         ADD("/vm/tool-failure", test_tool_failure_rolls_back);
         ADD("/vm/crash-recover", test_crash_recover);
         ADD("/vm/hook-start-recovers", test_hook_start_recovers);

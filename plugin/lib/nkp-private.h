@@ -153,6 +153,9 @@ struct nkp_context {
         int vtpm_policy;            /* enum nkp_vtpm_policy */
         char *vtpm_swtpm_user;      /* swtpm_user: libvirt's swtpm user ("tss") */
         char *vtpm_state_dir;       /* state_dir: libvirt's swtpm state (/var/lib/libvirt/swtpm) */
+        /* nkp_context_set_progress (vm-convert.c) */
+        nkp_progress_func progress;
+        void *progress_data;
 };
 
 enum nkp_vtpm_policy {
@@ -163,6 +166,10 @@ enum nkp_vtpm_policy {
 
 /* Path of `rel` (absolute, starting with '/') under the context root. */
 char *nkp_context_path(const nkp_context *ctx, const char *rel);
+
+/* Calls the context's progress function, if any (vm-convert.c). */
+void nkp_progress(const nkp_context *ctx, const char *op, const char *vm, const char *step,
+                  unsigned done, unsigned total);
 
 /* ---- store.c: the provider store (one GKeyFile, atomic rewrite) --------- */
 

@@ -318,11 +318,34 @@ static NkpJournal *journal_for(nkp_context *ctx, const Conversion *c, const char
         return j;
 }
 
+/* ---- progress (nkp_context_set_progress) ---------------------------------- */
+
+void nkp_context_set_progress(nkp_context *ctx, nkp_progress_func func, void *userdata)
+{
+        ctx->progress = func;
+        ctx->progress_data = userdata;
+}
+
+void nkp_progress(const nkp_context *ctx, const char *op, const char *vm, const char *step,
+                  unsigned done, unsigned total)
+{
+        if (ctx->progress)
+                ctx->progress(op, vm, step, done, total, ctx->progress_data);
+}
+
+/* A conversion's steps: the vTPM state, each disk, the switch. */
+static unsigned conversion_steps(const Conversion *c)
+{
+        return (c->vtpm ? 1u : 0u) + c->jobs->len + 1u;
+}
+
 /* Steps 2-3: every new copy, beside its file. */
 static int make_copies(nkp_context *ctx, const Conversion *c)
 {
         int r;
+        unsigned done = 0, total = conversion_steps(c);
         if (c->vtpm) {
+                nkp_progress(ctx, c->op, c->d->name, "vtpm", done++, total);
                 r = nkp_vtpm_convert(ctx, c->d, c->vtpm_old, c->vtpm_new);
                 if (r == 0)
                         r = nkp_vtpm_stage(ctx, c->d);
@@ -332,6 +355,7 @@ static int make_copies(nkp_context *ctx, const Conversion *c)
         }
         for (guint i = 0; i < c->jobs->len; i++) {
                 DiskJob *dj = c->jobs->pdata[i];
+                nkp_progress(ctx, c->op, c->d->name, dj->target, done++, total);
                 r = nkp_disk_convert(dj->path, dj->old_value, dj->new_value);
                 if (r < 0)
                         return r;
@@ -361,6 +385,8 @@ static int convert_and_switch(nkp_context *ctx, NkpVirt *v, const Conversion *c)
         nkp_test_crash_point("journal");
         if ((r = make_copies(ctx, c)) < 0)
                 return roll_back(ctx, j, r);
+        unsigned total = conversion_steps(c);
+        nkp_progress(ctx, c->op, d->name, "definition", total - 1, total);
         j->phase = NKP_JOURNAL_READY;
         if ((r = nkp_journal_save(ctx, j)) < 0)
                 return roll_back(ctx, j, r);
@@ -391,6 +417,7 @@ static int convert_and_switch(nkp_context *ctx, NkpVirt *v, const Conversion *c)
                                           "could not all be removed (run the command again)",
                                        d->name);
         nkp_test_crash_point("done");
+        nkp_progress(ctx, c->op, d->name, "done", total, total);
         return 0;
 }
 

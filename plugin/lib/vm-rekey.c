@@ -383,6 +383,7 @@ int nkp_vm_rekey_all(nkp_context *ctx, nkp_virt *v, const char *provider, nkp_re
         for (guint i = 0; i < names->len; i++) {
                 const char *name = names->pdata[i];
                 g_autoptr(nkp_rekey_result) res = result_new(name, &to);
+                nkp_progress(ctx, "rekey", name, "rekey", i, names->len);
                 nkp_error_clear();
                 r = rekey_one(ctx, v, name, &to, res);
                 if (r == -ENODATA || r == -ENOENT) /* plain, or undefined meanwhile */
@@ -395,6 +396,7 @@ int nkp_vm_rekey_all(nkp_context *ctx, nkp_virt *v, const char *provider, nkp_re
                 if (func)
                         func(res, userdata);
         }
+        nkp_progress(ctx, "rekey", NULL, "done", names->len, names->len);
         target_clear(&to);
         nkp_error_clear();
         return 0;

@@ -19,7 +19,7 @@
 #include "nkpctl.h"
 
 /* The verbs' options, filled by nkpctl.c's GOptionContext before run(). */
-static char *opt_provider, *opt_disks;
+static char *opt_provider, *opt_disks, *opt_progress;
 static gboolean opt_deep, opt_all;
 
 /* ---- encrypt, decrypt, rekey --deep ---------------------------------------- */
@@ -93,6 +93,9 @@ static int vm_encrypt(NkpctlGlobals *g, int argc, char **argv)
         (void) argc;
         g_autoptr(nkp_virt) v = NULL;
         g_autoptr(nkp_vm_result) res = NULL;
+        int r = nkpctl_progress_setup(g, opt_progress);
+        if (r)
+                return r;
         if (nkpctl_virt_open(g, &v) < 0 ||
             nkp_vm_encrypt(g->ctx, v, argv[1], opt_provider, opt_disks, &res) < 0)
                 return nkpctl_lib_error();
@@ -106,6 +109,9 @@ static int vm_decrypt(NkpctlGlobals *g, int argc, char **argv)
         const char *name = argv[1];
         g_autoptr(nkp_virt) v = NULL;
         g_autoptr(nkp_vm_result) res = NULL;
+        int r = nkpctl_progress_setup(g, opt_progress);
+        if (r)
+                return r;
         if (nkpctl_virt_open(g, &v) < 0 || nkp_vm_decrypt(g->ctx, v, name, &res) < 0)
                 return nkpctl_lib_error();
         if (nkp_vm_result_finished(res))
@@ -141,6 +147,9 @@ static int vm_rekey(NkpctlGlobals *g, int argc, char **argv)
         if (opt_all && opt_deep)
                 return nkpctl_usage_error(g, "--deep rekeys one shut-off DOMAIN; --all is shallow "
                                              "only.");
+        int r = nkpctl_progress_setup(g, opt_progress);
+        if (r)
+                return r;
         if (opt_deep)
                 return vm_rekey_deep(g, argv[1]);
         if (opt_all)
@@ -344,6 +353,16 @@ static const GOptionEntry encrypt_options[] = {
           "The provider whose keys protect the VM (default: the host's default)", "NAME" },
         { "disks", 0, 0, G_OPTION_ARG_STRING, &opt_disks,
           "The qcow2 disks to encrypt: all (default) or targets such as vda,vdb", "all|vda,vdb…" },
+        { "progress", 0, 0, G_OPTION_ARG_STRING, &opt_progress,
+          "Report each step: json (lines on stdout), bar (on a terminal, the default there), none",
+          "json|bar|none" },
+        G_OPTION_ENTRY_NULL,
+};
+
+static const GOptionEntry decrypt_options[] = {
+        { "progress", 0, 0, G_OPTION_ARG_STRING, &opt_progress,
+          "Report each step: json (lines on stdout), bar (on a terminal, the default there), none",
+          "json|bar|none" },
         G_OPTION_ENTRY_NULL,
 };
 
@@ -353,6 +372,9 @@ static const GOptionEntry rekey_options[] = {
         { "deep", 0, 0, G_OPTION_ARG_NONE, &opt_deep,
           "New data keys: vTPM state and disks re-encrypted (VM shut off)", NULL },
         { "all", 0, 0, G_OPTION_ARG_NONE, &opt_all, "Every nkp VM of this host (shallow)", NULL },
+        { "progress", 0, 0, G_OPTION_ARG_STRING, &opt_progress,
+          "Report each step: json (lines on stdout), bar (on a terminal, the default there), none",
+          "json|bar|none" },
         G_OPTION_ENTRY_NULL,
 };
 
@@ -362,8 +384,8 @@ const NkpctlCommand nkpctl_vm_commands[] = {
           "Crash safe: an interrupted run is finished or rolled back by the next nkpctl command "
           "on the VM, or by its next start.",
           encrypt_options, 1, 1, vm_encrypt },
-        { "vm", "decrypt", "DOMAIN", "Decrypt a shut-off nkp VM back to plain.", NULL, NULL, 1,
-          1, vm_decrypt },
+        { "vm", "decrypt", "DOMAIN", "Decrypt a shut-off nkp VM back to plain.", NULL,
+          decrypt_options, 1, 1, vm_decrypt },
         { "vm", "rekey", "DOMAIN|--all", "Rekey one VM, or every nkp VM, to a provider.",
           "Shallow (default): a new KEK, the same data keys; online, the guest notices nothing.\n"
           "Deep (--deep): new data keys, the vTPM state and every disk re-encrypted; the VM must "

@@ -62,6 +62,11 @@ int nkpctl_rekey_all(NkpctlGlobals *g, const char *provider);
  * whose provider was missing, clears the vm-locked alarms it can. */
 int nkpctl_host_unlock(NkpctlGlobals *g);
 
+/* --progress MODE (progress.c): json, bar, none, or NULL for the default
+ * (bar on a terminal).  Returns 0, or the usage exit code 2 with the
+ * reason printed. */
+int nkpctl_progress_setup(NkpctlGlobals *g, const char *mode);
+
 /* nkp_virt_open() of --connect's URI under NKPCTL_LIBVIRT_DEADLINE. */
 int nkpctl_virt_open(const NkpctlGlobals *g, nkp_virt **ret);
 
