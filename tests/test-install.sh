@@ -43,6 +43,15 @@ unitdir=$(pkg-config --variable=systemdsystemunitdir systemd 2>/dev/null) || uni
 echo "# systemd unit directory: $unitdir"
 check "the nkpd systemd unit in $unitdir" "grep -q '^ExecStart=/usr/sbin/nkpd' '$dest$unitdir/nkpd.service'"
 check "no other nkpd.service installed" "[ \"\$(find '$dest' -name nkpd.service | wc -l)\" = 1 ]"
+if [ "$(option cockpit)" = True ]; then
+	cockpit_page_installed() {
+		local f
+		for f in manifest.json index.html nkp.js nkp.css; do
+			[ -f "$dest$prefix/share/cockpit/nkp/$f" ] || return 1
+		done
+	}
+	check "the Cockpit page in share/cockpit/nkp (manifest, page, script, style)" cockpit_page_installed
+fi
 check "nkp.h and libnkp.pc for library users" \
 	"[ -f '$dest$prefix/include/nkp/nkp.h' ] && find '$dest$prefix' -name libnkp.pc | grep -q ."
 pc=$(find "$dest$prefix" -name libnkp.pc | head -n1)
