@@ -20,6 +20,10 @@ missing=""
 for p in $packages; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
 done
+# node and npm for the Cockpit page's browser test (tests/test-cockpit.sh
+# installs playwright-core from npm; Chromium is Debian's, never downloaded).
+# A node that is already there (with its npm) is kept, whatever its origin.
+command -v npm >/dev/null 2>&1 || missing="$missing nodejs npm"
 if [ -n "$missing" ]; then
         apt-get update -qq
         # shellcheck disable=SC2086

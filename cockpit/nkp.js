@@ -4,7 +4,7 @@
  * command line hold here because the command line does the work.  Errors
  * are nkpctl's own line, shown as it says it.
  *
- * Passwords go to nkpctl on its stdin (--password-file /dev/stdin), never
+ * Passwords go to nkpctl on its stdin (--password-stdin), never
  * in argv.  A backup is written by nkpctl into a fresh root-only directory
  * under /run (tmpfs), read back through cockpit.file and removed at once;
  * an uploaded backup takes the same way in. */
@@ -197,7 +197,7 @@ function backupProvider(p) {
             throw new Error("The two passwords differ; nothing was written.");
         const bytes = await withTempDir(async dir => {
             const file = `${dir}/${p.name}.p12`;
-            await nkpctl(["provider", "backup", p.name, "--out", file, "--password-file", "/dev/stdin"],
+            await nkpctl(["provider", "backup", p.name, "--out", file, "--password-stdin"],
                          pw1.value + "\n");
             return cockpit.file(file, { binary: true, superuser: "require" }).read();
         });
@@ -219,7 +219,7 @@ function restoreProvider() {
         const p = await withTempDir(async dir => {
             const path = `${dir}/upload.p12`;
             await cockpit.file(path, { binary: true, superuser: "require" }).replace(bytes);
-            return nkpctl(["provider", "restore", path, "--password-file", "/dev/stdin"], pw.value + "\n");
+            return nkpctl(["provider", "restore", path, "--password-stdin"], pw.value + "\n");
         });
         return p.already ? `Provider '${p.name}' is already present; nothing changed.`
             : `Restored provider '${p.name}' (key ID ${p.key_id}).`;
@@ -227,6 +227,7 @@ function restoreProvider() {
 }
 
 async function setDefault(p) {
+    showNotice("");
     try {
         await nkpctl(["provider", "set-default", p.name]);
         showNotice(`Provider '${p.name}' is the default.`);
@@ -289,6 +290,8 @@ function renderAlarms(alarms) {
 }
 
 async function hostUnlock() {
+    showNotice("");
+    $("error").hidden = true;
     try {
         const list = await nkpctl(["host", "unlock"]);
         const unlocked = (list || []).filter(s => s.state === "encrypted").map(s => s.name);

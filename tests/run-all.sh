@@ -2,6 +2,7 @@
 # Runs every test nkp has, in this order, and ends with "N passed, N failed":
 #   1. a -Werror build and its unit tests          (build/)
 #   2. the same unit tests under ASan + UBSan      (build-asan/)
+#   2b. the Cockpit page in headless Chromium    (build/, suite browser)
 #   3. every libFuzzer target for a bounded time   (build-fuzz/, clang)
 #   4. the integration tests against real libvirtd, QEMU, swtpm and a guest
 #      (needs root; each says "skipped" with its reason where it cannot run)
@@ -75,6 +76,11 @@ if [ "${NKP_SKIP_ASAN:-0}" != 1 ]; then
         else
                 echo "FAIL build-asan:compile" >>"$results"
         fi
+fi
+
+phase "the Cockpit page in a real browser (cockpit-ws, Chromium)"
+if [ -d build ]; then
+        run_suite build browser browser
 fi
 
 phase "fuzz targets (libFuzzer, ${NKP_FUZZ_SECONDS:-30} s each)"

@@ -180,6 +180,23 @@ check "... and no backup file was written" [ ! -e "$TOP/never.p12" ]
 R5=$(cli_newroot "$TOP")
 out=$(cat "$PW" | "$NKPCTL" --root "$R5" provider restore "$F" --password-file /dev/stdin 2>&1); rc=$?
 check "a pipe on /dev/stdin as the password file works (exit $rc: $out)" [ "$rc" -eq 0 ]
+# --password-stdin: stdin as the spawner made it, here a socket (as node and
+# some Cockpit bridges make), which /dev/stdin cannot open
+R7=$(cli_newroot "$TOP")
+sock_restore() { # ROOT ARGS…: nkpctl with a socketpair on stdin holding the password
+        python3 - "$NKPCTL" "$PW" "$@" <<'PY'
+import socket, subprocess, sys
+nkpctl, pw, root, *args = sys.argv[1:]
+a, b = socket.socketpair()
+a.sendall(open(pw, "rb").read()); a.shutdown(socket.SHUT_WR)
+sys.exit(subprocess.run([nkpctl, "--root", root] + args, stdin=b).returncode)
+PY
+}
+out=$(sock_restore "$R7" provider restore "$F" --password-file /dev/stdin 2>&1); rc=$?
+check "a socket on stdin: --password-file /dev/stdin cannot open it (exit $rc)" [ "$rc" -eq 1 ]
+out=$(sock_restore "$R7" provider restore "$F" --password-stdin 2>&1); rc=$?
+check "a socket on stdin: --password-stdin reads it (exit $rc: $out)" [ "$rc" -eq 0 ]
+refused "both --password-file and --password-stdin" "not both" "$R3" provider restore "$F" --password-file "$PW" --password-stdin
 
 # a symlink to the backup is followed for reading (no ELOOP)
 R6=$(cli_newroot "$TOP")

@@ -14,7 +14,7 @@
 #include "nkpctl.h"
 
 /* The verbs' options, filled by nkpctl.c's GOptionContext before run(). */
-static gboolean opt_require_tpm, opt_default, opt_force;
+static gboolean opt_require_tpm, opt_default, opt_force, opt_password_stdin;
 static char *opt_out, *opt_password_file;
 
 static char *iso_time(int64_t t)
@@ -107,6 +107,14 @@ static int prompt_once(int fd, const char *prompt, nkp_secret **ret)
  * Returns 0, or the exit code 1 with the reason printed. */
 static int get_password(const char *file, bool confirm, nkp_secret **ret)
 {
+        if (file && opt_password_stdin)
+                return nkpctl_error("Give the password by --password-file or --password-stdin, not "
+                                    "both; nothing was done.");
+        /* --password-stdin: the first line of whatever the caller connected
+         * to stdin (a pipe, or a socket as some spawners make: Cockpit's
+         * bridge, node), which --password-file /dev/stdin cannot open. */
+        if (opt_password_stdin)
+                return nkp_password_read_fd(STDIN_FILENO, ret) < 0 ? nkpctl_lib_error() : 0;
         if (file)
                 return nkp_password_read_file(file, ret) < 0 ? nkpctl_lib_error() : 0;
 
@@ -439,8 +447,9 @@ static int cmd_restore(NkpctlGlobals *g, int argc, char **argv)
 /* ---- the command table ------------------------------------------------------ */
 
 static const char password_note[] =
-        "The password is read from the first line of --password-file F or, without one, from the "
-        "terminal without echo; never from the command line.";
+        "The password is read from the first line of --password-file F or of stdin "
+        "(--password-stdin) or, without either, from the terminal without echo; never from the "
+        "command line.";
 
 static const GOptionEntry create_options[] = {
         { "require-tpm", 0, 0, G_OPTION_ARG_NONE, &opt_require_tpm,
@@ -461,12 +470,16 @@ static const GOptionEntry backup_options[] = {
           "FILE.p12" },
         { "password-file", 0, 0, G_OPTION_ARG_FILENAME, &opt_password_file,
           "Read the password from the first line of F (else: prompt twice)", "F" },
+        { "password-stdin", 0, 0, G_OPTION_ARG_NONE, &opt_password_stdin,
+          "Read the password from the first line of stdin (a pipe or socket)", NULL },
         G_OPTION_ENTRY_NULL,
 };
 
 static const GOptionEntry restore_options[] = {
         { "password-file", 0, 0, G_OPTION_ARG_FILENAME, &opt_password_file,
           "Read the password from the first line of F (else: prompt)", "F" },
+        { "password-stdin", 0, 0, G_OPTION_ARG_NONE, &opt_password_stdin,
+          "Read the password from the first line of stdin (a pipe or socket)", NULL },
         G_OPTION_ENTRY_NULL,
 };
 
