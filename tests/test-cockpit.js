@@ -5,25 +5,20 @@
 // "PASS what" or "FAIL what", and "NOTE text"; the shell script turns them
 // into TAP.  Stops at the first failure (each step builds on the one before).
 //
-// Environment (from the shell script): NKP_PLAYWRIGHT (the module),
-// NKP_CDP_PORT, NKP_COCKPIT_URL, NKP_TOP (the test's temp dir: current-root,
-// libvirt.xml, roots), NKPCTL (the real nkpctl), NKP_ARTIFACTS (screenshots).
+// Environment: tests/lib/cockpit.sh's (see tests/lib/cockpit-driver.js), and
+// NKP_TOP (the test's temp dir: current-root, libvirt.xml, roots), NKPCTL
+// (the real nkpctl).
 "use strict";
 
 const fs = require("fs");
 const path = require("path");
 const { execFileSync } = require("child_process");
-const { chromium } = require(process.env.NKP_PLAYWRIGHT);
+const { pass, fail, until, openPage, submitExpectingError, submitAndClose, run } =
+    require("./lib/cockpit-driver.js");
 
 const TOP = process.env.NKP_TOP;
-const ARTIFACTS = process.env.NKP_ARTIFACTS;
 const NKPCTL = process.env.NKPCTL;
 const PASSWORD = "correct horse battery staple";
-
-function pass(what) { console.log("PASS " + what); }
-function note(what) { console.log("NOTE " + what); }
-class Failure extends Error {}
-function fail(what) { throw new Failure(what); }
 
 // nkpctl on a root of the test, as the shell would run it (not through the page).
 function nkpctl(root, args, input) {
@@ -65,79 +60,25 @@ function writeVms(provider) {
 `);
 }
 
-// Polls fn() (async, truthy when done) for up to `ms`.
-async function until(what, fn, ms = 20000) {
-    const end = Date.now() + ms;
-    let last;
-    for (;;) {
-        try {
-            last = await fn();
-            if (last)
-                return last;
-        } catch (ex) {
-            last = ex.message;
-        }
-        if (Date.now() > end)
-            fail(`${what} (timed out; last: ${last})`);
-        await new Promise(r => setTimeout(r, 200));
-    }
-}
-
 async function main() {
-    const browser = await chromium.connectOverCDP(`http://127.0.0.1:${process.env.NKP_CDP_PORT}`);
-    const context = await browser.newContext({ viewport: { width: 1440, height: 1000 }, acceptDownloads: true });
-    context.setDefaultTimeout(20000);
-    const page = await context.newPage();
-    const errors = [];
-    page.on("pageerror", e => errors.push(e.message));
-    let shot = 0;
-    async function screenshot(name) {
-        const file = path.join(ARTIFACTS, `${String(++shot).padStart(2, "0")}-${name}.png`);
-        await page.screenshot({ path: file });
-        note("screenshot " + file);
-    }
-
     const rootA = path.join(TOP, "root-a"), rootB = path.join(TOP, "root-b"), rootC = path.join(TOP, "root-c");
     useRoot(rootA);
     writeVms(null);
 
-    await page.goto(process.env.NKP_COCKPIT_URL + "/nkp");
-    const f = page.frameLocator('iframe[name="cockpit1:localhost/nkp"]');
-    const loaded = async () => (await f.locator("body").getAttribute("data-loaded")) === "yes";
-    await until("the page loads in Cockpit's shell", loaded, 30000);
-    await until("the shell's menu has 'Key providers'",
-                async () => (await page.locator("#host-apps").innerText()).includes("Key providers"));
-    pass("the page loads in Cockpit's shell, listed as 'Key providers'");
+    const { browser, f, page, screenshot, errors } = await openPage("");
     await until("the VM list comes from libvirt (web01, db02)",
                 async () => await f.locator('tr[data-vm="web01"]').count() === 1 &&
                             await f.locator('tr[data-vm="db02"]').count() === 1);
     pass("the VM list shows libvirt's VMs, plain");
     await screenshot("empty");
 
-    // Dialog helpers.
-    const dialogError = () => f.locator("#dialog-error");
-    async function submitExpectingError(what, needle) {
-        await f.locator("#dialog-ok").click();
-        await until(what, async () => await dialogError().isVisible() &&
-                                      (await dialogError().innerText()).includes(needle));
-        return dialogError().innerText();
-    }
-    async function submitAndClose(what) {
-        await f.locator("#dialog-ok").click();
-        await until(what, async () => {
-            if (await dialogError().isVisible())
-                fail(`${what}: the dialog says: ${await dialogError().innerText()}`);
-            return await f.locator("#dialog").isHidden();
-        });
-    }
-
     // ---- create: not backed up, and its alarm -------------------------------
     await f.locator("#create").click();
     await f.locator("#create-name").fill("bad name!");
-    const bad = await submitExpectingError("a bad name is refused with nkpctl's line", "nkpctl:");
+    const bad = await submitExpectingError(f, "a bad name is refused with nkpctl's line", "nkpctl:");
     pass("a bad provider name: nkpctl's own error in the dialog: " + bad.split("\n")[0]);
     await f.locator("#create-name").fill("prod");
-    await submitAndClose("create provider 'prod'");
+    await submitAndClose(f, "create provider 'prod'");
     const row = f.locator('tr[data-provider="prod"]');
     await until("prod is listed", async () => await row.count() === 1);
     await until("prod shows 'Not backed up'",
@@ -167,11 +108,11 @@ async function main() {
     await row.locator('[data-action="Back up"]').click();
     await f.locator("#backup-password").fill(PASSWORD);
     await f.locator("#backup-password2").fill(PASSWORD + "x");
-    await submitExpectingError("two different passwords are refused", "differ");
+    await submitExpectingError(f, "two different passwords are refused", "differ");
     pass("backup with two different passwords: refused in the page");
     await f.locator("#backup-password2").fill(PASSWORD);
     const downloadWait = page.waitForEvent("download", { timeout: 30000 });
-    await submitAndClose("back up prod");
+    await submitAndClose(f, "back up prod");
     const download = await downloadWait;
     const p12 = path.join(TOP, "prod.p12");
     await download.saveAs(p12);
@@ -219,7 +160,7 @@ async function main() {
         fail("the delete confirmation names the VM using prod: " + confirm);
     pass("delete asks for confirmation, naming web01");
     await screenshot("delete-confirm");
-    const refusal = await submitExpectingError("delete of a used provider is refused, naming web01",
+    const refusal = await submitExpectingError(f, "delete of a used provider is refused, naming web01",
                                                "protects the defined VM 'web01'");
     pass("delete refused while used, nkpctl's line shown: " + refusal);
     await screenshot("delete-refused");
@@ -236,14 +177,14 @@ async function main() {
     await f.locator("#restore").click();
     await f.locator("#restore-file").setInputFiles(p12);
     await f.locator("#restore-password").fill("wrong password");
-    const wrong = await submitExpectingError("a wrong password: nkpctl's error shown", "nkpctl:");
+    const wrong = await submitExpectingError(f, "a wrong password: nkpctl's error shown", "nkpctl:");
     pass("restore with a wrong password: nkpctl's line in the dialog: " + wrong);
     await screenshot("restore-wrong-password");
     if (nkpctl(rootB, ["provider", "list"]).includes("prod"))
         fail("nothing restored with the wrong password");
     pass("nothing restored with the wrong password");
     await f.locator("#restore-password").fill(PASSWORD);
-    await submitAndClose("restore prod from the uploaded file");
+    await submitAndClose(f, "restore prod from the uploaded file");
     await until("prod restored on root B", async () => await row.count() === 1);
     const prodB = JSON.parse(nkpctl(rootB, ["--json", "provider", "show", "prod"]));
     if (prodB.key_id !== prod.key_id || prodB.default)
@@ -276,7 +217,4 @@ async function main() {
     await browser.close();
 }
 
-main().then(() => process.exit(0), ex => {
-    console.log("FAIL " + (ex instanceof Failure ? ex.message : "driver error: " + (ex.stack || ex)).replace(/\n/g, " | "));
-    process.exit(1);
-});
+run(main);
