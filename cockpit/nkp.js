@@ -134,7 +134,8 @@ async function submitDialog(event) {
     event.preventDefault();
     if (!dialogAction)
         return;
-    $("dialog-ok").disabled = true;
+    // Both buttons off while nkpctl runs: closing the dialog would not stop it.
+    $("dialog-ok").disabled = $("dialog-cancel").disabled = true;
     $("dialog-error").hidden = true;
     try {
         const notice = await dialogAction();
@@ -144,7 +145,8 @@ async function submitDialog(event) {
     } catch (ex) {
         $("dialog-error").textContent = errorText(ex);
         $("dialog-error").hidden = false;
-        $("dialog-ok").disabled = false;
+    } finally {
+        $("dialog-ok").disabled = $("dialog-cancel").disabled = false;
     }
 }
 
