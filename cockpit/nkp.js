@@ -424,7 +424,7 @@ function renderVms(vms) {
         return el("tr", { "data-vm": v.name },
             el("td", {}, el("strong", {}, v.name)),
             el("td", { "data-field": "state" }, vmState(v), pending),
-            el("td", {}, v.running ? "running" : "shut off"),
+            el("td", { class: "nowrap" }, v.running ? "running" : "shut off"),
             el("td", {}, v.objects.join(", ")),
             actions);
     }));

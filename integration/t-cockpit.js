@@ -3,8 +3,9 @@
 // rekeyed, deep-rekeyed and decrypted through the Key providers page, each
 // long operation's progress seen in the page, each state checked with the
 // lab host's nkpctl and qemu-img too.
-// Environment: tests/lib/cockpit.sh's, NKP_LAB_NKPCTL (nkpctl in the lab
-// host), NKP_VM (the domain), NKP_VM_DISK (its qcow2, seen from outside).
+// Environment: tests/lib/cockpit.sh's, NKP_LAB_EXEC (runs a command in the
+// lab host), NKP_VM (the domain), NKP_VM_DISK (its qcow2, seen from
+// outside), NKP_LAB_P1 and NKP_LAB_PW (p1's backup and its password file).
 "use strict";
 
 const { execFileSync } = require("child_process");
@@ -13,8 +14,12 @@ const { pass, fail, until, openPage, submitAndClose, run } = require("../tests/l
 const VM = process.env.NKP_VM;
 const OP_MS = 180000; // a LUKS copy under TCG load takes seconds to minutes
 
+function lab(...args) {
+    return execFileSync(process.env.NKP_LAB_EXEC, args, { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+}
+
 function vmStatus() {
-    return JSON.parse(execFileSync(process.env.NKP_LAB_NKPCTL, ["--json", "vm", "status", VM], { encoding: "utf8" }));
+    return JSON.parse(lab("nkpctl", "--json", "vm", "status", VM));
 }
 
 function diskEncrypted() {
@@ -100,6 +105,34 @@ async function main() {
     if (st.state !== "encrypted" || st.provider !== "p1" || !diskEncrypted())
         fail("after the deep rekey nkpctl and qemu-img agree: " + JSON.stringify(st));
     pass("nkpctl: encrypted by p1 after the deep rekey");
+
+    // ---- locked: p1 deleted, the host "rebooted" (key cache flushed) -------------------
+    lab("nkpctl", "provider", "delete", "p1", "--force");
+    lab("nkpctl", "host", "flush-cache");
+    let startErr = "";
+    try {
+        lab("virsh", "-c", "qemu:///system", "start", VM);
+    } catch (ex) {
+        startErr = String(ex.stderr);
+    }
+    if (!startErr.includes("nkp"))
+        fail("virsh start of the locked VM fails with nkp's line: " + startErr);
+    await f.locator("#refresh").click();
+    await until(`${VM} shows 'Locked' and why`, async () => /Locked/.test(await state()) && /p1/.test(await state()));
+    const locked = f.locator(`li[data-kind="vm-locked"]`);
+    await until("the vm-locked alarm names the VM", async () => (await locked.innerText()).includes(VM));
+    pass(`p1 deleted, cache flushed, start refused: the page shows ${VM} locked (${(await state()).replace(/\s+/g, " ")}) and the vm-locked alarm (${await locked.innerText()})`);
+    await screenshot("locked");
+    lab("nkpctl", "provider", "restore", process.env.NKP_LAB_P1, "--password-file", process.env.NKP_LAB_PW);
+    lab("nkpctl", "provider", "set-default", "p1");
+    await f.locator("#host-unlock").click();
+    await until("host unlock: the page says the VM is unlocked",
+                async () => (await f.locator("#notice").innerText()).includes(VM));
+    await until(`${VM} shows 'Encrypted by p1' again, the alarm gone`,
+                async () => /Encrypted\s*by p1/.test(await state()) && await locked.count() === 0);
+    pass("p1 restored, 'host unlock' from the page: " + await f.locator("#notice").innerText() +
+         " The VM is encrypted by p1 again, the alarm gone");
+    await screenshot("unlocked");
 
     // ---- decrypt (confirmed) -------------------------------------------------------------
     await row.locator('[data-action="Decrypt"]').click();

@@ -5,8 +5,11 @@
 # nkpctl inside the host's namespaces.  Through the page
 # (integration/t-cockpit.js): encrypt the shut-off VM with the progress
 # shown, the state turning "encrypted by p1"; shallow rekey to p2; deep
-# rekey and decrypt, each confirmed, with progress; every state checked
-# with nkpctl and qemu-img as well.  Then nkpctl --progress=json itself.
+# rekey, confirmed, with progress; p1 deleted and the key cache flushed:
+# the VM "locked" with its reason, a failed start's vm-locked alarm with
+# its fix; p1 restored, "host unlock" from the page: encrypted again, the
+# alarm gone; decrypt, confirmed, with progress.  Every state checked with
+# nkpctl and qemu-img as well.  Then nkpctl --progress=json itself.
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
 set -euo pipefail
 source "$(dirname "$0")/lib/test.sh"
@@ -38,21 +41,22 @@ pass "host a: providers p1 (default) and p2 backed up, VM $dom (vTPM + qcow2) de
 top="$LAB_DIR/cockpit"
 h=$(lab_hostdir a)
 mkdir -p "$top/bin"
-cat >"$top/bin/nkpctl" <<EOF
+cat >"$top/lab-a" <<EOF
 #!/bin/sh
-# t-cockpit.sh: nkpctl inside lab host a.
+# t-cockpit.sh: a command inside lab host a (as lab_exec runs it).
 exec nsenter --mount='$h/ns/mnt' --uts='$h/ns/uts' --net='$h/ns/net' -- \\
-    env PATH='$h/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' nkpctl "\$@"
+    env PATH='$h/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' "\$@"
 EOF
-chmod 755 "$top/bin/nkpctl"
+printf '#!/bin/sh\nexec %s nkpctl "$@"\n' "$top/lab-a" >"$top/bin/nkpctl"
+chmod 755 "$top/lab-a" "$top/bin/nkpctl"
 lab_at_exit cockpit_stop
 mkdir -p "$COCKPIT_ARTIFACTS"
 rm -f "$COCKPIT_ARTIFACTS"/lab-*.png
 cockpit_playwright "$top"
 cockpit_ws_start "$top" "$top/bin"
 cockpit_chromium_start "$top"
-cockpit_drive "$top" "$(dirname "$0")/t-cockpit.js" NKP_LAB_NKPCTL="$top/bin/nkpctl" NKP_VM="$dom" \
-    NKP_VM_DISK="$disk"
+cockpit_drive "$top" "$(dirname "$0")/t-cockpit.js" NKP_LAB_EXEC="$top/lab-a" NKP_VM="$dom" \
+    NKP_VM_DISK="$disk" NKP_LAB_P1="$LAB_DIR/p1.p12" NKP_LAB_PW="$LAB_DIR/pw"
 cockpit_stop
 
 # nkpctl --progress=json: one JSON line per step on stdout, then the result.
