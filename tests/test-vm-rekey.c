@@ -432,6 +432,17 @@ static void collect(const nkp_rekey_result *res, void *userdata)
                 g_assert_null(nkp_rekey_result_message(res));
 }
 
+/* nkp_context_set_progress's function: "VM done/total;" (VM "-" when NULL). */
+static void record_progress(const char *op, const char *vm, const char *step, unsigned done,
+                            unsigned total, void *userdata)
+{
+        g_assert_cmpstr(op, ==, "rekey");
+        if (vm)
+                g_string_append_printf(userdata, "%s %u/%u;", vm, done, total);
+        else
+                g_string_append_printf(userdata, "- %s %u/%u;", step, done, total);
+}
+
 static void test_rekey_all(Fixture *f, gconstpointer data)
 {
         (void) data;
@@ -451,11 +462,16 @@ static void test_rekey_all(Fixture *f, gconstpointer data)
         g_autoptr(GPtrArray) lines = g_ptr_array_new_with_free_func(g_free);
         g_assert_cmpint(nkp_vm_rekey_all(f->ctx, v, "idle", collect, lines), ==, -EPERM);
         g_assert_cmpuint(lines->len, ==, 0);
+        g_autoptr(GString) steps = g_string_new(NULL);
+        nkp_context_set_progress(f->ctx, record_progress, steps);
         g_assert_cmpint(nkp_vm_rekey_all(f->ctx, v, "p2", collect, lines), ==, 0);
+        nkp_context_set_progress(f->ctx, NULL, NULL);
         g_assert_cmpuint(lines->len, ==, 2);
         g_autofree char *want_lost = g_strdup_printf("lost01 %d gone p2 running", -ENOKEY);
         g_assert_cmpstr(lines->pdata[0], ==, want_lost);
         g_assert_cmpstr(lines->pdata[1], ==, "web01 0 p1 p2 running");
+        /* One progress step per domain (nkp's or not), then done. */
+        g_assert_cmpstr(steps->str, ==, "lost01 0/3;plain 1/3;web01 2/3;- done 3/3;");
 }
 
 static void test_delete_checked(Fixture *f, gconstpointer data)
