@@ -128,6 +128,10 @@ function openDialog(title, body, okText, action, danger) {
 function closeDialog() {
     $("dialog").hidden = true;
     dialogAction = null;
+    // No password lingers in the page once its dialog is done.
+    for (const input of $("dialog-body").querySelectorAll('input[type="password"]'))
+        input.value = "";
+    $("dialog-body").replaceChildren();
 }
 
 async function submitDialog(event) {

@@ -78,9 +78,10 @@ PY
 pass "nkpctl vm encrypt --progress=json: a line per step (vda 0/2, definition 1/2, done 2/2), then the result"
 # On a terminal (script(1) gives nkpctl one): the bar on stderr, by default.
 out=$(lab_exec a script -qec "nkpctl vm decrypt $dom" /dev/null) || fail "vm decrypt on a terminal: $out"
-grep -q 'decrypt g1 \[###############...............\] 1/2 definition' <<<"$out" &&
-    grep -q 'decrypt g1 \[##############################\] 2/2 done' <<<"$out" ||
+if ! grep -q 'decrypt g1 \[###############...............\] 1/2 definition' <<<"$out" ||
+   ! grep -q 'decrypt g1 \[##############################\] 2/2 done' <<<"$out"; then
     fail "vm decrypt on a terminal draws the bar: $out"
+fi
 pass "on a terminal: the progress bar on stderr ($(tr '\r' '\n' <<<"$out" | grep -c '\[') redraws)"
 out=$(nk vm encrypt "$dom" 2>&1) || fail "vm encrypt: $out"
 case $out in *'{"progress"'*|*'['*'#'*) fail "progress output without --progress and no terminal: $out";; esac

@@ -27,7 +27,7 @@ COCKPIT_CHROMIUM=/usr/bin/chromium
 COCKPIT_WS=/usr/lib/cockpit/cockpit-ws
 COCKPIT_SRC=${NKP_SOURCE_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 COCKPIT_ARTIFACTS=${COCKPIT_ARTIFACTS:-${NKP_BUILD_DIR:-$COCKPIT_SRC/build}/meson-logs/cockpit}
-_cockpit_ws_pid= _cockpit_chromium_pid= _cockpit_node_pid=
+_cockpit_ws_pid='' _cockpit_chromium_pid='' _cockpit_node_pid=''
 
 cockpit_check_env() {
         local p c
@@ -52,7 +52,7 @@ cockpit_stop() {
         _cockpit_stop_pid "$_cockpit_node_pid"
         _cockpit_stop_pid "$_cockpit_chromium_pid"
         _cockpit_stop_pid "$_cockpit_ws_pid"
-        _cockpit_node_pid= _cockpit_chromium_pid= _cockpit_ws_pid=
+        _cockpit_node_pid='' _cockpit_chromium_pid='' _cockpit_ws_pid=''
 }
 
 cockpit_playwright() {
