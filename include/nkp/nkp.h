@@ -118,12 +118,14 @@ const char *nkp_context_tcti(const nkp_context *ctx);
 /* Progress of the long VM operations (nkp_vm_encrypt, nkp_vm_decrypt,
  * nkp_vm_rekey_deep: one step per vTPM state and per disk copied, then one
  * for the switch to the new definition; nkp_vm_rekey_all: one step per
- * VM).  `op` is "encrypt", "decrypt", "rekey-deep" or "rekey"; `vm` the
- * domain (NULL in rekey's last call, done == total); `step` what starts now ("vtpm", a disk target such as "vda",
- * "definition", or "done" when done == total).  `done` steps of `total`
- * are finished (0 <= done <= total).  Called in the caller's thread, from
- * inside the operation; the strings are valid during the call only.  A
- * function that takes long slows the operation down, nothing else. */
+ * domain).  `op` is "encrypt", "decrypt", "rekey-deep" or "rekey"; `vm`
+ * the domain (NULL in nkp_vm_rekey_all's last call); `step` what starts
+ * now: "vtpm", a disk target such as "vda", "definition", "rekey" (one
+ * domain of nkp_vm_rekey_all), or "done" when done == total.  `done` steps
+ * of `total` are finished (0 <= done <= total).  Called in the caller's
+ * thread, from inside the operation; the strings are valid during the call
+ * only.  A function that takes long slows the operation down, nothing
+ * else.  A failed operation stops reporting where it failed. */
 typedef void (*nkp_progress_func)(const char *op, const char *vm, const char *step,
                                   unsigned done, unsigned total, void *userdata);
 
