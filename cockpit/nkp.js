@@ -348,9 +348,15 @@ function showProgress(step) {
     $("progress-bar").style.width = pct + "%";
 }
 
-async function longOp(args) {
+/* Runs a long VM verb with its progress shown; resolves to the notice:
+ * `done(result)`, or, when nkpctl found an interrupted run of the same
+ * operation and finished that (nothing else done), that it did. */
+async function longOp(args, done) {
     try {
-        return await nkpctlWithProgress(args, showProgress);
+        const r = await nkpctlWithProgress(args, showProgress);
+        if (r && r.finished)
+            return `VM '${r.name}': finished the interrupted ${r.finished}.`;
+        return done(r);
     } finally {
         $("progress").hidden = true;
     }
@@ -365,8 +371,7 @@ function encryptVm(v) {
         const args = ["vm", "encrypt", v.name];
         if (sel.value)
             args.push("--provider", sel.value);
-        const r = await longOp(args);
-        return `VM '${v.name}' is encrypted by provider '${r.provider}'.`;
+        return longOp(args, r => `VM '${v.name}' is encrypted by provider '${r.provider}'.`);
     });
 }
 
@@ -374,8 +379,7 @@ function decryptVm(v) {
     openDialog(`Decrypt VM '${v.name}'?`, [
         el("p", {}, `Its vTPM state and disks are written back in clear; provider '${v.provider}' no longer protects it.`),
     ], "Decrypt", async () => {
-        await longOp(["vm", "decrypt", v.name]);
-        return `VM '${v.name}' is no longer encrypted.`;
+        return longOp(["vm", "decrypt", v.name], () => `VM '${v.name}' is no longer encrypted.`);
     }, true);
 }
 
@@ -402,8 +406,7 @@ function deepRekeyVm(v) {
         const args = ["vm", "rekey", v.name, "--deep"];
         if (sel.value)
             args.push("--provider", sel.value);
-        await longOp(args);
-        return `VM '${v.name}' has new data keys.`;
+        return longOp(args, r => `VM '${v.name}' has new data keys from provider '${r.provider}'.`);
     }, true);
 }
 
