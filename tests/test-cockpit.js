@@ -77,6 +77,15 @@ async function main() {
     await f.locator("#create-name").fill("bad name!");
     const bad = await submitExpectingError(f, "a bad name is refused with nkpctl's line", "nkpctl:");
     pass("a bad provider name: nkpctl's own error in the dialog: " + bad.split("\n")[0]);
+    // Require a TPM on a host without one: nkpctl refuses, nothing created.
+    await f.locator("#create-name").fill("tpmonly");
+    await f.locator("#create-require-tpm").check();
+    const noTpm = await submitExpectingError(f, "require-TPM without a TPM is refused", "requires a TPM 2.0");
+    if (nkpctl(rootA, ["provider", "list"]).includes("tpmonly"))
+        fail("nothing created with require-TPM on a host without a TPM");
+    pass("create with 'Require a TPM 2.0' on a host without one: refused, nkpctl's line shown: " + noTpm);
+    await screenshot("require-tpm-refused");
+    await f.locator("#create-require-tpm").uncheck();
     await f.locator("#create-name").fill("prod");
     await submitAndClose(f, "create provider 'prod'");
     const row = f.locator('tr[data-provider="prod"]');
