@@ -22,7 +22,7 @@
 # (default $NKP_BUILD_DIR/meson-logs/cockpit).
 
 COCKPIT_PLAYWRIGHT_VERSION=1.61.0 # the last to run on Debian 12's node 18
-COCKPIT_NODE_CACHE=${NKP_NODE_CACHE:-$HOME/.cache/nkp-test-node}
+COCKPIT_NODE_CACHE=${NKP_NODE_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/nkp-test-node}
 COCKPIT_CHROMIUM=/usr/bin/chromium
 COCKPIT_WS=/usr/lib/cockpit/cockpit-ws
 COCKPIT_SRC=${NKP_SOURCE_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
