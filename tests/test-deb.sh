@@ -29,7 +29,7 @@ for p in nkp libnkp0 libnkp-dev; do
         st=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null) || continue
         [ "$st" = not-installed ] || skip_all "the package $p is already on this machine ($st): not this test's to remove"
 done
-for f in /etc/nkp /etc/libvirt/hooks/qemu.d/50-nkp /usr/sbin/nkpctl /usr/sbin/nkpd /lib/systemd/system/nkpd.service; do
+for f in /etc/nkp/nkp.conf /etc/libvirt/hooks/qemu.d/50-nkp /usr/sbin/nkpctl /usr/sbin/nkpd /lib/systemd/system/nkpd.service; do
         [ -e "$f" ] || [ -L "$f" ] && skip_all "$f exists (a meson install?): not this test's to overwrite"
 done
 [ -e /run/libvirtd.pid ] && skip_all "a libvirtd runs in this namespace (/run/libvirtd.pid): the test will not reload it"
@@ -38,6 +38,7 @@ git -C "$SRC" rev-parse HEAD >/dev/null 2>&1 || skip_all "$SRC is not a git chec
 tmp=$(mktemp -d)
 installed=0
 var_lib_existed=0; [ -e /var/lib/nkp ] && var_lib_existed=1
+etc_existed=0; [ -d /etc/nkp ] && etc_existed=1 # an empty one (a test's): dpkg's purge removes it
 fake_pid=""
 cleanup() {
         if [ "$installed" = 1 ]; then
@@ -46,6 +47,7 @@ cleanup() {
         [ -n "$fake_pid" ] && kill "$fake_pid" 2>/dev/null
         [ -n "$fake_pid" ] && rm -f /run/libvirtd.pid
         [ "$var_lib_existed" = 0 ] && rm -rf /var/lib/nkp
+        [ "$etc_existed" = 1 ] && mkdir -p /etc/nkp
         rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -150,7 +152,7 @@ err=$out
 check "apt-get purge nkp libnkp0 succeeds" '[ "$rc" = 0 ]'
 installed=0
 for f in /usr/sbin/nkpctl /usr/sbin/nkpd /etc/libvirt/hooks/qemu.d/50-nkp /usr/libexec/nkp \
-         /lib/systemd/system/nkpd.service /etc/systemd/system/multi-user.target.wants/nkpd.service /etc/nkp; do
+         /lib/systemd/system/nkpd.service /etc/systemd/system/multi-user.target.wants/nkpd.service /etc/nkp/nkp.conf; do
         check "purged: $f is gone" '! [ -e "$f" ] && ! [ -L "$f" ]'
 done
 check "purge keeps /var/lib/nkp (the providers are the keys to every VM)" '[ -d /var/lib/nkp ]'
