@@ -67,7 +67,7 @@ deb=$(ls "$tmp"/nkp_*_*.deb) lib=$(ls "$tmp"/libnkp0_*_*.deb) dev=$(ls "$tmp"/li
 pass "nkp_*.deb, libnkp0_*.deb and libnkp-dev_*.deb are built"
 
 # ---- 2. lintian ------------------------------------------------------------------------
-lintian --fail-on error,warning "$tmp"/*.changes >"$tmp/lintian.log" 2>&1
+lintian --fail-on error,warning --display-info "$tmp"/*.changes >"$tmp/lintian.log" 2>&1
 rc=$?
 lint=$(grep -v '^running with root privileges' "$tmp/lintian.log")
 err=$lint
