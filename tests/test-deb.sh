@@ -37,17 +37,23 @@ git -C "$SRC" rev-parse HEAD >/dev/null 2>&1 || skip_all "$SRC is not a git chec
 
 tmp=$(mktemp -d)
 installed=0
-var_lib_existed=0; [ -e /var/lib/nkp ] && var_lib_existed=1
-etc_existed=0; [ -d /etc/nkp ] && etc_existed=1 # an empty one (a test's): dpkg's purge removes it
 fake_pid=""
+# /etc/nkp and /var/lib/nkp are mount points of the lab hosts other tests
+# run at the same time (integration/lab.sh binds each host's own copy over
+# them in its mount namespace), and removing a directory detaches the mounts
+# on it in every namespace.  So the test never lets either go: a file of its
+# own keeps /etc/nkp non-empty (dpkg's purge then leaves the directory), and
+# /var/lib/nkp is kept by the package anyway.  Both stay, empty, afterwards.
+mkdir -p /etc/nkp
+keep=/etc/nkp/.test-deb-keep.$$
+: >"$keep"
 cleanup() {
         if [ "$installed" = 1 ]; then
                 DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq nkp libnkp0 libnkp-dev >/dev/null 2>&1
         fi
         [ -n "$fake_pid" ] && kill "$fake_pid" 2>/dev/null
         [ -n "$fake_pid" ] && rm -f /run/libvirtd.pid
-        [ "$var_lib_existed" = 0 ] && rm -rf /var/lib/nkp
-        [ "$etc_existed" = 1 ] && mkdir -p /etc/nkp
+        rm -f "$keep"
         rm -rf "$tmp"
 }
 trap cleanup EXIT
