@@ -57,6 +57,8 @@ if command -v virsh >/dev/null; then
 else
         skip "virsh is not installed: no domain names"
 fi
+out=$(complete_words nkpctl --root "$R" alarms clear "")
+check "alarms clear: the kinds of the root's alarms (two never backed up: provider-inactive)" '[ "$out" = provider-inactive ]'
 out=$(complete_words nkpctl --root "$R" provider show alpha "")
 check "nothing after the verb's one argument" '[ -z "$out" ]'
 assert_done
