@@ -147,7 +147,7 @@ for page in man8/nkpctl.8 man8/nkpd.8 man8/nkp-hook.8 man8/nkp-swtpm-certs.8 man
                 'grep -q "^NAME" <<<"$out" && grep -q "^SYNOPSIS" <<<"$out" && [ -z "$err" ]'
 done
 comp=$(NKPCTL=/usr/sbin/nkpctl NKP_COMPLETION=/usr/share/bash-completion/completions/nkpctl \
-        "$(dirname "$0")/test-completion.sh" 2>&1)
+        "$tmp/src/tests/test-completion.sh" 2>&1) # the archived tree's test, matching its completion
 rc=$?
 err=$comp
 check "the installed completion offers the providers of a throwaway root (test-completion.sh)" \
