@@ -12,7 +12,8 @@
 #      each man page renders with `man -l`, the installed completion offers
 #      the providers of a throwaway root, and postinst reloads a running
 #      libvirtd with SIGHUP (a stand-in daemon whose pid is in
-#      /run/libvirtd.pid: systemd is not PID 1 here);
+#      /run/libvirtd.pid: systemd is not PID 1 here; a real libvirtd in this
+#      namespace is reloaded instead, and that check skipped);
 #   5. purge: programs, hook, unit link and config gone, /var/lib/nkp kept
 #      with the message saying why, libvirtd reloaded again.
 # Cleans up on failure too (trap).  Refuses to run (77) where an nkp package
@@ -32,7 +33,10 @@ done
 for f in /etc/nkp/nkp.conf /etc/libvirt/hooks/qemu.d/50-nkp /usr/sbin/nkpctl /usr/sbin/nkpd /lib/systemd/system/nkpd.service; do
         [ -e "$f" ] || [ -L "$f" ] && skip_all "$f exists (a meson install?): not this test's to overwrite"
 done
-[ -e /run/libvirtd.pid ] && skip_all "a libvirtd runs in this namespace (/run/libvirtd.pid): the test will not reload it"
+# A real libvirtd in this namespace is reloaded by the package like on any
+# host (a reload keeps VMs running); the stand-in below is then not used.
+real_libvirtd=0
+[ -s /run/libvirtd.pid ] && kill -0 "$(cat /run/libvirtd.pid)" 2>/dev/null && real_libvirtd=1
 git -C "$SRC" rev-parse HEAD >/dev/null 2>&1 || skip_all "$SRC is not a git checkout"
 
 tmp=$(mktemp -d)
@@ -106,11 +110,13 @@ check "libnkp0 depends on libvirt0 and tpm2-tss (dlopened, so no shlibs dependen
 # ---- 4. install ------------------------------------------------------------------------
 # A stand-in for a running libvirtd without systemd: postinst/postrm must
 # SIGHUP the pid in /run/libvirtd.pid whose comm is libvirtd.
-mkdir "$tmp/fake"
-printf '#!/bin/bash\ntrap "echo HUP >>%s/hups" HUP\nwhile :; do sleep 0.1; done\n' "$tmp/fake" >"$tmp/fake/libvirtd"
-chmod +x "$tmp/fake/libvirtd"
-"$tmp/fake/libvirtd" & fake_pid=$!
-echo "$fake_pid" >/run/libvirtd.pid
+if [ "$real_libvirtd" = 0 ]; then
+        mkdir "$tmp/fake"
+        printf '#!/bin/bash\ntrap "echo HUP >>%s/hups" HUP\nwhile :; do sleep 0.1; done\n' "$tmp/fake" >"$tmp/fake/libvirtd"
+        chmod +x "$tmp/fake/libvirtd"
+        "$tmp/fake/libvirtd" & fake_pid=$!
+        echo "$fake_pid" >/run/libvirtd.pid
+fi
 hups() { cat "$tmp/fake/hups" 2>/dev/null | wc -l; }
 
 start=$SECONDS
@@ -139,7 +145,11 @@ check "nkpd is enabled (multi-user.target.wants)" '[ -L /etc/systemd/system/mult
 score=$(systemd-analyze security --offline=true /lib/systemd/system/nkpd.service 2>/dev/null | sed -n 's/.*Overall exposure level for nkpd.service: \([0-9.]*\).*/\1/p')
 note "systemd-analyze security nkpd.service: $score"
 check "nkpd.service exposure below 4 (hardened)" 'awk -v s="$score" "BEGIN { exit !(s != \"\" && s < 4) }"'
-check "postinst reloaded the running libvirtd (SIGHUP, not a restart)" '[ "$(hups)" = 1 ] && kill -0 "$fake_pid"'
+if [ "$real_libvirtd" = 0 ]; then
+        check "postinst reloaded the running libvirtd (SIGHUP, not a restart)" '[ "$(hups)" = 1 ] && kill -0 "$fake_pid"'
+else
+        skip "a real libvirtd runs here: reloaded by postinst, not observed"
+fi
 for page in man8/nkpctl.8 man8/nkpd.8 man8/nkp-hook.8 man8/nkp-swtpm-certs.8 man5/nkp.conf.5; do
         out=$(MANWIDTH=80 man -l "/usr/share/man/$page.gz" 2>"$tmp/man.err")
         err=$(cat "$tmp/man.err")
@@ -165,5 +175,7 @@ for f in /usr/sbin/nkpctl /usr/sbin/nkpd /etc/libvirt/hooks/qemu.d/50-nkp /usr/l
 done
 check "purge keeps /var/lib/nkp (the providers are the keys to every VM)" '[ -d /var/lib/nkp ]'
 check "... and says why" 'grep -q "/var/lib/nkp was kept" <<<"$out" && grep -q "keys to" <<<"$out"'
-check "postrm reloaded libvirtd again (the hook is gone)" '[ "$(hups)" = 2 ]'
+if [ "$real_libvirtd" = 0 ]; then
+        check "postrm reloaded libvirtd again (the hook is gone)" '[ "$(hups)" = 2 ]'
+fi
 assert_done
