@@ -14,7 +14,7 @@ packages="
   ovmf virtnbdbackup socat curl
   tang clevis clevis-tpm2 jose libjose-dev libgfshare-dev libgfshare-bin
   cockpit-ws cockpit-bridge cockpit-system chromium chromium-driver
-  debhelper dpkg-dev fakeroot lintian scdoc bash-completion
+  debhelper dpkg-dev fakeroot lintian scdoc bash-completion man-db
 "
 missing=""
 for p in $packages; do

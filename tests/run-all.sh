@@ -4,10 +4,12 @@
 #   2. the same unit tests under ASan + UBSan      (build-asan/)
 #   2b. the Cockpit page in headless Chromium    (build/, suite browser)
 #   3. every libFuzzer target for a bounded time   (build-fuzz/, clang)
-#   4. the integration tests against real libvirtd, QEMU, swtpm and a guest
+#   4. the Debian package: built, linted, installed and purged (root)
+#   5. the integration tests against real libvirtd, QEMU, swtpm and a guest
 #      (needs root; each says "skipped" with its reason where it cannot run)
 # Skips are counted as skips, never as passes.  Environment knobs:
-#   NKP_FUZZ_SECONDS (default 30), NKP_SKIP_INTEGRATION=1, NKP_SKIP_ASAN=1.
+#   NKP_FUZZ_SECONDS (default 30), NKP_SKIP_INTEGRATION=1, NKP_SKIP_ASAN=1,
+#   NKP_SKIP_PACKAGE=1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
@@ -92,6 +94,11 @@ if [ -x tests/run-fuzz.sh ]; then
         [ "$fuzz_rc" = 0 ] || grep -q '^FAIL fuzz:' "$results" || echo "FAIL fuzz:runner" >>"$results"
 else
         echo "SKIP fuzz:no-runner" >>"$results"
+fi
+
+if [ "${NKP_SKIP_PACKAGE:-0}" != 1 ]; then
+        phase "Debian package (build from git archive, lintian, install, purge)"
+        run_suite build package package
 fi
 
 if [ "${NKP_SKIP_INTEGRATION:-0}" != 1 ]; then

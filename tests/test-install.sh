@@ -37,6 +37,13 @@ check "nkpctl in sbin, executable" "[ -x '$dest$prefix/sbin/nkpctl' ]"
 check "nkpd in sbin, executable" "[ -x '$dest$prefix/sbin/nkpd' ]"
 check "nkp-swtpm-certs in libexec/nkp (create_certs_tool)" \
 	"[ -x '$dest$prefix/libexec/nkp/nkp-swtpm-certs' ]"
+# The man pages (docs/man, scdoc) and the bash completion (bash-completion's
+# completionsdir, else DATADIR/bash-completion/completions).
+for page in man8/nkpctl.8 man8/nkpd.8 man8/nkp-hook.8 man8/nkp-swtpm-certs.8 man5/nkp.conf.5; do
+	check "man page $page in share/man" "grep -q '^\.TH' '$dest$prefix/share/man/$page'"
+done
+check "the bash completion of nkpctl in bash-completion/completions" \
+	"grep -q 'complete -F _nkpctl nkpctl' '$dest$prefix/share/bash-completion/completions/nkpctl'"
 # The unit: where systemd's pkg-config says units go, else PREFIX/lib/systemd/system.
 unitdir=$(pkg-config --variable=systemdsystemunitdir systemd 2>/dev/null) || unitdir=""
 [ -n "$unitdir" ] || unitdir=$prefix/lib/systemd/system

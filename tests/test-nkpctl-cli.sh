@@ -164,6 +164,7 @@ same_json "provider show" "--json --root $R provider show one" "--root $R provid
 same_json "alarms" "--root $R --json alarms" "--root $R alarms --json"
 same_json "alarms list" "--json --root $R alarms list" "alarms list --root=$R --json"
 same_json "host status" "--root $R --json host status" "--root $R host status --json"
+same_json "alarms clear" "--root $R --json alarms clear vm-locked web01" "--root $R alarms clear vm-locked web01 --json"
 same_json "vm list" "--root $R --connect test:///default --json vm list" "vm list --json --connect=test:///default --root $R"
 same_json "vm status" "--json --root $R --connect test:///default vm status test" "--root $R vm status test --connect test:///default --json"
 nk --root "$R" provider list --json

@@ -20,9 +20,18 @@ static int alarms_clear(NkpctlGlobals *g, int argc, char **argv)
 {
         if (nkp_alarm_clear(g->ctx, argv[1], argc == 3 ? argv[2] : NULL) < 0)
                 return nkpctl_lib_error();
-        if (!g->json)
-                printf("Cleared the recorded '%s' alarms%s%s%s.\n", argv[1], argc == 3 ? " for '" : "",
-                       argc == 3 ? argv[2] : "", argc == 3 ? "'" : "");
+        if (g->json) {
+                /* --json prints one document for every verb (nkpctl(8), JSON OUTPUT). */
+                g_autoptr(JsonBuilder) b = json_builder_new();
+                json_builder_begin_object(b);
+                nkpctl_json_add_string(b, "cleared", argv[1]);
+                nkpctl_json_add_string(b, "subject", argc == 3 ? argv[2] : NULL);
+                json_builder_end_object(b);
+                nkpctl_print_json(json_builder_get_root(b));
+                return 0;
+        }
+        printf("Cleared the recorded '%s' alarms%s%s%s.\n", argv[1], argc == 3 ? " for '" : "",
+               argc == 3 ? argv[2] : "", argc == 3 ? "'" : "");
         return 0;
 }
 

@@ -50,7 +50,7 @@ static const char global_help[] =
         "Global options (before or after the verb):\n"
         "  --root DIR       work on the tree under DIR instead of /\n"
         "  --connect URI    the libvirt connection (default: libvirt's own)\n"
-        "  --json           print one JSON document on stdout\n"
+        "  --json           print one JSON document on stdout (man nkpctl: JSON OUTPUT)\n"
         "  -h, --help       this text; 'nkpctl GROUP --help', 'nkpctl GROUP VERB --help'\n"
         "  --version        print nkpctl's version\n"
         "\n"
@@ -282,7 +282,8 @@ static int run_verb(NkpctlGlobals *g, const NkpctlCommand *c, int argc, char **a
                   "Work on the tree under DIR instead of /", "DIR" },
                 { "connect", 0, 0, G_OPTION_ARG_STRING, &connect_uri,
                   "The libvirt connection (default: libvirt's own)", "URI" },
-                { "json", 0, 0, G_OPTION_ARG_NONE, &json, "Print one JSON document on stdout", NULL },
+                { "json", 0, 0, G_OPTION_ARG_NONE, &json,
+                  "Print one JSON document on stdout (its members: man nkpctl, JSON OUTPUT)", NULL },
                 G_OPTION_ENTRY_NULL,
         };
         g_autoptr(GOptionContext) oc = g_option_context_new(c->params);
