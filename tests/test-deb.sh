@@ -103,6 +103,10 @@ for u in $(cd "$tmp/src" && find debian/tmp/lib/systemd/system -name '*.service'
 done
 lib_files=$(dpkg-deb -c "$lib") dev_files=$(dpkg-deb -c "$dev")
 check "libnkp0: the library" 'grep -q "libnkp.so.0.1.0$" <<<"$lib_files"'
+cockpit_deb=$(ls "$tmp"/nkp-cockpit_*_all.deb 2>/dev/null)
+check "nkp-cockpit_*.deb ships the Cockpit page" \
+        '[ -n "$cockpit_deb" ] && dpkg-deb -c "$cockpit_deb" | grep -q "usr/share/cockpit/nkp/manifest.json$" &&
+         dpkg-deb -f "$cockpit_deb" Depends | grep -q cockpit-bridge'
 check "libnkp-dev: nkp.h and libnkp.pc" 'grep -q "include/nkp/nkp.h$" <<<"$dev_files" && grep -q "libnkp.pc$" <<<"$dev_files"'
 check "libnkp0 depends on libvirt0 and tpm2-tss (dlopened, so no shlibs dependency)" \
         'dpkg-deb -f "$lib" Depends | grep -q libvirt0 && dpkg-deb -f "$lib" Depends | grep -q libtss2-esys'
