@@ -515,6 +515,119 @@ static void test_unprotect_refusals(void)
         g_assert_cmpint(st.st_mode & 07777, ==, 0711);
 }
 
+/* ---- host-protect.c: the record, running VMs, the hook's check -------------------------- */
+
+static bool has_alarm(nkp_context *ctx, const char *kind, const char *subject)
+{
+        nkp_alarm **list = NULL;
+        size_t n = 0;
+        g_assert_cmpint(nkp_alarm_list(ctx, &list, &n), ==, 0);
+        bool found = false;
+        for (size_t i = 0; i < n; i++)
+                found = found || (strcmp(nkp_alarm_kind(list[i]), kind) == 0 &&
+                                  g_strcmp0(nkp_alarm_subject(list[i]), subject) == 0);
+        nkp_alarm_list_free(list, n);
+        return found;
+}
+
+static void test_host_protect_record(TestutilRoot *f, gconstpointer data)
+{
+        (void) data;
+        nkp_context *ctx = f->ctx;
+        g_autoptr(nkp_provider) p = NULL;
+        g_assert_cmpint(nkp_provider_create(ctx, "hk", 0, &p), ==, 0);
+        g_autofree char *p12 = g_build_filename(f->root, "hk.p12", NULL);
+        g_autoptr(nkp_secret) pw = NULL;
+        g_assert_cmpint(nkp_secret_new_copy("pw for hk", 9, &pw), ==, 0);
+        g_assert_cmpint(nkp_provider_backup(ctx, "hk", p12, pw), ==, 0);
+        g_assert_cmpint(nkp_provider_set_default(ctx, "hk"), ==, 0);
+
+        g_autofree char *dir = g_build_filename(enc_mnt, "host-save", NULL);
+        fill_dir(dir);
+        g_autofree char *want = tree(dir);
+
+        /* A running VM (libvirt's status file): a conversion is refused. */
+        g_autofree char *run = g_build_filename(f->root, "run/libvirt/qemu", NULL);
+        g_assert_cmpint(g_mkdir_with_parents(run, 0700), ==, 0);
+        g_autofree char *status = g_build_filename(run, "vm9.xml", NULL);
+        put(status, "<domstatus/>", 12);
+        g_assert_cmpint(nkp_host_protect(ctx, NULL, dir), ==, -EBUSY);
+        g_assert_nonnull(strstr(nkp_error_message(), "(vm9)"));
+        g_autofree char *got = tree(dir);
+        g_assert_cmpstr(got, ==, want);
+        assert_plain(dir);
+        assert_no_siblings(dir);
+        g_autoptr(nkp_hostkey_status) st0 = NULL;
+        g_assert_cmpint(nkp_hostkey_status_get(ctx, &st0), ==, 0);
+        g_assert_cmpuint(nkp_hostkey_status_n_dirs(st0), ==, 0);
+
+        /* No VM: converted, recorded, fstrim said once. */
+        g_assert_cmpint(unlink(status), ==, 0);
+        g_assert_cmpint(nkp_host_protect(ctx, NULL, dir), ==, 0);
+        g_autoptr(nkp_hostkey_status) st1 = NULL;
+        g_assert_cmpint(nkp_hostkey_status_get(ctx, &st1), ==, 0);
+        g_assert_cmpuint(nkp_hostkey_status_n_dirs(st1), ==, 1);
+        g_assert_cmpstr(nkp_hostkey_status_dir_state(st1, 0), ==, "unlocked");
+        g_assert_nonnull(nkp_hostkey_status_fstrim(st1));
+        g_assert_nonnull(strstr(nkp_hostkey_status_fstrim(st1), dir));
+        g_assert_cmpint(nkp_hostkey_fstrim_said(ctx), ==, 0);
+        g_autoptr(nkp_hostkey_status) st2 = NULL;
+        g_assert_cmpint(nkp_hostkey_status_get(ctx, &st2), ==, 0);
+        g_assert_null(nkp_hostkey_status_fstrim(st2));
+
+        /* The hook's check: unlocked, nothing to say. */
+        g_assert_cmpint(nkp_hostkey_start_check(ctx, "anyvm"), ==, 0);
+        /* Locked, provider here: the check adds the key itself. */
+        NkpFscryptState state;
+        uint8_t id[NKP_FSCRYPT_ID_SIZE];
+        g_assert_cmpint(nkp_fscrypt_status(dir, &state, id), ==, 0);
+        g_assert_cmpint(nkp_fscrypt_remove_key(enc_mnt, id, NULL), ==, 0);
+        g_assert_cmpint(nkp_hostkey_start_check(ctx, "anyvm"), ==, 0);
+        assert_protected(dir, id);
+        /* Locked, provider gone: every start refused, alarm, nothing deleted. */
+        g_assert_cmpint(nkp_provider_delete(ctx, "hk", 0, true), ==, 0);
+        nkp_cache_flush(ctx);
+        g_assert_cmpint(nkp_fscrypt_remove_key(enc_mnt, id, NULL), ==, 0);
+        g_assert_cmpint(nkp_hostkey_start_check(ctx, "plainvm"), ==, -ENOKEY);
+        const char *msg = nkp_error_message();
+        g_test_message("refusal: %s", msg);
+        g_assert_true(g_str_has_prefix(msg, "VM 'plainvm' cannot start: the host key's directories are locked ("));
+        g_assert_nonnull(strstr(msg, dir));
+        g_assert_nonnull(strstr(msg, "nkpctl provider restore"));
+        g_assert_nonnull(strstr(msg, "nkpctl host unlock"));
+        g_assert_true(has_alarm(ctx, "hostkey-locked", "plainvm"));
+        g_assert_cmpint(nkp_host_key_load(ctx), ==, -ENOKEY);
+        /* Unprotect cannot run either (no key to read the files with). */
+        g_assert_cmpint(nkp_host_unprotect(ctx, dir), ==, -ENOKEY);
+        assert_no_siblings(dir);
+        /* Restore + unlock: open again, the alarm gone. */
+        g_autoptr(nkp_provider) back = NULL;
+        g_assert_cmpint(nkp_provider_restore(ctx, p12, pw, &back, NULL), ==, 0);
+        g_assert_cmpint(nkp_host_key_load(ctx), ==, 1);
+        g_assert_false(has_alarm(ctx, "hostkey-locked", "plainvm"));
+        g_assert_cmpint(nkp_hostkey_start_check(ctx, "plainvm"), ==, 0);
+        g_autofree char *again = tree(dir);
+        g_assert_cmpstr(again, ==, want);
+
+        /* Unprotect: refused while a VM runs, then back to plain, record gone. */
+        put(status, "<domstatus/>", 12);
+        g_assert_cmpint(nkp_host_unprotect(ctx, dir), ==, -EBUSY);
+        assert_protected(dir, id);
+        g_assert_cmpint(unlink(status), ==, 0);
+        g_autofree char *other = g_build_filename(enc_mnt, "not-protected", NULL);
+        g_assert_cmpint(nkp_host_unprotect(ctx, other), ==, -ENOENT);
+        g_assert_cmpint(nkp_host_unprotect(ctx, NULL), ==, 0);
+        assert_plain(dir);
+        assert_no_siblings(dir);
+        g_autofree char *after = tree(dir);
+        g_assert_cmpstr(after, ==, want);
+        g_autoptr(nkp_hostkey_status) st3 = NULL;
+        g_assert_cmpint(nkp_hostkey_status_get(ctx, &st3), ==, 0);
+        g_assert_null(nkp_hostkey_status_provider(st3));
+        g_assert_cmpint(nkp_hostkey_start_check(ctx, "plainvm"), ==, 0);
+        g_assert_cmpint(nkp_host_unprotect(ctx, NULL), ==, -ENOENT);
+}
+
 /* ---- refusals: nothing changed ------------------------------------------------------------ */
 
 static void assert_refused_unchanged(const char *dir, const char *fix)
@@ -682,6 +795,8 @@ int main(int argc, char **argv)
         g_test_add_func("/hostkey/protect/crash-at-every-step", test_protect_crash);
         g_test_add_func("/hostkey/unprotect/crash-at-every-step", test_unprotect_crash);
         g_test_add_func("/hostkey/unprotect/refusals", test_unprotect_refusals);
+        g_test_add("/hostkey/host/protect-record-lock-unprotect", TestutilRoot, NULL,
+                   testutil_root_setup, test_host_protect_record, testutil_root_teardown);
         g_test_add_func("/hostkey/refuse/ext4-without-encrypt", test_refuse_ext4_without_encrypt);
         g_test_add_func("/hostkey/refuse/tmpfs", test_refuse_tmpfs);
         g_test_add_func("/hostkey/refuse/mixed-state", test_refuse_mixed_state);

@@ -546,10 +546,21 @@ int nkp_host_protect(nkp_context *ctx, const char *provider, const char *dir)
         int r = protect_lock(ctx, &fd);
         if (r < 0)
                 return r;
-        for (guint i = 0; r == 0 && i < dirs->len; i++) {
-                /* Every default is checked before any is changed: a
+        if (!dir) {
+                /* The provider before anything is made: a refusal leaves
+                 * no directory behind. */
+                g_autoptr(HostKeyRecord) rec = NULL;
+                g_autoptr(nkp_provider) p = NULL;
+                r = record_load(ctx, &rec);
+                if (r == -ENOENT)
+                        r = 0;
+                if (r == 0)
+                        r = pick_provider(ctx, rec, provider, &p);
+        }
+        for (guint i = 0; r == 0 && !dir && i < dirs->len; i++) {
+                /* Every default is checked before any is encrypted: a
                  * filesystem without fscrypt refuses the whole run. */
-                if (!dir && (r = make_missing_dir(ctx, dirs->pdata[i])) == 0)
+                if ((r = make_missing_dir(ctx, dirs->pdata[i])) == 0)
                         r = nkp_fscrypt_check_supported(dirs->pdata[i]);
         }
         for (guint i = 0; r == 0 && i < dirs->len; i++)
