@@ -12,9 +12,13 @@
 #                then `virsh restore`: libvirt's same save/restore code;
 #   plain        the same into a plain directory of the same filesystem
 #                (/var/lib/libvirt/qemu/plain-saves) — the baseline.
-# Per sample: the save's wall time (the VM stopped, the image synced by
+# Per sample: the save's wall time (the VM stopped, the image written by
 # libvirt), the restore's (until the VM runs again), the image's size; each
-# restore is checked (the guest ticks on, it did not boot again).
+# restore is checked (the guest ticks on, it did not boot again).  Before
+# the restore the image is synced and its pages dropped from the page cache
+# (posix_fadvise DONTNEED on that file only): the restore reads it from the
+# disk and decrypts it, as after a reboot, not the clear pages the save left
+# in the cache.
 #   sudo bench/bench-managedsave.sh [BUILD_DIR] [RUNS]   (default build, 5)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -87,6 +91,10 @@ measure() { # variant
     fi
     t1=$(bench_now_ns)
     size=$(lab_exec a stat -c %s "$img")
+    lab_exec a python3 -c 'import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+os.fsync(fd)
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)' "$img" || bench_die "cannot drop $img from the page cache"
     rm -f "$(lab_serial_path a g)"
     t2=$(bench_now_ns)
     if [ "$v" = managedsave ]; then

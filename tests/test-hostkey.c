@@ -545,6 +545,7 @@ static void test_host_protect_record(TestutilRoot *f, gconstpointer data)
         g_autofree char *dir = g_build_filename(enc_mnt, "host-save", NULL);
         fill_dir(dir);
         g_autofree char *want = tree(dir);
+        g_assert_cmpint(nkp_host_protect(ctx, NULL, "relative/dir"), ==, -EINVAL);
 
         /* A running VM (libvirt's status file): a conversion is refused. */
         g_autofree char *run = g_build_filename(f->root, "run/libvirt/qemu", NULL);

@@ -536,6 +536,10 @@ static int protect_one(nkp_context *ctx, const char *provider, const char *dir)
 int nkp_host_protect(nkp_context *ctx, const char *provider, const char *dir)
 {
         g_autoptr(GPtrArray) dirs = NULL;
+        if (dir && (dir[0] != '/' || g_str_has_suffix(dir, "/") || strstr(dir, "//")))
+                return nkp_fail(-EINVAL, "'%s' is not an absolute directory path without a "
+                                         "trailing '/'; nothing was changed.",
+                                dir);
         if (dir) {
                 dirs = g_ptr_array_new_with_free_func(g_free);
                 g_ptr_array_add(dirs, g_strdup(dir));

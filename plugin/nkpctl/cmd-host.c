@@ -293,7 +293,8 @@ const NkpctlCommand nkpctl_host_commands[] = {
           "of alarms.", NULL, 0, 0, host_status },
         { "host", "unlock", "",
           "Re-check locked VMs after a provider restore.",
-          "Clears the vm-locked alarm of each VM whose provider is back; exits 1 while some "
+          "Adds the host key (its directories unlock, the hostkey-locked alarms go), clears the "
+          "vm-locked alarm of each VM whose provider is back; exits 1 while some "
           "stay locked.", NULL, 0, 0, host_unlock },
         { "host", "flush-cache", "", "Forget every unsealed provider key now.",
           NULL, NULL, 0, 0, host_flush },
