@@ -46,6 +46,7 @@
 #                      /var/lib/libvirt/swtpm (fscrypt).  From outside, read
 #                      that tree with lab_exec (lab_path shows the empty
 #                      skeleton under it), and the raw image with lab_fscrypt_image.
+#   LAB_FSCRYPT_SIZE   that image's size (default 256M; sparse)
 
 LAB_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 : "${NKP_LAB_CACHE:=/var/cache/nkp-lab}"
@@ -303,7 +304,7 @@ lab_host_create() {
         fi
     done
     if [ "${LAB_FSCRYPT_LIBVIRT:-0}" = 1 ]; then
-        truncate -s 256M "$h/var-lib-libvirt.img"
+        truncate -s "${LAB_FSCRYPT_SIZE:-256M}" "$h/var-lib-libvirt.img"
         mkfs.ext4 -q -F -O encrypt "$h/var-lib-libvirt.img" || { lab_say "mkfs.ext4 -O encrypt failed"; return 1; }
         binds+="mount -o loop '$h/var-lib-libvirt.img' /var/lib/libvirt"$'\n'
         binds+="cp -a '$h/fs/var-lib-libvirt/.' /var/lib/libvirt/"$'\n'
@@ -489,6 +490,15 @@ lab_host_stop() {
 lab_fscrypt_image() {
     lab_exec "$1" sync -f /var/lib/libvirt
     echo "$(lab_hostdir "$1")/var-lib-libvirt.img"
+}
+
+# lab_fscrypt_remount NAME: host NAME's /var/lib/libvirt loop filesystem
+# unmounted and mounted again (LAB_FSCRYPT_LIBVIRT=1; the host stopped
+# first, lab_host_stop): its fscrypt keys go with the old mount, as at a
+# reboot, so the directories they protect are locked again.
+lab_fscrypt_remount() {
+    local h; h=$(lab_hostdir "$1")
+    lab_exec "$1" sh -c "umount /var/lib/libvirt && mount -o loop '$h/var-lib-libvirt.img' /var/lib/libvirt"
 }
 
 # lab_host_restart NAME: stop all its daemons and VMs, start libvirtd again.

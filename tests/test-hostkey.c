@@ -158,7 +158,8 @@ static void fill_dir(const char *dir)
 
 static void assert_no_siblings(const char *dir)
 {
-        const char *suffixes[] = { ".nkp-tmp", ".nkp-new", ".nkp-old" };
+        const char *suffixes[] = { ".nkp-tmp",       ".nkp-new",       ".nkp-old",
+                                   ".nkp-clear-tmp", ".nkp-clear-new", ".nkp-clear-old" };
         for (size_t i = 0; i < G_N_ELEMENTS(suffixes); i++) {
                 g_autofree char *p = g_strconcat(dir, suffixes[i], NULL);
                 g_assert_false(g_file_test(p, G_FILE_TEST_EXISTS));
@@ -393,6 +394,241 @@ static void test_protect_crash(void)
         }
 }
 
+/* ---- unprotect: back to plain, killed at every step ------------------------------------ */
+
+static void unprotect_killed_at(const char *dir, const uint8_t id[NKP_FSCRYPT_ID_SIZE],
+                                const char *step)
+{
+        pid_t pid = fork();
+        g_assert_cmpint(pid, >=, 0);
+        if (pid == 0) {
+                g_setenv("NKP_TEST_CRASH_AT", step, TRUE);
+                int r = nkp_hostkey_unprotect_dir(dir, id);
+                _exit(r == 0 ? 0 : 1);
+        }
+        int status;
+        g_assert_cmpint(waitpid(pid, &status, 0), ==, pid);
+        if (!WIFSIGNALED(status) || WTERMSIG(status) != SIGKILL)
+                g_error("unprotect was not killed at '%s' (status %d)", step, status);
+}
+
+static void assert_plain(const char *dir)
+{
+        NkpFscryptState state;
+        g_assert_cmpint(nkp_fscrypt_status(dir, &state, NULL), ==, 0);
+        g_assert_cmpint(state, ==, NKP_FSCRYPT_PLAIN);
+}
+
+static void test_unprotect_crash(void)
+{
+        uint8_t id[NKP_FSCRYPT_ID_SIZE];
+        add_test_key(1, id);
+        /* Every step where a kill leaves a different state (hostkey.c's
+         * second table). */
+        const char *steps[] = {
+                "unprotect-file-copied",   /* the first file of the plain copy */
+                "unprotect-file-copied#4", /* the copy half done */
+                "unprotect-copied",        /* copy synced, still .nkp-clear-tmp */
+                "unprotect-new-ready",     /* .nkp-clear-new complete */
+                "unprotect-exchanged",     /* D plain, encrypted original at .nkp-clear-new */
+                "unprotect-old-named",     /* encrypted original at .nkp-clear-old */
+                "unprotect-old-removing",  /* .nkp-clear-old partly removed */
+                "unprotect-old-removing#3",
+                NULL, /* no crash */
+        };
+        for (size_t i = 0; i < G_N_ELEMENTS(steps); i++) {
+                g_autofree char *dir = g_strdup_printf("%s/uncrash%zu", enc_mnt, i);
+                fill_dir(dir);
+                g_autofree char *want = tree(dir);
+                g_assert_cmpint(nkp_hostkey_protect_dir(dir, id), ==, 0);
+                assert_protected(dir, id);
+                if (steps[i]) {
+                        unprotect_killed_at(dir, id, steps[i]);
+                        /* D itself never lacks a file, whatever the instant. */
+                        g_autofree char *mid = tree(dir);
+                        g_assert_cmpstr(mid, ==, want);
+                        /* protect refuses to run over an interrupted unprotect. */
+                        g_assert_cmpint(nkp_hostkey_protect_dir(dir, id), ==, -EUCLEAN);
+                        g_assert_nonnull(strstr(nkp_error_message(), "host unprotect"));
+                }
+                g_assert_cmpint(nkp_hostkey_unprotect_dir(dir, id), ==, 0);
+                assert_plain(dir);
+                g_autofree char *sub = g_build_filename(dir, "nvram", NULL);
+                assert_plain(sub);
+                assert_no_siblings(dir);
+                g_autofree char *got = tree(dir);
+                g_assert_cmpstr(got, ==, want);
+                g_assert_cmpint(nkp_hostkey_unprotect_dir(dir, id), ==, 0); /* idempotent */
+        }
+        /* The files written now land in clear: protection is really off. */
+        g_autofree char *f = g_build_filename(enc_mnt, "uncrash0", "after-unprotect", NULL);
+        const char *marker = "NKP-UNPROTECTED-MARKER-4e81a0";
+        put(f, marker, strlen(marker));
+        sync_fs(enc_mnt);
+        g_assert_true(image_contains(marker));
+}
+
+static void test_unprotect_refusals(void)
+{
+        uint8_t id[NKP_FSCRYPT_ID_SIZE];
+        add_test_key(1, id);
+        g_autofree char *dir = g_build_filename(enc_mnt, "unprot-refuse", NULL);
+        fill_dir(dir);
+        g_assert_cmpint(nkp_hostkey_protect_dir(dir, id), ==, 0);
+        g_autofree char *want = tree(dir);
+
+        /* Another key's identifier: not nkp's directory. */
+        uint8_t other[NKP_FSCRYPT_ID_SIZE];
+        memcpy(other, id, sizeof other);
+        other[0] ^= 1;
+        g_assert_cmpint(nkp_hostkey_unprotect_dir(dir, other), ==, -EEXIST);
+
+        /* Locked: refused, nothing touched. */
+        g_assert_cmpint(nkp_fscrypt_remove_key(enc_mnt, id, NULL), ==, 0);
+        g_assert_cmpint(nkp_hostkey_unprotect_dir(dir, id), ==, -ENOKEY);
+        g_assert_nonnull(strstr(nkp_error_message(), "host unlock"));
+        assert_no_siblings(dir);
+        add_test_key(1, id);
+        g_autofree char *got = tree(dir);
+        g_assert_cmpstr(got, ==, want);
+        assert_protected(dir, id);
+
+        /* An interrupted protect of this directory: finish that first. */
+        g_autofree char *dir2 = g_build_filename(enc_mnt, "unprot-half", NULL);
+        fill_dir(dir2);
+        protect_killed_at(dir2, id, "protect-new-ready");
+        g_assert_cmpint(nkp_hostkey_unprotect_dir(dir2, id), ==, -EUCLEAN);
+        g_assert_nonnull(strstr(nkp_error_message(), "host protect"));
+        g_assert_cmpint(nkp_hostkey_protect_dir(dir2, id), ==, 0);
+        g_assert_cmpint(nkp_hostkey_unprotect_dir(dir2, id), ==, 0);
+        assert_plain(dir2);
+        assert_no_siblings(dir2);
+
+        /* An empty protected directory also comes back plain. */
+        g_autofree char *empty = g_build_filename(enc_mnt, "unprot-empty", NULL);
+        g_assert_cmpint(mkdir(empty, 0711), ==, 0);
+        g_assert_cmpint(nkp_hostkey_protect_dir(empty, id), ==, 0);
+        g_assert_cmpint(nkp_hostkey_unprotect_dir(empty, id), ==, 0);
+        assert_plain(empty);
+        struct stat st;
+        g_assert_cmpint(stat(empty, &st), ==, 0);
+        g_assert_cmpint(st.st_mode & 07777, ==, 0711);
+}
+
+/* ---- host-protect.c: the record, running VMs, the hook's check -------------------------- */
+
+static bool has_alarm(nkp_context *ctx, const char *kind, const char *subject)
+{
+        nkp_alarm **list = NULL;
+        size_t n = 0;
+        g_assert_cmpint(nkp_alarm_list(ctx, &list, &n), ==, 0);
+        bool found = false;
+        for (size_t i = 0; i < n; i++)
+                found = found || (strcmp(nkp_alarm_kind(list[i]), kind) == 0 &&
+                                  g_strcmp0(nkp_alarm_subject(list[i]), subject) == 0);
+        nkp_alarm_list_free(list, n);
+        return found;
+}
+
+static void test_host_protect_record(TestutilRoot *f, gconstpointer data)
+{
+        (void) data;
+        nkp_context *ctx = f->ctx;
+        g_autoptr(nkp_provider) p = NULL;
+        g_assert_cmpint(nkp_provider_create(ctx, "hk", 0, &p), ==, 0);
+        g_autofree char *p12 = g_build_filename(f->root, "hk.p12", NULL);
+        g_autoptr(nkp_secret) pw = NULL;
+        g_assert_cmpint(nkp_secret_new_copy("pw for hk", 9, &pw), ==, 0);
+        g_assert_cmpint(nkp_provider_backup(ctx, "hk", p12, pw), ==, 0);
+        g_assert_cmpint(nkp_provider_set_default(ctx, "hk"), ==, 0);
+
+        g_autofree char *dir = g_build_filename(enc_mnt, "host-save", NULL);
+        fill_dir(dir);
+        g_autofree char *want = tree(dir);
+        g_assert_cmpint(nkp_host_protect(ctx, NULL, "relative/dir"), ==, -EINVAL);
+
+        /* A running VM (libvirt's status file): a conversion is refused. */
+        g_autofree char *run = g_build_filename(f->root, "run/libvirt/qemu", NULL);
+        g_assert_cmpint(g_mkdir_with_parents(run, 0700), ==, 0);
+        g_autofree char *status = g_build_filename(run, "vm9.xml", NULL);
+        put(status, "<domstatus/>", 12);
+        g_assert_cmpint(nkp_host_protect(ctx, NULL, dir), ==, -EBUSY);
+        g_assert_nonnull(strstr(nkp_error_message(), "(vm9)"));
+        g_autofree char *got = tree(dir);
+        g_assert_cmpstr(got, ==, want);
+        assert_plain(dir);
+        assert_no_siblings(dir);
+        g_autoptr(nkp_hostkey_status) st0 = NULL;
+        g_assert_cmpint(nkp_hostkey_status_get(ctx, &st0), ==, 0);
+        g_assert_cmpuint(nkp_hostkey_status_n_dirs(st0), ==, 0);
+
+        /* No VM: converted, recorded, fstrim said once. */
+        g_assert_cmpint(unlink(status), ==, 0);
+        g_assert_cmpint(nkp_host_protect(ctx, NULL, dir), ==, 0);
+        g_autoptr(nkp_hostkey_status) st1 = NULL;
+        g_assert_cmpint(nkp_hostkey_status_get(ctx, &st1), ==, 0);
+        g_assert_cmpuint(nkp_hostkey_status_n_dirs(st1), ==, 1);
+        g_assert_cmpstr(nkp_hostkey_status_dir_state(st1, 0), ==, "unlocked");
+        g_assert_nonnull(nkp_hostkey_status_fstrim(st1));
+        g_assert_nonnull(strstr(nkp_hostkey_status_fstrim(st1), dir));
+        g_assert_cmpint(nkp_hostkey_fstrim_said(ctx), ==, 0);
+        g_autoptr(nkp_hostkey_status) st2 = NULL;
+        g_assert_cmpint(nkp_hostkey_status_get(ctx, &st2), ==, 0);
+        g_assert_null(nkp_hostkey_status_fstrim(st2));
+
+        /* The hook's check: unlocked, nothing to say. */
+        g_assert_cmpint(nkp_hostkey_start_check(ctx, "anyvm"), ==, 0);
+        /* Locked, provider here: the check adds the key itself. */
+        NkpFscryptState state;
+        uint8_t id[NKP_FSCRYPT_ID_SIZE];
+        g_assert_cmpint(nkp_fscrypt_status(dir, &state, id), ==, 0);
+        g_assert_cmpint(nkp_fscrypt_remove_key(enc_mnt, id, NULL), ==, 0);
+        g_assert_cmpint(nkp_hostkey_start_check(ctx, "anyvm"), ==, 0);
+        assert_protected(dir, id);
+        /* Locked, provider gone: every start refused, alarm, nothing deleted. */
+        g_assert_cmpint(nkp_provider_delete(ctx, "hk", 0, true), ==, 0);
+        nkp_cache_flush(ctx);
+        g_assert_cmpint(nkp_fscrypt_remove_key(enc_mnt, id, NULL), ==, 0);
+        g_assert_cmpint(nkp_hostkey_start_check(ctx, "plainvm"), ==, -ENOKEY);
+        const char *msg = nkp_error_message();
+        g_test_message("refusal: %s", msg);
+        g_assert_true(g_str_has_prefix(msg, "VM 'plainvm' cannot start: the host key's directories are locked ("));
+        g_assert_nonnull(strstr(msg, dir));
+        g_assert_nonnull(strstr(msg, "nkpctl provider restore"));
+        g_assert_nonnull(strstr(msg, "nkpctl host unlock"));
+        g_assert_true(has_alarm(ctx, "hostkey-locked", "plainvm"));
+        g_assert_cmpint(nkp_host_key_load(ctx), ==, -ENOKEY);
+        /* Unprotect cannot run either (no key to read the files with). */
+        g_assert_cmpint(nkp_host_unprotect(ctx, dir), ==, -ENOKEY);
+        assert_no_siblings(dir);
+        /* Restore + unlock: open again, the alarm gone. */
+        g_autoptr(nkp_provider) back = NULL;
+        g_assert_cmpint(nkp_provider_restore(ctx, p12, pw, &back, NULL), ==, 0);
+        g_assert_cmpint(nkp_host_key_load(ctx), ==, 1);
+        g_assert_false(has_alarm(ctx, "hostkey-locked", "plainvm"));
+        g_assert_cmpint(nkp_hostkey_start_check(ctx, "plainvm"), ==, 0);
+        g_autofree char *again = tree(dir);
+        g_assert_cmpstr(again, ==, want);
+
+        /* Unprotect: refused while a VM runs, then back to plain, record gone. */
+        put(status, "<domstatus/>", 12);
+        g_assert_cmpint(nkp_host_unprotect(ctx, dir), ==, -EBUSY);
+        assert_protected(dir, id);
+        g_assert_cmpint(unlink(status), ==, 0);
+        g_autofree char *other = g_build_filename(enc_mnt, "not-protected", NULL);
+        g_assert_cmpint(nkp_host_unprotect(ctx, other), ==, -ENOENT);
+        g_assert_cmpint(nkp_host_unprotect(ctx, NULL), ==, 0);
+        assert_plain(dir);
+        assert_no_siblings(dir);
+        g_autofree char *after = tree(dir);
+        g_assert_cmpstr(after, ==, want);
+        g_autoptr(nkp_hostkey_status) st3 = NULL;
+        g_assert_cmpint(nkp_hostkey_status_get(ctx, &st3), ==, 0);
+        g_assert_null(nkp_hostkey_status_provider(st3));
+        g_assert_cmpint(nkp_hostkey_start_check(ctx, "plainvm"), ==, 0);
+        g_assert_cmpint(nkp_host_unprotect(ctx, NULL), ==, -ENOENT);
+}
+
 /* ---- refusals: nothing changed ------------------------------------------------------------ */
 
 static void assert_refused_unchanged(const char *dir, const char *fix)
@@ -558,6 +794,10 @@ int main(int argc, char **argv)
         g_test_add_func("/hostkey/fscrypt/at-rest-and-lock", test_at_rest_and_lock);
         g_test_add_func("/hostkey/protect/empty", test_protect_empty);
         g_test_add_func("/hostkey/protect/crash-at-every-step", test_protect_crash);
+        g_test_add_func("/hostkey/unprotect/crash-at-every-step", test_unprotect_crash);
+        g_test_add_func("/hostkey/unprotect/refusals", test_unprotect_refusals);
+        g_test_add("/hostkey/host/protect-record-lock-unprotect", TestutilRoot, NULL,
+                   testutil_root_setup, test_host_protect_record, testutil_root_teardown);
         g_test_add_func("/hostkey/refuse/ext4-without-encrypt", test_refuse_ext4_without_encrypt);
         g_test_add_func("/hostkey/refuse/tmpfs", test_refuse_tmpfs);
         g_test_add_func("/hostkey/refuse/mixed-state", test_refuse_mixed_state);

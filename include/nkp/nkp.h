@@ -463,18 +463,30 @@ int nkp_host_flush_cache(nkp_context *ctx, size_t *ret_forgotten);
  * provider and which directories: ROOT/var/lib/nkp/hostkey.ini, written by
  * nkp_host_protect (a state file, backed up with /var/lib/nkp).  Root only. */
 
-/* `nkpctl host protect`: encrypts `dir` (absolute; NULL: [vtpm] state_dir)
+/* `nkpctl host protect`: encrypts `dir` (absolute; NULL: the defaults:
+ * [vtpm] state_dir, libvirt's managed-save, automatic-dump and NVRAM
+ * directories and nkp's /var/lib/libvirt/qemu/nkp-saves for `virsh save`
+ * files, each made first when missing, with libvirt's modes and owners)
  * under the host key of `provider` (NULL: the one already recorded, else the
  * default; it must be backed up), recording both first.  An empty directory
  * is encrypted in place; one holding files is copied into an encrypted
- * sibling that takes its place, crash-safely: a rerun after a kill finishes
- * (no VM using the directory may run meanwhile).  Idempotent.
+ * sibling that takes its place, crash-safely: a rerun after a kill finishes;
+ * refused (-EBUSY) while any VM runs.  Idempotent.
  * Errors (nothing changed): -EOPNOTSUPP the filesystem has no fscrypt (the
  * message names the fix), -EEXIST another provider is recorded or `dir` is
  * encrypted with another key, -ENOKEY the recorded provider is missing,
  * -EPERM the provider was never backed up, -EBUSY another run or `dir` is a
  * mount point, -ENOENT no default provider; hostkey.c's other errors. */
 int nkp_host_protect(nkp_context *ctx, const char *provider, const char *dir);
+
+/* `nkpctl host unprotect`: turns `dir` (NULL: every protected directory)
+ * back into a plain directory with the same files, crash-safely (a copy
+ * out, then an exchange; a rerun after a kill finishes), and takes it out
+ * of the record (the record goes when nothing is left).  The host key is
+ * added first when it is missing.  Errors (nothing changed): -ENOENT
+ * nothing protected or `dir` is not, -EBUSY a VM runs or another run,
+ * -ENOKEY the provider is missing (restore it first); hostkey.c's others. */
+int nkp_host_unprotect(nkp_context *ctx, const char *dir);
 
 /* Adds the host key to the kernel (for every recorded directory's
  * filesystem) when directories are protected and the provider's KDK can be
@@ -501,6 +513,12 @@ size_t nkp_hostkey_status_n_dirs(const nkp_hostkey_status *st);
  * key", "unreadable". */
 const char *nkp_hostkey_status_dir(const nkp_hostkey_status *st, size_t i);
 const char *nkp_hostkey_status_dir_state(const nkp_hostkey_status *st, size_t i);
+/* The directories converted while they held files, whose old clear blocks
+ * are only freed ("MOUNTPOINT (DIR), …"), or NULL: say to run fstrim on
+ * those filesystems, then nkp_hostkey_fstrim_said() so it is said once. */
+const char *nkp_hostkey_status_fstrim(const nkp_hostkey_status *st);
+/* Forgets the fstrim note.  Errors: -EBADMSG a damaged record, write errors. */
+int nkp_hostkey_fstrim_said(nkp_context *ctx);
 
 /* The EK CA certificate (PEM, free with free()) of the provider with key id
  * `key_id`: derived from its KDK, so every host holding the provider has the

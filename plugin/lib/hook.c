@@ -5,7 +5,8 @@
  *
  *   start (prepare/restore begin)  an interrupted conversion reconciled to
  *                                  the definition being started (refused
- *                                  while one runs); the VM's DEKs unwrapped
+ *                                  while one runs); any VM refused while a
+ *                                  host-key directory is locked; the VM's DEKs unwrapped
  *                                  and defined as ephemeral private libvirt
  *                                  secrets; the [vtpm] policy for a plain
  *                                  vTPM (a new one starts when its state
@@ -408,6 +409,10 @@ int nkp_hook_run(const char *root, const char *uri, enum nkp_hook_step step, con
                                        d->name, verb);
         }
         if (step == NKP_HOOK_START && (r = recover_for_start(ctx, d)) < 0)
+                return r;
+        /* Every VM, nkp's or not: a locked host-key directory hides its
+         * managed-save image or NVRAM from libvirt (host-protect.c). */
+        if (step == NKP_HOOK_START && (r = nkp_hostkey_start_check(ctx, d->name)) < 0)
                 return r;
         if (!d->keysafe) {
                 /* A plain emulator vTPM (virt-manager & co.): the [vtpm] policy. */

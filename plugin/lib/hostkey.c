@@ -48,6 +48,15 @@
 #define SUFFIX_NEW ".nkp-new"
 #define SUFFIX_OLD ".nkp-old"
 
+/* Turning protection off (nkp_hostkey_unprotect_dir): other names, so a
+ * state of one conversion is never taken for a state of the other. */
+#define SUFFIX_CLEAR_TMP ".nkp-clear-tmp"
+#define SUFFIX_CLEAR_NEW ".nkp-clear-new"
+#define SUFFIX_CLEAR_OLD ".nkp-clear-old"
+
+#define OP_PROTECT "protect"
+#define OP_UNPROTECT "unprotect"
+
 #define COPY_CHUNK (1024 * 1024)
 
 /* ---- derivation ------------------------------------------------------------ */
@@ -628,9 +637,19 @@ static int copy_data(int src, int dst, off_t size, const char *path)
         return 0;
 }
 
-static int copy_tree(int src_dir, int dst_dir, const char *src_path);
+/* `op` ("protect" or "unprotect") names the test crash points. */
+static int copy_tree(int src_dir, int dst_dir, const char *src_path, const char *op);
 
-static int copy_entry(int src_dir, int dst_dir, const char *name, const char *path)
+/* The test crash point "OP-STEP" (nkp_test_crash_point). */
+static void crash_point(const char *op, const char *step)
+{
+        if (!g_getenv("NKP_TEST_CRASH_AT"))
+                return;
+        g_autofree char *name = g_strconcat(op, "-", step, NULL);
+        nkp_test_crash_point(name);
+}
+
+static int copy_entry(int src_dir, int dst_dir, const char *name, const char *path, const char *op)
 {
         struct stat st;
         if (fstatat(src_dir, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
@@ -654,13 +673,14 @@ static int copy_entry(int src_dir, int dst_dir, const char *name, const char *pa
                         return nkp_fail(err, "Cannot make the copy of '%s': %s.", path,
                                         g_strerror(-err));
                 }
-                int r = is_dir ? copy_tree(sfd, dfd, path) : copy_data(sfd, dfd, st.st_size, path);
+                int r = is_dir ? copy_tree(sfd, dfd, path, op)
+                               : copy_data(sfd, dfd, st.st_size, path);
                 if (r == 0)
                         r = copy_meta(sfd, dfd, &st, path);
                 close(sfd);
                 close(dfd);
                 if (r == 0 && !is_dir)
-                        nkp_test_crash_point("protect-file-copied");
+                        crash_point(op, "file-copied");
                 return r;
         }
         if (S_ISLNK(st.st_mode)) {
@@ -698,7 +718,7 @@ static int copy_entry(int src_dir, int dst_dir, const char *name, const char *pa
 
 /* Copies every entry of `src_dir` into the empty `dst_dir` (hard links
  * become separate files: libvirt and swtpm make none). */
-static int copy_tree(int src_dir, int dst_dir, const char *src_path)
+static int copy_tree(int src_dir, int dst_dir, const char *src_path, const char *op)
 {
         int fd = dup(src_dir);
         DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
@@ -714,7 +734,7 @@ static int copy_tree(int src_dir, int dst_dir, const char *src_path)
                 if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
                         continue;
                 g_autofree char *path = g_build_filename(src_path, e->d_name, NULL);
-                r = copy_entry(src_dir, dst_dir, e->d_name, path);
+                r = copy_entry(src_dir, dst_dir, e->d_name, path, op);
         }
         if (r == 0 && errno != 0)
                 r = nkp_fail(-errno, "Cannot list '%s': %s.", src_path, g_strerror(errno));
@@ -724,7 +744,7 @@ static int copy_tree(int src_dir, int dst_dir, const char *src_path)
 
 /* rm -r of `name` in `dir_fd`; works without the key too (fscrypt allows
  * unlink and rmdir of locked entries).  A missing entry is fine. */
-static int remove_tree_at(int dir_fd, const char *name, const char *path)
+static int remove_tree_at(int dir_fd, const char *name, const char *path, const char *op)
 {
         struct stat st;
         if (fstatat(dir_fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
@@ -734,7 +754,7 @@ static int remove_tree_at(int dir_fd, const char *name, const char *path)
         if (!S_ISDIR(st.st_mode)) {
                 if (unlinkat(dir_fd, name, 0) < 0 && errno != ENOENT)
                         return nkp_fail(-errno, "Cannot remove '%s': %s.", path, g_strerror(errno));
-                nkp_test_crash_point("protect-old-removing");
+                crash_point(op, "old-removing");
                 return 0;
         }
         int fd = openat(dir_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
@@ -751,7 +771,7 @@ static int remove_tree_at(int dir_fd, const char *name, const char *path)
                 if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
                         continue;
                 g_autofree char *sub = g_build_filename(path, e->d_name, NULL);
-                r = remove_tree_at(dirfd(d), e->d_name, sub);
+                r = remove_tree_at(dirfd(d), e->d_name, sub, op);
         }
         closedir(d);
         if (r == 0 && unlinkat(dir_fd, name, AT_REMOVEDIR) < 0 && errno != ENOENT)
@@ -759,14 +779,14 @@ static int remove_tree_at(int dir_fd, const char *name, const char *path)
         return r;
 }
 
-static int remove_tree(const char *path)
+static int remove_tree(const char *path, const char *op)
 {
         g_autofree char *parent = g_path_get_dirname(path);
         g_autofree char *base = g_path_get_basename(path);
         int fd = open(parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (fd < 0)
                 return nkp_fail(-errno, "Cannot open '%s': %s.", parent, g_strerror(errno));
-        int r = remove_tree_at(fd, base, path);
+        int r = remove_tree_at(fd, base, path, op);
         if (r == 0 && fsync(fd) < 0)
                 r = nkp_fail(-errno, "Cannot sync '%s': %s.", parent, g_strerror(errno));
         close(fd);
@@ -787,13 +807,14 @@ static bool dir_is_empty(const char *path)
         return d && g_dir_read_name(d) == NULL;
 }
 
-/* Steps 1-2: the complete encrypted copy of `dir` at `neu`. */
-static int make_encrypted_copy(const char *dir, const char *tmp, const char *neu,
-                               const uint8_t identifier[NKP_FSCRYPT_ID_SIZE])
+/* Steps 1-2: the complete copy of `dir` at `neu`, encrypted under
+ * `identifier` (protect) or plain (`identifier` NULL: unprotect). */
+static int make_copy(const char *dir, const char *tmp, const char *neu,
+                     const uint8_t *identifier, const char *op)
 {
         if (mkdir(tmp, 0700) < 0)
                 return nkp_fail(-errno, "Cannot make '%s': %s.", tmp, g_strerror(errno));
-        int r = nkp_fscrypt_set_policy(tmp, identifier);
+        int r = identifier ? nkp_fscrypt_set_policy(tmp, identifier) : 0;
         if (r < 0)
                 return r;
         int sfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
@@ -802,7 +823,7 @@ static int make_encrypted_copy(const char *dir, const char *tmp, const char *neu
         if (sfd < 0 || dfd < 0 || fstat(sfd, &st) < 0)
                 r = nkp_fail(-errno, "Cannot open '%s' or its copy: %s.", dir, g_strerror(errno));
         if (r == 0)
-                r = copy_tree(sfd, dfd, dir);
+                r = copy_tree(sfd, dfd, dir, op);
         if (r == 0)
                 r = copy_meta(sfd, dfd, &st, dir);
         /* One syncfs covers every file and directory of the copy. */
@@ -815,10 +836,10 @@ static int make_encrypted_copy(const char *dir, const char *tmp, const char *neu
         if (r < 0) {
                 /* Not needed for safety (a rerun removes it), but a refusal
                  * such as a socket in D leaves nothing behind. */
-                (void) remove_tree(tmp);
+                (void) remove_tree(tmp, op);
                 return r;
         }
-        nkp_test_crash_point("protect-copied");
+        crash_point(op, "copied");
         return do_rename(tmp, neu, 0);
 }
 
@@ -849,46 +870,49 @@ static int finish_protect(const char *dir, const char *tmp, const char *neu, con
                         return r;
                 nkp_test_crash_point("protect-old-named");
         }
-        if (path_exists(tmp) && (r = remove_tree(tmp)) < 0)
+        if (path_exists(tmp) && (r = remove_tree(tmp, OP_PROTECT)) < 0)
                 return r;
-        if (path_exists(old) && (r = remove_tree(old)) < 0)
+        if (path_exists(old) && (r = remove_tree(old, OP_PROTECT)) < 0)
                 return r;
         return 0;
 }
 
-int nkp_hostkey_protect_dir(const char *dir, const uint8_t identifier[NKP_FSCRYPT_ID_SIZE])
+static int check_dir_path(const char *dir)
 {
         size_t len = dir ? strlen(dir) : 0;
         if (len < 2 || dir[0] != '/' || dir[len - 1] == '/' || strstr(dir, "//"))
                 return nkp_fail(-EINVAL, "'%s' is not an absolute directory path without a "
                                          "trailing '/'.", dir ? dir : "");
-        g_autofree char *tmp = g_strconcat(dir, SUFFIX_TMP, NULL);
-        g_autofree char *neu = g_strconcat(dir, SUFFIX_NEW, NULL);
-        g_autofree char *old = g_strconcat(dir, SUFFIX_OLD, NULL);
+        return 0;
+}
 
-        struct stat st;
-        if (lstat(dir, &st) < 0 || !S_ISDIR(st.st_mode))
-                return path_exists(neu) || path_exists(old)
-                               ? refuse_mixed(dir, "the directory itself is missing")
-                               : nkp_fail(-ENOTDIR, "'%s' is not a directory.", dir);
-
-        uint8_t id[NKP_FSCRYPT_ID_SIZE];
-        int r = path_policy(dir, id);
-        if (r < 0)
-                return r;
-        if (r == 1) {
-                if (memcmp(id, identifier, NKP_FSCRYPT_ID_SIZE) != 0)
-                        return nkp_fail(-EEXIST, "'%s' is already encrypted with another key; nkp "
-                                                 "leaves it as it is (check `nkpctl host status`).",
-                                        dir);
-                return finish_protect(dir, tmp, neu, old);
+/* Whether a sibling `dir` + one of `suffixes` exists. */
+static bool any_sibling(const char *dir, const char *const suffixes[3])
+{
+        for (size_t i = 0; i < 3; i++) {
+                g_autofree char *p = g_strconcat(dir, suffixes[i], NULL);
+                if (path_exists(p))
+                        return true;
         }
+        return false;
+}
 
-        /* Plain D: every refusal comes before the first change. */
-        if (path_exists(old))
-                return refuse_mixed(dir, "it is plain and a .nkp-old exists");
+static const char *const protect_suffixes[3] = { SUFFIX_TMP, SUFFIX_NEW, SUFFIX_OLD };
+static const char *const unprotect_suffixes[3] = { SUFFIX_CLEAR_TMP, SUFFIX_CLEAR_NEW,
+                                                   SUFFIX_CLEAR_OLD };
+
+bool nkp_hostkey_conversion_left(const char *dir)
+{
+        return any_sibling(dir, protect_suffixes) || any_sibling(dir, unprotect_suffixes);
+}
+
+/* The key `identifier` is in the kernel for the filesystem of `dir`:
+ * 0, -ENOKEY (with the fix), or the refusal for a filesystem without
+ * fscrypt. */
+static int check_key_present(const char *dir, const uint8_t identifier[NKP_FSCRYPT_ID_SIZE])
+{
         int root_fd;
-        r = open_fs_root(dir, &root_fd);
+        int r = open_fs_root(dir, &root_fd);
         if (r < 0)
                 return r;
         r = check_supported(dir, root_fd);
@@ -904,11 +928,59 @@ int nkp_hostkey_protect_dir(const char *dir, const uint8_t identifier[NKP_FSCRYP
         if (ks.status != FSCRYPT_KEY_STATUS_PRESENT)
                 return nkp_fail(-ENOKEY, "The host key is not added to the filesystem of '%s'; "
                                          "unlock the host first (`nkpctl host unlock`).", dir);
+        return 0;
+}
+
+/* -EBUSY when `dir` (lstat'ed into `st`) is a mount point. */
+static int check_not_mount_point(const char *dir, const struct stat *st)
+{
         struct stat pst;
         g_autofree char *parent = g_path_get_dirname(dir);
-        if (stat(parent, &pst) < 0 || pst.st_dev != st.st_dev)
-                return nkp_fail(-EBUSY, "'%s' is a mount point, so it cannot be swapped with an "
-                                        "encrypted copy; protect a directory inside it.", dir);
+        if (stat(parent, &pst) < 0 || pst.st_dev != st->st_dev)
+                return nkp_fail(-EBUSY, "'%s' is a mount point, so it cannot be swapped with a "
+                                        "copy; name a directory inside it.", dir);
+        return 0;
+}
+
+int nkp_hostkey_protect_dir(const char *dir, const uint8_t identifier[NKP_FSCRYPT_ID_SIZE])
+{
+        int r = check_dir_path(dir);
+        if (r < 0)
+                return r;
+        if (any_sibling(dir, unprotect_suffixes))
+                return nkp_fail(-EUCLEAN, "'%s' was being turned back to a plain directory and "
+                                          "that was interrupted; finish it first (nkpctl host "
+                                          "unprotect --dir %s), then protect it again. Nothing "
+                                          "was changed.",
+                                dir, dir);
+        g_autofree char *tmp = g_strconcat(dir, SUFFIX_TMP, NULL);
+        g_autofree char *neu = g_strconcat(dir, SUFFIX_NEW, NULL);
+        g_autofree char *old = g_strconcat(dir, SUFFIX_OLD, NULL);
+
+        struct stat st;
+        if (lstat(dir, &st) < 0 || !S_ISDIR(st.st_mode))
+                return path_exists(neu) || path_exists(old)
+                               ? refuse_mixed(dir, "the directory itself is missing")
+                               : nkp_fail(-ENOTDIR, "'%s' is not a directory.", dir);
+
+        uint8_t id[NKP_FSCRYPT_ID_SIZE];
+        r = path_policy(dir, id);
+        if (r < 0)
+                return r;
+        if (r == 1) {
+                if (memcmp(id, identifier, NKP_FSCRYPT_ID_SIZE) != 0)
+                        return nkp_fail(-EEXIST, "'%s' is already encrypted with another key; nkp "
+                                                 "leaves it as it is (check `nkpctl host status`).",
+                                        dir);
+                return finish_protect(dir, tmp, neu, old);
+        }
+
+        /* Plain D: every refusal comes before the first change. */
+        if (path_exists(old))
+                return refuse_mixed(dir, "it is plain and a .nkp-old exists");
+        if ((r = check_key_present(dir, identifier)) < 0 ||
+            (r = check_not_mount_point(dir, &st)) < 0)
+                return r;
 
         if (path_exists(neu)) {
                 r = path_policy(neu, id);
@@ -916,10 +988,10 @@ int nkp_hostkey_protect_dir(const char *dir, const uint8_t identifier[NKP_FSCRYP
                         return r;
                 if (r == 0 || memcmp(id, identifier, NKP_FSCRYPT_ID_SIZE) != 0)
                         return refuse_mixed(dir, "its .nkp-new is not encrypted with the host key");
-                if (path_exists(tmp) && (r = remove_tree(tmp)) < 0)
+                if (path_exists(tmp) && (r = remove_tree(tmp, OP_PROTECT)) < 0)
                         return r;
         } else {
-                if (path_exists(tmp) && (r = remove_tree(tmp)) < 0)
+                if (path_exists(tmp) && (r = remove_tree(tmp, OP_PROTECT)) < 0)
                         return r;
                 /* An empty directory is encrypted in place: no copy, no
                  * clear blocks left behind. */
@@ -927,7 +999,7 @@ int nkp_hostkey_protect_dir(const char *dir, const uint8_t identifier[NKP_FSCRYP
                         r = nkp_fscrypt_set_policy(dir, identifier);
                         return r < 0 ? r : fsync_dir(dir); /* the policy reaches the disk */
                 }
-                r = make_encrypted_copy(dir, tmp, neu, identifier);
+                r = make_copy(dir, tmp, neu, identifier, OP_PROTECT);
                 if (r < 0)
                         return r;
                 nkp_test_crash_point("protect-new-ready");
@@ -937,4 +1009,112 @@ int nkp_hostkey_protect_dir(const char *dir, const uint8_t identifier[NKP_FSCRYP
                 return r;
         nkp_test_crash_point("protect-exchanged");
         return finish_protect(dir, tmp, neu, old);
+}
+
+/* ---- turning protection off ---------------------------------------------------------
+ *
+ * The reverse of protect, through siblings of their own names (a state of
+ * one conversion is never read as a state of the other):
+ *
+ *   1. D.nkp-clear-tmp: new plain directory, every file copied out of the
+ *      encrypted D (the key must be present), synced;
+ *   2. D.nkp-clear-tmp -> D.nkp-clear-new (complete plain copy);
+ *   3. D <-> D.nkp-clear-new exchanged (D never disappears);
+ *   4. D.nkp-clear-new (now the encrypted original) -> D.nkp-clear-old;
+ *   5. D.nkp-clear-old removed (ciphertext: nothing in clear is left behind,
+ *      and removing works without the key too).
+ *
+ *   D      clear-tmp clear-new  clear-old | rerun
+ *   enc    -         -          -         | convert from step 1 (key needed)
+ *   enc    any       -          -         | remove tmp (partial copy), convert
+ *   enc    -         plain      -         | step 3 onwards (the copy is complete)
+ *   plain  -         enc        -         | step 4 onwards
+ *   plain  -         -          enc       | step 5 (also: partly removed)
+ *   plain  -         -          -         | done: nothing to do
+ *   anything else                         | refused (-EUCLEAN), nothing touched
+ *
+ * Even an empty D goes through the copy: the kernel cannot take a policy
+ * off a directory. */
+
+static int finish_unprotect(const char *dir, const char *tmp, const char *neu, const char *old)
+{
+        int r;
+        if (path_exists(neu)) {
+                uint8_t id[NKP_FSCRYPT_ID_SIZE];
+                r = path_policy(neu, id);
+                if (r < 0)
+                        return r;
+                if (r == 0)
+                        return refuse_mixed(dir, "both it and its .nkp-clear-new copy are plain");
+                if (path_exists(old))
+                        return refuse_mixed(dir, "an encrypted .nkp-clear-new and a .nkp-clear-old");
+                r = do_rename(neu, old, 0);
+                if (r < 0)
+                        return r;
+                crash_point(OP_UNPROTECT, "old-named");
+        }
+        if (path_exists(tmp) && (r = remove_tree(tmp, OP_UNPROTECT)) < 0)
+                return r;
+        if (path_exists(old) && (r = remove_tree(old, OP_UNPROTECT)) < 0)
+                return r;
+        return 0;
+}
+
+int nkp_hostkey_unprotect_dir(const char *dir, const uint8_t identifier[NKP_FSCRYPT_ID_SIZE])
+{
+        int r = check_dir_path(dir);
+        if (r < 0)
+                return r;
+        if (any_sibling(dir, protect_suffixes))
+                return nkp_fail(-EUCLEAN, "'%s' was being protected and that was interrupted; "
+                                          "finish it first (nkpctl host protect --dir %s), then "
+                                          "turn the protection off. Nothing was changed.",
+                                dir, dir);
+        g_autofree char *tmp = g_strconcat(dir, SUFFIX_CLEAR_TMP, NULL);
+        g_autofree char *neu = g_strconcat(dir, SUFFIX_CLEAR_NEW, NULL);
+        g_autofree char *old = g_strconcat(dir, SUFFIX_CLEAR_OLD, NULL);
+
+        struct stat st;
+        if (lstat(dir, &st) < 0 || !S_ISDIR(st.st_mode))
+                return path_exists(neu) || path_exists(old)
+                               ? refuse_mixed(dir, "the directory itself is missing")
+                               : nkp_fail(-ENOTDIR, "'%s' is not a directory.", dir);
+        uint8_t id[NKP_FSCRYPT_ID_SIZE];
+        r = path_policy(dir, id);
+        if (r < 0)
+                return r;
+        if (r == 0)
+                return finish_unprotect(dir, tmp, neu, old);
+        if (memcmp(id, identifier, NKP_FSCRYPT_ID_SIZE) != 0)
+                return nkp_fail(-EEXIST, "'%s' is encrypted with another key than the host key; "
+                                         "nkp leaves it as it is.",
+                                dir);
+
+        /* Encrypted D: every refusal comes before the first change. */
+        if (path_exists(old))
+                return refuse_mixed(dir, "it is encrypted and a .nkp-clear-old exists");
+        if ((r = check_key_present(dir, identifier)) < 0 ||
+            (r = check_not_mount_point(dir, &st)) < 0)
+                return r;
+        if (path_exists(neu)) {
+                r = path_policy(neu, id);
+                if (r < 0)
+                        return r;
+                if (r == 1)
+                        return refuse_mixed(dir, "its .nkp-clear-new is encrypted");
+                if (path_exists(tmp) && (r = remove_tree(tmp, OP_UNPROTECT)) < 0)
+                        return r;
+        } else {
+                if (path_exists(tmp) && (r = remove_tree(tmp, OP_UNPROTECT)) < 0)
+                        return r;
+                r = make_copy(dir, tmp, neu, NULL, OP_UNPROTECT);
+                if (r < 0)
+                        return r;
+                crash_point(OP_UNPROTECT, "new-ready");
+        }
+        r = do_rename(dir, neu, RENAME_EXCHANGE);
+        if (r < 0)
+                return r;
+        crash_point(OP_UNPROTECT, "exchanged");
+        return finish_unprotect(dir, tmp, neu, old);
 }

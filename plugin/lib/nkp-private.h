@@ -426,6 +426,18 @@ int nkp_fscrypt_status(const char *dir, NkpFscryptState *ret_state,
  * not added, -EEXIST encrypted with another key, -EBUSY a mount point or a
  * socket inside, -EUCLEAN siblings in a state protect never leaves. */
 int nkp_hostkey_protect_dir(const char *dir, const uint8_t identifier[NKP_FSCRYPT_ID_SIZE]);
+/* `nkpctl host unprotect` for one directory: `dir`, encrypted under
+ * `identifier` (which must be added), becomes a plain directory with the
+ * same contents: copied out into a plain sibling that takes its place
+ * (crash-safe like protect, with siblings of other names: hostkey.c's
+ * second table).  Idempotent: 0 at once when `dir` is plain with no
+ * leftovers.  The caller keeps writers out of `dir`.  Refusals change
+ * nothing: -ENOKEY key not added, -EEXIST encrypted with another key,
+ * -EBUSY a mount point or a socket inside, -EUCLEAN an interrupted protect
+ * (or siblings in a state unprotect never leaves). */
+int nkp_hostkey_unprotect_dir(const char *dir, const uint8_t identifier[NKP_FSCRYPT_ID_SIZE]);
+/* Whether an interrupted protect or unprotect left a sibling of `dir`. */
+bool nkp_hostkey_conversion_left(const char *dir);
 /* host-protect.c (the public half is nkp.h "The host key").  1 when `dir`
  * is a recorded protected directory, encrypted with the recorded host key
  * and unlocked (the key added first when it is locked and `load`); 0 when
@@ -433,6 +445,13 @@ int nkp_hostkey_protect_dir(const char *dir, const uint8_t identifier[NKP_FSCRYP
  * key); -ENOKEY when it is protected but stays locked (the message says
  * why and the fix), the errors of nkp_host_key_load. */
 int nkp_hostkey_dir_ready(nkp_context *ctx, const char *dir, bool load);
+/* The hook's prepare step, for EVERY VM: 0 when no protected directory is
+ * locked (the key is added first when it can be); else -ENOKEY with the
+ * line "VM 'NAME' cannot start: …" naming the locked directories and the
+ * fix, and a "hostkey-locked" alarm for the VM.  Why every VM: a locked
+ * save directory hides its managed-save images from libvirt, which would
+ * cold-boot the VM and later resume a stale image. */
+int nkp_hostkey_start_check(nkp_context *ctx, const char *vm_name);
 
 /* ==== layer virt: the libvirt glue (domain XML, connection, secrets, metadata) === */
 

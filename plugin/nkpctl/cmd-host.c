@@ -7,8 +7,13 @@
  *   host flush-cache   forget every unsealed key now, as a reboot does.
  *   host unlock        after a restore: re-check locked VMs (cmd-vm.c).
  *   host protect [--provider NAME] [--dir DIR]
- *                      encrypt DIR (default: the swtpm state directory) at
- *                      rest with the host key (nkp.h "The host key").
+ *                      encrypt DIR (default: the swtpm state, managed-save,
+ *                      dump and NVRAM directories and nkp-saves) at rest
+ *                      with the host key (nkp.h "The host key").
+ *   host unprotect [--dir DIR]
+ *                      turn that protection off again (default: every dir).
+ *   host load-key      add the host key to the kernel, nothing else: the
+ *                      boot unit nkp-host-unlock.service, before libvirtd.
  * The handlers and their rows of the command table (nkpctl.c). */
 #include <stdio.h>
 
@@ -48,6 +53,11 @@ static void hostkey_json(JsonBuilder *b, const nkp_hostkey_status *hk)
                 json_builder_end_object(b);
         }
         json_builder_end_array(b);
+        json_builder_set_member_name(b, "fstrim_due");
+        if (nkp_hostkey_status_fstrim(hk))
+                json_builder_add_string_value(b, nkp_hostkey_status_fstrim(hk));
+        else
+                json_builder_add_null_value(b);
         json_builder_end_object(b);
 }
 
@@ -62,6 +72,10 @@ static void hostkey_text(const nkp_hostkey_status *hk)
         for (size_t i = 0; i < nkp_hostkey_status_n_dirs(hk); i++)
                 printf("  %-32s %s\n", nkp_hostkey_status_dir(hk, i),
                        nkp_hostkey_status_dir_state(hk, i));
+        if (nkp_hostkey_status_fstrim(hk))
+                printf("Note:             the clear copies of directories converted while they "
+                       "held files were removed, not erased: run fstrim on %s (said once)\n",
+                       nkp_hostkey_status_fstrim(hk));
 }
 
 static void status_json(NkpctlGlobals *g, const nkp_host_status *st, int alarms,
@@ -150,6 +164,8 @@ static int host_status(NkpctlGlobals *g, int argc, char **argv)
                 status_json(g, st, alarms, hk);
         else
                 status_text(g, st, alarms, hk);
+        if (hk && nkp_hostkey_status_fstrim(hk) && nkp_hostkey_fstrim_said(g->ctx) < 0)
+                fprintf(stderr, "nkpctl: warning: %s\n", nkp_error_message());
         return 0;
 }
 
@@ -186,28 +202,75 @@ static int host_unlock(NkpctlGlobals *g, int argc, char **argv)
 
 static char *opt_protect_provider, *opt_protect_dir;
 
-static int host_protect(NkpctlGlobals *g, int argc, char **argv)
+static void print_hostkey(NkpctlGlobals *g, const char *title)
 {
-        (void) argc;
-        (void) argv;
-        if (nkp_host_protect(g->ctx, opt_protect_provider, opt_protect_dir) < 0)
-                return nkpctl_lib_error();
         g_autoptr(nkp_hostkey_status) hk = NULL;
-        if (nkp_hostkey_status_get(g->ctx, &hk) < 0)
-                return nkpctl_lib_error();
+        if (nkp_hostkey_status_get(g->ctx, &hk) < 0) {
+                fprintf(stderr, "nkpctl: warning: %s\n", nkp_error_message());
+                return;
+        }
         if (g->json) {
                 g_autoptr(JsonBuilder) b = json_builder_new();
                 json_builder_begin_object(b);
                 hostkey_json(b, hk);
                 json_builder_end_object(b);
                 nkpctl_print_json(json_builder_get_root(b));
-        } else {
-                printf("Protected by the host key of provider '%s':\n",
-                       nkp_hostkey_status_provider(hk));
-                for (size_t i = 0; i < nkp_hostkey_status_n_dirs(hk); i++)
-                        printf("  %-32s %s\n", nkp_hostkey_status_dir(hk, i),
-                               nkp_hostkey_status_dir_state(hk, i));
+                return;
         }
+        if (!nkp_hostkey_status_provider(hk)) {
+                printf("Nothing is protected by the host key any more.\n");
+                return;
+        }
+        printf("%s '%s':\n", title, nkp_hostkey_status_provider(hk));
+        for (size_t i = 0; i < nkp_hostkey_status_n_dirs(hk); i++)
+                printf("  %-32s %s\n", nkp_hostkey_status_dir(hk, i),
+                       nkp_hostkey_status_dir_state(hk, i));
+        if (nkp_hostkey_status_fstrim(hk))
+                printf("Their old clear copies were removed, not erased: run fstrim on %s.\n",
+                       nkp_hostkey_status_fstrim(hk));
+}
+
+static int host_protect(NkpctlGlobals *g, int argc, char **argv)
+{
+        (void) argc;
+        (void) argv;
+        if (nkp_host_protect(g->ctx, opt_protect_provider, opt_protect_dir) < 0)
+                return nkpctl_lib_error();
+        print_hostkey(g, "Protected by the host key of provider");
+        return 0;
+}
+
+static char *opt_unprotect_dir;
+
+static int host_unprotect(NkpctlGlobals *g, int argc, char **argv)
+{
+        (void) argc;
+        (void) argv;
+        if (nkp_host_unprotect(g->ctx, opt_unprotect_dir) < 0)
+                return nkpctl_lib_error();
+        print_hostkey(g, "Still protected by the host key of provider");
+        return 0;
+}
+
+static const GOptionEntry unprotect_options[] = {
+        { "dir", 0, 0, G_OPTION_ARG_STRING, &opt_unprotect_dir,
+          "The directory to turn back to plain (default: every protected directory)", "DIR" },
+        G_OPTION_ENTRY_NULL,
+};
+
+/* The boot unit's verb: no libvirt connection (libvirtd starts after it). */
+static int host_load_key(NkpctlGlobals *g, int argc, char **argv)
+{
+        (void) argc;
+        (void) argv;
+        int r = nkp_host_key_load(g->ctx);
+        if (r < 0)
+                return nkpctl_lib_error();
+        if (!g->json)
+                printf(r > 0 ? "Host key added: the protected directories are unlocked.\n"
+                             : "Nothing is protected by the host key.\n");
+        else
+                print_hostkey(g, "");
         return 0;
 }
 
@@ -216,7 +279,8 @@ static const GOptionEntry protect_options[] = {
           "The provider the host key comes from (default: the one already used, else the "
           "host's default)", "NAME" },
         { "dir", 0, 0, G_OPTION_ARG_STRING, &opt_protect_dir,
-          "The directory to protect (default: the swtpm state directory, [vtpm] state_dir)",
+          "The directory to protect (default: [vtpm] state_dir, /var/lib/libvirt/qemu/save, "
+          "dump, nvram and nkp-saves)",
           "DIR" },
         G_OPTION_ENTRY_NULL,
 };
@@ -225,21 +289,36 @@ const NkpctlCommand nkpctl_host_commands[] = {
         { "host", "status", "",
           "Show the TPM, the key cache and the alarm count.",
           "The TPM in use and whether it answers, the cached providers (names and key ids, never "
-          "key bytes), the number of alarms.", NULL, 0, 0, host_status },
+          "key bytes), the directories protected by the host key and their state, the number "
+          "of alarms.", NULL, 0, 0, host_status },
         { "host", "unlock", "",
           "Re-check locked VMs after a provider restore.",
-          "Clears the vm-locked alarm of each VM whose provider is back; exits 1 while some "
+          "Adds the host key (its directories unlock, the hostkey-locked alarms go), clears the "
+          "vm-locked alarm of each VM whose provider is back; exits 1 while some "
           "stay locked.", NULL, 0, 0, host_unlock },
         { "host", "flush-cache", "", "Forget every unsealed provider key now.",
           NULL, NULL, 0, 0, host_flush },
         { "host", "protect", "",
-          "Encrypt a directory at rest with the host key (default: the swtpm state directory).",
+          "Encrypt libvirt's state directories at rest with the host key.",
           "The host key is derived from a provider (backed up) and this host's id; the kernel's "
-          "file encryption (fscrypt: ext4 with the 'encrypt' feature, f2fs) encrypts DIR under "
-          "it, so a VM started before nkp enrols it (virt-install, virsh create) writes its new "
-          "vTPM state encrypted. A directory holding files is converted crash-safely (rerun "
-          "after an interruption); run it with no VM using DIR running. The key is added again "
-          "at every boot by nkpd, nkpctl host unlock or the first VM start.",
+          "file encryption (fscrypt: ext4 with the 'encrypt' feature, f2fs) encrypts, by "
+          "default, the swtpm state directory, libvirt's managed-save, dump and NVRAM "
+          "directories and /var/lib/libvirt/qemu/nkp-saves (for virsh save/dump files), or DIR. "
+          "Missing directories are made as libvirt makes them. A directory holding files is "
+          "converted crash-safely (rerun after an interruption), refused while VMs run. The key "
+          "is added again at every boot (nkp-host-unlock.service), by nkpd, nkpctl host unlock "
+          "or the first VM start; while it is missing every VM start is refused.",
           protect_options, 0, 0, host_protect },
+        { "host", "unprotect", "",
+          "Turn the host key's protection off (default: for every directory).",
+          "Each directory becomes plain again with the same files, crash-safely (rerun after an "
+          "interruption); refused while VMs run. The host key must be available (restore its "
+          "provider first).",
+          unprotect_options, 0, 0, host_unprotect },
+        { "host", "load-key", "",
+          "Add the host key to the kernel (at boot, before libvirtd).",
+          "What nkp-host-unlock.service runs: derives the host key from its provider (TPM or key "
+          "cache) and adds it, without talking to libvirt. Exits 1, the directories staying "
+          "locked, when the provider is missing.", NULL, 0, 0, host_load_key },
         { 0 },
 };
