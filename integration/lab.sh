@@ -48,6 +48,11 @@
 #                      skeleton under it), and the raw image with lab_fscrypt_image.
 #   LAB_FSCRYPT_SIZE   that image's size (default 256M; sparse)
 
+# grep_q PATTERN...: `grep -q` that reads its whole input.  Under pipefail,
+# `virsh dumpxml D | grep -q X` fails when grep exits at the first match while
+# the writer still writes (SIGPIPE, status 141): a match reported as a miss.
+grep_q() { grep "$@" >/dev/null; }
+
 LAB_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 : "${NKP_LAB_CACHE:=/var/cache/nkp-lab}"
 : "${LAB_TMP:=/var/tmp}"
@@ -515,7 +520,7 @@ lab_host_down() {
     fi
     local f
     for f in mnt uts net; do
-        if mountpoint -q "$h/ns/$f" 2>/dev/null || grep -q " $h/ns/$f " /proc/self/mountinfo; then
+        if mountpoint -q "$h/ns/$f" 2>/dev/null || grep_q " $h/ns/$f " /proc/self/mountinfo; then
             umount "$h/ns/$f" 2>/dev/null || umount -l "$h/ns/$f" 2>/dev/null || true
         fi
     done

@@ -39,7 +39,7 @@ tpmsec=$(lab_secret_define a --usage vtpm --target "$dom-vtpm" "$LAB_DIR/vtpm.ke
 disksec=$(lab_secret_define a --usage volume --target "$disk" "$LAB_DIR/disk.key") || fail "volume secret"
 timing "two ephemeral private secrets defined in $(lab_since "$t") s"
 lab_virsh a secret-get-value "$tpmsec" >/dev/null 2>&1 && fail "private secret value is readable"
-ls "$(lab_path a /etc/libvirt/secrets)" | grep -q . && fail "ephemeral secret written to /etc/libvirt/secrets"
+ls "$(lab_path a /etc/libvirt/secrets)" | grep_q . && fail "ephemeral secret written to /etc/libvirt/secrets"
 pass "ephemeral private secrets defined (value not readable, nothing on disk)"
 
 uuid=$(cat /proc/sys/kernel/random/uuid)

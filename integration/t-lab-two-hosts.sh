@@ -39,7 +39,7 @@ for n in a b; do
 done
 pass "TLS (lab CA) both ways, a host TPM in each host"
 # and the machine's own network namespace has no lab address
-ip -o addr 2>/dev/null | grep -q "10\.77\.0\." && fail "a lab address leaked into the machine's namespace"
+ip -o addr 2>/dev/null | grep_q "10\.77\.0\." && fail "a lab address leaked into the machine's namespace"
 pass "two hosts, veth $ADDR_A <-> $ADDR_B, libvirtd over TCP both ways"
 
 dom=mig
@@ -82,7 +82,7 @@ migrate() { # src dst dst_addr [tls]
     done
     [ -n "$after" ] && [ "$after" -ge $((first + 3)) ] || fail "guest does not tick on $dst (first=$first last=$after)"
     [ "$first" -gt "$before" ] || fail "counter restarted on $dst: $first after $before on $src"
-    tr -d '\r' < "$(lab_serial_path "$dst" "$dom")" | grep -q -E 'NKP-GUEST-UP|NKP-MARKERS-WRITTEN' \
+    tr -d '\r' < "$(lab_serial_path "$dst" "$dom")" | grep_q -E 'NKP-GUEST-UP|NKP-MARKERS-WRITTEN' \
         && fail "the guest rebooted on $dst"
     pass "live-migrated $src -> $dst${tls:+ over TLS}: counter went on ($before on $src, $first..$after on $dst)"
 }

@@ -89,7 +89,7 @@ crash_one() {
     if [ $path = hook ]; then
         boot_and_read a "$dom" "$mark" "$ctx (hook recovery)"
         [ -z "$(leftovers)" ] || fail "$ctx: the hook left $(leftovers)"
-        nk vm status "$dom" | grep -q pending && fail "$ctx: still pending after the start"
+        nk vm status "$dom" | grep_q pending && fail "$ctx: still pending after the start"
         if [ $forward = 1 ]; then
             check_new_side "$op" "$before" "$ctx (hook)"
         else
@@ -198,7 +198,7 @@ check_offline() { # CONTEXT
     err=$(hook_by_hand prepare begin 2>&1) || fail "$1: the hook's prepare failed: $err"
     hook_by_hand release end >/dev/null 2>&1 || true
     [ -z "$(leftovers)" ] || fail "$1: the hook left $(leftovers)"
-    nk vm status "$dom" | grep -q pending && fail "$1: still pending after the hook"
+    nk vm status "$dom" | grep_q pending && fail "$1: still pending after the hook"
     if [ -n "$(side)" ]; then
         lab_exec a "$BUILD/tests/test-domain" --dump-keys / < "$LAB_DIR/cur.xml" > "$LAB_DIR/cur.keys" || fail "$1: key dump"
         awk '$1 == "dek:disk:vda" {printf "%s", $2}' "$LAB_DIR/cur.keys" > "$LAB_DIR/disk.key"

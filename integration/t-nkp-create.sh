@@ -25,7 +25,7 @@ lab_test t-nkp-create "virt-install/virsh create of vTPM VMs: host key, nkpd enr
     --built libvirt-hooks/nkp-hook --built plugin/nkpd/nkpd
 BUILD=$NKP_BUILD_DIR
 nk() { lab_exec a nkpctl "$@"; }
-has_keysafe() { lab_virsh a dumpxml --inactive "$1" | grep -q 'nkp.invalid/xmlns/keysafe'; }
+has_keysafe() { lab_virsh a dumpxml --inactive "$1" | grep_q 'nkp.invalid/xmlns/keysafe'; }
 new_mark() { echo "NKPCREATE$(od -An -N5 -tx1 /dev/urandom | tr -d ' \n')"; }
 # state_info UUID MARK: "flag=<0|1> marker=<count>" of the vTPM state file, read in the host
 state_info() {
@@ -91,7 +91,7 @@ pass "virt-install --import --tpm emulator succeeded; the guest wrote its marker
 
 for ((i = 0; i < 50; i++)); do has_keysafe "$dom" && break; sleep 0.2; done
 has_keysafe "$dom" || fail "nkpd did not enrol $dom"
-lab_virsh a dumpxml --inactive "$dom" | grep -q "<encryption secret=" || fail "$dom: no <encryption secret>"
+lab_virsh a dumpxml --inactive "$dom" | grep_q "<encryption secret=" || fail "$dom: no <encryption secret>"
 for ((i = 0; i < 50; i++)); do grep -q "converted to its own key at its next start" "$LAB_DIR/nkpd.log" && break; sleep 0.2; done
 grep -q "converted to its own key at its next start" "$LAB_DIR/nkpd.log" || fail "nkpd's note is missing"
 uuid=$(lab_virsh a domuuid "$dom" | tr -d '[:space:]')
@@ -118,8 +118,8 @@ lab_vm_encrypt a "$dom" --disks vda
 st=$(nk --json vm status "$dom") || fail "vm status $dom"
 python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["state"]=="encrypted" and d["provider"]=="pc" and "vtpm:vtpm" in d["objects"] and "disk:vda" in d["objects"], d' <<<"$st" ||
     fail "vm status after --disks vda: $st"
-qemu-img info "$LAB_DIR/shared/$dom.qcow2" | grep -q "encrypted: yes" || fail "vda is not LUKS after vm encrypt --disks vda"
-lab_virsh a dumpxml --inactive "$dom" | grep -q "$ks_before" || fail "the vTPM's secret changed"
+qemu-img info "$LAB_DIR/shared/$dom.qcow2" | grep_q "encrypted: yes" || fail "vda is not LUKS after vm encrypt --disks vda"
+lab_virsh a dumpxml --inactive "$dom" | grep_q "$ks_before" || fail "the vTPM's secret changed"
 [ "$(grep -a -c "$mark" "$LAB_DIR/shared/$dom.qcow2" || true)" = 0 ] || fail "the disk marker is in clear in the LUKS qcow2"
 boot_and_read a "$dom" "$mark" "$dom, after vm encrypt --disks vda"
 pass "vm encrypt --disks vda on the auto-enrolled VM: disk added to its keysafe (LUKS, same vTPM key); markers read back"
@@ -147,7 +147,7 @@ lab_guest_xml --name t3 --disk "$LAB_DIR/shared/t3.qcow2" --marker "$m3" > "$LAB
 rm -f "$(lab_serial_path a t3)"
 out=$(nk vm create "$LAB_DIR/t3.xml" --transient 2>&1) || fail "vm create --transient: $out"
 lab_markers_written a t3 "$m3" || fail "t3: $LAB_MARKER_ERR"
-lab_virsh a dumpxml t3 | grep -q 'nkp.invalid/xmlns/keysafe' || fail "t3 runs without its keysafe"
+lab_virsh a dumpxml t3 | grep_q 'nkp.invalid/xmlns/keysafe' || fail "t3 runs without its keysafe"
 uuid3=$(lab_virsh a domuuid t3 | tr -d '[:space:]')
 [ "$(state_info "$uuid3" "$m3")" = "flag=1 marker=0" ] || fail "t3's vTPM state is not swtpm-encrypted"
 lab_virsh a destroy t3 >/dev/null || true

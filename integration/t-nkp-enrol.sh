@@ -29,7 +29,7 @@ plain_domain() { # NAME MARK: a domain without a vTPM
     lab_virsh a define "$LAB_DIR/$d.xml" >/dev/null || fail "define $d"
 }
 add_tpm() { lab_exec a virt-xml --connect qemu:///system "$1" --add-device --tpm emulator,model=tpm-crb >/dev/null 2>&1 || fail "virt-xml --add-device --tpm on $1"; }
-has_keysafe() { lab_virsh a dumpxml --inactive "$1" | grep -q 'nkp.invalid/xmlns/keysafe'; }
+has_keysafe() { lab_virsh a dumpxml --inactive "$1" | grep_q 'nkp.invalid/xmlns/keysafe'; }
 
 t0=$(lab_now)
 lab_test_init
@@ -75,7 +75,7 @@ plain_domain "$dom2" "${mark}2"
 add_tpm "$dom2"
 for ((i = 0; i < 50; i++)); do has_keysafe "$dom2" && break; sleep 0.2; done
 has_keysafe "$dom2" || fail "nkpd did not enrol $dom2 on its DEFINED event"
-lab_virsh a dumpxml --inactive "$dom2" | grep -q "<encryption secret=" || fail "$dom2: no <encryption secret>"
+lab_virsh a dumpxml --inactive "$dom2" | grep_q "<encryption secret=" || fail "$dom2: no <encryption secret>"
 pass "nkpd enrolled the virt-xml vTPMs (scan at start, DEFINED event): keysafe names 'pe'"
 
 # ---- first start: markers, certificates from the provider's CA ------------------------

@@ -100,11 +100,11 @@ moved() {
     done
     [ -n "$after" ] && [ "$after" -ge $((first + 3)) ] || fail "guest does not count on $dst (first=$first last=$after)"
     [ "$first" -gt "$before" ] || fail "the counter restarted on $dst: $first after $before on $src"
-    tr -d '\r' < "$(lab_serial_path "$dst" "$dom")" | grep -q -E 'NKP-MARKERS-WRITTEN|NKP-TPM-MARKER' \
+    tr -d '\r' < "$(lab_serial_path "$dst" "$dom")" | grep_q -E 'NKP-MARKERS-WRITTEN|NKP-TPM-MARKER' \
         && fail "the guest rebooted on $dst"
     wait_no_secrets "$src" || fail "nkp secrets left on $src after the move: $(lab_virsh "$src" secret-list)"
     [ "$(nkp_secrets "$dst")" -ge 2 ] || fail "the VM's secrets are not on $dst"
-    lab_virsh "$dst" dumpxml --inactive "$dom" | grep -q "$NS" || fail "no keysafe in $dst's persistent definition"
+    lab_virsh "$dst" dumpxml --inactive "$dom" | grep_q "$NS" || fail "no keysafe in $dst's persistent definition"
     pass "live-migrated $src -> $dst ($*): counted on ($before on $src, $first..$after on $dst); no secret left on $src; keysafe in $dst's definition"
 }
 
@@ -143,7 +143,7 @@ pass "encrypted guest (vTPM + LUKS disk) running on a, markers written, counting
 # ---- 1. B without the provider -------------------------------------------------------
 refused a b "no provider on b" "nkp: VM '$dom' cannot be migrated to host 'b': its key provider 'p1'" --tls
 grep -qF "nkpctl provider restore" <<<"$REFUSED_ERR" || fail "no provider: the error lacks the fix"
-nk b alarms 2>/dev/null | grep -q "migration-refused" || fail "no migration-refused alarm on b: $(nk b alarms 2>&1)"
+nk b alarms 2>/dev/null | grep_q "migration-refused" || fail "no migration-refused alarm on b: $(nk b alarms 2>&1)"
 pass "no provider on b: the fix is in the error, a migration-refused alarm on b"
 
 # ---- 2. drift: another provider named p1 on B -------------------------------------------
@@ -190,7 +190,7 @@ pass "tampered keysafe: migration refused, the hook (fed directly) exits 1 with 
 # ---- 4. A → B over TLS -----------------------------------------------------------------------
 moved a b --tls
 [ -e "$(lab_path b "/var/lib/libvirt/swtpm/$uuid/tpm2/tpm2-00.permall")" ] || fail "no vTPM state on b"
-nk b alarms 2>/dev/null | grep -q "migration-refused" && fail "the migration-refused alarm on b stayed after a successful move"
+nk b alarms 2>/dev/null | grep_q "migration-refused" && fail "the migration-refused alarm on b stayed after a successful move"
 
 # ---- 5. stop on B, B "reboots", the VM starts there -----------------------------------------
 lab_virsh b destroy "$dom" >/dev/null || fail "destroy on b"

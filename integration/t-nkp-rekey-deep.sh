@@ -124,7 +124,7 @@ python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["state"]=="encrypt
     || fail "vm status: $st"
 pass "deep rekey: new DEKs and secret UUIDs, definition switched, no temp file or journal left"
 
-qemu-img info "$disk" | grep -q 'encrypted: yes' || fail "the new disk is not encrypted"
+qemu-img info "$disk" | grep_q 'encrypted: yes' || fail "the new disk is not encrypted"
 if o=$(disk_marker "$disk" "$LAB_DIR/old-vda.key"); then fail "the old DEK opens the new disk: $o"; fi
 grep -q -i "invalid password\|cannot unlock" <<<"$o" || fail "the old DEK on the new disk: unexpected error: $o"
 o=$(disk_marker "$LAB_DIR/old-copy.qcow2" "$LAB_DIR/old-vda.key") || fail "the old DEK does not open the old copy: $o"
@@ -144,7 +144,7 @@ pass "after the deep rekey the VM starts and reads both markers back"
 t=$(lab_now)
 out=$(nk vm rekey "$dom" --deep --provider p2 2>&1) || fail "vm rekey --deep --provider p2: $out"
 timing "deep rekey to p2 $(lab_since "$t") s"
-nk vm status "$dom" | grep -q "encrypted by p2" || fail "vm status after rekey to p2: $(nk vm status "$dom" 2>&1)"
+nk vm status "$dom" | grep_q "encrypted by p2" || fail "vm status after rekey to p2: $(nk vm status "$dom" 2>&1)"
 use=$(nk --json provider usage p1) || fail "provider usage p1"
 python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["vms"]==[], d' <<<"$use" || fail "p1 still used: $use"
 boot_and_read a "$dom" "$mark"

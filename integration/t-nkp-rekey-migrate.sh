@@ -58,7 +58,7 @@ out=$(migrate) || fail "migration after restoring p2 on b: $out"
 timing "live migration a -> b $(lab_since "$t") s"
 lab_wait_serial b "$dom" 'NKP-TICK [0-9]+$' 60 >/dev/null || fail "g does not tick on b"
 [ "$(state_of b)" = running ] || fail "g is $(state_of b) on b"
-nk b vm status "$dom" | grep -q "$dom: encrypted by p2" || fail "vm status on b: $(nk b vm status "$dom" 2>&1)"
+nk b vm status "$dom" | grep_q "$dom: encrypted by p2" || fail "vm status on b: $(nk b vm status "$dom" 2>&1)"
 pass "after provider restore p2 on b: g migrates and runs on b, encrypted by p2"
 
 lab_test_done

@@ -91,8 +91,8 @@ lab_vm_encrypt a g3 --provider p4 --disks=
 qemu-img create -q -f qcow2 "$LAB_DIR/shared/plainvm.qcow2" 16M
 lab_guest_xml --name plainvm --disk "$LAB_DIR/shared/plainvm.qcow2" --no-tpm --mem 64 > "$LAB_DIR/plainvm.xml"
 lab_virsh a define "$LAB_DIR/plainvm.xml" >/dev/null || fail "define plainvm"
-nk vm status g1 | grep -q "g1: encrypted by p1 (vtpm:vtpm, disk:vda)" || fail "vm status g1: $(nk vm status g1 2>&1)"
-nk vm status g3 | grep -q "g3: encrypted by p4 (vtpm:vtpm)" || fail "vm status g3: $(nk vm status g3 2>&1)"
+nk vm status g1 | grep_q "g1: encrypted by p1 (vtpm:vtpm, disk:vda)" || fail "vm status g1: $(nk vm status g1 2>&1)"
+nk vm status g3 | grep_q "g3: encrypted by p4 (vtpm:vtpm)" || fail "vm status g3: $(nk vm status g3 2>&1)"
 pass "g1 (vTPM + disk) encrypted by p1, g3 (vTPM) by p4, plainvm plain"
 
 # ---- live and persistent keysafes with different DEKs: refused ------------------------
@@ -108,7 +108,7 @@ refused "live and persistent keysafes hold different keys" "hold different keys"
 lab_virsh a destroy g3 >/dev/null || fail "destroy g3"
 lab_wait_domstate a g3 "shut off" 30 || fail "g3 not shut off"
 lab_virsh a metadata g3 "$NS" --key nkp --set "$ks_b" --config >/dev/null || fail "put keysafe B back"
-nk vm status g3 | grep -q "g3: encrypted by p4 (vtpm:vtpm)" || fail "vm status g3: $(nk vm status g3 2>&1)"
+nk vm status g3 | grep_q "g3: encrypted by p4 (vtpm:vtpm)" || fail "vm status g3: $(nk vm status g3 2>&1)"
 pass "a running VM whose live and persistent keysafes hold different DEKs: rekey refused, nothing changed"
 
 # ---- a saved state (managedsave) restores with the keysafe it was saved with: refused --
@@ -157,7 +157,7 @@ grep -q "rekeyed to provider 'p2' (was 'p1')" <<<"$out" && grep -q "live and per
 lab_wait_serial a g1 "NKP-TICK $((n0 + 3))\$" 120 >/dev/null || fail "g1 stopped ticking after the rekey"
 [ "$(keysafe_provider g1 --inactive)" = p2 ] || fail "persistent keysafe names '$(keysafe_provider g1 --inactive)'"
 [ "$(keysafe_provider g1 --live)" = p2 ] || fail "live keysafe names '$(keysafe_provider g1 --live)'"
-nk vm status g1 | grep -q "g1: encrypted by p2" || fail "vm status: $(nk vm status g1 2>&1)"
+nk vm status g1 | grep_q "g1: encrypted by p2" || fail "vm status: $(nk vm status g1 2>&1)"
 st=$(nk --json vm status g1)
 python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["provider"]=="p2" and d["running"], d' <<<"$st" \
     || fail "vm status --json: $st"
@@ -209,7 +209,7 @@ for i in $(seq 1 10); do
         *) fail "after kill $i the keysafes name '$pi' (persistent) and '$pl' (live)";; esac
 done
 echo "# kills that left live and persistent on different providers: $mixed of 10"
-nk vm status g1 | grep -q "g1: encrypted by p[12]" || fail "vm status after the kills: $(nk vm status g1 2>&1)"
+nk vm status g1 | grep_q "g1: encrypted by p[12]" || fail "vm status after the kills: $(nk vm status g1 2>&1)"
 out=$(nk vm rekey g1 --provider p2 2>&1) || fail "rerun after the kills: $out"
 [ "$(keysafe_provider g1 --inactive)" = p2 ] && [ "$(keysafe_provider g1 --live)" = p2 ] || fail "rerun after the kills did not finish"
 still_ticking g1 || fail "g1 stopped ticking after the kills"
@@ -218,7 +218,7 @@ pass "10 rekeys killed (SIGKILL) at random instants: both keysafes stay valid, a
 # ---- retire p1 ---------------------------------------------------------------------------------
 use=$(nk --json provider usage p1)
 python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["vms"]==[], d' <<<"$use" || fail "provider usage p1: $use"
-nk provider usage p1 | grep -q "No defined VM uses provider 'p1'" || fail "provider usage p1 (text)"
+nk provider usage p1 | grep_q "No defined VM uses provider 'p1'" || fail "provider usage p1 (text)"
 out=$(nk provider delete p1 2>&1) || fail "provider delete p1 (no --force): $out"
 still_ticking g1 || fail "g1 stopped ticking after provider delete"
 # libvirtd restart with p1 gone from the store and the key cache: the
@@ -232,7 +232,7 @@ still_ticking g1 || fail "g1 stopped ticking after the libvirtd restart"
 lab_virsh a destroy g1 >/dev/null || fail "destroy g1"
 lab_wait_domstate a g1 "shut off" 30 || fail "g1 not shut off"
 reboot_host
-nk provider list | grep -q '^p1' && fail "p1 still listed after delete"
+nk provider list | grep_q '^p1' && fail "p1 still listed after delete"
 boot_and_read a g1 "$mark"
 pass "provider usage p1 empty, delete p1 without --force; libvirtd restart: g1 keeps running (secrets from its live keysafe); after a reboot g1 starts and reads its markers"
 
@@ -265,7 +265,7 @@ for d in g1 g3; do
     [ "$(keysafe_provider "$d" --inactive)" = p2 ] || fail "$d persistent keysafe: $(keysafe_provider "$d" --inactive)"
 done
 [ "$(keysafe_provider g1 --live)" = p2 ] || fail "g1 live keysafe after --all"
-nk vm status g3 | grep -q "g3: encrypted by p2 (vtpm:vtpm)" || fail "vm status g3: $(nk vm status g3 2>&1)"
+nk vm status g3 | grep_q "g3: encrypted by p2 (vtpm:vtpm)" || fail "vm status g3: $(nk vm status g3 2>&1)"
 still_ticking g1 || fail "g1 stopped ticking after --all"
 use=$(nk --json provider usage p4)
 python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["vms"]==[], d' <<<"$use" || fail "provider usage p4: $use"
