@@ -484,6 +484,152 @@ static void test_openssl_reads_it(void)
         testutil_rmtree(dir);
 }
 
+/* ---- m-of-n shares (pure) ---------------------------------------------------- */
+
+/* `n` share infos of one split of `kdk` (threshold m), as export writes them. */
+static void shares_make(const nkp_secret *kdk, unsigned n, unsigned m, NkpBackupInfo *infos,
+                        nkp_secret ***shares)
+{
+        g_assert_cmpint(nkp_shares_split(kdk, n, m, shares), ==, 0);
+        g_autofree char *fp = NULL;
+        g_assert_cmpint(nkp_kdk_fingerprint(kdk, &fp), ==, 0);
+        char split[NKP_UUID_STRING_LEN + 1], key_id[NKP_UUID_STRING_LEN + 1];
+        nkp_uuid_random(split);
+        nkp_uuid_random(key_id);
+        for (unsigned i = 0; i < n; i++) {
+                info_init(&infos[i], "prod", 0);
+                g_strlcpy(infos[i].key_id, key_id, sizeof infos[i].key_id);
+                infos[i].share_index = i + 1;
+                infos[i].share_count = n;
+                infos[i].threshold = m;
+                g_strlcpy(infos[i].split_id, split, sizeof infos[i].split_id);
+                g_strlcpy(infos[i].fingerprint, fp, sizeof infos[i].fingerprint);
+        }
+}
+
+static int combine_subset(const NkpBackupInfo *infos, nkp_secret **shares, const unsigned *pick, size_t k,
+                          nkp_secret **kdk)
+{
+        NkpBackupInfo in[NKP_SHARES_MAX];
+        nkp_secret *sh[NKP_SHARES_MAX];
+        for (size_t i = 0; i < k; i++) {
+                in[i] = infos[pick[i]];
+                sh[i] = shares[pick[i]];
+        }
+        NkpBackupInfo out;
+        return nkp_shares_combine(in, sh, k, &out, kdk);
+}
+
+/* Every 3-subset of a 3-of-5 split gives the KDK back; every 2-subset is
+ * refused before anything is combined. */
+static void test_shares_every_subset(void)
+{
+        g_autoptr(nkp_secret) kdk = NULL;
+        g_assert_cmpint(nkp_secret_new_random(NKP_KDK_SIZE, &kdk), ==, 0);
+        NkpBackupInfo infos[5];
+        nkp_secret **shares = NULL;
+        shares_make(kdk, 5, 3, infos, &shares);
+        for (unsigned i = 0; i < 5; i++) {
+                g_assert_cmpuint(nkp_secret_len(shares[i]), ==, NKP_KDK_SIZE);
+                g_assert_false(nkp_secret_equal(shares[i], kdk));
+        }
+        unsigned subsets = 0;
+        for (unsigned a = 0; a < 5; a++)
+                for (unsigned b = a + 1; b < 5; b++) {
+                        unsigned pair[2] = { b, a };
+                        nkp_secret *none = NULL;
+                        g_assert_cmpint(combine_subset(infos, shares, pair, 2, &none), ==, -ENODATA);
+                        g_assert_null(none);
+                        assert_error("needs 3 of its 5");
+                        for (unsigned c = b + 1; c < 5; c++) {
+                                unsigned pick[3] = { c, a, b };
+                                g_autoptr(nkp_secret) got = NULL;
+                                g_assert_cmpint(combine_subset(infos, shares, pick, 3, &got), ==, 0);
+                                g_assert_true(nkp_secret_equal(got, kdk));
+                                subsets++;
+                        }
+                }
+        g_assert_cmpuint(subsets, ==, 10);
+        nkp_shares_free(shares, 5);
+}
+
+static void test_shares_refused(void)
+{
+        g_autoptr(nkp_secret) kdk = NULL;
+        g_assert_cmpint(nkp_secret_new_random(NKP_KDK_SIZE, &kdk), ==, 0);
+        NkpBackupInfo a[3], b[3];
+        nkp_secret **sa = NULL, **sb = NULL;
+        shares_make(kdk, 3, 2, a, &sa);
+        shares_make(kdk, 3, 2, b, &sb);
+        g_autoptr(nkp_secret) got = NULL;
+
+        /* two splits of the same key */
+        NkpBackupInfo mixed[2] = { a[0], b[1] };
+        nkp_secret *mixed_sh[2] = { sa[0], sb[1] };
+        NkpBackupInfo out;
+        g_assert_cmpint(nkp_shares_combine(mixed, mixed_sh, 2, &out, &got), ==, -EXDEV);
+        assert_error("two different splits");
+        /* the same share twice */
+        unsigned twice[2] = { 1, 1 };
+        g_assert_cmpint(combine_subset(a, sa, twice, 2, &got), ==, -ENOTUNIQ);
+        /* one byte of a share changed: the fingerprint catches it */
+        nkp_secret_data_mut(sa[1])[7] ^= 0x01;
+        unsigned pick[2] = { 0, 1 };
+        g_assert_cmpint(combine_subset(a, sa, pick, 2, &got), ==, -EBADMSG);
+        assert_error("one of them is damaged");
+        nkp_secret_data_mut(sa[1])[7] ^= 0x01;
+        /* fields that disagree within one split */
+        a[1].threshold = 3;
+        g_assert_cmpint(combine_subset(a, sa, pick, 2, &got), ==, -EBADMSG);
+        a[1].threshold = 2;
+        g_assert_cmpint(combine_subset(a, sa, pick, 2, &got), ==, 0);
+        g_assert_true(nkp_secret_equal(got, kdk));
+        /* bad counts */
+        nkp_secret **none = NULL;
+        g_assert_cmpint(nkp_shares_split(kdk, 3, 1, &none), ==, -EINVAL);
+        g_assert_cmpint(nkp_shares_split(kdk, 2, 3, &none), ==, -EINVAL);
+        g_assert_cmpint(nkp_shares_split(kdk, NKP_SHARES_MAX + 1, 2, &none), ==, -EINVAL);
+        g_assert_null(none);
+        nkp_shares_free(sa, 3);
+        nkp_shares_free(sb, 3);
+}
+
+/* A share survives export/import with every field, and an import of a
+ * share never passes for a whole backup. */
+static void test_share_p12_round_trip(void)
+{
+        g_autoptr(nkp_secret) kdk = NULL;
+        g_assert_cmpint(nkp_secret_new_random(NKP_KDK_SIZE, &kdk), ==, 0);
+        NkpBackupInfo infos[3];
+        nkp_secret **shares = NULL;
+        shares_make(kdk, 3, 2, infos, &shares);
+        g_autoptr(GBytes) der = export_low(&infos[2], shares[2], PASSWORD);
+        NkpBackupInfo out;
+        g_autoptr(nkp_secret) got = NULL;
+        g_assert_cmpint(import(der, PASSWORD, &out, &got), ==, 0);
+        g_assert_true(nkp_secret_equal(got, shares[2]));
+        g_assert_cmpuint(out.share_index, ==, 3);
+        g_assert_cmpuint(out.share_count, ==, 3);
+        g_assert_cmpuint(out.threshold, ==, 2);
+        g_assert_cmpstr(out.split_id, ==, infos[2].split_id);
+        g_assert_cmpstr(out.fingerprint, ==, infos[2].fingerprint);
+        g_assert_cmpstr(out.key_id, ==, infos[2].key_id);
+        /* a whole backup carries no share fields */
+        NkpBackupInfo whole;
+        info_init(&whole, "prod", 0);
+        g_autoptr(GBytes) der2 = export_low(&whole, kdk, PASSWORD);
+        g_autoptr(nkp_secret) got2 = NULL;
+        g_assert_cmpint(import(der2, PASSWORD, &out, &got2), ==, 0);
+        g_assert_cmpuint(out.share_count, ==, 0);
+        /* export refuses nonsense share numbers */
+        infos[0].share_index = 4;
+        g_autoptr(nkp_secret) pw = pw_new(PASSWORD);
+        GBytes *bad = NULL;
+        g_assert_cmpint(nkp_p12_export(&infos[0], shares[0], pw, LOW_ITER, &bad), ==, -EINVAL);
+        g_assert_null(bad);
+        nkp_shares_free(shares, 3);
+}
+
 /* ---- provider backup / restore between two roots ---------------------------- */
 
 typedef struct {
@@ -995,6 +1141,81 @@ static void test_weak_files(void)
         hosts_done(&h);
 }
 
+/* nkp_provider_backup_shares + nkp_provider_restore_files + nkp_backup_verify
+ * between two roots; verify changes nothing in either root. */
+static void test_provider_shares_verify(void)
+{
+        Hosts h;
+        hosts_init(&h);
+        g_autoptr(nkp_provider) p1 = NULL;
+        g_assert_cmpint(nkp_provider_create(h.ctx1, "prod", 0, &p1), ==, 0);
+        g_autoptr(nkp_secret) pw1 = pw_new("share one"), pw2 = pw_new("share two"), pw3 = pw_new("share 3");
+        const nkp_secret *pws[3] = { pw1, pw2, pw3 };
+        g_auto(GStrv) paths = NULL;
+        g_assert_cmpint(nkp_provider_backup_shares(h.ctx1, "prod", h.dir, 3, 2, pws, &paths), ==, 0);
+        g_assert_cmpuint(g_strv_length(paths), ==, 3);
+        g_assert_true(g_str_has_suffix(paths[1], "/prod-share-2-of-3.p12"));
+        g_autoptr(nkp_provider) p1b = NULL;
+        g_assert_cmpint(nkp_provider_get(h.ctx1, "prod", &p1b), ==, 0);
+        g_assert_true(nkp_provider_is_active(p1b));
+        /* a second run refuses before writing anything */
+        g_assert_cmpint(nkp_provider_backup_shares(h.ctx1, "prod", h.dir, 3, 2, pws, NULL), ==, -EEXIST);
+
+        /* verify: on the first host the same provider, on the second none */
+        const char *two[2] = { paths[2], paths[0] };
+        const nkp_secret *two_pw[2] = { pw3, pw1 };
+        g_autoptr(GHashTable) before1 = testutil_snapshot_tree(h.root1);
+        g_autoptr(GHashTable) before2 = testutil_snapshot_tree(h.root2);
+        g_autoptr(nkp_backup_report) rep1 = NULL, rep2 = NULL;
+        g_assert_cmpint(nkp_backup_verify(h.ctx1, two, two_pw, 2, &rep1), ==, 0);
+        g_assert_cmpint(nkp_backup_verify(h.ctx2, two, two_pw, 2, &rep2), ==, 0);
+        testutil_assert_same_tree(before1, h.root1);
+        testutil_assert_same_tree(before2, h.root2);
+        const char *here = NULL, *split = NULL;
+        g_assert_cmpint(nkp_backup_report_here(rep1, &here), ==, NKP_BACKUP_HERE_SAME);
+        g_assert_cmpstr(here, ==, "prod");
+        g_assert_cmpint(nkp_backup_report_here(rep2, &here), ==, NKP_BACKUP_HERE_NONE);
+        g_assert_null(here);
+        g_assert_cmpstr(nkp_backup_report_fingerprint(rep2), ==, nkp_provider_fingerprint(p1));
+        g_assert_cmpstr(nkp_backup_report_key_id(rep2), ==, nkp_provider_key_id(p1));
+        unsigned threshold = 0, given = 0;
+        g_assert_cmpuint(nkp_backup_report_shares(rep2, &threshold, &given, &split), ==, 3);
+        g_assert_cmpuint(threshold, ==, 2);
+        g_assert_cmpuint(given, ==, 2);
+        g_assert_nonnull(split);
+
+        /* one share: refused, nothing written */
+        g_autoptr(GHashTable) snap = testutil_snapshot_tree(h.root2);
+        nkp_provider *none = NULL;
+        g_assert_cmpint(nkp_provider_restore_files(h.ctx2, two, two_pw, 1, &none, NULL), ==, -ENODATA);
+        g_assert_null(none);
+        testutil_assert_same_tree(snap, h.root2);
+        /* a wrong password on one share: refused */
+        const nkp_secret *wrong_pw[2] = { pw3, pw2 };
+        g_assert_cmpint(nkp_provider_restore_files(h.ctx2, two, wrong_pw, 2, &none, NULL), ==, -EACCES);
+        testutil_assert_same_tree(snap, h.root2);
+
+        /* two shares restore the provider on the second host */
+        g_autoptr(nkp_provider) p2 = NULL;
+        bool already = true;
+        g_assert_cmpint(nkp_provider_restore_files(h.ctx2, two, two_pw, 2, &p2, &already), ==, 0);
+        g_assert_false(already);
+        g_assert_cmpstr(nkp_provider_key_id(p2), ==, nkp_provider_key_id(p1));
+        g_assert_cmpstr(nkp_provider_fingerprint(p2), ==, nkp_provider_fingerprint(p1));
+
+        /* another prod on a third host: verify says different */
+        g_autofree char *root3 = make_root(h.dir, "host3");
+        g_autoptr(nkp_context) ctx3 = NULL;
+        g_assert_cmpint(nkp_context_new(root3, &ctx3), ==, 0);
+        g_autoptr(nkp_provider) p3 = NULL;
+        g_assert_cmpint(nkp_provider_create(ctx3, "prod", 0, &p3), ==, 0);
+        g_autoptr(nkp_backup_report) rep3 = NULL;
+        g_assert_cmpint(nkp_backup_verify(ctx3, two, two_pw, 2, &rep3), ==, 0);
+        g_assert_cmpint(nkp_backup_report_here(rep3, NULL), ==, NKP_BACKUP_HERE_DIFFERENT);
+        (void) nkp_cache_flush(ctx3);
+        hosts_done(&h);
+}
+
 int main(int argc, char **argv)
 {
         g_test_init(&argc, &argv, NULL);
@@ -1011,9 +1232,13 @@ int main(int argc, char **argv)
         g_test_add_func("/p12/cert-bundle", test_cert_bundle);
         g_test_add_func("/p12/openssl-reads-it", test_openssl_reads_it);
         g_test_add_func("/p12/weak-files", test_weak_files);
+        g_test_add_func("/shares/every-subset", test_shares_every_subset);
+        g_test_add_func("/shares/refused", test_shares_refused);
+        g_test_add_func("/shares/p12-round-trip", test_share_p12_round_trip);
         g_test_add_func("/provider/round-trip", test_provider_round_trip);
         g_test_add_func("/provider/restore-refused", test_provider_restore_refused);
         g_test_add_func("/provider/backup-refused", test_provider_backup_refused);
         g_test_add_func("/provider/tpm", test_provider_tpm);
+        g_test_add_func("/provider/shares-verify", test_provider_shares_verify);
         return g_test_run();
 }

@@ -212,4 +212,98 @@ run "$R4" provider create prod
 check "create a different prod" [ "$rc" -eq 0 ]
 refused "same name, other key id" "A different provider named 'prod'" "$R4" provider restore "$F" --password-file "$PW"
 
+# ---- provider verify: checks without importing, writes nothing -------------------
+# verify_ok WHAT HERE ROOT FILES… (passwords from $VPW, one per file): exit 0,
+# the fields of prod, "here" = HERE, and ROOT byte-for-byte unchanged.
+verify_ok() {
+        local what=$1 here=$2 root=$3; shift 3
+        local before pwargs=() f
+        for f in "${VPW[@]}"; do pwargs+=(--password-file "$f"); done
+        before=$(tree_sum "$root")
+        run "$root" --json provider verify "$@" "${pwargs[@]}"
+        if [ "$rc" -ne 0 ]; then not_ok "$what: exit $rc: $err"; return; fi
+        local got
+        got=$(printf '%s' "$out" | json 'print(d["name"], d["key_id"], d["fingerprint"], d["here"])')
+        check "$what: name, key id, fingerprint, here=$here" [ "$got" = "prod $KEY_ID $FP $here" ]
+        check "$what: the root is unchanged" [ "$before" = "$(tree_sum "$root")" ]
+}
+VPW=("$PW")
+verify_ok "verify on the host that holds it" same "$R1" "$F"
+verify_ok "verify on a host without it" none "$R3" "$F"
+verify_ok "verify where another prod is" different "$R4" "$F"
+run "$R1" provider verify "$F" --password-file "$PW"
+case "$out" in *"holds the same provider"*"" ) pass "verify in plain text says 'holds the same provider'";; *) not_ok "verify text: $out";; esac
+case "$out" in *"$FP"*) pass "... and prints the fingerprint";; *) not_ok "verify text lacks the fingerprint: $out";; esac
+refused "verify: wrong password" "password is wrong" "$R1" provider verify "$F" --password-file "$WRONG"
+head -c $((size / 2)) "$F" >"$TOP/cut.p12"
+refused "verify: truncated file" "truncated" "$R1" provider verify "$TOP/cut.p12" --password-file "$PW"
+refused "verify: a foreign PKCS#12 (certificate bundle)" "not an nkp provider backup" "$R1" provider verify "$TOP/certs.p12" --password-file "$PW"
+refused "verify: two password files for one backup" "2 --password-file options for 1 file" "$R1" provider verify "$F" --password-file "$PW" --password-file "$PW"
+
+# ---- m-of-n shares ------------------------------------------------------------------
+SD=$TOP/shares
+mkdir "$SD"
+SPW=()
+for i in 1 2 3; do
+        printf 'share password %d \xe2\x82\xac\n' "$i" >"$TOP/spw$i"
+        SPW+=("$TOP/spw$i")
+done
+refused "shares: threshold above the count" "--threshold" "$R1" provider backup prod --shares 3 --threshold 4 --out-dir "$SD" --password-file "${SPW[0]}" --password-file "${SPW[1]}" --password-file "${SPW[2]}"
+refused "shares: too few password files" "2 --password-file options for 3 files" "$R1" provider backup prod --shares 3 --threshold 2 --out-dir "$SD" --password-file "${SPW[0]}" --password-file "${SPW[1]}"
+refused "shares: no such directory" "not a directory" "$R1" provider backup prod --shares 3 --threshold 2 --out-dir "$TOP/nodir" --password-file "${SPW[0]}" --password-file "${SPW[1]}" --password-file "${SPW[2]}"
+check "... no share file was written" [ -z "$(ls -A "$SD")" ]
+run "$R1" provider backup prod --shares 3 --threshold 2 --out-dir "$SD" \
+        --password-file "${SPW[0]}" --password-file "${SPW[1]}" --password-file "${SPW[2]}"
+check "backup prod as 2-of-3 shares (exit $rc: $err)" [ "$rc" -eq 0 ]
+S=("$SD/prod-share-1-of-3.p12" "$SD/prod-share-2-of-3.p12" "$SD/prod-share-3-of-3.p12")
+check "... three share files, mode 0600" [ "$(stat -c %a "${S[@]}" | sort -u)" = 600 ]
+info=$(openssl pkcs12 -info -in "${S[1]}" -passin "file:${SPW[1]}" -nokeys 2>&1)
+check "openssl pkcs12 -info reads a share with its own password" [ $? -eq 0 ]
+case "$info" in *"2/3"*) pass "... it names share 2/3";; *) not_ok "share 2 lacks '2/3': $info";; esac
+refused "shares: written again over existing files" "already exists" "$R1" provider backup prod --shares 3 --threshold 2 --out-dir "$SD" --password-file "${SPW[0]}" --password-file "${SPW[1]}" --password-file "${SPW[2]}"
+
+# every 2-subset (in both orders for one) restores the same provider in a fresh root
+for pair in "0 1" "0 2" "1 2" "2 0"; do
+        read -r a b <<<"$pair"
+        Rs=$(cli_newroot "$TOP")
+        run "$Rs" provider restore "${S[a]}" "${S[b]}" --password-file "${SPW[a]}" --password-file "${SPW[b]}"
+        check "restore from shares $((a + 1)) and $((b + 1)) (exit $rc: $err)" [ "$rc" -eq 0 ]
+        run "$Rs" --json provider show prod
+        got=$(printf '%s' "$out" | json 'print(d["key_id"], d["fingerprint"])')
+        check "... the same key id and fingerprint" [ "$got" = "$KEY_ID $FP" ]
+done
+Rs=$(cli_newroot "$TOP")
+run "$Rs" provider restore "${S[@]}" --password-file "${SPW[0]}" --password-file "${SPW[1]}" --password-file "${SPW[2]}"
+check "restore from all three shares (exit $rc: $err)" [ "$rc" -eq 0 ]
+VPW=("${SPW[2]}" "${SPW[0]}")
+verify_ok "verify shares 3 and 1 on a host without prod" none "$R3" "${S[2]}" "${S[0]}"
+run "$R3" provider verify "${S[2]}" "${S[0]}" --password-file "${SPW[2]}" --password-file "${SPW[0]}"
+case "$out" in *"2 given of 3, threshold 2"*) pass "verify says: 2 given of 3, threshold 2";; *) not_ok "verify shares text: $out";; esac
+
+refused "restore from one share of a 2-of-3 split" "needs 2 of its 3" "$R3" provider restore "${S[0]}" --password-file "${SPW[0]}"
+refused "verify one share of a 2-of-3 split" "needs 2 of its 3" "$R3" provider verify "${S[1]}" --password-file "${SPW[1]}"
+refused "restore from the same share twice" "given twice" "$R3" provider restore "${S[0]}" "${S[0]}" --password-file "${SPW[0]}" --password-file "${SPW[0]}"
+refused "a share with the wrong password" "password is wrong" "$R3" provider restore "${S[0]}" "${S[1]}" --password-file "${SPW[0]}" --password-file "${SPW[0]}"
+refused "a whole backup with a share" "whole backup" "$R3" provider restore "$F" "${S[0]}" --password-file "$PW" --password-file "${SPW[0]}"
+
+# a second split of the same provider: its shares do not mix with the first's
+SD2=$TOP/shares2
+mkdir "$SD2"
+run "$R1" provider backup prod --shares 3 --threshold 2 --out-dir "$SD2" \
+        --password-file "${SPW[0]}" --password-file "${SPW[1]}" --password-file "${SPW[2]}"
+check "a second 2-of-3 split (exit $rc: $err)" [ "$rc" -eq 0 ]
+refused "shares of two different splits" "two different splits" "$R3" provider restore "${S[0]}" "$SD2/prod-share-2-of-3.p12" --password-file "${SPW[0]}" --password-file "${SPW[1]}"
+
+# a bit-flipped share: refused (the MAC), never a wrong key
+ssize=$(stat -c %s "${S[1]}")
+for pos in 40 $((ssize / 2)) $((ssize - 40)); do
+        python3 - "${S[1]}" "$TOP/flip.p12" "$pos" <<'PY'
+import sys
+data = bytearray(open(sys.argv[1], "rb").read())
+data[int(sys.argv[3])] ^= 0x04
+open(sys.argv[2], "wb").write(data)
+PY
+        refused "share 2 bit-flipped at byte $pos" "" "$R3" provider restore "${S[0]}" "$TOP/flip.p12" --password-file "${SPW[0]}" --password-file "${SPW[1]}"
+done
+
 assert_done

@@ -99,7 +99,10 @@ for v in "${verbs[@]}"; do
         if [ -n "$params" ]; then
                 usage_error "$grp $verb: missing argument ($params)" "$grp $verb" "${G[@]}" "$grp" "$verb"
         fi
-        usage_error "$grp $verb: extra arguments" "$grp $verb" "${G[@]}" "$grp" "$verb" a b c d
+        extra=(a b c d)
+        # a verb that takes a list (PARAM…) takes up to 32: one more is the error
+        [[ $params == *"…"* ]] && extra=($(seq 0 32))
+        usage_error "$grp $verb: extra arguments" "$grp $verb" "${G[@]}" "$grp" "$verb" "${extra[@]}"
 done
 nk --help provider create
 check "--help before the verb: the verb's help" '[ "$rc" -eq 0 ] && grep -q "nkpctl provider create" <<<"$out"'

@@ -410,6 +410,63 @@ int nkp_provider_backup(nkp_context *ctx, const char *name, const char *path,
 int nkp_provider_restore(nkp_context *ctx, const char *path, const nkp_secret *password,
                          nkp_provider **ret, bool *ret_already);
 
+/* nkp_provider_restore() from one whole backup (n = 1) or from shares of
+ * an m-of-n split (any m of them, in any order): paths[i] opened with
+ * passwords[i].  Errors as nkp_provider_restore(), and for shares: -EXDEV
+ * shares of two different splits, -ENOTUNIQ the same share twice,
+ * -ENODATA fewer shares than the split's threshold, -EBADMSG shares that
+ * disagree or do not combine into the key they name (damaged), -EINVAL a
+ * whole backup given with other files.  On any error nothing is written. */
+int nkp_provider_restore_files(nkp_context *ctx, const char *const *paths, const nkp_secret *const *passwords,
+                               size_t n, nkp_provider **ret, bool *ret_already);
+
+/* Writes an m-of-n split backup of provider `name` into the existing
+ * directory `dir`: `n` files NAME-share-I-of-N.p12 (I = 1..n), each a
+ * PKCS#12 like nkp_provider_backup()'s under its own password passwords[I-1],
+ * each holding one libgfshare (Shamir, GF(256)) share of the KDK and naming
+ * its number, n, the threshold `m`, the key id, the KDK's fingerprint and a
+ * split id drawn for this split; any `m` of them restore the provider
+ * (nkp_provider_restore_files).  Marks the provider backed up.
+ * *ret_paths (may be NULL): the n paths, NULL-terminated, g_strfreev().
+ * Errors: -EINVAL bad name or counts (2 <= m <= n <= 32) or an empty
+ * password, -ENOTDIR no such directory, -EEXIST a share file exists
+ * (nothing written), -ENOENT no such provider; on any error no share file
+ * is left behind. */
+int nkp_provider_backup_shares(nkp_context *ctx, const char *name, const char *dir, unsigned n, unsigned m,
+                               const nkp_secret *const *passwords, char ***ret_paths);
+
+/* Checking a backup without importing it. */
+typedef struct nkp_backup_report nkp_backup_report;
+
+enum nkp_backup_here {
+        NKP_BACKUP_HERE_NONE = 0,       /* no provider of that name or key id here */
+        NKP_BACKUP_HERE_SAME = 1,       /* the same provider (name, key id, fingerprint) */
+        NKP_BACKUP_HERE_DIFFERENT = 2,  /* another key under that name */
+        NKP_BACKUP_HERE_OTHER_NAME = 3, /* the backup's key id here under another name */
+};
+
+/* Opens a whole backup (n = 1) or shares of a split as
+ * nkp_provider_restore_files() would (password, structure, MAC, shares
+ * combined and checked against their fingerprint), and compares it with
+ * the provider store; reads nothing else and writes nothing (not the TPM,
+ * not the key cache).  *ret: free with nkp_backup_report_free().  Errors
+ * as nkp_provider_restore_files(). */
+int nkp_backup_verify(nkp_context *ctx, const char *const *paths, const nkp_secret *const *passwords, size_t n,
+                      nkp_backup_report **ret);
+void nkp_backup_report_free(nkp_backup_report *rep);
+const char *nkp_backup_report_name(const nkp_backup_report *rep);
+const char *nkp_backup_report_key_id(const nkp_backup_report *rep);
+const char *nkp_backup_report_fingerprint(const nkp_backup_report *rep); /* of the KDK, hex */
+unsigned nkp_backup_report_flags(const nkp_backup_report *rep);          /* NKP_PROVIDER_REQUIRE_TPM */
+/* The split's share count (0 for a whole backup); *ret_threshold its
+ * threshold, *ret_given how many shares were verified, *ret_split_id the
+ * split id (NULL for a whole backup); each pointer may be NULL. */
+unsigned nkp_backup_report_shares(const nkp_backup_report *rep, unsigned *ret_threshold,
+                                  unsigned *ret_given, const char **ret_split_id);
+/* How this host holds the backup's provider; *ret_name (may be NULL) the
+ * name of the provider here it was compared with, NULL for NONE. */
+enum nkp_backup_here nkp_backup_report_here(const nkp_backup_report *rep, const char **ret_name);
+
 const char *nkp_provider_name(const nkp_provider *p);
 const char *nkp_provider_key_id(const nkp_provider *p);      /* UUID string */
 const char *nkp_provider_fingerprint(const nkp_provider *p); /* hex, one-way */
@@ -870,6 +927,7 @@ int64_t nkp_alarm_since(const nkp_alarm *a); /* seconds since the epoch, 0 if de
 #ifdef G_DEFINE_AUTOPTR_CLEANUP_FUNC
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_secret, nkp_secret_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_context, nkp_context_free)
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_backup_report, nkp_backup_report_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_provider, nkp_provider_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_keysafe, nkp_keysafe_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_virt, nkp_virt_close)

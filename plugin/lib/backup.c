@@ -45,6 +45,8 @@
 #include <openssl/pkcs12.h>
 #include <openssl/x509.h>
 
+#include <libgfshare.h>
+
 #include "nkp-private.h"
 #include "p12-internal.h"
 
@@ -98,6 +100,38 @@ static int secret_nid(void)
                 g_once_init_leave(&once, 1);
         }
         return nid;
+}
+
+static int share_nid(void)
+{
+        static gsize once = 0;
+        static int nid = NID_undef;
+        if (g_once_init_enter(&once)) {
+                int n = OBJ_txt2nid(NKP_OID_SECRET_SHARE);
+                if (n == NID_undef)
+                        n = OBJ_create(NKP_OID_SECRET_SHARE, NULL, NULL);
+                nid = n;
+                g_once_init_leave(&once, 1);
+        }
+        return nid;
+}
+
+static bool add_utf8_attr(PKCS12_SAFEBAG *bag, const char *oid, const char *value)
+{
+        return PKCS12_add1_attr_by_txt(bag, oid, V_ASN1_UTF8STRING, (const unsigned char *) value,
+                                       (int) strlen(value)) == 1;
+}
+
+/* The share's attributes (p12-internal.h): "I/N", "M", split id, fingerprint. */
+static bool add_share_attrs(PKCS12_SAFEBAG *bag, const NkpBackupInfo *info)
+{
+        char share[32], threshold[16];
+        g_snprintf(share, sizeof share, "%u/%u", info->share_index, info->share_count);
+        g_snprintf(threshold, sizeof threshold, "%u", info->threshold);
+        return add_utf8_attr(bag, NKP_OID_ATTR_SHARE, share) &&
+               add_utf8_attr(bag, NKP_OID_ATTR_THRESHOLD, threshold) &&
+               add_utf8_attr(bag, NKP_OID_ATTR_SPLIT, info->split_id) &&
+               add_utf8_attr(bag, NKP_OID_ATTR_FINGERPRINT, info->fingerprint);
 }
 
 /* Wipes the value of every secret bag (ours or not) before the bags are
@@ -157,6 +191,16 @@ int nkp_p12_export(const NkpBackupInfo *info, const nkp_secret *kdk, const nkp_s
                                 nkp_openssl_error());
 
         const char *flags = (info->flags & NKP_PROVIDER_REQUIRE_TPM) ? FLAG_WORD_REQUIRE_TPM : "";
+        bool share = info->share_count > 0;
+        if (share && (info->share_index < 1 || info->share_index > info->share_count ||
+                      info->share_count > NKP_SHARES_MAX || info->threshold < 2 ||
+                      info->threshold > info->share_count || nkp_uuid_parse(info->split_id, id) < 0 ||
+                      strlen(info->fingerprint) != 64))
+                return nkp_fail(-EINVAL, "The share's numbers, split id or fingerprint are not valid.");
+        if (share)
+                nid = share_nid();
+        if (nid == NID_undef)
+                return nkp_fail(-ENOMEM, "OpenSSL cannot register nkp's share type: %s.", nkp_openssl_error());
         STACK_OF(PKCS12_SAFEBAG) *bags = NULL;
         STACK_OF(PKCS7) *safes = NULL;
         PKCS12 *p12 = NULL;
@@ -170,6 +214,8 @@ int nkp_p12_export(const NkpBackupInfo *info, const nkp_secret *kdk, const nkp_s
                                      (const unsigned char *) key_id, (int) strlen(key_id)) ||
             !PKCS12_add1_attr_by_txt(bag, NKP_OID_ATTR_FLAGS, V_ASN1_UTF8STRING,
                                      (const unsigned char *) flags, (int) strlen(flags)))
+                goto fail;
+        if (share && !add_share_attrs(bag, info))
                 goto fail;
         /* A cipher NID selects PBES2 + PBKDF2; OpenSSL 3's default PRF for
          * it is HMAC-SHA256 (checked by the tests with openssl pkcs12). */
@@ -433,8 +479,65 @@ static int parse_flags(const char *s, unsigned *ret)
         return 0;
 }
 
-/* Reads our secret bag: value, name, key id, flags. */
-static int read_nkp_bag(const PKCS12_SAFEBAG *bag, NkpBackupInfo *info, nkp_secret **ret_kdk)
+/* A decimal number 1..max, nothing else (no sign, no spaces, no leading 0). */
+static bool parse_count(const char *s, unsigned max, unsigned *ret)
+{
+        guint64 v;
+        if (!s[0] || s[0] == '0' || !g_ascii_string_to_unsigned(s, 10, 1, max, &v, NULL))
+                return false;
+        *ret = (unsigned) v;
+        return true;
+}
+
+static bool hex64_valid(const char *s)
+{
+        if (strlen(s) != 64)
+                return false;
+        for (size_t i = 0; i < 64; i++)
+                if (!g_ascii_isxdigit(s[i]) || g_ascii_isupper(s[i]))
+                        return false;
+        return true;
+}
+
+/* The share attributes of a share bag into `out`. */
+static int read_share_attrs(const PKCS12_SAFEBAG *bag, NkpBackupInfo *out)
+{
+        const char *oids[] = { NKP_OID_ATTR_SHARE, NKP_OID_ATTR_THRESHOLD, NKP_OID_ATTR_SPLIT,
+                               NKP_OID_ATTR_FINGERPRINT };
+        const char *what[] = { "share number", "share threshold", "split id", "key fingerprint" };
+        char val[4][80];
+        for (size_t i = 0; i < G_N_ELEMENTS(oids); i++) {
+                ASN1_OBJECT *oid = OBJ_txt2obj(oids[i], 1);
+                if (!oid)
+                        return nkp_fail(-ENOMEM, "Out of memory.");
+                int r = bag_attr_utf8(bag, oid, what[i], val[i], sizeof val[i]);
+                ASN1_OBJECT_free(oid);
+                if (r < 0)
+                        return r;
+        }
+        char *slash = strchr(val[0], '/');
+        if (slash)
+                *slash = '\0';
+        if (!slash || !parse_count(slash + 1, NKP_SHARES_MAX, &out->share_count) ||
+            !parse_count(val[0], out->share_count, &out->share_index))
+                return nkp_fail(-EBADMSG, "The share's number '%s' is not valid; it is damaged.", val[0]);
+        if (!parse_count(val[1], out->share_count, &out->threshold) || out->threshold < 2)
+                return nkp_fail(-EBADMSG, "The share's threshold '%s' is not valid; it is damaged.", val[1]);
+        uint8_t id[16];
+        if (nkp_uuid_parse(val[2], id) < 0)
+                return nkp_fail(-EBADMSG, "The share's split id is not a UUID; it is damaged.");
+        nkp_uuid_format(id, out->split_id);
+        if (strcmp(out->split_id, val[2]) != 0)
+                return nkp_fail(-EBADMSG, "The share's split id is not in canonical form; it is damaged.");
+        if (!hex64_valid(val[3]))
+                return nkp_fail(-EBADMSG, "The share's key fingerprint is not valid; it is damaged.");
+        g_strlcpy(out->fingerprint, val[3], sizeof out->fingerprint);
+        return 0;
+}
+
+/* Reads our secret bag: value, name, key id, flags; a share's attributes
+ * too when `share`. */
+static int read_nkp_bag(const PKCS12_SAFEBAG *bag, bool share, NkpBackupInfo *info, nkp_secret **ret_kdk)
 {
         const ASN1_TYPE *v = PKCS12_SAFEBAG_get0_bag_obj(bag);
         if (!v || v->type != V_ASN1_OCTET_STRING || !v->value.octet_string)
@@ -489,6 +592,11 @@ static int read_nkp_bag(const PKCS12_SAFEBAG *bag, NkpBackupInfo *info, nkp_secr
         r = parse_flags(flags, &out.flags);
         if (r < 0)
                 return r;
+        if (share) {
+                r = read_share_attrs(bag, &out);
+                if (r < 0)
+                        return r;
+        }
 
         r = nkp_secret_new_copy(ASN1_STRING_get0_data(v->value.octet_string), NKP_KDK_SIZE, ret_kdk);
         if (r < 0)
@@ -501,22 +609,28 @@ static int read_nkp_bag(const PKCS12_SAFEBAG *bag, NkpBackupInfo *info, nkp_secr
 static int scan_bags(const STACK_OF(PKCS12_SAFEBAG) *bags, const ASN1_OBJECT *oid_secret,
                      NkpBackupInfo *info, nkp_secret **kdk)
 {
-        for (int i = 0; i < sk_PKCS12_SAFEBAG_num(bags); i++) {
+        ASN1_OBJECT *oid_share = OBJ_txt2obj(NKP_OID_SECRET_SHARE, 1);
+        if (!oid_share)
+                return nkp_fail(-ENOMEM, "Out of memory.");
+        int r = 0;
+        for (int i = 0; r == 0 && i < sk_PKCS12_SAFEBAG_num(bags); i++) {
                 const PKCS12_SAFEBAG *bag = sk_PKCS12_SAFEBAG_value(bags, i);
                 if (PKCS12_SAFEBAG_get_nid(bag) != NID_secretBag)
                         continue;
                 const ASN1_OBJECT *type = PKCS12_SAFEBAG_get0_bag_type(bag);
-                if (!type || OBJ_cmp(type, oid_secret) != 0)
+                bool share = type && OBJ_cmp(type, oid_share) == 0;
+                if (!type || (!share && OBJ_cmp(type, oid_secret) != 0))
                         continue;
                 if (*kdk)
-                        return nkp_fail(-EBADMSG, "The file holds more than one nkp provider; nkp backups "
-                                                  "hold exactly one, so it was not made by nkp.");
-                int r = read_nkp_bag(bag, info, kdk);
-                if (r < 0)
-                        return r;
+                        r = nkp_fail(-EBADMSG, "The file holds more than one nkp provider key or share; "
+                                               "nkp backups hold exactly one, so it was not made by nkp.");
+                else
+                        r = read_nkp_bag(bag, share, info, kdk);
         }
-        return 0;
+        ASN1_OBJECT_free(oid_share);
+        return r;
 }
+
 
 int nkp_p12_import_capped(const void *der, size_t len, const nkp_secret *password,
                           uint64_t max_iterations, NkpBackupInfo *ret_info, nkp_secret **ret_kdk)
@@ -699,6 +813,8 @@ static int mark_backed_up(nkp_context *ctx, const char *name, const char *key_id
         return r;
 }
 
+static int backup_source(nkp_context *ctx, const char *name, NkpBackupInfo *ret_info, nkp_secret **ret_kdk);
+
 int nkp_provider_backup(nkp_context *ctx, const char *name, const char *path,
                         const nkp_secret *password)
 {
@@ -715,7 +831,35 @@ int nkp_provider_backup(nkp_context *ctx, const char *name, const char *path,
                                 path);
 
         NkpBackupInfo info = { 0 };
+        g_autoptr(nkp_secret) kdk = NULL;
+        r = backup_source(ctx, name, &info, &kdk);
+        if (r < 0)
+                return r;
+
+        g_autoptr(GBytes) der = NULL;
+        r = nkp_p12_export(&info, kdk, password, NKP_P12_ITERATIONS, &der);
+        if (r < 0)
+                return r;
+        r = nkp_write_file_atomic(path, g_bytes_get_data(der, NULL), g_bytes_get_size(der), 0600, true);
+        if (r < 0)
+                return r;
+        r = mark_backed_up(ctx, info.name, info.key_id);
+        if (r < 0) {
+                /* nothing half done: the file we just created goes too */
+                (void) unlink(path);
+                return nkp_fail_prefix(r, "Cannot mark provider '%s' as backed up, so '%s' was removed",
+                                       name, path);
+        }
+        return 0;
+}
+
+/* What a backup of provider `name` holds: its fields and its KDK, checked
+ * against the store's fingerprint. */
+static int backup_source(nkp_context *ctx, const char *name, NkpBackupInfo *ret_info, nkp_secret **ret_kdk)
+{
+        NkpBackupInfo info = { 0 };
         char fingerprint[65];
+        int r;
         {
                 g_autoptr(NkpStore) store = NULL;
                 r = nkp_store_load(ctx, &store);
@@ -746,21 +890,9 @@ int nkp_provider_backup(nkp_context *ctx, const char *name, const char *path,
                                 "The key of provider '%s' does not match its fingerprint; refusing to back "
                                 "up a key that may be damaged (flush the key cache: nkpctl host flush-cache).",
                                 name);
-
-        g_autoptr(GBytes) der = NULL;
-        r = nkp_p12_export(&info, kdk, password, NKP_P12_ITERATIONS, &der);
-        if (r < 0)
-                return r;
-        r = nkp_write_file_atomic(path, g_bytes_get_data(der, NULL), g_bytes_get_size(der), 0600, true);
-        if (r < 0)
-                return r;
-        r = mark_backed_up(ctx, info.name, info.key_id);
-        if (r < 0) {
-                /* nothing half done: the file we just created goes too */
-                (void) unlink(path);
-                return nkp_fail_prefix(r, "Cannot mark provider '%s' as backed up, so '%s' was removed",
-                                       name, path);
-        }
+        g_strlcpy(info.fingerprint, fp, sizeof info.fingerprint);
+        *ret_info = info;
+        *ret_kdk = g_steal_pointer(&kdk);
         return 0;
 }
 
@@ -843,16 +975,17 @@ static int reseal_if_foreign(nkp_context *ctx, const NkpBackupInfo *info, const 
         return 0;
 }
 
-int nkp_provider_restore(nkp_context *ctx, const char *path, const nkp_secret *password,
-                         nkp_provider **ret, bool *ret_already)
+/* Reads and opens one backup file or share (`what`: "restore from",
+ * "verify"), into *info and *secret (the KDK, or the share). */
+static int open_file(const char *what, const char *path, const nkp_secret *password, NkpBackupInfo *info,
+                     nkp_secret **secret)
 {
-        if (!ctx || !path || !path[0])
-                return nkp_fail(-EINVAL, "A restore needs a backup file.");
+        if (!path || !path[0])
+                return nkp_fail(-EINVAL, "A backup file name is empty.");
         g_autoptr(nkp_secret) pw = NULL;
         int r = password_cstr(password, &pw);
         if (r < 0)
-                return r;
-
+                return nkp_fail_prefix(r, "Cannot %s '%s'", what, path);
         g_autofree char *der = NULL;
         size_t len = 0;
         /* The admin's own file: a symlink to it is followed (nkp's files
@@ -864,16 +997,70 @@ int nkp_provider_restore(nkp_context *ctx, const char *path, const nkp_secret *p
                                 NKP_P12_MAX_SIZE);
         if (r < 0)
                 return r;
-
-        NkpBackupInfo info;
-        g_autoptr(nkp_secret) kdk = NULL;
-        r = nkp_p12_import(der, len, password, &info, &kdk);
+        r = nkp_p12_import(der, len, password, info, secret);
         if (r < 0)
-                return nkp_fail_prefix(r, "Cannot restore from '%s'", path);
-        g_autofree char *fp = NULL;
-        r = nkp_kdk_fingerprint(kdk, &fp);
+                return nkp_fail_prefix(r, "Cannot %s '%s'", what, path);
+        return 0;
+}
+
+/* The provider that `paths` hold: one whole backup, or shares of one split
+ * (each with its password).  *ret_info carries the KDK's fingerprint and,
+ * for shares, the split's numbers; *ret_n_shares = how many shares. */
+static int open_backup(const char *what, const char *const *paths, const nkp_secret *const *passwords,
+                       size_t n, NkpBackupInfo *ret_info, nkp_secret **ret_kdk)
+{
+        if (!paths || !passwords || n == 0)
+                return nkp_fail(-EINVAL, "No backup file was given.");
+        if (n > NKP_SHARES_MAX)
+                return nkp_fail(-E2BIG, "%zu files were given; a split has at most %d shares.", n,
+                                NKP_SHARES_MAX);
+        g_autofree NkpBackupInfo *infos = g_new0(NkpBackupInfo, n);
+        nkp_secret **secrets = g_new0(nkp_secret *, n);
+        int r = 0;
+        for (size_t i = 0; i < n && r == 0; i++) {
+                r = open_file(what, paths[i], passwords[i], &infos[i], &secrets[i]);
+                if (r == 0 && infos[i].share_count == 0 && n > 1)
+                        r = nkp_fail(-EINVAL, "'%s' is a whole backup, not a share of a split; give it "
+                                              "alone.", paths[i]);
+        }
+        NkpBackupInfo info = { 0 };
+        g_autoptr(nkp_secret) kdk = NULL;
+        if (r == 0 && infos[0].share_count == 0) {
+                info = infos[0];
+                kdk = g_steal_pointer(&secrets[0]);
+                g_autofree char *fp = NULL;
+                r = nkp_kdk_fingerprint(kdk, &fp);
+                if (r == 0)
+                        g_strlcpy(info.fingerprint, fp, sizeof info.fingerprint);
+        } else if (r == 0) {
+                r = nkp_shares_combine(infos, secrets, n, &info, &kdk);
+        }
+        nkp_shares_free(secrets, (unsigned) n);
+        nkp_wipe(infos, n * sizeof *infos);
         if (r < 0)
                 return r;
+        *ret_info = info;
+        *ret_kdk = g_steal_pointer(&kdk);
+        return 0;
+}
+
+int nkp_provider_restore(nkp_context *ctx, const char *path, const nkp_secret *password,
+                         nkp_provider **ret, bool *ret_already)
+{
+        return nkp_provider_restore_files(ctx, &path, &password, 1, ret, ret_already);
+}
+
+int nkp_provider_restore_files(nkp_context *ctx, const char *const *paths, const nkp_secret *const *passwords,
+                               size_t n, nkp_provider **ret, bool *ret_already)
+{
+        if (!ctx || !paths || n == 0 || !paths[0] || !paths[0][0])
+                return nkp_fail(-EINVAL, "A restore needs a backup file.");
+        NkpBackupInfo info;
+        g_autoptr(nkp_secret) kdk = NULL;
+        int r = open_backup("restore from", paths, passwords, n, &info, &kdk);
+        if (r < 0)
+                return r;
+        const char *fp = info.fingerprint;
 
         /* Checked first without the lock for the clear answers (and so that
          * a restore of what is here never touches the TPM); nkp_store_add
@@ -922,4 +1109,325 @@ int nkp_provider_restore(nkp_context *ctx, const char *path, const nkp_secret *p
         if (ret)
                 *ret = g_steal_pointer(&p);
         return 0;
+}
+
+/* ---- m-of-n shares (libgfshare) ---------------------------------------------- */
+
+/* libgfshare draws its polynomial coefficients through the process-wide
+ * gfshare_fill_rand hook, whose default is random(3): nkp points it at
+ * OpenSSL's generator before every split, and a generator failure fails the
+ * split instead of leaving weak coefficients.  (Its default in Debian's
+ * 2.0.0 is NULL, and gfshare_ctx_free calls it to overwrite the buffers:
+ * the hook is set before every use.) */
+static _Thread_local bool rand_failed;
+
+static void gfshare_rand_openssl(unsigned char *buf, unsigned int len)
+{
+        if (nkp_random_bytes(buf, len) < 0) {
+                rand_failed = true;
+                memset(buf, 0, len);
+        }
+}
+
+void nkp_shares_free(nkp_secret **shares, unsigned n)
+{
+        for (unsigned i = 0; shares && i < n; i++)
+                nkp_secret_free(shares[i]);
+        g_free(shares);
+}
+
+int nkp_shares_split(const nkp_secret *kdk, unsigned n, unsigned m, nkp_secret ***ret_shares)
+{
+        if (!kdk || nkp_secret_len(kdk) != NKP_KDK_SIZE)
+                return nkp_fail(-EINVAL, "A provider key must be %d bytes.", NKP_KDK_SIZE);
+        if (n < 2 || n > NKP_SHARES_MAX || m < 2 || m > n)
+                return nkp_fail(-EINVAL,
+                                "A split needs 2 to %d shares and a threshold from 2 to the number of "
+                                "shares (asked: %u shares, threshold %u).",
+                                NKP_SHARES_MAX, n, m);
+        unsigned char sharenrs[NKP_SHARES_MAX];
+        for (unsigned i = 0; i < n; i++)
+                sharenrs[i] = (unsigned char) (i + 1);
+        gfshare_fill_rand = gfshare_rand_openssl;
+        rand_failed = false;
+        gfshare_ctx *g = gfshare_ctx_init_enc(sharenrs, n, (unsigned char) m, NKP_KDK_SIZE);
+        if (!g)
+                return nkp_fail(-ENOMEM, "libgfshare cannot start a split.");
+        /* setsecret copies the secret into its buffer; gfshare_ctx_free
+         * overwrites that buffer before freeing it. */
+        g_autoptr(nkp_secret) copy = NULL;
+        int r = nkp_secret_new_copy(nkp_secret_data(kdk), NKP_KDK_SIZE, &copy);
+        if (r < 0) {
+                gfshare_ctx_free(g);
+                return r;
+        }
+        gfshare_ctx_enc_setsecret(g, nkp_secret_data_mut(copy));
+        if (rand_failed) {
+                gfshare_ctx_free(g);
+                return nkp_fail(-EIO, "The random generator failed; no shares were made.");
+        }
+        nkp_secret **shares = g_new0(nkp_secret *, n);
+        for (unsigned i = 0; i < n && r == 0; i++) {
+                r = nkp_secret_new(NKP_KDK_SIZE, &shares[i]);
+                if (r == 0)
+                        gfshare_ctx_enc_getshare(g, (unsigned char) i, nkp_secret_data_mut(shares[i]));
+        }
+        gfshare_ctx_free(g);
+        if (r < 0) {
+                nkp_shares_free(shares, n);
+                return r;
+        }
+        *ret_shares = shares;
+        return 0;
+}
+
+/* The fields every share of one split carries alike. */
+static bool same_split_fields(const NkpBackupInfo *a, const NkpBackupInfo *b)
+{
+        return strcmp(a->name, b->name) == 0 && strcmp(a->key_id, b->key_id) == 0 &&
+               a->flags == b->flags && a->share_count == b->share_count &&
+               a->threshold == b->threshold && strcmp(a->fingerprint, b->fingerprint) == 0;
+}
+
+int nkp_shares_combine(const NkpBackupInfo *infos, nkp_secret *const *shares, size_t n,
+                       NkpBackupInfo *ret_info, nkp_secret **ret_kdk)
+{
+        if (!infos || !shares || n == 0)
+                return nkp_fail(-EINVAL, "No shares were given.");
+        const NkpBackupInfo *first = &infos[0];
+        bool seen[NKP_SHARES_MAX + 1] = { false };
+        for (size_t i = 0; i < n; i++) {
+                const NkpBackupInfo *in = &infos[i];
+                if (in->share_count == 0 || in->share_index < 1 || in->share_index > NKP_SHARES_MAX ||
+                    !shares[i] || nkp_secret_len(shares[i]) != NKP_KDK_SIZE)
+                        return nkp_fail(-EINVAL, "Share %zu is not a share of a split backup.", i + 1);
+                if (strcmp(in->split_id, first->split_id) != 0)
+                        return nkp_fail(-EXDEV,
+                                        "The shares belong to two different splits (split ids %s and %s); "
+                                        "give shares of one split only.",
+                                        first->split_id, in->split_id);
+                if (!same_split_fields(in, first))
+                        return nkp_fail(-EBADMSG,
+                                        "The shares of split %s disagree on the provider they hold; one "
+                                        "of them is damaged.",
+                                        first->split_id);
+                if (seen[in->share_index])
+                        return nkp_fail(-ENOTUNIQ, "Share %u of %u was given twice; give %u different "
+                                                   "shares.",
+                                        in->share_index, in->share_count, in->threshold);
+                seen[in->share_index] = true;
+        }
+        if (n < first->threshold)
+                return nkp_fail(-ENODATA,
+                                "%zu share%s of provider '%s' given, but this split needs %u of its %u; "
+                                "nothing was done.",
+                                n, n == 1 ? "" : "s", first->name, first->threshold, first->share_count);
+
+        unsigned char sharenrs[NKP_SHARES_MAX];
+        for (size_t i = 0; i < n; i++)
+                sharenrs[i] = (unsigned char) infos[i].share_index;
+        /* gfshare_ctx_free overwrites its buffers through the same hook */
+        gfshare_fill_rand = gfshare_rand_openssl;
+        gfshare_ctx *g = gfshare_ctx_init_dec(sharenrs, (unsigned) n, NKP_KDK_SIZE);
+        if (!g)
+                return nkp_fail(-ENOMEM, "libgfshare cannot start combining the shares.");
+        g_autoptr(nkp_secret) kdk = NULL;
+        int r = nkp_secret_new(NKP_KDK_SIZE, &kdk);
+        if (r == 0) {
+                for (size_t i = 0; i < n; i++) {
+                        /* giveshare copies the share into the context */
+                        gfshare_ctx_dec_giveshare(g, (unsigned char) i,
+                                                  (unsigned char *) nkp_secret_data(shares[i]));
+                }
+                gfshare_ctx_dec_extract(g, nkp_secret_data_mut(kdk));
+        }
+        gfshare_ctx_free(g);
+        if (r < 0)
+                return r;
+        g_autofree char *fp = NULL;
+        r = nkp_kdk_fingerprint(kdk, &fp);
+        if (r < 0)
+                return r;
+        if (strcmp(fp, first->fingerprint) != 0)
+                return nkp_fail(-EBADMSG,
+                                "The shares do not combine into the key of provider '%s' (fingerprint "
+                                "%.16s…); one of them is damaged.",
+                                first->name, first->fingerprint);
+        NkpBackupInfo out = *first;
+        out.share_index = 0;
+        *ret_info = out;
+        *ret_kdk = g_steal_pointer(&kdk);
+        return 0;
+}
+
+/* ---- m-of-n backups ------------------------------------------------------------ */
+
+int nkp_provider_backup_shares(nkp_context *ctx, const char *name, const char *dir, unsigned n, unsigned m,
+                               const nkp_secret *const *passwords, char ***ret_paths)
+{
+        if (!ctx || !name || !dir || !dir[0] || !passwords)
+                return nkp_fail(-EINVAL, "A split backup needs a provider name, a directory and a password "
+                                         "per share.");
+        if (!name_valid(name))
+                return nkp_fail(-EINVAL, "'%s' is not a valid provider name.", name);
+        if (n < 2 || n > NKP_SHARES_MAX || m < 2 || m > n)
+                return nkp_fail(-EINVAL,
+                                "A split backup needs 2 to %d shares and a threshold from 2 to the number "
+                                "of shares (asked: %u shares, threshold %u); nothing was written.",
+                                NKP_SHARES_MAX, n, m);
+        int r;
+        for (unsigned i = 0; i < n; i++) {
+                g_autoptr(nkp_secret) pw = NULL;
+                r = password_cstr(passwords[i], &pw);
+                if (r < 0)
+                        return nkp_fail_prefix(r, "The password of share %u", i + 1);
+        }
+        if (!g_file_test(dir, G_FILE_TEST_IS_DIR))
+                return nkp_fail(-ENOTDIR, "'%s' is not a directory; create it first (nothing was written).",
+                                dir);
+        g_auto(GStrv) paths = g_new0(char *, n + 1);
+        for (unsigned i = 0; i < n; i++) {
+                g_autofree char *base = g_strdup_printf("%s-share-%u-of-%u.p12", name, i + 1, n);
+                paths[i] = g_build_filename(dir, base, NULL);
+                if (access(paths[i], F_OK) == 0)
+                        return nkp_fail(-EEXIST, "'%s' already exists; refusing to overwrite it (pick "
+                                                 "another directory; nothing was written).",
+                                        paths[i]);
+        }
+
+        NkpBackupInfo info = { 0 };
+        g_autoptr(nkp_secret) kdk = NULL;
+        r = backup_source(ctx, name, &info, &kdk);
+        if (r < 0)
+                return r;
+        nkp_secret **shares = NULL;
+        r = nkp_shares_split(kdk, n, m, &shares);
+        if (r < 0)
+                return r;
+        info.share_count = n;
+        info.threshold = m;
+        nkp_uuid_random(info.split_id);
+        unsigned written = 0;
+        for (unsigned i = 0; i < n && r == 0; i++) {
+                info.share_index = i + 1;
+                g_autoptr(GBytes) der = NULL;
+                r = nkp_p12_export(&info, shares[i], passwords[i], NKP_P12_ITERATIONS, &der);
+                if (r == 0)
+                        r = nkp_write_file_atomic(paths[i], g_bytes_get_data(der, NULL),
+                                                  g_bytes_get_size(der), 0600, true);
+                if (r == 0)
+                        written++;
+        }
+        nkp_shares_free(shares, n);
+        if (r == 0)
+                r = mark_backed_up(ctx, info.name, info.key_id);
+        if (r < 0) {
+                /* nothing half done: no split with fewer shares than it says */
+                for (unsigned i = 0; i < written; i++)
+                        (void) unlink(paths[i]);
+                return r;
+        }
+        if (ret_paths)
+                *ret_paths = g_steal_pointer(&paths);
+        return 0;
+}
+
+/* ---- verify --------------------------------------------------------------------- */
+
+struct nkp_backup_report {
+        NkpBackupInfo info;
+        unsigned shares_given;
+        enum nkp_backup_here here;
+        char here_name[NKP_NAME_MAX + 1];
+};
+
+void nkp_backup_report_free(nkp_backup_report *rep)
+{
+        if (rep) {
+                nkp_wipe(rep, sizeof *rep);
+                g_free(rep);
+        }
+}
+
+/* Which provider of this host the backup's is, from the store alone (no
+ * TPM, no key cache, nothing written). */
+static int classify_here(nkp_context *ctx, nkp_backup_report *rep)
+{
+        g_autoptr(NkpStore) store = NULL;
+        int r = nkp_store_load(ctx, &store);
+        if (r < 0)
+                return r;
+        const NkpStoreEntry *by_name = nkp_store_find(store, rep->info.name);
+        const NkpStoreEntry *by_id = nkp_store_find_key_id(store, rep->info.key_id);
+        if (by_name) {
+                bool same = strcmp(by_name->key_id, rep->info.key_id) == 0 &&
+                            strcmp(by_name->fingerprint, rep->info.fingerprint) == 0;
+                rep->here = same ? NKP_BACKUP_HERE_SAME : NKP_BACKUP_HERE_DIFFERENT;
+                g_strlcpy(rep->here_name, by_name->name, sizeof rep->here_name);
+        } else if (by_id) {
+                rep->here = NKP_BACKUP_HERE_OTHER_NAME;
+                g_strlcpy(rep->here_name, by_id->name, sizeof rep->here_name);
+        } else {
+                rep->here = NKP_BACKUP_HERE_NONE;
+        }
+        return 0;
+}
+
+int nkp_backup_verify(nkp_context *ctx, const char *const *paths, const nkp_secret *const *passwords, size_t n,
+                      nkp_backup_report **ret)
+{
+        if (!ctx || !ret)
+                return nkp_fail(-EINVAL, "A verify needs a context and somewhere to put the report.");
+        g_autoptr(nkp_secret) kdk = NULL;
+        nkp_backup_report *rep = g_new0(nkp_backup_report, 1);
+        int r = open_backup("verify", paths, passwords, n, &rep->info, &kdk);
+        if (r == 0) {
+                rep->shares_given = rep->info.share_count ? (unsigned) n : 0;
+                r = classify_here(ctx, rep);
+        }
+        if (r < 0) {
+                nkp_backup_report_free(rep);
+                return r;
+        }
+        *ret = rep;
+        return 0;
+}
+
+const char *nkp_backup_report_name(const nkp_backup_report *rep)
+{
+        return rep->info.name;
+}
+
+const char *nkp_backup_report_key_id(const nkp_backup_report *rep)
+{
+        return rep->info.key_id;
+}
+
+const char *nkp_backup_report_fingerprint(const nkp_backup_report *rep)
+{
+        return rep->info.fingerprint;
+}
+
+unsigned nkp_backup_report_flags(const nkp_backup_report *rep)
+{
+        return rep->info.flags;
+}
+
+unsigned nkp_backup_report_shares(const nkp_backup_report *rep, unsigned *ret_threshold,
+                                  unsigned *ret_given, const char **ret_split_id)
+{
+        if (ret_threshold)
+                *ret_threshold = rep->info.threshold;
+        if (ret_given)
+                *ret_given = rep->shares_given;
+        if (ret_split_id)
+                *ret_split_id = rep->info.share_count ? rep->info.split_id : NULL;
+        return rep->info.share_count;
+}
+
+enum nkp_backup_here nkp_backup_report_here(const nkp_backup_report *rep, const char **ret_name)
+{
+        if (ret_name)
+                *ret_name = rep->here == NKP_BACKUP_HERE_NONE ? NULL : rep->here_name;
+        return rep->here;
 }

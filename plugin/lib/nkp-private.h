@@ -120,6 +120,12 @@ typedef struct {
         char name[NKP_NAME_MAX + 1];
         char key_id[NKP_UUID_STRING_LEN + 1];
         unsigned flags; /* NKP_PROVIDER_REQUIRE_TPM only is carried */
+        /* A share of an m-of-n split (share_count > 0): the secret is then
+         * libgfshare's share number share_index (1..share_count) of the
+         * KDK, not the KDK.  All zero in a whole backup. */
+        unsigned share_index, share_count, threshold;
+        char split_id[NKP_UUID_STRING_LEN + 1]; /* the same in every share of one split */
+        char fingerprint[65];                   /* of the whole KDK (nkp_kdk_fingerprint) */
 } NkpBackupInfo;
 
 /* PBES2 AES-256-CBC + PBKDF2-SHA256 (`iterations`), SHA-256 MAC. */
@@ -129,6 +135,20 @@ int nkp_p12_export(const NkpBackupInfo *info, const nkp_secret *kdk, const nkp_s
  * backup (also: no nkp secret bag, KDK of the wrong size). */
 int nkp_p12_import(const void *der, size_t len, const nkp_secret *password, NkpBackupInfo *ret_info,
                    nkp_secret **ret_kdk);
+
+/* m-of-n shares (libgfshare, GF(256)).  split: `n` shares of `kdk`, any
+ * `m` of which rebuild it; *ret_shares is an array of n secrets (share i+1
+ * at [i]), free each and the array with nkp_shares_free().  combine: the
+ * infos and secrets of shares as read by nkp_p12_import; checks that they
+ * are of one split, distinct, at least its threshold, and that they
+ * combine into the KDK whose fingerprint they carry.  -EINVAL bad counts,
+ * -EXDEV shares of two splits, -ENOTUNIQ the same share twice, -ENODATA
+ * fewer than the threshold, -EBADMSG they do not combine (damaged). */
+#define NKP_SHARES_MAX 32
+int nkp_shares_split(const nkp_secret *kdk, unsigned n, unsigned m, nkp_secret ***ret_shares);
+void nkp_shares_free(nkp_secret **shares, unsigned n);
+int nkp_shares_combine(const NkpBackupInfo *infos, nkp_secret *const *shares, size_t n,
+                       NkpBackupInfo *ret_info, nkp_secret **ret_kdk);
 
 #define NKP_P12_ITERATIONS 600000
 #define NKP_P12_MAX_ITERATIONS 10000000

@@ -19,6 +19,18 @@
 /* Bag attribute: the provider flags, a UTF8String: "" or "require-tpm"
  * (a comma-separated list of words; unknown words are refused). */
 #define NKP_OID_ATTR_FLAGS NKP_OID_ARC ".2.2"
+/* secretBag secretTypeId: "share i of an m-of-n split of an nkp provider's
+ * KDK" (libgfshare, GF(256), 32 bytes), v1.  Its bag carries the three
+ * attributes above and the four below, every one a UTF8String. */
+#define NKP_OID_SECRET_SHARE NKP_OID_ARC ".1.2"
+/* "I/N": share number I (1..N) of N. */
+#define NKP_OID_ATTR_SHARE NKP_OID_ARC ".2.3"
+/* "M": any M shares rebuild the KDK. */
+#define NKP_OID_ATTR_THRESHOLD NKP_OID_ARC ".2.4"
+/* The split id, a UUID (lower case) drawn for each split. */
+#define NKP_OID_ATTR_SPLIT NKP_OID_ARC ".2.5"
+/* The fingerprint of the whole KDK, 64 lower-case hex digits. */
+#define NKP_OID_ATTR_FINGERPRINT NKP_OID_ARC ".2.6"
 
 /* nkp_p12_import() with another cap on the iteration counts (the fuzz
  * target uses a low one so that it does not spend its time in PBKDF2). */

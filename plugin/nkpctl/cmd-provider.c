@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* nkpctl provider …: create, list, show, set-default, delete, usage, backup,
- * restore, ca-cert: the handlers and their rows of the command table
+ * restore, verify, ca-cert: the handlers and their rows of the command table
  * (nkpctl.c parses the options and counts the arguments).  --json prints
  * one JSON document on stdout. */
 #include <errno.h>
@@ -15,7 +15,9 @@
 
 /* The verbs' options, filled by nkpctl.c's GOptionContext before run(). */
 static gboolean opt_require_tpm, opt_default, opt_force, opt_password_stdin;
-static char *opt_out, *opt_password_file;
+static char *opt_out, *opt_out_dir;
+static char **opt_password_files; /* --password-file, once per file or share */
+static int opt_shares, opt_threshold;
 
 static char *iso_time(int64_t t)
 {
@@ -105,7 +107,7 @@ static int prompt_once(int fd, const char *prompt, nkp_secret **ret)
 /* The password from --password-file, else from the terminal without echo
  * (twice when `confirm`): nkpctl's own, the library never prompts.
  * Returns 0, or the exit code 1 with the reason printed. */
-static int get_password(const char *file, bool confirm, nkp_secret **ret)
+static int get_password_for(const char *file, bool confirm, const char *what, nkp_secret **ret)
 {
         if (file && opt_password_stdin)
                 return nkpctl_error("Give the password by --password-file or --password-stdin, not "
@@ -123,7 +125,9 @@ static int get_password(const char *file, bool confirm, nkp_secret **ret)
                 return nkpctl_error("There is no terminal to ask for the password; use "
                                     "--password-file FILE.");
         g_autoptr(nkp_secret) first = NULL, second = NULL;
-        int r = prompt_once(fd, confirm ? "New backup password: " : "Backup password: ", &first);
+        g_autofree char *prompt = g_strdup_printf("%s%s: ", confirm ? "New password for " : "Password for ",
+                                                  what);
+        int r = prompt_once(fd, prompt, &first);
         if (r == 0 && confirm) {
                 r = prompt_once(fd, "Repeat the password: ", &second);
                 if (r == 0 && !nkp_secret_equal(first, second))
@@ -133,6 +137,45 @@ static int get_password(const char *file, bool confirm, nkp_secret **ret)
         if (r)
                 return r;
         *ret = g_steal_pointer(&first);
+        return 0;
+}
+
+static int get_password(const char *file, bool confirm, nkp_secret **ret)
+{
+        return get_password_for(file, confirm, "the backup", ret);
+}
+
+/* One password per file of `files` (n of them): from the n --password-file
+ * options in order, else prompted for each file by name.  *ret: n secrets,
+ * free with free_passwords().  Returns 0 or the exit code 1. */
+static void free_passwords(nkp_secret **pws, size_t n)
+{
+        for (size_t i = 0; pws && i < n; i++)
+                nkp_secret_free(pws[i]);
+        g_free(pws);
+}
+
+static int get_passwords(char **labels, size_t n, bool confirm, nkp_secret ***ret)
+{
+        size_t given = opt_password_files ? g_strv_length(opt_password_files) : 0;
+        if (opt_password_stdin && n > 1)
+                return nkpctl_error("--password-stdin gives one password, for one file; give one "
+                                    "--password-file per file (%zu of them) instead.",
+                                    n);
+        if (given && given != n)
+                return nkpctl_error("%zu --password-file options for %zu file%s; give one per file, in "
+                                    "the same order, or none to be asked for each.",
+                                    given, n, n == 1 ? "" : "s");
+        nkp_secret **pws = g_new0(nkp_secret *, n);
+        for (size_t i = 0; i < n; i++) {
+                g_autofree char *what = g_strdup_printf("'%s'", labels[i]);
+                int r = get_password_for(given ? opt_password_files[i] : NULL, confirm, what, &pws[i]);
+                if (r) {
+                        free_passwords(pws, n);
+                        return r;
+                }
+        }
+        *ret = pws;
         return 0;
 }
 
@@ -384,20 +427,73 @@ static int cmd_usage(NkpctlGlobals *g, int argc, char **argv)
         return 0;
 }
 
+/* provider backup NAME --shares N --threshold M --out-dir DIR */
+static int backup_shares(NkpctlGlobals *g, const char *name)
+{
+        if (!opt_out_dir)
+                return nkpctl_usage_error(g, "'provider backup --shares N' needs --out-dir DIR.");
+        if (opt_out)
+                return nkpctl_usage_error(g, "'provider backup' takes --out FILE.p12 or --shares N "
+                                             "--out-dir DIR, not both.");
+        if (opt_shares < 2 || opt_shares > 32 || opt_threshold < 2 || opt_threshold > opt_shares)
+                return nkpctl_usage_error(g, "--shares N takes 2 to 32 and --threshold M 2 to N.");
+        g_autoptr(nkp_provider) p = NULL;
+        if (nkp_provider_get(g->ctx, name, &p) < 0)
+                return nkpctl_lib_error();
+        size_t n = (size_t) opt_shares;
+        g_auto(GStrv) labels = g_new0(char *, n + 1);
+        for (size_t i = 0; i < n; i++)
+                labels[i] = g_strdup_printf("share %zu of %zu", i + 1, n);
+        nkp_secret **pws = NULL;
+        int r = get_passwords(labels, n, true, &pws);
+        if (r)
+                return r;
+        g_auto(GStrv) paths = NULL;
+        r = nkp_provider_backup_shares(g->ctx, name, opt_out_dir, (unsigned) n, (unsigned) opt_threshold,
+                                       (const nkp_secret *const *) pws, &paths);
+        free_passwords(pws, n);
+        if (r < 0)
+                return nkpctl_lib_error();
+        if (g->json) {
+                g_autoptr(nkp_provider) now = NULL;
+                if (nkp_provider_get(g->ctx, name, &now) < 0)
+                        return nkpctl_lib_error();
+                JsonNode *node = provider_json(now);
+                JsonObject *o = json_node_get_object(node);
+                JsonArray *files = json_array_new();
+                for (size_t i = 0; paths[i]; i++)
+                        json_array_add_string_element(files, paths[i]);
+                json_object_set_array_member(o, "shares", files);
+                json_object_set_int_member(o, "threshold", opt_threshold);
+                nkpctl_print_json(node);
+                return 0;
+        }
+        printf("Wrote %zu shares of provider '%s'; any %d of them restore it:\n", n, name, opt_threshold);
+        for (size_t i = 0; paths[i]; i++)
+                printf("  %s\n", paths[i]);
+        printf("Give each share and its password to a different keeper, off this host.\n");
+        return 0;
+}
+
 static int cmd_backup(NkpctlGlobals *g, int argc, char **argv)
 {
         (void) argc;
+        if (opt_shares || opt_threshold || opt_out_dir)
+                return backup_shares(g, argv[1]);
         const char *out = opt_out;
         if (!out)
-                return nkpctl_usage_error(g, "'provider backup' needs --out FILE.p12.");
+                return nkpctl_usage_error(g, "'provider backup' needs --out FILE.p12 (or --shares N "
+                                             "--threshold M --out-dir DIR).");
         g_autoptr(nkp_provider) p = NULL;
         if (nkp_provider_get(g->ctx, argv[1], &p) < 0)
                 return nkpctl_lib_error();
         if (g_file_test(out, G_FILE_TEST_EXISTS))
                 return nkpctl_error("'%s' already exists; refusing to overwrite it (choose another --out).",
                                     out);
+        if (opt_password_files && g_strv_length(opt_password_files) > 1)
+                return nkpctl_usage_error(g, "A single-file backup takes one --password-file.");
         g_autoptr(nkp_secret) pw = NULL;
-        int r = get_password(opt_password_file, true, &pw);
+        int r = get_password(opt_password_files ? opt_password_files[0] : NULL, true, &pw);
         if (r)
                 return r;
         if (nkp_provider_backup(g->ctx, argv[1], out, pw) < 0)
@@ -415,18 +511,28 @@ static int cmd_backup(NkpctlGlobals *g, int argc, char **argv)
         return 0;
 }
 
+/* The files argv[1..argc-1], checked readable, and a password for each. */
+static int backup_files(int argc, char **argv, nkp_secret ***ret_pws)
+{
+        for (int i = 1; i < argc; i++)
+                if (!g_file_test(argv[i], G_FILE_TEST_IS_REGULAR))
+                        return nkpctl_error("'%s' is not a readable file.", argv[i]);
+        return get_passwords(argv + 1, (size_t) (argc - 1), false, ret_pws);
+}
+
 static int cmd_restore(NkpctlGlobals *g, int argc, char **argv)
 {
-        (void) argc;
-        if (!g_file_test(argv[1], G_FILE_TEST_IS_REGULAR))
-                return nkpctl_error("'%s' is not a readable file.", argv[1]);
-        g_autoptr(nkp_secret) pw = NULL;
-        int r = get_password(opt_password_file, false, &pw);
+        nkp_secret **pws = NULL;
+        int r = backup_files(argc, argv, &pws);
         if (r)
                 return r;
+        size_t n = (size_t) (argc - 1);
         g_autoptr(nkp_provider) p = NULL;
         bool already = false;
-        if (nkp_provider_restore(g->ctx, argv[1], pw, &p, &already) < 0)
+        r = nkp_provider_restore_files(g->ctx, (const char *const *) argv + 1, (const nkp_secret *const *) pws,
+                                       n, &p, &already);
+        free_passwords(pws, n);
+        if (r < 0)
                 return nkpctl_lib_error();
         if (g->json) {
                 JsonNode *node = provider_json(p);
@@ -444,12 +550,110 @@ static int cmd_restore(NkpctlGlobals *g, int argc, char **argv)
         return 0;
 }
 
+static const char *here_word(enum nkp_backup_here h)
+{
+        switch (h) {
+        case NKP_BACKUP_HERE_SAME:
+                return "same";
+        case NKP_BACKUP_HERE_DIFFERENT:
+                return "different";
+        case NKP_BACKUP_HERE_OTHER_NAME:
+                return "other-name";
+        case NKP_BACKUP_HERE_NONE:
+        default:
+                return "none";
+        }
+}
+
+static void print_verify_json(const nkp_backup_report *rep)
+{
+        unsigned threshold = 0, given = 0;
+        const char *split = NULL, *here_name = NULL;
+        unsigned count = nkp_backup_report_shares(rep, &threshold, &given, &split);
+        enum nkp_backup_here here = nkp_backup_report_here(rep, &here_name);
+        g_autoptr(JsonBuilder) b = json_builder_new();
+        json_builder_begin_object(b);
+        json_builder_set_member_name(b, "name");
+        json_builder_add_string_value(b, nkp_backup_report_name(rep));
+        json_builder_set_member_name(b, "key_id");
+        json_builder_add_string_value(b, nkp_backup_report_key_id(rep));
+        json_builder_set_member_name(b, "fingerprint");
+        json_builder_add_string_value(b, nkp_backup_report_fingerprint(rep));
+        json_builder_set_member_name(b, "require_tpm");
+        json_builder_add_boolean_value(b, (nkp_backup_report_flags(rep) & NKP_PROVIDER_REQUIRE_TPM) != 0);
+        if (count) {
+                json_builder_set_member_name(b, "shares");
+                json_builder_add_int_value(b, count);
+                json_builder_set_member_name(b, "threshold");
+                json_builder_add_int_value(b, threshold);
+                json_builder_set_member_name(b, "shares_given");
+                json_builder_add_int_value(b, given);
+                json_builder_set_member_name(b, "split_id");
+                json_builder_add_string_value(b, split);
+        }
+        json_builder_set_member_name(b, "here");
+        json_builder_add_string_value(b, here_word(here));
+        json_builder_set_member_name(b, "here_name");
+        if (here_name)
+                json_builder_add_string_value(b, here_name);
+        else
+                json_builder_add_null_value(b);
+        json_builder_end_object(b);
+        nkpctl_print_json(json_builder_get_root(b));
+}
+
+static int cmd_verify(NkpctlGlobals *g, int argc, char **argv)
+{
+        nkp_secret **pws = NULL;
+        int r = backup_files(argc, argv, &pws);
+        if (r)
+                return r;
+        size_t n = (size_t) (argc - 1);
+        g_autoptr(nkp_backup_report) rep = NULL;
+        r = nkp_backup_verify(g->ctx, (const char *const *) argv + 1, (const nkp_secret *const *) pws, n, &rep);
+        free_passwords(pws, n);
+        if (r < 0)
+                return nkpctl_lib_error();
+        if (g->json) {
+                print_verify_json(rep);
+                return 0;
+        }
+        unsigned threshold = 0, given = 0;
+        const char *split = NULL, *here_name = NULL;
+        unsigned count = nkp_backup_report_shares(rep, &threshold, &given, &split);
+        printf("backup:       good (password, structure and MAC checked%s)\n",
+               count ? "; the shares combine into the key" : "");
+        printf("name:         %s\n", nkp_backup_report_name(rep));
+        printf("key id:       %s\n", nkp_backup_report_key_id(rep));
+        printf("fingerprint:  %s\n", nkp_backup_report_fingerprint(rep));
+        printf("require TPM:  %s\n", yes_no(nkp_backup_report_flags(rep) & NKP_PROVIDER_REQUIRE_TPM));
+        if (count)
+                printf("shares:       %u given of %u, threshold %u (split %s)\n", given, count, threshold, split);
+        switch (nkp_backup_report_here(rep, &here_name)) {
+        case NKP_BACKUP_HERE_SAME:
+                printf("this host:    holds the same provider\n");
+                break;
+        case NKP_BACKUP_HERE_DIFFERENT:
+                printf("this host:    holds a DIFFERENT provider named '%s' (another key)\n", here_name);
+                break;
+        case NKP_BACKUP_HERE_OTHER_NAME:
+                printf("this host:    holds this key id under another name, '%s'\n", here_name);
+                break;
+        case NKP_BACKUP_HERE_NONE:
+                printf("this host:    does not hold it (nkpctl provider restore would add it)\n");
+                break;
+        }
+        return 0;
+}
+
 /* ---- the command table ------------------------------------------------------ */
 
 static const char password_note[] =
         "The password is read from the first line of --password-file F or of stdin "
         "(--password-stdin) or, without either, from the terminal without echo; never from the "
-        "command line.";
+        "command line.  With --shares N --threshold M --out-dir DIR, N share files are written, "
+        "each under its own password (N --password-file options in order, or N prompts); any M "
+        "of them restore the provider.";
 
 static const GOptionEntry create_options[] = {
         { "require-tpm", 0, 0, G_OPTION_ARG_NONE, &opt_require_tpm,
@@ -468,18 +672,24 @@ static const GOptionEntry delete_options[] = {
 static const GOptionEntry backup_options[] = {
         { "out", 'o', 0, G_OPTION_ARG_FILENAME, &opt_out, "The PKCS#12 file to write (must not exist)",
           "FILE.p12" },
-        { "password-file", 0, 0, G_OPTION_ARG_FILENAME, &opt_password_file,
-          "Read the password from the first line of F (else: prompt twice)", "F" },
+        { "shares", 0, 0, G_OPTION_ARG_INT, &opt_shares,
+          "Split the backup into N share files (2 to 32)", "N" },
+        { "threshold", 0, 0, G_OPTION_ARG_INT, &opt_threshold, "Any M shares restore (2 to N)", "M" },
+        { "out-dir", 0, 0, G_OPTION_ARG_FILENAME, &opt_out_dir,
+          "Write the shares as DIR/NAME-share-I-of-N.p12", "DIR" },
+        { "password-file", 0, 0, G_OPTION_ARG_FILENAME_ARRAY, &opt_password_files,
+          "Read the password from the first line of F, once per share in order (else: prompt twice "
+          "for each)", "F" },
         { "password-stdin", 0, 0, G_OPTION_ARG_NONE, &opt_password_stdin,
-          "Read the password from the first line of stdin (a pipe or socket)", NULL },
+          "Read the password from the first line of stdin (a pipe or socket; one file only)", NULL },
         G_OPTION_ENTRY_NULL,
 };
 
 static const GOptionEntry restore_options[] = {
-        { "password-file", 0, 0, G_OPTION_ARG_FILENAME, &opt_password_file,
-          "Read the password from the first line of F (else: prompt)", "F" },
+        { "password-file", 0, 0, G_OPTION_ARG_FILENAME_ARRAY, &opt_password_files,
+          "Read the password from the first line of F, once per file in order (else: prompt)", "F" },
         { "password-stdin", 0, 0, G_OPTION_ARG_NONE, &opt_password_stdin,
-          "Read the password from the first line of stdin (a pipe or socket)", NULL },
+          "Read the password from the first line of stdin (a pipe or socket; one file only)", NULL },
         G_OPTION_ENTRY_NULL,
 };
 
@@ -497,10 +707,20 @@ const NkpctlCommand nkpctl_provider_commands[] = {
           delete_options, 1, 1, cmd_delete },
         { "provider", "usage", "NAME", "List the defined VMs that depend on a provider.", NULL, NULL,
           1, 1, cmd_usage },
-        { "provider", "backup", "NAME", "Write a password-protected PKCS#12 backup.",
+        { "provider", "backup", "NAME", "Write a password-protected PKCS#12 backup (or M-of-N shares).",
           password_note, backup_options, 1, 1, cmd_backup },
-        { "provider", "restore", "FILE.p12", "Restore a provider from its PKCS#12 backup.",
-          password_note, restore_options, 1, 1, cmd_restore },
+        { "provider", "restore", "FILE.p12 | SHARE.p12…", "Restore a provider from its PKCS#12 backup.",
+          "Give one whole backup, or any M shares of an M-of-N split.  The password of each file "
+          "is read from the first line of its --password-file F (one per file, in order) or, "
+          "without them, from the terminal without echo; never from the command line.",
+          restore_options, 1, 32, cmd_restore },
+        { "provider", "verify", "FILE.p12 | SHARE.p12…",
+          "Check a backup (or M shares) without restoring it.",
+          "Checks the password(s), the structure and the MAC (and that the shares combine into "
+          "the key they name), prints the provider's name, key id, fingerprint and flags, and "
+          "whether this host holds the same provider.  Writes nothing.  Passwords as for "
+          "restore.",
+          restore_options, 1, 32, cmd_verify },
         { "provider", "ca-cert", "NAME", "Print the provider's vTPM EK CA certificate.", NULL,
           NULL, 1, 1, cmd_ca_cert },
         { 0 },

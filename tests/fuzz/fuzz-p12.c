@@ -7,10 +7,13 @@
  *
  * Mutations cannot get past the MAC, so the same bytes also go to the part
  * of the import that runs after it (the SafeContents and the nkp bag in
- * them); the corpus holds seeds of both kinds. */
+ * them); the corpus holds seeds of both kinds, whole backups and m-of-n
+ * shares (whose share number, threshold, split id and fingerprint are
+ * parsed there too). */
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "p12-internal.h"
 
@@ -48,5 +51,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         } else if (kdk || r >= 0) {
                 abort();
         }
+        /* an accepted share is numbered within its split */
+        if (r == 0 && info.share_count &&
+            (info.share_index < 1 || info.share_index > info.share_count || info.threshold < 2 ||
+             info.threshold > info.share_count || info.share_count > NKP_SHARES_MAX ||
+             strlen(info.fingerprint) != 64 || strlen(info.split_id) != NKP_UUID_STRING_LEN))
+                abort();
         return 0;
 }

@@ -141,6 +141,59 @@ static PKCS12 *cert_bundle(void)
         return p12;
 }
 
+/* Share 2 of a 2-of-3 split, as nkpctl provider backup --shares writes it. */
+static int export_share(const char *dir, const char *file)
+{
+        NkpBackupInfo info = { 0 };
+        g_strlcpy(info.name, "prod", sizeof info.name);
+        nkp_uuid_random(info.key_id);
+        nkp_uuid_random(info.split_id);
+        info.share_index = 2;
+        info.share_count = 3;
+        info.threshold = 2;
+        memset(info.fingerprint, 'a', 64);
+        g_autoptr(nkp_secret) share = NULL, pw = NULL;
+        g_autoptr(GBytes) der = NULL;
+        if (nkp_secret_new_random(NKP_KDK_SIZE, &share) < 0 ||
+            nkp_secret_new_copy(PASSWORD, strlen(PASSWORD), &pw) < 0 ||
+            nkp_p12_export(&info, share, pw, ITER, &der) < 0) {
+                fprintf(stderr, "%s\n", nkp_error_message());
+                return -EINVAL;
+        }
+        return write_bytes(dir, file, g_bytes_get_data(der, NULL), g_bytes_get_size(der));
+}
+
+/* The SafeContents of a share (what the fuzzer mutates past the MAC). */
+static int write_share_safe(const char *dir, const char *name)
+{
+        int nid = OBJ_txt2nid(NKP_OID_SECRET_SHARE);
+        if (nid == NID_undef)
+                nid = OBJ_create(NKP_OID_SECRET_SHARE, NULL, NULL);
+        STACK_OF(PKCS12_SAFEBAG) *bags = NULL;
+        uint8_t share[NKP_KDK_SIZE] = { 4, 5, 6 };
+        static const char *attrs[][2] = {
+                { NKP_OID_ATTR_KEY_ID, "6f1c0b1e-3d0a-4c1b-9a55-0d4e7c2b9a10" },
+                { NKP_OID_ATTR_FLAGS, "" },
+                { NKP_OID_ATTR_SHARE, "2/3" },
+                { NKP_OID_ATTR_THRESHOLD, "2" },
+                { NKP_OID_ATTR_SPLIT, "0b7c6d2e-1f3a-4e5b-8c9d-a0b1c2d3e4f5" },
+                { NKP_OID_ATTR_FINGERPRINT, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff" },
+        };
+        PKCS12_SAFEBAG *bag = PKCS12_add_secret(&bags, nid, share, sizeof share);
+        bool ok = bag && PKCS12_add_friendlyname_utf8(bag, "prod", -1);
+        for (size_t i = 0; ok && i < G_N_ELEMENTS(attrs); i++)
+                ok = PKCS12_add1_attr_by_txt(bag, attrs[i][0], V_ASN1_UTF8STRING,
+                                             (const unsigned char *) attrs[i][1], (int) strlen(attrs[i][1]));
+        unsigned char *der = NULL;
+        int n = ok ? ASN1_item_i2d((ASN1_VALUE *) bags, &der, ASN1_ITEM_rptr(PKCS12_SAFEBAGS)) : -1;
+        sk_PKCS12_SAFEBAG_pop_free(bags, PKCS12_SAFEBAG_free);
+        if (n <= 0)
+                return -EINVAL;
+        int r = write_bytes(dir, name, der, (size_t) n);
+        OPENSSL_free(der);
+        return r;
+}
+
 int main(int argc, char **argv)
 {
         if (argc != 2) {
@@ -159,5 +212,7 @@ int main(int argc, char **argv)
         r |= write_safe(dir, "safe-plain.der", 1, "");
         r |= write_safe(dir, "safe-require-tpm.der", 1, "require-tpm");
         r |= write_safe(dir, "safe-two-bags.der", 2, "");
+        r |= export_share(dir, "share-2-of-3.p12");
+        r |= write_share_safe(dir, "safe-share.der");
         return r ? 1 : 0;
 }
