@@ -376,6 +376,36 @@ bool nkp_provider_name_valid(const char *name);
  * error nothing is written. */
 int nkp_provider_create(nkp_context *ctx, const char *name, unsigned flags, nkp_provider **ret);
 
+/* nkp_provider_create() bound to the network as well: `bind` is
+ * "tang:URL[,URL…]" (NULL: not bound) and `threshold` how many of the Tang
+ * servers must answer to open it (0 = 1).  The key material at rest (the
+ * TPM-sealed blob, or the KDK itself on a host without a TPM) is kept only
+ * inside a Clevis sss/tang JWE (`clevis encrypt`, the material on its
+ * stdin): a cache miss (the first VM start after a boot) needs the TPM and
+ * `threshold` of the servers.  Errors as nkp_provider_create(), and -EINVAL
+ * a bad binding, -EHOSTUNREACH the servers do not answer (nothing written),
+ * -ENOENT clevis is not installed. */
+int nkp_provider_create_bound(nkp_context *ctx, const char *name, unsigned flags, const char *bind,
+                              unsigned threshold, nkp_provider **ret);
+
+/* Binds provider `name` anew: `bind` as for nkp_provider_create_bound(),
+ * "none" or NULL to unbind.  The KDK stays (from the key cache, or opened
+ * through the current binding), so no VM is touched; the material at rest
+ * is sealed and wrapped afresh (after tangd-rotate-keys: under the servers'
+ * new keys).  Errors: -ENOENT no such provider, -EINVAL a bad binding,
+ * -EHOSTUNREACH the old servers (key not cached) or the new ones do not
+ * answer; on any error nothing is written. */
+int nkp_provider_rebind(nkp_context *ctx, const char *name, const char *bind, unsigned threshold);
+
+/* The Tang servers provider `p` is bound to (NULL-terminated, owned by p),
+ * NULL when it is not bound; *ret_threshold (may be NULL) how many must
+ * answer. */
+const char *const *nkp_provider_binding(const nkp_provider *p, unsigned *ret_threshold);
+
+/* 0 when the Tang server at `url` answers GET URL/adv within `timeout_ms`
+ * (curl, bounded); -EHOSTUNREACH when not; -EINVAL a bad URL. */
+int nkp_tang_probe(const char *url, unsigned timeout_ms);
+
 /* The provider named `name`.  -ENOENT when there is none. */
 int nkp_provider_get(nkp_context *ctx, const char *name, nkp_provider **ret);
 

@@ -34,6 +34,12 @@
 #define TICK_MS 1000 /* libvirt's loop retries poll() on EINTR: wake to see the stop flag */
 #define KEEPALIVE_INTERVAL 5
 #define KEEPALIVE_COUNT 3
+/* While vm-locked alarms are open (a network-bound provider whose Tang
+ * servers did not answer, a provider restored since), nkpd runs what
+ * `nkpctl host unlock` runs, first after 5 s, then backing off to 5 min:
+ * each try may wait on clevis (bounded, tang.c). */
+#define UNLOCK_DELAY_MIN (5 * G_USEC_PER_SEC)
+#define UNLOCK_DELAY_MAX (300 * G_USEC_PER_SEC)
 
 struct nkp_daemon {
         nkp_context *ctx;
@@ -53,6 +59,8 @@ struct nkp_daemon {
         bool conn_closed;
         bool unreachable_logged;
         gint64 next_connect; /* monotonic, µs */
+        gint64 next_unlock;  /* monotonic, µs: the next retry while vm-locked alarms are open */
+        gint64 unlock_delay; /* µs, doubled per failed retry up to UNLOCK_DELAY_MAX */
         GPtrArray *pending;  /* names of domains from "defined" events */
 };
 
@@ -392,6 +400,45 @@ int nkp_daemon_new(nkp_context *ctx, const char *uri, unsigned flags, nkp_daemon
         return 0;
 }
 
+static bool vm_locked_open(nkp_context *ctx)
+{
+        nkp_alarm **list = NULL;
+        size_t n = 0;
+        bool open = false;
+        if (nkp_alarm_list(ctx, &list, &n) < 0)
+                return false;
+        for (size_t i = 0; i < n && !open; i++)
+                open = strcmp(nkp_alarm_kind(list[i]), "vm-locked") == 0;
+        nkp_alarm_list_free(list, n);
+        return open;
+}
+
+/* The retry of locked VMs, with backoff (see UNLOCK_DELAY_MIN). */
+static void retry_unlock(nkp_daemon *d)
+{
+        gint64 now = g_get_monotonic_time();
+        if (now < d->next_unlock)
+                return;
+        if (!vm_locked_open(d->ctx)) {
+                d->unlock_delay = UNLOCK_DELAY_MIN;
+                d->next_unlock = now + UNLOCK_DELAY_MIN;
+                nkp_error_clear();
+                return;
+        }
+        nkp_vm_status **list = NULL;
+        size_t n = 0;
+        unsigned still = 0;
+        if (nkp_host_unlock(d->ctx, d->virt, &list, &n, &still) < 0)
+                still = 1;
+        nkp_vm_status_list_free(list, n);
+        if (still == 0)
+                nkp_log(NKP_LOG_INFO, "every locked VM is unlocked (their providers opened)");
+        d->unlock_delay = still ? MIN(MAX(d->unlock_delay, UNLOCK_DELAY_MIN) * 2, UNLOCK_DELAY_MAX)
+                                : UNLOCK_DELAY_MIN;
+        d->next_unlock = g_get_monotonic_time() + d->unlock_delay;
+        nkp_error_clear();
+}
+
 int nkp_daemon_iterate(nkp_daemon *d)
 {
         if (d->use_libvirt && !d->virt && g_get_monotonic_time() >= d->next_connect)
@@ -407,6 +454,8 @@ int nkp_daemon_iterate(nkp_daemon *d)
                 g_autofree char *name = g_ptr_array_steal_index(d->pending, 0);
                 enrol(d, name);
         }
+        if (d->virt)
+                retry_unlock(d);
         return 0;
 }
 

@@ -191,6 +191,29 @@ char *nkp_context_path(const nkp_context *ctx, const char *rel);
 void nkp_progress(const nkp_context *ctx, const char *op, const char *vm, const char *step,
                   unsigned done, unsigned total);
 
+/* ---- tang.c: network binding (Tang servers through Clevis) -------------- */
+
+#define NKP_TANG_MAX 8
+#define NKP_JWE_MAX (32 * 1024)
+
+typedef struct {
+        char **servers;     /* Tang URLs, NULL-terminated, 1..NKP_TANG_MAX */
+        unsigned threshold; /* how many must answer, 1..n */
+} NkpBinding;
+
+void nkp_binding_free(NkpBinding *b);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpBinding, nkp_binding_free)
+/* "tang:URL[,URL…]" and a threshold (0 = 1).  -EINVAL with the reason. */
+int nkp_binding_parse(const char *spec, unsigned threshold, NkpBinding **ret);
+/* "Tang, T of URL, URL" for messages; g_free(). */
+char *nkp_binding_describe(const NkpBinding *b);
+/* `data` into a Clevis sss/tang JWE (compact), data on clevis's stdin.
+ * -EHOSTUNREACH when the servers cannot be reached. */
+int nkp_tang_wrap(const NkpBinding *b, const void *data, size_t len, char **ret_jwe);
+/* The JWE opened by `clevis decrypt` (stdin/stdout).  -EHOSTUNREACH with a
+ * line naming `provider`, the servers and the fix when too few answer. */
+int nkp_tang_unwrap(const char *jwe, const char *provider, const NkpBinding *b, nkp_secret **ret);
+
 /* ---- store.c: the provider store (one GKeyFile, atomic rewrite) --------- */
 
 typedef struct {
@@ -200,6 +223,10 @@ typedef struct {
         unsigned flags;
         int64_t created;
         enum nkp_seal seal;
+        /* Network-bound: kdk (NKP_SEAL_NONE) or tpm_blob (NKP_SEAL_TPM) is
+         * then NULL and rests inside bind_jwe (tang.c). */
+        NkpBinding *bind;
+        char *bind_jwe;
         nkp_secret *kdk;      /* NKP_SEAL_NONE: the KDK itself */
         GBytes *tpm_blob;     /* NKP_SEAL_TPM: marshalled TPM2B_PUBLIC + TPM2B_PRIVATE */
         char *tpm_srk_name;   /* NKP_SEAL_TPM: hex name of the SRK it was sealed under */
@@ -210,6 +237,7 @@ typedef struct {
 } NkpStore;
 
 void nkp_store_entry_free(NkpStoreEntry *e);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpStoreEntry, nkp_store_entry_free)
 void nkp_store_free(NkpStore *store);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpStore, nkp_store_free)
 

@@ -19,7 +19,6 @@
 
 #include "nkp-private.h"
 
-G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpStoreEntry, nkp_store_entry_free)
 
 struct nkp_provider {
         char name[NKP_NAME_MAX + 1];
@@ -28,6 +27,8 @@ struct nkp_provider {
         unsigned flags;
         int64_t created;
         enum nkp_seal seal;
+        char **bind_servers; /* NULL: not bound to the network */
+        unsigned bind_threshold;
 };
 
 static int check_name(const char *name)
@@ -57,7 +58,40 @@ nkp_provider *nkp_provider_from_entry(const NkpStoreEntry *e)
         p->flags = e->flags;
         p->created = e->created;
         p->seal = e->seal;
+        if (e->bind) {
+                p->bind_servers = g_strdupv(e->bind->servers);
+                p->bind_threshold = e->bind->threshold;
+        }
         return p;
+}
+
+/* The KDK that the entry `e` rests as: through its network binding (Tang)
+ * first when it has one, then through the TPM when sealed.  -EHOSTUNREACH
+ * when the Tang servers do not answer (tang.c words it). */
+static int entry_open(nkp_context *ctx, const NkpStoreEntry *e, nkp_secret **ret)
+{
+        g_autoptr(nkp_secret) material = NULL;
+        int r;
+        if (e->bind) {
+                r = nkp_tang_unwrap(e->bind_jwe, e->name, e->bind, &material);
+                if (r < 0)
+                        return r;
+        }
+        if (e->seal == NKP_SEAL_NONE) {
+                const nkp_secret *kdk = material ? material : e->kdk;
+                if (!kdk || nkp_secret_len(kdk) != NKP_KDK_SIZE)
+                        return nkp_fail(-EBADMSG, "The key of provider '%s' is not %d bytes; the store is "
+                                                  "damaged: restore the provider from its backup.",
+                                        e->name, NKP_KDK_SIZE);
+                return nkp_secret_new_copy(nkp_secret_data(kdk), NKP_KDK_SIZE, ret);
+        }
+        g_autoptr(GBytes) blob = material ? g_bytes_new(nkp_secret_data(material), nkp_secret_len(material))
+                                          : g_bytes_ref(e->tpm_blob);
+        g_autoptr(NkpTpm) tpm = NULL;
+        r = nkp_tpm_open(ctx, &tpm);
+        if (r >= 0)
+                r = nkp_tpm_unseal(tpm, blob, e->tpm_srk_name, ret);
+        return r;
 }
 
 /* ---- shared by create and restore --------------------------------------- */
@@ -203,14 +237,10 @@ out:
  * about what rests on disk. */
 int nkp_store_entry_opens_here(nkp_context *ctx, const NkpStoreEntry *e)
 {
-        if (e->seal == NKP_SEAL_NONE)
+        if (e->seal == NKP_SEAL_NONE && !e->bind)
                 return 0;
-        g_autoptr(NkpTpm) tpm = NULL;
-        int r = nkp_tpm_open(ctx, &tpm);
-        if (r < 0)
-                return r;
         g_autoptr(nkp_secret) kdk = NULL;
-        return nkp_tpm_unseal(tpm, e->tpm_blob, e->tpm_srk_name, &kdk);
+        return entry_open(ctx, e, &kdk);
 }
 
 int nkp_store_replace(nkp_context *ctx, NkpStoreEntry *entry, const nkp_secret *kdk)
@@ -481,18 +511,11 @@ int nkp_provider_get_kdk(nkp_context *ctx, const char *key_id, nkp_secret **ret)
                                 canon);
 
         g_autoptr(nkp_secret) kdk = NULL;
-        if (e->seal == NKP_SEAL_NONE) {
-                r = nkp_secret_new_copy(nkp_secret_data(e->kdk), nkp_secret_len(e->kdk), &kdk);
-                if (r < 0)
-                        return r;
-        } else {
-                g_autoptr(NkpTpm) tpm = NULL;
-                r = nkp_tpm_open(ctx, &tpm);
-                if (r >= 0)
-                        r = nkp_tpm_unseal(tpm, e->tpm_blob, e->tpm_srk_name, &kdk);
-                if (r < 0)
-                        return nkp_fail_prefix(r, "Cannot unseal provider '%s'", e->name);
-        }
+        r = entry_open(ctx, e, &kdk);
+        if (r == -EHOSTUNREACH)
+                return r; /* tang.c's line names the provider, the servers and the fix */
+        if (r < 0)
+                return nkp_fail_prefix(r, "Cannot unseal provider '%s'", e->name);
 
         g_autofree char *fp = NULL;
         r = nkp_kdk_fingerprint(kdk, &fp);
@@ -546,7 +569,16 @@ bool nkp_provider_is_active(const nkp_provider *p)
 
 void nkp_provider_free(nkp_provider *p)
 {
+        if (p)
+                g_strfreev(p->bind_servers);
         g_free(p);
+}
+
+const char *const *nkp_provider_binding(const nkp_provider *p, unsigned *ret_threshold)
+{
+        if (ret_threshold)
+                *ret_threshold = p->bind_servers ? p->bind_threshold : 0;
+        return (const char *const *) p->bind_servers;
 }
 
 /* Provider `name`, else the host's default: what every command that

@@ -21,6 +21,12 @@
  *   kdk=BASE64                    sealed=none: the 32-byte KDK
  *   tpm_blob=BASE64               sealed=tpm: TPM2B_PUBLIC + TPM2B_PRIVATE
  *   tpm_srk_name=HEX              sealed=tpm: name of the SRK it is sealed under
+ *   bind=tang                     network-bound (tang.c): the kdk (sealed=none)
+ *                                 or the tpm_blob (sealed=tpm) is not in the
+ *                                 group but inside bind_jwe
+ *   bind_servers=URL;URL;         the Tang servers, 1 to 8
+ *   bind_threshold=N              how many of them must answer
+ *   bind_jwe=JWE                  Clevis sss/tang JWE (compact): `clevis decrypt`
  *
  * Loading is strict and never repairs: a file that does not parse, has a
  * duplicated group or key, an unknown group/key/flag/version, a bad value,
@@ -63,7 +69,6 @@ bool nkp_provider_name_valid(const char *name)
         return true;
 }
 
-G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpStoreEntry, nkp_store_entry_free)
 
 #define STORE_VERSION 1
 #define STORE_MAX_SIZE (1024 * 1024)
@@ -85,6 +90,8 @@ void nkp_store_entry_free(NkpStoreEntry *e)
         if (e->tpm_blob)
                 g_bytes_unref(e->tpm_blob);
         g_free(e->tpm_srk_name);
+        nkp_binding_free(e->bind);
+        g_free(e->bind_jwe);
         nkp_wipe(e, sizeof *e);
         g_free(e);
 }
@@ -321,12 +328,52 @@ static int prescan(const nkp_context *ctx, char *buf, size_t len, GHashTable *kd
         return 0;
 }
 
+/* bind=, bind_servers=, bind_threshold=, bind_jwe=: all or none. */
+static int parse_binding(const nkp_context *ctx, GKeyFile *kf, const char *group, const char *name,
+                         NkpStoreEntry *e)
+{
+        static const char *const keys[] = { "bind", "bind_servers", "bind_threshold", "bind_jwe" };
+        unsigned present = 0;
+        for (size_t i = 0; i < G_N_ELEMENTS(keys); i++)
+                present += g_key_file_has_key(kf, group, keys[i], NULL);
+        if (present == 0)
+                return 0;
+        g_autofree char *bind = g_key_file_get_string(kf, group, "bind", NULL);
+        g_autofree char *jwe = g_key_file_get_string(kf, group, "bind_jwe", NULL);
+        g_auto(GStrv) servers = g_key_file_get_string_list(kf, group, "bind_servers", NULL, NULL);
+        g_autoptr(GError) err = NULL;
+        gint threshold = g_key_file_get_integer(kf, group, "bind_threshold", &err);
+        if (present != G_N_ELEMENTS(keys) || !bind || strcmp(bind, "tang") != 0 || !jwe || !servers || err ||
+            threshold < 1)
+                return store_corrupt(ctx, "the network binding of provider '%s' is incomplete or not "
+                                          "bind=tang",
+                                     name);
+        g_autofree char *joined = g_strjoinv(",", servers);
+        g_autofree char *spec = g_strconcat("tang:", joined, NULL);
+        NkpBinding *b = NULL;
+        if (nkp_binding_parse(spec, (unsigned) threshold, &b) < 0)
+                return store_corrupt(ctx, "the network binding of provider '%s' is not valid (%s)", name,
+                                     nkp_error_message());
+        size_t len = strlen(jwe);
+        unsigned dots = 0;
+        for (size_t i = 0; i < len; i++)
+                dots += jwe[i] == '.';
+        if (len > NKP_JWE_MAX || dots != 4) {
+                nkp_binding_free(b);
+                return store_corrupt(ctx, "the bind_jwe of provider '%s' is not a compact JWE", name);
+        }
+        e->bind = b;
+        e->bind_jwe = g_steal_pointer(&jwe);
+        return 0;
+}
+
 static int parse_entry(const nkp_context *ctx, GKeyFile *kf, const char *group, GHashTable *kdks,
                        NkpStoreEntry **ret)
 {
         static const char *const allowed[] = { "name",    "key_id", "fingerprint", "flags",
                                                "created", "sealed", "kdk",         "tpm_blob",
-                                               "tpm_srk_name", NULL };
+                                               "tpm_srk_name", "bind", "bind_servers",
+                                               "bind_threshold", "bind_jwe", NULL };
         const char *gname = group + strlen(GROUP_PREFIX);
 
         g_auto(GStrv) keys = g_key_file_get_keys(kf, group, NULL, NULL);
@@ -386,28 +433,45 @@ static int parse_entry(const nkp_context *ctx, GKeyFile *kf, const char *group, 
         if ((e->flags & NKP_PROVIDER_DEFAULT) && !(e->flags & NKP_PROVIDER_BACKED_UP))
                 return store_corrupt(ctx, "provider '%s' is the default but was never backed up", name);
 
+        int r = parse_binding(ctx, kf, group, name, e);
+        if (r < 0)
+                return r;
+        bool bound = e->bind != NULL;
         bool has_kdk = g_key_file_has_key(kf, group, "kdk", NULL);
         bool has_blob = g_key_file_has_key(kf, group, "tpm_blob", NULL);
         bool has_srk = g_key_file_has_key(kf, group, "tpm_srk_name", NULL);
         if (strcmp(sealed, "none") == 0) {
                 nkp_secret *kdk = g_hash_table_lookup(kdks, group);
-                if (!has_kdk || !kdk || has_blob || has_srk)
+                if (bound && !has_kdk && !has_blob && !has_srk) {
+                        e->seal = NKP_SEAL_NONE;
+                        *ret = g_steal_pointer(&e);
+                        return 0;
+                }
+                if (bound || !has_kdk || !kdk || has_blob || has_srk)
                         return store_corrupt(ctx,
-                                             "provider '%s' is sealed=none but does not carry exactly a kdk",
-                                             name);
+                                             "provider '%s' is sealed=none but does not carry exactly a kdk%s",
+                                             name, bound ? " (or, bound, only its bind_jwe)" : "");
                 e->seal = NKP_SEAL_NONE;
                 gpointer key = NULL;
                 g_hash_table_steal_extended(kdks, group, &key, NULL);
                 g_free(key);
                 e->kdk = kdk;
         } else if (strcmp(sealed, "tpm") == 0) {
-                if (has_kdk || !has_blob || !has_srk)
+                if (has_kdk || has_blob == bound || !has_srk)
                         return store_corrupt(ctx,
                                              "provider '%s' is sealed=tpm but does not carry exactly "
-                                             "a tpm_blob and a tpm_srk_name",
+                                             "a tpm_blob (or, bound, a bind_jwe) and a tpm_srk_name",
                                              name);
-                g_autofree char *blob = g_key_file_get_string(kf, group, "tpm_blob", NULL);
                 g_autofree char *srk = g_key_file_get_string(kf, group, "tpm_srk_name", NULL);
+                if (bound) {
+                        if (!srk || !is_lower_hex(srk, 2, 256))
+                                return store_corrupt(ctx, "the tpm_srk_name of provider '%s' is not hex", name);
+                        e->seal = NKP_SEAL_TPM;
+                        e->tpm_srk_name = g_steal_pointer(&srk);
+                        *ret = g_steal_pointer(&e);
+                        return 0;
+                }
+                g_autofree char *blob = g_key_file_get_string(kf, group, "tpm_blob", NULL);
                 size_t blen = blob ? strlen(blob) : 0;
                 if (!blob || !is_base64(blob, blen) || blen > TPM_BLOB_MAX * 4 / 3 + 4)
                         return store_corrupt(ctx, "the tpm_blob of provider '%s' is not valid base64",
@@ -580,7 +644,19 @@ int nkp_store_format(const NkpStore *store, char **ret, size_t *ret_len, size_t 
                 g_key_file_set_string(kf, group, "fingerprint", e->fingerprint);
                 g_key_file_set_string_list(kf, group, "flags", words, nw);
                 g_key_file_set_string(kf, group, "created", created);
-                if (e->seal == NKP_SEAL_TPM) {
+                if (e->bind) {
+                        if (!e->bind_jwe)
+                                return nkp_fail(-EINVAL, "Provider '%s' is bound but has no JWE.", e->name);
+                        g_key_file_set_string(kf, group, "sealed", e->seal == NKP_SEAL_TPM ? "tpm" : "none");
+                        if (e->seal == NKP_SEAL_TPM)
+                                g_key_file_set_string(kf, group, "tpm_srk_name", e->tpm_srk_name);
+                        g_key_file_set_string(kf, group, "bind", "tang");
+                        g_key_file_set_string_list(kf, group, "bind_servers",
+                                                   (const char *const *) e->bind->servers,
+                                                   g_strv_length(e->bind->servers));
+                        g_key_file_set_integer(kf, group, "bind_threshold", (gint) e->bind->threshold);
+                        g_key_file_set_string(kf, group, "bind_jwe", e->bind_jwe);
+                } else if (e->seal == NKP_SEAL_TPM) {
                         if (!e->tpm_blob || !e->tpm_srk_name)
                                 return nkp_fail(-EINVAL, "Provider '%s' is sealed to a TPM but has no blob.",
                                                 e->name);
@@ -613,7 +689,7 @@ int nkp_store_format(const NkpStore *store, char **ret, size_t *ret_len, size_t 
         const char *end = text + tlen;
         for (guint i = 0; i < store->entries->len; i++) {
                 const NkpStoreEntry *e = store->entries->pdata[i];
-                if (e->seal == NKP_SEAL_TPM)
+                if (e->seal == NKP_SEAL_TPM || e->bind)
                         continue;
                 const char *m = g_strstr_len(p, end - p, marker);
                 if (!m)

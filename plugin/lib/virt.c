@@ -489,6 +489,13 @@ int nkp_vm_unlock(nkp_context *ctx, const NkpDomain *d, bool want_values, GPtrAr
                                 "mismatch). Restore the provider's own backup: nkpctl provider "
                                 "restore FILE.p12, then: nkpctl host unlock",
                                 d->name, key_id, pname);
+        if (r == -EHOSTUNREACH) {
+                /* a network-bound provider whose Tang servers do not answer
+                 * (tang.c's line names them and the fix): locked, as when
+                 * the provider is missing, so the hook raises vm-locked */
+                g_autofree char *why = g_strdup(nkp_error_message());
+                return nkp_fail(-ENOKEY, "VM '%s' is locked: %s", d->name, why);
+        }
         if (r < 0 && ks && pname && key_id)
                 return nkp_fail_prefix(r, "VM '%s' cannot be unlocked: the key of provider '%s' "
                                           "(key id %s) is unavailable",

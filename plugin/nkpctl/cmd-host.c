@@ -78,6 +78,69 @@ static void hostkey_text(const nkp_hostkey_status *hk)
                        nkp_hostkey_status_fstrim(hk));
 }
 
+/* The network-bound providers and whether each Tang server answers now
+ * (GET /adv, 2 s each): a stolen-host binding that cannot open at the next
+ * boot should show before the boot. */
+static void bindings_json(NkpctlGlobals *g, JsonBuilder *b)
+{
+        nkp_provider **list = NULL;
+        size_t n = 0;
+        json_builder_set_member_name(b, "bound_providers");
+        json_builder_begin_array(b);
+        if (nkp_provider_list(g->ctx, &list, &n) < 0)
+                n = 0;
+        for (size_t i = 0; i < n; i++) {
+                unsigned t = 0;
+                const char *const *servers = nkp_provider_binding(list[i], &t);
+                if (!servers)
+                        continue;
+                json_builder_begin_object(b);
+                json_builder_set_member_name(b, "name");
+                json_builder_add_string_value(b, nkp_provider_name(list[i]));
+                json_builder_set_member_name(b, "threshold");
+                json_builder_add_int_value(b, t);
+                json_builder_set_member_name(b, "servers");
+                json_builder_begin_array(b);
+                for (size_t j = 0; servers[j]; j++) {
+                        json_builder_begin_object(b);
+                        json_builder_set_member_name(b, "url");
+                        json_builder_add_string_value(b, servers[j]);
+                        json_builder_set_member_name(b, "answers");
+                        json_builder_add_boolean_value(b, nkp_tang_probe(servers[j], 2000) == 0);
+                        json_builder_end_object(b);
+                }
+                json_builder_end_array(b);
+                json_builder_end_object(b);
+        }
+        json_builder_end_array(b);
+        nkp_provider_list_free(list, n);
+}
+
+static void bindings_text(NkpctlGlobals *g)
+{
+        nkp_provider **list = NULL;
+        size_t n = 0;
+        if (nkp_provider_list(g->ctx, &list, &n) < 0)
+                return;
+        for (size_t i = 0; i < n; i++) {
+                unsigned t = 0;
+                const char *const *servers = nkp_provider_binding(list[i], &t);
+                if (!servers)
+                        continue;
+                unsigned up = 0, all = 0;
+                g_autoptr(GString) s = g_string_new(NULL);
+                for (size_t j = 0; servers[j]; j++, all++) {
+                        bool ok = nkp_tang_probe(servers[j], 2000) == 0;
+                        up += ok;
+                        g_string_append_printf(s, "%s%s %s", j ? ", " : "", servers[j], ok ? "up" : "DOWN");
+                }
+                printf("Bound provider:   %-16s tang, %u of %u needed, %u up now%s (%s)\n",
+                       nkp_provider_name(list[i]), t, all, up,
+                       up < t ? ": IT WOULD NOT OPEN" : "", s->str);
+        }
+        nkp_provider_list_free(list, n);
+}
+
 static void status_json(NkpctlGlobals *g, const nkp_host_status *st, int alarms,
                         const nkp_hostkey_status *hk)
 {
@@ -111,6 +174,7 @@ static void status_json(NkpctlGlobals *g, const nkp_host_status *st, int alarms,
                 json_builder_end_object(b);
         }
         json_builder_end_array(b);
+        bindings_json(g, b);
         if (hk)
                 hostkey_json(b, hk);
         json_builder_set_member_name(b, "alarms");
@@ -141,6 +205,7 @@ static void status_text(NkpctlGlobals *g, const nkp_host_status *st, int alarms,
                        nkp_host_status_cached_deleted(st, i)
                                ? "  (deleted from the store; gone at reboot)"
                                : "");
+        bindings_text(g);
         if (hk)
                 hostkey_text(hk);
         if (alarms >= 0)

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* nkpctl provider …: create, list, show, set-default, delete, usage, backup,
- * restore, verify, ca-cert: the handlers and their rows of the command table
+ * restore, verify, rebind, ca-cert: the handlers and their rows of the command table
  * (nkpctl.c parses the options and counts the arguments).  --json prints
  * one JSON document on stdout. */
 #include <errno.h>
@@ -15,9 +15,12 @@
 
 /* The verbs' options, filled by nkpctl.c's GOptionContext before run(). */
 static gboolean opt_require_tpm, opt_default, opt_force, opt_password_stdin;
-static char *opt_out, *opt_out_dir;
+static char *opt_out, *opt_out_dir, *opt_bind;
 static char **opt_password_files; /* --password-file, once per file or share */
 static int opt_shares, opt_threshold;
+
+/* How long `provider show/list` waits for each Tang server (GET /adv). */
+#define PROBE_MS 2000
 
 static char *iso_time(int64_t t)
 {
@@ -49,8 +52,50 @@ static JsonNode *provider_json(const nkp_provider *p)
         json_builder_add_boolean_value(b, nkp_provider_is_active(p));
         json_builder_set_member_name(b, "created");
         json_builder_add_string_value(b, created);
+        unsigned threshold = 0;
+        const char *const *servers = nkp_provider_binding(p, &threshold);
+        json_builder_set_member_name(b, "bound");
+        if (!servers) {
+                json_builder_add_null_value(b);
+        } else {
+                json_builder_begin_object(b);
+                json_builder_set_member_name(b, "kind");
+                json_builder_add_string_value(b, "tang");
+                json_builder_set_member_name(b, "threshold");
+                json_builder_add_int_value(b, threshold);
+                json_builder_set_member_name(b, "servers");
+                json_builder_begin_array(b);
+                for (size_t i = 0; servers[i]; i++) {
+                        json_builder_begin_object(b);
+                        json_builder_set_member_name(b, "url");
+                        json_builder_add_string_value(b, servers[i]);
+                        json_builder_set_member_name(b, "answers");
+                        json_builder_add_boolean_value(b, nkp_tang_probe(servers[i], PROBE_MS) == 0);
+                        json_builder_end_object(b);
+                }
+                json_builder_end_array(b);
+                json_builder_end_object(b);
+        }
         json_builder_end_object(b);
         return json_builder_get_root(b);
+}
+
+/* "tpm", "tpm+tang 2/3 (2 up)", "tang 1/1 (0 up)", "none": how
+ * the provider rests and, when bound, how many of its servers answer now
+ * (each probe bounded by PROBE_MS). */
+static char *binding_summary(const nkp_provider *p, bool probe)
+{
+        const char *seal = nkp_provider_seal(p) == NKP_SEAL_TPM ? "tpm" : "none";
+        unsigned threshold = 0;
+        const char *const *servers = nkp_provider_binding(p, &threshold);
+        if (!servers)
+                return g_strdup(seal);
+        size_t n = g_strv_length((char **) servers), up = 0;
+        for (size_t i = 0; probe && servers[i]; i++)
+                up += nkp_tang_probe(servers[i], PROBE_MS) == 0;
+        g_autofree char *answers = probe ? g_strdup_printf(" (%zu up)", up) : g_strdup("");
+        return g_strdup_printf("%stang %u/%zu%s", nkp_provider_seal(p) == NKP_SEAL_TPM ? "tpm+" : "",
+                               threshold, n, answers);
 }
 
 static const char *yes_no(bool v)
@@ -198,19 +243,23 @@ static int cmd_create(NkpctlGlobals *g, int argc, char **argv)
                                     "nkpctl provider set-default %s",
                                     name, name, name);
 
+        if (opt_threshold && !opt_bind)
+                return nkpctl_usage_error(g, "--threshold N goes with --bind tang:URL,…");
         g_autoptr(nkp_provider) p = NULL;
-        if (nkp_provider_create(g->ctx, name, opt_require_tpm ? NKP_PROVIDER_REQUIRE_TPM : 0, &p) < 0)
+        if (nkp_provider_create_bound(g->ctx, name, opt_require_tpm ? NKP_PROVIDER_REQUIRE_TPM : 0, opt_bind,
+                                      (unsigned) MAX(opt_threshold, 0), &p) < 0)
                 return nkpctl_lib_error();
         if (g->json) {
                 nkpctl_print_json(provider_json(p));
                 return 0;
         }
-        printf("Created provider '%s' (key id %s, %s).\n"
+        g_autofree char *bound = binding_summary(p, false);
+        printf("Created provider '%s' (key id %s, %s%s%s).\n"
                "It stays inactive until backed up: nkpctl provider backup %s --out %s.p12\n",
                name, nkp_provider_key_id(p),
                nkp_provider_seal(p) == NKP_SEAL_TPM ? "sealed to this host's TPM"
                                                     : "not sealed: this host has no TPM",
-               name, name);
+               opt_bind ? ", bound to the network: " : "", opt_bind ? bound : "", name, name);
         return 0;
 }
 
@@ -238,22 +287,27 @@ static int cmd_list(NkpctlGlobals *g, int argc, char **argv)
                 nkp_provider_list_free(list, n);
                 return 0;
         }
-        int w = (int) strlen("NAME");
-        for (size_t i = 0; i < n; i++)
+        int w = (int) strlen("NAME"), ws = (int) strlen("SEALED");
+        char **sealed = g_new0(char *, n + 1);
+        for (size_t i = 0; i < n; i++) {
                 w = MAX(w, (int) strlen(nkp_provider_name(list[i])));
-        printf("%-*s  %-36s  %-16s  %-7s  %-8s  %-6s  %s\n", w, "NAME", "KEY ID", "FINGERPRINT",
-               "DEFAULT", "STATE", "SEALED", "CREATED");
+                sealed[i] = binding_summary(list[i], true);
+                ws = MAX(ws, (int) strlen(sealed[i]));
+        }
+        printf("%-*s  %-36s  %-16s  %-7s  %-8s  %-*s  %s\n", w, "NAME", "KEY ID", "FINGERPRINT",
+               "DEFAULT", "STATE", ws, "SEALED", "CREATED");
         for (size_t i = 0; i < n; i++) {
                 const nkp_provider *p = list[i];
                 g_autofree char *created = iso_time(nkp_provider_created(p));
                 char fp[17];
                 g_strlcpy(fp, nkp_provider_fingerprint(p), sizeof fp);
-                printf("%-*s  %-36s  %-16s  %-7s  %-8s  %-6s  %s\n", w, nkp_provider_name(p),
+                printf("%-*s  %-36s  %-16s  %-7s  %-8s  %-*s  %s\n", w, nkp_provider_name(p),
                        nkp_provider_key_id(p), fp,
                        (nkp_provider_flags(p) & NKP_PROVIDER_DEFAULT) ? "yes" : "",
-                       nkp_provider_is_active(p) ? "active" : "inactive",
-                       nkp_provider_seal(p) == NKP_SEAL_TPM ? "tpm" : "none", created);
+                       nkp_provider_is_active(p) ? "active" : "inactive", ws,
+                       sealed[i], created);
         }
+        g_strfreev(sealed);
         nkp_provider_list_free(list, n);
         return 0;
 }
@@ -287,7 +341,39 @@ static int cmd_show(NkpctlGlobals *g, int argc, char **argv)
         printf("backed up:    %s\n", yes_no(f & NKP_PROVIDER_BACKED_UP));
         printf("require TPM:  %s\n", yes_no(f & NKP_PROVIDER_REQUIRE_TPM));
         printf("sealed:       %s\n", nkp_provider_seal(p) == NKP_SEAL_TPM ? "tpm" : "none");
+        unsigned threshold = 0;
+        const char *const *servers = nkp_provider_binding(p, &threshold);
+        if (!servers)
+                printf("bound:        no (the %s alone opens it)\n",
+                       nkp_provider_seal(p) == NKP_SEAL_TPM ? "TPM" : "store file");
+        else
+                printf("bound:        tang, %u of %u server%s must answer%s\n", threshold,
+                       g_strv_length((char **) servers), g_strv_length((char **) servers) == 1 ? "" : "s",
+                       nkp_provider_seal(p) == NKP_SEAL_TPM ? ", and this host's TPM" : "");
+        for (size_t i = 0; servers && servers[i]; i++)
+                printf("  server:     %s  %s\n", servers[i],
+                       nkp_tang_probe(servers[i], PROBE_MS) == 0 ? "answers" : "DOES NOT ANSWER");
         printf("created:      %s\n", created);
+        return 0;
+}
+
+/* provider rebind NAME --bind tang:URL,… [--threshold N] | --bind none */
+static int cmd_rebind(NkpctlGlobals *g, int argc, char **argv)
+{
+        (void) argc;
+        if (!opt_bind)
+                return nkpctl_usage_error(g, "'provider rebind' needs --bind tang:URL[,URL…] (or --bind none).");
+        if (nkp_provider_rebind(g->ctx, argv[1], opt_bind, (unsigned) MAX(opt_threshold, 0)) < 0)
+                return nkpctl_lib_error();
+        g_autoptr(nkp_provider) p = NULL;
+        if (nkp_provider_get(g->ctx, argv[1], &p) < 0)
+                return nkpctl_lib_error();
+        if (g->json) {
+                nkpctl_print_json(provider_json(p));
+                return 0;
+        }
+        g_autofree char *how = binding_summary(p, false);
+        printf("Provider '%s' now rests as: %s (its key is unchanged; no VM was touched).\n", argv[1], how);
         return 0;
 }
 
@@ -658,8 +744,20 @@ static const char password_note[] =
 static const GOptionEntry create_options[] = {
         { "require-tpm", 0, 0, G_OPTION_ARG_NONE, &opt_require_tpm,
           "Only hosts with a TPM 2.0 may hold this provider", NULL },
+        { "bind", 0, 0, G_OPTION_ARG_STRING, &opt_bind,
+          "Bind to the network too: opening needs the Tang servers (and the TPM)", "tang:URL[,URL…]" },
+        { "threshold", 0, 0, G_OPTION_ARG_INT, &opt_threshold,
+          "How many of the Tang servers must answer (default 1)", "N" },
         { "default", 0, 0, G_OPTION_ARG_NONE, &opt_default,
           "Refused: a new provider is inactive until backed up", NULL },
+        G_OPTION_ENTRY_NULL,
+};
+
+static const GOptionEntry rebind_options[] = {
+        { "bind", 0, 0, G_OPTION_ARG_STRING, &opt_bind, "The new binding, or none to unbind",
+          "tang:URL[,URL…]|none" },
+        { "threshold", 0, 0, G_OPTION_ARG_INT, &opt_threshold,
+          "How many of the Tang servers must answer (default 1)", "N" },
         G_OPTION_ENTRY_NULL,
 };
 
@@ -696,8 +794,14 @@ static const GOptionEntry restore_options[] = {
 const NkpctlCommand nkpctl_provider_commands[] = {
         { "provider", "create", "NAME", "Create a provider with a fresh random key.",
           "A new provider is inactive (cannot be the default or protect a VM) until it is backed "
-          "up.",
+          "up.  With --bind tang:URL[,URL…] [--threshold N] its key at rest also needs N of "
+          "those Tang servers (Clevis): a stolen host opens nothing off the network.",
           create_options, 1, 1, cmd_create },
+        { "provider", "rebind", "NAME", "Bind a provider to other Tang servers (or to their new keys).",
+          "The key does not change and no VM is touched: the material at rest is sealed and "
+          "wrapped afresh.  After tangd-rotate-keys, rebind to the same servers to move to their "
+          "new keys.  --bind none unbinds.",
+          rebind_options, 1, 1, cmd_rebind },
         { "provider", "list", "", "List the providers of this host.", NULL, NULL, 0, 0, cmd_list },
         { "provider", "show", "NAME", "Show one provider.", NULL, NULL, 1, 1, cmd_show },
         { "provider", "set-default", "NAME", "Make a backed-up provider the host's default.", NULL,
