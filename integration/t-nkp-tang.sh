@@ -34,16 +34,26 @@ declare -A TANG_PID
 tang_start() {
     local i=$1 db="$LAB_DIR/tang$1" n
     if [ ! -d "$db" ]; then mkdir -p "$db" && /usr/libexec/tangd-keygen "$db" >/dev/null; fi
-    lab_exec t socat "TCP-LISTEN:800$i,bind=$TANG_ADDR,reuseaddr,fork" "EXEC:/usr/libexec/tangd $db" \
-        2>>"$LAB_DIR/tang$i.log" &
-    TANG_PID[$i]=$!
+    # (lab_exec is a shell function: $! of `lab_exec … &` would be a
+    # subshell, so socat's own PID comes back through a file)
+    lab_exec t bash -c 'socat "TCP-LISTEN:$1,bind=$2,reuseaddr,fork" "EXEC:/usr/libexec/tangd $3" 2>>"$4" &
+                        echo $! > "$5"' sh "800$i" "$TANG_ADDR" "$db" "$LAB_DIR/tang$i.log" "$LAB_DIR/tang$i.pid"
+    TANG_PID[$i]=$(cat "$LAB_DIR/tang$i.pid")
     for n in $(seq 50); do
         lab_exec a curl -sf -m 1 -o /dev/null "$(url "$i")/adv" && return 0
         sleep 0.1
     done
     fail "Tang server $i does not answer from host a"
 }
-tang_stop() { kill "${TANG_PID[$1]}" 2>/dev/null || true; wait "${TANG_PID[$1]}" 2>/dev/null || true; }
+tang_stop() {
+    local n
+    kill "${TANG_PID[$1]}" 2>/dev/null || true
+    for n in $(seq 50); do
+        lab_exec a curl -sf -m 1 -o /dev/null "$(url "$1")/adv" || return 0
+        sleep 0.1
+    done
+    fail "Tang server $1 still answers after its socat was killed"
+}
 
 # reboot_host [--offline]: what a reboot does to the key cache (daemons
 # down, cache flushed, up again); --offline: host a has no route to Tang.

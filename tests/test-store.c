@@ -364,6 +364,78 @@ static void test_wrong_mode(Fixture *f, gconstpointer data)
         g_assert_null(s);
 }
 
+/* Network-bound providers (tang.c): bind=, bind_servers=, bind_threshold=,
+ * bind_jwe= instead of kdk= (sealed=none) or tpm_blob= (sealed=tpm). */
+#define BOUND_STORE                                                                                   \
+        "[nkp]\nversion=1\n\n"                                                                          \
+        "[provider alpha]\nname=alpha\nkey_id=0078ab59-615e-467b-bdd0-04569f8e3549\n"                   \
+        "fingerprint=617fa06c6957e2b94b98442593f7bdee3dc83c0dfc364a23f7c6c85028e454bf\nflags=\n"          \
+        "created=2026-11-23T16:13:04Z\nsealed=none\nbind=tang\n"                                         \
+        "bind_servers=http://10.0.0.1:7500;http://10.0.0.2:7500;\nbind_threshold=2\n"                    \
+        "bind_jwe=eyJhbGciOiJkaXIifQ..aXY.Y2lwaGVy.dGFn\n\n"                                              \
+        "[provider beta]\nname=beta\nkey_id=5b3e4f8a-1c2d-4e5f-8a9b-0c1d2e3f4a5b\n"                      \
+        "fingerprint=00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\nflags=\n"          \
+        "created=2026-01-02T03:04:05Z\nsealed=tpm\n"                                                     \
+        "tpm_srk_name=000b0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n"            \
+        "bind=tang\nbind_servers=https://tang.example;\nbind_threshold=1\n"                              \
+        "bind_jwe=eyJhbGciOiJkaXIifQ..aXY.Y2lwaGVy.dGFn\n"
+
+static void test_bound(Fixture *f, gconstpointer data)
+{
+        (void) data;
+        g_assert_cmpint(g_mkdir_with_parents(f->ctx->store_dir, 0700), ==, 0);
+        write_store(f, BOUND_STORE);
+        g_autoptr(NkpStore) s = NULL;
+        g_assert_cmpint(nkp_store_load(f->ctx, &s), ==, 0);
+        NkpStoreEntry *a = nkp_store_find(s, "alpha"), *b = nkp_store_find(s, "beta");
+        g_assert_nonnull(a);
+        g_assert_nonnull(b);
+        g_assert_null(a->kdk);
+        g_assert_null(b->tpm_blob);
+        g_assert_cmpint(a->seal, ==, NKP_SEAL_NONE);
+        g_assert_cmpint(b->seal, ==, NKP_SEAL_TPM);
+        g_assert_cmpuint(a->bind->threshold, ==, 2);
+        g_assert_cmpuint(g_strv_length(a->bind->servers), ==, 2);
+        g_assert_cmpstr(b->bind->servers[0], ==, "https://tang.example");
+        g_assert_cmpstr(a->bind_jwe, ==, "eyJhbGciOiJkaXIifQ..aXY.Y2lwaGVy.dGFn");
+        /* saved and loaded again: the same entries, no kdk= or tpm_blob= */
+        int fd = -1;
+        g_assert_cmpint(nkp_store_lock(f->ctx, &fd), ==, 0);
+        g_assert_cmpint(nkp_store_save(f->ctx, s), ==, 0);
+        nkp_store_unlock(fd);
+        g_autofree char *text = NULL;
+        g_assert_true(g_file_get_contents(f->ctx->store_path, &text, NULL, NULL));
+        g_assert_null(strstr(text, "kdk="));
+        g_assert_null(strstr(text, "tpm_blob="));
+        g_autoptr(NkpStore) s2 = NULL;
+        g_assert_cmpint(nkp_store_load(f->ctx, &s2), ==, 0);
+        g_assert_cmpstr(nkp_store_find(s2, "beta")->bind_jwe, ==, b->bind_jwe);
+        g_assert_cmpuint(nkp_store_find(s2, "alpha")->bind->threshold, ==, 2);
+
+        const struct {
+                const char *what, *from, *to, *needle;
+        } cases[] = {
+                { "no bind_jwe", "bind_threshold=2\nbind_jwe=eyJhbGciOiJkaXIifQ..aXY.Y2lwaGVy.dGFn\n",
+                  "bind_threshold=2\n", "incomplete" },
+                { "bind not tang", "sealed=none\nbind=tang", "sealed=none\nbind=nfs", "incomplete" },
+                { "threshold 0", "bind_threshold=2", "bind_threshold=0", "incomplete" },
+                { "threshold above the servers", "bind_threshold=2", "bind_threshold=3", "not valid" },
+                { "a server that is no URL", "http://10.0.0.1:7500;", "ftp://x;", "not valid" },
+                { "not a compact JWE", "bind_jwe=eyJhbGciOiJkaXIifQ..aXY.Y2lwaGVy.dGFn\n\n",
+                  "bind_jwe=eyJhbGciOiJkaXIifQ\n\n", "compact JWE" },
+                { "bound none with a kdk", "sealed=none\n",
+                  "sealed=none\nkdk=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n", "kdk" },
+                { "bound tpm with a tpm_blob", "sealed=tpm\n",
+                  "sealed=tpm\ntpm_blob=AE4ACAALAAAAUgAAABAAIAQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8gIQ==\n", "tpm_blob" },
+        };
+        for (size_t i = 0; i < G_N_ELEMENTS(cases); i++) {
+                g_test_message("case: %s", cases[i].what);
+                g_autofree char *bad = replace(BOUND_STORE, cases[i].from, cases[i].to);
+                write_store(f, bad);
+                expect_refused(f, -EBADMSG, cases[i].needle);
+        }
+}
+
 int main(int argc, char **argv)
 {
         g_test_init(&argc, &argv, NULL);
@@ -375,5 +447,6 @@ int main(int argc, char **argv)
         ADD("/store/corrupted", test_corrupted);
         ADD("/store/too-many", test_too_many);
         ADD("/store/wrong-mode", test_wrong_mode);
+        ADD("/store/bound", test_bound);
         return g_test_run();
 }
