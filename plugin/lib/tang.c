@@ -352,10 +352,10 @@ static int entry_new_bound(nkp_context *ctx, const char *name, const char *key_i
 int nkp_provider_create_bound(nkp_context *ctx, const char *name, unsigned flags, const char *bind,
                               unsigned threshold, nkp_provider **ret)
 {
-        if (!bind)
-                return nkp_provider_create(ctx, name, flags, ret);
-        if (!ctx || !nkp_provider_name_valid(name))
-                return nkp_provider_create(ctx, name, flags, ret); /* its message */
+        if (!ctx)
+                return nkp_fail(-EINVAL, "A provider needs a context.");
+        if (!bind || !nkp_provider_name_valid(name))
+                return nkp_provider_create(ctx, name, flags, ret); /* unbound, or its message */
         if (flags & ~(unsigned) NKP_PROVIDER_REQUIRE_TPM)
                 return nkp_fail(-EINVAL, "A new provider can only be created with the require-tpm flag.");
         g_autoptr(NkpBinding) b = NULL;
