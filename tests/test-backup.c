@@ -1216,6 +1216,61 @@ static void test_provider_shares_verify(void)
         hosts_done(&h);
 }
 
+/* nkp_backup_verify on a whole backup: good (same here, none there), wrong
+ * password, truncated, a foreign PKCS#12 (certificate bundle); the roots
+ * unchanged every time. */
+static void verify_refused(nkp_context *ctx, const char *root, const char *path, const nkp_secret *pw, int err,
+                           const char *needle)
+{
+        g_autoptr(GHashTable) before = testutil_snapshot_tree(root);
+        nkp_backup_report *rep = NULL;
+        int r = nkp_backup_verify(ctx, &path, &pw, 1, &rep);
+        if (r != err)
+                g_error("verify of '%s': expected %d, got %d (%s)", path, err, r, nkp_error_message());
+        g_assert_null(rep);
+        assert_error(needle);
+        testutil_assert_same_tree(before, root);
+}
+
+static void test_provider_verify_whole(void)
+{
+        Hosts h;
+        hosts_init(&h);
+        g_autoptr(nkp_provider) p1 = NULL;
+        g_assert_cmpint(nkp_provider_create(h.ctx1, "prod", 0, &p1), ==, 0);
+        g_autofree char *file = host_file(&h, "prod.p12");
+        g_assert_cmpint(nkp_provider_backup(h.ctx1, "prod", file, h.pw), ==, 0);
+        const char *path = file;
+        const nkp_secret *pw = h.pw;
+
+        g_autoptr(GHashTable) before = testutil_snapshot_tree(h.root1);
+        g_autoptr(nkp_backup_report) rep = NULL;
+        g_assert_cmpint(nkp_backup_verify(h.ctx1, &path, &pw, 1, &rep), ==, 0);
+        testutil_assert_same_tree(before, h.root1);
+        g_assert_cmpint(nkp_backup_report_here(rep, NULL), ==, NKP_BACKUP_HERE_SAME);
+        g_assert_cmpstr(nkp_backup_report_name(rep), ==, "prod");
+        g_assert_cmpstr(nkp_backup_report_fingerprint(rep), ==, nkp_provider_fingerprint(p1));
+        g_assert_cmpuint(nkp_backup_report_shares(rep, NULL, NULL, NULL), ==, 0);
+        g_autoptr(nkp_backup_report) rep2 = NULL;
+        g_assert_cmpint(nkp_backup_verify(h.ctx2, &path, &pw, 1, &rep2), ==, 0);
+        g_assert_cmpint(nkp_backup_report_here(rep2, NULL), ==, NKP_BACKUP_HERE_NONE);
+
+        g_autoptr(nkp_secret) wrong = pw_new("not the password");
+        verify_refused(h.ctx2, h.root2, file, wrong, -EACCES, "password is wrong");
+        g_autofree char *der = NULL;
+        gsize len = 0;
+        g_assert_true(g_file_get_contents(file, &der, &len, NULL));
+        g_autofree char *cut = host_file(&h, "cut.p12");
+        g_assert_true(g_file_set_contents(cut, der, (gssize) (len / 2), NULL));
+        verify_refused(h.ctx2, h.root2, cut, h.pw, -EBADMSG, "truncated");
+        g_autoptr(GBytes) bundle = make_cert_bundle();
+        g_autofree char *foreign = host_file(&h, "certs.p12");
+        g_assert_true(g_file_set_contents(foreign, g_bytes_get_data(bundle, NULL),
+                                          (gssize) g_bytes_get_size(bundle), NULL));
+        verify_refused(h.ctx2, h.root2, foreign, h.pw, -EBADMSG, "not an nkp provider backup");
+        hosts_done(&h);
+}
+
 int main(int argc, char **argv)
 {
         g_test_init(&argc, &argv, NULL);
@@ -1240,5 +1295,6 @@ int main(int argc, char **argv)
         g_test_add_func("/provider/backup-refused", test_provider_backup_refused);
         g_test_add_func("/provider/tpm", test_provider_tpm);
         g_test_add_func("/provider/shares-verify", test_provider_shares_verify);
+        g_test_add_func("/provider/verify-whole", test_provider_verify_whole);
         return g_test_run();
 }
