@@ -897,9 +897,10 @@ char *nkp_disk_chain_opts(GPtrArray *layers, guint from, const char *file, bool 
 
 /* vm status: "TARGET PATH" (g_free) of each plain layer of `d`'s nkp disks
  * into `out`, from the live definition when the VM runs (a snapshot of a
- * running VM), else from `xml` (the persistent one).  Never fails. */
-void nkp_vm_status_add_plain_layers(NkpVirt *v, const NkpDomain *d, const char *xml,
-                                    GPtrArray *out);
+ * running VM), else from `xml` (the persistent one); a vm-plain-layer alarm
+ * when there is one (unless [disks] allow_plain_layers).  Never fails. */
+void nkp_vm_status_add_plain_layers(nkp_context *ctx, NkpVirt *v, const NkpDomain *d,
+                                    const char *xml, GPtrArray *out);
 
 /* 1 when `path` is a qcow2 whose header says LUKS, 0 another qcow2,
  * -EMEDIUMTYPE not qcow2, -errno unreadable (no message). */

@@ -682,8 +682,8 @@ out:
         return r;
 }
 
-void nkp_vm_status_add_plain_layers(NkpVirt *v, const NkpDomain *d, const char *xml,
-                                    GPtrArray *out)
+void nkp_vm_status_add_plain_layers(nkp_context *ctx, NkpVirt *v, const NkpDomain *d,
+                                    const char *xml, GPtrArray *out)
 {
         g_autofree char *live = NULL;
         if (nkp_virt_domain_is_active(v, d->name) > 0 &&
@@ -695,5 +695,14 @@ void nkp_vm_status_add_plain_layers(NkpVirt *v, const NkpDomain *d, const char *
                         const NkpDiskLayer *l = plain->pdata[i];
                         g_ptr_array_add(out, g_strdup_printf("%s %s", l->target, l->path));
                 }
+        /* The alarm as soon as anyone looks, not only at the next start
+         * (libvirt 9.0 sends nkpd no event for a snapshot). */
+        if (out->len > 0 && !ctx->disks_allow_plain_layers) {
+                g_autofree char *msg = g_strdup_printf(
+                        "VM '%s': disk layer '%s' is not encrypted (a snapshot made behind "
+                        "nkp's back); its next start is refused until nkpctl vm encrypt-layer",
+                        d->name, strchr(out->pdata[0], ' ') + 1);
+                (void) nkp_alarm_raise(ctx, "vm-plain-layer", d->name, msg);
+        }
         nkp_error_clear();
 }

@@ -181,7 +181,7 @@ static nkp_vm_status *status_of(nkp_context *ctx, nkp_virt *v, const char *name,
                 g_ptr_array_add(s->objects,
                                 g_strdup_printf("%s:%s", nkp_keysafe_entry_kind(d->keysafe, i),
                                                 nkp_keysafe_entry_id(d->keysafe, i)));
-        nkp_vm_status_add_plain_layers(v, d, xml, s->plain_layers);
+        nkp_vm_status_add_plain_layers(ctx, v, d, xml, s->plain_layers);
         if (nkp_vm_unlock(ctx, d, false, NULL) < 0) {
                 s->state = NKP_VM_LOCKED;
                 s->reason = g_strdup(nkp_error_message());
