@@ -119,6 +119,115 @@ static xmlNodePtr find_disk(xmlDocPtr doc, const char *target)
         return NULL;
 }
 
+/* libvirt 9.0 gives a LUKS <encryption> without engine= its default engine
+ * only on a disk's active layer (post-parse); once a snapshot makes that
+ * layer a <backingStore>, the next start fails with "Unexpected enum value
+ * 0 for virStorageEncryptionEngine".  So every <encryption> of every disk
+ * chain gets engine='qemu' written out.  Returns how many were changed. */
+static unsigned set_engines(xmlNodePtr n)
+{
+        unsigned changed = 0;
+        for (xmlNodePtr c = n ? n->children : NULL; c; c = c->next) {
+                if (c->type != XML_ELEMENT_NODE || c->ns)
+                        continue;
+                if (xmlStrEqual(c->name, X("encryption"))) {
+                        xmlChar *fmt = xmlGetProp(c, X("format"));
+                        xmlChar *eng = xmlGetProp(c, X("engine"));
+                        if (fmt && xmlStrEqual(fmt, X("luks")) && !eng) {
+                                xmlSetProp(c, X("engine"), X("qemu"));
+                                changed++;
+                        }
+                        xmlFree(fmt);
+                        xmlFree(eng);
+                } else if (xmlStrEqual(c->name, X("disk")) ||
+                           xmlStrEqual(c->name, X("source")) ||
+                           xmlStrEqual(c->name, X("backingStore")) ||
+                           xmlStrEqual(c->name, X("devices"))) {
+                        changed += set_engines(c);
+                }
+        }
+        return changed;
+}
+
+static int format_doc(xmlDocPtr doc, char **ret)
+{
+        xmlChar *out = NULL;
+        int n = 0;
+        xmlDocDumpMemory(doc, &out, &n);
+        if (!out)
+                return nkp_fail(-ENOMEM, "Out of memory formatting the domain XML.");
+        *ret = g_strndup((const char *) out, (gsize) n);
+        xmlFree(out);
+        return 0;
+}
+
+static xmlNodePtr find_disk(xmlDocPtr doc, const char *target);
+
+/* <backingStore> elements for `layers` (the chain below a new overlay),
+ * under `parent`, ended by an empty <backingStore/> (libvirt then probes
+ * nothing: a probed LUKS layer has no secret and libvirt 9.0 refuses the
+ * start with "Unexpected enum value 0 for virStorageEncryptionEngine"). */
+static void add_backing_chain(xmlNodePtr parent, GPtrArray *layers)
+{
+        for (guint k = 0; k < layers->len; k++) {
+                const NkpDiskLayer *l = layers->pdata[k];
+                xmlNodePtr bs = xmlNewChild(parent, NULL, X("backingStore"), NULL);
+                xmlSetProp(bs, X("type"), X("file"));
+                xmlNodePtr fmt = xmlNewChild(bs, NULL, X("format"), NULL);
+                xmlSetProp(fmt, X("type"), X(l->format ? l->format : "qcow2"));
+                xmlNodePtr src = xmlNewChild(bs, NULL, X("source"), NULL);
+                xmlSetProp(src, X("file"), X(l->path));
+                if (l->encrypted && l->secret_uuid) {
+                        xmlNodePtr enc = xmlNewChild(src, NULL, X("encryption"), NULL);
+                        xmlSetProp(enc, X("format"), X("luks"));
+                        xmlSetProp(enc, X("engine"), X("qemu"));
+                        xmlNodePtr sec = xmlNewChild(enc, NULL, X("secret"), NULL);
+                        xmlSetProp(sec, X("type"), X("passphrase"));
+                        xmlSetProp(sec, X("uuid"), X(l->secret_uuid));
+                }
+                parent = bs;
+        }
+        xmlNewChild(parent, NULL, X("backingStore"), NULL);
+}
+
+/* After a snapshot: the persistent definition of `domain` with the chain
+ * below each new overlay written out (`chains`: target -> the layers
+ * before the snapshot; libvirt writes it itself for a running VM, not for
+ * a shut-off one) and every disk encryption's engine set (set_engines);
+ * defined again when that changed anything. */
+static int complete_definition(NkpVirt *v, const char *domain, GHashTable *chains)
+{
+        g_autofree char *xml = NULL, *fixed = NULL;
+        int r = nkp_virt_domain_xml(v, domain, true, &xml);
+        if (r < 0)
+                return r;
+        xmlDocPtr doc = NULL;
+        if ((r = read_doc(xml, strlen(xml), &doc)) < 0)
+                return r;
+        unsigned changed = 0;
+        GHashTableIter it;
+        gpointer key, value;
+        g_hash_table_iter_init(&it, chains);
+        while (g_hash_table_iter_next(&it, &key, &value)) {
+                xmlNodePtr disk = find_disk(doc, key);
+                xmlNodePtr bs = disk ? child(disk, "backingStore") : NULL;
+                if (!disk || (bs && child(bs, "source")))
+                        continue;
+                if (bs) {
+                        xmlUnlinkNode(bs);
+                        xmlFreeNode(bs);
+                }
+                add_backing_chain(disk, value);
+                changed++;
+        }
+        changed += set_engines(xmlDocGetRootElement(doc));
+        r = changed ? format_doc(doc, &fixed) : 0;
+        xmlFreeDoc(doc);
+        if (r < 0 || !changed)
+                return r;
+        return nkp_virt_domain_define(v, fixed);
+}
+
 static char *source_path(xmlNodePtr src)
 {
         char *p = attr(src, "file");
@@ -388,6 +497,8 @@ int nkp_vm_snapshot(nkp_context *ctx, nkp_virt *v, const char *domain, const cha
         g_autoptr(GPtrArray) made = g_ptr_array_new_with_free_func(g_free);
         g_autoptr(GPtrArray) files = g_ptr_array_new_with_free_func(g_free);
         g_autoptr(GPtrArray) plain = NULL;
+        g_autoptr(GHashTable) chains = g_hash_table_new_full(
+                g_str_hash, g_str_equal, g_free, (GDestroyNotify) g_ptr_array_unref);
         g_autofree char *ename = g_markup_escape_text(name, -1);
         GString *sx = g_string_new(NULL);
         virDomainPtr dom = NULL;
@@ -446,6 +557,7 @@ int nkp_vm_snapshot(nkp_context *ctx, nkp_virt *v, const char *domain, const cha
                         goto out;
                 g_ptr_array_add(made, g_strdup(path));
                 g_ptr_array_add(files, g_strdup_printf("%s %s", dd->target, path));
+                g_hash_table_insert(chains, g_strdup(dd->target), g_ptr_array_ref(layers));
                 snapshot_xml_disk(sx, dd->target, path, suuid);
         }
         g_string_append(sx, "  </disks>\n</domainsnapshot>\n");
@@ -461,8 +573,15 @@ int nkp_vm_snapshot(nkp_context *ctx, nkp_virt *v, const char *domain, const cha
                 goto out;
         }
         virDomainSnapshotFree(snap);
-        r = 0;
         g_ptr_array_set_size(made, 0); /* libvirt owns them now */
+        if ((r = complete_definition(v, domain, chains)) < 0) {
+                r = nkp_fail_prefix(r, "VM '%s': snapshot '%s' was taken, but engine='qemu' "
+                                       "and the chain below it could not be written into its "
+                                       "definition, without which libvirt 9.0 refuses the "
+                                       "next start",
+                                    domain, name);
+                goto out;
+        }
         if (ret_files) {
                 g_ptr_array_add(files, NULL);
                 *ret_files = (char **) g_ptr_array_free(g_steal_pointer(&files), FALSE);
@@ -578,15 +697,10 @@ static int add_layer_encryption(const char *xml, const char *target, unsigned de
         xmlNodePtr sec = xmlNewChild(enc, NULL, X("secret"), NULL);
         xmlSetProp(sec, X("type"), X("passphrase"));
         xmlSetProp(sec, X("uuid"), X(secret_uuid));
-        xmlChar *out = NULL;
-        int n = 0;
-        xmlDocDumpMemory(doc, &out, &n);
+        (void) set_engines(xmlDocGetRootElement(doc));
+        r = format_doc(doc, ret);
         xmlFreeDoc(doc);
-        if (!out)
-                return nkp_fail(-ENOMEM, "Out of memory formatting the domain XML.");
-        *ret = g_strndup((const char *) out, (gsize) n);
-        xmlFree(out);
-        return 0;
+        return r;
 }
 
 int nkp_vm_encrypt_layer(nkp_context *ctx, nkp_virt *v, const char *domain, const char *file)
