@@ -344,6 +344,60 @@ int nkp_qcow2_is_luks(const char *path)
         return method == 2;
 }
 
+/* The backing file named in the qcow2 header of `path` (offsets 8: u64
+ * name offset, 16: u32 name length, qcow2 spec), resolved against its
+ * directory; NULL when none or unreadable. */
+static char *qcow2_backing(const char *path)
+{
+        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (fd < 0)
+                return NULL;
+        uint8_t h[20];
+        char *out = NULL;
+        if (pread(fd, h, sizeof h, 0) == (ssize_t) sizeof h && memcmp(h, "QFI\xfb", 4) == 0) {
+                uint64_t off = 0;
+                for (int i = 8; i < 16; i++)
+                        off = off << 8 | h[i];
+                uint32_t len = (uint32_t) h[16] << 24 | (uint32_t) h[17] << 16 |
+                               (uint32_t) h[18] << 8 | h[19];
+                char name[1024];
+                if (off && len > 0 && len < sizeof name &&
+                    pread(fd, name, len, (off_t) off) == (ssize_t) len) {
+                        name[len] = '\0';
+                        if (g_path_is_absolute(name)) {
+                                out = g_strdup(name);
+                        } else {
+                                g_autofree char *dir = g_path_get_dirname(path);
+                                out = g_build_filename(dir, name, NULL);
+                        }
+                }
+        }
+        close(fd);
+        return out;
+}
+
+/* Appends to `layers` what the last one's qcow2 header says is below it
+ * (a chain libvirt left out of the definition), at most 32 deep; a LUKS
+ * layer found so is the disk's (`secret_uuid`). */
+static void complete_from_headers(GPtrArray *layers, const char *secret_uuid)
+{
+        while (layers->len > 0 && layers->len < 32) {
+                const NkpDiskLayer *last = layers->pdata[layers->len - 1];
+                g_autofree char *below = qcow2_backing(last->path);
+                if (!below)
+                        return;
+                int luks = nkp_qcow2_is_luks(below);
+                NkpDiskLayer *l = g_new0(NkpDiskLayer, 1);
+                l->target = g_strdup(last->target);
+                l->path = g_steal_pointer(&below);
+                l->format = g_strdup(luks >= 0 ? "qcow2" : "raw");
+                l->depth = layers->len;
+                l->encrypted = luks == 1;
+                l->secret_uuid = luks == 1 ? g_strdup(secret_uuid) : NULL;
+                g_ptr_array_add(layers, l);
+        }
+}
+
 /* ---- making LUKS overlays ------------------------------------------------- */
 
 #define LUKS_OPTS_FMT                                                                       \
@@ -536,6 +590,17 @@ int nkp_vm_snapshot(nkp_context *ctx, nkp_virt *v, const char *domain, const cha
                 g_autoptr(GPtrArray) layers = NULL;
                 if ((r = nkp_domain_disk_layers(xml, strlen(xml), dd->target, &layers)) < 0)
                         goto out;
+                complete_from_headers(layers, suuid);
+                for (guint k = 0; k < layers->len; k++) {
+                        const NkpDiskLayer *l = layers->pdata[k];
+                        if (l->encrypted)
+                                continue;
+                        r = nkp_fail(-EPERM, "VM '%s': its disk %s has a plain layer '%s'; "
+                                             "encrypt it first (nkpctl vm encrypt-layer '%s' "
+                                             "'%s').",
+                                     domain, l->target, l->path, domain, l->path);
+                        goto out;
+                }
                 const NkpDiskLayer *top = layers->len ? layers->pdata[0] : NULL;
                 const nkp_secret *value = disk_value(secrets, dd->target);
                 if (!top || !value) {
@@ -671,32 +736,38 @@ static int convert_layer(GPtrArray *layers, guint k, guint64 size, const nkp_sec
         return r;
 }
 
-/* The XML with <encryption> (the disk's secret) added to layer `depth` of
- * disk `target`: at disk level for the active layer, in the backingStore's
- * <source> below it. */
-static int add_layer_encryption(const char *xml, const char *target, unsigned depth,
-                                const char *secret_uuid, char **ret)
+/* The XML with disk `target`'s chain written as `layers` says: the active
+ * layer's <encryption> at disk level, every layer below as a
+ * <backingStore> (add_backing_chain), every engine set. */
+static int write_disk_chain(const char *xml, const char *target, GPtrArray *layers, char **ret)
 {
         xmlDocPtr doc = NULL;
         int r = read_doc(xml, strlen(xml), &doc);
         if (r < 0)
                 return r;
         xmlNodePtr disk = find_disk(doc, target);
-        xmlNodePtr layer = disk, where = NULL;
-        for (unsigned i = 0; layer && i < depth; i++)
-                layer = child(layer, "backingStore");
-        if (layer)
-                where = depth == 0 ? layer : child(layer, "source");
-        if (!where || child(where, "encryption")) {
+        xmlNodePtr src = disk ? child(disk, "source") : NULL;
+        if (!src || layers->len == 0) {
                 xmlFreeDoc(doc);
-                return nkp_fail(-ENOENT, "Disk %s has no plain layer at depth %u.", target, depth);
+                return nkp_fail(-ENOENT, "VM has no disk %s.", target);
         }
-        xmlNodePtr enc = xmlNewChild(where, NULL, X("encryption"), NULL);
-        xmlSetProp(enc, X("format"), X("luks"));
-        xmlSetProp(enc, X("engine"), X("qemu"));
-        xmlNodePtr sec = xmlNewChild(enc, NULL, X("secret"), NULL);
-        xmlSetProp(sec, X("type"), X("passphrase"));
-        xmlSetProp(sec, X("uuid"), X(secret_uuid));
+        const NkpDiskLayer *top = layers->pdata[0];
+        xmlNodePtr n;
+        while ((n = child(disk, "backingStore")) || (n = child(src, "encryption"))) {
+                xmlUnlinkNode(n);
+                xmlFreeNode(n);
+        }
+        if (top->encrypted && !child(disk, "encryption")) {
+                xmlNodePtr enc = xmlNewChild(disk, NULL, X("encryption"), NULL);
+                xmlSetProp(enc, X("format"), X("luks"));
+                xmlNodePtr sec = xmlNewChild(enc, NULL, X("secret"), NULL);
+                xmlSetProp(sec, X("type"), X("passphrase"));
+                xmlSetProp(sec, X("uuid"), X(top->secret_uuid));
+        }
+        g_autoptr(GPtrArray) below = g_ptr_array_new();
+        for (guint k = 1; k < layers->len; k++)
+                g_ptr_array_add(below, layers->pdata[k]);
+        add_backing_chain(disk, below);
         (void) set_engines(xmlDocGetRootElement(doc));
         r = format_doc(doc, ret);
         xmlFreeDoc(doc);
@@ -750,6 +821,9 @@ int nkp_vm_encrypt_layer(nkp_context *ctx, nkp_virt *v, const char *domain, cons
                 goto out;
         value = disk_value(secrets, hit->target);
         suuid = disk_secret_uuid(d, hit->target);
+        /* An offline `virsh snapshot-create-as` leaves no <backingStore>:
+         * the layers below come from the qcow2 headers. */
+        complete_from_headers(layers, suuid);
         if (!value || !suuid) {
                 r = nkp_fail(-ENOENT, "VM '%s' has no key for disk %s.", domain, hit->target);
                 goto out;
@@ -784,7 +858,13 @@ int nkp_vm_encrypt_layer(nkp_context *ctx, nkp_virt *v, const char *domain, cons
                 (void) nkp_fsync_dir_of(hit->path);
                 nkp_test_crash_point("layer-swapped");
         }
-        if ((r = add_layer_encryption(xml, hit->target, hit->depth, suuid, &new_xml)) < 0)
+        {
+                NkpDiskLayer *l = layers->pdata[hit->depth];
+                l->encrypted = true;
+                g_free(l->secret_uuid);
+                l->secret_uuid = g_strdup(suuid);
+        }
+        if ((r = write_disk_chain(xml, hit->target, layers, &new_xml)) < 0)
                 goto out;
         if ((r = nkp_virt_domain_define(v, new_xml)) < 0)
                 goto out;
