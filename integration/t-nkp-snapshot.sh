@@ -10,7 +10,9 @@
 #   refused with one line naming it and the fix, a vm-plain-layer alarm;
 #   [disks] allow_plain_layers = true lets it start; nkpctl vm
 #   encrypt-layer fixes it (no marker in clear any more, backing kept), the
-#   alarm goes, it starts with its markers.  libvirt 9.0's limits (revert of
+#   alarm goes, it starts with its markers; the same for a plain overlay
+#   virsh made offline (no chain in the definition: encrypt-layer reads it
+#   from the qcow2 headers).  libvirt 9.0's limits (revert of
 #   external snapshots, internal snapshots of LUKS qcow2) are checked as
 #   documented.
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
@@ -137,5 +139,21 @@ out=$(nk vm encrypt-layer g2 "$p1" 2>&1) && fail "a second encrypt-layer succeed
 grep -q "is not a plain layer" <<<"$out" || fail "second encrypt-layer: $out"
 boot_and_read a g2 "$mark2"
 pass "vm encrypt-layer: LUKS in place, backing kept, no marker in clear, alarm cleared, the VM starts with its markers"
+
+# ---- a plain overlay made offline by virsh (libvirt writes no chain) ----------------
+dom=g1
+lab_virsh a snapshot-create-as g1 p2 --disk-only >/dev/null || fail "virsh snapshot-create-as (offline)"
+p2="$LAB_DIR/shared/g1.p2"
+luks "$p2" && fail "libvirt made an encrypted offline overlay by itself (the test's premise changed)"
+err=$(lab_virsh a start g1 2>&1) && fail "g1 started with a plain offline overlay"
+echo "# virsh: $err"
+grep -q "plain (unencrypted) layer '$p2'\|Unexpected enum value 0 for virStorageEncryptionEngine" <<<"$err" \
+    || fail "start with an offline plain overlay: $err"
+nk vm status g1 | grep -q "plain layer '$p2'" || fail "vm status does not name $p2: $(nk vm status g1)"
+out=$(nk vm encrypt-layer g1 "$p2" 2>&1) || fail "vm encrypt-layer (offline overlay): $out"
+luks "$p2" || fail "the offline layer is not LUKS after encrypt-layer"
+lab_virsh a dumpxml --inactive g1 | grep -q "<source file='$base'>" || fail "the chain below $p2 is not in the definition"
+boot_and_read a g1 "$mark"
+pass "offline plain overlay by virsh: start refused, named by vm status; encrypt-layer (chain from the qcow2 headers) fixes it, markers read"
 
 lab_test_done
