@@ -16,6 +16,24 @@ const GOptionEntry nkpctl_clone_options[] = {
         { NULL },
 };
 
+/* { "name": NAME, MEMBER: VALUE } with --json, else `line` (freed). */
+static int print_done(NkpctlGlobals *g, const char *member, const char *name, const char *value,
+                      char *line)
+{
+        g_autofree char *text = line;
+        if (!g->json) {
+                fputs(text, stdout);
+                return 0;
+        }
+        g_autoptr(JsonBuilder) b = json_builder_new();
+        json_builder_begin_object(b);
+        nkpctl_json_add_string(b, "name", name);
+        nkpctl_json_add_string(b, member, value);
+        json_builder_end_object(b);
+        nkpctl_print_json(json_builder_get_root(b));
+        return 0;
+}
+
 int nkpctl_vm_snapshot(NkpctlGlobals *g, int argc, char **argv)
 {
         (void) argc;
@@ -48,9 +66,9 @@ int nkpctl_vm_encrypt_layer(NkpctlGlobals *g, int argc, char **argv)
         g_autoptr(nkp_virt) v = NULL;
         if (nkpctl_virt_open(g, &v) < 0 || nkp_vm_encrypt_layer(g->ctx, v, argv[1], argv[2]) < 0)
                 return nkpctl_lib_error();
-        if (!g->json)
-                printf("VM '%s': layer '%s' is encrypted now.\n", argv[1], argv[2]);
-        return 0;
+        return print_done(g, "layer", argv[1], argv[2],
+                          g_strdup_printf("VM '%s': layer '%s' is encrypted now.\n", argv[1],
+                                          argv[2]));
 }
 
 int nkpctl_vm_clone(NkpctlGlobals *g, int argc, char **argv)
@@ -60,8 +78,8 @@ int nkpctl_vm_clone(NkpctlGlobals *g, int argc, char **argv)
         if (nkpctl_virt_open(g, &v) < 0 ||
             nkp_vm_clone(g->ctx, v, argv[1], argv[2], (const char *const *) opt_files, 0) < 0)
                 return nkpctl_lib_error();
-        if (!g->json)
-                printf("VM '%s' cloned into '%s' (encrypted, new keys, fresh vTPM).\n", argv[1],
-                       argv[2]);
-        return 0;
+        return print_done(g, "clone", argv[1], argv[2],
+                          g_strdup_printf("VM '%s' cloned into '%s' (encrypted, new keys, fresh "
+                                          "vTPM).\n",
+                                          argv[1], argv[2]));
 }
