@@ -241,6 +241,44 @@ int nkp_vm_create(nkp_context *ctx, nkp_virt *v, const char *xml, const char *pr
 int nkp_vm_rekey_deep(nkp_context *ctx, nkp_virt *v, const char *domain, const char *provider,
                       nkp_vm_result **ret);
 
+/* Snapshots and clones of nkp VMs (issue 16, docs/snapshots-clones.md). */
+
+/* A disk-only, external snapshot `name` of VM `domain` (running: atomic,
+ * live; shut off: offline): for every disk its keysafe holds a key for, a
+ * LUKS qcow2 overlay beside the active layer ("vm1.qcow2" -> "vm1.NAME"),
+ * under the disk's own secret (one secret per disk chain), made by nkp and
+ * handed to libvirt (REUSE_EXT); other disks are left out of it.
+ * *ret_files (may be NULL; g_strfreev) gets "TARGET PATH" per overlay.
+ * Errors (nothing changed): -EINVAL a bad name or not an nkp VM, -EEXIST an
+ * overlay file exists, -EPERM a plain layer is in a chain already, -EBUSY
+ * another operation holds the VM's lock, -ENOKEY its provider is not here,
+ * -EIO qemu-img or libvirt refused. */
+int nkp_vm_snapshot(nkp_context *ctx, nkp_virt *v, const char *domain, const char *name,
+                    char ***ret_files);
+
+/* Encrypts the plain layer `file` of an nkp disk of the shut-off VM
+ * `domain` in place (LUKS under the disk's secret, its backing reference
+ * kept) and adds its <encryption> to the definition.  Crash-safe: run it
+ * again after a kill.  Errors (nothing changed): -ENOENT `file` is not a
+ * plain layer of the VM, -EINVAL the base of a disk or not an nkp VM,
+ * -EBUSY the VM runs or its lock is held, -EIO qemu-img failed. */
+int nkp_vm_encrypt_layer(nkp_context *ctx, nkp_virt *v, const char *domain, const char *file);
+
+/* Clones the shut-off nkp VM `src` into a new defined VM `new_name`: a
+ * new UUID, a new keysafe bound to it under the same provider, new secret
+ * UUIDs, a fresh vTPM (as virt-clone: no state copied), new MAC addresses,
+ * and every disk copied whole (its chain flattened) to the path `files`
+ * gives for its target ("vda=/path", NULL-terminated, may be NULL: beside
+ * the original as "<new_name>-<target>.qcow2").  Keys: new DEKs (each disk
+ * re-encrypted, qemu-img convert + compare), or with NKP_VM_CLONE_SAME_KEYS
+ * the original's DEKs re-wrapped for the clone (files copied as they are).
+ * Errors (nothing left behind): -EINVAL not an nkp VM or a bad file
+ * mapping, -EEXIST the name or a target file exists, -EBUSY the source
+ * runs, -ENOKEY its provider is not here, -EIO qemu-img failed; libvirt's
+ * errors pass through. */
+int nkp_vm_clone(nkp_context *ctx, nkp_virt *v, const char *src, const char *new_name,
+                 const char *const *files, unsigned flags);
+
 enum nkp_vm_recovery {
         NKP_VM_RECOVERY_NONE = 0,        /* nothing was interrupted */
         NKP_VM_RECOVERY_ROLLED_BACK = 1, /* files as before the interrupted operation */
@@ -295,6 +333,11 @@ const char *nkp_vm_status_object(const nkp_vm_status *s, size_t i);
 const char *nkp_vm_status_pending_op(const nkp_vm_status *s);
 const char *nkp_vm_status_pending_phase(const nkp_vm_status *s);
 bool nkp_vm_status_pending_in_progress(const nkp_vm_status *s);
+/* The plain layers `vm status` found in the VM's disk chains:
+ * "TARGET PATH" (a snapshot made behind nkp's back; fix: nkp_vm_encrypt_layer). */
+size_t nkp_vm_status_n_plain_layers(const nkp_vm_status *s);
+const char *nkp_vm_status_plain_layer(const nkp_vm_status *s, size_t i);
+
 void nkp_vm_status_free(nkp_vm_status *s);
 
 /* After a provider came back (restore): the host key added to the kernel

@@ -77,6 +77,22 @@ static int load_migration_config(nkp_context *ctx, GKeyFile *kf)
         return 0;
 }
 
+/* [disks] allow_plain_layers (issue 16, vm-snapshot.c): whether a start of
+ * an nkp VM with a plain layer in a disk chain goes on. */
+static int load_disks_plain_layers(nkp_context *ctx, GKeyFile *kf)
+{
+        if (!g_key_file_has_key(kf, "disks", "allow_plain_layers", NULL))
+                return 0;
+        g_autoptr(GError) error = NULL;
+        gboolean v = g_key_file_get_boolean(kf, "disks", "allow_plain_layers", &error);
+        if (error)
+                return nkp_fail(-EINVAL, "The config '%s' has a bad [disks] allow_plain_layers= "
+                                         "(write true or false).",
+                                ctx->conf_path);
+        ctx->disks_allow_plain_layers = v;
+        return 0;
+}
+
 static int load_vtpm_config(nkp_context *ctx, GKeyFile *kf)
 {
         g_autofree char *policy = g_key_file_get_string(kf, "vtpm", "policy", NULL);
@@ -127,6 +143,7 @@ static const struct {
         { "tpm", { "tcti", NULL } },
         { "migration", { "allow_plain", "qemu_conf", NULL } },
         { "vtpm", { "policy", "swtpm_user", "state_dir", NULL } },
+        { "disks", { "allow_plain_layers", NULL } },
 };
 
 static int check_config_keys(const nkp_context *ctx, GKeyFile *kf)
@@ -140,7 +157,7 @@ static int check_config_keys(const nkp_context *ctx, GKeyFile *kf)
                 if (!known)
                         return nkp_fail(-EINVAL,
                                         "The config '%s' has the unknown section [%s] (nkp reads "
-                                        "[tpm], [migration] and [vtpm]).",
+                                        "[tpm], [migration], [vtpm] and [disks]).",
                                         ctx->conf_path, *g);
                 g_auto(GStrv) keys = g_key_file_get_keys(kf, *g, NULL, NULL);
                 for (char **k = keys; k && *k; k++) {
@@ -247,7 +264,10 @@ static int load_config(nkp_context *ctx)
         r = load_migration_config(ctx, kf);
         if (r < 0)
                 return r;
-        return load_vtpm_config(ctx, kf);
+        r = load_vtpm_config(ctx, kf);
+        if (r < 0)
+                return r;
+        return load_disks_plain_layers(ctx, kf);
 }
 
 int nkp_context_new(const char *root, nkp_context **ret)

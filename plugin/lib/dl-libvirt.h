@@ -24,6 +24,7 @@
         X(virDomainCreateXML)                   \
         X(virDomainDefineXML)                   \
         X(virDomainFree)                        \
+        X(virDomainGetBlockInfo)                \
         X(virDomainGetMetadata)                 \
         X(virDomainGetName)                     \
         X(virDomainGetXMLDesc)                  \
@@ -32,6 +33,8 @@
         X(virDomainLookupByName)                \
         X(virDomainManagedSaveGetXMLDesc)       \
         X(virDomainSetMetadata)                 \
+        X(virDomainSnapshotCreateXML)           \
+        X(virDomainSnapshotFree)                \
         X(virEventAddHandle)                    \
         X(virEventAddTimeout)                   \
         X(virEventRegisterDefaultImpl)          \
@@ -68,6 +71,7 @@ int nkp_dlopen_libvirt(void);
 #define virDomainCreateXML sym_virDomainCreateXML
 #define virDomainDefineXML sym_virDomainDefineXML
 #define virDomainFree sym_virDomainFree
+#define virDomainGetBlockInfo sym_virDomainGetBlockInfo
 #define virDomainGetMetadata sym_virDomainGetMetadata
 #define virDomainGetName sym_virDomainGetName
 #define virDomainGetXMLDesc sym_virDomainGetXMLDesc
@@ -76,6 +80,8 @@ int nkp_dlopen_libvirt(void);
 #define virDomainLookupByName sym_virDomainLookupByName
 #define virDomainManagedSaveGetXMLDesc sym_virDomainManagedSaveGetXMLDesc
 #define virDomainSetMetadata sym_virDomainSetMetadata
+#define virDomainSnapshotCreateXML sym_virDomainSnapshotCreateXML
+#define virDomainSnapshotFree sym_virDomainSnapshotFree
 #define virEventAddHandle sym_virEventAddHandle
 #define virEventAddTimeout sym_virEventAddTimeout
 #define virEventRegisterDefaultImpl sym_virEventRegisterDefaultImpl

@@ -427,6 +427,9 @@ int nkp_hook_run(const char *root, const char *uri, enum nkp_hook_step step, con
                         return r;
                 return start_nkp_domain(ctx, uri, step, d);
         case NKP_HOOK_START:
+                /* A plain snapshot layer in a disk chain (vm-snapshot.c). */
+                if ((r = nkp_vm_plain_layer_check(ctx, d, xml, len)) < 0)
+                        return r;
                 return start_nkp_domain(ctx, uri, step, d);
         case NKP_HOOK_RECONNECT:
                 return define_secrets(ctx, uri, d); /* the caller keeps the VM alive */

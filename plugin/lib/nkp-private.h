@@ -176,6 +176,8 @@ struct nkp_context {
         /* nkp_context_set_progress (vm-convert.c) */
         nkp_progress_func progress;
         void *progress_data;
+        /* [disks] (issue 16: snapshots made behind nkp's back) */
+        bool disks_allow_plain_layers; /* allow_plain_layers: start with a plain layer */
 };
 
 enum nkp_vtpm_policy {
@@ -906,5 +908,50 @@ int nkp_vm_recover_locked(nkp_context *ctx, const NkpDomain *d, bool at_start,
  * finished, or NULL.  On error nothing is held. */
 int nkp_vm_lock_recovered(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, const char *op,
                           int *ret_lock, char **ret_finished, char **ret_xml, NkpDomain **ret);
+
+/* ---- vm-snapshot.c: snapshot layers of nkp disks ------------------------ */
+
+/* One layer of a disk's chain as the domain XML names it. */
+typedef struct {
+        char *target;      /* "vda" */
+        char *path;        /* the layer's file (or block device) */
+        char *format;      /* "qcow2", NULL when the XML says none */
+        unsigned depth;    /* 0 the active layer, 1 its backing, … */
+        bool encrypted;    /* an <encryption> covers this layer */
+        char *secret_uuid; /* its <secret uuid>, NULL when none */
+} NkpDiskLayer;
+void nkp_disk_layer_free(gpointer p);
+
+/* The layers of disk `target` in a domain XML: <source> (with the disk's
+ * <encryption> or one inside <source>), then each <backingStore>'s
+ * <source>.  An empty array when there is no such disk.  -EBADMSG when
+ * the XML cannot be read.  Pure (the fuzzed parser checked the input). */
+int nkp_domain_disk_layers(const char *xml, size_t len, const char *target, GPtrArray **ret);
+
+/* The plain layers (NkpDiskLayer*, new array) of every disk the keysafe
+ * of `d` holds a key for, from `xml` (the text `d` was parsed from). */
+int nkp_vm_disk_chain_plain_layers(const NkpDomain *d, const char *xml, size_t len,
+                                   GPtrArray **ret);
+
+/* The hook's rule at start: 0 when no nkp disk has a plain layer, or
+ * [disks] allow_plain_layers; else -EPERM with the one line naming the
+ * layer and the fix, and a vm-plain-layer alarm. */
+int nkp_vm_plain_layer_check(nkp_context *ctx, const NkpDomain *d, const char *xml, size_t len);
+
+/* qemu-img --image-opts for the chain `layers` (nkp_domain_disk_layers)
+ * from layers[from] on, whose top file is `file`: the key secret id "sk"
+ * on every encrypted layer below the top, and on the top when `top_key`. */
+char *nkp_disk_chain_opts(GPtrArray *layers, guint from, const char *file, bool top_key);
+
+/* vm status: "TARGET PATH" (g_free) of each plain layer of `d`'s nkp disks
+ * into `out`, from the live definition when the VM runs (a snapshot of a
+ * running VM), else from `xml` (the persistent one); a vm-plain-layer alarm
+ * when there is one (unless [disks] allow_plain_layers).  Never fails. */
+void nkp_vm_status_add_plain_layers(nkp_context *ctx, NkpVirt *v, const NkpDomain *d,
+                                    const char *xml, GPtrArray *out);
+
+/* 1 when `path` is a qcow2 whose header says LUKS, 0 another qcow2,
+ * -EMEDIUMTYPE not qcow2, -errno unreadable (no message). */
+int nkp_qcow2_is_luks(const char *path);
 
 #endif /* NKP_PRIVATE_H */

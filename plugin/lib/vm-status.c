@@ -21,6 +21,7 @@ struct nkp_vm_status {
         char *pending_op;          /* op words of an interrupted or running conversion */
         const char *pending_phase; /* "converting" / "ready" */
         bool pending_in_progress;  /* its process still holds the VM's lock */
+        GPtrArray *plain_layers;   /* "TARGET PATH": plain layers in nkp disk chains */
 };
 
 void nkp_vm_status_free(nkp_vm_status *s)
@@ -34,6 +35,7 @@ void nkp_vm_status_free(nkp_vm_status *s)
         g_free(s->reason);
         g_free(s->pending_op);
         g_ptr_array_unref(s->objects);
+        g_ptr_array_unref(s->plain_layers);
         g_free(s);
 }
 
@@ -119,6 +121,16 @@ bool nkp_vm_status_pending_in_progress(const nkp_vm_status *s)
         return s->pending_in_progress;
 }
 
+size_t nkp_vm_status_n_plain_layers(const nkp_vm_status *s)
+{
+        return s->plain_layers->len;
+}
+
+const char *nkp_vm_status_plain_layer(const nkp_vm_status *s, size_t i)
+{
+        return i < s->plain_layers->len ? s->plain_layers->pdata[i] : NULL;
+}
+
 /* A journal left for the VM: a conversion in progress (its lock is held)
  * or interrupted (to be finished or rolled back). */
 static void pending_of(nkp_context *ctx, const NkpDomain *d, nkp_vm_status *s)
@@ -146,7 +158,9 @@ static nkp_vm_status *status_of(nkp_context *ctx, nkp_virt *v, const char *name,
         g_autoptr(NkpDomain) d = NULL;
         s->name = g_strdup(name);
         s->objects = g_ptr_array_new_with_free_func(g_free);
-        int r = nkp_vm_definition(v, name, NULL, &d);
+        s->plain_layers = g_ptr_array_new_with_free_func(g_free);
+        g_autofree char *xml = NULL;
+        int r = nkp_vm_definition(v, name, &xml, &d);
         if (ret_err)
                 *ret_err = r;
         if (r < 0) {
@@ -167,6 +181,7 @@ static nkp_vm_status *status_of(nkp_context *ctx, nkp_virt *v, const char *name,
                 g_ptr_array_add(s->objects,
                                 g_strdup_printf("%s:%s", nkp_keysafe_entry_kind(d->keysafe, i),
                                                 nkp_keysafe_entry_id(d->keysafe, i)));
+        nkp_vm_status_add_plain_layers(ctx, v, d, xml, s->plain_layers);
         if (nkp_vm_unlock(ctx, d, false, NULL) < 0) {
                 s->state = NKP_VM_LOCKED;
                 s->reason = g_strdup(nkp_error_message());

@@ -186,6 +186,11 @@ static void status_json(JsonBuilder *b, const nkp_vm_status *s)
         for (size_t i = 0; i < nkp_vm_status_n_objects(s); i++)
                 json_builder_add_string_value(b, nkp_vm_status_object(s, i));
         json_builder_end_array(b);
+        json_builder_set_member_name(b, "plain_layers"); /* "TARGET PATH" */
+        json_builder_begin_array(b);
+        for (size_t i = 0; i < nkp_vm_status_n_plain_layers(s); i++)
+                json_builder_add_string_value(b, nkp_vm_status_plain_layer(s, i));
+        json_builder_end_array(b);
         json_builder_end_object(b);
 }
 
@@ -211,6 +216,11 @@ static void status_line(const nkp_vm_status *s)
         case NKP_VM_ERROR:
                 printf("%s: error: %s\n", name, nkp_vm_status_reason(s));
                 break;
+        }
+        for (size_t i = 0; i < nkp_vm_status_n_plain_layers(s); i++) {
+                g_auto(GStrv) tp = g_strsplit(nkp_vm_status_plain_layer(s, i), " ", 2);
+                printf("%s: disk %s has a plain layer '%s': nkpctl vm encrypt-layer '%s' '%s'\n",
+                       name, tp[0], tp[1] ? tp[1] : "", name, tp[1] ? tp[1] : "");
         }
         const char *op = nkp_vm_status_pending_op(s);
         if (op && nkp_vm_status_pending_in_progress(s))
@@ -399,5 +409,6 @@ const NkpctlCommand nkpctl_vm_commands[] = {
           "it, then defines it (--start: and starts it; --transient: starts it as virsh create "
           "does, defining nothing). The way to create vTPM VMs under [vtpm] policy=require.",
           create_options, 1, 1, vm_create },
+        NKPCTL_SNAPSHOT_CLONE_ROWS /* cmd-snapshot.c */
         { 0 },
 };

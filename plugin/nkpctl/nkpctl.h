@@ -55,6 +55,31 @@ extern const NkpctlCommand nkpctl_alarms_commands[];
 /* Shallow rekey (cmd-rekey.c) of VM `name`, or of every nkp VM, to
  * `provider` (NULL: the default); prints the result(s); returns the exit
  * code. */
+/* vm snapshot, vm encrypt-layer, vm clone (cmd-snapshot.c): rows of
+ * nkpctl_vm_commands. */
+int nkpctl_vm_snapshot(NkpctlGlobals *g, int argc, char **argv);
+int nkpctl_vm_encrypt_layer(NkpctlGlobals *g, int argc, char **argv);
+int nkpctl_vm_clone(NkpctlGlobals *g, int argc, char **argv);
+extern const GOptionEntry nkpctl_clone_options[];
+#define NKPCTL_SNAPSHOT_CLONE_ROWS                                                              \
+        { "vm", "snapshot", "DOMAIN NAME",                                                      \
+          "Take a disk-only snapshot of an nkp VM with encrypted overlays.",                    \
+          "Running: live and atomic; shut off: offline. Each nkp disk gets a LUKS qcow2 "       \
+          "overlay beside its active layer (vm1.qcow2 -> vm1.NAME) under the disk's own key. "  \
+          "Plain 'virsh snapshot-create-as --disk-only' makes plain overlays: nkp finds them "  \
+          "(vm status) and refuses the next start until 'vm encrypt-layer'.",                   \
+          NULL, 2, 2, nkpctl_vm_snapshot },                                                     \
+        { "vm", "encrypt-layer", "DOMAIN FILE",                                                 \
+          "Encrypt a plain snapshot layer of a shut-off nkp VM in place.",                      \
+          "FILE keeps its backing file; crash safe: run it again after an interruption.",       \
+          NULL, 2, 2, nkpctl_vm_encrypt_layer },                                                \
+        { "vm", "clone", "SOURCE NEW",                                                          \
+          "Clone a shut-off nkp VM into a new encrypted VM (what virt-clone does).",            \
+          "New UUID, keysafe, secret UUIDs, MAC addresses and a fresh vTPM; every disk copied " \
+          "(its chain flattened) under NEW data keys. virt-clone itself fails on LUKS disks "   \
+          "with libvirt 9.0 (docs/snapshots-clones.md).",                                       \
+          nkpctl_clone_options, 2, 2, nkpctl_vm_clone },
+
 int nkpctl_rekey_one(NkpctlGlobals *g, const char *name, const char *provider);
 int nkpctl_rekey_all(NkpctlGlobals *g, const char *provider);
 

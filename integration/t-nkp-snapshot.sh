@@ -1,0 +1,159 @@
+#!/bin/bash
+# Snapshots of an nkp VM (issue 16, docs/snapshots-clones.md), lab host a,
+# the real guest:
+#   nkpctl vm snapshot live (paused right after start, so the guest's first
+#   writes land in the overlay) and offline: LUKS overlays, no marker in
+#   clear in any file; snapshot -> stop -> start reads the markers through
+#   the chain; blockcommit --active --pivot back into the base;
+#   a plain overlay made by `virsh snapshot-create-as --disk-only` (the
+#   marker in clear in it: the danger) is named by vm status, the start is
+#   refused with one line naming it and the fix, a vm-plain-layer alarm;
+#   [disks] allow_plain_layers = true lets it start; nkpctl vm
+#   encrypt-layer fixes it (no marker in clear any more, backing kept), the
+#   alarm goes, it starts with its markers; the same for a plain overlay
+#   virsh made offline (no chain in the definition: encrypt-layer reads it
+#   from the qcow2 headers).  libvirt 9.0's limits (revert of
+#   external snapshots, internal snapshots of LUKS qcow2) are checked as
+#   documented.
+# Exit: 0 pass, 1 fail, 77 skipped (with the reason).
+set -euo pipefail
+source "$(dirname "$0")/lib/test.sh"
+lab_test t-nkp-snapshot "encrypted snapshots, plain layers detected, refused, fixed" \
+    --built libvirt-hooks/nkp-hook --needs qemu-img
+BUILD=$NKP_BUILD_DIR
+nk() { lab_exec a nkpctl "$@"; }
+luks() { qemu-img info -U "$1" 2>/dev/null | grep -q 'encrypted: yes'; }
+in_clear() { grep -a -c "$1" "${@:2}" | awk -F: '{s+=$NF} END{print s+0}'; }
+
+lab_test_init
+lab_host_up a || fail "host a did not come up"
+lab_install_nkp a "$BUILD"
+umask 077
+printf 'lab password\n' > "$LAB_DIR/pw"
+nk provider create p1 >/dev/null || fail "provider create"
+nk provider backup p1 --out "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" >/dev/null || fail "backup"
+nk provider set-default p1 >/dev/null || fail "set-default"
+
+new_vm() { # NAME MARK
+    local disk="$LAB_DIR/shared/$1.qcow2"
+    qemu-img create -q -f qcow2 "$disk" 64M || fail "qemu-img create"
+    lab_guest_xml --name "$1" --disk "$disk" --marker "$2" > "$LAB_DIR/$1.xml"
+    lab_virsh a define "$LAB_DIR/$1.xml" >/dev/null || fail "define $1"
+    lab_vm_encrypt a "$1"
+}
+
+# ---- nkpctl vm snapshot, live: the guest's first writes go to the overlay ----
+dom=g1
+mark="NKPSNAP$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
+base="$LAB_DIR/shared/g1.qcow2"
+new_vm g1 "$mark"
+rm -f "$(lab_serial_path a g1)"
+lab_virsh a start --paused g1 >/dev/null || fail "start --paused"
+out=$(nk vm snapshot g1 s1 2>&1) || fail "vm snapshot (live): $out"
+echo "# $out"
+s1="$LAB_DIR/shared/g1.s1"
+luks "$s1" || fail "the live overlay $s1 is not LUKS"
+qemu-img info -U "$s1" | grep -q "backing file: $base" || fail "overlay does not back onto the base"
+lab_virsh a snapshot-list g1 --name | grep -qx s1 || fail "libvirt does not list snapshot s1"
+lab_virsh a resume g1 >/dev/null || fail "resume"
+lab_markers_written a g1 "$mark" || fail "first boot over the overlay: $LAB_MARKER_ERR"
+sleep 1
+[ "$(in_clear "$mark" "$s1" "$base")" = 0 ] || fail "the marker is in clear in the overlay or the base"
+lab_virsh a destroy g1 >/dev/null
+lab_wait_domstate a g1 "shut off" 30 || fail "not shut off"
+pass "vm snapshot (live, atomic): LUKS overlay over the base, the guest's writes in it, no marker in clear"
+
+boot_and_read a g1 "$mark"
+pass "snapshot -> stop -> start: markers read through the encrypted chain"
+
+# ---- offline snapshot, then commit back ---------------------------------------------
+out=$(nk vm snapshot g1 s2 2>&1) || fail "vm snapshot (offline): $out"
+s2="$LAB_DIR/shared/g1.s2"
+luks "$s2" || fail "the offline overlay is not LUKS"
+[ -z "$(nk vm status g1 | grep 'plain layer' || true)" ] || fail "vm status names a plain layer: $(nk vm status g1)"
+boot_and_read a g1 "$mark" --running
+err=$(lab_virsh a blockcommit g1 vda --active --pivot --wait 2>&1) || fail "blockcommit: $err"
+chain=$(lab_virsh a dumpxml g1 | sed -n '/<disk/,/<\/disk>/p')
+grep -q "<source file='$base'" <<<"$chain" || fail "after blockcommit the active layer is not the base: $chain"
+grep -q "<backingStore type=" <<<"$chain" && fail "a backing layer left after blockcommit: $chain"
+luks "$base" || fail "the base is no longer LUKS"
+[ "$(in_clear "$mark" "$base")" = 0 ] || fail "marker in clear in the base after the commit"
+lab_virsh a destroy g1 >/dev/null
+lab_wait_domstate a g1 "shut off" 30 || fail "not shut off"
+boot_and_read a g1 "$mark"
+pass "offline vm snapshot (LUKS), start over 3 layers, blockcommit --active --pivot into the base: encrypted, markers read"
+
+# ---- libvirt 9.0's limits, as documented -----------------------------------------
+err=$(lab_virsh a snapshot-revert g1 s1 2>&1) && fail "snapshot-revert of an external snapshot worked (docs say it does not)"
+grep -q "revert to external snapshot not supported" <<<"$err" || fail "snapshot-revert: $err"
+err=$(lab_virsh a snapshot-create-as g1 int0 2>&1) && fail "an internal snapshot of a shut-off LUKS qcow2 worked (docs say it does not)"
+grep -q "encrypt.key-secret" <<<"$err" || fail "internal snapshot: $err"
+pass "libvirt 9.0 refuses snapshot-revert of external snapshots and offline internal snapshots of LUKS qcow2 (as documented)"
+
+# ---- a plain overlay made behind nkp's back -----------------------------------------
+dom=g2
+mark2="NKPPLAIN$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
+new_vm g2 "$mark2"
+rm -f "$(lab_serial_path a g2)"
+lab_virsh a start --paused g2 >/dev/null || fail "start --paused g2"
+lab_virsh a snapshot-create-as g2 p1 --disk-only --atomic >/dev/null || fail "virsh snapshot-create-as"
+p1="$LAB_DIR/shared/g2.p1"
+luks "$p1" && fail "libvirt made an encrypted overlay by itself (the test's premise changed)"
+lab_virsh a resume g2 >/dev/null
+lab_markers_written a g2 "$mark2" || fail "g2 first boot: $LAB_MARKER_ERR"
+sync; sleep 1
+[ "$(in_clear "$mark2" "$p1")" -gt 0 ] || fail "control: the guest's marker is not in the plain overlay"
+st=$(nk vm status g2) || fail "vm status g2"
+echo "# $st"
+grep -q "g2: disk vda has a plain layer '$p1': nkpctl vm encrypt-layer 'g2' '$p1'" <<<"$st" || fail "vm status does not name the plain layer: $st"
+nk --json vm status g2 | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["plain_layers"]==["vda '"$p1"'"], d' \
+    || fail "vm status --json plain_layers"
+lab_virsh a destroy g2 >/dev/null
+lab_wait_domstate a g2 "shut off" 30 || fail "g2 not shut off"
+err=$(lab_virsh a start g2 2>&1) && fail "g2 started with a plain layer"
+echo "# virsh: $err"
+grep -q "nkp: VM 'g2' cannot start: its disk vda has a plain (unencrypted) layer '$p1'" <<<"$err" || fail "start error: $err"
+grep -q "nkpctl vm encrypt-layer 'g2' '$p1'" <<<"$err" || fail "start error lacks the fix: $err"
+nk alarms | grep -q "vm-plain-layer" || fail "no vm-plain-layer alarm: $(nk alarms)"
+pass "plain overlay by virsh: marker in clear in it; vm status names it; start refused with the fix; vm-plain-layer alarm"
+
+conf=$(lab_path a /etc/nkp)/nkp.conf
+cp "$conf" "$LAB_DIR/nkp.conf.saved"
+printf '[disks]\nallow_plain_layers = true\n' >> "$conf"
+lab_virsh a start g2 >/dev/null || fail "allow_plain_layers = true did not let g2 start"
+lab_virsh a destroy g2 >/dev/null
+lab_wait_domstate a g2 "shut off" 30 || fail "g2 not shut off"
+cp "$LAB_DIR/nkp.conf.saved" "$conf"
+pass "[disks] allow_plain_layers = true lets it start"
+
+t=$(lab_now)
+out=$(nk vm encrypt-layer g2 "$p1" 2>&1) || fail "vm encrypt-layer: $out"
+timing "vm encrypt-layer $(lab_since "$t") s"
+luks "$p1" || fail "the layer is not LUKS after encrypt-layer"
+qemu-img info -U "$p1" | grep -q "backing file: $LAB_DIR/shared/g2.qcow2" || fail "encrypt-layer lost the backing reference"
+[ ! -e "$p1.nkp-new" ] || fail "encrypt-layer left $p1.nkp-new"
+[ "$(in_clear "$mark2" "$p1")" = 0 ] || fail "the marker is still in clear in the layer"
+nk vm status g2 | grep -q "plain layer" && fail "vm status still names a plain layer"
+nk alarms | grep -q "vm-plain-layer" && fail "the vm-plain-layer alarm stayed"
+out=$(nk vm encrypt-layer g2 "$p1" 2>&1) && fail "a second encrypt-layer succeeded"
+grep -q "is not a plain layer" <<<"$out" || fail "second encrypt-layer: $out"
+boot_and_read a g2 "$mark2"
+pass "vm encrypt-layer: LUKS in place, backing kept, no marker in clear, alarm cleared, the VM starts with its markers"
+
+# ---- a plain overlay made offline by virsh (libvirt writes no chain) ----------------
+dom=g1
+lab_virsh a snapshot-create-as g1 p2 --disk-only >/dev/null || fail "virsh snapshot-create-as (offline)"
+p2="$LAB_DIR/shared/g1.p2"
+luks "$p2" && fail "libvirt made an encrypted offline overlay by itself (the test's premise changed)"
+err=$(lab_virsh a start g1 2>&1) && fail "g1 started with a plain offline overlay"
+echo "# virsh: $err"
+grep -q "plain (unencrypted) layer '$p2'\|Unexpected enum value 0 for virStorageEncryptionEngine" <<<"$err" \
+    || fail "start with an offline plain overlay: $err"
+nk vm status g1 | grep -q "plain layer '$p2'" || fail "vm status does not name $p2: $(nk vm status g1)"
+out=$(nk vm encrypt-layer g1 "$p2" 2>&1) || fail "vm encrypt-layer (offline overlay): $out"
+luks "$p2" || fail "the offline layer is not LUKS after encrypt-layer"
+lab_virsh a dumpxml --inactive g1 | grep -q "<source file='$base'>" || fail "the chain below $p2 is not in the definition"
+boot_and_read a g1 "$mark"
+pass "offline plain overlay by virsh: start refused, named by vm status; encrypt-layer (chain from the qcow2 headers) fixes it, markers read"
+
+lab_test_done
