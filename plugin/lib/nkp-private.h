@@ -153,6 +153,14 @@ struct nkp_context {
         int vtpm_policy;            /* enum nkp_vtpm_policy */
         char *vtpm_swtpm_user;      /* swtpm_user: libvirt's swtpm user ("tss") */
         char *vtpm_state_dir;       /* state_dir: libvirt's swtpm state (/var/lib/libvirt/swtpm) */
+        /* [disks] (issue 15: new disks follow the VM) */
+        int disks_policy;           /* enum nkp_disks_policy */
+};
+
+enum nkp_disks_policy {
+        NKP_DISKS_POLICY_ENROL = 0,   /* default: nkpd encrypts empty plain qcow2 disks of nkp VMs */
+        NKP_DISKS_POLICY_REQUIRE = 1, /* enrol, and the hook refuses nkp VMs with a plain disk */
+        NKP_DISKS_POLICY_OFF = 2,     /* plain disks untouched */
 };
 
 enum nkp_vtpm_policy {
