@@ -254,7 +254,9 @@ static int on_lifecycle(virConnectPtr conn, virDomainPtr dom, int event, int det
         (void) conn;
         (void) detail;
         nkp_daemon *d = opaque;
-        if (event == VIR_DOMAIN_EVENT_DEFINED) {
+        /* Defined: a new vTPM or disk to enrol.  Stopped: a new empty disk
+         * added while the VM ran can be converted now (enrol.c). */
+        if (event == VIR_DOMAIN_EVENT_DEFINED || event == VIR_DOMAIN_EVENT_STOPPED) {
                 const char *name = virDomainGetName(dom);
                 if (name)
                         g_ptr_array_add(d->pending, g_strdup(name));
@@ -278,6 +280,12 @@ static void enrol(nkp_daemon *d, const char *name)
                 nkp_log(NKP_LOG_ERROR, "%s", nkp_error_message());
         else if (note)
                 nkp_log(NKP_LOG_INFO, "%s", note);
+        g_autofree char *disks_note = NULL;
+        r = nkp_vm_auto_enrol_disks(d->ctx, d->virt, name, &disks_note);
+        if (r < 0)
+                nkp_log(NKP_LOG_ERROR, "%s", nkp_error_message());
+        else if (disks_note)
+                nkp_log(NKP_LOG_INFO, "%s", disks_note);
 }
 
 static void scan_all(nkp_daemon *d)
@@ -379,8 +387,10 @@ int nkp_daemon_new(nkp_context *ctx, const char *uri, unsigned flags, nkp_daemon
                 nkp_daemon_free(d);
                 return nkp_fail(-EIO, "Cannot watch the signer socket in libvirt's event loop.");
         }
-        nkp_log(NKP_LOG_INFO, "vTPM certificate signer at '%s' (root and '%s'); [vtpm] policy=%s",
-                d->socket_path, ctx->vtpm_swtpm_user, policy_name(ctx->vtpm_policy));
+        nkp_log(NKP_LOG_INFO, "vTPM certificate signer at '%s' (root and '%s'); [vtpm] policy=%s; "
+                              "[disks] policy=%s",
+                d->socket_path, ctx->vtpm_swtpm_user, policy_name(ctx->vtpm_policy),
+                policy_name(ctx->disks_policy)); /* the same three words and values */
         /* The host key at boot, before VMs are started (docs/host-key.md). */
         int hk = nkp_host_key_load(ctx);
         if (hk < 0)

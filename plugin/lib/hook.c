@@ -314,6 +314,8 @@ static int start_nkp_domain(nkp_context *ctx, const char *uri, enum nkp_hook_ste
         if (r == 0 && step == NKP_HOOK_START)
                 r = nkp_vtpm_start_check(ctx, d);
         if (r == 0 && step == NKP_HOOK_START)
+                r = nkp_disks_start_check(ctx, d); /* [disks] policy=require */
+        if (r == 0 && step == NKP_HOOK_START)
                 r = nkp_vm_adopt_vtpm_state(ctx, d);
         if (r == 0 && step == NKP_HOOK_START)
                 r = ekca_ticket(ctx, d);
