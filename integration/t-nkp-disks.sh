@@ -51,6 +51,7 @@ boot_disk2() { # WHAT MARK CONTEXT: the guest's line for vdb must be NKP-DISK2-W
     [ "$line" = "NKP-DISK2-$1=$2" ] || fail "$3: the guest said '$line' (want NKP-DISK2-$1=$2)"
 }
 
+ASSERT_ON_FAIL+=('[ -z "${dom:-}" ] || { lab_virsh a dumpxml --inactive "$dom"; nk vm status "$dom"; nk alarms; } 2>&1 | sed "s/^/# state: /"')
 t0=$(lab_now)
 lab_test_init
 lab_at_exit nkpd_stop

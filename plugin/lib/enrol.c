@@ -543,8 +543,17 @@ int nkp_vm_auto_enrol_disks(nkp_context *ctx, nkp_virt *v, const char *name, cha
         g_autoptr(GPtrArray) data = g_ptr_array_new_with_free_func(g_free);
         plain_disks(d, empty, data);
         plain_disk_alarms(ctx, d, data);
-        if (empty->len == 0)
+        if (empty->len == 0) {
+                if (ret_note && data->len) {
+                        g_ptr_array_add(data, NULL);
+                        g_autofree char *dl = g_strjoinv(",", (char **) data->pdata);
+                        *ret_note = g_strdup_printf("VM '%s': plain disk(s) %s hold data (or "
+                                                    "cannot be read): left plain, alarm "
+                                                    "vm-plain-disk",
+                                                    name, dl);
+                }
                 return 0;
+        }
         g_ptr_array_add(empty, NULL);
         g_autofree char *list = g_strjoinv(",", (char **) empty->pdata);
         r = nkp_virt_domain_is_active(v, name);
