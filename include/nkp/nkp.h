@@ -712,7 +712,10 @@ enum nkp_daemon_flags {
  *    (NULL: libvirt's default), connecting at the first iteration and again
  *    2 s after a failed connect or a closed connection (libvirtd
  *    restarted); at each connect every defined domain is passed to
- *    nkp_vm_auto_enrol(), and after that every domain of a "defined" event.
+ *    nkp_vm_auto_enrol() then nkp_vm_auto_enrol_disks(), and after that
+ *    every domain of a "defined" or "stopped" event, and every domain whose
+ *    persistent definition libvirt rewrites in ROOT/etc/libvirt/qemu
+ *    (inotify; libvirt 9.0 sends no event for `attach-disk --config`).
  * Uses libvirt's default event loop (virEventRegisterDefaultImpl), which is
  * process-wide: one daemon per process.  Reports through the log function
  * (NKP_LOG_INFO per action, NKP_LOG_WARNING for refusals and connection
