@@ -225,7 +225,10 @@ static void test_content(Fixture *f, gconstpointer data)
                 { "vdc.img", NKP_DISK_CONTENT_UNKNOWN, "not a qcow2 file" },
                 { "backed.qcow2", NKP_DISK_CONTENT_DATA, "backing file" },
                 { "missing.qcow2", NKP_DISK_CONTENT_UNKNOWN, "cannot be opened" },
+                { "fifo.qcow2", NKP_DISK_CONTENT_UNKNOWN, "not a regular file" },
         };
+        g_autofree char *fifo = image(f, "fifo.qcow2");
+        g_assert_cmpint(mkfifo(fifo, 0600), ==, 0); /* must not hang */
         g_autofree char *base = new_qcow2(f, "base.qcow2");
         g_autofree char *backed = image(f, "backed.qcow2");
         const char *argv[] = { "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",

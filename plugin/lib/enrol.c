@@ -22,6 +22,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "nkp-private.h"
@@ -387,9 +388,16 @@ const char *nkp_disk_unmanaged_reason(const NkpDomainDisk *disk)
  * backing_file_offset u64 at 8, crypt_method u32 at 32. */
 static int qcow2_header_check(const char *path, char **ret_why)
 {
-        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        /* O_NONBLOCK: a FIFO in place of the disk must not hang nkpd. */
+        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
         if (fd < 0) {
                 *ret_why = g_strdup_printf("cannot be opened: %s", g_strerror(errno));
+                return NKP_DISK_CONTENT_UNKNOWN;
+        }
+        struct stat st;
+        if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+                close(fd);
+                *ret_why = g_strdup("is not a regular file");
                 return NKP_DISK_CONTENT_UNKNOWN;
         }
         uint8_t h[36];
