@@ -15,11 +15,14 @@
  * keysafe (vTPM key unchanged); [disks] policy=require makes the hook
  * refuse the start with one line naming the disk (enrol lets it start);
  * `vm encrypt --disks` of the data disk clears the alarm; policy=off
- * converts nothing. */
+ * converts nothing; a new empty disk of a running VM is left alone (vm
+ * status and the note say when it happens) and converted once it stops. */
 #include <errno.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include <libvirt/libvirt.h>
 
 #include "testutil.h"
 
@@ -272,6 +275,20 @@ static void test_status_lists_every_disk(Fixture *f, gconstpointer data)
         g_assert_cmpuint(crypt_method(vda), ==, 0);
 }
 
+/* `xml` with one more qcow2 disk `target` at `path`. */
+static char *with_disk(const char *xml, const char *target, const char *path)
+{
+        g_autofree char *disk = g_strdup_printf(
+                "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+                "<source file='%s'/><target dev='%s' bus='virtio'/></disk></devices>",
+                path, target);
+        g_autofree char *head = g_strdup(xml);
+        char *end = strstr(head, "</devices>");
+        g_assert_nonnull(end);
+        *end = '\0';
+        return g_strconcat(head, disk, strstr(xml, "</devices>") + strlen("</devices>"), NULL);
+}
+
 static void test_new_disks_follow(Fixture *f, gconstpointer data)
 {
         (void) data;
@@ -334,15 +351,7 @@ static void test_new_disks_follow(Fixture *f, gconstpointer data)
         g_autoptr(NkpDomain) before = NULL;
         g_assert_cmpint(nkp_domain_parse(xml, strlen(xml), &before), ==, 0);
         g_autofree char *vde = new_qcow2(f, "vde.qcow2");
-        g_autofree char *disk = g_strdup_printf(
-                "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
-                "<source file='%s'/><target dev='vde' bus='virtio'/></disk></devices>",
-                vde);
-        g_autofree char *with_vde = g_strdup(xml);
-        char *end = strstr(with_vde, "</devices>");
-        g_assert_nonnull(end);
-        *end = '\0';
-        g_autofree char *newxml = g_strconcat(with_vde, disk, end + strlen("</devices>"), NULL);
+        g_autofree char *newxml = with_disk(xml, "vde", vde);
         g_assert_cmpint(nkp_virt_domain_define(f->v, newxml), ==, 0);
         g_clear_pointer(&note, g_free);
         r = nkp_vm_auto_enrol_disks(f->ctx, f->v, "vm1", &note);
@@ -370,6 +379,33 @@ static void test_new_disks_follow(Fixture *f, gconstpointer data)
         g_assert_cmpint(nkp_domain_parse(xml2, strlen(xml2), &d2), ==, 0);
         f->ctx->disks_policy = NKP_DISKS_POLICY_REQUIRE;
         g_assert_cmpint(nkp_disks_start_check(f->ctx, d2), ==, 0);
+}
+
+static void test_running(Fixture *f, gconstpointer data)
+{
+        (void) data;
+        g_assert_cmpint(nkp_vm_auto_enrol(f->ctx, f->v, "vm1", NULL), ==, 1);
+        g_autofree char *xml = inactive_xml(f);
+        g_autofree char *vde = new_qcow2(f, "vde.qcow2");
+        g_autofree char *newxml = with_disk(xml, "vde", vde);
+        /* Defined and started (the test driver runs no hook). */
+        g_assert_cmpint(nkp_virt_domain_create(f->v, newxml, false), ==, 0);
+        g_assert_cmpint(nkp_virt_domain_is_active(f->v, "vm1"), ==, 1);
+        g_autofree char *note = NULL;
+        g_assert_cmpint(nkp_vm_auto_enrol_disks(f->ctx, f->v, "vm1", &note), ==, 0);
+        g_assert_nonnull(strstr(note, "new empty plain disk (vde) while it runs"));
+        g_assert_cmpuint(crypt_method(vde), ==, 0);
+        g_autoptr(nkp_vm_status) s = status(f);
+        const char *dnote = NULL;
+        g_assert_cmpstr(disk_state(s, "vde", &dnote), ==, "plain-empty");
+        g_assert_nonnull(strstr(dnote, "nkpd encrypts it once the VM is shut off"));
+        /* Stopped: the next pass (nkpd's "stopped" event) converts it. */
+        virDomainPtr dom = virDomainLookupByName(nkp_virt_connection(f->v), "vm1");
+        g_assert_nonnull(dom);
+        g_assert_cmpint(virDomainDestroy(dom), ==, 0);
+        virDomainFree(dom);
+        g_assert_cmpint(nkp_vm_auto_enrol_disks(f->ctx, f->v, "vm1", NULL), ==, 1);
+        g_assert_cmpuint(crypt_method(vde), ==, 2);
 }
 
 static void test_policy_off(Fixture *f, gconstpointer data)
@@ -404,6 +440,7 @@ int main(int argc, char **argv)
         ADD("/disks/content", test_content);
         ADD("/disks/status-lists-every-disk", test_status_lists_every_disk);
         ADD("/disks/new-disks-follow", test_new_disks_follow);
+        ADD("/disks/running", test_running);
         ADD("/disks/policy-off", test_policy_off);
         return g_test_run();
 }
