@@ -59,6 +59,7 @@ static void test_defaults(Fixture *f, gconstpointer data)
         g_assert_cmpint(ctx->vtpm_policy, ==, NKP_VTPM_POLICY_ENROL);
         g_assert_cmpstr(ctx->vtpm_swtpm_user, ==, "tss");
         g_assert_cmpstr(ctx->vtpm_state_dir, ==, "/var/lib/libvirt/swtpm");
+        g_assert_cmpint(ctx->disks_policy, ==, NKP_DISKS_POLICY_ENROL);
         nkp_context_free(ctx);
 
         /* A TPM device under the root: it is the default TCTI, not explicit. */
@@ -85,7 +86,9 @@ static void test_every_setting(Fixture *f, gconstpointer data)
                     "# require: refuse plain vTPMs\n"
                     "policy = require\n"
                     "swtpm_user = swtpm\n"
-                    "state_dir = /srv/swtpm\n");
+                    "state_dir = /srv/swtpm\n"
+                    "[disks]\n"
+                    "policy = require\n");
         nkp_context *ctx = open_ok(f);
         g_assert_cmpstr(nkp_context_tcti(ctx), ==, "swtpm:host=127.0.0.1,port=2321");
         g_assert_true(ctx->tcti_explicit);
@@ -94,6 +97,7 @@ static void test_every_setting(Fixture *f, gconstpointer data)
         g_assert_cmpint(ctx->vtpm_policy, ==, NKP_VTPM_POLICY_REQUIRE);
         g_assert_cmpstr(ctx->vtpm_swtpm_user, ==, "swtpm");
         g_assert_cmpstr(ctx->vtpm_state_dir, ==, "/srv/swtpm");
+        g_assert_cmpint(ctx->disks_policy, ==, NKP_DISKS_POLICY_REQUIRE);
         nkp_context_free(ctx);
 
         /* The config is the only source: the environment variable that
@@ -105,10 +109,18 @@ static void test_every_setting(Fixture *f, gconstpointer data)
         nkp_context_free(ctx);
         g_unsetenv("NKP_SWTPM_STATE_DIR");
 
+        /* [disks] policy=off, and [vtpm] left at its default beside it. */
+        set_conf(f, "[disks]\npolicy = off\n");
+        ctx = open_ok(f);
+        g_assert_cmpint(ctx->disks_policy, ==, NKP_DISKS_POLICY_OFF);
+        g_assert_cmpint(ctx->vtpm_policy, ==, NKP_VTPM_POLICY_ENROL);
+        nkp_context_free(ctx);
+
         /* "enroll" is accepted for "enrol"; "none" is not an explicit TPM. */
-        set_conf(f, "[tpm]\ntcti=none\n[vtpm]\npolicy=enroll\n");
+        set_conf(f, "[tpm]\ntcti=none\n[vtpm]\npolicy=enroll\n[disks]\npolicy=enroll\n");
         ctx = open_ok(f);
         g_assert_cmpint(ctx->vtpm_policy, ==, NKP_VTPM_POLICY_ENROL);
+        g_assert_cmpint(ctx->disks_policy, ==, NKP_DISKS_POLICY_ENROL);
         g_assert_false(ctx->tcti_explicit);
         nkp_context_free(ctx);
 }
@@ -130,6 +142,13 @@ static void test_refused(Fixture *f, gconstpointer data)
                 { "relative qemu_conf", "[migration]\nqemu_conf=qemu.conf\n", "qemu_conf" },
                 { "unknown policy", "[vtpm]\npolicy=sometimes\n", "policy=sometimes" },
                 { "relative state_dir", "[vtpm]\nstate_dir=swtpm\n", "state_dir" },
+                { "unknown disks policy", "[disks]\npolicy=always\n",
+                  "[disks] policy=always; write enrol, require or off" },
+                { "misspelt disks key", "[disks]\npolicey=off\n",
+                  "unknown key policey= in [disks] (known there: policy)" },
+                { "disks policy twice", "[disks]\npolicy=require\npolicy=off\n",
+                  "line 3: [disks] policy= is set a second time" },
+                { "[disk] for [disks]", "[disk]\npolicy=off\n", "unknown section [disk]" },
                 /* Duplicates: GKeyFile lets the last one win, silently. */
                 { "tcti twice (the second unseals)", "[tpm]\ntcti=device:/dev/tpmrm0\ntcti=none\n",
                   "line 3: [tpm] tcti= is set a second time (first on line 2)" },

@@ -338,6 +338,27 @@ bool nkp_vm_status_pending_in_progress(const nkp_vm_status *s);
 size_t nkp_vm_status_n_plain_layers(const nkp_vm_status *s);
 const char *nkp_vm_status_plain_layer(const nkp_vm_status *s, size_t i);
 
+/* Every disk of the VM's definition, in document order (none in state
+ * error).  Its target ("vda"), its file (NULL for a network disk), its
+ * state, and a note (NULL when there is nothing to say) in words:
+ *   "encrypted"          LUKS with a key in the VM's keysafe (note: "by P (luks)")
+ *   "encrypted-foreign"  an <encryption> whose secret nkp does not manage
+ *   "plain-empty"        a plain qcow2 file with nothing written to it
+ *                        (nkpd encrypts it: [disks] policy, enrol.c)
+ *   "plain-data"         a plain qcow2 file that holds data (or has a
+ *                        backing file): for an nkp VM a vm-plain-disk
+ *                        alarm, and the note names the fix
+ *   "plain"              a plain qcow2 file not read (nkp_vm_list does not
+ *                        read disks) or unreadable (the note says why)
+ *   "not-managed"        not a file-backed qcow2 disk (note: "cdrom",
+ *                        "raw file", "network disk", "block device", …)
+ * nkp_vm_status_get reads plain qcow2 files with `qemu-img map -U` (safe
+ * while the VM runs); the strings belong to `s`. */
+size_t nkp_vm_status_n_disks(const nkp_vm_status *s);
+const char *nkp_vm_status_disk_target(const nkp_vm_status *s, size_t i);
+const char *nkp_vm_status_disk_path(const nkp_vm_status *s, size_t i);
+const char *nkp_vm_status_disk_state(const nkp_vm_status *s, size_t i);
+const char *nkp_vm_status_disk_note(const nkp_vm_status *s, size_t i);
 void nkp_vm_status_free(nkp_vm_status *s);
 
 /* After a provider came back (restore): the host key added to the kernel
@@ -825,6 +846,23 @@ int nkp_ekcert_write(const nkp_ekcert_request *req, const uint8_t *der, size_t l
  * names the VM and the fix. */
 int nkp_vm_auto_enrol(nkp_context *ctx, nkp_virt *v, const char *name, char **ret_note);
 
+/* New disks follow the VM (issue 15): for an nkp VM (a keysafe) `name`
+ * under [disks] policy enrol or require, each plain file-backed qcow2 disk
+ * that is EMPTY (no backing file, `qemu-img map` shows nothing present or
+ * holding data) is encrypted like `nkp_vm_encrypt(…, "vdb,…")` (a DEK in
+ * the VM's own keysafe, LUKS, crash-safe), if the VM is shut off with no
+ * saved state; with the VM running, nothing is converted and `ret_note`
+ * says so (nkpd checks again when it stops).  A plain qcow2 disk that holds
+ * data (or cannot be read) is never converted: a "vm-plain-disk" alarm
+ * (subject "VM:target") names it and the fix; the alarms of disks that are
+ * no longer plain are cleared.  A VM without a keysafe, a conversion by
+ * nkpctl running or interrupted, the domain gone, policy off: nothing.
+ * Returns 1 converted, 0 nothing converted; `ret_note` (may be NULL) as
+ * nkp_vm_auto_enrol.  Errors: those of nkp_vm_encrypt (-EBUSY the VM
+ * started meanwhile, -ENOSPC, -ENOKEY …), libvirt's; the message names the
+ * VM and the disks. */
+int nkp_vm_auto_enrol_disks(nkp_context *ctx, nkp_virt *v, const char *name, char **ret_note);
+
 typedef struct nkp_daemon nkp_daemon;
 
 enum nkp_daemon_flags {
@@ -841,7 +879,10 @@ enum nkp_daemon_flags {
  *    (NULL: libvirt's default), connecting at the first iteration and again
  *    2 s after a failed connect or a closed connection (libvirtd
  *    restarted); at each connect every defined domain is passed to
- *    nkp_vm_auto_enrol(), and after that every domain of a "defined" event.
+ *    nkp_vm_auto_enrol() then nkp_vm_auto_enrol_disks(), and after that
+ *    every domain of a "defined" or "stopped" event, and every domain whose
+ *    persistent definition libvirt rewrites in ROOT/etc/libvirt/qemu
+ *    (inotify; libvirt 9.0 sends no event for `attach-disk --config`).
  * Uses libvirt's default event loop (virEventRegisterDefaultImpl), which is
  * process-wide: one daemon per process.  Reports through the log function
  * (NKP_LOG_INFO per action, NKP_LOG_WARNING for refusals and connection

@@ -15,11 +15,15 @@
 #   nkp.poweroff=1   power off after writing / reading the markers
 #   nkp.nvindex=0x1500016  the NV index to use
 #   nkp.probe=1      print NKP-PROBE-OK and power off at once (accelerator probe)
+#   nkp.marker2=XYZ  a second disk (issue 15, t-nkp-disks): when /dev/vdb is
+#                    there, read its marker (NKP-DISK2-MARKER=X) or, when it
+#                    has none, write XYZ onto it (NKP-DISK2-WRITTEN=XYZ)
 # ACPI power button (virsh shutdown): busybox acpid prints NKP-ACPI-POWEROFF,
 # syncs and powers off.
 # Serial console lines the tests read:
 #   NKP-GUEST-UP, NKP-MARKERS-WRITTEN tpm=X disk=X, NKP-TPM-MARKER=X,
-#   NKP-DISK-MARKER=X, NKP-TICK n, NKP-POWEROFF, NKP-ERROR <why>
+#   NKP-DISK-MARKER=X, NKP-DISK2-WRITTEN=X, NKP-DISK2-MARKER=X, NKP-DISK2-NONE,
+#   NKP-TICK n, NKP-POWEROFF, NKP-ERROR <why>
 set -euo pipefail
 
 cache=${NKP_LAB_CACHE:-/var/cache/nkp-lab}
@@ -146,7 +150,7 @@ mount -t devtmpfs dev /dev 2>/dev/null
 mount -t tmpfs tmp /tmp
 exec </dev/console >/dev/console 2>&1
 
-marker=nomarker; poweroff=0; idx=0x1500016; ekcert=0
+marker=nomarker; poweroff=0; idx=0x1500016; ekcert=0; marker2=
 for a in $(cat /proc/cmdline); do
     case "$a" in
         nkp.marker=*) marker=${a#nkp.marker=} ;;
@@ -154,6 +158,7 @@ for a in $(cat /proc/cmdline); do
         nkp.nvindex=*) idx=${a#nkp.nvindex=} ;;
         nkp.probe=1) echo "NKP-PROBE-OK"; poweroff -f ;;
         nkp.ekcert=1) ekcert=1 ;;
+        nkp.marker2=*) marker2=${a#nkp.marker2=} ;;
     esac
 done
 echo "NKP-GUEST-UP $(cut -d' ' -f1 /proc/uptime)"
@@ -185,6 +190,24 @@ else
         echo "NKP-MARKERS-WRITTEN tpm=$marker disk=$marker"
     else
         echo "NKP-ERROR writing markers failed"
+    fi
+fi
+# issue 15 (t-nkp-disks): nkp.marker2=M, a marker on the second disk vdb.
+if [ -n "$marker2" ]; then
+    n=0
+    while [ ! -b /dev/vdb ] && [ $n -lt 30 ]; do sleep 0.1; n=$((n+1)); done
+    if [ ! -b /dev/vdb ]; then
+        echo "NKP-DISK2-NONE"
+    else
+        set -- $(dd if=/dev/vdb bs=512 count=1 2>/dev/null | tr '\000' '\n' | head -n1)
+        if [ "${1:-}" = NKPDISK2 ]; then
+            echo "NKP-DISK2-MARKER=${2:-}"
+        elif printf 'NKPDISK2 %s \n' "$marker2" | dd of=/dev/vdb bs=512 conv=sync,fsync 2>/dev/null; then
+            sync
+            echo "NKP-DISK2-WRITTEN=$marker2"
+        else
+            echo "NKP-ERROR writing the marker on /dev/vdb failed"
+        fi
     fi
 fi
 # issue 7 (t-nkp-enrol): nkp.ekcert=1 prints the RSA EK certificate from NV

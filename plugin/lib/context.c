@@ -28,6 +28,16 @@
  *                                (vm encrypt/decrypt/rekey --deep, the hook,
  *                                nkpd) looks for vTPM state
  *
+ *   [disks]                      (issue 15: new disks follow the VM)
+ *   policy = enrol | require | off
+ *                                enrol (default): nkpd encrypts a plain
+ *                                qcow2 disk of an nkp VM while it is still
+ *                                empty, and raises vm-plain-disk for one
+ *                                that holds data; require: the same, and the
+ *                                hook refuses to start an nkp VM with any
+ *                                plain qcow2 disk; off: plain disks are not
+ *                                nkp's business (see enrol.c)
+ *
  * Unknown sections and keys are refused (check_config_keys), and so are a
  * section or a key given twice and a line that is not UTF-8 (check_config_lines):
  * GKeyFile lets the last duplicate win and reads a non-UTF-8 value as absent,
@@ -132,6 +142,25 @@ static int load_vtpm_config(nkp_context *ctx, GKeyFile *kf)
         return 0;
 }
 
+static int load_disks_config(nkp_context *ctx, GKeyFile *kf)
+{
+        g_autofree char *policy = g_key_file_get_string(kf, "disks", "policy", NULL);
+        if (!policy)
+                return 0;
+        g_strstrip(policy);
+        if (strcmp(policy, "enrol") == 0 || strcmp(policy, "enroll") == 0)
+                ctx->disks_policy = NKP_DISKS_POLICY_ENROL;
+        else if (strcmp(policy, "require") == 0)
+                ctx->disks_policy = NKP_DISKS_POLICY_REQUIRE;
+        else if (strcmp(policy, "off") == 0)
+                ctx->disks_policy = NKP_DISKS_POLICY_OFF;
+        else
+                return nkp_fail(-EINVAL, "The config '%s' has [disks] policy=%s; write enrol, "
+                                         "require or off.",
+                                ctx->conf_path, policy);
+        return 0;
+}
+
 /* Every group and key nkp reads.  Anything else is a typo or a setting of
  * another version: refused, because a misspelt key silently left at its
  * default (a "tcit" that leaves provider keys unsealed, say) is worse than a
@@ -143,7 +172,7 @@ static const struct {
         { "tpm", { "tcti", NULL } },
         { "migration", { "allow_plain", "qemu_conf", NULL } },
         { "vtpm", { "policy", "swtpm_user", "state_dir", NULL } },
-        { "disks", { "allow_plain_layers", NULL } },
+        { "disks", { "policy", "allow_plain_layers", NULL } },
 };
 
 static int check_config_keys(const nkp_context *ctx, GKeyFile *kf)
@@ -267,6 +296,9 @@ static int load_config(nkp_context *ctx)
         r = load_vtpm_config(ctx, kf);
         if (r < 0)
                 return r;
+        r = load_disks_config(ctx, kf);
+        if (r < 0)
+                return r;
         return load_disks_plain_layers(ctx, kf);
 }
 
@@ -288,6 +320,7 @@ int nkp_context_new(const char *root, nkp_context **ret)
         ctx->vtpm_policy = NKP_VTPM_POLICY_ENROL;
         ctx->vtpm_swtpm_user = g_strdup("tss");
         ctx->vtpm_state_dir = g_strdup("/var/lib/libvirt/swtpm");
+        ctx->disks_policy = NKP_DISKS_POLICY_ENROL;
 
         g_autofree char *dev = nkp_context_path(ctx, "/dev/tpmrm0");
         ctx->tcti = g_strdup(access(dev, F_OK) == 0 ? DEFAULT_TCTI : "none");

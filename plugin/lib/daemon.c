@@ -14,11 +14,18 @@
  *    opened again 2 s later; every (re)connect scans every defined domain,
  *    so nothing defined while nkpd was away is missed.
  *
+ *  - new disks (issue 15, enrol.c): the same pass runs the disk check
+ *    (nkp_vm_auto_enrol_disks) for "defined" and "stopped" domains, and for
+ *    every persistent definition libvirt rewrites in ROOT/etc/libvirt/qemu
+ *    (inotify): libvirt 9.0 sends no event when `attach-disk --config`
+ *    changes a definition.
+ *
  * This file and virt.c are the only ones that call libvirt. */
 #include <errno.h>
 #include <fcntl.h>
 #include <pwd.h>
 #include <string.h>
+#include <sys/inotify.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -62,6 +69,8 @@ struct nkp_daemon {
         gint64 next_unlock;  /* monotonic, µs: the next retry while vm-locked alarms are open */
         gint64 unlock_delay; /* µs, doubled per failed retry up to UNLOCK_DELAY_MAX */
         GPtrArray *pending;  /* names of domains from "defined" events */
+        int defs_fd;         /* inotify on ROOT/etc/libvirt/qemu, -1 when none */
+        int defs_watch;
 };
 
 static const char *policy_name(int policy)
@@ -257,15 +266,63 @@ static void on_tick(int timer, void *opaque)
         (void) opaque;
 }
 
+static void queue_domain(nkp_daemon *d, const char *name)
+{
+        for (guint i = 0; i < d->pending->len; i++)
+                if (strcmp(d->pending->pdata[i], name) == 0)
+                        return;
+        g_ptr_array_add(d->pending, g_strdup(name));
+}
+
+/* A persistent definition written (NAME.xml, rewritten by rename): its
+ * domain is queued like a "defined" one. */
+static void on_definitions(int watch, int fd, int events, void *opaque)
+{
+        (void) watch;
+        (void) events;
+        nkp_daemon *d = opaque;
+        char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
+        ssize_t n;
+        while ((n = read(fd, buf, sizeof buf)) > 0) {
+                for (char *p = buf; p < buf + n;) {
+                        const struct inotify_event *ev = (const struct inotify_event *) p;
+                        p += sizeof *ev + ev->len;
+                        if (!ev->len || !g_str_has_suffix(ev->name, ".xml"))
+                                continue;
+                        g_autofree char *name = g_strndup(ev->name, strlen(ev->name) - 4);
+                        if (d->virt && name[0])
+                                queue_domain(d, name);
+                }
+        }
+}
+
+static void watch_definitions(nkp_daemon *d)
+{
+        g_autofree char *dir = nkp_context_path(d->ctx, "/etc/libvirt/qemu");
+        int fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+        if (fd < 0 || inotify_add_watch(fd, dir, IN_CLOSE_WRITE | IN_MOVED_TO) < 0) {
+                nkp_log(NKP_LOG_INFO, "cannot watch '%s' (%s): new disks are seen on libvirt's "
+                                      "events only",
+                        dir, g_strerror(errno));
+                if (fd >= 0)
+                        close(fd);
+                return;
+        }
+        d->defs_fd = fd;
+        d->defs_watch = virEventAddHandle(fd, VIR_EVENT_HANDLE_READABLE, on_definitions, d, NULL);
+}
+
 static int on_lifecycle(virConnectPtr conn, virDomainPtr dom, int event, int detail, void *opaque)
 {
         (void) conn;
         (void) detail;
         nkp_daemon *d = opaque;
-        if (event == VIR_DOMAIN_EVENT_DEFINED) {
+        /* Defined: a new vTPM or disk to enrol.  Stopped: a new empty disk
+         * added while the VM ran can be converted now (enrol.c). */
+        if (event == VIR_DOMAIN_EVENT_DEFINED || event == VIR_DOMAIN_EVENT_STOPPED) {
                 const char *name = virDomainGetName(dom);
                 if (name)
-                        g_ptr_array_add(d->pending, g_strdup(name));
+                        queue_domain(d, name);
         }
         return 0;
 }
@@ -286,6 +343,12 @@ static void enrol(nkp_daemon *d, const char *name)
                 nkp_log(NKP_LOG_ERROR, "%s", nkp_error_message());
         else if (note)
                 nkp_log(NKP_LOG_INFO, "%s", note);
+        g_autofree char *disks_note = NULL;
+        r = nkp_vm_auto_enrol_disks(d->ctx, d->virt, name, &disks_note);
+        if (r < 0)
+                nkp_log(NKP_LOG_ERROR, "%s", nkp_error_message());
+        else if (disks_note)
+                nkp_log(NKP_LOG_INFO, "%s", disks_note);
 }
 
 static void scan_all(nkp_daemon *d)
@@ -373,6 +436,8 @@ int nkp_daemon_new(nkp_context *ctx, const char *uri, unsigned flags, nkp_daemon
         d->uri = g_strdup(uri);
         d->pending = g_ptr_array_new_with_free_func(g_free);
         d->clients = g_ptr_array_new();
+        d->defs_fd = -1;
+        d->defs_watch = -1;
 
         resolve_swtpm_user(d);
         r = listen_signer(d);
@@ -383,12 +448,16 @@ int nkp_daemon_new(nkp_context *ctx, const char *uri, unsigned flags, nkp_daemon
         d->listen_watch = virEventAddHandle(d->listen_fd, VIR_EVENT_HANDLE_READABLE, on_client,
                                             d, NULL);
         d->tick_timer = virEventAddTimeout(TICK_MS, on_tick, NULL, NULL);
+        if (d->use_libvirt)
+                watch_definitions(d);
         if (d->listen_watch < 0 || d->tick_timer < 0) {
                 nkp_daemon_free(d);
                 return nkp_fail(-EIO, "Cannot watch the signer socket in libvirt's event loop.");
         }
-        nkp_log(NKP_LOG_INFO, "vTPM certificate signer at '%s' (root and '%s'); [vtpm] policy=%s",
-                d->socket_path, ctx->vtpm_swtpm_user, policy_name(ctx->vtpm_policy));
+        nkp_log(NKP_LOG_INFO, "vTPM certificate signer at '%s' (root and '%s'); [vtpm] policy=%s; "
+                              "[disks] policy=%s",
+                d->socket_path, ctx->vtpm_swtpm_user, policy_name(ctx->vtpm_policy),
+                policy_name(ctx->disks_policy)); /* the same three words and values */
         /* The host key at boot, before VMs are started (docs/host-key.md). */
         int hk = nkp_host_key_load(ctx);
         if (hk < 0)
@@ -471,6 +540,10 @@ void nkp_daemon_free(nkp_daemon *d)
                 virEventRemoveHandle(d->listen_watch);
         if (d->tick_timer >= 0)
                 virEventRemoveTimeout(d->tick_timer);
+        if (d->defs_watch >= 0)
+                virEventRemoveHandle(d->defs_watch);
+        if (d->defs_fd >= 0)
+                close(d->defs_fd);
         if (d->listen_fd >= 0)
                 close(d->listen_fd);
         if (d->socket_path)

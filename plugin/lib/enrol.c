@@ -22,6 +22,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "nkp-private.h"
@@ -246,6 +247,40 @@ static bool conversion_pending(nkp_context *ctx, const NkpDomain *d)
         return r == -EBUSY;
 }
 
+static void plain_disks(const NkpDomain *d, GPtrArray *empty, GPtrArray *data);
+
+/* A new VM with a new vTPM and new empty disks, shut off (virt-xml, a
+ * define): the vTPM and those disks in one conversion (nkp_vm_encrypt), so
+ * the keysafe never appears without the disks' keys and no start can slip
+ * in between two steps.  0 when there is no such disk or the VM runs (the
+ * caller enrols the vTPM alone); 1 done; a negative errno. */
+static int enrol_with_empty_disks(nkp_context *ctx, NkpVirt *v, const NkpDomain *d,
+                                  char **ret_note)
+{
+        if (ctx->disks_policy == NKP_DISKS_POLICY_OFF ||
+            nkp_virt_domain_is_active(v, d->name) != 0 ||
+            nkp_virt_domain_has_managed_save(v, d->name) != 0) {
+                nkp_error_clear();
+                return 0;
+        }
+        g_autoptr(GPtrArray) empty = g_ptr_array_new_with_free_func(g_free);
+        g_autoptr(GPtrArray) data = g_ptr_array_new_with_free_func(g_free);
+        plain_disks(d, empty, data);
+        if (empty->len == 0)
+                return 0;
+        g_ptr_array_add(empty, NULL);
+        g_autofree char *list = g_strjoinv(",", (char **) empty->pdata);
+        g_autoptr(nkp_vm_result) res = NULL;
+        int r = nkp_vm_encrypt(ctx, v, d->name, NULL, list, &res);
+        if (r < 0)
+                return nkp_fail_prefix(r, "VM '%s' cannot be enrolled", d->name);
+        if (ret_note)
+                *ret_note = g_strdup_printf("VM '%s': its new vTPM and its new empty disk(s) %s "
+                                            "are now encrypted by provider '%s'",
+                                            d->name, list, nkp_vm_result_provider(res));
+        return 1;
+}
+
 int nkp_vm_auto_enrol(nkp_context *ctx, NkpVirt *v, const char *name, char **ret_note)
 {
         if (ctx->vtpm_policy != NKP_VTPM_POLICY_ENROL)
@@ -292,6 +327,9 @@ int nkp_vm_auto_enrol(nkp_context *ctx, NkpVirt *v, const char *name, char **ret
                                                   "enrolled",
                                                name);
         }
+        if (!d->keysafe && st == NKP_VTPM_STATE_NONE)
+                if ((r = enrol_with_empty_disks(ctx, v, d, ret_note)) != 0)
+                        return r;
         g_autoptr(NkpEnrolment) en = NULL;
         r = nkp_enrol_build(ctx, d, xml, p, true, NULL, &en);
         if (r < 0)
@@ -309,4 +347,261 @@ int nkp_vm_auto_enrol(nkp_context *ctx, NkpVirt *v, const char *name, char **ret
                                             "'%s'",
                                             name, en->provider);
         return 1;
+}
+
+/* ---- new disks follow the VM (issue 15) ------------------------------------------ */
+/* A plain qcow2 disk added to a VM nkp protects (virt-xml --add-device
+ * --disk, virt-manager "Add Hardware", virsh attach-disk --config) is
+ * encrypted by nkpd while it is still EMPTY, under the [disks] policy:
+ *
+ *   empty = the qcow2 header names no backing file and no encryption, and
+ *           `qemu-img map -U` reports no extent that is present or holds
+ *           data.  The guest has then never written a byte to it (a write
+ *           of zeroes allocates a cluster too, so it counts as data), and
+ *           converting it copies nothing.  Anything nkp cannot read that
+ *           way is "unknown", never empty: fail safe.
+ *
+ * nkpd converts only with the VM shut off (the conversion protocol needs
+ * it: vm-convert.c), through `nkp_vm_encrypt --disks` (add_disks_locked:
+ * the VM's own keysafe, crash-safe).  A disk that holds data is not
+ * converted behind the admin's back (a full copy, their call): it stays
+ * plain with a vm-plain-disk alarm naming the fix. */
+
+const char *nkp_disk_unmanaged_reason(const NkpDomainDisk *disk)
+{
+        if (g_strcmp0(disk->device, "disk") != 0)
+                return disk->device ? disk->device : "not a disk";
+        if (g_strcmp0(disk->type, "network") == 0)
+                return "network disk";
+        if (g_strcmp0(disk->type, "block") == 0)
+                return "block device";
+        if (g_strcmp0(disk->type, "file") != 0)
+                return "not a file";
+        if (!disk->source_file)
+                return "no source file";
+        if (g_strcmp0(disk->driver_type, "qcow2") != 0)
+                return g_strcmp0(disk->driver_type, "raw") == 0 ? "raw file" : "not qcow2";
+        return NULL;
+}
+
+/* qcow2 header (docs/interop/qcow2.txt, big endian): magic "QFI\xfb" at 0,
+ * backing_file_offset u64 at 8, crypt_method u32 at 32. */
+static int qcow2_header_check(const char *path, char **ret_why)
+{
+        /* O_NONBLOCK: a FIFO in place of the disk must not hang nkpd. */
+        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+        if (fd < 0) {
+                *ret_why = g_strdup_printf("cannot be opened: %s", g_strerror(errno));
+                return NKP_DISK_CONTENT_UNKNOWN;
+        }
+        struct stat st;
+        if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+                close(fd);
+                *ret_why = g_strdup("is not a regular file");
+                return NKP_DISK_CONTENT_UNKNOWN;
+        }
+        uint8_t h[36];
+        ssize_t n = read(fd, h, sizeof h);
+        close(fd);
+        if (n != (ssize_t) sizeof h || memcmp(h, "QFI\xfb", 4) != 0) {
+                *ret_why = g_strdup("is not a qcow2 file");
+                return NKP_DISK_CONTENT_UNKNOWN;
+        }
+        uint64_t backing = 0;
+        for (int i = 8; i < 16; i++)
+                backing = backing << 8 | h[i];
+        uint32_t crypt = (uint32_t) h[32] << 24 | (uint32_t) h[33] << 16 |
+                         (uint32_t) h[34] << 8 | h[35];
+        if (backing) {
+                *ret_why = g_strdup("has a backing file");
+                return NKP_DISK_CONTENT_DATA;
+        }
+        if (crypt) {
+                *ret_why = g_strdup("is encrypted, but the VM's definition names no key");
+                return NKP_DISK_CONTENT_UNKNOWN;
+        }
+        return NKP_DISK_CONTENT_EMPTY;
+}
+
+enum nkp_disk_content nkp_disk_content(const char *path, char **ret_why)
+{
+        g_autofree char *why = NULL;
+        int c = qcow2_header_check(path, &why);
+        if (c != NKP_DISK_CONTENT_EMPTY) {
+                if (ret_why)
+                        *ret_why = g_steal_pointer(&why);
+                return c;
+        }
+        /* -U: a running QEMU holds the image's lock; a read-only look is
+         * fine (a status may be a moment old, the conversion re-checks
+         * nothing on its own: nkpd decides with the VM shut off). */
+        const char *argv[] = { "qemu-img", "map", "-U", "--output=json", "-f", "qcow2", path,
+                               NULL };
+        g_autofree char *out = NULL, *err = NULL;
+        g_autoptr(GError) error = NULL;
+        int status = 0;
+        if (!g_spawn_sync(NULL, (char **) argv, NULL, G_SPAWN_SEARCH_PATH, NULL, NULL, &out,
+                          &err, &status, &error) ||
+            !g_spawn_check_wait_status(status, NULL)) {
+                if (ret_why)
+                        *ret_why = g_strdup_printf("cannot be read by qemu-img map: %s",
+                                                   error ? error->message : g_strstrip(err));
+                return NKP_DISK_CONTENT_UNKNOWN;
+        }
+        /* One JSON object per extent, each with "present" and "data"
+         * booleans (QEMU's qapi output): any true one is data; an output
+         * without those fields is a format nkp does not know, not empty. */
+        g_strstrip(out);
+        if (out[0] != '[' || !strstr(out, "\"data\": ")) {
+                if (ret_why)
+                        *ret_why = g_strdup("qemu-img map printed an unknown format");
+                return NKP_DISK_CONTENT_UNKNOWN;
+        }
+        if (strstr(out, "\"data\": true") || strstr(out, "\"present\": true")) {
+                if (ret_why)
+                        *ret_why = g_strdup("holds data");
+                return NKP_DISK_CONTENT_DATA;
+        }
+        if (ret_why)
+                *ret_why = g_strdup("is empty");
+        return NKP_DISK_CONTENT_EMPTY;
+}
+
+bool nkp_disk_in_keysafe(const NkpDomain *d, const char *target)
+{
+        for (size_t i = 0; d->keysafe && i < nkp_keysafe_n_entries(d->keysafe); i++)
+                if (strcmp(nkp_keysafe_entry_kind(d->keysafe, i), NKP_OBJECT_DISK) == 0 &&
+                    g_strcmp0(nkp_keysafe_entry_id(d->keysafe, i), target) == 0)
+                        return true;
+        return false;
+}
+
+char *nkp_disk_alarm_subject(const char *vm, const char *target)
+{
+        return g_strdup_printf("%s:%s", vm, target);
+}
+
+/* The vm-plain-disk alarms of VM `d`: raised for each target in `data`
+ * (GPtrArray of char*), cleared for every other disk the alarm names. */
+static void plain_disk_alarms(nkp_context *ctx, const NkpDomain *d, GPtrArray *data)
+{
+        for (guint i = 0; i < data->len; i++) {
+                const char *t = data->pdata[i];
+                g_autofree char *subject = nkp_disk_alarm_subject(d->name, t);
+                g_autofree char *msg = g_strdup_printf(
+                        "VM '%s': disk '%s' holds data and is not encrypted (nkp encrypts only "
+                        "new, empty disks by itself); encrypt it with the VM shut off: nkpctl "
+                        "vm encrypt '%s' --disks %s",
+                        d->name, t, d->name, t);
+                if (nkp_alarm_raise(ctx, "vm-plain-disk", subject, msg) < 0)
+                        nkp_log(NKP_LOG_WARNING, "%s", nkp_error_message());
+        }
+        nkp_alarm **list = NULL;
+        size_t n = 0;
+        if (nkp_alarm_list(ctx, &list, &n) < 0) {
+                nkp_error_clear();
+                return;
+        }
+        g_autofree char *prefix = g_strdup_printf("%s:", d->name);
+        for (size_t i = 0; i < n; i++) {
+                const char *subject = nkp_alarm_subject(list[i]);
+                if (strcmp(nkp_alarm_kind(list[i]), "vm-plain-disk") != 0 ||
+                    !g_str_has_prefix(subject, prefix))
+                        continue;
+                const char *t = subject + strlen(prefix);
+                bool still = false;
+                for (guint j = 0; j < data->len; j++)
+                        still = still || strcmp(data->pdata[j], t) == 0;
+                if (!still)
+                        (void) nkp_alarm_clear(ctx, "vm-plain-disk", subject);
+        }
+        nkp_alarm_list_free(list, n);
+        nkp_error_clear();
+}
+
+/* The plain qcow2 disks of `d` that nkp would manage: empty ones into
+ * `empty`, those holding data (or unreadable) into `data`. */
+static void plain_disks(const NkpDomain *d, GPtrArray *empty, GPtrArray *data)
+{
+        for (guint i = 0; i < d->disks->len; i++) {
+                const NkpDomainDisk *disk = d->disks->pdata[i];
+                if (!disk->target || disk->encryption_format || nkp_disk_unmanaged_reason(disk))
+                        continue;
+                enum nkp_disk_content c = nkp_disk_content(disk->source_file, NULL);
+                g_ptr_array_add(c == NKP_DISK_CONTENT_EMPTY ? empty : data,
+                                g_strdup(disk->target));
+        }
+}
+
+int nkp_vm_auto_enrol_disks(nkp_context *ctx, nkp_virt *v, const char *name, char **ret_note)
+{
+        if (ctx->disks_policy == NKP_DISKS_POLICY_OFF)
+                return 0;
+        g_autoptr(NkpDomain) d = NULL;
+        int r = nkp_vm_definition(v, name, NULL, &d);
+        if (r == -ENOENT) {
+                nkp_error_clear();
+                return 0;
+        }
+        if (r < 0)
+                return nkp_fail_prefix(r, "The disks of VM '%s' cannot be checked", name);
+        if (!d->keysafe || conversion_pending(ctx, d))
+                return 0; /* not nkp's VM; or nkpctl owns it now */
+        g_autoptr(GPtrArray) empty = g_ptr_array_new_with_free_func(g_free);
+        g_autoptr(GPtrArray) data = g_ptr_array_new_with_free_func(g_free);
+        plain_disks(d, empty, data);
+        plain_disk_alarms(ctx, d, data);
+        if (empty->len == 0) {
+                if (ret_note && data->len) {
+                        g_ptr_array_add(data, NULL);
+                        g_autofree char *dl = g_strjoinv(",", (char **) data->pdata);
+                        *ret_note = g_strdup_printf("VM '%s': plain disk(s) %s hold data (or "
+                                                    "cannot be read): left plain, alarm "
+                                                    "vm-plain-disk",
+                                                    name, dl);
+                }
+                return 0;
+        }
+        g_ptr_array_add(empty, NULL);
+        g_autofree char *list = g_strjoinv(",", (char **) empty->pdata);
+        r = nkp_virt_domain_is_active(v, name);
+        if (r < 0)
+                return r;
+        if (r > 0 || nkp_virt_domain_has_managed_save(v, name) > 0) {
+                nkp_error_clear();
+                if (ret_note)
+                        *ret_note = g_strdup_printf(
+                                "VM '%s' has a new empty plain disk (%s) while it runs or has a "
+                                "saved state: nkpd encrypts it once the VM is shut off, if it "
+                                "is still empty then",
+                                name, list);
+                return 0;
+        }
+        g_autoptr(nkp_vm_result) res = NULL;
+        r = nkp_vm_encrypt(ctx, v, name, NULL, list, &res);
+        if (r < 0)
+                return nkp_fail_prefix(r, "The new disk(s) %s of VM '%s' cannot be encrypted",
+                                       list, name);
+        if (ret_note)
+                *ret_note = g_strdup_printf("VM '%s': its new empty disk(s) %s now encrypted "
+                                            "by provider '%s' (LUKS, own DEK in its keysafe)",
+                                            name, list, nkp_vm_result_provider(res));
+        return 1;
+}
+
+int nkp_disks_start_check(nkp_context *ctx, const NkpDomain *d)
+{
+        if (ctx->disks_policy != NKP_DISKS_POLICY_REQUIRE || !d->keysafe)
+                return 0;
+        for (guint i = 0; i < d->disks->len; i++) {
+                const NkpDomainDisk *disk = d->disks->pdata[i];
+                if (!disk->target || disk->encryption_format || nkp_disk_unmanaged_reason(disk))
+                        continue;
+                return nkp_fail(-EPERM,
+                                "VM '%s' cannot start: its disk '%s' is not encrypted and this "
+                                "host's policy requires it ([disks] policy=require in nkp.conf); "
+                                "encrypt it first: nkpctl vm encrypt '%s' --disks %s",
+                                d->name, disk->target, d->name, disk->target);
+        }
+        return 0;
 }

@@ -311,7 +311,10 @@ static int recover_for_start(nkp_context *ctx, const NkpDomain *d)
 static int start_nkp_domain(nkp_context *ctx, const char *uri, enum nkp_hook_step step,
                             const NkpDomain *d)
 {
-        int r = define_secrets(ctx, uri, d);
+        /* [disks] policy=require first: a refusal leaves no secret behind. */
+        int r = step == NKP_HOOK_START ? nkp_disks_start_check(ctx, d) : 0;
+        if (r == 0)
+                r = define_secrets(ctx, uri, d);
         if (r == 0 && step == NKP_HOOK_START)
                 r = nkp_vtpm_start_check(ctx, d);
         if (r == 0 && step == NKP_HOOK_START)

@@ -178,6 +178,14 @@ struct nkp_context {
         void *progress_data;
         /* [disks] (issue 16: snapshots made behind nkp's back) */
         bool disks_allow_plain_layers; /* allow_plain_layers: start with a plain layer */
+        /* [disks] (issue 15: new disks follow the VM) */
+        int disks_policy;           /* enum nkp_disks_policy */
+};
+
+enum nkp_disks_policy {
+        NKP_DISKS_POLICY_ENROL = 0,   /* default: nkpd encrypts empty plain qcow2 disks of nkp VMs */
+        NKP_DISKS_POLICY_REQUIRE = 1, /* enrol, and the hook refuses nkp VMs with a plain disk */
+        NKP_DISKS_POLICY_OFF = 2,     /* plain disks untouched */
 };
 
 enum nkp_vtpm_policy {
@@ -821,6 +829,27 @@ int nkp_enrol_build(nkp_context *ctx, const NkpDomain *d, const char *xml, const
 int nkp_vtpm_start_check(nkp_context *ctx, const NkpDomain *d);
 
 /* nkp_vm_auto_enrol (nkpd's automatic enrolment) is public: nkp.h. */
+
+/* New disks follow the VM (issue 15; enrol.c says what "empty" means). */
+enum nkp_disk_content {
+        NKP_DISK_CONTENT_EMPTY = 0, /* no backing file, no extent present or holding data */
+        NKP_DISK_CONTENT_DATA = 1,  /* holds data, or a backing file does */
+        NKP_DISK_CONTENT_UNKNOWN = 2, /* nkp cannot tell: never treated as empty */
+};
+/* Why nkp does not manage `disk` ("cdrom", "raw file", "network disk",
+ * "block device", …: a static string), NULL for a file-backed qcow2 disk. */
+const char *nkp_disk_unmanaged_reason(const NkpDomainDisk *disk);
+/* What the plain qcow2 file `path` holds (runs `qemu-img map -U`);
+ * *ret_why (may be NULL; caller frees) says it in a few words. */
+enum nkp_disk_content nkp_disk_content(const char *path, char **ret_why);
+/* The keysafe of `d` holds a key for disk `target`. */
+bool nkp_disk_in_keysafe(const NkpDomain *d, const char *target);
+/* The subject of a vm-plain-disk alarm: "VM:target" (caller frees). */
+char *nkp_disk_alarm_subject(const char *vm, const char *target);
+/* The hook's rule for plain qcow2 disks at start: under [disks]
+ * policy=require an nkp VM (keysafe) with one is refused (-EPERM, one line
+ * naming the disk and the fix); else 0.  Reads the XML only. */
+int nkp_disks_start_check(nkp_context *ctx, const NkpDomain *d);
 
 
 /* ---- tools.c: running qemu-img and swtpm with keys on pipes ------------- */

@@ -583,6 +583,17 @@ static void result_add_disks(nkp_vm_result *res, GPtrArray *jobs)
                 g_ptr_array_add(res->disks, g_strdup(((DiskJob *) jobs->pdata[i])->target));
 }
 
+/* The vm-plain-disk alarms (enrol.c) of disks just encrypted. */
+static void clear_plain_disk_alarms(nkp_context *ctx, const char *name, GPtrArray *jobs)
+{
+        for (guint i = 0; i < jobs->len; i++) {
+                g_autofree char *subject =
+                        nkp_disk_alarm_subject(name, ((DiskJob *) jobs->pdata[i])->target);
+                (void) nkp_alarm_clear(ctx, "vm-plain-disk", subject);
+        }
+        nkp_error_clear();
+}
+
 /* ---- encrypt ------------------------------------------------------------ */
 
 /* The vTPM of a VM about to be encrypted: *ret_enrol when it is there to
@@ -651,6 +662,7 @@ static int add_disks_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, co
                 return r;
         res->provider = g_strdup(en->provider);
         result_add_disks(res, jobs);
+        clear_plain_disk_alarms(ctx, d->name, jobs);
         return 0;
 }
 
@@ -700,6 +712,7 @@ static int encrypt_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, cons
         res->provider = g_strdup(nkp_provider_name(p));
         res->vtpm = do_vtpm;
         result_add_disks(res, jobs);
+        clear_plain_disk_alarms(ctx, d->name, jobs);
         return 0;
 }
 

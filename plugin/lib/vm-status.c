@@ -1,8 +1,10 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* What nkp knows about a VM (nkp.h "VM operations"): plain, encrypted (its
  * provider here), locked (its provider missing or another key), or an
- * error; an interrupted or running conversion (its journal and lock); and
- * `host unlock`, which re-checks every VM after a provider came back.
+ * error; an interrupted or running conversion (its journal and lock); every
+ * disk with its state (issue 15: encrypted by nkp, encrypted with a secret
+ * nkp does not manage, plain and empty, plain holding data, not managed);
+ * and `host unlock`, which re-checks every VM after a provider came back.
  * Reads only: nothing here changes a VM (host unlock clears alarms). */
 #include <errno.h>
 #include <string.h>
@@ -22,7 +24,24 @@ struct nkp_vm_status {
         const char *pending_phase; /* "converting" / "ready" */
         bool pending_in_progress;  /* its process still holds the VM's lock */
         GPtrArray *plain_layers;   /* "TARGET PATH": plain layers in nkp disk chains */
+        GPtrArray *disks;          /* StatusDisk*, document order */
 };
+
+typedef struct {
+        char *target;
+        char *path;
+        const char *state; /* nkp.h: nkp_vm_status_disk_state */
+        char *note;
+} StatusDisk;
+
+static void status_disk_free(gpointer p)
+{
+        StatusDisk *sd = p;
+        g_free(sd->target);
+        g_free(sd->path);
+        g_free(sd->note);
+        g_free(sd);
+}
 
 void nkp_vm_status_free(nkp_vm_status *s)
 {
@@ -36,6 +55,7 @@ void nkp_vm_status_free(nkp_vm_status *s)
         g_free(s->pending_op);
         g_ptr_array_unref(s->objects);
         g_ptr_array_unref(s->plain_layers);
+        g_ptr_array_unref(s->disks);
         g_free(s);
 }
 
@@ -131,6 +151,101 @@ const char *nkp_vm_status_plain_layer(const nkp_vm_status *s, size_t i)
         return i < s->plain_layers->len ? s->plain_layers->pdata[i] : NULL;
 }
 
+size_t nkp_vm_status_n_disks(const nkp_vm_status *s)
+{
+        return s->disks->len;
+}
+
+static const StatusDisk *disk_at(const nkp_vm_status *s, size_t i)
+{
+        return i < s->disks->len ? s->disks->pdata[i] : NULL;
+}
+
+const char *nkp_vm_status_disk_target(const nkp_vm_status *s, size_t i)
+{
+        const StatusDisk *sd = disk_at(s, i);
+        return sd ? sd->target : NULL;
+}
+
+const char *nkp_vm_status_disk_path(const nkp_vm_status *s, size_t i)
+{
+        const StatusDisk *sd = disk_at(s, i);
+        return sd ? sd->path : NULL;
+}
+
+const char *nkp_vm_status_disk_state(const nkp_vm_status *s, size_t i)
+{
+        const StatusDisk *sd = disk_at(s, i);
+        return sd ? sd->state : NULL;
+}
+
+const char *nkp_vm_status_disk_note(const nkp_vm_status *s, size_t i)
+{
+        const StatusDisk *sd = disk_at(s, i);
+        return sd ? sd->note : NULL;
+}
+
+/* What a plain qcow2 disk of an nkp VM becomes, and how (enrol.c). */
+static char *plain_disk_note(nkp_context *ctx, const NkpDomain *d, bool running,
+                             const char *target, enum nkp_disk_content c, const char *why)
+{
+        if (ctx->disks_policy == NKP_DISKS_POLICY_OFF)
+                return g_strdup_printf("%s; left plain ([disks] policy=off)", why);
+        if (c == NKP_DISK_CONTENT_EMPTY && running)
+                return g_strdup_printf("%s; nkpd encrypts it once the VM is shut off (or then: "
+                                       "nkpctl vm encrypt '%s' --disks %s)",
+                                       why, d->name, target);
+        if (c == NKP_DISK_CONTENT_EMPTY)
+                return g_strdup_printf("%s; nkpd encrypts it (or now: nkpctl vm encrypt '%s' "
+                                       "--disks %s)",
+                                       why, d->name, target);
+        return g_strdup_printf("%s, in clear (alarm vm-plain-disk); encrypt it with the VM shut "
+                               "off: nkpctl vm encrypt '%s' --disks %s",
+                               why, d->name, target);
+}
+
+/* Every disk of `d` with its state; `probe`: plain qcow2 files are read
+ * (qemu-img map) to tell empty from data (vm status; vm list does not). */
+static void disks_of(nkp_context *ctx, const NkpDomain *d, bool running, bool probe,
+                     nkp_vm_status *s)
+{
+        for (guint i = 0; i < d->disks->len; i++) {
+                const NkpDomainDisk *disk = d->disks->pdata[i];
+                StatusDisk *sd = g_new0(StatusDisk, 1);
+                sd->target = g_strdup(disk->target ? disk->target : "?");
+                sd->path = g_strdup(disk->source_file);
+                g_ptr_array_add(s->disks, sd);
+                const char *unmanaged = nkp_disk_unmanaged_reason(disk);
+                if (disk->encryption_format && disk->target && nkp_disk_in_keysafe(d, disk->target)) {
+                        sd->state = "encrypted";
+                        sd->note = g_strdup_printf("by %s (%s)", s->provider,
+                                                   disk->encryption_format);
+                } else if (disk->encryption_format) {
+                        sd->state = "encrypted-foreign";
+                        sd->note = g_strdup_printf("%s with the libvirt secret %s, which nkp does "
+                                                   "not manage",
+                                                   disk->encryption_format,
+                                                   disk->encryption_secret
+                                                           ? disk->encryption_secret
+                                                           : "(none)");
+                } else if (unmanaged) {
+                        sd->state = "not-managed";
+                        sd->note = g_strdup(unmanaged);
+                } else if (!probe || !disk->target) {
+                        sd->state = "plain";
+                } else {
+                        g_autofree char *why = NULL;
+                        enum nkp_disk_content c = nkp_disk_content(disk->source_file, &why);
+                        sd->state = c == NKP_DISK_CONTENT_EMPTY  ? "plain-empty"
+                                    : c == NKP_DISK_CONTENT_DATA ? "plain-data"
+                                                                 : "plain";
+                        sd->note = d->keysafe ? plain_disk_note(ctx, d, running, disk->target, c,
+                                                                why)
+                                              : g_steal_pointer(&why);
+                }
+        }
+}
+
 /* A journal left for the VM: a conversion in progress (its lock is held)
  * or interrupted (to be finished or rolled back). */
 static void pending_of(nkp_context *ctx, const NkpDomain *d, nkp_vm_status *s)
@@ -152,13 +267,15 @@ static void pending_of(nkp_context *ctx, const NkpDomain *d, nkp_vm_status *s)
 
 /* Never fails: a definition that cannot be read is state error, with the
  * reason (and its errno in *ret_err when not NULL). */
-static nkp_vm_status *status_of(nkp_context *ctx, nkp_virt *v, const char *name, int *ret_err)
+static nkp_vm_status *status_of(nkp_context *ctx, nkp_virt *v, const char *name, bool probe,
+                                int *ret_err)
 {
         nkp_vm_status *s = g_new0(nkp_vm_status, 1);
         g_autoptr(NkpDomain) d = NULL;
         s->name = g_strdup(name);
         s->objects = g_ptr_array_new_with_free_func(g_free);
         s->plain_layers = g_ptr_array_new_with_free_func(g_free);
+        s->disks = g_ptr_array_new_with_free_func(status_disk_free);
         g_autofree char *xml = NULL;
         int r = nkp_vm_definition(v, name, &xml, &d);
         if (ret_err)
@@ -173,10 +290,12 @@ static nkp_vm_status *status_of(nkp_context *ctx, nkp_virt *v, const char *name,
         pending_of(ctx, d, s);
         if (!d->keysafe) {
                 s->state = NKP_VM_PLAIN;
+                disks_of(ctx, d, s->running, probe, s);
                 return s;
         }
         s->provider = g_strdup(nkp_keysafe_provider_name(d->keysafe));
         s->key_id = g_strdup(nkp_keysafe_provider_key_id(d->keysafe));
+        disks_of(ctx, d, s->running, probe, s);
         for (size_t i = 0; i < nkp_keysafe_n_entries(d->keysafe); i++)
                 g_ptr_array_add(s->objects,
                                 g_strdup_printf("%s:%s", nkp_keysafe_entry_kind(d->keysafe, i),
@@ -195,7 +314,7 @@ static nkp_vm_status *status_of(nkp_context *ctx, nkp_virt *v, const char *name,
 int nkp_vm_status_get(nkp_context *ctx, nkp_virt *v, const char *domain, nkp_vm_status **ret)
 {
         int r = 0;
-        g_autoptr(nkp_vm_status) s = status_of(ctx, v, domain, &r);
+        g_autoptr(nkp_vm_status) s = status_of(ctx, v, domain, true, &r);
         if (r < 0)
                 return nkp_fail(r, "%s", s->reason);
         *ret = g_steal_pointer(&s);
@@ -210,7 +329,7 @@ int nkp_vm_list(nkp_context *ctx, nkp_virt *v, nkp_vm_status ***ret, size_t *ret
                 return r;
         nkp_vm_status **list = g_new0(nkp_vm_status *, names->len + 1);
         for (guint i = 0; i < names->len; i++)
-                list[i] = status_of(ctx, v, names->pdata[i], NULL);
+                list[i] = status_of(ctx, v, names->pdata[i], false, NULL);
         *ret = list;
         *ret_n = names->len;
         return 0;

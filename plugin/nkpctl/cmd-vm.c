@@ -191,7 +191,29 @@ static void status_json(JsonBuilder *b, const nkp_vm_status *s)
         for (size_t i = 0; i < nkp_vm_status_n_plain_layers(s); i++)
                 json_builder_add_string_value(b, nkp_vm_status_plain_layer(s, i));
         json_builder_end_array(b);
+        json_builder_set_member_name(b, "disks");
+        json_builder_begin_array(b);
+        for (size_t i = 0; i < nkp_vm_status_n_disks(s); i++) {
+                json_builder_begin_object(b);
+                nkpctl_json_add_string(b, "target", nkp_vm_status_disk_target(s, i));
+                nkpctl_json_add_string(b, "path", nkp_vm_status_disk_path(s, i));
+                nkpctl_json_add_string(b, "state", nkp_vm_status_disk_state(s, i));
+                nkpctl_json_add_string(b, "note", nkp_vm_status_disk_note(s, i));
+                json_builder_end_object(b);
+        }
+        json_builder_end_array(b);
         json_builder_end_object(b);
+}
+
+/* "  disk vdb: plain-data: holds data, in clear (alarm …)": every disk,
+ * one line each, under the VM's line (vm status). */
+static void status_disk_lines(const nkp_vm_status *s)
+{
+        for (size_t i = 0; i < nkp_vm_status_n_disks(s); i++) {
+                const char *note = nkp_vm_status_disk_note(s, i);
+                printf("  disk %s: %s%s%s\n", nkp_vm_status_disk_target(s, i),
+                       nkp_vm_status_disk_state(s, i), note ? ": " : "", note ? note : "");
+        }
 }
 
 static void status_line(const nkp_vm_status *s)
@@ -244,6 +266,7 @@ static int vm_status(NkpctlGlobals *g, int argc, char **argv)
                 nkpctl_print_json(json_builder_get_root(b));
         } else {
                 status_line(s);
+                status_disk_lines(s);
         }
         return 0;
 }

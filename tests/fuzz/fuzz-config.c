@@ -53,7 +53,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (!ctx->tcti || !ctx->tcti[0] || !g_path_is_absolute(ctx->migration_qemu_conf) ||
             !g_path_is_absolute(ctx->vtpm_state_dir) || !ctx->vtpm_swtpm_user ||
             !ctx->vtpm_swtpm_user[0] || ctx->vtpm_policy < NKP_VTPM_POLICY_ENROL ||
-            ctx->vtpm_policy > NKP_VTPM_POLICY_OFF)
+            ctx->vtpm_policy > NKP_VTPM_POLICY_OFF || ctx->disks_policy < NKP_DISKS_POLICY_ENROL ||
+            ctx->disks_policy > NKP_DISKS_POLICY_OFF)
                 abort();
         nkp_context_free(ctx);
         return 0;
