@@ -38,7 +38,7 @@ NVRAM=/var/lib/libvirt/qemu/nvram
 export LAB_TLS=1 LAB_FSCRYPT_LIBVIRT=1
 
 nk() { local h=$1; shift; lab_exec "$h" nkpctl "$@"; }
-has_keysafe() { lab_virsh a dumpxml --inactive "$1" | grep -q 'nkp.invalid/xmlns/keysafe'; }
+has_keysafe() { local x; x=$(lab_virsh a dumpxml --inactive "$1") && grep -q 'nkp.invalid/xmlns/keysafe' <<<"$x"; }
 new_mark() { echo "NKPUEFI$(od -An -N5 -tx1 /dev/urandom | tr -d ' \n')"; }
 raw_count() { grep -a -c "$2" "$(lab_fscrypt_image "$1")" || true; }
 # nvram_count HOST DOM MARK: copies of MARK in DOM's NVRAM file, read in HOST (through fscrypt)
@@ -57,7 +57,8 @@ wait_enrolled() {
     local i
     for ((i = 0; i < 100; i++)); do has_keysafe "$1" && break; sleep 0.2; done
     has_keysafe "$1" || fail "nkpd did not enrol $1"
-    lab_virsh a dumpxml --inactive "$1" | grep -q "<encryption secret=" || fail "$1: no <encryption secret>"
+    local x; x=$(lab_virsh a dumpxml --inactive "$1")
+    grep -q "<encryption secret=" <<<"$x" || fail "$1: no <encryption secret>"
 }
 # not_in_raw HOST CONTEXT MARK…: no MARK in HOST's raw /var/lib/libvirt image
 not_in_raw() {
@@ -147,7 +148,10 @@ err=$(lab_virsh a migrate --live --unsafe --persistent --undefinesource --tls "$
     fail "migrate a -> b: $err"
 timing "live migration a -> b $(lab_since "$t") s"
 lab_wait_serial b "$dom" 'NKP-TICK [0-9]+$' 60 >/dev/null || fail "$dom does not tick on b"
-lab_virsh b dumpxml --inactive "$dom" | grep -q "$NVRAM/${dom}_VARS.fd" || fail "b's definition lacks the NVRAM path"
+x=$(lab_virsh b dumpxml --inactive "$dom") || fail "no persistent $dom on b"
+note "b's persistent definition: $(sed -n '/<os/,/<\/os>/p' <<<"$x" | grep -Ev '<kernel|<initrd|<cmdline' | tr -s ' \n' ' ')"
+x=$(lab_virsh b dumpxml "$dom") || fail "no $dom on b"
+grep -q "$NVRAM/${dom}_VARS.fd</nvram>" <<<"$x" || fail "$dom on b runs without its NVRAM file: $(grep -E '<loader|<nvram' <<<"$x")"
 for ((i = 0; i < 50; i++)); do [ "$(nvram_count b "$dom" "$mark")" -ge 1 ] && break; sleep 0.2; done
 [ "$(nvram_count b "$dom" "$mark")" -ge 1 ] || fail "b's NVRAM file lacks the EFI variable after the migration"
 not_in_raw b "after the migration" "$mark"
@@ -208,10 +212,9 @@ PY
 lab_markers_written a "$dom" "$mark" || fail "$dom first boot: $LAB_MARKER_ERR"
 [ "$(efi_marker a "$dom")" = "NKP-EFIVAR-WRITTEN=$mark" ] || fail "$dom: EFI variable: $(efi_marker a "$dom" || true)"
 timing "Installer.start_install to markers written $(lab_since "$t") s"
-x=$(lab_virsh a dumpxml --inactive "$dom")
-grep -q "<backend type='emulator' version='2.0'" <<<"$x" && grep -q "OVMF_CODE_4M.ms.fd" <<<"$x" ||
-    fail "$dom: not a UEFI guest with virtinst's default vTPM: $x"
-grep -q "<hyperv" <<<"$x" || note "no <hyperv> features (virtinst adds them only for KVM)"
+x=$(lab_virsh a dumpxml "$dom")
+grep -q "<backend type='emulator' version='2.0'" <<<"$x" && grep -q "OVMF_CODE_4M.ms.fd</loader>" <<<"$x" &&
+    grep -q "<hyperv mode=" <<<"$x" || fail "$dom: not a Windows-like UEFI guest with virtinst's default vTPM: $x"
 wait_enrolled "$dom"
 [ "$(nvram_count a "$dom" "$mark")" -ge 1 ] || fail "the EFI variable is not in $dom's NVRAM file"
 not_in_raw a "$dom, first run" "$mark"
