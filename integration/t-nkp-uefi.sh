@@ -19,7 +19,8 @@
 #      shared storage): libvirt 9.0 copies no NVRAM file, b's libvirt makes
 #      a fresh one from the template and QEMU writes the migrated flash
 #      contents into it; b's raw image has no marker; `vm rekey --deep` on
-#      b; cold start on b: the three markers read back from b's files;
+#      b; offline migration b → a with the NVRAM file copied as README says
+#      (a's stale copy removed first); cold start on a: the three markers;
 #   3. virt-manager's creation path: virtinst's Installer.start_install
 #      from Python with the guest the wizard builds for os variant win11
 #      (UEFI, default vTPM), direct kernel boot set as in "Customize before
@@ -162,9 +163,22 @@ pass "live migration a -> b: b's NVRAM file (made from the template) holds the m
 lab_virsh b destroy "$dom" >/dev/null || fail "destroy $dom on b"
 lab_wait_domstate b "$dom" "shut off" 30 || fail "$dom not shut off on b"
 out=$(nk b vm rekey "$dom" --deep 2>&1) || fail "vm rekey --deep on b: $out"
-read_all b "$dom" "$mark" "$dom on b, after a deep rekey"
-not_in_raw b "after the deep rekey" "$mark"
-pass "deep rekey on b, cold start on b: vTPM, disk and EFI markers read back from b's own files"
+pass "deep rekey of $dom on b: $out"
+
+# Offline migration b -> a, as README says: libvirt copies no NVRAM file, so
+# the administrator removes the stale copy --undefinesource left on a and
+# copies b's file into a's protected directory (here a pipe; ssh in real life).
+lab_exec a rm "$NVRAM/${dom}_VARS.fd" || fail "removing the stale NVRAM copy on a"
+err=$(lab_virsh b migrate --offline --persistent --undefinesource "$dom" qemu+tls://10.77.0.1/system 2>&1) ||
+    fail "offline migration b -> a: $err"
+lab_exec b cat "$NVRAM/${dom}_VARS.fd" | lab_exec a sh -c "umask 077; cat > '$NVRAM/${dom}_VARS.fd'" ||
+    fail "copying the NVRAM file b -> a"
+lab_exec b rm "$NVRAM/${dom}_VARS.fd" || fail "removing the NVRAM file on b"
+[ "$(nvram_count a "$dom" "$mark")" -ge 1 ] || fail "the copied NVRAM file on a lacks the variable"
+not_in_raw a "after the NVRAM copy" "$mark"
+read_all a "$dom" "$mark" "$dom back on a (offline migration + NVRAM copy), after the deep rekey"
+not_in_raw a "after the start on a" "$mark"
+pass "offline migration b -> a with the NVRAM file copied by the administrator: vTPM, disk and EFI markers read back after the deep rekey; nothing in a's raw image"
 
 # ---- 3. virt-manager's creation path: virtinst Installer.start_install, win11 ------------------
 dom=w1
@@ -172,8 +186,7 @@ mark=$(new_mark)
 qemu-img create -q -f qcow2 "$LAB_DIR/shared/$dom.qcow2" 64M
 rm -f "$(lab_serial_path a "$dom")"
 t=$(lab_now)
-out=$(lab_exec a timeout 300 /usr/bin/python3 - "$dom" "$LAB_DIR/shared/$dom.qcow2" "$LAB_GUEST_KERNEL" "$LAB_GUEST_INITRD" \
-      "console=ttyS0 quiet panic=-1 nkp.efivar=1 nkp.marker=$mark" <<'PY' 2>&1) || fail "virtinst Installer: $out"
+cat > "$LAB_DIR/wizard.py" <<'PY'
 # As virt-manager's "Create a new virtual machine" wizard (virtManager/createvm.py,
 # _GuestData.build_guest / build_installer, then Installer.start_install):
 # "Import existing disk image", OS win11 (its UEFI default), then in
@@ -209,6 +222,9 @@ installer = virtinst.Installer(conn)
 installer.start_install(guest)
 print("created", name)
 PY
+out=$(lab_exec a timeout 300 /usr/bin/python3 "$LAB_DIR/wizard.py" "$dom" "$LAB_DIR/shared/$dom.qcow2" \
+      "$LAB_GUEST_KERNEL" "$LAB_GUEST_INITRD" "console=ttyS0 quiet panic=-1 nkp.efivar=1 nkp.marker=$mark" 2>&1) ||
+    fail "virtinst Installer: $out"
 lab_markers_written a "$dom" "$mark" || fail "$dom first boot: $LAB_MARKER_ERR"
 [ "$(efi_marker a "$dom")" = "NKP-EFIVAR-WRITTEN=$mark" ] || fail "$dom: EFI variable: $(efi_marker a "$dom" || true)"
 timing "Installer.start_install to markers written $(lab_since "$t") s"
