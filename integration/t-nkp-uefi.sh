@@ -15,6 +15,8 @@
 #      the raw image of /var/lib/libvirt (a clear control file is, and the
 #      NVRAM file read through the unlocked directory holds the value);
 #      stop/start: the vTPM state converted, all three markers read back;
+#      `virsh create` of a UEFI vTPM domain (lab_guest_xml --uefi) starts
+#      under the host key, nothing in the raw image;
 #   2. live migration a → b (--persistent --undefinesource --tls, disks on
 #      shared storage): libvirt 9.0 copies no NVRAM file, b's libvirt makes
 #      a fresh one from the template and QEMU writes the migrated flash
@@ -138,6 +140,19 @@ lab_exec a python3 -c 'import sys; d=open(sys.argv[1],"rb").read(); sys.exit(0 i
     "/var/lib/libvirt/swtpm/$uuid/tpm2/tpm2-00.permall" "$mark" || fail "the vTPM state is not swtpm-encrypted after the start"
 not_in_raw a "after stop/start" "$mark"
 pass "stop/start: vTPM state converted to the VM's DEK; vTPM, disk and EFI markers read back; nothing in the raw image"
+
+# ---- 1b. virsh create of a UEFI vTPM domain (lab_guest_xml --uefi) ---------------------------
+m2=$(new_mark)
+qemu-img create -q -f qcow2 "$LAB_DIR/shared/t2.qcow2" 64M
+lab_guest_xml --name t2 --disk "$LAB_DIR/shared/t2.qcow2" --marker "$m2" --uefi --poweroff > "$LAB_DIR/t2.xml"
+rm -f "$(lab_serial_path a t2)"
+err=$(lab_virsh a create "$LAB_DIR/t2.xml" 2>&1) || fail "virsh create of a UEFI vTPM domain: $err"
+lab_markers_written a t2 "$m2" || fail "t2: $LAB_MARKER_ERR"
+[ "$(efi_marker a t2)" = "NKP-EFIVAR-WRITTEN=$m2" ] || fail "t2: EFI variable: $(efi_marker a t2 || true)"
+lab_wait_serial a t2 'NKP-POWEROFF' 60 >/dev/null || fail "t2 did not power off"
+[ "$(nvram_count a t2 "$m2")" -ge 1 ] || fail "the EFI variable is not in t2's NVRAM file"
+not_in_raw a "t2 (virsh create)" "$m2"
+pass "virsh create of a UEFI vTPM domain: started (host key), markers and EFI variable written, none in the raw image"
 
 # ---- 2. migration a -> b, deep rekey on b ------------------------------------------------------
 [ "$(lab_exec b sh -c "ls $NVRAM | wc -l")" = 0 ] || fail "b already has an NVRAM file"

@@ -167,8 +167,9 @@ echo "NKP-GUEST-UP $(cut -d' ' -f1 /proc/uptime)"
 for m in $(cat /etc/modules.order); do
     insmod /lib/modules/$m.ko 2>/dev/null || true
 done
+# up to 60 s: a TCG guest on a loaded host may take long to probe its devices
 n=0
-while { [ ! -b /dev/vda ] || [ ! -c /dev/tpmrm0 ]; } && [ $n -lt 300 ]; do
+while { [ ! -b /dev/vda ] || [ ! -c /dev/tpmrm0 ]; } && [ $n -lt 600 ]; do
     sleep 0.1; n=$((n+1))
 done
 [ -b /dev/vda ] || echo "NKP-ERROR no /dev/vda"
