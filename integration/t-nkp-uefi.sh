@@ -171,7 +171,7 @@ grep -q "$NVRAM/${dom}_VARS.fd</nvram>" <<<"$x" || fail "$dom on b runs without 
 for ((i = 0; i < 50; i++)); do [ "$(nvram_count b "$dom" "$mark")" -ge 1 ] && break; sleep 0.2; done
 [ "$(nvram_count b "$dom" "$mark")" -ge 1 ] || fail "b's NVRAM file lacks the EFI variable after the migration"
 not_in_raw b "after the migration" "$mark"
-stale=$(lab_exec a sh -c "ls $NVRAM")
+stale=$(lab_exec a sh -c "ls $NVRAM" | tr "\n" " ")
 note "a's NVRAM directory after --undefinesource: '${stale}'"
 pass "live migration a -> b: b's NVRAM file (made from the template) holds the migrated variable store, not in b's raw image"
 
@@ -184,7 +184,7 @@ pass "deep rekey of $dom on b: $out"
 # the administrator removes the stale copy --undefinesource left on a and
 # copies b's file into a's protected directory (here a pipe; ssh in real life).
 lab_exec a rm "$NVRAM/${dom}_VARS.fd" || fail "removing the stale NVRAM copy on a"
-err=$(lab_virsh b migrate --offline --persistent --undefinesource "$dom" qemu+tls://10.77.0.1/system 2>&1) ||
+err=$(lab_virsh b migrate --offline --persistent --undefinesource --tls "$dom" qemu+tls://10.77.0.1/system 2>&1) ||
     fail "offline migration b -> a: $err"
 lab_exec b cat "$NVRAM/${dom}_VARS.fd" | lab_exec a sh -c "umask 077; cat > '$NVRAM/${dom}_VARS.fd'" ||
     fail "copying the NVRAM file b -> a"
