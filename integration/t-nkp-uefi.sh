@@ -21,8 +21,9 @@
 #      shared storage): libvirt 9.0 copies no NVRAM file, b's libvirt makes
 #      a fresh one from the template and QEMU writes the migrated flash
 #      contents into it; b's raw image has no marker; `vm rekey --deep` on
-#      b; offline migration b → a with the NVRAM file copied as README says
-#      (a's stale copy removed first); cold start on a: the three markers;
+#      b; offline migration b → a with the vTPM state and NVRAM file copied
+#      as README says (a's stale copy removed first); cold start on a: the
+#      three markers;
 #   3. virt-manager's creation path: virtinst's Installer.start_install
 #      from Python with the guest the wizard builds for os variant win11
 #      (UEFI, default vTPM), direct kernel boot set as in "Customize before
@@ -180,20 +181,24 @@ lab_wait_domstate b "$dom" "shut off" 30 || fail "$dom not shut off on b"
 out=$(nk b vm rekey "$dom" --deep 2>&1) || fail "vm rekey --deep on b: $out"
 pass "deep rekey of $dom on b: $out"
 
-# Offline migration b -> a, as README says: libvirt copies no NVRAM file, so
-# the administrator removes the stale copy --undefinesource left on a and
-# copies b's file into a's protected directory (here a pipe; ssh in real life).
+# Offline migration b -> a, as README says: libvirt copies neither the vTPM
+# state nor the NVRAM file, so the administrator removes the stale NVRAM copy
+# --undefinesource left on a and copies both from b into a's protected
+# directories (here pipes; ssh in real life), then removes b's.
 lab_exec a rm "$NVRAM/${dom}_VARS.fd" || fail "removing the stale NVRAM copy on a"
 err=$(lab_virsh b migrate --offline --persistent --undefinesource --tls "$dom" qemu+tls://10.77.0.1/system 2>&1) ||
     fail "offline migration b -> a: $err"
+lab_exec a test ! -e "/var/lib/libvirt/swtpm/$uuid" || fail "a still has a vTPM state of $dom"
+lab_exec b tar -C /var/lib/libvirt/swtpm -cf - "$uuid" | lab_exec a tar -C /var/lib/libvirt/swtpm -xpf - ||
+    fail "copying the vTPM state b -> a"
 lab_exec b cat "$NVRAM/${dom}_VARS.fd" | lab_exec a sh -c "umask 077; cat > '$NVRAM/${dom}_VARS.fd'" ||
     fail "copying the NVRAM file b -> a"
-lab_exec b rm "$NVRAM/${dom}_VARS.fd" || fail "removing the NVRAM file on b"
+lab_exec b rm -r "$NVRAM/${dom}_VARS.fd" "/var/lib/libvirt/swtpm/$uuid" || fail "removing the copies on b"
 [ "$(nvram_count a "$dom" "$mark")" -ge 1 ] || fail "the copied NVRAM file on a lacks the variable"
 not_in_raw a "after the NVRAM copy" "$mark"
 read_all a "$dom" "$mark" "$dom back on a (offline migration + NVRAM copy), after the deep rekey"
 not_in_raw a "after the start on a" "$mark"
-pass "offline migration b -> a with the NVRAM file copied by the administrator: vTPM, disk and EFI markers read back after the deep rekey; nothing in a's raw image"
+pass "offline migration b -> a with the vTPM state and NVRAM file copied by the administrator: vTPM, disk and EFI markers read back after the deep rekey; nothing in a's raw image"
 
 # ---- 3. virt-manager's creation path: virtinst Installer.start_install, win11 ------------------
 dom=w1
