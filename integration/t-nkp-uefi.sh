@@ -182,18 +182,21 @@ out=$(nk b vm rekey "$dom" --deep 2>&1) || fail "vm rekey --deep on b: $out"
 pass "deep rekey of $dom on b: $out"
 
 # Offline migration b -> a, as README says: libvirt copies neither the vTPM
-# state nor the NVRAM file, so the administrator removes the stale NVRAM copy
-# --undefinesource left on a and copies both from b into a's protected
-# directories (here pipes; ssh in real life), then removes b's.
-lab_exec a rm "$NVRAM/${dom}_VARS.fd" || fail "removing the stale NVRAM copy on a"
-err=$(lab_virsh b migrate --offline --persistent --undefinesource --tls "$dom" qemu+tls://10.77.0.1/system 2>&1) ||
-    fail "offline migration b -> a: $err"
+# state nor the NVRAM file, and --undefinesource deletes the source's vTPM
+# state (not its NVRAM).  So the administrator first copies both from b into
+# a's protected directories (here pipes; ssh in real life; a's stale NVRAM
+# copy from the live migration is overwritten), migrates, then removes b's
+# NVRAM file.
 lab_exec a test ! -e "/var/lib/libvirt/swtpm/$uuid" || fail "a still has a vTPM state of $dom"
 lab_exec b tar -C /var/lib/libvirt/swtpm -cf - "$uuid" | lab_exec a tar -C /var/lib/libvirt/swtpm -xpf - ||
     fail "copying the vTPM state b -> a"
+lab_exec a rm "$NVRAM/${dom}_VARS.fd" || fail "removing the stale NVRAM copy on a"
 lab_exec b cat "$NVRAM/${dom}_VARS.fd" | lab_exec a sh -c "umask 077; cat > '$NVRAM/${dom}_VARS.fd'" ||
     fail "copying the NVRAM file b -> a"
-lab_exec b rm -r "$NVRAM/${dom}_VARS.fd" "/var/lib/libvirt/swtpm/$uuid" || fail "removing the copies on b"
+err=$(lab_virsh b migrate --offline --persistent --undefinesource --tls "$dom" qemu+tls://10.77.0.1/system 2>&1) ||
+    fail "offline migration b -> a: $err"
+lab_exec b test ! -e "/var/lib/libvirt/swtpm/$uuid" || note "b kept the vTPM state after --undefinesource"
+lab_exec b rm -f "$NVRAM/${dom}_VARS.fd" || fail "removing the NVRAM file on b"
 [ "$(nvram_count a "$dom" "$mark")" -ge 1 ] || fail "the copied NVRAM file on a lacks the variable"
 not_in_raw a "after the NVRAM copy" "$mark"
 read_all a "$dom" "$mark" "$dom back on a (offline migration + NVRAM copy), after the deep rekey"
