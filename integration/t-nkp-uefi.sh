@@ -6,8 +6,9 @@
 # guest booted by OVMF from QEMU's fw_cfg (direct kernel boot through the
 # kernel's EFI stub) with nkp.efivar=1: it keeps its marker in a
 # non-volatile EFI variable too, i.e. in the VM's NVRAM file.
-#   setup: `nkpctl host protect` and `host protect --dir
-#   /var/lib/libvirt/qemu/nvram` on both hosts (same provider, restored on b);
+#   setup: `nkpctl host protect` on a (its defaults include the NVRAM
+#   directory), `host protect --dir` swtpm and NVRAM on b (same provider,
+#   restored on b);
 #   1. `virt-install --boot uefi` with no --tpm: virtinst adds its default
 #      vTPM; the command succeeds, the guest writes its markers (vTPM NV,
 #      disk, EFI variable); nkpd enrols the domain (keysafe, <encryption
@@ -89,10 +90,12 @@ nk a provider backup pu --out "$LAB_DIR/pu.p12" --password-file "$LAB_DIR/pw" >/
 nk a provider set-default pu >/dev/null || fail "set-default on a"
 nk b provider restore "$LAB_DIR/pu.p12" --password-file "$LAB_DIR/pw" >/dev/null || fail "provider restore on b"
 nk b provider set-default pu >/dev/null || fail "set-default on b"
+# a: `host protect` with its default directories (the NVRAM one among them);
+# b: the two this test needs, named (a host protected before that default).
+out=$(nk a host protect 2>&1) || fail "host protect on a: $out"
+out=$(nk b host protect --dir /var/lib/libvirt/swtpm 2>&1) || fail "host protect --dir swtpm on b: $out"
+out=$(nk b host protect --dir "$NVRAM" 2>&1) || fail "host protect --dir $NVRAM on b: $out"
 for h in a b; do
-    lab_exec "$h" test -d "$NVRAM" || fail "libvirtd on $h did not make $NVRAM"
-    out=$(nk "$h" host protect 2>&1) || fail "host protect on $h: $out"
-    out=$(nk "$h" host protect --dir "$NVRAM" 2>&1) || fail "host protect --dir $NVRAM on $h: $out"
     st=$(nk "$h" host status) || fail "host status on $h"
     grep -Eq "/var/lib/libvirt/swtpm +unlocked" <<<"$st" && grep -Eq "$NVRAM +unlocked" <<<"$st" ||
         fail "host status on $h: $st"
