@@ -683,8 +683,12 @@ lab_luks_create() {
 #   [--tpm-secret UUID] [--no-tpm] [--disk-secret UUID] [--mem MiB]
 #   [--serial PATH]   (default /var/log/nkp-guest/N.serial: per host, as
 #                      /var/log is; read it with lab_serial_path)
+#   [--uefi]          <os firmware='efi'> (libvirt picks Debian's OVMF, Secure
+#                      Boot; OVMF boots the kernel from fw_cfg) and nkp.efivar=1:
+#                      the guest keeps its marker in an EFI variable too
+#                      (NVRAM, /var/lib/libvirt/qemu/nvram/N_VARS.fd)
 lab_guest_xml() {
-    local name="" uuid="" disk="" marker="" poweroff=0 tpmsec="" tpm=1 disksec="" mem=256 serial=""
+    local name="" uuid="" disk="" marker="" poweroff=0 tpmsec="" tpm=1 disksec="" mem=256 serial="" os="<os>"
     while [ $# -gt 0 ]; do
         case $1 in
             --name) name=$2; shift 2;;
@@ -697,6 +701,7 @@ lab_guest_xml() {
             --disk-secret) disksec=$2; shift 2;;
             --mem) mem=$2; shift 2;;
             --serial) serial=$2; shift 2;;
+            --uefi) os="<os firmware='efi'>"; shift;;
             *) lab_die "lab_guest_xml: unknown option $1"; return 1;;
         esac
     done
@@ -708,13 +713,14 @@ lab_guest_xml() {
     local cmdline="console=ttyS0 quiet panic=-1"
     [ -z "$marker" ] || cmdline+=" nkp.marker=$marker"
     [ $poweroff = 0 ] || cmdline+=" nkp.poweroff=1"
+    [ "$os" = "<os>" ] || cmdline+=" nkp.efivar=1"
     cat <<EOF
 <domain type='$LAB_DOMAIN_TYPE'>
   <name>$name</name>
   <uuid>$uuid</uuid>
   <memory unit='MiB'>$mem</memory>
   <vcpu>1</vcpu>
-  <os>
+  $os
     <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>$LAB_GUEST_KERNEL</kernel>
     <initrd>$LAB_GUEST_INITRD</initrd>

@@ -69,7 +69,7 @@ ouuid=$(sed -n 's|.*<uuid>\(.*\)</uuid>.*|\1|p' <<<"$ox"); cuuid=$(sed -n 's|.*<
 secs() { grep -o "uuid='[0-9a-f-]*'" <<<"$1" | sort -u; }
 [ -z "$(comm -12 <(secs "$ox") <(secs "$cx"))" ] || fail "the clone shares secret UUIDs with g1: $(comm -12 <(secs "$ox") <(secs "$cx"))"
 grep -q "<source file='$clone'" <<<"$cx" || fail "the clone's disk is not $clone"
-qemu-img info "$clone" | grep -q 'encrypted: yes' || fail "the clone's disk is not LUKS"
+qemu-img info "$clone" | grep_q 'encrypted: yes' || fail "the clone's disk is not LUKS"
 st=$(nk --json vm status g1c) || fail "vm status g1c"
 python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["state"]=="encrypted" and d["provider"]=="p1", d' <<<"$st" \
     || fail "vm status g1c: $st"

@@ -25,7 +25,7 @@ lab_test t-nkp-disks "new disks of an nkp VM: encrypted by nkpd while empty, dat
 BUILD=$NKP_BUILD_DIR
 nk() { lab_exec a nkpctl "$@"; }
 new_mark() { echo "NKPDISKS$(od -An -N5 -tx1 /dev/urandom | tr -d ' \n')"; }
-luks() { qemu-img info -U "$1" | grep -q "encrypted: yes"; }
+luks() { qemu-img info -U "$1" | grep_q "encrypted: yes"; }
 in_clear() { [ "$(grep -a -c "$1" "$2" || true)" != 0 ]; }
 disks_conf() { printf '[tpm]\ntcti=none\n[disks]\npolicy=%s\n' "$1" > "$(lab_path a /etc/nkp)/nkp.conf"; }
 # disk_state TARGET: its state in `nkpctl --json vm status $dom`
@@ -100,7 +100,7 @@ attach "$vdb" vdb --config
 wait_luks "$vdb" 60 || fail "nkpd did not make the new empty vdb LUKS"
 for ((i = 0; i < 50; i++)); do [ "$(disk_state vdb)" = encrypted ] && break; sleep 0.2; done
 [ "$(disk_state vdb)" = encrypted ] || fail "vm status: vdb is $(disk_state vdb)"
-lab_virsh a dumpxml --inactive "$dom" | grep -q "$vtpm_secret" || fail "the vTPM's secret changed"
+lab_virsh a dumpxml --inactive "$dom" | grep_q "$vtpm_secret" || fail "the vTPM's secret changed"
 st=$(nk vm status "$dom") || fail "vm status"
 grep -q "^  disk vdb: encrypted: by pd (luks)" <<<"$st" || fail "vm status (human) of vdb: $st"
 note "vm status: $st"
@@ -123,7 +123,7 @@ attach "$vdc" vdc --config
 sleep 2
 luks "$vdc" && fail "vdc was converted while the VM runs"
 [ "$(disk_state vdc)" = plain-empty ] || fail "vm status while running: vdc is $(disk_state vdc)"
-nk vm status "$dom" | grep -q "disk vdc: plain-empty: is empty; nkpd encrypts it once the VM is shut off" ||
+nk vm status "$dom" | grep_q "disk vdc: plain-empty: is empty; nkpd encrypts it once the VM is shut off" ||
     fail "vm status while running: $(nk vm status "$dom")"
 lab_virsh a destroy "$dom" >/dev/null || fail "destroy"
 wait_luks "$vdc" 60 || fail "nkpd did not encrypt vdc when the VM stopped"
@@ -137,7 +137,7 @@ qemu-io -f qcow2 -c "write -P 0x5a 0 64k" "$vdd" >/dev/null || fail "qemu-io wri
 for ((i = 0; i < 100; i++)); do [ "$(disk_state vdc)" = encrypted ] && break; sleep 0.2; done
 [ "$(disk_state vdc)" = encrypted ] || fail "vm status: vdc is $(disk_state vdc) after the stop"
 attach "$vdd" vdd --config
-for ((i = 0; i < 100; i++)); do nk alarms 2>/dev/null | grep -q "vm-plain-disk" && break; sleep 0.2; done
+for ((i = 0; i < 100; i++)); do nk alarms 2>/dev/null | grep_q "vm-plain-disk" && break; sleep 0.2; done
 al=$(nk alarms) || fail "alarms"
 grep -q "vm-plain-disk" <<<"$al" && grep -q "$dom:vdd" <<<"$al" || fail "no vm-plain-disk alarm for $dom:vdd: $al"
 grep -q "nkpctl vm encrypt '$dom' --disks vdd" <<<"$al" || fail "the alarm does not name the fix: $al"
@@ -156,7 +156,7 @@ pass "[disks] policy=require: the start is refused with one line naming vdd and 
 
 lab_vm_encrypt a "$dom" --disks vdd
 luks "$vdd" || fail "vdd is not LUKS after vm encrypt --disks vdd"
-nk alarms | grep -q "$dom:vdd" && fail "the vm-plain-disk alarm is still there: $(nk alarms)"
+nk alarms | grep_q "$dom:vdd" && fail "the vm-plain-disk alarm is still there: $(nk alarms)"
 boot_and_read a "$dom" "$mark" --running "$dom, policy=require after vm encrypt --disks vdd"
 boot_disk2 MARKER "$m2" "$dom after vm encrypt --disks vdd"
 lab_virsh a destroy "$dom" >/dev/null || fail "destroy"
@@ -172,7 +172,7 @@ qemu-img create -q -f qcow2 "$vde" 64M
 attach "$vde" vde --config
 sleep 3
 luks "$vde" && fail "policy=off: the new disk was converted"
-nk vm status "$dom" | grep -q "disk vde: plain-empty: is empty; left plain (\[disks\] policy=off)" ||
+nk vm status "$dom" | grep_q "disk vde: plain-empty: is empty; left plain (\[disks\] policy=off)" ||
     fail "policy=off: vm status: $(nk vm status "$dom")"
 pass "[disks] policy=off: a new empty disk is left plain (vm status says why)"
 

@@ -22,7 +22,7 @@ lab_test t-nkp-snapshot "encrypted snapshots, plain layers detected, refused, fi
     --built libvirt-hooks/nkp-hook --needs qemu-img
 BUILD=$NKP_BUILD_DIR
 nk() { lab_exec a nkpctl "$@"; }
-luks() { qemu-img info -U "$1" 2>/dev/null | grep -q 'encrypted: yes'; }
+luks() { qemu-img info -U "$1" 2>/dev/null | grep_q 'encrypted: yes'; }
 in_clear() { grep -a -c "$1" "${@:2}" | awk -F: '{s+=$NF} END{print s+0}'; }
 
 lab_test_init
@@ -53,8 +53,8 @@ out=$(nk vm snapshot g1 s1 2>&1) || fail "vm snapshot (live): $out"
 echo "# $out"
 s1="$LAB_DIR/shared/g1.s1"
 luks "$s1" || fail "the live overlay $s1 is not LUKS"
-qemu-img info -U "$s1" | grep -q "backing file: $base" || fail "overlay does not back onto the base"
-lab_virsh a snapshot-list g1 --name | grep -qx s1 || fail "libvirt does not list snapshot s1"
+qemu-img info -U "$s1" | grep_q "backing file: $base" || fail "overlay does not back onto the base"
+lab_virsh a snapshot-list g1 --name | grep_q -x s1 || fail "libvirt does not list snapshot s1"
 lab_virsh a resume g1 >/dev/null || fail "resume"
 lab_markers_written a g1 "$mark" || fail "first boot over the overlay: $LAB_MARKER_ERR"
 sleep 1
@@ -114,7 +114,7 @@ err=$(lab_virsh a start g2 2>&1) && fail "g2 started with a plain layer"
 echo "# virsh: $err"
 grep -q "nkp: VM 'g2' cannot start: its disk vda has a plain (unencrypted) layer '$p1'" <<<"$err" || fail "start error: $err"
 grep -q "nkpctl vm encrypt-layer 'g2' '$p1'" <<<"$err" || fail "start error lacks the fix: $err"
-nk alarms | grep -q "vm-plain-layer" || fail "no vm-plain-layer alarm: $(nk alarms)"
+nk alarms | grep_q "vm-plain-layer" || fail "no vm-plain-layer alarm: $(nk alarms)"
 pass "plain overlay by virsh: marker in clear in it; vm status names it; start refused with the fix; vm-plain-layer alarm"
 
 conf=$(lab_path a /etc/nkp)/nkp.conf
@@ -130,11 +130,11 @@ t=$(lab_now)
 out=$(nk vm encrypt-layer g2 "$p1" 2>&1) || fail "vm encrypt-layer: $out"
 timing "vm encrypt-layer $(lab_since "$t") s"
 luks "$p1" || fail "the layer is not LUKS after encrypt-layer"
-qemu-img info -U "$p1" | grep -q "backing file: $LAB_DIR/shared/g2.qcow2" || fail "encrypt-layer lost the backing reference"
+qemu-img info -U "$p1" | grep_q "backing file: $LAB_DIR/shared/g2.qcow2" || fail "encrypt-layer lost the backing reference"
 [ ! -e "$p1.nkp-new" ] || fail "encrypt-layer left $p1.nkp-new"
 [ "$(in_clear "$mark2" "$p1")" = 0 ] || fail "the marker is still in clear in the layer"
-nk vm status g2 | grep -q "plain layer" && fail "vm status still names a plain layer"
-nk alarms | grep -q "vm-plain-layer" && fail "the vm-plain-layer alarm stayed"
+nk vm status g2 | grep_q "plain layer" && fail "vm status still names a plain layer"
+nk alarms | grep_q "vm-plain-layer" && fail "the vm-plain-layer alarm stayed"
 out=$(nk vm encrypt-layer g2 "$p1" 2>&1) && fail "a second encrypt-layer succeeded"
 grep -q "is not a plain layer" <<<"$out" || fail "second encrypt-layer: $out"
 boot_and_read a g2 "$mark2"
@@ -149,10 +149,10 @@ err=$(lab_virsh a start g1 2>&1) && fail "g1 started with a plain offline overla
 echo "# virsh: $err"
 grep -q "plain (unencrypted) layer '$p2'\|Unexpected enum value 0 for virStorageEncryptionEngine" <<<"$err" \
     || fail "start with an offline plain overlay: $err"
-nk vm status g1 | grep -q "plain layer '$p2'" || fail "vm status does not name $p2: $(nk vm status g1)"
+nk vm status g1 | grep_q "plain layer '$p2'" || fail "vm status does not name $p2: $(nk vm status g1)"
 out=$(nk vm encrypt-layer g1 "$p2" 2>&1) || fail "vm encrypt-layer (offline overlay): $out"
 luks "$p2" || fail "the offline layer is not LUKS after encrypt-layer"
-lab_virsh a dumpxml --inactive g1 | grep -q "<source file='$base'>" || fail "the chain below $p2 is not in the definition"
+lab_virsh a dumpxml --inactive g1 | grep_q "<source file='$base'>" || fail "the chain below $p2 is not in the definition"
 boot_and_read a g1 "$mark"
 pass "offline plain overlay by virsh: start refused, named by vm status; encrypt-layer (chain from the qcow2 headers) fixes it, markers read"
 

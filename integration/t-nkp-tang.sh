@@ -74,7 +74,7 @@ locked_start() {
     grep -q "nkp: VM '$dom' is locked: Provider 'p1' is bound to the network" <<<"$err" || fail "$1: no nkp line: $err"
     grep -q "$(url 1)" <<<"$err" && grep -q "nkpctl host unlock" <<<"$err" || fail "$1: the line lacks the servers or the fix: $err"
     [ "$(state_of "$dom")" = "shut off" ] || fail "$1: the VM is not shut off"
-    nk alarms | grep -q "vm-locked" || fail "$1: no vm-locked alarm: $(nk alarms 2>&1)"
+    nk alarms | grep_q "vm-locked" || fail "$1: no vm-locked alarm: $(nk alarms 2>&1)"
     [ "$(sums)" = "$before" ] || fail "$1: the refused start changed the disk or the vTPM state"
     [ -z "$(lab_virsh a secret-list)" ] || fail "$1: secrets defined for a locked VM"
 }
@@ -130,7 +130,7 @@ pass "stolen host (reboot, no route to Tang): start refused with the line, vm-lo
 lab_exec a ip link set lab-t up
 out=$(nk host unlock 2>&1) || fail "host unlock: $out"
 grep -q "$dom: unlocked" <<<"$out" || fail "host unlock: $out"
-nk alarms 2>/dev/null | grep -q "vm-locked" && fail "vm-locked alarm still there after unlock"
+nk alarms 2>/dev/null | grep_q "vm-locked" && fail "vm-locked alarm still there after unlock"
 boot_and_read a "$dom" "$mark"
 pass "back on the network: host unlock, the VM starts, markers intact"
 
@@ -139,11 +139,11 @@ reboot_host --offline
 locked_start "offline again"
 nkpd_start
 sleep 6 # nkpd's first retry while offline (it must fail and back off)
-nk alarms | grep -q "vm-locked" || fail "the alarm went away while Tang is unreachable"
+nk alarms | grep_q "vm-locked" || fail "the alarm went away while Tang is unreachable"
 lab_exec a ip link set lab-t up
 cleared=0
 for i in $(seq 60); do
-    if ! nk alarms 2>/dev/null | grep -q "vm-locked"; then cleared=1; break; fi
+    if ! nk alarms 2>/dev/null | grep_q "vm-locked"; then cleared=1; break; fi
     sleep 1
 done
 [ $cleared = 1 ] || fail "nkpd did not unlock within 60 s of Tang coming back"

@@ -18,12 +18,17 @@
 #   nkp.marker2=XYZ  a second disk (issue 15, t-nkp-disks): when /dev/vdb is
 #                    there, read its marker (NKP-DISK2-MARKER=X) or, when it
 #                    has none, write XYZ onto it (NKP-DISK2-WRITTEN=XYZ)
+#   nkp.efivar=1     (UEFI guests) also keep the marker in a non-volatile EFI
+#                    variable NkpMarker-6e6b7000-75ef-4a1c-9d2b-6e6b70656669
+#                    (efivarfs): written with the others, read back later
 # ACPI power button (virsh shutdown): busybox acpid prints NKP-ACPI-POWEROFF,
 # syncs and powers off.
 # Serial console lines the tests read:
 #   NKP-GUEST-UP, NKP-MARKERS-WRITTEN tpm=X disk=X, NKP-TPM-MARKER=X,
 #   NKP-DISK-MARKER=X, NKP-DISK2-WRITTEN=X, NKP-DISK2-MARKER=X, NKP-DISK2-NONE,
-#   NKP-TICK n, NKP-POWEROFF, NKP-ERROR <why>
+#   NKP-TICK n, NKP-POWEROFF, NKP-ERROR <why>,
+#   with nkp.efivar=1: NKP-EFIVAR-WRITTEN=X or NKP-EFI-MARKER=X (before the
+#   TPM/disk lines)
 set -euo pipefail
 
 cache=${NKP_LAB_CACHE:-/var/cache/nkp-lab}
@@ -122,6 +127,7 @@ addmod() {
     order+=("$m")
 }
 for m in virtio_pci virtio_blk virtio_console tpm_crb tpm_tis evdev button; do addmod "$m"; done
+addmod efivarfs || log "no efivarfs module: nkp.efivar=1 will say NKP-ERROR"
 for m in "${order[@]}"; do
     cp "$moddir/${modpath[$m]}" "$root/lib/modules/$m.ko"
     echo "$m" >> "$root/etc/modules.order"
@@ -150,7 +156,7 @@ mount -t devtmpfs dev /dev 2>/dev/null
 mount -t tmpfs tmp /tmp
 exec </dev/console >/dev/console 2>&1
 
-marker=nomarker; poweroff=0; idx=0x1500016; ekcert=0; marker2=
+marker=nomarker; poweroff=0; idx=0x1500016; ekcert=0; marker2=; efivar=0
 for a in $(cat /proc/cmdline); do
     case "$a" in
         nkp.marker=*) marker=${a#nkp.marker=} ;;
@@ -159,19 +165,42 @@ for a in $(cat /proc/cmdline); do
         nkp.probe=1) echo "NKP-PROBE-OK"; poweroff -f ;;
         nkp.ekcert=1) ekcert=1 ;;
         nkp.marker2=*) marker2=${a#nkp.marker2=} ;;
+        nkp.efivar=1) efivar=1 ;;
     esac
 done
 echo "NKP-GUEST-UP $(cut -d' ' -f1 /proc/uptime)"
 for m in $(cat /etc/modules.order); do
     insmod /lib/modules/$m.ko 2>/dev/null || true
 done
+# up to 60 s: a TCG guest on a loaded host may take long to probe its devices
 n=0
-while { [ ! -b /dev/vda ] || [ ! -c /dev/tpmrm0 ]; } && [ $n -lt 300 ]; do
+while { [ ! -b /dev/vda ] || [ ! -c /dev/tpmrm0 ]; } && [ $n -lt 600 ]; do
     sleep 0.1; n=$((n+1))
 done
 [ -b /dev/vda ] || echo "NKP-ERROR no /dev/vda"
 [ -c /dev/tpmrm0 ] || echo "NKP-ERROR no /dev/tpmrm0"
 export TPM2TOOLS_TCTI=device:/dev/tpmrm0
+
+# nkp.efivar=1 (t-nkp-uefi): the marker in a non-volatile EFI variable, that
+# is in the VM's UEFI NVRAM file on the host.  efivarfs takes a variable as
+# one write: 4 bytes of attributes (NV|BS|RT = 7) then the value.  The
+# GUID is nkp's own: Linux makes new names under the EFI global GUID immutable.
+if [ $efivar = 1 ]; then
+    ev=/sys/firmware/efi/efivars/NkpMarker-6e6b7000-75ef-4a1c-9d2b-6e6b70656669
+    mount -t efivarfs efivarfs /sys/firmware/efi/efivars 2>/dev/null
+    if [ ! -d /sys/firmware/efi/efivars ]; then
+        echo "NKP-ERROR no EFI runtime (not booted by UEFI?)"
+    elif [ -e "$ev" ]; then
+        echo "NKP-EFI-MARKER=$(tail -c +5 "$ev")"
+    else
+        { printf '\007\000\000\000'; printf '%s' "$marker"; } > /tmp/ev
+        if err=$(dd if=/tmp/ev of="$ev" bs=4096 2>&1); then
+            echo "NKP-EFIVAR-WRITTEN=$marker"
+        else
+            echo "NKP-ERROR writing the EFI variable failed: $err"
+        fi
+    fi
+fi
 
 if tpm2_nvreadpublic "$idx" >/dev/null 2>&1; then
     tv=$(tpm2_nvread -C o -s 64 "$idx" 2>/dev/null | tr -d ' \000\n')
