@@ -953,5 +953,33 @@ void nkp_vm_status_add_plain_layers(nkp_context *ctx, NkpVirt *v, const NkpDomai
 /* 1 when `path` is a qcow2 whose header says LUKS, 0 another qcow2,
  * -EMEDIUMTYPE not qcow2, -errno unreadable (no message). */
 int nkp_qcow2_is_luks(const char *path);
+/* ---- vm-backup.c: encrypted backups and block copies (issue 16) ---------- */
+/* The manifest of a backup directory (its format: vm-backup.c, docs/backup.md).
+ * targets[i] (a disk's target dev) and secrets[i] (its LUKS secret UUID) for
+ * i < n_disks; checkpoints[l] for each level l < n_levels ("-": none). */
+typedef struct {
+        char *vm;
+        char *uuid;
+        char *key_id;
+        size_t n_disks;
+        char **targets;
+        char **secrets;
+        size_t n_levels;
+        char **checkpoints;
+} NkpBackupManifest;
+void nkp_backup_manifest_free(NkpBackupManifest *m);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpBackupManifest, nkp_backup_manifest_free)
+/* Parses a manifest (outside input: strict, fuzzed by tests/fuzz/fuzz-backup-manifest.c).
+ * -EBADMSG anything but the exact format, -EFBIG over 64 KiB.  Pure. */
+int nkp_backup_manifest_parse(const char *text, size_t len, NkpBackupManifest **ret);
+/* The text of `m` (g_free it); parses back to the same manifest. */
+char *nkp_backup_manifest_format(const NkpBackupManifest *m);
+
+/* nkp's own copy jobs, so that nkpd does not alarm on them: nkpctl marks
+ * the job (`what` "backup" or "copy") of VM `vm_uuid` when it starts and
+ * again when it ended (ROOT/run/nkp/own-jobs); nkpd asks whether an event
+ * of that kind at real time `at` (seconds) is claimed by such a mark. */
+int nkp_own_job_mark(nkp_context *ctx, const char *vm_uuid, const char *what, bool ended);
+bool nkp_own_job_claims(nkp_context *ctx, const char *vm_uuid, const char *what, int64_t at);
 
 #endif /* NKP_PRIVATE_H */
