@@ -982,4 +982,19 @@ char *nkp_backup_manifest_format(const NkpBackupManifest *m);
 int nkp_own_job_mark(nkp_context *ctx, const char *vm_uuid, const char *what, bool ended);
 bool nkp_own_job_claims(nkp_context *ctx, const char *vm_uuid, const char *what, int64_t at);
 
+/* nkpd's watch on copies made behind nkp's back (vm-backup.c says what
+ * libvirt 9.0 announces): events are queued from libvirt's callbacks
+ * (nkp_copy_watch_event: `what` "backup", "copy" with `disk`, "save"),
+ * looked at after the loop pass (nkp_copy_watch_process), and running nkp
+ * VMs' jobs are looked at once a second (nkp_copy_watch_poll: backup
+ * targets, save and dump files, the dump alarm).  Alarms: vm-clear-copy,
+ * vm-clear-save, subject the VM's name. */
+typedef struct NkpCopyWatch NkpCopyWatch;
+NkpCopyWatch *nkp_copy_watch_new(void);
+void nkp_copy_watch_free(NkpCopyWatch *w);
+void nkp_copy_watch_event(NkpCopyWatch *w, const char *what, const char *name, const char *uuid,
+                          const char *disk);
+void nkp_copy_watch_poll(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w);
+void nkp_copy_watch_process(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w);
+
 #endif /* NKP_PRIVATE_H */

@@ -920,3 +920,380 @@ int nkp_vm_blockcopy(nkp_context *ctx, nkp_virt *v, const char *domain, const ch
         }
         return check_luks_qcow2(dest);
 }
+
+/* ---- nkpd: copies made behind nkp's back ----------------------------------------------- */
+/* libvirt 9.0 (measured in the lab, docs/backup.md) announces:
+ *   virsh backup-begin, virtnbdbackup  JOB_COMPLETED, operation backup (9),
+ *                                      at the end only (push and pull mode)
+ *   virsh blockcopy                    BLOCK_JOB(_2) type copy, READY, then
+ *                                      COMPLETED (pivot) or CANCELED (--finish)
+ *   virsh save, managedsave            JOB_COMPLETED operation save (2), then
+ *                                      lifecycle STOPPED_SAVED
+ *   virsh dump                         nothing at all
+ * and no event names a file.  So nkpd also looks, once a second, at the jobs
+ * of running nkp VMs: a backup job's XML names its targets (and whether they
+ * are encrypted); a save or dump job's file is the regular file QEMU holds
+ * open write-only (/proc/PID/fd; libvirt hands QEMU that fd).  What the
+ * look saw is kept per VM UUID until the event that ends the job. */
+
+struct NkpCopyWatch {
+        GHashTable *seen;    /* "uuid what" -> char* what the look saw (targets, file) */
+        GHashTable *alarmed; /* "uuid dump" -> non-NULL: this dump job is alarmed already */
+        GPtrArray *pending;  /* NkpCopyEvent* */
+};
+
+typedef struct {
+        char *what; /* "backup", "copy", "save" */
+        char *name;
+        char *uuid;
+        char *disk; /* copy: the target dev */
+        int64_t at; /* real time, s */
+} NkpCopyEvent;
+
+static void copy_event_free(gpointer p)
+{
+        NkpCopyEvent *e = p;
+        g_free(e->what);
+        g_free(e->name);
+        g_free(e->uuid);
+        g_free(e->disk);
+        g_free(e);
+}
+
+NkpCopyWatch *nkp_copy_watch_new(void)
+{
+        NkpCopyWatch *w = g_new0(NkpCopyWatch, 1);
+        w->seen = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
+        w->alarmed = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
+        w->pending = g_ptr_array_new_with_free_func(copy_event_free);
+        return w;
+}
+
+void nkp_copy_watch_free(NkpCopyWatch *w)
+{
+        if (!w)
+                return;
+        g_hash_table_unref(w->seen);
+        g_hash_table_unref(w->alarmed);
+        g_ptr_array_unref(w->pending);
+        g_free(w);
+}
+
+void nkp_copy_watch_event(NkpCopyWatch *w, const char *what, const char *name, const char *uuid,
+                          const char *disk)
+{
+        NkpCopyEvent *e = g_new0(NkpCopyEvent, 1);
+        e->what = g_strdup(what);
+        e->name = g_strdup(name);
+        e->uuid = g_strdup(uuid);
+        e->disk = g_strdup(disk);
+        e->at = g_get_real_time() / G_USEC_PER_SEC;
+        g_ptr_array_add(w->pending, e);
+}
+
+/* The protected directory (nkp host protect) holding `path`, or NULL. */
+static char *protected_dir_of(nkp_context *ctx, const char *path)
+{
+        g_autoptr(nkp_hostkey_status) st = NULL;
+        if (!path || nkp_hostkey_status_get(ctx, &st) < 0) {
+                nkp_error_clear();
+                return NULL;
+        }
+        for (size_t i = 0; i < nkp_hostkey_status_n_dirs(st); i++) {
+                const char *dir = nkp_hostkey_status_dir(st, i);
+                const char *state = nkp_hostkey_status_dir_state(st, i);
+                if (!g_str_has_prefix(state, "unlocked") && !g_str_has_prefix(state, "lock"))
+                        continue; /* not encrypted (yet) */
+                size_t n = strlen(dir);
+                if (strncmp(path, dir, n) == 0 && (path[n] == '/' || dir[n - 1] == '/'))
+                        return g_strdup(dir);
+        }
+        return NULL;
+}
+
+/* The regular file QEMU of VM `name` holds open write-only (not append): the
+ * target of a save or dump that libvirt handed it. */
+static char *qemu_output_file(nkp_context *ctx, const char *name)
+{
+        g_autofree char *rel = g_strdup_printf("/run/libvirt/qemu/%s.pid", name);
+        g_autofree char *pidfile = nkp_context_path(ctx, rel);
+        g_autofree char *text = NULL;
+        size_t len = 0;
+        if (nkp_read_file(pidfile, 64, false, &text, &len) < 0)
+                return NULL;
+        long pid = strtol(text, NULL, 10);
+        if (pid <= 0)
+                return NULL;
+        g_autofree char *fddir = g_strdup_printf("/proc/%ld/fd", pid);
+        GDir *dir = g_dir_open(fddir, 0, NULL);
+        if (!dir)
+                return NULL;
+        char *found = NULL;
+        const char *fd;
+        while (!found && (fd = g_dir_read_name(dir))) {
+                g_autofree char *link = g_build_filename(fddir, fd, NULL);
+                g_autofree char *info_path = g_strdup_printf("/proc/%ld/fdinfo/%s", pid, fd);
+                g_autofree char *info = NULL, *target = g_file_read_link(link, NULL);
+                struct stat st;
+                if (!target || target[0] != '/' || stat(link, &st) < 0 || !S_ISREG(st.st_mode) ||
+                    !g_file_get_contents(info_path, &info, NULL, NULL))
+                        continue;
+                const char *f = strstr(info, "flags:");
+                unsigned long flags = f ? strtoul(f + 6, NULL, 8) : 0;
+                if ((flags & O_ACCMODE) == O_WRONLY && !(flags & O_APPEND))
+                        found = g_steal_pointer(&target);
+        }
+        g_dir_close(dir);
+        return found;
+}
+
+/* "<target file> (encrypted)" for each disk of a running backup job, or
+ * "pull mode (NBD export)" when it exports instead. */
+static char *backup_targets(virDomainPtr dom)
+{
+        char *xml = virDomainBackupGetXMLDesc(dom, 0);
+        if (!xml)
+                return NULL;
+        g_autoptr(GString) out = g_string_new("");
+        if (strstr(xml, "mode='pull'") || strstr(xml, "mode=\"pull\""))
+                g_string_append(out, "pull mode: the disks exported in clear over NBD");
+        bool all_encrypted = strstr(xml, "<target") != NULL;
+        for (const char *p = strstr(xml, "<target"); p; p = strstr(p + 1, "<target")) {
+                const char *end = strstr(p, "</target>");
+                const char *self_close = strstr(p, "/>");
+                const char *enc = strstr(p, "<encryption");
+                bool encrypted = enc && end && enc < end &&
+                                 !(self_close && self_close < strchr(p, '>') + 1);
+                if (!encrypted)
+                        all_encrypted = false;
+                const char *file = strstr(p, "file='");
+                if (file && (!end || file < end)) {
+                        file += 6;
+                        const char *q = strchr(file, '\'');
+                        if (q)
+                                g_string_append_printf(out, "%s%.*s", out->len ? ", " : "",
+                                                       (int) (q - file), file);
+                }
+        }
+        free(xml);
+        if (all_encrypted && !strstr(out->str, "pull mode"))
+                return g_strdup("encrypted");
+        return g_string_free(g_steal_pointer(&out), FALSE);
+}
+
+static bool is_nkp_vm(NkpVirt *v, const char *name, bool live)
+{
+        g_autofree char *ks = NULL;
+        int r = nkp_virt_keysafe_get(v, name, live, &ks);
+        nkp_error_clear();
+        return r == 0 && ks != NULL;
+}
+
+static void raise_clear(nkp_context *ctx, const char *kind, const char *name, const char *msg)
+{
+        if (nkp_alarm_raise(ctx, kind, name, msg) < 0)
+                nkp_log(NKP_LOG_ERROR, "%s", nkp_error_message());
+        else
+                nkp_log(NKP_LOG_WARNING, "alarm %s for '%s': %s", kind, name, msg);
+        nkp_error_clear();
+}
+
+static void alarm_dump(nkp_context *ctx, const char *name, const char *file)
+{
+        g_autofree char *msg = g_strdup_printf(
+                "VM '%s' was dumped (virsh dump) to '%s', outside the directories the host key "
+                "protects: the guest's memory is in that file in clear. Delete it (shred), and "
+                "dump into a protected directory (nkpctl host status lists them).",
+                name, file ? file : "a file libvirt does not name");
+        raise_clear(ctx, "vm-clear-save", name, msg);
+}
+
+void nkp_copy_watch_poll(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w)
+{
+        virDomainPtr *doms = NULL;
+        int n = virConnectListAllDomains(nkp_virt_connection(v), &doms,
+                                         VIR_CONNECT_LIST_DOMAINS_ACTIVE);
+        for (int i = 0; i < n; i++) {
+                virDomainJobInfo info;
+                int type = 0, nparams = 0, op = 0;
+                virTypedParameterPtr params = NULL;
+                char uuid[VIR_UUID_STRING_BUFLEN];
+                const char *name = virDomainGetName(doms[i]);
+                if (name && virDomainGetUUIDString(doms[i], uuid) == 0 &&
+                    virDomainGetJobInfo(doms[i], &info) == 0 && info.type != VIR_DOMAIN_JOB_NONE &&
+                    virDomainGetJobStats(doms[i], &type, &params, &nparams, 0) == 0 &&
+                    virTypedParamsGetInt(params, nparams, VIR_DOMAIN_JOB_OPERATION, &op) == 1 &&
+                    (op == VIR_DOMAIN_JOB_OPERATION_BACKUP || op == VIR_DOMAIN_JOB_OPERATION_SAVE ||
+                     op == VIR_DOMAIN_JOB_OPERATION_DUMP) &&
+                    is_nkp_vm(v, name, true)) {
+                        const char *what = op == VIR_DOMAIN_JOB_OPERATION_BACKUP ? "backup"
+                                           : op == VIR_DOMAIN_JOB_OPERATION_SAVE ? "save"
+                                                                                 : "dump";
+                        char *seen = op == VIR_DOMAIN_JOB_OPERATION_BACKUP
+                                             ? backup_targets(doms[i])
+                                             : qemu_output_file(ctx, name);
+                        g_autofree char *key = g_strdup_printf("%s %s", uuid, what);
+                        if (seen)
+                                g_hash_table_replace(w->seen, g_strdup(key), seen);
+                        if (op == VIR_DOMAIN_JOB_OPERATION_DUMP &&
+                            !g_hash_table_contains(w->alarmed, key)) {
+                                g_autofree char *prot = protected_dir_of(ctx, seen);
+                                if (!prot)
+                                        alarm_dump(ctx, name, seen);
+                                g_hash_table_add(w->alarmed, g_strdup(key));
+                        }
+                } else if (name && virDomainGetUUIDString(doms[i], uuid) == 0) {
+                        g_autofree char *key = g_strdup_printf("%s dump", uuid);
+                        g_hash_table_remove(w->alarmed, key); /* the next dump alarms again */
+                }
+                virTypedParamsFree(params, nparams);
+                virDomainFree(doms[i]);
+        }
+        free(doms);
+        nkp_error_clear();
+}
+
+/* The live XML's <mirror> of disk `target`: its file, and whether it has an
+ * <encryption>. */
+static char *mirror_of(NkpVirt *v, const char *name, const char *target, bool *ret_encrypted)
+{
+        *ret_encrypted = false;
+        g_autofree char *xml = NULL;
+        if (nkp_virt_domain_xml(v, name, false, &xml) < 0) {
+                nkp_error_clear();
+                return NULL;
+        }
+        g_autofree char *needle = g_strdup_printf("<target dev='%s'", target);
+        const char *t = strstr(xml, needle);
+        const char *start = t ? g_strrstr_len(xml, t - xml, "<disk ") : NULL;
+        const char *end = start ? strstr(start, "</disk>") : NULL;
+        const char *m = start ? strstr(start, "<mirror") : NULL;
+        if (!m || !end || m > end)
+                return NULL;
+        const char *mend = strstr(m, "</mirror>");
+        const char *enc = strstr(m, "<encryption");
+        *ret_encrypted = enc && mend && enc < mend;
+        const char *f = strstr(m, "file='");
+        if (!f || (mend && f > mend))
+                return NULL;
+        f += 6;
+        const char *q = strchr(f, '\'');
+        return q ? g_strndup(f, (gsize) (q - f)) : NULL;
+}
+
+/* A save image of VM `uuid` written since `since` in one of the protected
+ * directories (libvirt names no file; a `virsh save` into a protected
+ * directory must not alarm). */
+static char *find_protected_save(nkp_context *ctx, const char *uuid, int64_t since)
+{
+        g_autoptr(nkp_hostkey_status) st = NULL;
+        if (nkp_hostkey_status_get(ctx, &st) < 0) {
+                nkp_error_clear();
+                return NULL;
+        }
+        g_autofree char *want = g_strdup_printf("<uuid>%s</uuid>", uuid);
+        for (size_t i = 0; i < nkp_hostkey_status_n_dirs(st); i++) {
+                const char *dirpath = nkp_hostkey_status_dir(st, i);
+                if (!g_str_has_prefix(nkp_hostkey_status_dir_state(st, i), "unlocked"))
+                        continue;
+                GDir *dir = g_dir_open(dirpath, 0, NULL);
+                const char *e;
+                while (dir && (e = g_dir_read_name(dir))) {
+                        g_autofree char *p = g_build_filename(dirpath, e, NULL);
+                        struct stat sb;
+                        if (stat(p, &sb) < 0 || !S_ISREG(sb.st_mode) || sb.st_mtime < since)
+                                continue;
+                        char head[16384];
+                        int fd = open(p, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+                        ssize_t n = fd >= 0 ? pread(fd, head, sizeof head - 1, 0) : -1;
+                        if (fd >= 0)
+                                close(fd);
+                        if (n < 16 || memcmp(head, "LibvirtQemudSa", 14) != 0)
+                                continue;
+                        head[n] = '\0';
+                        if (memmem(head, (size_t) n, want, strlen(want))) {
+                                g_dir_close(dir);
+                                return g_steal_pointer(&p);
+                        }
+                }
+                if (dir)
+                        g_dir_close(dir);
+        }
+        return NULL;
+}
+
+static void process_backup(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w, NkpCopyEvent *e)
+{
+        g_autofree char *key = g_strdup_printf("%s backup", e->uuid);
+        g_autofree char *seen = NULL;
+        g_hash_table_steal_extended(w->seen, key, NULL, (gpointer *) &seen);
+        if (!is_nkp_vm(v, e->name, true) && !is_nkp_vm(v, e->name, false))
+                return;
+        if (nkp_own_job_claims(ctx, e->uuid, "backup", e->at) ||
+            g_strcmp0(seen, "encrypted") == 0)
+                return;
+        g_autofree char *msg = g_strdup_printf(
+                "A backup of VM '%s' was made behind nkp's back (virsh backup-begin, "
+                "virtnbdbackup…): %s%s%s in clear. Delete that copy, and back up with: nkpctl vm "
+                "backup %s DIR",
+                e->name, seen ? "its copy (" : "its copy", seen ? seen : "",
+                seen ? ") holds the guest's data" : " holds the guest's data", e->name);
+        raise_clear(ctx, "vm-clear-copy", e->name, msg);
+}
+
+static void process_copy(nkp_context *ctx, NkpVirt *v, NkpCopyEvent *e)
+{
+        if (!is_nkp_vm(v, e->name, true))
+                return;
+        bool encrypted = false;
+        g_autofree char *file = mirror_of(v, e->name, e->disk, &encrypted);
+        if (encrypted || nkp_own_job_claims(ctx, e->uuid, "copy", e->at))
+                return;
+        g_autofree char *msg = g_strdup_printf(
+                "Disk '%s' of VM '%s' was block-copied behind nkp's back (virsh blockcopy) to "
+                "'%s' in clear. Delete that copy, and copy with: nkpctl vm blockcopy %s %s DEST",
+                e->disk, e->name, file ? file : "a file libvirt no longer names", e->name,
+                e->disk);
+        raise_clear(ctx, "vm-clear-copy", e->name, msg);
+}
+
+static void process_save(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w, NkpCopyEvent *e)
+{
+        g_autofree char *key = g_strdup_printf("%s save", e->uuid);
+        g_autofree char *file = NULL;
+        g_hash_table_steal_extended(w->seen, key, NULL, (gpointer *) &file);
+        if (!is_nkp_vm(v, e->name, false))
+                return;
+        if (!file && nkp_virt_domain_has_managed_save(v, e->name) == 1) {
+                g_autofree char *rel = g_strdup_printf("/var/lib/libvirt/qemu/save/%s.save",
+                                                       e->name);
+                file = nkp_context_path(ctx, rel);
+        }
+        nkp_error_clear();
+        g_autofree char *prot = protected_dir_of(ctx, file);
+        if (!prot && !file)
+                prot = find_protected_save(ctx, e->uuid, e->at - 600);
+        if (prot)
+                return;
+        g_autofree char *msg = g_strdup_printf(
+                "VM '%s' was saved (virsh save, managedsave) to '%s', outside the directories "
+                "the host key protects: the guest's memory is in that file in clear. Restore "
+                "it (virsh restore / start), delete the image, and save into a protected "
+                "directory (nkpctl host protect; nkpctl host status lists them).",
+                e->name, file ? file : "a file libvirt does not name");
+        raise_clear(ctx, "vm-clear-save", e->name, msg);
+}
+
+void nkp_copy_watch_process(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w)
+{
+        while (w->pending->len) {
+                NkpCopyEvent *e = g_ptr_array_steal_index(w->pending, 0);
+                if (strcmp(e->what, "backup") == 0)
+                        process_backup(ctx, v, w, e);
+                else if (strcmp(e->what, "copy") == 0)
+                        process_copy(ctx, v, e);
+                else
+                        process_save(ctx, v, w, e);
+                copy_event_free(e);
+        }
+}
