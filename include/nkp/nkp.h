@@ -378,6 +378,10 @@ bool nkp_vm_status_pending_in_progress(const nkp_vm_status *s);
 size_t nkp_vm_status_n_plain_layers(const nkp_vm_status *s);
 const char *nkp_vm_status_plain_layer(const nkp_vm_status *s, size_t i);
 
+/* Copies of the VM's data in clear that nkpd saw made behind nkp's back
+ * (the messages of its vm-clear-copy / vm-clear-save alarms; docs/backup.md). */
+size_t nkp_vm_status_n_clear_copies(const nkp_vm_status *s);
+const char *nkp_vm_status_clear_copy(const nkp_vm_status *s, size_t i);
 void nkp_vm_status_free(nkp_vm_status *s);
 
 /* After a provider came back (restore): the host key added to the kernel

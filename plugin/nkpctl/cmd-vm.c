@@ -191,6 +191,11 @@ static void status_json(JsonBuilder *b, const nkp_vm_status *s)
         for (size_t i = 0; i < nkp_vm_status_n_plain_layers(s); i++)
                 json_builder_add_string_value(b, nkp_vm_status_plain_layer(s, i));
         json_builder_end_array(b);
+        json_builder_set_member_name(b, "clear_copies");
+        json_builder_begin_array(b);
+        for (size_t i = 0; i < nkp_vm_status_n_clear_copies(s); i++)
+                json_builder_add_string_value(b, nkp_vm_status_clear_copy(s, i));
+        json_builder_end_array(b);
         json_builder_end_object(b);
 }
 
@@ -229,6 +234,8 @@ static void status_line(const nkp_vm_status *s)
                 printf("%s: interrupted '%s' pending (phase %s): run it again to finish or roll "
                        "it back, or start the VM (the hook does it)\n",
                        name, op, nkp_vm_status_pending_phase(s));
+        for (size_t i = 0; i < nkp_vm_status_n_clear_copies(s); i++)
+                printf("%s: copy in clear: %s\n", name, nkp_vm_status_clear_copy(s, i));
 }
 
 static int vm_status(NkpctlGlobals *g, int argc, char **argv)
