@@ -52,6 +52,11 @@
 #define OWN_JOB_DIR "own-jobs"
 #define OWN_JOB_OPEN_MAX (6 * 3600) /* a mark whose job never ended (killed) */
 #define JOB_POLL_USEC (100 * 1000)
+/* What libvirt creates: AES-256-XTS as qemu-img's default, PBKDF2 over
+ * SHA-512 for the reason tools.c gives (QEMU 7.2's "Unable to get accurate
+ * CPU usage" at LUKS creation; the failures left are retried). */
+#define LUKS_CIPHER "<cipher name='aes' size='256' mode='xts' hash='sha512'/><ivgen name='plain64'/>"
+#define LUKS_ATTEMPTS 6
 
 /* ---- the manifest ----------------------------------------------------------- */
 
@@ -359,8 +364,8 @@ static char *backup_xml(const char *dir, GPtrArray *disks, size_t level, const c
                 g_string_append_printf(x,
                                        "<disk name='%s' type='file'><driver type='qcow2'/>"
                                        "<target file='%s'><encryption format='luks'>"
-                                       "<secret type='passphrase' uuid='%s'/></encryption>"
-                                       "</target></disk>",
+                                       "<secret type='passphrase' uuid='%s'/>" LUKS_CIPHER
+                                       "</encryption></target></disk>",
                                        disk->target, esc, disk->encryption_secret);
         }
         g_string_append(x, "</disks></domainbackup>");
@@ -495,9 +500,16 @@ static int backup_online(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, GPtrA
                 checkpoint);
         g_autofree char *xml = backup_xml(dir, disks, level, incremental);
         r = nkp_own_job_mark(ctx, d->uuid, "backup", false);
-        if (r == 0 && virDomainBackupBegin(dom, xml, cp_xml, 0) < 0)
+        for (int attempt = 0; r == 0; attempt++) {
+                if (virDomainBackupBegin(dom, xml, cp_xml, 0) == 0)
+                        break;
+                if (attempt + 1 < LUKS_ATTEMPTS && strstr(virt_error(), "accurate CPU usage")) {
+                        g_usleep((gulong) (200000 << attempt)); /* libvirt removed its images */
+                        continue;
+                }
                 r = nkp_fail(-EIO, "libvirt refused the backup of VM '%s': %s.", d->name,
                              virt_error());
+        }
         if (r == 0)
                 r = wait_job(dom, d->name, "backup");
         (void) nkp_own_job_mark(ctx, d->uuid, "backup", true);
@@ -887,17 +899,25 @@ int nkp_vm_blockcopy(nkp_context *ctx, nkp_virt *v, const char *domain, const ch
         g_autofree char *esc = g_markup_escape_text(dest, -1);
         g_autofree char *dest_xml = g_strdup_printf(
                 "<disk type='file'><driver type='qcow2'/><source file='%s'>"
-                "<encryption format='luks'><secret type='passphrase' uuid='%s'/></encryption>"
-                "</source></disk>",
+                "<encryption format='luks'><secret type='passphrase' uuid='%s'/>"
+                "</encryption></source></disk>", /* no <cipher>: a disk refuses it */
                 esc, disk->encryption_secret);
         virDomainPtr dom = lookup(v, domain);
         if (!dom)
                 return -ENOENT;
         r = nkp_own_job_mark(ctx, d->uuid, "copy", false);
-        if (r == 0 && virDomainBlockCopy(dom, target, dest_xml, NULL, 0,
-                                         VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB) < 0)
+        for (int attempt = 0; r == 0; attempt++) {
+                if (virDomainBlockCopy(dom, target, dest_xml, NULL, 0,
+                                       VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB) == 0)
+                        break;
+                if (attempt + 1 < LUKS_ATTEMPTS && strstr(virt_error(), "accurate CPU usage")) {
+                        (void) nkp_unlink_nofollow(dest);
+                        g_usleep((gulong) (200000 << attempt));
+                        continue;
+                }
                 r = nkp_fail(-EIO, "libvirt refused the block copy of '%s' of VM '%s': %s.",
                              target, domain, virt_error());
+        }
         while (r == 0 && !mirror_ready(dom, target)) {
                 virDomainBlockJobInfo info;
                 if (virDomainGetBlockJobInfo(dom, target, &info, 0) <= 0) {
