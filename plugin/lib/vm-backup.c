@@ -411,10 +411,10 @@ static int convert_chain(char *const *images, size_t n, const nkp_secret *value,
         }
         g_autofree char *src_opts = g_string_free(opts, FALSE);
         const char *argv[] = { "qemu-img", "convert", "-q",
+                               /* one object: the pipe is read once */
                                "--object", "secret,id=s0,file=/dev/fd/3,format=raw",
-                               "--object", "secret,id=snew,file=/dev/fd/3,format=raw",
                                "--image-opts", src_opts, "-O", "qcow2",
-                               "-o", "encrypt.format=luks,encrypt.key-secret=snew,"
+                               "-o", "encrypt.format=luks,encrypt.key-secret=s0,"
                                      "encrypt.iter-time=10,encrypt.hash-alg=sha512",
                                dst, NULL };
         nkp_secret *secrets[] = { (nkp_secret *) value };
