@@ -115,8 +115,11 @@ int nkp_backup_manifest_parse(const char *text, size_t len, NkpBackupManifest **
                 return nkp_fail(-EFBIG, "The backup manifest is over %d bytes; nothing was "
                                         "restored.",
                                 MANIFEST_MAX);
-        if (memchr(text, '\0', len) || !g_utf8_validate(text, (gssize) len, NULL))
+        if (!g_utf8_validate(text, (gssize) len, NULL))
                 return bad("not text", 0);
+        for (size_t i = 0; i < len; i++)
+                if (g_ascii_iscntrl(text[i]) && text[i] != '\n')
+                        return bad("a control character", 0); /* NUL, CR, ESC … */
         g_autofree char *copy = g_strndup(text, len);
         g_auto(GStrv) lines = g_strsplit(copy, "\n", -1);
         g_autoptr(NkpBackupManifest) m = g_new0(NkpBackupManifest, 1);
