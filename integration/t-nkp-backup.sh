@@ -8,6 +8,7 @@
 #   2. nkpctl vm blockcopy: a LUKS qcow2 without the marker, no alarm;
 #   3. restore-backup on a (the VM is there) refused, nothing written; on b
 #      it defines the VM, which boots there with its TPM and disk markers;
+#      a full backup of it shut off is LUKS too, --incremental refused;
 #   4. behind nkp's back, each raises an alarm naming the VM (and the file
 #      where nkpd can see it), `vm status` shows it, and the copy really
 #      holds the marker in clear: virsh backup-begin (push, plain),
@@ -113,6 +114,13 @@ luks "$restored" || fail "the restored disk is not LUKS"
 [ -z "$(in_clear "$restored")" ] || fail "the marker is in clear in the restored disk"
 boot_and_read b "$dom" "$mark" "restored on b"
 pass "restored on b from full + incremental: encrypted, boots with its TPM and disk markers"
+# the restored VM, shut off on b: a full backup is a qemu-img copy under the same key
+off=$LAB_DIR/shared/bk-off
+out=$(nk b vm backup "$dom" "$off" 2>&1) || fail "backup of the shut-off VM: $out"
+luks "$off/vda.0.qcow2" && [ -z "$(in_clear "$off/vda.0.qcow2")" ] || fail "the offline backup is not LUKS or holds the marker"
+if out=$(nk b vm backup "$dom" "$off" --incremental 2>&1); then fail "an incremental of a shut-off VM worked"; fi
+grep -q "shut off" <<<"$out" || fail "incremental of a shut-off VM: $out"
+pass "shut-off VM: full backup LUKS without the marker; --incremental refused with one line"
 
 # ---- 4. behind nkp's back ---------------------------------------------------------------------
 # 4a. virsh backup-begin, push mode, default target (beside the disk, plain qcow2)
