@@ -1047,6 +1047,7 @@ static char *qemu_output_file(nkp_context *ctx, const char *name)
         long pid = strtol(text, NULL, 10);
         if (pid <= 0)
                 return NULL;
+        g_autofree char *run = nkp_context_path(ctx, "/run/");
         g_autofree char *fddir = g_strdup_printf("/proc/%ld/fd", pid);
         GDir *dir = g_dir_open(fddir, 0, NULL);
         if (!dir)
@@ -1063,7 +1064,10 @@ static char *qemu_output_file(nkp_context *ctx, const char *name)
                         continue;
                 const char *f = strstr(info, "flags:");
                 unsigned long flags = f ? strtoul(f + 6, NULL, 8) : 0;
-                if ((flags & O_ACCMODE) == O_WRONLY && !(flags & O_APPEND))
+                /* QEMU keeps its pid file open write-only too; logs are appended */
+                if ((flags & O_ACCMODE) == O_WRONLY && !(flags & O_APPEND) &&
+                    strcmp(target, pidfile) != 0 && !g_str_has_prefix(target, run) &&
+                    !g_str_has_prefix(target, "/var/log/"))
                         found = g_steal_pointer(&target);
         }
         g_dir_close(dir);
