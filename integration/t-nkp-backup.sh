@@ -92,6 +92,14 @@ if out=$(nk b vm restore-backup "$LAB_DIR/shared/evil" 2>&1); then fail "a damag
 [ "$(wc -l <<<"$out")" = 1 ] && grep -q "damaged" <<<"$out" || fail "damaged manifest: $out"
 [ "$before" = "$(ls "$LAB_DIR/shared")" ] && ! lab_virsh b dominfo "$dom" >/dev/null 2>&1 || fail "a refused restore left something"
 pass "a damaged manifest is refused with one line, nothing written: $out"
+# an altered definition (a disk added to the VM's XML): the MAC refuses it
+rm -rf "$LAB_DIR/shared/evil"; cp -r "$bk" "$LAB_DIR/shared/evil"
+sed -i 's|</devices>|<disk type="file" device="disk"><source file="/etc/shadow"/><target dev="vdz"/></disk></devices>|' "$LAB_DIR/shared/evil/domain.xml"
+if out=$(nk b vm restore-backup "$LAB_DIR/shared/evil" 2>&1); then fail "an altered domain.xml was restored"; fi
+grep -q "was altered" <<<"$out" || fail "altered domain.xml: $out"
+[ "$before" = "$(ls "$LAB_DIR/shared")" ] && ! lab_virsh b dominfo "$dom" >/dev/null 2>&1 || fail "a refused restore left something"
+rm -rf "$LAB_DIR/shared/evil"
+pass "an altered domain.xml is refused (MAC): $out"
 
 # ---- 2. nkp blockcopy ------------------------------------------------------------------
 copy=$LAB_DIR/shared/nkpcopy.qcow2

@@ -29,6 +29,16 @@ static void test_round_trip(void)
         g_assert_cmpstr(m->checkpoints[1], ==, "nkp-1796136191-1");
         g_autofree char *text = nkp_backup_manifest_format(m);
         g_assert_cmpstr(text, ==, GOOD);
+        g_assert_false(m->has_mac);
+        /* with a MAC line: kept byte for byte */
+        const char *mac = "mac=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGw==\n";
+        g_autofree char *with = g_strconcat(GOOD, mac, NULL);
+        g_autoptr(NkpBackupManifest) m2 = NULL;
+        g_assert_cmpint(nkp_backup_manifest_parse(with, strlen(with), &m2), ==, 0);
+        g_assert_true(m2->has_mac);
+        g_assert_cmpuint(m2->mac[27], ==, 27);
+        g_autofree char *text2 = nkp_backup_manifest_format(m2);
+        g_assert_cmpstr(text2, ==, with);
 }
 
 /* Each a small change of GOOD: every one refused with -EBADMSG and a message. */
@@ -53,6 +63,9 @@ static const struct {
         { "level=1 nkp-1796136191-1\n", "level=1 nkp-1796136191-1" }, /* no final newline */
         { "level=0 nkp-1796136166-0\nlevel=1 nkp-1796136191-1\n", "" }, /* no level */
         { "vm=vm1\n", "vm=vm1\r\n" },
+        { "level=1 nkp-1796136191-1\n", "level=1 nkp-1796136191-1\nmac=AAAA\n" }, /* short */
+        { "level=1 nkp-1796136191-1\n", "level=1 nkp-1796136191-1\nmac=!!\n" },
+        { "level=0 nkp", "mac=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==\nlevel=0 nkp" }, /* not last */
 };
 
 static void test_hostile(void)

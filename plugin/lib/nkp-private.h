@@ -966,6 +966,8 @@ typedef struct {
         char **secrets;
         size_t n_levels;
         char **checkpoints;
+        bool has_mac;       /* the mac= line: IV | GCM tag (vm-backup.c) */
+        uint8_t mac[12 + 16];
 } NkpBackupManifest;
 void nkp_backup_manifest_free(NkpBackupManifest *m);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpBackupManifest, nkp_backup_manifest_free)

@@ -27,6 +27,12 @@
  *   disk=T SECRET-UUID (one line per disk, 1..16; T a target name)
  *   level=N CHECKPOINT (one line per level, N = 0, 1, …; CHECKPOINT nkp-DIGITS
  *                       or "-" when the VM was shut off: no incremental after it)
+ *   mac=BASE64         (IV 12 | tag 16: AES-256-GCM over no plaintext, the AAD
+ *                       "nkp backup v1" 0 | the lines above | 0 | domain.xml |
+ *                       0 | vtpm.permall; the key HKDF-SHA256(KEK of domain.xml's
+ *                       keysafe, info "nkp backup mac v1"): a changed
+ *                       manifest, definition or vTPM state is refused at
+ *                       restore, and only a holder of the provider can make one)
  * File names are derived from T and N, never read from the manifest. */
 #include <errno.h>
 #include <fcntl.h>
@@ -161,6 +167,16 @@ int nkp_backup_manifest_parse(const char *text, size_t len, NkpBackupManifest **
         }
         if (targets->len == 0)
                 return bad("no disk", i + 1);
+        if (n > 0 && g_str_has_prefix(lines[n - 1], "mac=")) {
+                gsize raw_len = 0;
+                g_autofree guchar *raw = g_base64_decode(lines[n - 1] + 4, &raw_len);
+                g_autofree char *again = g_base64_encode(raw, raw_len);
+                if (raw_len != sizeof m->mac || strcmp(again, lines[n - 1] + 4) != 0)
+                        return bad("mac", n);
+                memcpy(m->mac, raw, sizeof m->mac);
+                m->has_mac = true;
+                n--;
+        }
         for (; i < n; i++) {
                 if (!g_str_has_prefix(lines[i], "level="))
                         return bad("not a level", i + 1);
@@ -196,7 +212,92 @@ char *nkp_backup_manifest_format(const NkpBackupManifest *m)
                 g_string_append_printf(s, "disk=%s %s\n", m->targets[i], m->secrets[i]);
         for (size_t i = 0; i < m->n_levels; i++)
                 g_string_append_printf(s, "level=%zu %s\n", i, m->checkpoints[i]);
+        if (m->has_mac) {
+                g_autofree char *b64 = g_base64_encode(m->mac, sizeof m->mac);
+                g_string_append_printf(s, "mac=%s\n", b64);
+        }
         return g_string_free(s, FALSE);
+}
+
+/* ---- the manifest's MAC ---------------------------------------------------------- */
+
+static int mac_key(nkp_context *ctx, const NkpDomain *d, uint8_t key[32])
+{
+        g_autoptr(nkp_secret) kek = NULL;
+        int r = nkp_vm_kek(ctx, d, &kek);
+        if (r < 0)
+                return r;
+        static const char info[] = "nkp backup mac v1";
+        return nkp_hkdf_sha256(nkp_secret_data(kek), nkp_secret_len(kek), NULL, 0,
+                               (const uint8_t *) info, sizeof info - 1, key, 32);
+}
+
+/* The AAD: what the MAC covers (the manifest without its mac line, the
+ * definition, the vTPM state: each 0-separated after a version string). */
+static GByteArray *mac_input(const NkpBackupManifest *m, const char *dir)
+{
+        NkpBackupManifest body = *m;
+        body.has_mac = false;
+        g_autofree char *text = nkp_backup_manifest_format(&body);
+        GByteArray *a = g_byte_array_new();
+        static const char head[] = "nkp backup v1";
+        g_byte_array_append(a, (const guint8 *) head, sizeof head); /* with its 0 */
+        g_byte_array_append(a, (const guint8 *) text, (guint) strlen(text));
+        const char *names[] = { DOMAIN_NAME, VTPM_NAME };
+        for (size_t i = 0; i < G_N_ELEMENTS(names); i++) {
+                g_autofree char *path = g_build_filename(dir, names[i], NULL);
+                g_autofree char *data = NULL;
+                size_t len = 0;
+                g_byte_array_append(a, (const guint8 *) "", 1);
+                if (nkp_read_file(path, 64 * 1024 * 1024, false, &data, &len) == 0)
+                        g_byte_array_append(a, (const guint8 *) data, (guint) len);
+        }
+        return a;
+}
+
+static int mac_seal(nkp_context *ctx, const NkpDomain *d, NkpBackupManifest *m, const char *dir)
+{
+        uint8_t key[32];
+        int r = mac_key(ctx, d, key);
+        if (r < 0)
+                return r;
+        m->has_mac = false;
+        g_autoptr(GByteArray) aad = mac_input(m, dir);
+        r = nkp_random_bytes(m->mac, NKP_GCM_IV_SIZE);
+        if (r == 0)
+                r = nkp_aes256gcm_seal(key, m->mac, NKP_GCM_IV_SIZE, aad->data, aad->len, NULL, 0,
+                                       NULL, m->mac + NKP_GCM_IV_SIZE);
+        nkp_wipe(key, sizeof key);
+        if (r < 0)
+                return r;
+        m->has_mac = true;
+        return 0;
+}
+
+/* 0 when the manifest, domain.xml and vTPM state in `dir` are as nkp wrote
+ * them; -EBADMSG (with the fix) when not, or when there is no MAC. */
+static int mac_check(nkp_context *ctx, const NkpDomain *d, const NkpBackupManifest *m,
+                     const char *dir)
+{
+        if (!m->has_mac)
+                return nkp_fail(-EBADMSG, "The backup in '%s' has no MAC (not written by nkp, or "
+                                          "cut short); nothing was done.",
+                                dir);
+        uint8_t key[32];
+        int r = mac_key(ctx, d, key);
+        if (r < 0)
+                return r;
+        g_autoptr(GByteArray) aad = mac_input(m, dir);
+        r = nkp_aes256gcm_open(key, sizeof key, m->mac, NKP_GCM_IV_SIZE, aad->data, aad->len,
+                               NULL, 0, m->mac + NKP_GCM_IV_SIZE, NKP_GCM_TAG_SIZE, NULL);
+        nkp_wipe(key, sizeof key);
+        nkp_error_clear();
+        if (r < 0)
+                return nkp_fail(-EBADMSG, "The backup in '%s' was altered (its manifest, "
+                                          "domain.xml or vTPM state does not match its MAC); "
+                                          "nothing was done.",
+                                dir);
+        return 0;
 }
 
 static int manifest_read(const char *dir, NkpBackupManifest **ret)
@@ -523,6 +624,25 @@ static int backup_online(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, GPtrA
         return 0;
 }
 
+/* The backup's domain.xml, parsed. */
+static int backup_domain(const char *dir, NkpDomain **ret)
+{
+        g_autofree char *dpath = g_build_filename(dir, DOMAIN_NAME, NULL);
+        g_autofree char *xml = NULL;
+        size_t len = 0;
+        int r = nkp_read_file(dpath, NKP_DOMAIN_XML_MAX, false, &xml, &len);
+        if (r < 0)
+                return nkp_fail(r, "Cannot read '%s': %s.", dpath, g_strerror(-r));
+        r = nkp_domain_parse(xml, len, ret);
+        if (r < 0)
+                return nkp_fail_prefix(r, "The backup's %s is damaged", DOMAIN_NAME);
+        if (!(*ret)->keysafe) {
+                g_clear_pointer(ret, nkp_domain_free);
+                return nkp_fail(-EBADMSG, "The backup's %s holds no nkp keysafe.", DOMAIN_NAME);
+        }
+        return 0;
+}
+
 int nkp_vm_backup(nkp_context *ctx, nkp_virt *v, const char *domain, const char *dir,
                   bool incremental, unsigned *ret_level)
 {
@@ -555,6 +675,7 @@ int nkp_vm_backup(nkp_context *ctx, nkp_virt *v, const char *domain, const char 
                 return r;
 
         g_autoptr(NkpBackupManifest) m = NULL;
+        g_autoptr(NkpDomain) d0 = NULL; /* the definition in the backup: its keysafe keys the MAC */
         if (incremental) {
                 r = manifest_read(dir, &m);
                 if (r < 0)
@@ -563,6 +684,11 @@ int nkp_vm_backup(nkp_context *ctx, nkp_virt *v, const char *domain, const char 
                         return nkp_fail(-EINVAL, "'%s' holds a backup of another VM ('%s', %s); "
                                                  "back up '%s' into its own directory.",
                                         dir, m->vm, m->uuid, d->name);
+                r = backup_domain(dir, &d0);
+                if (r == 0)
+                        r = mac_check(ctx, d0, m, dir);
+                if (r < 0)
+                        return r;
                 if (active == 0)
                         return nkp_fail(-EOPNOTSUPP, "VM '%s' is shut off: libvirt 9.0 takes "
                                                      "incremental backups of running VMs only. "
@@ -655,6 +781,11 @@ int nkp_vm_backup(nkp_context *ctx, nkp_virt *v, const char *domain, const char 
         m->checkpoints[level] = g_strdup(checkpoint ? checkpoint : "-");
         m->checkpoints[level + 1] = NULL;
         m->n_levels = level + 1;
+        if (!d0 && (r = backup_domain(dir, &d0)) < 0)
+                return r;
+        r = mac_seal(ctx, d0, m, dir);
+        if (r < 0)
+                return r;
         r = manifest_write(dir, m);
         if (r < 0)
                 return r;
@@ -776,6 +907,9 @@ int nkp_vm_restore_backup(nkp_context *ctx, nkp_virt *v, const char *dir, const 
                                                        dir);
                 }
         }
+        r = mac_check(ctx, d, m, dir);
+        if (r < 0)
+                return r;
         const char *name = new_name ? new_name : d->name;
         virConnectPtr conn = nkp_virt_connection(v);
         virDomainPtr other = virDomainLookupByUUIDString(conn, d->uuid);
