@@ -513,8 +513,11 @@ int nkp_daemon_iterate(nkp_daemon *d)
         if (d->virt) {
                 nkp_copy_watch_process(d->ctx, d->virt, d->copies);
                 if (g_get_monotonic_time() >= d->next_poll) {
-                        nkp_copy_watch_poll(d->ctx, d->virt, d->copies);
-                        d->next_poll = g_get_monotonic_time() + TICK_MS * 1000;
+                        int ms = nkp_copy_watch_poll(d->ctx, d->virt, d->copies)
+                                         ? NKP_COPY_WATCH_BUSY_MS
+                                         : TICK_MS;
+                        d->next_poll = g_get_monotonic_time() + (gint64) ms * 1000;
+                        virEventUpdateTimeout(d->tick_timer, ms); /* wake for the next look */
                 }
         }
         return 0;

@@ -52,6 +52,7 @@
         X(virEventRemoveHandle)                 \
         X(virEventRemoveTimeout)                \
         X(virEventRunDefaultImpl)               \
+        X(virEventUpdateTimeout)                \
         X(virGetLastError)                      \
         X(virSecretDefineXML)                   \
         X(virSecretFree)                        \
@@ -113,6 +114,7 @@ int nkp_dlopen_libvirt(void);
 #define virEventRemoveHandle sym_virEventRemoveHandle
 #define virEventRemoveTimeout sym_virEventRemoveTimeout
 #define virEventRunDefaultImpl sym_virEventRunDefaultImpl
+#define virEventUpdateTimeout sym_virEventUpdateTimeout
 #define virGetLastError sym_virGetLastError
 #define virSecretDefineXML sym_virSecretDefineXML
 #define virSecretFree sym_virSecretFree

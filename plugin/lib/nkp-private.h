@@ -10,7 +10,8 @@
  *   keys  context, crypto, keysafe, backup (p12), store, tpm, cache,
  *         provider, alarms, ekca, ekcert, host, hostkey, host-protect
  *   virt  domain, virt
- *   vm    journal, enrol, tools, vm-convert, vm-status, vm-rekey, hook, daemon
+ *   vm    journal, enrol, tools, vm-convert, vm-status, vm-rekey, hook, daemon,
+ *         vm-backup
  */
 #ifndef NKP_PRIVATE_H
 #define NKP_PRIVATE_H
@@ -996,7 +997,9 @@ NkpCopyWatch *nkp_copy_watch_new(void);
 void nkp_copy_watch_free(NkpCopyWatch *w);
 void nkp_copy_watch_event(NkpCopyWatch *w, const char *what, const char *name, const char *uuid,
                           const char *disk);
-void nkp_copy_watch_poll(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w);
+/* true while a watched job runs: look again in NKP_COPY_WATCH_BUSY_MS */
+#define NKP_COPY_WATCH_BUSY_MS 200
+bool nkp_copy_watch_poll(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w);
 void nkp_copy_watch_process(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w);
 
 #endif /* NKP_PRIVATE_H */

@@ -1096,6 +1096,7 @@ int nkp_vm_blockcopy(nkp_context *ctx, nkp_virt *v, const char *domain, const ch
 struct NkpCopyWatch {
         GHashTable *seen;    /* "uuid what" -> char* what the look saw (targets, file) */
         GHashTable *alarmed; /* "uuid dump" -> non-NULL: this dump job is alarmed already */
+        GHashTable *dumps;   /* uuid -> name: dump jobs seen, no file seen yet */
         GPtrArray *pending;  /* NkpCopyEvent* */
 };
 
@@ -1122,6 +1123,7 @@ NkpCopyWatch *nkp_copy_watch_new(void)
         NkpCopyWatch *w = g_new0(NkpCopyWatch, 1);
         w->seen = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
         w->alarmed = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
+        w->dumps = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
         w->pending = g_ptr_array_new_with_free_func(copy_event_free);
         return w;
 }
@@ -1132,6 +1134,7 @@ void nkp_copy_watch_free(NkpCopyWatch *w)
                 return;
         g_hash_table_unref(w->seen);
         g_hash_table_unref(w->alarmed);
+        g_hash_table_unref(w->dumps);
         g_ptr_array_unref(w->pending);
         g_free(w);
 }
@@ -1269,8 +1272,10 @@ static void alarm_dump(nkp_context *ctx, const char *name, const char *file)
         raise_clear(ctx, "vm-clear-save", name, msg);
 }
 
-void nkp_copy_watch_poll(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w)
+bool nkp_copy_watch_poll(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w)
 {
+        bool busy = false;
+        g_autoptr(GHashTable) dumping = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
         virDomainPtr *doms = NULL;
         int n = virConnectListAllDomains(nkp_virt_connection(v), &doms,
                                          VIR_CONNECT_LIST_DOMAINS_ACTIVE);
@@ -1294,24 +1299,46 @@ void nkp_copy_watch_poll(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w)
                                              ? backup_targets(doms[i])
                                              : qemu_output_file(ctx, name);
                         g_autofree char *key = g_strdup_printf("%s %s", uuid, what);
+                        busy = true; /* look again soon: the file is open only for a while */
+                        if (op == VIR_DOMAIN_JOB_OPERATION_DUMP) {
+                                g_hash_table_add(dumping, g_strdup(uuid));
+                                if (seen && !g_hash_table_contains(w->alarmed, key)) {
+                                        g_autofree char *prot = protected_dir_of(ctx, seen);
+                                        if (!prot)
+                                                alarm_dump(ctx, name, seen);
+                                        g_hash_table_add(w->alarmed, g_strdup(key));
+                                        g_hash_table_remove(w->dumps, uuid);
+                                } else if (!g_hash_table_contains(w->alarmed, key)) {
+                                        g_hash_table_replace(w->dumps, g_strdup(uuid),
+                                                             g_strdup(name));
+                                }
+                        }
                         if (seen)
                                 g_hash_table_replace(w->seen, g_strdup(key), seen);
-                        if (op == VIR_DOMAIN_JOB_OPERATION_DUMP &&
-                            !g_hash_table_contains(w->alarmed, key)) {
-                                g_autofree char *prot = protected_dir_of(ctx, seen);
-                                if (!prot)
-                                        alarm_dump(ctx, name, seen);
-                                g_hash_table_add(w->alarmed, g_strdup(key));
-                        }
-                } else if (name && virDomainGetUUIDString(doms[i], uuid) == 0) {
-                        g_autofree char *key = g_strdup_printf("%s dump", uuid);
-                        g_hash_table_remove(w->alarmed, key); /* the next dump alarms again */
                 }
                 virTypedParamsFree(params, nparams);
                 virDomainFree(doms[i]);
         }
         free(doms);
+        /* dumps that ended before their file was seen: alarmed without it;
+         * the alarmed mark of an ended dump goes (the next dump alarms again) */
+        GHashTableIter it;
+        gpointer k, val;
+        g_hash_table_iter_init(&it, w->dumps);
+        while (g_hash_table_iter_next(&it, &k, &val)) {
+                if (!g_hash_table_contains(dumping, k)) {
+                        alarm_dump(ctx, val, NULL);
+                        g_hash_table_iter_remove(&it);
+                }
+        }
+        g_hash_table_iter_init(&it, w->alarmed);
+        while (g_hash_table_iter_next(&it, &k, NULL)) {
+                g_autofree char *u = g_strndup(k, strcspn(k, " "));
+                if (!g_hash_table_contains(dumping, u))
+                        g_hash_table_iter_remove(&it);
+        }
         nkp_error_clear();
+        return busy;
 }
 
 /* The live XML's <mirror> of disk `target`: its file, and whether it has an
