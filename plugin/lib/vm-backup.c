@@ -1171,8 +1171,68 @@ static char *protected_dir_of(nkp_context *ctx, const char *path)
         return NULL;
 }
 
+/* Every "pipe:[N]" among the fds of process `pid`. */
+static GHashTable *pipes_of(const char *pid)
+{
+        GHashTable *set = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
+        g_autofree char *fddir = g_strdup_printf("/proc/%s/fd", pid);
+        GDir *dir = g_dir_open(fddir, 0, NULL);
+        const char *fd;
+        while (dir && (fd = g_dir_read_name(dir))) {
+                g_autofree char *link = g_build_filename(fddir, fd, NULL);
+                char *target = g_file_read_link(link, NULL);
+                if (target && g_str_has_prefix(target, "pipe:"))
+                        g_hash_table_add(set, target);
+                else
+                        g_free(target);
+        }
+        if (dir)
+                g_dir_close(dir);
+        return set;
+}
+
+/* libvirt 9.0 writes dumps and saves through libvirt_iohelper: QEMU writes
+ * into a pipe, the helper (argv: libvirt_iohelper PATH FD …) into PATH.
+ * The helper sharing a pipe with QEMU `qemu_pid` names the file. */
+static char *iohelper_file(long qemu_pid)
+{
+        g_autofree char *qpid = g_strdup_printf("%ld", qemu_pid);
+        g_autoptr(GHashTable) qpipes = pipes_of(qpid);
+        if (g_hash_table_size(qpipes) == 0)
+                return NULL;
+        GDir *proc = g_dir_open("/proc", 0, NULL);
+        const char *pid;
+        char *found = NULL;
+        while (!found && proc && (pid = g_dir_read_name(proc))) {
+                if (!g_ascii_isdigit(pid[0]))
+                        continue;
+                g_autofree char *cmdpath = g_strdup_printf("/proc/%s/cmdline", pid);
+                g_autofree char *cmd = NULL;
+                gsize len = 0;
+                if (!g_file_get_contents(cmdpath, &cmd, &len, NULL) || len == 0)
+                        continue;
+                g_autofree char *base = g_path_get_basename(cmd);
+                size_t n0 = strlen(cmd);
+                if (strcmp(base, "libvirt_iohelper") != 0 || n0 + 1 >= len || cmd[n0 + 1] != '/')
+                        continue;
+                g_autoptr(GHashTable) hp = pipes_of(pid);
+                GHashTableIter it;
+                gpointer k;
+                g_hash_table_iter_init(&it, hp);
+                while (g_hash_table_iter_next(&it, &k, NULL))
+                        if (g_hash_table_contains(qpipes, k)) {
+                                found = g_strdup(cmd + n0 + 1);
+                                break;
+                        }
+        }
+        if (proc)
+                g_dir_close(proc);
+        return found;
+}
+
 /* The regular file QEMU of VM `name` holds open write-only (not append): the
- * target of a save or dump that libvirt handed it. */
+ * target of a save or dump that libvirt handed it, or else the file of the
+ * libvirt_iohelper that QEMU writes it through. */
 static char *qemu_output_file(nkp_context *ctx, const char *name)
 {
         g_autofree char *rel = g_strdup_printf("/run/libvirt/qemu/%s.pid", name);
@@ -1208,7 +1268,7 @@ static char *qemu_output_file(nkp_context *ctx, const char *name)
                         found = g_steal_pointer(&target);
         }
         g_dir_close(dir);
-        return found;
+        return found ? found : iohelper_file(pid);
 }
 
 /* "<target file> (encrypted)" for each disk of a running backup job, or
