@@ -12,8 +12,10 @@
 #   4. behind nkp's back, each raises an alarm naming the VM (and the file
 #      where nkpd can see it), `vm status` shows it, and the copy really
 #      holds the marker in clear: virsh backup-begin (push, plain),
-#      virtnbdbackup (-l copy: -l full refuses nkp's checkpoints), virsh blockcopy, virsh save outside the
-#      protected directories, virsh dump.
+#      virtnbdbackup (-l copy: -l full refuses nkp's checkpoints), virsh
+#      blockcopy, virsh save outside the protected directories, virsh dump;
+#      a save into the host key's directories (`host protect` on a) and a
+#      managed save raise none.
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
 set -euo pipefail
 source "$(dirname "$0")/lib/test.sh"
@@ -40,7 +42,9 @@ no_clear_alarm() { ! nk a alarms 2>/dev/null | grep -q 'vm-clear-'; }
 
 lab_test_init
 t=$(lab_now)
-lab_host_up a || fail "host a did not come up"
+# a's /var/lib/libvirt can be protected by the host key (a save there must not alarm)
+LAB_FSCRYPT_LIBVIRT=1 LAB_FSCRYPT_SIZE=1G lab_host_create a || fail "host a"
+lab_host_start a || fail "host a did not start"
 lab_host_up b || fail "host b did not come up"
 lab_install_nkp a "$BUILD"
 lab_install_nkp b "$BUILD"
@@ -52,6 +56,8 @@ nk a provider create p1 >/dev/null || fail "provider create"
 nk a provider backup p1 --out "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" >/dev/null || fail "provider backup"
 nk a provider set-default p1 >/dev/null || fail "provider set-default"
 nk b provider restore "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" >/dev/null || fail "provider restore on b"
+out=$(nk a host protect 2>&1) || fail "host protect on a: $out"
+OFFER=/var/lib/libvirt/qemu/nkp-saves
 
 dom=vm1
 mark="NKPBAK$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
@@ -184,6 +190,16 @@ grep -qF "$LAB_DIR/shared/vm1.save" <<<"$ALARM" || note "the save alarm does not
 lab_exec a nkpctl vm status "$dom" | grep -q "copy in clear" || fail "vm status does not show the save"
 lab_virsh a restore "$LAB_DIR/shared/vm1.save" >/dev/null || fail "virsh restore"
 pass "virsh save outside the protected directories: vm-clear-save alarm, vm status shows it; restored"
+nk a alarms clear vm-clear-save >/dev/null
+
+# 4e. saves into the protected directories: no alarm
+lab_virsh a save "$dom" "$OFFER/vm1.save" >/dev/null || fail "virsh save into $OFFER"
+lab_virsh a restore "$OFFER/vm1.save" >/dev/null || fail "virsh restore from $OFFER"
+lab_virsh a managedsave "$dom" >/dev/null || fail "virsh managedsave"
+sleep 4
+no_clear_alarm || fail "a save into a protected directory raised an alarm: $(nk a alarms)"
+lab_virsh a start "$dom" >/dev/null || fail "start from the managed save"
+pass "virsh save into $OFFER and managedsave (protected by the host key): no alarm"
 
 lab_virsh a destroy "$dom" >/dev/null || true
 lab_virsh b destroy "$dom" >/dev/null 2>&1 || true

@@ -16,7 +16,7 @@
  *  - copies made behind nkp's back (issue 16, issue 14's alarms): backup
  *    jobs, block copies, saves and dumps of nkp VMs raise vm-clear-copy /
  *    vm-clear-save alarms (vm-backup.c: NkpCopyWatch, the events libvirt
- *    9.0 sends and the once-a-second look at running VMs' jobs).
+ *    9.0 sends and the look at running VMs' jobs every 0.5 s).
  *
  * This file, virt.c and vm-backup.c (backups, block copies, the copy watch)
  * are the only ones that call libvirt. */
@@ -515,7 +515,7 @@ int nkp_daemon_iterate(nkp_daemon *d)
                 if (g_get_monotonic_time() >= d->next_poll) {
                         int ms = nkp_copy_watch_poll(d->ctx, d->virt, d->copies)
                                          ? NKP_COPY_WATCH_BUSY_MS
-                                         : TICK_MS;
+                                         : NKP_COPY_WATCH_IDLE_MS;
                         d->next_poll = g_get_monotonic_time() + (gint64) ms * 1000;
                         virEventUpdateTimeout(d->tick_timer, ms); /* wake for the next look */
                 }

@@ -989,7 +989,7 @@ bool nkp_own_job_claims(nkp_context *ctx, const char *vm_uuid, const char *what,
  * libvirt 9.0 announces): events are queued from libvirt's callbacks
  * (nkp_copy_watch_event: `what` "backup", "copy" with `disk`, "save"),
  * looked at after the loop pass (nkp_copy_watch_process), and running nkp
- * VMs' jobs are looked at once a second (nkp_copy_watch_poll: backup
+ * VMs' jobs are looked at every 0.5 s (nkp_copy_watch_poll: backup
  * targets, save and dump files, the dump alarm).  Alarms: vm-clear-copy,
  * vm-clear-save, subject the VM's name. */
 typedef struct NkpCopyWatch NkpCopyWatch;
@@ -997,7 +997,10 @@ NkpCopyWatch *nkp_copy_watch_new(void);
 void nkp_copy_watch_free(NkpCopyWatch *w);
 void nkp_copy_watch_event(NkpCopyWatch *w, const char *what, const char *name, const char *uuid,
                           const char *disk);
-/* true while a watched job runs: look again in NKP_COPY_WATCH_BUSY_MS */
+/* Looks every NKP_COPY_WATCH_IDLE_MS; true while a watched job runs: look
+ * again in NKP_COPY_WATCH_BUSY_MS.  (A dump shorter than the idle look can
+ * be missed: libvirt 9.0 sends no event for dumps.) */
+#define NKP_COPY_WATCH_IDLE_MS 500
 #define NKP_COPY_WATCH_BUSY_MS 200
 bool nkp_copy_watch_poll(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w);
 void nkp_copy_watch_process(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w);

@@ -1087,7 +1087,7 @@ int nkp_vm_blockcopy(nkp_context *ctx, nkp_virt *v, const char *domain, const ch
  *   virsh save, managedsave            JOB_COMPLETED operation save (2), then
  *                                      lifecycle STOPPED_SAVED
  *   virsh dump                         nothing at all
- * and no event names a file.  So nkpd also looks, once a second, at the jobs
+ * and no event names a file.  So nkpd also looks, every 0.5 s, at the jobs
  * of running nkp VMs: a backup job's XML names its targets (and whether they
  * are encrypted); a save or dump job's file is the regular file QEMU holds
  * open write-only (/proc/PID/fd; libvirt hands QEMU that fd).  What the
