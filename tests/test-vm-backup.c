@@ -123,7 +123,8 @@ static void test_restore_refused(void)
 }
 
 /* nkp's own jobs: claimed from the start to 30 s after the end; a mark never
- * ended claims for 6 h; another VM or kind is not claimed. */
+ * ended claims for 6 h; another VM or kind is not claimed; a claim uses the
+ * mark up (a plain job right after nkp's own alarms). */
 static void test_own_job(void)
 {
         g_autofree char *root = testutil_mkdtemp();
@@ -133,15 +134,17 @@ static void test_own_job(void)
         int64_t now = g_get_real_time() / G_USEC_PER_SEC;
         g_assert_false(nkp_own_job_claims(ctx, u, "backup", now));
         g_assert_cmpint(nkp_own_job_mark(ctx, u, "backup", false), ==, 0);
-        g_assert_true(nkp_own_job_claims(ctx, u, "backup", now));
-        g_assert_true(nkp_own_job_claims(ctx, u, "backup", now + 3600));
-        g_assert_false(nkp_own_job_claims(ctx, u, "backup", now + 7 * 3600));
+        g_assert_false(nkp_own_job_claims(ctx, u, "backup", now + 7 * 3600)); /* too late */
         g_assert_false(nkp_own_job_claims(ctx, u, "copy", now));
         g_assert_false(nkp_own_job_claims(ctx, "7f1c1a8e-1d0e-4b57-9b44-0d9a3c1f2e77", "backup", now));
+        g_assert_false(nkp_own_job_claims(ctx, u, "backup", now - 60)); /* before it */
+        g_assert_true(nkp_own_job_claims(ctx, u, "backup", now + 3600));  /* never ended */
+        g_assert_false(nkp_own_job_claims(ctx, u, "backup", now));        /* one job, one claim */
+        g_assert_cmpint(nkp_own_job_mark(ctx, u, "backup", false), ==, 0);
         g_assert_cmpint(nkp_own_job_mark(ctx, u, "backup", true), ==, 0);
+        g_assert_false(nkp_own_job_claims(ctx, u, "backup", now + 120));  /* 30 s after the end */
         g_assert_true(nkp_own_job_claims(ctx, u, "backup", now + 1));
-        g_assert_false(nkp_own_job_claims(ctx, u, "backup", now + 120));
-        g_assert_false(nkp_own_job_claims(ctx, u, "backup", now - 60));
+        g_assert_false(nkp_own_job_claims(ctx, u, "backup", now + 1));
         nkp_context_free(ctx);
         testutil_rmtree(root);
 }

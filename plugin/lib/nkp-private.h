@@ -981,7 +981,8 @@ char *nkp_backup_manifest_format(const NkpBackupManifest *m);
 /* nkp's own copy jobs, so that nkpd does not alarm on them: nkpctl marks
  * the job (`what` "backup" or "copy") of VM `vm_uuid` when it starts and
  * again when it ended (ROOT/run/nkp/own-jobs); nkpd asks whether an event
- * of that kind at real time `at` (seconds) is claimed by such a mark. */
+ * of that kind at real time `at` (seconds) is claimed by such a mark (a
+ * claim removes the mark: one job, one event). */
 int nkp_own_job_mark(nkp_context *ctx, const char *vm_uuid, const char *what, bool ended);
 bool nkp_own_job_claims(nkp_context *ctx, const char *vm_uuid, const char *what, int64_t at);
 

@@ -328,7 +328,9 @@ static int manifest_write(const char *dir, const NkpBackupManifest *m)
  * seconds; end 0 while the job runs).  nkpd takes an event of that VM and
  * kind as nkp's own when it comes between start and end + 30 s (the event
  * reaches nkpd after the job ended), or within OWN_JOB_OPEN_MAX of a start
- * whose end was never written (a killed nkpctl). */
+ * whose end was never written (a killed nkpctl).  One job sends one such
+ * event (a backup's JOB_COMPLETED, a copy's READY): the claim removes the
+ * mark, so a job made behind nkp's back right after nkp's own still alarms. */
 
 static char *own_job_path(nkp_context *ctx, const char *vm_uuid, const char *what)
 {
@@ -370,9 +372,10 @@ bool nkp_own_job_claims(nkp_context *ctx, const char *vm_uuid, const char *what,
         int64_t stop = end ? g_ascii_strtoll(end, NULL, 10) : 0;
         if (at < start - 2)
                 return false;
-        if (stop == 0)
-                return at <= start + OWN_JOB_OPEN_MAX;
-        return at <= stop + 30;
+        bool claimed = stop == 0 ? at <= start + OWN_JOB_OPEN_MAX : at <= stop + 30;
+        if (claimed)
+                (void) nkp_unlink_nofollow(path);
+        return claimed;
 }
 
 /* ---- libvirt ------------------------------------------------------------------ */
