@@ -288,8 +288,13 @@ static int on_block_job(virConnectPtr conn, virDomainPtr dom, const char *disk, 
                         int status, void *opaque)
 {
         (void) conn;
+        /* READY, and the end (the watch skips the end of a job whose READY
+         * it handled: the end alone means READY was not seen) */
         if (type == VIR_DOMAIN_BLOCK_JOB_TYPE_COPY && status == VIR_DOMAIN_BLOCK_JOB_READY)
                 queue_copy(opaque, dom, "copy", disk);
+        else if (type == VIR_DOMAIN_BLOCK_JOB_TYPE_COPY &&
+                 (status == VIR_DOMAIN_BLOCK_JOB_COMPLETED || status == VIR_DOMAIN_BLOCK_JOB_CANCELED))
+                queue_copy(opaque, dom, "copy-end", disk);
         return 0;
 }
 

@@ -1100,6 +1100,7 @@ struct NkpCopyWatch {
         GHashTable *seen;    /* "uuid what" -> char* what the look saw (targets, file) */
         GHashTable *alarmed; /* "uuid dump" -> non-NULL: this dump job is alarmed already */
         GHashTable *dumps;   /* uuid -> name: dump jobs seen, no file seen yet */
+        GHashTable *copies;  /* "uuid disk": block copies whose READY was handled */
         GPtrArray *pending;  /* NkpCopyEvent* */
 };
 
@@ -1127,6 +1128,7 @@ NkpCopyWatch *nkp_copy_watch_new(void)
         w->seen = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
         w->alarmed = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
         w->dumps = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
+        w->copies = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
         w->pending = g_ptr_array_new_with_free_func(copy_event_free);
         return w;
 }
@@ -1138,6 +1140,7 @@ void nkp_copy_watch_free(NkpCopyWatch *w)
         g_hash_table_unref(w->seen);
         g_hash_table_unref(w->alarmed);
         g_hash_table_unref(w->dumps);
+        g_hash_table_unref(w->copies);
         g_ptr_array_unref(w->pending);
         g_free(w);
 }
@@ -1494,12 +1497,18 @@ static void process_backup(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w, NkpCop
 
 static void process_copy(nkp_context *ctx, NkpVirt *v, NkpCopyEvent *e)
 {
-        if (!is_nkp_vm(v, e->name, true))
+        if (!is_nkp_vm(v, e->name, true)) {
+                nkp_log(NKP_LOG_INFO, "block copy of '%s' of '%s': not an nkp VM", e->disk,
+                        e->name);
                 return;
+        }
         bool encrypted = false;
         g_autofree char *file = mirror_of(v, e->name, e->disk, &encrypted);
-        if (encrypted || nkp_own_job_claims(ctx, e->uuid, "copy", e->at))
+        if (encrypted || nkp_own_job_claims(ctx, e->uuid, "copy", e->at)) {
+                nkp_log(NKP_LOG_INFO, "block copy of '%s' of '%s' to '%s': %s", e->disk, e->name,
+                        file ? file : "?", encrypted ? "encrypted" : "nkp's own");
                 return;
+        }
         g_autofree char *msg = g_strdup_printf(
                 "Disk '%s' of VM '%s' was block-copied behind nkp's back (virsh blockcopy) to "
                 "'%s' in clear. Delete that copy, and copy with: nkpctl vm blockcopy %s %s DEST",
@@ -1541,8 +1550,15 @@ void nkp_copy_watch_process(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w)
                 NkpCopyEvent *e = g_ptr_array_steal_index(w->pending, 0);
                 if (strcmp(e->what, "backup") == 0)
                         process_backup(ctx, v, w, e);
-                else if (strcmp(e->what, "copy") == 0)
-                        process_copy(ctx, v, e);
+                else if (strcmp(e->what, "copy") == 0 || strcmp(e->what, "copy-end") == 0) {
+                        g_autofree char *key = g_strdup_printf("%s %s", e->uuid, e->disk);
+                        bool end = strcmp(e->what, "copy-end") == 0;
+                        if (!end || !g_hash_table_remove(w->copies, key)) {
+                                process_copy(ctx, v, e);
+                                if (!end)
+                                        g_hash_table_add(w->copies, g_steal_pointer(&key));
+                        }
+                }
                 else
                         process_save(ctx, v, w, e);
                 copy_event_free(e);
