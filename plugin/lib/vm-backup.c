@@ -1504,9 +1504,13 @@ static void process_copy(nkp_context *ctx, NkpVirt *v, NkpCopyEvent *e)
         }
         bool encrypted = false;
         g_autofree char *file = mirror_of(v, e->name, e->disk, &encrypted);
-        if (encrypted || nkp_own_job_claims(ctx, e->uuid, "copy", e->at)) {
+        /* claimed first, always: the claim uses nkp's mark up (vm-backup's own
+         * copies are encrypted too, and a mark left over would claim the next
+         * plain copy) */
+        bool own = nkp_own_job_claims(ctx, e->uuid, "copy", e->at);
+        if (encrypted || own) {
                 nkp_log(NKP_LOG_INFO, "block copy of '%s' of '%s' to '%s': %s", e->disk, e->name,
-                        file ? file : "?", encrypted ? "encrypted" : "nkp's own");
+                        file ? file : "?", own ? "nkp's own" : "encrypted");
                 return;
         }
         g_autofree char *msg = g_strdup_printf(
