@@ -145,6 +145,11 @@ static void test_own_job(void)
         g_assert_false(nkp_own_job_claims(ctx, u, "backup", now + 120));  /* 30 s after the end */
         g_assert_true(nkp_own_job_claims(ctx, u, "backup", now + 1));
         g_assert_false(nkp_own_job_claims(ctx, u, "backup", now + 1));
+        /* claimed while the job ran: its end mark does not make it again */
+        g_assert_cmpint(nkp_own_job_mark(ctx, u, "copy", false), ==, 0);
+        g_assert_true(nkp_own_job_claims(ctx, u, "copy", now));
+        g_assert_cmpint(nkp_own_job_mark(ctx, u, "copy", true), ==, 0);
+        g_assert_false(nkp_own_job_claims(ctx, u, "copy", now + 1));
         nkp_context_free(ctx);
         testutil_rmtree(root);
 }

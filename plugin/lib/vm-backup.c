@@ -349,8 +349,9 @@ int nkp_own_job_mark(nkp_context *ctx, const char *vm_uuid, const char *what, bo
         if (ended) {
                 g_autofree char *old = NULL;
                 size_t len = 0;
-                if (nkp_read_file(path, 128, false, &old, &len) == 0)
-                        start = g_ascii_strtoll(old, NULL, 10);
+                if (nkp_read_file(path, 128, false, &old, &len) < 0)
+                        return 0; /* nkpd claimed it already (or never will): keep it gone */
+                start = g_ascii_strtoll(old, NULL, 10);
         }
         g_autofree char *text = g_strdup_printf("%" G_GINT64_FORMAT " %" G_GINT64_FORMAT "\n",
                                                 start, ended ? now : (int64_t) 0);
