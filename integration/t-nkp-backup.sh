@@ -63,7 +63,9 @@ dom=vm1
 mark="NKPBAK$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
 disk="$LAB_DIR/shared/$dom.qcow2"
 qemu-img create -q -f qcow2 "$disk" 64M || fail "qemu-img create"
-lab_guest_xml --name "$dom" --disk "$disk" --marker "$mark" > "$LAB_DIR/$dom.xml"
+# 768 MiB: a memory-only dump of it lasts long enough for nkpd's half-second
+# look (libvirt 9.0 sends no event for dumps; a 256 MiB dump was missed once)
+lab_guest_xml --name "$dom" --disk "$disk" --marker "$mark" --mem 768 > "$LAB_DIR/$dom.xml"
 lab_virsh a define "$LAB_DIR/$dom.xml" >/dev/null || fail "define"
 lab_vm_encrypt a "$dom"
 nkpd_start   # after the conversion: it would enrol the vTPM of the new definition itself
