@@ -295,6 +295,46 @@ enum nkp_vm_recovery {
 int nkp_vm_recover(nkp_context *ctx, nkp_virt *v, const char *domain,
                    enum nkp_vm_recovery *ret_outcome);
 
+/* Backups and block copies (docs/backup.md).  Every image is a LUKS qcow2
+ * under the disk's own DEK, so the VM's keysafe and provider open it.
+ *
+ * nkp_vm_backup: backs up the encrypted disks (and the vTPM state) of nkp
+ * VM `domain` into `dir` (absolute; made 0700 when missing).  Full
+ * (`incremental` false): `dir` must hold no backup; a running VM is backed
+ * up by libvirt (push mode, encrypted target, a checkpoint for the next
+ * incremental), a shut-off one copied with qemu-img.  Incremental: adds a
+ * level holding what changed since the last checkpoint (running VMs only).
+ * *ret_level (may be NULL) gets the level written (0 full).  Errors:
+ * -EINVAL not an nkp VM or a bad path, -EEXIST `dir` holds a backup (full)
+ * or a leftover image, -ENOENT no backup in `dir` (incremental),
+ * -EOPNOTSUPP incremental of a shut-off VM or after an offline level,
+ * -ESTALE the VM changed (disks, keys, checkpoint gone): take a full one,
+ * -ENOKEY/-EKEYREJECTED the provider is not here, -EIO libvirt or qemu-img
+ * failed (the message says why).  A failed level leaves the manifest as it
+ * was. */
+int nkp_vm_backup(nkp_context *ctx, nkp_virt *v, const char *domain, const char *dir,
+                  bool incremental, unsigned *ret_level);
+
+/* Defines a VM from the backup in `dir`: every disk's levels merged into
+ * one new LUKS qcow2 (still under its DEK) at DISK_DIR/NAME-TARGET.qcow2
+ * (`disk_dir` NULL: beside the original disk), the vTPM state put back,
+ * the definition (with its keysafe, same UUID) defined as `new_name` (NULL:
+ * the original name).  *ret_name (may be NULL; g_free) gets the name.
+ * Refusals change nothing: -EBADMSG a damaged or foreign manifest, domain.xml
+ * or image, -EEXIST a VM with that UUID or name, or a disk file, exists,
+ * -ENOKEY/-EKEYREJECTED the provider is not here; -EIO qemu-img failed
+ * (what was written is removed). */
+int nkp_vm_restore_backup(nkp_context *ctx, nkp_virt *v, const char *dir, const char *new_name,
+                          const char *disk_dir, char **ret_name);
+
+/* Copies disk `target` of running nkp VM `domain` into the new file `dest`
+ * (absolute) with libvirt's block copy, the copy a LUKS qcow2 under the
+ * disk's DEK; the VM keeps its own disk.  -EINVAL not an nkp disk,
+ * -EEXIST `dest` exists, -EOPNOTSUPP the VM is shut off, -EIO libvirt
+ * failed (nothing left at `dest`). */
+int nkp_vm_blockcopy(nkp_context *ctx, nkp_virt *v, const char *domain, const char *target,
+                     const char *dest);
+
 /* A VM as nkp sees it.  Free with nkp_vm_status_free (accepts NULL). */
 typedef struct nkp_vm_status nkp_vm_status;
 
@@ -359,6 +399,10 @@ const char *nkp_vm_status_disk_target(const nkp_vm_status *s, size_t i);
 const char *nkp_vm_status_disk_path(const nkp_vm_status *s, size_t i);
 const char *nkp_vm_status_disk_state(const nkp_vm_status *s, size_t i);
 const char *nkp_vm_status_disk_note(const nkp_vm_status *s, size_t i);
+/* Copies of the VM's data in clear that nkpd saw made behind nkp's back
+ * (the messages of its vm-clear-copy / vm-clear-save alarms; docs/backup.md). */
+size_t nkp_vm_status_n_clear_copies(const nkp_vm_status *s);
+const char *nkp_vm_status_clear_copy(const nkp_vm_status *s, size_t i);
 void nkp_vm_status_free(nkp_vm_status *s);
 
 /* After a provider came back (restore): the host key added to the kernel

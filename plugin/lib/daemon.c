@@ -13,14 +13,18 @@
  *    would need.  A closed connection (libvirtd restarted) is dropped and
  *    opened again 2 s later; every (re)connect scans every defined domain,
  *    so nothing defined while nkpd was away is missed.
- *
+ *  - copies made behind nkp's back (issue 16, issue 14's alarms): backup
+ *    jobs, block copies, saves and dumps of nkp VMs raise vm-clear-copy /
+ *    vm-clear-save alarms (vm-backup.c: NkpCopyWatch, the events libvirt
+ *    9.0 sends and the look at running VMs' jobs every 0.5 s).
  *  - new disks (issue 15, enrol.c): the same pass runs the disk check
  *    (nkp_vm_auto_enrol_disks) for "defined" and "stopped" domains, and for
  *    every persistent definition libvirt rewrites in ROOT/etc/libvirt/qemu
  *    (inotify): libvirt 9.0 sends no event when `attach-disk --config`
  *    changes a definition.
  *
- * This file and virt.c are the only ones that call libvirt. */
+ * This file, virt.c and vm-backup.c (backups, block copies, the copy watch)
+ * are the only ones that call libvirt. */
 #include <errno.h>
 #include <fcntl.h>
 #include <pwd.h>
@@ -71,6 +75,9 @@ struct nkp_daemon {
         GPtrArray *pending;  /* names of domains from "defined" events */
         int defs_fd;         /* inotify on ROOT/etc/libvirt/qemu, -1 when none */
         int defs_watch;
+        NkpCopyWatch *copies; /* copies behind nkp's back (vm-backup.c) */
+        int job_cb, block_cb;
+        gint64 next_poll;    /* monotonic, µs */
 };
 
 static const char *policy_name(int policy)
@@ -312,11 +319,45 @@ static void watch_definitions(nkp_daemon *d)
         d->defs_watch = virEventAddHandle(fd, VIR_EVENT_HANDLE_READABLE, on_definitions, d, NULL);
 }
 
+static void queue_copy(nkp_daemon *d, virDomainPtr dom, const char *what, const char *disk)
+{
+        char uuid[VIR_UUID_STRING_BUFLEN];
+        const char *name = virDomainGetName(dom);
+        if (name && virDomainGetUUIDString(dom, uuid) == 0)
+                nkp_copy_watch_event(d->copies, what, name, uuid, disk);
+}
+
+static int on_job_completed(virConnectPtr conn, virDomainPtr dom, virTypedParameterPtr params,
+                            int nparams, void *opaque)
+{
+        (void) conn;
+        int op = 0;
+        if (virTypedParamsGetInt(params, nparams, VIR_DOMAIN_JOB_OPERATION, &op) == 1 &&
+            op == VIR_DOMAIN_JOB_OPERATION_BACKUP)
+                queue_copy(opaque, dom, "backup", NULL);
+        return 0;
+}
+
+static int on_block_job(virConnectPtr conn, virDomainPtr dom, const char *disk, int type,
+                        int status, void *opaque)
+{
+        (void) conn;
+        /* READY, and the end (the watch skips the end of a job whose READY
+         * it handled: the end alone means READY was not seen) */
+        if (type == VIR_DOMAIN_BLOCK_JOB_TYPE_COPY && status == VIR_DOMAIN_BLOCK_JOB_READY)
+                queue_copy(opaque, dom, "copy", disk);
+        else if (type == VIR_DOMAIN_BLOCK_JOB_TYPE_COPY &&
+                 (status == VIR_DOMAIN_BLOCK_JOB_COMPLETED || status == VIR_DOMAIN_BLOCK_JOB_CANCELED))
+                queue_copy(opaque, dom, "copy-end", disk);
+        return 0;
+}
+
 static int on_lifecycle(virConnectPtr conn, virDomainPtr dom, int event, int detail, void *opaque)
 {
         (void) conn;
-        (void) detail;
         nkp_daemon *d = opaque;
+        if (event == VIR_DOMAIN_EVENT_STOPPED && detail == VIR_DOMAIN_EVENT_STOPPED_SAVED)
+                queue_copy(d, dom, "save", NULL);
         /* Defined: a new vTPM or disk to enrol.  Stopped: a new empty disk
          * added while the VM ran can be converted now (enrol.c). */
         if (event == VIR_DOMAIN_EVENT_DEFINED || event == VIR_DOMAIN_EVENT_STOPPED) {
@@ -369,6 +410,11 @@ static void disconnect_libvirt(nkp_daemon *d)
         virConnectPtr conn = nkp_virt_connection(d->virt);
         if (d->event_cb >= 0)
                 virConnectDomainEventDeregisterAny(conn, d->event_cb);
+        if (d->job_cb >= 0)
+                virConnectDomainEventDeregisterAny(conn, d->job_cb);
+        if (d->block_cb >= 0)
+                virConnectDomainEventDeregisterAny(conn, d->block_cb);
+        d->job_cb = d->block_cb = -1;
         virConnectUnregisterCloseCallback(conn, on_close);
         nkp_virt_close(d->virt);
         d->virt = NULL;
@@ -404,6 +450,16 @@ static void connect_libvirt(nkp_daemon *d)
                 d->next_connect = g_get_monotonic_time() + RECONNECT_DELAY_USEC;
                 return;
         }
+        /* the copy alarms: best effort (a libvirt without them still enrols) */
+        d->job_cb = virConnectDomainEventRegisterAny(conn, NULL, VIR_DOMAIN_EVENT_ID_JOB_COMPLETED,
+                                                     VIR_DOMAIN_EVENT_CALLBACK(on_job_completed),
+                                                     d, NULL);
+        d->block_cb = virConnectDomainEventRegisterAny(conn, NULL, VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2,
+                                                       VIR_DOMAIN_EVENT_CALLBACK(on_block_job), d,
+                                                       NULL);
+        if (d->job_cb < 0 || d->block_cb < 0)
+                nkp_log(NKP_LOG_WARNING, "Cannot follow libvirt's job events: copies made "
+                                         "behind nkp's back raise no alarm.");
         d->virt = v;
         d->event_cb = cb;
         d->conn_closed = false;
@@ -432,6 +488,8 @@ int nkp_daemon_new(nkp_context *ctx, const char *uri, unsigned flags, nkp_daemon
         d->listen_watch = -1;
         d->tick_timer = -1;
         d->event_cb = -1;
+        d->job_cb = d->block_cb = -1;
+        d->copies = nkp_copy_watch_new();
         d->use_libvirt = !(flags & NKP_DAEMON_NO_LIBVIRT);
         d->uri = g_strdup(uri);
         d->pending = g_ptr_array_new_with_free_func(g_free);
@@ -525,6 +583,16 @@ int nkp_daemon_iterate(nkp_daemon *d)
         }
         if (d->virt)
                 retry_unlock(d);
+        if (d->virt) {
+                nkp_copy_watch_process(d->ctx, d->virt, d->copies);
+                if (g_get_monotonic_time() >= d->next_poll) {
+                        int ms = nkp_copy_watch_poll(d->ctx, d->virt, d->copies)
+                                         ? NKP_COPY_WATCH_BUSY_MS
+                                         : NKP_COPY_WATCH_IDLE_MS;
+                        d->next_poll = g_get_monotonic_time() + (gint64) ms * 1000;
+                        virEventUpdateTimeout(d->tick_timer, ms); /* wake for the next look */
+                }
+        }
         return 0;
 }
 
@@ -551,5 +619,6 @@ void nkp_daemon_free(nkp_daemon *d)
         g_free(d->socket_path);
         g_free(d->uri);
         g_ptr_array_unref(d->pending);
+        nkp_copy_watch_free(d->copies);
         g_free(d);
 }

@@ -20,17 +20,28 @@
         X(virConnectRegisterCloseCallback)      \
         X(virConnectSetKeepAlive)               \
         X(virConnectUnregisterCloseCallback)    \
+        X(virDomainBackupBegin)                 \
+        X(virDomainBackupGetXMLDesc)            \
+        X(virDomainBlockCopy)                   \
+        X(virDomainBlockJobAbort)               \
+        X(virDomainCheckpointFree)              \
+        X(virDomainCheckpointLookupByName)      \
         X(virDomainCreate)                      \
         X(virDomainCreateXML)                   \
         X(virDomainDefineXML)                   \
         X(virDomainFree)                        \
         X(virDomainGetBlockInfo)                \
+        X(virDomainGetBlockJobInfo)             \
+        X(virDomainGetJobInfo)                  \
+        X(virDomainGetJobStats)                 \
         X(virDomainGetMetadata)                 \
         X(virDomainGetName)                     \
+        X(virDomainGetUUIDString)               \
         X(virDomainGetXMLDesc)                  \
         X(virDomainHasManagedSaveImage)         \
         X(virDomainIsActive)                    \
         X(virDomainLookupByName)                \
+        X(virDomainLookupByUUIDString)          \
         X(virDomainManagedSaveGetXMLDesc)       \
         X(virDomainSetMetadata)                 \
         X(virDomainSnapshotCreateXML)           \
@@ -41,6 +52,7 @@
         X(virEventRemoveHandle)                 \
         X(virEventRemoveTimeout)                \
         X(virEventRunDefaultImpl)               \
+        X(virEventUpdateTimeout)                \
         X(virGetLastError)                      \
         X(virSecretDefineXML)                   \
         X(virSecretFree)                        \
@@ -48,7 +60,10 @@
         X(virSecretLookupByUUIDString)          \
         X(virSecretSetValue)                    \
         X(virSecretUndefine)                    \
-        X(virSetErrorFunc)
+        X(virSetErrorFunc)                      \
+        X(virTypedParamsFree)                   \
+        X(virTypedParamsGetInt)                 \
+        X(virTypedParamsGetString)
 
 #define NKP_DL_EXTERN(f) extern __typeof__(f) *sym_##f;
 NKP_LIBVIRT_SYMBOLS(NKP_DL_EXTERN)
@@ -67,17 +82,28 @@ int nkp_dlopen_libvirt(void);
 #define virConnectRegisterCloseCallback sym_virConnectRegisterCloseCallback
 #define virConnectSetKeepAlive sym_virConnectSetKeepAlive
 #define virConnectUnregisterCloseCallback sym_virConnectUnregisterCloseCallback
+#define virDomainBackupBegin sym_virDomainBackupBegin
+#define virDomainBackupGetXMLDesc sym_virDomainBackupGetXMLDesc
+#define virDomainBlockCopy sym_virDomainBlockCopy
+#define virDomainBlockJobAbort sym_virDomainBlockJobAbort
+#define virDomainCheckpointFree sym_virDomainCheckpointFree
+#define virDomainCheckpointLookupByName sym_virDomainCheckpointLookupByName
 #define virDomainCreate sym_virDomainCreate
 #define virDomainCreateXML sym_virDomainCreateXML
 #define virDomainDefineXML sym_virDomainDefineXML
 #define virDomainFree sym_virDomainFree
 #define virDomainGetBlockInfo sym_virDomainGetBlockInfo
+#define virDomainGetBlockJobInfo sym_virDomainGetBlockJobInfo
+#define virDomainGetJobInfo sym_virDomainGetJobInfo
+#define virDomainGetJobStats sym_virDomainGetJobStats
 #define virDomainGetMetadata sym_virDomainGetMetadata
 #define virDomainGetName sym_virDomainGetName
+#define virDomainGetUUIDString sym_virDomainGetUUIDString
 #define virDomainGetXMLDesc sym_virDomainGetXMLDesc
 #define virDomainHasManagedSaveImage sym_virDomainHasManagedSaveImage
 #define virDomainIsActive sym_virDomainIsActive
 #define virDomainLookupByName sym_virDomainLookupByName
+#define virDomainLookupByUUIDString sym_virDomainLookupByUUIDString
 #define virDomainManagedSaveGetXMLDesc sym_virDomainManagedSaveGetXMLDesc
 #define virDomainSetMetadata sym_virDomainSetMetadata
 #define virDomainSnapshotCreateXML sym_virDomainSnapshotCreateXML
@@ -88,6 +114,7 @@ int nkp_dlopen_libvirt(void);
 #define virEventRemoveHandle sym_virEventRemoveHandle
 #define virEventRemoveTimeout sym_virEventRemoveTimeout
 #define virEventRunDefaultImpl sym_virEventRunDefaultImpl
+#define virEventUpdateTimeout sym_virEventUpdateTimeout
 #define virGetLastError sym_virGetLastError
 #define virSecretDefineXML sym_virSecretDefineXML
 #define virSecretFree sym_virSecretFree
@@ -96,6 +123,9 @@ int nkp_dlopen_libvirt(void);
 #define virSecretSetValue sym_virSecretSetValue
 #define virSecretUndefine sym_virSecretUndefine
 #define virSetErrorFunc sym_virSetErrorFunc
+#define virTypedParamsFree sym_virTypedParamsFree
+#define virTypedParamsGetInt sym_virTypedParamsGetInt
+#define virTypedParamsGetString sym_virTypedParamsGetString
 #endif
 
 #endif

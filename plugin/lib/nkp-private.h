@@ -10,7 +10,8 @@
  *   keys  context, crypto, keysafe, backup (p12), store, tpm, cache,
  *         provider, alarms, ekca, ekcert, host, hostkey, host-protect
  *   virt  domain, virt
- *   vm    journal, enrol, tools, vm-convert, vm-status, vm-rekey, hook, daemon
+ *   vm    journal, enrol, tools, vm-convert, vm-status, vm-rekey, hook, daemon,
+ *         vm-backup
  */
 #ifndef NKP_PRIVATE_H
 #define NKP_PRIVATE_H
@@ -982,5 +983,56 @@ void nkp_vm_status_add_plain_layers(nkp_context *ctx, NkpVirt *v, const NkpDomai
 /* 1 when `path` is a qcow2 whose header says LUKS, 0 another qcow2,
  * -EMEDIUMTYPE not qcow2, -errno unreadable (no message). */
 int nkp_qcow2_is_luks(const char *path);
+/* ---- vm-backup.c: encrypted backups and block copies (issue 16) ---------- */
+/* The manifest of a backup directory (its format: vm-backup.c, docs/backup.md).
+ * targets[i] (a disk's target dev) and secrets[i] (its LUKS secret UUID) for
+ * i < n_disks; checkpoints[l] for each level l < n_levels ("-": none). */
+typedef struct {
+        char *vm;
+        char *uuid;
+        char *key_id;
+        size_t n_disks;
+        char **targets;
+        char **secrets;
+        size_t n_levels;
+        char **checkpoints;
+        bool has_mac;       /* the mac= line: IV | GCM tag (vm-backup.c) */
+        uint8_t mac[12 + 16];
+} NkpBackupManifest;
+void nkp_backup_manifest_free(NkpBackupManifest *m);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpBackupManifest, nkp_backup_manifest_free)
+/* Parses a manifest (outside input: strict, fuzzed by tests/fuzz/fuzz-backup-manifest.c).
+ * -EBADMSG anything but the exact format, -EFBIG over 64 KiB.  Pure. */
+int nkp_backup_manifest_parse(const char *text, size_t len, NkpBackupManifest **ret);
+/* The text of `m` (g_free it); parses back to the same manifest. */
+char *nkp_backup_manifest_format(const NkpBackupManifest *m);
+
+/* nkp's own copy jobs, so that nkpd does not alarm on them: nkpctl marks
+ * the job (`what` "backup" or "copy") of VM `vm_uuid` when it starts and
+ * again when it ended (ROOT/run/nkp/own-jobs); nkpd asks whether an event
+ * of that kind at real time `at` (seconds) is claimed by such a mark (a
+ * claim removes the mark: one job, one event). */
+int nkp_own_job_mark(nkp_context *ctx, const char *vm_uuid, const char *what, bool ended);
+bool nkp_own_job_claims(nkp_context *ctx, const char *vm_uuid, const char *what, int64_t at);
+
+/* nkpd's watch on copies made behind nkp's back (vm-backup.c says what
+ * libvirt 9.0 announces): events are queued from libvirt's callbacks
+ * (nkp_copy_watch_event: `what` "backup", "copy" with `disk`, "save"),
+ * looked at after the loop pass (nkp_copy_watch_process), and running nkp
+ * VMs' jobs are looked at every 0.5 s (nkp_copy_watch_poll: backup
+ * targets, save and dump files, the dump alarm).  Alarms: vm-clear-copy,
+ * vm-clear-save, subject the VM's name. */
+typedef struct NkpCopyWatch NkpCopyWatch;
+NkpCopyWatch *nkp_copy_watch_new(void);
+void nkp_copy_watch_free(NkpCopyWatch *w);
+void nkp_copy_watch_event(NkpCopyWatch *w, const char *what, const char *name, const char *uuid,
+                          const char *disk);
+/* Looks every NKP_COPY_WATCH_IDLE_MS; true while a watched job runs: look
+ * again in NKP_COPY_WATCH_BUSY_MS.  (A dump shorter than the idle look can
+ * be missed: libvirt 9.0 sends no event for dumps.) */
+#define NKP_COPY_WATCH_IDLE_MS 500
+#define NKP_COPY_WATCH_BUSY_MS 200
+bool nkp_copy_watch_poll(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w);
+void nkp_copy_watch_process(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w);
 
 #endif /* NKP_PRIVATE_H */

@@ -25,6 +25,7 @@ struct nkp_vm_status {
         bool pending_in_progress;  /* its process still holds the VM's lock */
         GPtrArray *plain_layers;   /* "TARGET PATH": plain layers in nkp disk chains */
         GPtrArray *disks;          /* StatusDisk*, document order */
+        GPtrArray *clear_copies;   /* messages of its vm-clear-copy/-save alarms */
 };
 
 typedef struct {
@@ -56,6 +57,7 @@ void nkp_vm_status_free(nkp_vm_status *s)
         g_ptr_array_unref(s->objects);
         g_ptr_array_unref(s->plain_layers);
         g_ptr_array_unref(s->disks);
+        g_ptr_array_unref(s->clear_copies);
         g_free(s);
 }
 
@@ -64,6 +66,31 @@ void nkp_vm_status_list_free(nkp_vm_status **list, size_t n)
         for (size_t i = 0; list && i < n; i++)
                 nkp_vm_status_free(list[i]);
         g_free(list);
+}
+
+size_t nkp_vm_status_n_clear_copies(const nkp_vm_status *s)
+{
+        return s->clear_copies->len;
+}
+
+const char *nkp_vm_status_clear_copy(const nkp_vm_status *s, size_t i)
+{
+        return i < s->clear_copies->len ? s->clear_copies->pdata[i] : NULL;
+}
+
+/* The vm-clear-copy / vm-clear-save alarms of VM `s` (nkpd raises them:
+ * copies of its data made in clear behind nkp's back, vm-backup.c). */
+static void clear_copies_of(nkp_context *ctx, nkp_vm_status *s)
+{
+        nkp_alarm **list = NULL;
+        size_t n = 0;
+        if (nkp_alarm_list(ctx, &list, &n) < 0)
+                return;
+        for (size_t i = 0; i < n; i++)
+                if (g_str_has_prefix(nkp_alarm_kind(list[i]), "vm-clear-") &&
+                    g_strcmp0(nkp_alarm_subject(list[i]), s->name) == 0)
+                        g_ptr_array_add(s->clear_copies, g_strdup(nkp_alarm_message(list[i])));
+        nkp_alarm_list_free(list, n);
 }
 
 const char *nkp_vm_status_name(const nkp_vm_status *s)
@@ -276,6 +303,7 @@ static nkp_vm_status *status_of(nkp_context *ctx, nkp_virt *v, const char *name,
         s->objects = g_ptr_array_new_with_free_func(g_free);
         s->plain_layers = g_ptr_array_new_with_free_func(g_free);
         s->disks = g_ptr_array_new_with_free_func(status_disk_free);
+        s->clear_copies = g_ptr_array_new_with_free_func(g_free);
         g_autofree char *xml = NULL;
         int r = nkp_vm_definition(v, name, &xml, &d);
         if (ret_err)
@@ -307,6 +335,7 @@ static nkp_vm_status *status_of(nkp_context *ctx, nkp_virt *v, const char *name,
         } else {
                 s->state = NKP_VM_ENCRYPTED;
         }
+        clear_copies_of(ctx, s);
         nkp_error_clear();
         return s;
 }

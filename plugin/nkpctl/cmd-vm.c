@@ -202,6 +202,11 @@ static void status_json(JsonBuilder *b, const nkp_vm_status *s)
                 json_builder_end_object(b);
         }
         json_builder_end_array(b);
+        json_builder_set_member_name(b, "clear_copies");
+        json_builder_begin_array(b);
+        for (size_t i = 0; i < nkp_vm_status_n_clear_copies(s); i++)
+                json_builder_add_string_value(b, nkp_vm_status_clear_copy(s, i));
+        json_builder_end_array(b);
         json_builder_end_object(b);
 }
 
@@ -251,6 +256,8 @@ static void status_line(const nkp_vm_status *s)
                 printf("%s: interrupted '%s' pending (phase %s): run it again to finish or roll "
                        "it back, or start the VM (the hook does it)\n",
                        name, op, nkp_vm_status_pending_phase(s));
+        for (size_t i = 0; i < nkp_vm_status_n_clear_copies(s); i++)
+                printf("%s: copy in clear: %s\n", name, nkp_vm_status_clear_copy(s, i));
 }
 
 static int vm_status(NkpctlGlobals *g, int argc, char **argv)
@@ -433,5 +440,20 @@ const NkpctlCommand nkpctl_vm_commands[] = {
           "does, defining nothing). The way to create vTPM VMs under [vtpm] policy=require.",
           create_options, 1, 1, vm_create },
         NKPCTL_SNAPSHOT_CLONE_ROWS /* cmd-snapshot.c */
+        /* cmd-backup.c */
+        { "vm", "backup", "DOMAIN DIR", "Back up an nkp VM's disks, encrypted, into DIR.",
+          "Full (default): DIR must hold no backup. --incremental: adds what changed since the "
+          "last backup in DIR (libvirt checkpoints; the VM running). Every image is a LUKS "
+          "qcow2 under the disk's own key; DIR also holds the VM's definition with its keysafe "
+          "and its (encrypted) vTPM state. Restore with: nkpctl vm restore-backup DIR",
+          nkpctl_backup_options, 2, 2, nkpctl_vm_backup },
+        { "vm", "restore-backup", "DIR",
+          "Define a VM from an nkp backup (full + incrementals merged), encrypted.",
+          "The VM's provider must be on this host (nkpctl provider restore FILE.p12). The VM "
+          "keeps its UUID: restore on another host, or undefine the original first.",
+          nkpctl_restore_backup_options, 1, 1, nkpctl_vm_restore_backup },
+        { "vm", "blockcopy", "DOMAIN DISK DEST",
+          "Copy a running nkp VM's disk into DEST, encrypted under the disk's key.", NULL, NULL,
+          3, 3, nkpctl_vm_blockcopy },
         { 0 },
 };

@@ -51,6 +51,13 @@ extern const NkpctlCommand nkpctl_provider_commands[];
 extern const NkpctlCommand nkpctl_vm_commands[];
 extern const NkpctlCommand nkpctl_host_commands[];
 extern const NkpctlCommand nkpctl_alarms_commands[];
+/* vm backup, restore-backup, blockcopy (cmd-backup.c): their run functions
+ * and options, for the rows in cmd-vm.c's vm table. */
+int nkpctl_vm_backup(NkpctlGlobals *g, int argc, char **argv);
+int nkpctl_vm_restore_backup(NkpctlGlobals *g, int argc, char **argv);
+int nkpctl_vm_blockcopy(NkpctlGlobals *g, int argc, char **argv);
+extern const GOptionEntry nkpctl_backup_options[];
+extern const GOptionEntry nkpctl_restore_backup_options[];
 
 /* Shallow rekey (cmd-rekey.c) of VM `name`, or of every nkp VM, to
  * `provider` (NULL: the default); prints the result(s); returns the exit

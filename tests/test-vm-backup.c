@@ -1,0 +1,165 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/* vm-backup.c: the backup manifest (outside input: a backup directory can
+ * come from anywhere) and nkp's own-job marks.  Backups, restores and the
+ * alarms against the real libvirt/QEMU: integration/t-nkp-backup.sh. */
+#include <errno.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "testutil.h"
+
+#define GOOD                                                     \
+        "nkp-backup 1\n"                                         \
+        "vm=vm1\n"                                               \
+        "uuid=6f1c1a8e-1d0e-4b57-9b44-0d9a3c1f2e77\n"            \
+        "key_id=0b5f1a8e-1d0e-4b57-9b44-0d9a3c1f2e01\n"          \
+        "disk=vda 1a2b3c4d-1d0e-4b57-9b44-0d9a3c1f2e02\n"        \
+        "disk=vdb 1a2b3c4d-1d0e-4b57-9b44-0d9a3c1f2e03\n"        \
+        "level=0 nkp-1796136166-0\n"                             \
+        "level=1 nkp-1796136191-1\n"
+
+static void test_round_trip(void)
+{
+        g_autoptr(NkpBackupManifest) m = NULL;
+        g_assert_cmpint(nkp_backup_manifest_parse(GOOD, strlen(GOOD), &m), ==, 0);
+        g_assert_cmpstr(m->vm, ==, "vm1");
+        g_assert_cmpuint(m->n_disks, ==, 2);
+        g_assert_cmpstr(m->targets[1], ==, "vdb");
+        g_assert_cmpuint(m->n_levels, ==, 2);
+        g_assert_cmpstr(m->checkpoints[1], ==, "nkp-1796136191-1");
+        g_autofree char *text = nkp_backup_manifest_format(m);
+        g_assert_cmpstr(text, ==, GOOD);
+        g_assert_false(m->has_mac);
+        /* with a MAC line: kept byte for byte */
+        const char *mac = "mac=AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGw==\n";
+        g_autofree char *with = g_strconcat(GOOD, mac, NULL);
+        g_autoptr(NkpBackupManifest) m2 = NULL;
+        g_assert_cmpint(nkp_backup_manifest_parse(with, strlen(with), &m2), ==, 0);
+        g_assert_true(m2->has_mac);
+        g_assert_cmpuint(m2->mac[27], ==, 27);
+        g_autofree char *text2 = nkp_backup_manifest_format(m2);
+        g_assert_cmpstr(text2, ==, with);
+}
+
+/* Each a small change of GOOD: every one refused with -EBADMSG and a message. */
+static const struct {
+        const char *from, *to;
+} hostile[] = {
+        { "nkp-backup 1", "nkp-backup 2" },
+        { "vm=vm1\n", "" },
+        { "vm=vm1", "vm=" },
+        { "uuid=6f1c", "uuid=../../" },
+        { "key_id=0b5f1a8e", "key_id=0b5f1a8x" },
+        { "disk=vda", "disk=../vda" },           /* a file name outside DIR */
+        { "disk=vda", "disk=vda/x" },
+        { "disk=vdb", "disk=vda" },              /* a disk twice */
+        { "disk=vda 1a2b", "disk=vda  1a2b" },
+        { "level=0", "level=1" },                /* levels out of order */
+        { "level=1 nkp-1796136191-1", "level=2 nkp-1796136191-1" },
+        { "nkp-1796136166-0", "-" },             /* incremental after an offline level */
+        { "nkp-1796136191-1", "nkp-x" },
+        { "nkp-1796136191-1", "nkp-1</name><x>" }, /* into libvirt's XML */
+        { "level=1 nkp-1796136191-1\n", "level=1 nkp-1796136191-1\nextra=1\n" },
+        { "level=1 nkp-1796136191-1\n", "level=1 nkp-1796136191-1" }, /* no final newline */
+        { "level=0 nkp-1796136166-0\nlevel=1 nkp-1796136191-1\n", "" }, /* no level */
+        { "vm=vm1\n", "vm=vm1\r\n" },
+        { "level=1 nkp-1796136191-1\n", "level=1 nkp-1796136191-1\nmac=AAAA\n" }, /* short */
+        { "level=1 nkp-1796136191-1\n", "level=1 nkp-1796136191-1\nmac=!!\n" },
+        { "level=0 nkp", "mac=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==\nlevel=0 nkp" }, /* not last */
+};
+
+static void test_hostile(void)
+{
+        for (size_t i = 0; i < G_N_ELEMENTS(hostile); i++) {
+                g_autofree char *text = NULL;
+                const char *at = strstr(GOOD, hostile[i].from);
+                g_assert_nonnull(at);
+                text = g_strdup_printf("%.*s%s%s", (int) (at - GOOD), GOOD, hostile[i].to,
+                                       at + strlen(hostile[i].from));
+                NkpBackupManifest *m = NULL;
+                nkp_error_clear();
+                int r = nkp_backup_manifest_parse(text, strlen(text), &m);
+                if (r != -EBADMSG)
+                        g_error("case %zu ('%s' -> '%s'): %d", i, hostile[i].from, hostile[i].to, r);
+                g_assert_null(m);
+                g_assert_nonnull(strstr(nkp_error_message(), "damaged"));
+        }
+        /* a NUL, and a manifest over the cap */
+        const char nul[] = "nkp-backup 1\nvm=a\0b\n";
+        NkpBackupManifest *m = NULL;
+        g_assert_cmpint(nkp_backup_manifest_parse(nul, sizeof nul - 1, &m), ==, -EBADMSG);
+        g_autofree char *big = g_strnfill(70000, 'x');
+        g_assert_cmpint(nkp_backup_manifest_parse(big, strlen(big), &m), ==, -EFBIG);
+        g_assert_null(m);
+}
+
+/* restore-backup of a directory with a hostile manifest: refused before
+ * anything is looked up or written (no libvirt connection is even needed). */
+static void test_restore_refused(void)
+{
+        g_autofree char *root = testutil_mkdtemp();
+        nkp_context *ctx = NULL;
+        g_assert_cmpint(nkp_context_new(root, &ctx), ==, 0);
+        g_autofree char *dir = g_build_filename(root, "bk", NULL);
+        g_autofree char *disks = g_build_filename(root, "disks", NULL);
+        g_assert_cmpint(g_mkdir_with_parents(dir, 0700), ==, 0);
+        g_assert_cmpint(g_mkdir_with_parents(disks, 0700), ==, 0);
+        g_autofree char *mpath = g_build_filename(dir, "manifest", NULL);
+        const char *evil = "nkp-backup 1\nvm=vm1\nuuid=6f1c1a8e-1d0e-4b57-9b44-0d9a3c1f2e77\n"
+                           "key_id=0b5f1a8e-1d0e-4b57-9b44-0d9a3c1f2e01\n"
+                           "disk=../../etc/x 1a2b3c4d-1d0e-4b57-9b44-0d9a3c1f2e02\nlevel=0 -\n";
+        g_assert_true(g_file_set_contents(mpath, evil, -1, NULL));
+        GHashTable *before = testutil_snapshot_tree(root);
+        g_autofree char *name = NULL;
+        g_assert_cmpint(nkp_vm_restore_backup(ctx, NULL, dir, "x", disks, &name), ==, -EBADMSG);
+        g_assert_null(name);
+        testutil_assert_same_tree(before, root);
+        /* no manifest at all */
+        g_assert_cmpint(unlink(mpath), ==, 0);
+        g_assert_cmpint(nkp_vm_restore_backup(ctx, NULL, dir, NULL, NULL, NULL), ==, -ENOENT);
+        g_assert_nonnull(strstr(nkp_error_message(), "holds no nkp backup"));
+        nkp_context_free(ctx);
+        testutil_rmtree(root);
+}
+
+/* nkp's own jobs: claimed from the start to 30 s after the end; a mark never
+ * ended claims for 6 h; another VM or kind is not claimed; a claim uses the
+ * mark up (a plain job right after nkp's own alarms). */
+static void test_own_job(void)
+{
+        g_autofree char *root = testutil_mkdtemp();
+        nkp_context *ctx = NULL;
+        g_assert_cmpint(nkp_context_new(root, &ctx), ==, 0);
+        const char *u = "6f1c1a8e-1d0e-4b57-9b44-0d9a3c1f2e77";
+        int64_t now = g_get_real_time() / G_USEC_PER_SEC;
+        g_assert_false(nkp_own_job_claims(ctx, u, "backup", now));
+        g_assert_cmpint(nkp_own_job_mark(ctx, u, "backup", false), ==, 0);
+        g_assert_false(nkp_own_job_claims(ctx, u, "backup", now + 7 * 3600)); /* too late */
+        g_assert_false(nkp_own_job_claims(ctx, u, "copy", now));
+        g_assert_false(nkp_own_job_claims(ctx, "7f1c1a8e-1d0e-4b57-9b44-0d9a3c1f2e77", "backup", now));
+        g_assert_false(nkp_own_job_claims(ctx, u, "backup", now - 60)); /* before it */
+        g_assert_true(nkp_own_job_claims(ctx, u, "backup", now + 3600));  /* never ended */
+        g_assert_false(nkp_own_job_claims(ctx, u, "backup", now));        /* one job, one claim */
+        g_assert_cmpint(nkp_own_job_mark(ctx, u, "backup", false), ==, 0);
+        g_assert_cmpint(nkp_own_job_mark(ctx, u, "backup", true), ==, 0);
+        g_assert_false(nkp_own_job_claims(ctx, u, "backup", now + 120));  /* 30 s after the end */
+        g_assert_true(nkp_own_job_claims(ctx, u, "backup", now + 1));
+        g_assert_false(nkp_own_job_claims(ctx, u, "backup", now + 1));
+        /* claimed while the job ran: its end mark does not make it again */
+        g_assert_cmpint(nkp_own_job_mark(ctx, u, "copy", false), ==, 0);
+        g_assert_true(nkp_own_job_claims(ctx, u, "copy", now));
+        g_assert_cmpint(nkp_own_job_mark(ctx, u, "copy", true), ==, 0);
+        g_assert_false(nkp_own_job_claims(ctx, u, "copy", now + 1));
+        nkp_context_free(ctx);
+        testutil_rmtree(root);
+}
+
+int main(int argc, char **argv)
+{
+        g_test_init(&argc, &argv, NULL);
+        g_test_add_func("/vm-backup/manifest/round-trip", test_round_trip);
+        g_test_add_func("/vm-backup/manifest/hostile", test_hostile);
+        g_test_add_func("/vm-backup/restore/refused", test_restore_refused);
+        g_test_add_func("/vm-backup/own-job", test_own_job);
+        return g_test_run();
+}
