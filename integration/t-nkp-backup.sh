@@ -38,7 +38,7 @@ wait_alarm() {
     ALARM=$(nk a alarms 2>&1 || true)
     return 1
 }
-no_clear_alarm() { ! nk a alarms 2>/dev/null | grep -q 'vm-clear-'; }
+no_clear_alarm() { ! nk a alarms 2>/dev/null | grep_q 'vm-clear-'; }
 
 lab_test_init
 t=$(lab_now)
@@ -144,7 +144,7 @@ lab_virsh a backup-begin "$dom" >/dev/null || fail "virsh backup-begin"
 wait_alarm vm-clear-copy "$dom" || fail "no alarm for virsh backup-begin: $ALARM"
 plain=$(ls "$disk".[0-9]* 2>/dev/null || true)
 [ -n "$(in_clear $plain)" ] || fail "the plain backup holds no marker (nothing to alarm about?)"
-lab_exec a nkpctl vm status "$dom" | grep -q "copy in clear" || fail "vm status does not show the copy"
+lab_exec a nkpctl vm status "$dom" | grep_q "copy in clear" || fail "vm status does not show the copy"
 echo "# alarm: $ALARM"
 pass "virsh backup-begin: vm-clear-copy alarm, vm status shows it"
 nk a alarms clear vm-clear-copy >/dev/null
@@ -189,7 +189,7 @@ lab_virsh a save "$dom" "$LAB_DIR/shared/vm1.save" >/dev/null || fail "virsh sav
 wait_alarm vm-clear-save "saved" || fail "no alarm for virsh save: $ALARM"
 echo "# alarm: $ALARM"
 grep -qF "$LAB_DIR/shared/vm1.save" <<<"$ALARM" || note "the save alarm does not name the file (the save was faster than nkpd's look)"
-lab_exec a nkpctl vm status "$dom" | grep -q "copy in clear" || fail "vm status does not show the save"
+lab_exec a nkpctl vm status "$dom" | grep_q "copy in clear" || fail "vm status does not show the save"
 lab_virsh a restore "$LAB_DIR/shared/vm1.save" >/dev/null || fail "virsh restore"
 pass "virsh save outside the protected directories: vm-clear-save alarm, vm status shows it; restored"
 nk a alarms clear vm-clear-save >/dev/null
