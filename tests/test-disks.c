@@ -431,7 +431,9 @@ static void test_policy_off(Fixture *f, gconstpointer data)
 int main(int argc, char **argv)
 {
         g_test_init(&argc, &argv, NULL);
-        if (!g_find_program_in_path("qemu-img") || !g_find_program_in_path("qemu-io")) {
+        g_autofree char *qemu_img = g_find_program_in_path("qemu-img");
+        g_autofree char *qemu_io = g_find_program_in_path("qemu-io");
+        if (!qemu_img || !qemu_io) {
                 g_test_skip("qemu-img or qemu-io is not installed");
                 return 77;
         }

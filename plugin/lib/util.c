@@ -343,10 +343,12 @@ void nkp_test_crash_point(const char *step)
         }
         if (strcmp(name, step) != 0)
                 return;
+        /* The table keeps its own copy of each step: callers may build
+         * `step` on the heap (hostkey.c's "OP-STEP") and free it. */
         if (!seen)
-                seen = g_hash_table_new(g_str_hash, g_str_equal);
+                seen = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
         unsigned n = GPOINTER_TO_UINT(g_hash_table_lookup(seen, step)) + 1;
-        g_hash_table_insert(seen, (gpointer) step, GUINT_TO_POINTER(n));
+        g_hash_table_insert(seen, g_strdup(step), GUINT_TO_POINTER(n));
         if (n != nth)
                 return;
         fprintf(stderr, "nkp: test crash at step '%s'\n", want);
