@@ -50,7 +50,9 @@ dom=g1
 mark="NKPSNAP$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
 base="$LAB_DIR/shared/g1.qcow2"
 new_vm g1 "$mark"
-nkpd_start   # after the conversion: it would enrol the vTPM of the new definition itself
+mark2="NKPPLAIN$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
+new_vm g2 "$mark2"
+nkpd_start   # after the conversions: it would enrol the new definitions itself
 lab_at_exit nkpd_stop
 rm -f "$(lab_serial_path a g1)"
 lab_virsh a start --paused g1 >/dev/null || fail "start --paused"
@@ -97,8 +99,6 @@ pass "libvirt 9.0 refuses snapshot-revert of external snapshots and offline inte
 
 # ---- a plain overlay made behind nkp's back -----------------------------------------
 dom=g2
-mark2="NKPPLAIN$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
-new_vm g2 "$mark2"
 rm -f "$(lab_serial_path a g2)"
 lab_virsh a start --paused g2 >/dev/null || fail "start --paused g2"
 lab_virsh a snapshot-create-as g2 p1 --disk-only --atomic >/dev/null || fail "virsh snapshot-create-as"
@@ -117,6 +117,8 @@ grep_q -F "virsh blockcommit 'g2' vda" <<<"$al" || fail "the alarm does not name
 # nkpd handles events in order: g1's (nkp's own live and offline snapshots,
 # their starts and the commit) were looked at before g2's
 grep_q -E "^vm-plain-layer +g1 " <<<"$al" && fail "nkp's own snapshots of g1 raised vm-plain-layer: $al"
+# the overlay is a layer of an nkp disk, not a new plain disk (whose fix, vm encrypt --disks, is wrong here)
+grep_q -E "^vm-plain-disk +g2:vda " <<<"$al" && fail "nkpd took the plain overlay for a new plain disk: $al"
 grep_q "plain (unencrypted) disk layer '$p1'" "$LAB_DIR/nkpd.log" || fail "nkpd did not log the plain layer"
 pass "nkpd raises vm-plain-layer at once for virsh's plain snapshot of the running g2 (fixes named), none for nkp's own snapshots of g1"
 luks "$p1" && fail "libvirt made an encrypted overlay by itself (the test's premise changed)"

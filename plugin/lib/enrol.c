@@ -518,12 +518,15 @@ static void plain_disk_alarms(nkp_context *ctx, const NkpDomain *d, GPtrArray *d
 }
 
 /* The plain qcow2 disks of `d` that nkp would manage: empty ones into
- * `empty`, those holding data (or unreadable) into `data`. */
+ * `empty`, those holding data (or unreadable) into `data`.  A disk the
+ * keysafe holds a key for is nkp's already: a plain active layer there is
+ * a snapshot overlay (vm-plain-layer, vm-snapshot.c), not a new disk. */
 static void plain_disks(const NkpDomain *d, GPtrArray *empty, GPtrArray *data)
 {
         for (guint i = 0; i < d->disks->len; i++) {
                 const NkpDomainDisk *disk = d->disks->pdata[i];
-                if (!disk->target || disk->encryption_format || nkp_disk_unmanaged_reason(disk))
+                if (!disk->target || disk->encryption_format || nkp_disk_unmanaged_reason(disk) ||
+                    nkp_disk_in_keysafe(d, disk->target))
                         continue;
                 enum nkp_disk_content c = nkp_disk_content(disk->source_file, NULL);
                 g_ptr_array_add(c == NKP_DISK_CONTENT_EMPTY ? empty : data,
