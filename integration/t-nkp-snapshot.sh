@@ -9,8 +9,8 @@
 #   marker in clear in it: the danger) is named by vm status, the start is
 #   refused with one line naming it and the fix, a vm-plain-layer alarm;
 #   nkpd raises that alarm by itself right after the plain snapshot of the
-#   running VM (before anyone runs vm status), and none for nkp's own
-#   snapshots;
+#   running VM (before anyone runs vm status) and of a transient VM (its
+#   running definition only), none for nkp's own snapshots;
 #   [disks] allow_plain_layers = true lets it start; nkpctl vm
 #   encrypt-layer fixes it (no marker in clear any more, backing kept), the
 #   alarm goes, it starts with its markers; the same for a plain overlay
@@ -178,5 +178,22 @@ luks "$p2" || fail "the offline layer is not LUKS after encrypt-layer"
 lab_virsh a dumpxml --inactive g1 | grep_q "<source file='$base'>" || fail "the chain below $p2 is not in the definition"
 boot_and_read a g1 "$mark"
 pass "offline plain overlay by virsh: start refused, named by vm status; encrypt-layer (chain from the qcow2 headers) fixes it, markers read"
+
+# ---- a transient VM: libvirt rewrites only its running definition -----------------
+dom=g2
+lab_virsh a dumpxml --inactive g2 > "$LAB_DIR/g2t.xml" || fail "dumpxml g2"
+lab_virsh a undefine g2 --keep-tpm --keep-nvram --snapshots-metadata >/dev/null || fail "undefine g2"
+lab_virsh a create "$LAB_DIR/g2t.xml" --paused >/dev/null || fail "virsh create (transient g2)"
+lab_virsh a snapshot-create-as g2 p3 --disk-only --atomic >/dev/null || fail "virsh snapshot-create-as (transient g2)"
+p3="$LAB_DIR/shared/g2.p3"
+[ ! -e "$(lab_path a /etc/libvirt/qemu)/g2.xml" ] || fail "control: transient g2 has a persistent definition"
+for ((i = 0; i < 50; i++)); do
+    nk alarms | grep_q -F "plain (unencrypted) layer '$p3'" && break
+    sleep 0.2
+done
+nk alarms | grep_q -F "VM 'g2': its disk vda has a plain (unencrypted) layer '$p3'" \
+    || fail "nkpd raised no vm-plain-layer alarm for the plain snapshot of the transient g2: $(nk alarms)"
+lab_virsh a destroy g2 >/dev/null
+pass "transient VM: nkpd raises vm-plain-layer from its running definition (ROOT/run/libvirt/qemu)"
 
 lab_test_done
