@@ -8,6 +8,9 @@
 #   a plain overlay made by `virsh snapshot-create-as --disk-only` (the
 #   marker in clear in it: the danger) is named by vm status, the start is
 #   refused with one line naming it and the fix, a vm-plain-layer alarm;
+#   nkpd raises that alarm by itself right after the plain snapshot of the
+#   running VM (before anyone runs vm status) and of a transient VM (its
+#   running definition only), none for nkp's own snapshots;
 #   [disks] allow_plain_layers = true lets it start; nkpctl vm
 #   encrypt-layer fixes it (no marker in clear any more, backing kept), the
 #   alarm goes, it starts with its markers; the same for a plain overlay
@@ -47,6 +50,10 @@ dom=g1
 mark="NKPSNAP$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
 base="$LAB_DIR/shared/g1.qcow2"
 new_vm g1 "$mark"
+mark2="NKPPLAIN$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
+new_vm g2 "$mark2"
+nkpd_start   # after the conversions: it would enrol the new definitions itself
+lab_at_exit nkpd_stop
 rm -f "$(lab_serial_path a g1)"
 lab_virsh a start --paused g1 >/dev/null || fail "start --paused"
 out=$(nk vm snapshot g1 s1 2>&1) || fail "vm snapshot (live): $out"
@@ -92,12 +99,28 @@ pass "libvirt 9.0 refuses snapshot-revert of external snapshots and offline inte
 
 # ---- a plain overlay made behind nkp's back -----------------------------------------
 dom=g2
-mark2="NKPPLAIN$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
-new_vm g2 "$mark2"
 rm -f "$(lab_serial_path a g2)"
 lab_virsh a start --paused g2 >/dev/null || fail "start --paused g2"
 lab_virsh a snapshot-create-as g2 p1 --disk-only --atomic >/dev/null || fail "virsh snapshot-create-as"
 p1="$LAB_DIR/shared/g2.p1"
+# nkpd, not vm status: polled up to 10 s (the wait bounds a hang, it measures nothing)
+for ((i = 0; i < 50; i++)); do
+    nk alarms | grep_q -F "VM 'g2': its disk vda has a plain (unencrypted) layer '$p1'" && break
+    sleep 0.2
+done
+al=$(nk alarms)
+echo "# $al"
+grep_q -F "VM 'g2': its disk vda has a plain (unencrypted) layer '$p1'" <<<"$al" \
+    || fail "nkpd raised no vm-plain-layer alarm for the plain snapshot of the running g2: $al"
+grep_q -F "nkpctl vm encrypt-layer 'g2' '$p1'" <<<"$al" || fail "the alarm does not name encrypt-layer: $al"
+grep_q -F "virsh blockcommit 'g2' vda" <<<"$al" || fail "the alarm does not name blockcommit: $al"
+# nkpd handles events in order: g1's (nkp's own live and offline snapshots,
+# their starts and the commit) were looked at before g2's
+grep_q -E "^vm-plain-layer +g1 " <<<"$al" && fail "nkp's own snapshots of g1 raised vm-plain-layer: $al"
+# the overlay is a layer of an nkp disk, not a new plain disk (whose fix, vm encrypt --disks, is wrong here)
+grep_q -E "^vm-plain-disk +g2:vda " <<<"$al" && fail "nkpd took the plain overlay for a new plain disk: $al"
+grep_q "plain (unencrypted) disk layer '$p1'" "$LAB_DIR/nkpd.log" || fail "nkpd did not log the plain layer"
+pass "nkpd raises vm-plain-layer at once for virsh's plain snapshot of the running g2 (fixes named), none for nkp's own snapshots of g1"
 luks "$p1" && fail "libvirt made an encrypted overlay by itself (the test's premise changed)"
 lab_virsh a resume g2 >/dev/null
 lab_markers_written a g2 "$mark2" || fail "g2 first boot: $LAB_MARKER_ERR"
@@ -155,5 +178,22 @@ luks "$p2" || fail "the offline layer is not LUKS after encrypt-layer"
 lab_virsh a dumpxml --inactive g1 | grep_q "<source file='$base'>" || fail "the chain below $p2 is not in the definition"
 boot_and_read a g1 "$mark"
 pass "offline plain overlay by virsh: start refused, named by vm status; encrypt-layer (chain from the qcow2 headers) fixes it, markers read"
+
+# ---- a transient VM: libvirt rewrites only its running definition -----------------
+dom=g2
+lab_virsh a dumpxml --inactive g2 > "$LAB_DIR/g2t.xml" || fail "dumpxml g2"
+lab_virsh a undefine g2 --keep-tpm --keep-nvram --snapshots-metadata >/dev/null || fail "undefine g2"
+lab_virsh a create "$LAB_DIR/g2t.xml" --paused >/dev/null || fail "virsh create (transient g2)"
+lab_virsh a snapshot-create-as g2 p3 --disk-only --atomic >/dev/null || fail "virsh snapshot-create-as (transient g2)"
+p3="$LAB_DIR/shared/g2.p3"
+[ ! -e "$(lab_path a /etc/libvirt/qemu)/g2.xml" ] || fail "control: transient g2 has a persistent definition"
+for ((i = 0; i < 50; i++)); do
+    nk alarms | grep_q -F "plain (unencrypted) layer '$p3'" && break
+    sleep 0.2
+done
+nk alarms | grep_q -F "VM 'g2': its disk vda has a plain (unencrypted) layer '$p3'" \
+    || fail "nkpd raised no vm-plain-layer alarm for the plain snapshot of the transient g2: $(nk alarms)"
+lab_virsh a destroy g2 >/dev/null
+pass "transient VM: nkpd raises vm-plain-layer from its running definition (ROOT/run/libvirt/qemu)"
 
 lab_test_done

@@ -2,7 +2,9 @@
 /* The decisions of plugin/lib/vm-snapshot.c that need no libvirt: the disk
  * chains read from the domain XML as libvirt 9.0 writes it after a
  * snapshot (the shapes below are copied from the lab), which layers of nkp
- * disks are plain, and the qcow2 header's encryption method. */
+ * disks are plain, the vm-plain-layer alarm nkpd and vm status raise from
+ * the persistent and the running definitions, and the qcow2 header's
+ * encryption method. */
 #include <errno.h>
 #include <string.h>
 
@@ -106,6 +108,64 @@ static void test_plain_layers(void)
         g_assert_cmpstr(((NkpDiskLayer *) p2->pdata[0])->path, ==, "/v/other.img");
 }
 
+/* The message of the open vm-plain-layer alarm of g1, NULL when none. */
+static char *plain_layer_alarm(nkp_context *ctx)
+{
+        nkp_alarm **list = NULL;
+        size_t n = 0;
+        g_assert_cmpint(nkp_alarm_list(ctx, &list, &n), ==, 0);
+        char *msg = NULL;
+        for (size_t i = 0; i < n; i++)
+                if (strcmp(nkp_alarm_kind(list[i]), "vm-plain-layer") == 0 &&
+                    strcmp(nkp_alarm_subject(list[i]), "g1") == 0)
+                        msg = g_strdup(nkp_alarm_message(list[i]));
+        nkp_alarm_list_free(list, n);
+        return msg;
+}
+
+/* nkpd's decision after libvirt rewrote a definition: a plain layer in the
+ * persistent or only in the running XML (a transient VM) raises the alarm
+ * with both fixes, each layer named once; allow_plain_layers still raises
+ * it (the data is in clear) without announcing a refusal; clean chains
+ * clear it; an unreadable XML changes nothing. */
+static void test_plain_layer_alarm(TestutilRoot *f, gconstpointer data)
+{
+        (void) data;
+        g_autoptr(NkpDomain) d = domain_with_key_for("vda");
+        g_autoptr(GPtrArray) out = g_ptr_array_new_with_free_func(g_free);
+        g_assert_cmpint(nkp_vm_plain_layer_alarm(f->ctx, d, single_xml, NULL, out), ==, 0);
+        g_assert_null(plain_layer_alarm(f->ctx));
+
+        g_assert_cmpint(nkp_vm_plain_layer_alarm(f->ctx, d, single_xml, chain_xml, out), ==, 1);
+        g_assert_cmpuint(out->len, ==, 1);
+        g_assert_cmpstr(out->pdata[0], ==, "vda /v/g1.s2");
+        g_autofree char *msg = plain_layer_alarm(f->ctx);
+        g_assert_nonnull(msg);
+        g_assert_nonnull(strstr(msg, "plain (unencrypted) layer '/v/g1.s2'"));
+        g_assert_nonnull(strstr(msg, "nkpctl vm encrypt-layer 'g1' '/v/g1.s2'"));
+        g_assert_nonnull(strstr(msg, "virsh blockcommit 'g1' vda --active --pivot"));
+        g_assert_nonnull(strstr(msg, "its next start is refused"));
+
+        g_ptr_array_set_size(out, 0);
+        g_assert_cmpint(nkp_vm_plain_layer_alarm(f->ctx, d, chain_xml, chain_xml, out), ==, 1);
+        g_assert_cmpuint(out->len, ==, 1);
+
+        g_assert_cmpint(nkp_vm_plain_layer_alarm(f->ctx, d, "<domain", chain_xml, NULL), ==,
+                        -EBADMSG);
+        g_autofree char *kept = plain_layer_alarm(f->ctx);
+        g_assert_cmpstr(kept, ==, msg);
+
+        f->ctx->disks_allow_plain_layers = true;
+        g_assert_cmpint(nkp_vm_plain_layer_alarm(f->ctx, d, chain_xml, NULL, NULL), ==, 1);
+        g_autofree char *allowed = plain_layer_alarm(f->ctx);
+        g_assert_nonnull(allowed);
+        g_assert_null(strstr(allowed, "refused"));
+        g_assert_nonnull(strstr(allowed, "nkpctl vm encrypt-layer 'g1' '/v/g1.s2'"));
+
+        g_assert_cmpint(nkp_vm_plain_layer_alarm(f->ctx, d, single_xml, single_xml, NULL), ==, 0);
+        g_assert_null(plain_layer_alarm(f->ctx));
+}
+
 static void write_header(const char *path, const char *magic, guint8 method)
 {
         guint8 h[512] = { 0 };
@@ -139,5 +199,7 @@ int main(int argc, char **argv)
         g_test_add_func("/vm-snapshot/layers", test_layers);
         g_test_add_func("/vm-snapshot/plain-layers", test_plain_layers);
         g_test_add_func("/vm-snapshot/qcow2-header", test_qcow2_header);
+        g_test_add("/vm-snapshot/plain-layer-alarm", TestutilRoot, NULL, testutil_root_setup,
+                   test_plain_layer_alarm, testutil_root_teardown);
         return g_test_run();
 }

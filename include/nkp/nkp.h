@@ -926,7 +926,10 @@ enum nkp_daemon_flags {
  *    nkp_vm_auto_enrol() then nkp_vm_auto_enrol_disks(), and after that
  *    every domain of a "defined" or "stopped" event, and every domain whose
  *    persistent definition libvirt rewrites in ROOT/etc/libvirt/qemu
- *    (inotify; libvirt 9.0 sends no event for `attach-disk --config`).
+ *    (inotify; libvirt 9.0 sends no event for `attach-disk --config`);
+ *    those passes, and every running definition libvirt rewrites in
+ *    ROOT/run/libvirt/qemu, also raise (or clear) the vm-plain-layer alarm
+ *    of a plain snapshot layer in an nkp disk's chain (issue 16).
  * Uses libvirt's default event loop (virEventRegisterDefaultImpl), which is
  * process-wide: one daemon per process.  Reports through the log function
  * (NKP_LOG_INFO per action, NKP_LOG_WARNING for refusals and connection

@@ -22,6 +22,13 @@
  *    every persistent definition libvirt rewrites in ROOT/etc/libvirt/qemu
  *    (inotify): libvirt 9.0 sends no event when `attach-disk --config`
  *    changes a definition.
+ *  - plain snapshot layers (issue 16, vm-snapshot.c): the same pass, and a
+ *    pass of its own for every running definition libvirt rewrites in
+ *    ROOT/run/libvirt/qemu (inotify, the same descriptor), raise
+ *    vm-plain-layer the moment `virsh snapshot-create-as --disk-only`
+ *    makes a plain overlay (nkp_vm_watch_plain_layers): libvirt 9.0 sends
+ *    no event for a snapshot, but rewrites both files when the snapshot
+ *    changes a disk's source (a transient VM has the running one only).
  *
  * This file, virt.c and vm-backup.c (backups, block copies, the copy watch)
  * are the only ones that call libvirt. */
@@ -73,7 +80,9 @@ struct nkp_daemon {
         gint64 next_unlock;  /* monotonic, µs: the next retry while vm-locked alarms are open */
         gint64 unlock_delay; /* µs, doubled per failed retry up to UNLOCK_DELAY_MAX */
         GPtrArray *pending;  /* names of domains from "defined" events */
+        GPtrArray *pending_chains; /* names of running domains whose status XML changed */
         int defs_fd;         /* inotify on ROOT/etc/libvirt/qemu, -1 when none */
+        int run_wd;          /* its watch on ROOT/run/libvirt/qemu, -1 when none */
         int defs_watch;
         NkpCopyWatch *copies; /* copies behind nkp's back (vm-backup.c) */
         int job_cb, block_cb;
@@ -273,16 +282,22 @@ static void on_tick(int timer, void *opaque)
         (void) opaque;
 }
 
+static void queue_in(GPtrArray *queue, const char *name)
+{
+        for (guint i = 0; i < queue->len; i++)
+                if (strcmp(queue->pdata[i], name) == 0)
+                        return;
+        g_ptr_array_add(queue, g_strdup(name));
+}
+
 static void queue_domain(nkp_daemon *d, const char *name)
 {
-        for (guint i = 0; i < d->pending->len; i++)
-                if (strcmp(d->pending->pdata[i], name) == 0)
-                        return;
-        g_ptr_array_add(d->pending, g_strdup(name));
+        queue_in(d->pending, name);
 }
 
 /* A persistent definition written (NAME.xml, rewritten by rename): its
- * domain is queued like a "defined" one. */
+ * domain is queued like a "defined" one.  A running one (the run
+ * directory's watch): its disk chains only. */
 static void on_definitions(int watch, int fd, int events, void *opaque)
 {
         (void) watch;
@@ -298,7 +313,8 @@ static void on_definitions(int watch, int fd, int events, void *opaque)
                                 continue;
                         g_autofree char *name = g_strndup(ev->name, strlen(ev->name) - 4);
                         if (d->virt && name[0])
-                                queue_domain(d, name);
+                                queue_in(ev->wd == d->run_wd ? d->pending_chains : d->pending,
+                                         name);
                 }
         }
 }
@@ -317,6 +333,21 @@ static void watch_definitions(nkp_daemon *d)
         }
         d->defs_fd = fd;
         d->defs_watch = virEventAddHandle(fd, VIR_EVENT_HANDLE_READABLE, on_definitions, d, NULL);
+}
+
+/* The running definitions (status XML) in ROOT/run/libvirt/qemu, which
+ * libvirtd makes: added at each connect (the same watch again when it
+ * exists). */
+static void watch_running(nkp_daemon *d)
+{
+        g_autofree char *dir = nkp_context_path(d->ctx, "/run/libvirt/qemu");
+        if (d->defs_fd < 0)
+                return;
+        d->run_wd = inotify_add_watch(d->defs_fd, dir, IN_CLOSE_WRITE | IN_MOVED_TO);
+        if (d->run_wd < 0)
+                nkp_log(NKP_LOG_INFO, "cannot watch '%s' (%s): a plain snapshot layer of a "
+                                      "transient VM is seen by vm status and at start only",
+                        dir, g_strerror(errno));
 }
 
 static void queue_copy(nkp_daemon *d, virDomainPtr dom, const char *what, const char *disk)
@@ -376,6 +407,18 @@ static void on_close(virConnectPtr conn, int reason, void *opaque)
         d->conn_closed = true;
 }
 
+/* Plain snapshot layers: logged once per change of the alarm, not at each
+ * rewrite (the alarm itself is raised once, vm-snapshot.c). */
+static void check_chains(nkp_daemon *d, const char *name)
+{
+        g_autofree char *note = NULL;
+        if (nkp_vm_watch_plain_layers(d->ctx, d->virt, name, &note) < 0)
+                nkp_log(NKP_LOG_ERROR, "%s", nkp_error_message());
+        else if (note)
+                nkp_log(NKP_LOG_WARNING, "%s", note);
+        nkp_error_clear();
+}
+
 static void enrol(nkp_daemon *d, const char *name)
 {
         g_autofree char *note = NULL;
@@ -390,6 +433,7 @@ static void enrol(nkp_daemon *d, const char *name)
                 nkp_log(NKP_LOG_ERROR, "%s", nkp_error_message());
         else if (disks_note)
                 nkp_log(NKP_LOG_INFO, "%s", disks_note);
+        check_chains(d, name);
 }
 
 static void scan_all(nkp_daemon *d)
@@ -420,6 +464,7 @@ static void disconnect_libvirt(nkp_daemon *d)
         d->virt = NULL;
         d->event_cb = -1;
         g_ptr_array_set_size(d->pending, 0);
+        g_ptr_array_set_size(d->pending_chains, 0);
 }
 
 static void connect_libvirt(nkp_daemon *d)
@@ -467,6 +512,7 @@ static void connect_libvirt(nkp_daemon *d)
         virConnectRegisterCloseCallback(conn, on_close, d, NULL);
         virConnectSetKeepAlive(conn, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT);
         nkp_log(NKP_LOG_INFO, "following libvirt's domain events at '%s'", shown);
+        watch_running(d);
         scan_all(d);
 }
 
@@ -493,6 +539,8 @@ int nkp_daemon_new(nkp_context *ctx, const char *uri, unsigned flags, nkp_daemon
         d->use_libvirt = !(flags & NKP_DAEMON_NO_LIBVIRT);
         d->uri = g_strdup(uri);
         d->pending = g_ptr_array_new_with_free_func(g_free);
+        d->pending_chains = g_ptr_array_new_with_free_func(g_free);
+        d->run_wd = -1;
         d->clients = g_ptr_array_new();
         d->defs_fd = -1;
         d->defs_watch = -1;
@@ -581,6 +629,10 @@ int nkp_daemon_iterate(nkp_daemon *d)
                 g_autofree char *name = g_ptr_array_steal_index(d->pending, 0);
                 enrol(d, name);
         }
+        while (d->virt && d->pending_chains->len) {
+                g_autofree char *name = g_ptr_array_steal_index(d->pending_chains, 0);
+                check_chains(d, name);
+        }
         if (d->virt)
                 retry_unlock(d);
         if (d->virt) {
@@ -619,6 +671,7 @@ void nkp_daemon_free(nkp_daemon *d)
         g_free(d->socket_path);
         g_free(d->uri);
         g_ptr_array_unref(d->pending);
+        g_ptr_array_unref(d->pending_chains);
         nkp_copy_watch_free(d->copies);
         g_free(d);
 }

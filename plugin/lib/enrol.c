@@ -232,9 +232,7 @@ int nkp_vtpm_start_check(nkp_context *ctx, const NkpDomain *d)
 
 /* ---- nkpd: automatic enrolment ------------------------------------------------ */
 
-/* An nkpctl vm encrypt/decrypt/rekey --deep of the VM is running (its lock
- * is held) or was interrupted (a journal is left): see journal.c. */
-static bool conversion_pending(nkp_context *ctx, const NkpDomain *d)
+bool nkp_vm_conversion_pending(nkp_context *ctx, const NkpDomain *d)
 {
         g_autofree char *journal = nkp_journal_path(ctx, d->uuid);
         if (access(journal, F_OK) == 0)
@@ -297,7 +295,7 @@ int nkp_vm_auto_enrol(nkp_context *ctx, NkpVirt *v, const char *name, char **ret
                 return nkp_fail_prefix(r, "VM '%s' cannot be enrolled", name);
         if (!d->has_vtpm || d->tpm_secret)
                 return 0;
-        if (conversion_pending(ctx, d))
+        if (nkp_vm_conversion_pending(ctx, d))
                 return 0; /* nkpctl owns it now; its define would undo ours anyway */
         if (d->keysafe) {
                 for (size_t i = 0; i < nkp_keysafe_n_entries(d->keysafe); i++)
@@ -520,12 +518,15 @@ static void plain_disk_alarms(nkp_context *ctx, const NkpDomain *d, GPtrArray *d
 }
 
 /* The plain qcow2 disks of `d` that nkp would manage: empty ones into
- * `empty`, those holding data (or unreadable) into `data`. */
+ * `empty`, those holding data (or unreadable) into `data`.  A disk the
+ * keysafe holds a key for is nkp's already: a plain active layer there is
+ * a snapshot overlay (vm-plain-layer, vm-snapshot.c), not a new disk. */
 static void plain_disks(const NkpDomain *d, GPtrArray *empty, GPtrArray *data)
 {
         for (guint i = 0; i < d->disks->len; i++) {
                 const NkpDomainDisk *disk = d->disks->pdata[i];
-                if (!disk->target || disk->encryption_format || nkp_disk_unmanaged_reason(disk))
+                if (!disk->target || disk->encryption_format || nkp_disk_unmanaged_reason(disk) ||
+                    nkp_disk_in_keysafe(d, disk->target))
                         continue;
                 enum nkp_disk_content c = nkp_disk_content(disk->source_file, NULL);
                 g_ptr_array_add(c == NKP_DISK_CONTENT_EMPTY ? empty : data,
@@ -545,7 +546,7 @@ int nkp_vm_auto_enrol_disks(nkp_context *ctx, nkp_virt *v, const char *name, cha
         }
         if (r < 0)
                 return nkp_fail_prefix(r, "The disks of VM '%s' cannot be checked", name);
-        if (!d->keysafe || conversion_pending(ctx, d))
+        if (!d->keysafe || nkp_vm_conversion_pending(ctx, d))
                 return 0; /* not nkp's VM; or nkpctl owns it now */
         g_autoptr(GPtrArray) empty = g_ptr_array_new_with_free_func(g_free);
         g_autoptr(GPtrArray) data = g_ptr_array_new_with_free_func(g_free);

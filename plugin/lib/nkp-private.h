@@ -975,10 +975,36 @@ char *nkp_disk_chain_opts(GPtrArray *layers, guint from, const char *file, bool 
 
 /* vm status: "TARGET PATH" (g_free) of each plain layer of `d`'s nkp disks
  * into `out`, from the live definition when the VM runs (a snapshot of a
- * running VM), else from `xml` (the persistent one); a vm-plain-layer alarm
- * when there is one (unless [disks] allow_plain_layers).  Never fails. */
+ * running VM) and from `xml` (the persistent one); the vm-plain-layer
+ * alarm as nkp_vm_plain_layer_alarm.  Never fails. */
 void nkp_vm_status_add_plain_layers(nkp_context *ctx, NkpVirt *v, const NkpDomain *d,
                                     const char *xml, GPtrArray *out);
+
+/* The vm-plain-layer alarm (subject: the VM's name) of `d`, from its
+ * persistent definition `xml` and its running one `live` (NULL when shut
+ * off): raised naming the first plain layer of an nkp disk's chain and both
+ * fixes (not raised again when open with the same message), cleared when
+ * neither XML has one.  Raised whatever [disks] allow_plain_layers says:
+ * that key only lets such a VM start, the guest's data is in clear all the
+ * same (the message then does not announce a refusal).  Each plain layer
+ * appended to `out` (may be NULL) as "TARGET PATH" (g_free), each path
+ * once.  Returns how many; -EBADMSG when an XML cannot be read (nothing
+ * raised or cleared). */
+int nkp_vm_plain_layer_alarm(nkp_context *ctx, const NkpDomain *d, const char *xml,
+                             const char *live, GPtrArray *out);
+
+/* nkpd's look at the disk chains of domain `name` (issue 16), after libvirt
+ * rewrote its persistent or its running definition (a disk-only snapshot
+ * made behind nkp's back): nkp_vm_plain_layer_alarm on both.  Nothing for
+ * a domain gone, not nkp's, or whose lock nkpctl holds (or left a
+ * journal).  Returns how many plain layers, `ret_note` (may be NULL) set
+ * when the alarm was not open before; errors of libvirt and -EBADMSG, naming the VM. */
+int nkp_vm_watch_plain_layers(nkp_context *ctx, NkpVirt *v, const char *name, char **ret_note);
+
+/* An nkpctl vm encrypt/decrypt/rekey --deep/snapshot/encrypt-layer of `d`
+ * is running (its lock is held) or was interrupted (a journal is left):
+ * see journal.c; enrol.c. */
+bool nkp_vm_conversion_pending(nkp_context *ctx, const NkpDomain *d);
 
 /* 1 when `path` is a qcow2 whose header says LUKS, 0 another qcow2,
  * -EMEDIUMTYPE not qcow2, -errno unreadable (no message). */

@@ -876,27 +876,122 @@ out:
         return r;
 }
 
+/* The alarm's message: the same whoever raises it (vm status, nkpd), naming
+ * both fixes: encrypting the layer in place needs the VM shut off; a
+ * blockcommit folds it into the encrypted layer below while it runs. */
+static char *plain_layer_message(const nkp_context *ctx, const char *vm, const NkpDiskLayer *l)
+{
+        return g_strdup_printf(
+                "VM '%s': its disk %s has a plain (unencrypted) layer '%s', made behind nkp's "
+                "back (virsh snapshot-create-as?), so the guest's writes land in it in clear; "
+                "shut the VM off and encrypt it in place (nkpctl vm encrypt-layer '%s' '%s'), "
+                "or commit it into the encrypted layer below (virsh blockcommit '%s' %s "
+                "--active --pivot --wait, then delete the file)%s",
+                vm, l->target, l->path, vm, l->path, vm, l->target,
+                ctx->disks_allow_plain_layers ? ""
+                                              : "; until then its next start is refused");
+}
+
+/* True when alarm (kind, subject) is recorded with `message` already (any
+ * message when NULL): nkpd looks at every rewrite of a definition, and
+ * each raise is also a journal entry. */
+static bool alarm_open(nkp_context *ctx, const char *kind, const char *subject,
+                       const char *message)
+{
+        nkp_alarm **list = NULL;
+        size_t n = 0;
+        bool open = false;
+        if (nkp_alarm_list(ctx, &list, &n) < 0)
+                return false;
+        for (size_t i = 0; i < n && !open; i++)
+                open = strcmp(nkp_alarm_kind(list[i]), kind) == 0 &&
+                       strcmp(nkp_alarm_subject(list[i]), subject) == 0 &&
+                       (!message || g_strcmp0(nkp_alarm_message(list[i]), message) == 0);
+        nkp_alarm_list_free(list, n);
+        return open;
+}
+
+static bool has_layer(GPtrArray *layers, const char *path)
+{
+        for (guint i = 0; i < layers->len; i++)
+                if (strcmp(((NkpDiskLayer *) layers->pdata[i])->path, path) == 0)
+                        return true;
+        return false;
+}
+
+int nkp_vm_plain_layer_alarm(nkp_context *ctx, const NkpDomain *d, const char *xml,
+                             const char *live, GPtrArray *out)
+{
+        g_autoptr(GPtrArray) plain = g_ptr_array_new_with_free_func(nkp_disk_layer_free);
+        const char *texts[] = { live, xml };
+        for (guint t = 0; t < G_N_ELEMENTS(texts); t++) {
+                g_autoptr(GPtrArray) some = NULL;
+                if (!texts[t])
+                        continue;
+                int r = nkp_vm_disk_chain_plain_layers(d, texts[t], strlen(texts[t]), &some);
+                if (r < 0)
+                        return r;
+                for (guint k = 0; k < some->len; k++) {
+                        NkpDiskLayer *l = some->pdata[k];
+                        if (has_layer(plain, l->path))
+                                continue;
+                        some->pdata[k] = NULL; /* moved */
+                        g_ptr_array_add(plain, l);
+                }
+        }
+        for (guint i = 0; out && i < plain->len; i++) {
+                const NkpDiskLayer *l = plain->pdata[i];
+                g_ptr_array_add(out, g_strdup_printf("%s %s", l->target, l->path));
+        }
+        if (plain->len == 0) {
+                (void) nkp_alarm_clear(ctx, "vm-plain-layer", d->name);
+                nkp_error_clear();
+                return 0;
+        }
+        g_autofree char *msg = plain_layer_message(ctx, d->name, plain->pdata[0]);
+        if (!alarm_open(ctx, "vm-plain-layer", d->name, msg) &&
+            nkp_alarm_raise(ctx, "vm-plain-layer", d->name, msg) < 0)
+                nkp_log(NKP_LOG_WARNING, "%s", nkp_error_message());
+        nkp_error_clear();
+        return (int) plain->len;
+}
+
 void nkp_vm_status_add_plain_layers(nkp_context *ctx, NkpVirt *v, const NkpDomain *d,
                                     const char *xml, GPtrArray *out)
 {
         g_autofree char *live = NULL;
-        if (nkp_virt_domain_is_active(v, d->name) > 0 &&
-            nkp_virt_domain_xml(v, d->name, false, &live) == 0)
-                xml = live;
-        g_autoptr(GPtrArray) plain = NULL;
-        if (xml && nkp_vm_disk_chain_plain_layers(d, xml, strlen(xml), &plain) == 0)
-                for (guint i = 0; i < plain->len; i++) {
-                        const NkpDiskLayer *l = plain->pdata[i];
-                        g_ptr_array_add(out, g_strdup_printf("%s %s", l->target, l->path));
-                }
-        /* The alarm as soon as anyone looks, not only at the next start
-         * (libvirt 9.0 sends nkpd no event for a snapshot). */
-        if (out->len > 0 && !ctx->disks_allow_plain_layers) {
-                g_autofree char *msg = g_strdup_printf(
-                        "VM '%s': disk layer '%s' is not encrypted (a snapshot made behind "
-                        "nkp's back); its next start is refused until nkpctl vm encrypt-layer",
-                        d->name, strchr(out->pdata[0], ' ') + 1);
-                (void) nkp_alarm_raise(ctx, "vm-plain-layer", d->name, msg);
-        }
+        if (nkp_virt_domain_is_active(v, d->name) > 0)
+                (void) nkp_virt_domain_xml(v, d->name, false, &live);
+        /* The alarm as soon as anyone looks (nkpd raises it too, on the
+         * definitions libvirt rewrites: nkp_vm_watch_plain_layers). */
+        (void) nkp_vm_plain_layer_alarm(ctx, d, xml, live, out);
         nkp_error_clear();
+}
+
+int nkp_vm_watch_plain_layers(nkp_context *ctx, NkpVirt *v, const char *name, char **ret_note)
+{
+        g_autofree char *xml = NULL, *live = NULL;
+        g_autoptr(NkpDomain) d = NULL;
+        int r = nkp_vm_definition(v, name, &xml, &d);
+        if (r == -ENOENT) {
+                nkp_error_clear();
+                return 0; /* gone meanwhile */
+        }
+        if (r < 0)
+                return nkp_fail_prefix(r, "The disk chains of VM '%s' cannot be checked", name);
+        if (!d->keysafe || nkp_vm_conversion_pending(ctx, d))
+                return 0; /* not nkp's VM; or nkpctl is changing its chains right now */
+        if (nkp_virt_domain_is_active(v, name) > 0 &&
+            nkp_virt_domain_xml(v, name, false, &live) < 0)
+                nkp_error_clear(); /* stopped meanwhile: the definition says it all */
+        g_autoptr(GPtrArray) found = g_ptr_array_new_with_free_func(g_free);
+        bool was_open = alarm_open(ctx, "vm-plain-layer", name, NULL);
+        r = nkp_vm_plain_layer_alarm(ctx, d, xml, live, found);
+        if (r < 0)
+                return nkp_fail_prefix(r, "The disk chains of VM '%s' cannot be checked", name);
+        if (r > 0 && !was_open && ret_note) /* said once, not at every rewrite */
+                *ret_note = g_strdup_printf("VM '%s': plain (unencrypted) disk layer '%s' in its "
+                                            "chain: alarm vm-plain-layer",
+                                            name, strchr(found->pdata[0], ' ') + 1);
+        return r;
 }
