@@ -129,8 +129,9 @@ sync; sleep 1
 st=$(nk vm status g2) || fail "vm status g2"
 echo "# $st"
 grep -q "g2: disk vda has a plain layer '$p1': nkpctl vm encrypt-layer 'g2' '$p1'" <<<"$st" || fail "vm status does not name the plain layer: $st"
-nk --json vm status g2 | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["plain_layers"]==["vda '"$p1"'"], d' \
-    || fail "vm status --json plain_layers"
+nk --json vm status g2 | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["plain_layers"]==["vda '"$p1"'"], d
+vda=[x for x in d["disks"] if x["target"]=="vda"][0]; assert vda["state"]=="plain-layer", vda' \
+    || fail "vm status --json: plain_layers, and vda's state plain-layer (not a new plain disk)"
 lab_virsh a destroy g2 >/dev/null
 lab_wait_domstate a g2 "shut off" 30 || fail "g2 not shut off"
 err=$(lab_virsh a start g2 2>&1) && fail "g2 started with a plain layer"

@@ -388,6 +388,9 @@ const char *nkp_vm_status_plain_layer(const nkp_vm_status *s, size_t i);
  *   "plain-data"         a plain qcow2 file that holds data (or has a
  *                        backing file): for an nkp VM a vm-plain-disk
  *                        alarm, and the note names the fix
+ *   "plain-layer"        a disk nkp keys whose active layer is a plain
+ *                        overlay (a snapshot made behind nkp's back: the
+ *                        vm-plain-layer alarm; fix: nkp_vm_encrypt_layer)
  *   "plain"              a plain qcow2 file not read (nkp_vm_list does not
  *                        read disks) or unreadable (the note says why)
  *   "not-managed"        not a file-backed qcow2 disk (note: "cdrom",

@@ -258,6 +258,16 @@ static void disks_of(nkp_context *ctx, const NkpDomain *d, bool running, bool pr
                 } else if (unmanaged) {
                         sd->state = "not-managed";
                         sd->note = g_strdup(unmanaged);
+                } else if (disk->target && d->keysafe && nkp_disk_in_keysafe(d, disk->target)) {
+                        /* A disk nkp keys whose active layer is plain: a
+                         * snapshot overlay made behind nkp's back, not a new
+                         * disk (vm-snapshot.c; its own line and alarm). */
+                        sd->state = "plain-layer";
+                        sd->note = g_strdup_printf("its active layer is plain (a snapshot made "
+                                                   "behind nkp's back, alarm vm-plain-layer); "
+                                                   "with the VM shut off: nkpctl vm "
+                                                   "encrypt-layer '%s' FILE",
+                                                   d->name);
                 } else if (!probe || !disk->target) {
                         sd->state = "plain";
                 } else {
