@@ -116,7 +116,9 @@ check "libnkp0 depends on libvirt0 and tpm2-tss (dlopened, so no shlibs dependen
 # SIGHUP the pid in /run/libvirtd.pid whose comm is libvirtd.
 if [ "$real_libvirtd" = 0 ]; then
         mkdir "$tmp/fake"
-        printf '#!/bin/bash\ntrap "echo HUP >>%s/hups" HUP\nwhile :; do sleep 0.1; done\n' "$tmp/fake" >"$tmp/fake/libvirtd"
+        # Python, not bash: bash cannot trap a signal ignored when it
+        # started (a run under nohup), Python's signal() can.
+        printf '#!/usr/bin/python3\nimport signal, time\nsignal.signal(signal.SIGHUP, lambda *a: open("%s/hups", "a").write("HUP\\n"))\nwhile True:\n    time.sleep(0.1)\n' "$tmp/fake" >"$tmp/fake/libvirtd"
         chmod +x "$tmp/fake/libvirtd"
         "$tmp/fake/libvirtd" & fake_pid=$!
         echo "$fake_pid" >/run/libvirtd.pid
