@@ -327,6 +327,10 @@ int nkp_store_entry_new(nkp_context *ctx, const char *name, const char *key_id, 
  * -EEXIST name taken, -ENOSPC 32 providers already.  Then puts the KDK into
  * the key cache.  On error nothing is written. */
 int nkp_store_add(nkp_context *ctx, NkpStoreEntry *entry, const nkp_secret *kdk);
+/* nkp_store_add() for a new provider: on success *ret (if not NULL) gets
+ * the provider `entry` describes, freed with nkp_provider_free(). */
+int nkp_store_add_provider(nkp_context *ctx, NkpStoreEntry *entry, const nkp_secret *kdk,
+                           nkp_provider **ret);
 
 /* Provider `name`, else the host's default.  -ENOENT (with the fix). */
 int nkp_provider_pick(nkp_context *ctx, const char *name, nkp_provider **ret);
