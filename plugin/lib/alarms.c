@@ -326,3 +326,18 @@ int64_t nkp_alarm_since(const nkp_alarm *a)
 {
         return a->since;
 }
+
+bool nkp_alarm_open(nkp_context *ctx, const char *kind, const char *subject, const char *message)
+{
+        nkp_alarm **list = NULL;
+        size_t n = 0;
+        bool open = false;
+        if (nkp_alarm_list(ctx, &list, &n) < 0)
+                return false;
+        for (size_t i = 0; i < n && !open; i++)
+                open = strcmp(nkp_alarm_kind(list[i]), kind) == 0 &&
+                       (!subject || strcmp(nkp_alarm_subject(list[i]), subject) == 0) &&
+                       (!message || g_strcmp0(nkp_alarm_message(list[i]), message) == 0);
+        nkp_alarm_list_free(list, n);
+        return open;
+}

@@ -87,33 +87,32 @@ static const char *pw_str(const nkp_secret *pw)
 }
 
 /* OpenSSL's PKCS12_add_secret() wants a NID for the secret type: register
- * our OID once per process (no names, so nothing can clash). */
+ * our OID once per process (no names, so nothing can clash); `once` and
+ * `nid` are the caller's statics for that OID. */
+static int oid_nid(const char *oid, gsize *once, int *nid)
+{
+        if (g_once_init_enter(once)) {
+                int n = OBJ_txt2nid(oid);
+                if (n == NID_undef)
+                        n = OBJ_create(oid, NULL, NULL);
+                *nid = n;
+                g_once_init_leave(once, 1);
+        }
+        return *nid;
+}
+
 static int secret_nid(void)
 {
         static gsize once = 0;
         static int nid = NID_undef;
-        if (g_once_init_enter(&once)) {
-                int n = OBJ_txt2nid(NKP_OID_SECRET_KDK);
-                if (n == NID_undef)
-                        n = OBJ_create(NKP_OID_SECRET_KDK, NULL, NULL);
-                nid = n;
-                g_once_init_leave(&once, 1);
-        }
-        return nid;
+        return oid_nid(NKP_OID_SECRET_KDK, &once, &nid);
 }
 
 static int share_nid(void)
 {
         static gsize once = 0;
         static int nid = NID_undef;
-        if (g_once_init_enter(&once)) {
-                int n = OBJ_txt2nid(NKP_OID_SECRET_SHARE);
-                if (n == NID_undef)
-                        n = OBJ_create(NKP_OID_SECRET_SHARE, NULL, NULL);
-                nid = n;
-                g_once_init_leave(&once, 1);
-        }
-        return nid;
+        return oid_nid(NKP_OID_SECRET_SHARE, &once, &nid);
 }
 
 static bool add_utf8_attr(PKCS12_SAFEBAG *bag, const char *oid, const char *value)

@@ -575,26 +575,13 @@ int nkp_daemon_new(nkp_context *ctx, const char *uri, unsigned flags, nkp_daemon
         return 0;
 }
 
-static bool vm_locked_open(nkp_context *ctx)
-{
-        nkp_alarm **list = NULL;
-        size_t n = 0;
-        bool open = false;
-        if (nkp_alarm_list(ctx, &list, &n) < 0)
-                return false;
-        for (size_t i = 0; i < n && !open; i++)
-                open = strcmp(nkp_alarm_kind(list[i]), "vm-locked") == 0;
-        nkp_alarm_list_free(list, n);
-        return open;
-}
-
 /* The retry of locked VMs, with backoff (see UNLOCK_DELAY_MIN). */
 static void retry_unlock(nkp_daemon *d)
 {
         gint64 now = g_get_monotonic_time();
         if (now < d->next_unlock)
                 return;
-        if (!vm_locked_open(d->ctx)) {
+        if (!nkp_alarm_open(d->ctx, "vm-locked", NULL, NULL)) {
                 d->unlock_delay = UNLOCK_DELAY_MIN;
                 d->next_unlock = now + UNLOCK_DELAY_MIN;
                 nkp_error_clear();

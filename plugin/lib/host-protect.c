@@ -115,6 +115,18 @@ static int record_load(nkp_context *ctx, HostKeyRecord **ret)
         return 0;
 }
 
+/* record_load() where no record is fine: 1 with *ret, 0 (no message, *ret
+ * left NULL) when nothing was ever protected, or a negative errno. */
+static int record_load_if_any(nkp_context *ctx, HostKeyRecord **ret)
+{
+        int r = record_load(ctx, ret);
+        if (r == -ENOENT) {
+                nkp_error_clear();
+                return 0;
+        }
+        return r < 0 ? r : 1;
+}
+
 static int record_save(nkp_context *ctx, const HostKeyRecord *rec)
 {
         g_autoptr(GKeyFile) kf = g_key_file_new();
@@ -237,12 +249,8 @@ static int load_key_locked(nkp_context *ctx, const HostKeyRecord *rec)
 int nkp_host_key_load(nkp_context *ctx)
 {
         g_autoptr(HostKeyRecord) rec = NULL;
-        int r = record_load(ctx, &rec);
-        if (r == -ENOENT) {
-                nkp_error_clear();
-                return 0;
-        }
-        if (r < 0)
+        int r = record_load_if_any(ctx, &rec);
+        if (r <= 0)
                 return r;
         if (rec->dirs->len == 0)
                 return 0;
@@ -252,12 +260,8 @@ int nkp_host_key_load(nkp_context *ctx)
 int nkp_hostkey_dir_ready(nkp_context *ctx, const char *dir, bool load)
 {
         g_autoptr(HostKeyRecord) rec = NULL;
-        int r = record_load(ctx, &rec);
-        if (r == -ENOENT) {
-                nkp_error_clear();
-                return 0;
-        }
-        if (r < 0)
+        int r = record_load_if_any(ctx, &rec);
+        if (r <= 0)
                 return r;
         if (!record_has_dir(rec, dir))
                 return 0;
@@ -650,13 +654,11 @@ static char *locked_dirs(const HostKeyRecord *rec)
 int nkp_hostkey_start_check(nkp_context *ctx, const char *vm_name)
 {
         g_autoptr(HostKeyRecord) rec = NULL;
-        int r = record_load(ctx, &rec);
-        if (r == -ENOENT) {
-                nkp_error_clear();
-                return 0;
-        }
+        int r = record_load_if_any(ctx, &rec);
         if (r < 0)
                 return nkp_fail_prefix(r, "VM '%s' cannot start", vm_name);
+        if (r == 0)
+                return 0;
         g_autofree char *locked = locked_dirs(rec);
         if (!locked)
                 return 0;
@@ -799,13 +801,9 @@ const char *nkp_hostkey_status_fstrim(const nkp_hostkey_status *st)
 int nkp_hostkey_fstrim_said(nkp_context *ctx)
 {
         g_autoptr(HostKeyRecord) rec = NULL;
-        int r = record_load(ctx, &rec);
-        if (r == -ENOENT) {
-                nkp_error_clear();
-                return 0;
-        }
-        if (r < 0 || rec->fstrim->len == 0)
-                return r;
+        int r = record_load_if_any(ctx, &rec);
+        if (r <= 0 || rec->fstrim->len == 0)
+                return r < 0 ? r : 0;
         g_ptr_array_set_size(rec->fstrim, 0);
         return record_save(ctx, rec);
 }

@@ -852,8 +852,13 @@ static int refuse_mixed(const char *dir, const char *what)
                         dir, what, dir, dir, dir);
 }
 
-/* Steps 4-5 (and leftovers) once `dir` is the encrypted one. */
-static int finish_protect(const char *dir, const char *tmp, const char *neu, const char *old)
+/* Steps 4-5 (and leftovers) of conversion `op` once `dir` is in its new
+ * form: the copy .nkp-(clear-)new, now holding the original, must be
+ * encrypted exactly when `new_encrypted`; otherwise `both_same` names the
+ * mix.  `stale_old` names a complete copy next to a leftover old one. */
+static int finish_conversion(const char *op, const char *dir, const char *tmp, const char *neu,
+                             const char *old, int new_encrypted, const char *both_same,
+                             const char *stale_old)
 {
         int r;
         if (path_exists(neu)) {
@@ -861,20 +866,27 @@ static int finish_protect(const char *dir, const char *tmp, const char *neu, con
                 r = path_policy(neu, id);
                 if (r < 0)
                         return r;
-                if (r == 1)
-                        return refuse_mixed(dir, "both it and its .nkp-new copy are encrypted");
+                if (r != new_encrypted)
+                        return refuse_mixed(dir, both_same);
                 if (path_exists(old))
-                        return refuse_mixed(dir, "a plain .nkp-new and a .nkp-old");
+                        return refuse_mixed(dir, stale_old);
                 r = do_rename(neu, old, 0);
                 if (r < 0)
                         return r;
-                nkp_test_crash_point("protect-old-named");
+                crash_point(op, "old-named");
         }
-        if (path_exists(tmp) && (r = remove_tree(tmp, OP_PROTECT)) < 0)
+        if (path_exists(tmp) && (r = remove_tree(tmp, op)) < 0)
                 return r;
-        if (path_exists(old) && (r = remove_tree(old, OP_PROTECT)) < 0)
+        if (path_exists(old) && (r = remove_tree(old, op)) < 0)
                 return r;
         return 0;
+}
+
+static int finish_protect(const char *dir, const char *tmp, const char *neu, const char *old)
+{
+        return finish_conversion(OP_PROTECT, dir, tmp, neu, old, 0,
+                                 "both it and its .nkp-new copy are encrypted",
+                                 "a plain .nkp-new and a .nkp-old");
 }
 
 static int check_dir_path(const char *dir)
@@ -895,6 +907,17 @@ static bool any_sibling(const char *dir, const char *const suffixes[3])
                         return true;
         }
         return false;
+}
+
+/* lstat()s `dir` into `st`: 0 when it is a directory; else -EUCLEAN when
+ * its copy `neu` or `old` exists (an interrupted conversion), -ENOTDIR. */
+static int stat_conversion_dir(const char *dir, const char *neu, const char *old, struct stat *st)
+{
+        if (lstat(dir, st) == 0 && S_ISDIR(st->st_mode))
+                return 0;
+        return path_exists(neu) || path_exists(old)
+                       ? refuse_mixed(dir, "the directory itself is missing")
+                       : nkp_fail(-ENOTDIR, "'%s' is not a directory.", dir);
 }
 
 static const char *const protect_suffixes[3] = { SUFFIX_TMP, SUFFIX_NEW, SUFFIX_OLD };
@@ -956,12 +979,9 @@ int nkp_hostkey_protect_dir(const char *dir, const uint8_t identifier[NKP_FSCRYP
         g_autofree char *tmp = g_strconcat(dir, SUFFIX_TMP, NULL);
         g_autofree char *neu = g_strconcat(dir, SUFFIX_NEW, NULL);
         g_autofree char *old = g_strconcat(dir, SUFFIX_OLD, NULL);
-
         struct stat st;
-        if (lstat(dir, &st) < 0 || !S_ISDIR(st.st_mode))
-                return path_exists(neu) || path_exists(old)
-                               ? refuse_mixed(dir, "the directory itself is missing")
-                               : nkp_fail(-ENOTDIR, "'%s' is not a directory.", dir);
+        if ((r = stat_conversion_dir(dir, neu, old, &st)) < 0)
+                return r;
 
         uint8_t id[NKP_FSCRYPT_ID_SIZE];
         r = path_policy(dir, id);
@@ -1038,26 +1058,9 @@ int nkp_hostkey_protect_dir(const char *dir, const uint8_t identifier[NKP_FSCRYP
 
 static int finish_unprotect(const char *dir, const char *tmp, const char *neu, const char *old)
 {
-        int r;
-        if (path_exists(neu)) {
-                uint8_t id[NKP_FSCRYPT_ID_SIZE];
-                r = path_policy(neu, id);
-                if (r < 0)
-                        return r;
-                if (r == 0)
-                        return refuse_mixed(dir, "both it and its .nkp-clear-new copy are plain");
-                if (path_exists(old))
-                        return refuse_mixed(dir, "an encrypted .nkp-clear-new and a .nkp-clear-old");
-                r = do_rename(neu, old, 0);
-                if (r < 0)
-                        return r;
-                crash_point(OP_UNPROTECT, "old-named");
-        }
-        if (path_exists(tmp) && (r = remove_tree(tmp, OP_UNPROTECT)) < 0)
-                return r;
-        if (path_exists(old) && (r = remove_tree(old, OP_UNPROTECT)) < 0)
-                return r;
-        return 0;
+        return finish_conversion(OP_UNPROTECT, dir, tmp, neu, old, 1,
+                                 "both it and its .nkp-clear-new copy are plain",
+                                 "an encrypted .nkp-clear-new and a .nkp-clear-old");
 }
 
 int nkp_hostkey_unprotect_dir(const char *dir, const uint8_t identifier[NKP_FSCRYPT_ID_SIZE])
@@ -1073,12 +1076,9 @@ int nkp_hostkey_unprotect_dir(const char *dir, const uint8_t identifier[NKP_FSCR
         g_autofree char *tmp = g_strconcat(dir, SUFFIX_CLEAR_TMP, NULL);
         g_autofree char *neu = g_strconcat(dir, SUFFIX_CLEAR_NEW, NULL);
         g_autofree char *old = g_strconcat(dir, SUFFIX_CLEAR_OLD, NULL);
-
         struct stat st;
-        if (lstat(dir, &st) < 0 || !S_ISDIR(st.st_mode))
-                return path_exists(neu) || path_exists(old)
-                               ? refuse_mixed(dir, "the directory itself is missing")
-                               : nkp_fail(-ENOTDIR, "'%s' is not a directory.", dir);
+        if ((r = stat_conversion_dir(dir, neu, old, &st)) < 0)
+                return r;
         uint8_t id[NKP_FSCRYPT_ID_SIZE];
         r = path_policy(dir, id);
         if (r < 0)

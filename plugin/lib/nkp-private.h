@@ -327,9 +327,21 @@ int nkp_store_entry_new(nkp_context *ctx, const char *name, const char *key_id, 
  * -EEXIST name taken, -ENOSPC 32 providers already.  Then puts the KDK into
  * the key cache.  On error nothing is written. */
 int nkp_store_add(nkp_context *ctx, NkpStoreEntry *entry, const nkp_secret *kdk);
+/* nkp_store_add() for a new provider: on success *ret (if not NULL) gets
+ * the provider `entry` describes, freed with nkp_provider_free(). */
+int nkp_store_add_provider(nkp_context *ctx, NkpStoreEntry *entry, const nkp_secret *kdk,
+                           nkp_provider **ret);
 
 /* Provider `name`, else the host's default.  -ENOENT (with the fix). */
 int nkp_provider_pick(nkp_context *ctx, const char *name, nkp_provider **ret);
+
+/* ---- alarms.c ------------------------------------------------------------- */
+
+/* True when an alarm of `kind` is listed for `subject` with `message`
+ * (NULL: any subject, any message).  nkpd looks at every rewrite of a
+ * definition, and each raise is also a journal entry.  False (with
+ * nkp_alarm_list's error) when the alarms cannot be read. */
+bool nkp_alarm_open(nkp_context *ctx, const char *kind, const char *subject, const char *message);
 
 /* ---- ekca.c: the provider's EK CA ---------------------------------------- */
 /* See plugin/lib/ekca.c for the derivation and the certificate profiles. */

@@ -282,6 +282,18 @@ out:
         return r;
 }
 
+int nkp_store_add_provider(nkp_context *ctx, NkpStoreEntry *entry, const nkp_secret *kdk,
+                           nkp_provider **ret)
+{
+        nkp_provider *p = nkp_provider_from_entry(entry);
+        int r = nkp_store_add(ctx, entry, kdk);
+        if (r < 0 || !ret)
+                nkp_provider_free(p);
+        else
+                *ret = p;
+        return r;
+}
+
 /* ---- the public API -------------------------------------------------------- */
 
 int nkp_provider_create(nkp_context *ctx, const char *name, unsigned flags, nkp_provider **ret)
@@ -319,17 +331,7 @@ int nkp_provider_create(nkp_context *ctx, const char *name, unsigned flags, nkp_
         r = nkp_store_entry_new(ctx, name, key_id, flags, g_get_real_time() / G_USEC_PER_SEC, kdk, &e);
         if (r < 0)
                 return r;
-        nkp_provider *p = nkp_provider_from_entry(e);
-        r = nkp_store_add(ctx, e, kdk);
-        if (r < 0) {
-                nkp_provider_free(p);
-                return r;
-        }
-        if (ret)
-                *ret = p;
-        else
-                nkp_provider_free(p);
-        return 0;
+        return nkp_store_add_provider(ctx, e, kdk, ret);
 }
 
 int nkp_provider_get(nkp_context *ctx, const char *name, nkp_provider **ret)

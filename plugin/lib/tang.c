@@ -381,17 +381,7 @@ int nkp_provider_create_bound(nkp_context *ctx, const char *name, unsigned flags
         r = entry_new_bound(ctx, name, key_id, flags, g_get_real_time() / G_USEC_PER_SEC, kdk, b, &e);
         if (r < 0)
                 return r;
-        nkp_provider *p = nkp_provider_from_entry(e);
-        r = nkp_store_add(ctx, e, kdk);
-        if (r < 0) {
-                nkp_provider_free(p);
-                return r;
-        }
-        if (ret)
-                *ret = p;
-        else
-                nkp_provider_free(p);
-        return 0;
+        return nkp_store_add_provider(ctx, e, kdk, ret);
 }
 
 int nkp_provider_rebind(nkp_context *ctx, const char *name, const char *bind, unsigned threshold)

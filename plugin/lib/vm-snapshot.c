@@ -892,25 +892,6 @@ static char *plain_layer_message(const nkp_context *ctx, const char *vm, const N
                                               : "; until then its next start is refused");
 }
 
-/* True when alarm (kind, subject) is recorded with `message` already (any
- * message when NULL): nkpd looks at every rewrite of a definition, and
- * each raise is also a journal entry. */
-static bool alarm_open(nkp_context *ctx, const char *kind, const char *subject,
-                       const char *message)
-{
-        nkp_alarm **list = NULL;
-        size_t n = 0;
-        bool open = false;
-        if (nkp_alarm_list(ctx, &list, &n) < 0)
-                return false;
-        for (size_t i = 0; i < n && !open; i++)
-                open = strcmp(nkp_alarm_kind(list[i]), kind) == 0 &&
-                       strcmp(nkp_alarm_subject(list[i]), subject) == 0 &&
-                       (!message || g_strcmp0(nkp_alarm_message(list[i]), message) == 0);
-        nkp_alarm_list_free(list, n);
-        return open;
-}
-
 static bool has_layer(GPtrArray *layers, const char *path)
 {
         for (guint i = 0; i < layers->len; i++)
@@ -949,7 +930,7 @@ int nkp_vm_plain_layer_alarm(nkp_context *ctx, const NkpDomain *d, const char *x
                 return 0;
         }
         g_autofree char *msg = plain_layer_message(ctx, d->name, plain->pdata[0]);
-        if (!alarm_open(ctx, "vm-plain-layer", d->name, msg) &&
+        if (!nkp_alarm_open(ctx, "vm-plain-layer", d->name, msg) &&
             nkp_alarm_raise(ctx, "vm-plain-layer", d->name, msg) < 0)
                 nkp_log(NKP_LOG_WARNING, "%s", nkp_error_message());
         nkp_error_clear();
@@ -985,7 +966,7 @@ int nkp_vm_watch_plain_layers(nkp_context *ctx, NkpVirt *v, const char *name, ch
             nkp_virt_domain_xml(v, name, false, &live) < 0)
                 nkp_error_clear(); /* stopped meanwhile: the definition says it all */
         g_autoptr(GPtrArray) found = g_ptr_array_new_with_free_func(g_free);
-        bool was_open = alarm_open(ctx, "vm-plain-layer", name, NULL);
+        bool was_open = nkp_alarm_open(ctx, "vm-plain-layer", name, NULL);
         r = nkp_vm_plain_layer_alarm(ctx, d, xml, live, found);
         if (r < 0)
                 return nkp_fail_prefix(r, "The disk chains of VM '%s' cannot be checked", name);
