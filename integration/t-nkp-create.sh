@@ -20,38 +20,17 @@
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
 set -euo pipefail
 source "$(dirname "$0")/lib/test.sh"
+source "$(dirname "$0")/lib/create.sh"
 lab_test t-nkp-create "virt-install/virsh create of vTPM VMs: host key, nkpd enrolment, conversion at the next start" \
     --needs virt-install --needs python3 --needs mkfs.ext4 \
     --built libvirt-hooks/nkp-hook --built plugin/nkpd/nkpd
-BUILD=$NKP_BUILD_DIR
 nk() { lab_exec a nkpctl "$@"; }
-has_keysafe() { lab_virsh a dumpxml --inactive "$1" | grep_q 'nkp.invalid/xmlns/keysafe'; }
+has_keysafe() { create_has_keysafe "$1"; }
 new_mark() { echo "NKPCREATE$(od -An -N5 -tx1 /dev/urandom | tr -d ' \n')"; }
-# state_info UUID MARK: "flag=<0|1> marker=<count>" of the vTPM state file, read in the host
-state_info() {
-    lab_exec a python3 - "/var/lib/libvirt/swtpm/$1/tpm2/tpm2-00.permall" "$2" <<'PY'
-import sys
-d = open(sys.argv[1], "rb").read()
-print("flag=%d marker=%d" % (d[5] & 1, d.count(sys.argv[2].encode())))
-PY
-}
-raw_count() { grep -a -c "$1" "$(lab_fscrypt_image a)" || true; }
+state_info() { create_state_info "$@"; }
+raw_count() { create_raw_count "$1"; }
 
-t0=$(lab_now)
-lab_test_init
-lab_at_exit nkpd_stop
-LAB_FSCRYPT_LIBVIRT=1 lab_host_create a || fail "host a"
-lab_install_nkp a "$BUILD"
-lab_host_start a || fail "host a did not start"
-set_policy enrol
-pass "host a up: /var/lib/libvirt on a loop ext4 -O encrypt ($(lab_since "$t0") s)"
-
-umask 077
-printf 'lab password create\n' > "$LAB_DIR/pw"
-nk provider create pc >/dev/null || fail "provider create"
-nk provider backup pc --out "$LAB_DIR/pc.p12" --password-file "$LAB_DIR/pw" >/dev/null || fail "provider backup"
-nk provider set-default pc >/dev/null || fail "set-default"
-nkpd_start
+create_host_up pc
 
 # ---- before host protect: virsh create refused with the line ------------------------------
 [ -n "$LAB_GUEST_KERNEL" ] || lab_guest_build
