@@ -170,9 +170,12 @@ nk a alarms clear vm-clear-copy >/dev/null
 pc=$LAB_DIR/shared/plaincopy.qcow2
 lab_virsh a blockcopy "$dom" vda "$pc" --wait --finish --transient-job >/dev/null || fail "virsh blockcopy"
 wait_alarm vm-clear-copy "vda" || fail "no alarm for virsh blockcopy: $ALARM"
+# the copy ended (--finish) before nkpd handled READY: the destination
+# comes from the status XML nkpd read while the copy ran
+grep -qF -- "$pc" <<<"$ALARM" || fail "the blockcopy alarm does not name '$pc': $ALARM"
 [ -n "$(in_clear "$pc")" ] || fail "the plain block copy holds no marker"
 echo "# alarm: $ALARM"
-pass "virsh blockcopy: vm-clear-copy alarm naming the disk"
+pass "virsh blockcopy: vm-clear-copy alarm naming the disk and its destination"
 nk a alarms clear vm-clear-copy >/dev/null
 
 # 4d. virsh dump, virsh save outside the protected directories

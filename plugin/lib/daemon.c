@@ -312,6 +312,9 @@ static void on_definitions(int watch, int fd, int events, void *opaque)
                         if (!ev->len || !g_str_has_suffix(ev->name, ".xml"))
                                 continue;
                         g_autofree char *name = g_strndup(ev->name, strlen(ev->name) - 4);
+                        /* read at once: the next write may have dropped a mirror */
+                        if (ev->wd == d->run_wd && name[0])
+                                nkp_copy_watch_status_written(d->ctx, d->copies, name);
                         if (d->virt && name[0])
                                 queue_in(ev->wd == d->run_wd ? d->pending_chains : d->pending,
                                          name);

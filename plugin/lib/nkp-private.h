@@ -1065,6 +1065,11 @@ NkpCopyWatch *nkp_copy_watch_new(void);
 void nkp_copy_watch_free(NkpCopyWatch *w);
 void nkp_copy_watch_event(NkpCopyWatch *w, const char *what, const char *name, const char *uuid,
                           const char *disk);
+/* Running VM `name`'s status XML (ROOT/run/libvirt/qemu/NAME.xml) was
+ * written: its block copies' destinations are noted, so a copy that ends
+ * before nkpd asks libvirt (virsh blockcopy --wait --finish on a small
+ * disk) is still alarmed with its file. */
+void nkp_copy_watch_status_written(nkp_context *ctx, NkpCopyWatch *w, const char *name);
 /* Looks every NKP_COPY_WATCH_IDLE_MS; true while a watched job runs: look
  * again in NKP_COPY_WATCH_BUSY_MS.  (A dump shorter than the idle look can
  * be missed: libvirt 9.0 sends no event for dumps.) */

@@ -1102,6 +1102,8 @@ struct NkpCopyWatch {
         GHashTable *alarmed; /* "uuid dump" -> non-NULL: this dump job is alarmed already */
         GHashTable *dumps;   /* uuid -> name: dump jobs seen, no file seen yet */
         GHashTable *copies;  /* "uuid disk": block copies whose READY was handled */
+        GHashTable *mirrors; /* "name disk" -> "E<file>" (encrypted) or "P<file>": block
+                              * copy destinations last seen in the VM's status XML */
         GPtrArray *pending;  /* NkpCopyEvent* */
 };
 
@@ -1130,6 +1132,7 @@ NkpCopyWatch *nkp_copy_watch_new(void)
         w->alarmed = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
         w->dumps = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
         w->copies = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
+        w->mirrors = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
         w->pending = g_ptr_array_new_with_free_func(copy_event_free);
         return w;
 }
@@ -1142,6 +1145,7 @@ void nkp_copy_watch_free(NkpCopyWatch *w)
         g_hash_table_unref(w->alarmed);
         g_hash_table_unref(w->dumps);
         g_hash_table_unref(w->copies);
+        g_hash_table_unref(w->mirrors);
         g_ptr_array_unref(w->pending);
         g_free(w);
 }
@@ -1408,6 +1412,26 @@ bool nkp_copy_watch_poll(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w)
         return busy;
 }
 
+/* The <mirror> inside the <disk> element that starts at `disk` and ends at
+ * `end` (text libvirt wrote: the live or the status XML): its file, and
+ * whether it has an <encryption>.  NULL when the disk has no mirror. */
+static char *mirror_in_disk(const char *disk, const char *end, bool *ret_encrypted)
+{
+        *ret_encrypted = false;
+        const char *m = strstr(disk, "<mirror");
+        if (!m || m > end)
+                return NULL;
+        const char *mend = strstr(m, "</mirror>");
+        const char *enc = strstr(m, "<encryption");
+        *ret_encrypted = enc && mend && enc < mend;
+        const char *f = strstr(m, "file='");
+        if (!f || (mend && f > mend) || f > end)
+                return NULL;
+        f += 6;
+        const char *q = strchr(f, '\'');
+        return q ? g_strndup(f, (gsize) (q - f)) : NULL;
+}
+
 /* The live XML's <mirror> of disk `target`: its file, and whether it has an
  * <encryption>. */
 static char *mirror_of(NkpVirt *v, const char *name, const char *target, bool *ret_encrypted)
@@ -1422,18 +1446,34 @@ static char *mirror_of(NkpVirt *v, const char *name, const char *target, bool *r
         const char *t = strstr(xml, needle);
         const char *start = t ? g_strrstr_len(xml, t - xml, "<disk ") : NULL;
         const char *end = start ? strstr(start, "</disk>") : NULL;
-        const char *m = start ? strstr(start, "<mirror") : NULL;
-        if (!m || !end || m > end)
-                return NULL;
-        const char *mend = strstr(m, "</mirror>");
-        const char *enc = strstr(m, "<encryption");
-        *ret_encrypted = enc && mend && enc < mend;
-        const char *f = strstr(m, "file='");
-        if (!f || (mend && f > mend))
-                return NULL;
-        f += 6;
-        const char *q = strchr(f, '\'');
-        return q ? g_strndup(f, (gsize) (q - f)) : NULL;
+        return end ? mirror_in_disk(start, end, ret_encrypted) : NULL;
+}
+
+void nkp_copy_watch_status_written(nkp_context *ctx, NkpCopyWatch *w, const char *name)
+{
+        g_autofree char *rel = g_strdup_printf("/run/libvirt/qemu/%s.xml", name);
+        g_autofree char *path = nkp_context_path(ctx, rel);
+        g_autofree char *xml = NULL;
+        if (!g_file_get_contents(path, &xml, NULL, NULL))
+                return; /* gone: the VM stopped */
+        /* the <domain> only: libvirt's private data (<blockjobs>) names disks too */
+        const char *dom = strstr(xml, "<domain ");
+        for (const char *disk = dom ? strstr(dom, "<disk ") : NULL; disk;
+             disk = strstr(disk + 1, "<disk ")) {
+                const char *end = strstr(disk, "</disk>");
+                const char *t = strstr(disk, "<target dev='");
+                if (!end || !t || t > end)
+                        continue;
+                t += strlen("<target dev='");
+                const char *q = strchr(t, '\'');
+                bool encrypted = false;
+                g_autofree char *file = mirror_in_disk(disk, end, &encrypted);
+                if (!q || !file)
+                        continue;
+                g_autofree char *dev = g_strndup(t, (gsize) (q - t));
+                g_hash_table_replace(w->mirrors, g_strdup_printf("%s %s", name, dev),
+                                     g_strdup_printf("%c%s", encrypted ? 'E' : 'P', file));
+        }
 }
 
 /* A save image of VM `uuid` written since `since` in one of the protected
@@ -1496,7 +1536,7 @@ static void process_backup(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w, NkpCop
         raise_clear(ctx, "vm-clear-copy", e->name, msg);
 }
 
-static void process_copy(nkp_context *ctx, NkpVirt *v, NkpCopyEvent *e)
+static void process_copy(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w, NkpCopyEvent *e)
 {
         if (!is_nkp_vm(v, e->name, true)) {
                 nkp_log(NKP_LOG_INFO, "block copy of '%s' of '%s': not an nkp VM", e->disk,
@@ -1505,6 +1545,14 @@ static void process_copy(nkp_context *ctx, NkpVirt *v, NkpCopyEvent *e)
         }
         bool encrypted = false;
         g_autofree char *file = mirror_of(v, e->name, e->disk, &encrypted);
+        /* a copy that ended before this look: its destination as the status
+         * XML named it while the copy ran */
+        g_autofree char *key = g_strdup_printf("%s %s", e->name, e->disk);
+        const char *noted = file ? NULL : g_hash_table_lookup(w->mirrors, key);
+        if (noted) {
+                encrypted = noted[0] == 'E';
+                file = g_strdup(noted + 1);
+        }
         /* claimed first, always: the claim uses nkp's mark up (vm-backup's own
          * copies are encrypted too, and a mark left over would claim the next
          * plain copy) */
@@ -1559,9 +1607,13 @@ void nkp_copy_watch_process(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w)
                         g_autofree char *key = g_strdup_printf("%s %s", e->uuid, e->disk);
                         bool end = strcmp(e->what, "copy-end") == 0;
                         if (!end || !g_hash_table_remove(w->copies, key)) {
-                                process_copy(ctx, v, e);
+                                process_copy(ctx, v, w, e);
                                 if (!end)
                                         g_hash_table_add(w->copies, g_steal_pointer(&key));
+                        }
+                        if (end) {
+                                g_autofree char *mkey = g_strdup_printf("%s %s", e->name, e->disk);
+                                g_hash_table_remove(w->mirrors, mkey);
                         }
                 }
                 else
