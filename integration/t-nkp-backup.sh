@@ -188,6 +188,16 @@ else
     fail "no alarm for virsh dump: $ALARM"
 fi
 nk a alarms clear vm-clear-save >/dev/null
+# the same with nkpd's periodic look of jobs off: the status XML libvirt
+# writes when the dump job starts is what makes nkpd look
+nkpd_stop
+NKPD_ENV="NKP_TEST_COPY_WATCH_IDLE_MS=3600000" nkpd_start
+lab_virsh a dump "$dom" "$LAB_DIR/shared/vm1b.core" --memory-only >/dev/null || fail "virsh dump (2)"
+wait_alarm vm-clear-save "$LAB_DIR/shared/vm1b.core" || fail "no alarm naming the dump without the periodic look: $ALARM"
+pass "virsh dump seen through the status XML alone (no periodic look): alarm naming the file"
+nkpd_stop
+nkpd_start
+nk a alarms clear vm-clear-save >/dev/null
 lab_virsh a save "$dom" "$LAB_DIR/shared/vm1.save" >/dev/null || fail "virsh save"
 wait_alarm vm-clear-save "saved" || fail "no alarm for virsh save: $ALARM"
 echo "# alarm: $ALARM"

@@ -3,6 +3,7 @@
 # lib/test.sh).  Host a only, its log in $LAB_DIR/nkpd.log (dumped on a
 # failure through ASSERT_ON_FAIL).
 #   nkpd_start            start the built nkpd in host a, wait until it follows libvirt
+#                         (NKPD_ENV="VAR=value ...": its test-only environment)
 #   nkpd_stop             stop it by PID (TERM, then KILL after 5 s); safe to call twice
 #   set_policy POLICY     host a's nkp.conf: no TPM, [vtpm] policy=POLICY
 # Register `lab_at_exit nkpd_stop` after lab_init so a failing test stops it too.
@@ -11,10 +12,15 @@ nkpd_pid=
 ASSERT_ON_FAIL+=('[ -z "${LAB_DIR:-}" ] || [ ! -f "$LAB_DIR/nkpd.log" ] || sed "s/^/# nkpd: /" "$LAB_DIR/nkpd.log"')
 
 nkpd_start() {
-    lab_exec a bash -c "'$NKP_BUILD_DIR/plugin/nkpd/nkpd' >>'$LAB_DIR/nkpd.log' 2>&1 & echo \$! > /run/nkpd.test.pid"
+    # a second start in one test: wait for this nkpd's own line
+    local before i
+    before=$(grep -c "following libvirt" "$LAB_DIR/nkpd.log" 2>/dev/null || true)
+    lab_exec a bash -c "env ${NKPD_ENV:-} '$NKP_BUILD_DIR/plugin/nkpd/nkpd' >>'$LAB_DIR/nkpd.log' 2>&1 & echo \$! > /run/nkpd.test.pid"
     nkpd_pid=$(cat "$(lab_path a /run)/nkpd.test.pid")
-    local i
-    for ((i = 0; i < 50; i++)); do grep -q "following libvirt" "$LAB_DIR/nkpd.log" 2>/dev/null && return 0; sleep 0.2; done
+    for ((i = 0; i < 50; i++)); do
+        [ "$(grep -c "following libvirt" "$LAB_DIR/nkpd.log" 2>/dev/null || true)" -gt "${before:-0}" ] && return 0
+        sleep 0.2
+    done
     fail "nkpd did not connect to libvirt"
 }
 

@@ -313,8 +313,9 @@ static void on_definitions(int watch, int fd, int events, void *opaque)
                                 continue;
                         g_autofree char *name = g_strndup(ev->name, strlen(ev->name) - 4);
                         /* read at once: the next write may have dropped a mirror */
-                        if (ev->wd == d->run_wd && name[0])
-                                nkp_copy_watch_status_written(d->ctx, d->copies, name);
+                        if (ev->wd == d->run_wd && name[0] &&
+                            nkp_copy_watch_status_written(d->ctx, d->copies, name))
+                                d->next_poll = 0; /* a job started or ended: look now */
                         if (d->virt && name[0])
                                 queue_in(ev->wd == d->run_wd ? d->pending_chains : d->pending,
                                          name);
@@ -351,6 +352,12 @@ static void watch_running(nkp_daemon *d)
                 nkp_log(NKP_LOG_INFO, "cannot watch '%s' (%s): a plain snapshot layer of a "
                                       "transient VM is seen by vm status and at start only",
                         dir, g_strerror(errno));
+}
+
+static int copy_watch_idle_ms(void)
+{
+        const char *t = g_getenv("NKP_TEST_COPY_WATCH_IDLE_MS");
+        return t ? (int) g_ascii_strtoull(t, NULL, 10) : NKP_COPY_WATCH_IDLE_MS;
 }
 
 static void queue_copy(nkp_daemon *d, virDomainPtr dom, const char *what, const char *disk)
@@ -630,7 +637,7 @@ int nkp_daemon_iterate(nkp_daemon *d)
                 if (g_get_monotonic_time() >= d->next_poll) {
                         int ms = nkp_copy_watch_poll(d->ctx, d->virt, d->copies)
                                          ? NKP_COPY_WATCH_BUSY_MS
-                                         : NKP_COPY_WATCH_IDLE_MS;
+                                         : copy_watch_idle_ms();
                         d->next_poll = g_get_monotonic_time() + (gint64) ms * 1000;
                         virEventUpdateTimeout(d->tick_timer, ms); /* wake for the next look */
                 }

@@ -1068,11 +1068,14 @@ void nkp_copy_watch_event(NkpCopyWatch *w, const char *what, const char *name, c
 /* Running VM `name`'s status XML (ROOT/run/libvirt/qemu/NAME.xml) was
  * written: its block copies' destinations are noted, so a copy that ends
  * before nkpd asks libvirt (virsh blockcopy --wait --finish on a small
- * disk) is still alarmed with its file. */
-void nkp_copy_watch_status_written(nkp_context *ctx, NkpCopyWatch *w, const char *name);
-/* Looks every NKP_COPY_WATCH_IDLE_MS; true while a watched job runs: look
- * again in NKP_COPY_WATCH_BUSY_MS.  (A dump shorter than the idle look can
- * be missed: libvirt 9.0 sends no event for dumps.) */
+ * disk) is still alarmed with its file; a dump job in it is noted (alarmed
+ * at the next look even if it has ended).  True when the status XML shows
+ * a dump, save or backup job: look at the jobs now (nkp_copy_watch_poll). */
+bool nkp_copy_watch_status_written(nkp_context *ctx, NkpCopyWatch *w, const char *name);
+/* Looks every NKP_COPY_WATCH_IDLE_MS (NKP_TEST_COPY_WATCH_IDLE_MS in tests:
+ * proves the status-XML path alone finds a dump), and at once when a
+ * status XML shows a job; true while a watched job runs: look again in
+ * NKP_COPY_WATCH_BUSY_MS. */
 #define NKP_COPY_WATCH_IDLE_MS 500
 #define NKP_COPY_WATCH_BUSY_MS 200
 bool nkp_copy_watch_poll(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w);

@@ -1449,13 +1449,40 @@ static char *mirror_of(NkpVirt *v, const char *name, const char *target, bool *r
         return end ? mirror_in_disk(start, end, ret_encrypted) : NULL;
 }
 
-void nkp_copy_watch_status_written(nkp_context *ctx, NkpCopyWatch *w, const char *name)
+/* The text between `open` and the next `close` after it in `xml`, or NULL. */
+static char *between(const char *xml, const char *open, const char *close)
+{
+        const char *a = xml ? strstr(xml, open) : NULL;
+        const char *b = a ? strstr(a + strlen(open), close) : NULL;
+        return b ? g_strndup(a + strlen(open), (gsize) (b - a - strlen(open))) : NULL;
+}
+
+/* libvirt writes the status XML when an async job starts and ends
+ * (<job ... async='dump'>): a dump libvirt announces nowhere else is noted
+ * here, so one that ends before the next look is alarmed all the same. */
+static bool note_job(NkpCopyWatch *w, const char *name, const char *xml)
+{
+        g_autofree char *job = between(xml, "<job ", ">");
+        g_autofree char *async = job ? between(job, "async='", "'") : NULL;
+        if (!async || (strcmp(async, "dump") != 0 && strcmp(async, "save") != 0 &&
+                       strcmp(async, "backup") != 0))
+                return false;
+        g_autofree char *dom = between(xml, "<domain ", "</domain>");
+        g_autofree char *uuid = dom ? between(dom, "<uuid>", "</uuid>") : NULL;
+        g_autofree char *key = uuid ? g_strdup_printf("%s dump", uuid) : NULL;
+        if (strcmp(async, "dump") == 0 && uuid && !g_hash_table_contains(w->alarmed, key))
+                g_hash_table_replace(w->dumps, g_steal_pointer(&uuid), g_strdup(name));
+        return true;
+}
+
+bool nkp_copy_watch_status_written(nkp_context *ctx, NkpCopyWatch *w, const char *name)
 {
         g_autofree char *rel = g_strdup_printf("/run/libvirt/qemu/%s.xml", name);
         g_autofree char *path = nkp_context_path(ctx, rel);
         g_autofree char *xml = NULL;
         if (!g_file_get_contents(path, &xml, NULL, NULL))
-                return; /* gone: the VM stopped */
+                return false; /* gone: the VM stopped */
+        bool job = note_job(w, name, xml);
         /* the <domain> only: libvirt's private data (<blockjobs>) names disks too */
         const char *dom = strstr(xml, "<domain ");
         for (const char *disk = dom ? strstr(dom, "<disk ") : NULL; disk;
@@ -1474,6 +1501,7 @@ void nkp_copy_watch_status_written(nkp_context *ctx, NkpCopyWatch *w, const char
                 g_hash_table_replace(w->mirrors, g_strdup_printf("%s %s", name, dev),
                                      g_strdup_printf("%c%s", encrypted ? 'E' : 'P', file));
         }
+        return job;
 }
 
 /* A save image of VM `uuid` written since `since` in one of the protected
