@@ -3,7 +3,8 @@
  * `vm encrypt-layer`, with the REAL qemu-img and qemu-io (no VM needed) and
  * libvirt's test driver (test:///FILE, a shut-off domain).
  *
- * The chain: base.qcow2 (data 'A' in [0,1M), 'B' in [1M,2M)) encrypted by
+ * The chain (the rekey test adds a third layer vm1.s2 over s1, writing 'C'
+ * at 2M again): base.qcow2 (data 'A' in [0,1M), 'B' in [1M,2M)) encrypted by
  * nkp_vm_encrypt, then a LUKS overlay under the disk's key that
  *   - zeroes [0,64k) with write -z (a zero cluster over the base's data),
  *   - writes zeros into [64k,128k) (data that reads as zeros),
@@ -40,6 +41,8 @@ typedef struct {
         char *root;
         char *base;
         char *overlay;
+        char *top;     /* the active layer: overlay, or s2 over it */
+        unsigned below; /* layers under top */
         char *keyfile; /* the test's own copy of a hex DEK, for qemu-io */
         nkp_context *ctx;
         NkpVirt *v;
@@ -125,7 +128,7 @@ static void assert_guest_view(Fixture *f, bool keyed)
                                "read -P 0x42 1M 1M",    "read -P 0x43 2M 64k",
                                "read -P 0 2176k 1920k", NULL };
         g_autofree char *out = NULL;
-        if (qemu_io(f, f->overlay, 1, keyed, cmds, &out) != 0)
+        if (qemu_io(f, f->top, f->below, keyed, cmds, &out) != 0)
                 g_error("the chain does not read as written:\n%s", out);
 }
 
@@ -277,6 +280,43 @@ static void make_overlay(Fixture *f, bool encrypted)
         define_chain(f, uuid, encrypted);
 }
 
+/* A second LUKS overlay s2 over s1 (a third layer), writing 'C' again
+ * at 2M (the same guest view, now from the top layer). */
+static void add_third_layer(Fixture *f)
+{
+        g_autofree char *uuid = NULL;
+        g_autoptr(nkp_secret) value = NULL;
+        disk_key(f, &uuid, &value);
+        write_key(f, value);
+        g_autofree char *images = g_path_get_dirname(f->base);
+        g_autofree char *s2 = g_build_filename(images, "vm1.s2", NULL);
+        g_autofree char *obj = g_strdup_printf("secret,id=k,file=%s,format=raw", f->keyfile);
+        const char *create[] = { "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b",
+                                 f->overlay, "-F", "qcow2", "--object", obj, "-o",
+                                 "encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time=10,"
+                                 "encrypt.hash-alg=sha512",
+                                 s2, "4M", NULL };
+        g_assert_cmpint(run(create, NULL), ==, 0);
+        g_free(f->top);
+        f->top = g_strdup(s2);
+        f->below = 2;
+        const char *cmds[] = { "write -P 0x43 2M 64k", NULL };
+        g_assert_cmpint(qemu_io(f, f->top, f->below, true, cmds, NULL), ==, 0);
+        g_autofree char *xml = NULL;
+        g_autoptr(NkpDomain) d = definition(f, &xml);
+        g_autofree char *from = g_strdup_printf("file='%s'", f->overlay);
+        g_autofree char *to = g_strdup_printf("file='%s'", s2);
+        g_auto(GStrv) parts = g_strsplit(xml, from, 2); /* the disk's <source> */
+        g_autofree char *moved = g_strjoinv(to, parts);
+        g_autoptr(GPtrArray) layers = g_ptr_array_new_with_free_func(nkp_disk_layer_free);
+        g_ptr_array_add(layers, layer(s2, true, uuid));
+        g_ptr_array_add(layers, layer(f->overlay, true, uuid));
+        g_ptr_array_add(layers, layer(f->base, true, uuid));
+        g_autofree char *chained = NULL;
+        g_assert_cmpint(nkp_domain_set_disk_chain(moved, "vda", layers, &chained), ==, 0);
+        g_assert_cmpint(nkp_virt_domain_define(f->v, chained), ==, 0);
+}
+
 static void fixture_set_up(Fixture *f, gconstpointer data)
 {
         (void) data;
@@ -297,6 +337,8 @@ static void fixture_set_up(Fixture *f, gconstpointer data)
         g_assert_cmpint(g_mkdir_with_parents(images, 0700), ==, 0);
         f->base = g_build_filename(images, "vm1.qcow2", NULL);
         f->overlay = g_build_filename(images, "vm1.s1", NULL);
+        f->top = g_strdup(f->overlay);
+        f->below = 1;
         f->keyfile = g_build_filename(f->root, "key", NULL);
         const char *create[] = { "qemu-img", "create", "-q", "-f", "qcow2", f->base, "4M", NULL };
         g_assert_cmpint(run(create, NULL), ==, 0);
@@ -344,6 +386,7 @@ static void fixture_tear_down(Fixture *f, gconstpointer data)
         g_free(f->root);
         g_free(f->base);
         g_free(f->overlay);
+        g_free(f->top);
         g_free(f->keyfile);
 }
 
@@ -351,7 +394,7 @@ static void assert_no_leftovers(Fixture *f)
 {
         g_autofree char *journal = nkp_journal_path(f->ctx, VM_UUID);
         g_assert_false(g_file_test(journal, G_FILE_TEST_EXISTS));
-        const char *files[] = { f->base, f->overlay };
+        const char *files[] = { f->base, f->overlay, f->top };
         for (size_t i = 0; i < G_N_ELEMENTS(files); i++) {
                 g_autofree char *old = g_strconcat(files[i], ".nkp-old", NULL);
                 g_autofree char *new = g_strconcat(files[i], ".nkp-new", NULL);
@@ -367,10 +410,11 @@ static void assert_chain_definition(Fixture *f, const char *uuid)
         g_autoptr(NkpDomain) d = definition(f, &xml);
         g_autoptr(GPtrArray) layers = NULL;
         g_assert_cmpint(nkp_domain_disk_layers(xml, strlen(xml), "vda", &layers), ==, 0);
-        g_assert_cmpuint(layers->len, ==, 2);
+        g_assert_cmpuint(layers->len, ==, f->below + 1);
         for (guint k = 0; k < layers->len; k++) {
                 const NkpDiskLayer *l = layers->pdata[k];
-                g_assert_cmpstr(l->path, ==, k == 0 ? f->overlay : f->base);
+                g_assert_cmpstr(l->path, ==, k == f->below ? f->base
+                                             : k == f->below - 1 ? f->overlay : f->top);
                 g_assert_cmpint(l->encrypted, ==, uuid != NULL);
                 g_assert_cmpstr(l->secret_uuid, ==, uuid);
                 g_assert_cmpint(nkp_qcow2_is_luks(l->path), ==, uuid != NULL);
@@ -385,9 +429,11 @@ static void test_rekey_deep_chain(Fixture *f, gconstpointer data)
         if (!f->root)
                 return;
         make_overlay(f, true);
+        add_third_layer(f);
         g_autofree char *old_uuid = NULL;
         g_autoptr(nkp_secret) old_value = NULL;
         disk_key(f, &old_uuid, &old_value);
+        assert_chain_definition(f, old_uuid);
         assert_guest_view(f, true);
         g_autofree char *map_before = top_map(f, true);
         g_assert_cmpstr(map_before, ==, "00" "1111111111111111111111111111110" /* [0,2M) */
@@ -409,6 +455,8 @@ static void test_rekey_deep_chain(Fixture *f, gconstpointer data)
         assert_chain_definition(f, new_uuid);
         g_autofree char *backing_after = backing_name(f->overlay);
         g_assert_cmpstr(backing_after, ==, backing_before);
+        g_autofree char *top_backing = backing_name(f->top);
+        g_assert_cmpstr(top_backing, ==, f->overlay);
 
         /* The new key opens every layer; the zeroed range reads zeros. */
         write_key(f, new_value);
@@ -419,6 +467,9 @@ static void test_rekey_deep_chain(Fixture *f, gconstpointer data)
         write_key(f, old_value);
         g_assert_false(opens(f, f->base, 0));
         g_assert_false(opens(f, f->overlay, 1));
+        g_assert_false(opens(f, f->top, 2));
+        write_key(f, new_value);
+        g_assert_true(opens(f, f->base, 0));
 
         /* Decrypt: every layer plain, the chain kept, the same data. */
         g_autoptr(nkp_vm_result) dres = NULL;
