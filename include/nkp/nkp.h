@@ -211,9 +211,13 @@ int nkp_vm_encrypt(nkp_context *ctx, nkp_virt *v, const char *domain, const char
 
 /* Decrypts the shut-off VM `domain` (every object its keysafe protects back
  * to plain, the keysafe removed, its libvirt secrets undefined, its
- * vm-locked alarm cleared).  Errors as nkp_vm_encrypt, and -ENOENT not
- * encrypted by nkp, -ENOKEY / -EKEYREJECTED its provider is not here (or is
- * another key), -EBADMSG a wrapped key does not open. */
+ * vm-locked alarm cleared).  A disk with snapshots is decrypted layer by
+ * layer, each file in place, its backing link kept (docs/rekey.md "Disks
+ * with snapshots").  Errors as nkp_vm_encrypt, and -ENOENT not encrypted by
+ * nkp, -ENOKEY / -EKEYREJECTED its provider is not here (or is another key),
+ * -EBADMSG a wrapped key does not open, -EOPNOTSUPP a disk's chain has a
+ * layer that is not LUKS qcow2 under the disk's secret (the message names
+ * it and the fix). */
 int nkp_vm_decrypt(nkp_context *ctx, nkp_virt *v, const char *domain, nkp_vm_result **ret);
 
 /* `nkpctl vm create FILE.xml`: a new VM whose domain XML `xml` (with a
@@ -235,7 +239,8 @@ int nkp_vm_create(nkp_context *ctx, nkp_virt *v, const char *xml, const char *pr
 
 /* Deep rekey of the shut-off VM `domain`: new DEKs for every object under a
  * new keysafe and new secret UUIDs, the vTPM state and every disk
- * re-encrypted, under `provider` (NULL: the VM's own).  Errors as
+ * re-encrypted (every layer of a disk with snapshots, as nkp_vm_decrypt),
+ * under `provider` (NULL: the VM's own).  Errors as
  * nkp_vm_decrypt; -ENOKEY also when the VM's own provider is not in the
  * store; -EUCLEAN a key in the keysafe for an object the VM no longer has. */
 int nkp_vm_rekey_deep(nkp_context *ctx, nkp_virt *v, const char *domain, const char *provider,

@@ -897,6 +897,24 @@ int nkp_tool_run(const NkpToolRun *run, char **ret_err);
  * of `path`.  On failure the copy is removed (-EIO with qemu-img's line). */
 int nkp_disk_convert(const char *path, const nkp_secret *old_value, const nkp_secret *new_value);
 
+/* From the qcow2 header of `path`: its virtual size, its cluster size and
+ * the backing file name as written (NULL when none; g_free).  -EMEDIUMTYPE
+ * when `path` is not a qcow2 file, -errno when it cannot be read.  Reads
+ * the file only (no qemu-img). */
+int nkp_qcow2_geometry(const char *path, guint64 *ret_size, guint64 *ret_cluster,
+                       char **ret_backing);
+
+/* Converts the snapshot layer `path` (a qcow2 over `below` backing layers,
+ * every one LUKS under `old_value`) into `path`.nkp-new: LUKS under
+ * `new_value` (NULL: plain), over the same backing file name, the same
+ * virtual and cluster size, holding exactly the clusters `path` allocates
+ * (qemu-img convert -n -B; docs/rekey.md "Disks with snapshots"), compared
+ * with it through the whole chain, fsynced, owner and mode of `path`.
+ * Crash point "disk-copied" after the copy.  On failure the copy is removed
+ * (-EIO with qemu-img's line; -EINVAL when the header names no backing). */
+int nkp_layer_convert(const char *path, unsigned below, const nkp_secret *old_value,
+                      const nkp_secret *new_value);
+
 /* Writes the vTPM state of `d` (in ctx's [vtpm] state_dir), re-keyed from
  * `old_key` to `new_key` (either may be NULL: clear), into the scratch
  * directory (nkp_vtpm_scratch_dir) and checks it opens under the new key.
@@ -969,6 +987,19 @@ void nkp_disk_layer_free(gpointer p);
  * <source>.  An empty array when there is no such disk.  -EBADMSG when
  * the XML cannot be read.  Pure (the fuzzed parser checked the input). */
 int nkp_domain_disk_layers(const char *xml, size_t len, const char *target, GPtrArray **ret);
+
+/* nkp_domain_disk_layers, completed from the qcow2 headers where the XML
+ * stops short (an offline snapshot made behind nkp's back): a LUKS layer
+ * found so gets `secret_uuid`. */
+int nkp_disk_chain_layers(const char *xml, size_t len, const char *target,
+                          const char *secret_uuid, GPtrArray **ret);
+
+/* `xml` (not changed) with disk `target`'s chain written as `layers` says
+ * (active layer first): each layer below as a <backingStore>, with an
+ * <encryption engine='qemu'> under its secret_uuid when `encrypted`, ended
+ * by an empty <backingStore/>; the disk-level <encryption> kept.  New
+ * string in *ret; -ENOENT when there is no such disk. */
+int nkp_domain_set_disk_chain(const char *xml, const char *target, GPtrArray *layers, char **ret);
 
 /* The plain layers (NkpDiskLayer*, new array) of every disk the keysafe
  * of `d` holds a key for, from `xml` (the text `d` was parsed from). */

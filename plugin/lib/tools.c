@@ -279,6 +279,171 @@ int nkp_disk_convert(const char *path, const nkp_secret *old_value, const nkp_se
         return 0;
 }
 
+/* ---- one layer of a snapshot chain ---------------------------------------- */
+/* A layer is copied without its backing data: the copy is a qcow2 over the
+ * same backing name (-u: not opened while creating), and `qemu-img convert
+ * -n -B BACKING` writes only what the layer itself allocates, taking the
+ * block status of the top layer alone: data stays data, a zero cluster (or
+ * one that reads as zeros) is written as a zero cluster, an unallocated one
+ * stays unallocated and goes on reading from the backing.  A plain convert
+ * of the layer opened with backing=null would turn a range the overlay
+ * zeroed into unallocated clusters and reveal the backing data there. */
+
+static guint64 be(const uint8_t *p, int n)
+{
+        guint64 v = 0;
+        for (int i = 0; i < n; i++)
+                v = v << 8 | p[i];
+        return v;
+}
+
+/* From the qcow2 header of `path` (qcow2 spec): the virtual size (offset
+ * 24), the cluster size (1 << the u32 at 20) and the backing file name as
+ * written (offsets 8 and 16), NULL when none.  -EMEDIUMTYPE for a file
+ * that is not qcow2. */
+int nkp_qcow2_geometry(const char *path, guint64 *ret_size, guint64 *ret_cluster,
+                          char **ret_backing)
+{
+        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (fd < 0)
+                return -errno;
+        uint8_t h[32];
+        int r = 0;
+        *ret_backing = NULL;
+        if (pread(fd, h, sizeof h, 0) != (ssize_t) sizeof h || memcmp(h, "QFI\xfb", 4) != 0) {
+                r = -EMEDIUMTYPE;
+                goto out;
+        }
+        guint64 off = be(h + 8, 8), len = be(h + 16, 4), bits = be(h + 20, 4);
+        *ret_size = be(h + 24, 8);
+        if (bits < 9 || bits > 21 || len >= 1024) {
+                r = -EMEDIUMTYPE;
+                goto out;
+        }
+        *ret_cluster = (guint64) 1 << bits;
+        if (off && len) {
+                char *name = g_malloc0(len + 1);
+                if (pread(fd, name, len, (off_t) off) != (ssize_t) len) {
+                        g_free(name);
+                        r = -EMEDIUMTYPE;
+                        goto out;
+                }
+                *ret_backing = name;
+        }
+out:
+        close(fd);
+        return r;
+}
+
+/* --image-opts of `file` over `below` backing layers: `top_key` (a secret
+ * id, NULL: plain) on the top, `below_key` on each layer below. */
+static char *chain_opts(const char *file, const char *top_key, unsigned below,
+                        const char *below_key)
+{
+        GString *s = g_string_new(NULL);
+        g_string_append_printf(s, "driver=qcow2,file.filename=%s", file);
+        if (top_key)
+                g_string_append_printf(s, ",encrypt.key-secret=%s", top_key);
+        GString *prefix = g_string_new("");
+        for (unsigned k = 0; k < below; k++) {
+                g_string_append(prefix, "backing.");
+                g_string_append_printf(s, ",%sencrypt.key-secret=%s", prefix->str, below_key);
+        }
+        g_string_free(prefix, TRUE);
+        return g_string_free(s, FALSE);
+}
+
+/* argv (NULL-terminated, strings borrowed) of `head`, the key objects
+ * (sold on fd 3, snew on fd 4 when `with_new`), then `tail`. */
+static GPtrArray *tool_argv(const char *const *head, bool with_new, const char *const *tail)
+{
+        GPtrArray *a = g_ptr_array_new();
+        for (; *head; head++)
+                g_ptr_array_add(a, (gpointer) *head);
+        g_ptr_array_add(a, "--object");
+        g_ptr_array_add(a, "secret,id=sold,file=/dev/fd/3,format=raw");
+        if (with_new) {
+                g_ptr_array_add(a, "--object");
+                g_ptr_array_add(a, "secret,id=snew,file=/dev/fd/4,format=raw");
+        }
+        for (; *tail; tail++)
+                g_ptr_array_add(a, (gpointer) *tail);
+        g_ptr_array_add(a, NULL);
+        return a;
+}
+
+static int run_tool_argv(GPtrArray *argv, nkp_secret *const *secrets, size_t n, char **ret_err)
+{
+        return run_argv((const char *const *) argv->pdata, secrets, n, ret_err);
+}
+
+int nkp_layer_convert(const char *path, unsigned below, const nkp_secret *old_value,
+                      const nkp_secret *new_value)
+{
+        g_autofree char *tmp = g_strconcat(path, ".nkp-new", NULL);
+        g_autofree char *backing = NULL, *err = NULL;
+        guint64 size = 0, cluster = 0;
+        int r = nkp_qcow2_geometry(path, &size, &cluster, &backing);
+        if (r < 0 || !backing)
+                return nkp_fail(r < 0 ? r : -EINVAL, "Cannot read the qcow2 header of the "
+                                                     "snapshot layer '%s'%s. Nothing was changed.",
+                                path, r < 0 ? "" : " (it names no backing file)");
+        (void) nkp_unlink_nofollow(tmp);
+        /* Every layer of an nkp chain is under the disk's key (sold). */
+        nkp_secret *secrets[2] = { (nkp_secret *) old_value, (nkp_secret *) new_value };
+        bool enc = new_value != NULL;
+        size_t n = enc ? 2 : 1;
+        g_autofree char *opts = g_strdup_printf("%s%scluster_size=%" G_GUINT64_FORMAT,
+                                                enc ? LUKS_CREATE_OPTIONS : "", enc ? "," : "",
+                                                cluster);
+        g_autofree char *sz = g_strdup_printf("%" G_GUINT64_FORMAT, size);
+        g_autofree char *src = chain_opts(path, "sold", below, "sold");
+        g_autofree char *dst = chain_opts(tmp, enc ? "snew" : NULL, below, "sold");
+        const char *create_head[] = { "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b",
+                                      backing, "-F", "qcow2", NULL };
+        const char *create_tail[] = { "-o", opts, tmp, sz, NULL };
+        const char *convert_head[] = { "qemu-img", "convert", "-q", "-n", "-B", backing, NULL };
+        const char *convert_tail[] = { "--image-opts", src, "--target-image-opts", dst, NULL };
+        const char *compare_head[] = { "qemu-img", "compare", "-q", NULL };
+        const char *compare_tail[] = { "--image-opts", src, dst, NULL };
+        g_autoptr(GPtrArray) create = tool_argv(create_head, enc, create_tail);
+        g_autoptr(GPtrArray) convert = tool_argv(convert_head, enc, convert_tail);
+        g_autoptr(GPtrArray) compare = tool_argv(compare_head, enc, compare_tail);
+        for (int attempt = 0; attempt < LUKS_CREATE_ATTEMPTS; attempt++) {
+                if (attempt > 0)
+                        g_usleep((gulong) (100000 << attempt)); /* as nkp_disk_convert */
+                g_clear_pointer(&err, g_free);
+                (void) nkp_unlink_nofollow(tmp);
+                r = run_tool_argv(create, secrets, n, &err);
+                if (r == 0 || !enc || !err || !strstr(err, "accurate CPU usage"))
+                        break;
+        }
+        if (r == 0) {
+                g_clear_pointer(&err, g_free);
+                r = run_tool_argv(convert, secrets, n, &err);
+        }
+        if (r == 0) {
+                nkp_test_crash_point("disk-copied");
+                g_clear_pointer(&err, g_free);
+                r = run_tool_argv(compare, secrets, n, &err);
+                if (r > 0)
+                        r = nkp_fail(-EIO, "The converted copy of the snapshot layer '%s' "
+                                           "differs from it (qemu-img compare: %s); it was "
+                                           "removed and nothing was changed.",
+                                     path, err && err[0] ? err : "differs");
+        } else if (r > 0) {
+                r = nkp_fail(-EIO, "qemu-img could not convert the snapshot layer '%s': %s. "
+                                   "Nothing was changed.",
+                             path, err && err[0] ? err : "no detail");
+        }
+        if (r == 0 && (r = finish_copy(tmp, path)) < 0)
+                r = nkp_fail(r, "Cannot finish the converted copy of '%s': %s.", path,
+                             g_strerror(-r));
+        if (r < 0)
+                (void) nkp_unlink_nofollow(tmp);
+        return r;
+}
+
 /* ---- the vTPM: swtpm ------------------------------------------------------- */
 /* swtpm assumes every state file is encrypted once it is given a key, so a
  * clear state cannot simply be opened with one.  The state is moved through

@@ -135,11 +135,15 @@ static bool disk_is_candidate(const NkpDomainDisk *disk)
                g_strcmp0(disk->driver_type, "qcow2") == 0 && !disk->encryption_format;
 }
 
-/* One disk to convert: from old_value (NULL: plain) to new_value (NULL:
- * plain); values are hex(DEK) as libvirt and QEMU get them. */
+/* One file to convert: from old_value (NULL: plain) to new_value (NULL:
+ * plain); values are hex(DEK) as libvirt and QEMU get them.  A disk with
+ * snapshots has a job per layer of its chain (docs/rekey.md "Disks with
+ * snapshots"), all under the disk's one key. */
 typedef struct {
         char *target;
         char *path;
+        unsigned depth; /* 0: the disk's active layer, 1: its backing, … */
+        unsigned below; /* layers under this one: 0 for a whole disk */
         nkp_secret *old_value;
         nkp_secret *new_value;
 } DiskJob;
@@ -356,7 +360,9 @@ static int make_copies(nkp_context *ctx, const Conversion *c)
         for (guint i = 0; i < c->jobs->len; i++) {
                 DiskJob *dj = c->jobs->pdata[i];
                 nkp_progress(ctx, c->op, c->d->name, dj->target, done++, total);
-                r = nkp_disk_convert(dj->path, dj->old_value, dj->new_value);
+                r = dj->below > 0 ? nkp_layer_convert(dj->path, dj->below, dj->old_value,
+                                                      dj->new_value)
+                                  : nkp_disk_convert(dj->path, dj->old_value, dj->new_value);
                 if (r < 0)
                         return r;
                 nkp_test_crash_point("disk-converted");
@@ -579,8 +585,118 @@ static int run_operation(nkp_context *ctx, NkpVirt *v, const char *domain, const
 
 static void result_add_disks(nkp_vm_result *res, GPtrArray *jobs)
 {
-        for (guint i = 0; i < jobs->len; i++)
-                g_ptr_array_add(res->disks, g_strdup(((DiskJob *) jobs->pdata[i])->target));
+        for (guint i = 0; i < jobs->len; i++) {
+                const DiskJob *j = jobs->pdata[i];
+                if (j->depth == 0)
+                        g_ptr_array_add(res->disks, g_strdup(j->target));
+        }
+}
+
+/* ---- disks with snapshots (deep rekey, decrypt) ---------------------------- */
+/* After `nkpctl vm snapshot` a disk is a chain base <- overlay <- …, every
+ * layer LUKS under the disk's one secret (each with its own master key).
+ * Deep rekey and decrypt convert every layer, each into its own
+ * P.nkp-new over the same backing name (nkp_layer_convert: only the
+ * clusters the layer allocates), so the chain, its file names and the
+ * snapshots libvirt records stay as they were; the journal lists every
+ * layer, so a kill anywhere is finished or rolled back like a one-file
+ * disk.  A chain nkp cannot convert whole is refused before anything is
+ * written: never a partial one (the layers left under a retired key). */
+
+/* The refusal for a chain with a layer that is not LUKS under the disk's
+ * secret. */
+static int chain_refusal(const NkpDomain *d, const char *target, const char *path,
+                         const char *why)
+{
+        return nkp_fail(-EOPNOTSUPP, "Disk %s of VM '%s' has the snapshot layer '%s', which %s; "
+                                     "nkp converts a chain only when every layer is LUKS under "
+                                     "the disk's key. Encrypt it first (nkpctl vm encrypt-layer "
+                                     "'%s' '%s') or commit the chain (virsh blockcommit '%s' %s "
+                                     "--active --pivot). Nothing was changed.",
+                        target, d->name, path, why, d->name, path, d->name, target);
+}
+
+/* Jobs for every layer of the file disk `disk` (secret `secret_uuid`, key
+ * `old_value`, copied into each job) into `jobs`; its layers
+ * (NkpDiskLayer*) into `chains` when there is more than one.  Returns 1
+ * (no job) for a one-layer disk that is not encrypted. */
+static int add_chain_jobs(const NkpDomain *d, const char *xml, const NkpDomainDisk *disk,
+                          const char *secret_uuid, nkp_secret **old_value, GPtrArray *jobs,
+                          GHashTable *chains)
+{
+        const char *target = disk->target, *path = disk->source_file;
+        g_autoptr(GPtrArray) layers = NULL;
+        int r = nkp_disk_chain_layers(xml, strlen(xml), target, secret_uuid, &layers);
+        if (r < 0)
+                return r;
+        if (layers->len <= 1 && !disk->encryption_format)
+                return 1;
+        if (layers->len <= 1) {
+                DiskJob *j = disk_job_new(target, path);
+                j->old_value = g_steal_pointer(old_value);
+                g_ptr_array_add(jobs, j);
+                return 0;
+        }
+        for (guint k = 0; k < layers->len; k++) {
+                const NkpDiskLayer *l = layers->pdata[k];
+                if (l->format && strcmp(l->format, "qcow2") != 0)
+                        return chain_refusal(d, target, l->path, "is not a qcow2 file");
+                int luks = nkp_qcow2_is_luks(l->path);
+                if (luks < 0)
+                        return nkp_fail(luks, "Cannot read the qcow2 header of '%s', a layer of "
+                                              "disk %s of VM '%s': %s. Nothing was changed.",
+                                        l->path, target, d->name, g_strerror(-luks));
+                if (!luks || !l->encrypted)
+                        return chain_refusal(d, target, l->path, "is not encrypted");
+                if (!l->secret_uuid || g_ascii_strcasecmp(l->secret_uuid, secret_uuid) != 0)
+                        return chain_refusal(d, target, l->path, "is under another secret "
+                                                                 "than the disk's");
+                DiskJob *j = disk_job_new(target, l->path);
+                j->depth = k;
+                j->below = layers->len - 1 - k;
+                if ((r = nkp_secret_new_copy(nkp_secret_data(*old_value),
+                                             nkp_secret_len(*old_value), &j->old_value)) < 0) {
+                        disk_job_free(j);
+                        return r;
+                }
+                g_ptr_array_add(jobs, j);
+        }
+        g_hash_table_insert(chains, g_strdup(target), g_steal_pointer(&layers));
+        return 0;
+}
+
+/* `*xml` with every chain of `chains` written back with each layer under
+ * the secret `secret_of(target)` (NULL: plain, decrypt). */
+static int rewrite_chains(char **xml, GHashTable *chains,
+                          const char *(*secret_of)(const void *data, const char *target),
+                          const void *data)
+{
+        GHashTableIter it;
+        gpointer key, value;
+        g_hash_table_iter_init(&it, chains);
+        while (g_hash_table_iter_next(&it, &key, &value)) {
+                GPtrArray *layers = value;
+                const char *uuid = secret_of(data, key);
+                for (guint k = 0; k < layers->len; k++) {
+                        NkpDiskLayer *l = layers->pdata[k];
+                        g_free(l->secret_uuid);
+                        l->secret_uuid = g_strdup(uuid);
+                        l->encrypted = uuid != NULL;
+                }
+                char *out = NULL;
+                int r = nkp_domain_set_disk_chain(*xml, key, layers, &out);
+                if (r < 0)
+                        return r;
+                g_free(*xml);
+                *xml = out;
+        }
+        return 0;
+}
+
+static GHashTable *chains_new(void)
+{
+        return g_hash_table_new_full(g_str_hash, g_str_equal, g_free,
+                                     (GDestroyNotify) g_ptr_array_unref);
 }
 
 /* The vm-plain-disk alarms (enrol.c) of disks just encrypted. */
@@ -734,10 +850,11 @@ static int plain_definition(const char *xml, bool vtpm, GPtrArray *jobs, char **
                 return r;
         if (vtpm && (r = nkp_domain_edit_set_vtpm_secret(e, NULL)) < 0)
                 return r;
-        for (guint i = 0; i < jobs->len; i++)
-                if ((r = nkp_domain_edit_set_disk_luks(e, ((DiskJob *) jobs->pdata[i])->target,
-                                                       NULL)) < 0)
+        for (guint i = 0; i < jobs->len; i++) {
+                const DiskJob *j = jobs->pdata[i];
+                if (j->depth == 0 && (r = nkp_domain_edit_set_disk_luks(e, j->target, NULL)) < 0)
                         return r;
+        }
         return nkp_domain_edit_format(e, ret);
 }
 
@@ -763,6 +880,13 @@ static void undefine_old_secrets(NkpVirt *v, GPtrArray *secrets)
                 (void) nkp_virt_secret_undefine(v, ((NkpVmSecret *) secrets->pdata[i])->secret_uuid);
 }
 
+static const char *no_secret(const void *data, const char *target)
+{
+        (void) data;
+        (void) target;
+        return NULL;
+}
+
 static int decrypt_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, const char *xml,
                           const OpArgs *a, nkp_vm_result *res)
 {
@@ -777,6 +901,7 @@ static int decrypt_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, cons
         bool has_vtpm_entry = false;
         g_autoptr(nkp_secret) vtpm_value = NULL;
         g_autoptr(GPtrArray) jobs = g_ptr_array_new_with_free_func(disk_job_free);
+        g_autoptr(GHashTable) chains = chains_new();
         for (guint i = 0; i < secrets->len; i++) {
                 NkpVmSecret *s = secrets->pdata[i];
                 if (strcmp(s->kind, NKP_OBJECT_VTPM) == 0) {
@@ -785,20 +910,24 @@ static int decrypt_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, cons
                         continue;
                 }
                 const NkpDomainDisk *disk = nkp_domain_find_disk(d, s->object_id);
-                if (!disk || !disk->encryption_format)
-                        continue; /* detached, or never converted: nothing to undo */
-                if (!disk->source_file)
+                if (!disk)
+                        continue; /* detached: nothing to undo */
+                if (disk->encryption_format && !disk->source_file)
                         return nkp_fail(-EINVAL, "Disk '%s' of VM '%s' has no file path.",
                                         s->object_id, d->name);
-                DiskJob *j = disk_job_new(s->object_id, disk->source_file);
-                j->old_value = g_steal_pointer(&s->value);
-                g_ptr_array_add(jobs, j);
+                /* Never converted: nothing to undo; but a plain overlay
+                 * over the disk's LUKS layers is refused (dropping the key
+                 * would lose them). */
+                if (disk->source_file && (r = add_chain_jobs(d, xml, disk, s->secret_uuid,
+                                                             &s->value, jobs, chains)) < 0)
+                        return r;
         }
         bool vtpm = has_vtpm_entry && d->has_vtpm, convert_vtpm = false;
         if (vtpm && (r = vtpm_encrypted_state(ctx, d, &convert_vtpm)) < 0)
                 return r;
         g_autofree char *newxml = NULL;
-        if ((r = plain_definition(xml, vtpm, jobs, &newxml)) < 0)
+        if ((r = plain_definition(xml, vtpm, jobs, &newxml)) < 0 ||
+            (r = rewrite_chains(&newxml, chains, no_secret, NULL)) < 0)
                 return r;
         const Conversion c = { .op = "decrypt", .d = d, .newxml = newxml, .jobs = jobs,
                                .vtpm = convert_vtpm, .vtpm_old = vtpm_value };
@@ -842,8 +971,9 @@ static int rekey_provider(nkp_context *ctx, const NkpDomain *d, const char *name
 }
 
 /* The old keys of every object, as disk jobs (and the vTPM's). */
-static int old_keys(nkp_context *ctx, const NkpDomain *d, GPtrArray *jobs, bool *ret_vtpm,
-                    nkp_secret **ret_vtpm_old, GPtrArray **ret_secrets)
+static int old_keys(nkp_context *ctx, const NkpDomain *d, const char *xml, GPtrArray *jobs,
+                    GHashTable *chains, bool *ret_vtpm, nkp_secret **ret_vtpm_old,
+                    GPtrArray **ret_secrets)
 {
         g_autoptr(GPtrArray) secrets = NULL;
         int r = nkp_vm_unlock(ctx, d, true, &secrets);
@@ -863,20 +993,40 @@ static int old_keys(nkp_context *ctx, const NkpDomain *d, GPtrArray *jobs, bool 
                         continue;
                 }
                 const NkpDomainDisk *disk = nkp_domain_find_disk(d, s->object_id);
-                if (!disk || !disk->encryption_format || !disk->source_file ||
-                    g_strcmp0(disk->type, "file") != 0)
+                if (disk && disk->source_file && g_strcmp0(disk->type, "file") == 0)
+                        r = add_chain_jobs(d, xml, disk, s->secret_uuid, &s->value, jobs,
+                                           chains);
+                else
+                        r = 1;
+                if (r < 0)
+                        return r;
+                if (r > 0)
                         return nkp_fail(-EUCLEAN, "VM '%s' has a key in its keysafe for disk "
                                                   "'%s', which is not an encrypted file disk of "
                                                   "the VM any more; a deep rekey would lose "
                                                   "that key. Attach the disk again first. "
                                                   "Nothing was changed.",
                                         d->name, s->object_id);
-                DiskJob *j = disk_job_new(s->object_id, disk->source_file);
-                j->old_value = g_steal_pointer(&s->value);
-                g_ptr_array_add(jobs, j);
         }
         *ret_secrets = g_steal_pointer(&secrets);
         return 0;
+}
+
+/* The new key of disk `target` (nkp_enrol_build made one per target). */
+static const NkpEnrolDisk *enrol_disk(const NkpEnrolment *en, const char *target)
+{
+        for (guint i = 0; i < en->disks->len; i++) {
+                const NkpEnrolDisk *ed = en->disks->pdata[i];
+                if (strcmp(ed->target, target) == 0)
+                        return ed;
+        }
+        g_assert_not_reached();
+        return NULL;
+}
+
+static const char *enrol_secret(const void *data, const char *target)
+{
+        return enrol_disk(data, target)->secret_uuid;
 }
 
 static int rekey_deep_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, const char *xml,
@@ -895,13 +1045,17 @@ static int rekey_deep_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, c
         g_autoptr(nkp_secret) vtpm_old = NULL;
         g_autoptr(GPtrArray) secrets = NULL;
         g_autoptr(GPtrArray) jobs = g_ptr_array_new_with_free_func(disk_job_free);
-        if ((r = old_keys(ctx, d, jobs, &vtpm, &vtpm_old, &secrets)) < 0)
+        g_autoptr(GHashTable) chains = chains_new();
+        if ((r = old_keys(ctx, d, xml, jobs, chains, &vtpm, &vtpm_old, &secrets)) < 0)
                 return r;
         if (vtpm && (r = vtpm_encrypted_state(ctx, d, &convert_vtpm)) < 0)
                 return r;
         g_autoptr(GPtrArray) targets = g_ptr_array_new();
-        for (guint i = 0; i < jobs->len; i++)
-                g_ptr_array_add(targets, ((DiskJob *) jobs->pdata[i])->target);
+        for (guint i = 0; i < jobs->len; i++) {
+                const DiskJob *j = jobs->pdata[i];
+                if (j->depth == 0)
+                        g_ptr_array_add(targets, j->target);
+        }
 
         /* A new keysafe: nkp_enrol_build makes one when the domain has none. */
         NkpDomain fresh = *d;
@@ -911,8 +1065,13 @@ static int rekey_deep_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, c
                 return r;
         for (guint i = 0; i < jobs->len; i++) {
                 DiskJob *j = jobs->pdata[i];
-                j->new_value = g_steal_pointer(&((NkpEnrolDisk *) en->disks->pdata[i])->value);
+                const NkpEnrolDisk *ed = enrol_disk(en, j->target);
+                if ((r = nkp_secret_new_copy(nkp_secret_data(ed->value),
+                                             nkp_secret_len(ed->value), &j->new_value)) < 0)
+                        return r;
         }
+        if ((r = rewrite_chains(&en->xml, chains, enrol_secret, en)) < 0)
+                return r;
         const Conversion c = { .op = "rekey-deep", .d = d, .newxml = en->xml, .jobs = jobs,
                                .vtpm = convert_vtpm, .vtpm_old = vtpm_old,
                                .vtpm_new = en->vtpm_value };

@@ -837,14 +837,15 @@ int nkp_vm_encrypt_layer(nkp_context *ctx, nkp_virt *v, const char *domain, cons
                 goto out;
         }
         if (r == 0) {
-                virDomainPtr dom = virDomainLookupByName(nkp_virt_connection(v), domain);
-                guint64 size = 0;
-                r = dom ? disk_capacity(dom, hit->target, &size)
-                        : nkp_fail(-ENOENT, "No libvirt domain '%s'.", domain);
-                if (dom)
-                        virDomainFree(dom);
-                if (r < 0)
+                /* The layer's own virtual size (its header), not the
+                 * disk's: a layer below may be smaller than the top. */
+                guint64 size = 0, cluster = 0;
+                g_autofree char *backing = NULL;
+                if ((r = nkp_qcow2_geometry(hit->path, &size, &cluster, &backing)) < 0) {
+                        r = nkp_fail(r, "Cannot read the qcow2 header of '%s': %s.", hit->path,
+                                     g_strerror(-r));
                         goto out;
+                }
                 if ((r = convert_layer(layers, hit->depth, size, value)) < 0)
                         goto out;
                 nkp_test_crash_point("layer-converted");
@@ -975,4 +976,20 @@ int nkp_vm_watch_plain_layers(nkp_context *ctx, NkpVirt *v, const char *name, ch
                                             "chain: alarm vm-plain-layer",
                                             name, strchr(found->pdata[0], ' ') + 1);
         return r;
+}
+
+/* ---- for deep rekey and decrypt of chained disks (vm-convert.c) ----------- */
+
+int nkp_disk_chain_layers(const char *xml, size_t len, const char *target,
+                          const char *secret_uuid, GPtrArray **ret)
+{
+        int r = nkp_domain_disk_layers(xml, len, target, ret);
+        if (r == 0)
+                complete_from_headers(*ret, secret_uuid);
+        return r;
+}
+
+int nkp_domain_set_disk_chain(const char *xml, const char *target, GPtrArray *layers, char **ret)
+{
+        return write_disk_chain(xml, target, layers, ret);
 }
