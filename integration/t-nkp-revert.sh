@@ -25,7 +25,6 @@ BUILD=$NKP_BUILD_DIR
 nk() { lab_exec a nkpctl "$@"; }
 luks() { qemu-img info -U "$1" 2>/dev/null | grep_q 'encrypted: yes'; }
 new_mark() { echo "NKPREV$1$(od -An -N5 -tx1 /dev/urandom | tr -d ' \n')"; }
-images=$LAB_DIR/shared
 # in_clear MARK: how many times MARK is in clear in the files of the images dir
 in_clear() { grep -a -c "$1" "$images"/* 2>/dev/null | awk -F: '{s+=$NF} END{print s+0}'; }
 # set_marker2 X: the guest's next boots write X on an empty vdb
@@ -61,6 +60,7 @@ all_luks() { # every layer of vda's and vdb's chains is LUKS
 
 ASSERT_ON_FAIL+=('[ -z "${dom:-}" ] || { lab_virsh a dumpxml --inactive "$dom"; lab_virsh a snapshot-list "$dom"; ls -l "$images"; } 2>&1 | sed "s/^/# state: /"')
 lab_test_init
+images=$LAB_DIR/shared
 lab_host_up a || fail "host a did not come up"
 lab_install_nkp a "$BUILD"
 umask 077
@@ -115,6 +115,7 @@ grep -q "revert to external snapshot not supported" <<<"$err" || fail "virsh sna
 pass "refused, nothing changed: VM running, no such snapshot, a layer file missing; virsh snapshot-revert cannot"
 
 # ---- revert: the state at s1 -----------------------------------------------------------
+set_marker2 "$m3"   # (the command line is not part of what a revert changes)
 t=$(lab_now)
 out=$(nk vm revert r1 s1 2>&1) || fail "vm revert r1 s1: $out"
 timing "vm revert (2 disks) $(lab_since "$t") s"
