@@ -142,16 +142,22 @@ pass "vm revert r1 s1: new LUKS layers over the state at s1, old overlays listed
 
 # ---- revert twice, deleting what no snapshot needs --------------------------------------
 set_marker2 "$m4"
-out=$(nk vm revert r1 s1 --delete-abandoned 2>&1) || fail "second vm revert: $out"
-echo "$out" | sed 's/^/# /'
+out=$(nk --json vm revert r1 s1 --delete-abandoned 2>&1) || fail "second vm revert: $out"
+echo "# $out"
 r2a=$images/r1.s1-r2
-grep -qx "  disk vda: left behind, deleted: $r1a" <<<"$out" || fail "output: the first revert's vda layer not deleted: $out"
+python3 -c 'import json, sys
+d = json.loads(sys.argv[1]); a, b, r2 = sys.argv[2:5]
+assert d["name"] == "r1" and d["snapshot"] == "s1", d
+assert d["layers"] == ["vda " + r2, "vdb " + r2.replace("r1.s1", "r1-vdb.s1")], d
+assert sorted(d["deleted"]) == sorted(["vda " + a, "vdb " + b]), d
+assert d["abandoned"] == [] and d["kept"] == [] and d["current"] is True and d["vtpm_kept"] is True, d' \
+    "$out" "$r1a" "$r1b" "$r2a" || fail "vm revert --json: $out"
 [ ! -e "$r1a" ] && [ ! -e "$r1b" ] || fail "--delete-abandoned left the first revert's layers"
 [ -e "$s1a" ] && [ -e "$s1b" ] && [ -e "$vda" ] && [ -e "$vdb" ] || fail "--delete-abandoned deleted a file of s1"
 [ "$(chain vda | head -1)" = "$r2a" ] || fail "vda's chain after the second revert: $(chain vda)"
 all_luks "after the second revert"
 boot WRITTEN "$m4" "after the second revert: vdb empty again (M4 written)"
-pass "revert twice (--delete-abandoned: the first revert's layers deleted, s1's files kept): the state at s1 again"
+pass "revert twice (--json, --delete-abandoned: the first revert's layers deleted, s1's files kept): the state at s1 again"
 
 # ---- a kill between the new overlays and the define: the old chain, intact -----------------
 chain_before=$(chain vda; chain vdb)
