@@ -27,7 +27,8 @@
  * renamed to FILE once complete; the definition is switched last, in one
  * define.  A kill before it leaves the VM on its old chain (plus a
  * FILE.nkp-new that the rerun overwrites, or an unused FILE that it leaves
- * alone: docs/snapshots-clones.md); after it, on the new chain.  Crash points: revert-overlay-made, revert-overlay-renamed,
+ * alone: docs/snapshots-clones.md); after it, on the new chain.  An error
+ * before it removes the overlays made.  Crash points: revert-overlay-made, revert-overlay-renamed,
  * revert-defined. */
 #include <errno.h>
 #include <fcntl.h>
@@ -533,24 +534,32 @@ static int revert_locked(nkp_context *ctx, NkpVirt *v, virDomainPtr dom, const N
                 return r;
         if ((r = nkp_vm_unlock(ctx, d, true, &secrets)) < 0)
                 return r;
+        guint made = 0;
+        while (r == 0 && made < plan->len) {
+                const NkpRevertDisk *rd = plan->pdata[made];
+                const nkp_secret *value = nkp_vm_disk_value(secrets, rd->target);
+                r = value ? nkp_revert_make_overlay(rd, value)
+                          : nkp_fail(-ENOKEY, "VM '%s' has no key for disk %s.", d->name,
+                                     rd->target);
+                if (r == 0)
+                        made++;
+        }
+        if (r == 0)
+                r = nkp_virt_domain_define(v, new_xml);
+        if (r < 0) {
+                /* Nothing names the overlays made so far: gone again. */
+                for (guint i = 0; i < made; i++)
+                        (void) nkp_unlink_nofollow(((NkpRevertDisk *) plan->pdata[i])->overlay);
+                return nkp_fail_prefix(r, "VM '%s' was not reverted (its disks and definition "
+                                          "are as they were)",
+                                       d->name);
+        }
+        nkp_test_crash_point("revert-defined");
         for (guint i = 0; i < plan->len; i++) {
                 const NkpRevertDisk *rd = plan->pdata[i];
-                const nkp_secret *value = nkp_vm_disk_value(secrets, rd->target);
-                if (!value)
-                        return nkp_fail(-ENOKEY, "VM '%s' has no key for disk %s.", d->name,
-                                        rd->target);
-                if ((r = nkp_revert_make_overlay(rd, value)) < 0)
-                        return nkp_fail_prefix(r, "VM '%s' was not reverted (its disks are "
-                                                  "as they were)",
-                                               d->name);
                 g_ptr_array_add(res->items[NKP_REVERT_LAYER],
                                 g_strdup_printf("%s %s", rd->target, rd->overlay));
         }
-        if ((r = nkp_virt_domain_define(v, new_xml)) < 0)
-                return nkp_fail_prefix(r, "VM '%s' was not reverted (its definition is as it "
-                                          "was; the new files %s… are unused)",
-                                       d->name, ((NkpRevertDisk *) plan->pdata[0])->overlay);
-        nkp_test_crash_point("revert-defined");
         nkp_revert_abandoned(plan, snapshots, res->items[NKP_REVERT_ABANDONED],
                              res->items[NKP_REVERT_KEPT]);
         if (flags & NKP_VM_REVERT_DELETE_ABANDONED)
