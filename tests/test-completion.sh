@@ -38,7 +38,9 @@ check "groups: provider vm host alarms" 'has provider && has vm && has host && h
 out=$(complete_words nkpctl --root "$R" provider "")
 check "provider verbs, from nkpctl provider --help" 'has create && has restore && has ca-cert && ! has encrypt'
 out=$(complete_words nkpctl vm re)
-check "a verb prefix: vm re -> rekey, restore-backup" '[ "$out" = "$(printf "rekey\nrestore-backup")" ]'
+check "a verb prefix: vm re -> rekey, restore-backup, revert" '[ "$out" = "$(printf "rekey\nrestore-backup\nrevert")" ]'
+out=$(complete_words nkpctl vm revert vm1 s1 --d)
+check "vm revert: its option --delete-abandoned" '[ "$out" = --delete-abandoned ]'
 out=$(complete_words nkpctl --root "$R" provider show "")
 check "provider show: the root's provider names" '[ "$out" = "$(printf "alpha\nbeta")" ]'
 out=$(complete_words nkpctl provider backup --root "$R" b)

@@ -269,6 +269,47 @@ int nkp_vm_snapshot(nkp_context *ctx, nkp_virt *v, const char *domain, const cha
  * -EBUSY the VM runs or its lock is held, -EIO qemu-img failed. */
 int nkp_vm_encrypt_layer(nkp_context *ctx, nkp_virt *v, const char *domain, const char *file);
 
+/* What nkp_vm_revert did.  Free with nkp_revert_result_free (accepts NULL). */
+typedef struct nkp_revert_result nkp_revert_result;
+enum nkp_revert_item {
+        NKP_REVERT_LAYER = 0,     /* a disk's new active layer (LUKS) */
+        NKP_REVERT_ABANDONED = 1, /* a layer left behind that no snapshot needs: delete it */
+        NKP_REVERT_KEPT = 2,      /* a layer left behind that another snapshot needs */
+        NKP_REVERT_DELETED = 3,   /* a layer left behind, deleted (DELETE_ABANDONED) */
+        NKP_REVERT_N_ITEMS = 4,
+};
+/* How many items of `kind`; item i as "TARGET PATH" (borrowed; NULL past
+ * the end). */
+size_t nkp_revert_result_count(const nkp_revert_result *r, enum nkp_revert_item kind);
+const char *nkp_revert_result_item(const nkp_revert_result *r, enum nkp_revert_item kind,
+                                   size_t i);
+/* NULL when libvirt's current snapshot is the one reverted to; else why
+ * libvirt refused to mark it (the disks are reverted all the same). */
+const char *nkp_revert_result_current_error(const nkp_revert_result *r);
+/* true when the VM has a vTPM: a disk-only snapshot does not hold its
+ * state, which stays as it is now (as with libvirt). */
+bool nkp_revert_result_vtpm(const nkp_revert_result *r);
+void nkp_revert_result_free(nkp_revert_result *r);
+
+#define NKP_VM_REVERT_DELETE_ABANDONED 1u /* delete the layers left behind that no snapshot needs */
+/* Reverts the shut-off nkp VM `domain` to its disk-only snapshot
+ * `snapshot` (libvirt 9.0 cannot revert external snapshots): each disk of
+ * the snapshot gets a new LUKS overlay (its own secret) over the layer
+ * that was active at the snapshot, which is not modified (revert again at
+ * will); the definition is switched to it last (crash-safe: a kill leaves
+ * the old chain or the new one); the snapshot is made libvirt's current
+ * one when libvirt accepts it.  Layers of the branch left behind are kept
+ * and listed (deleted with NKP_VM_REVERT_DELETE_ABANDONED when no snapshot
+ * needs them).  *ret (may be NULL) says what was done.
+ * Errors (nothing changed): -EINVAL not an nkp VM, a snapshot that is not
+ * disk-only external or has a disk without an nkp key; -ENOENT no such
+ * snapshot, a layer file of it missing; -EPERM a layer at the snapshot is
+ * not encrypted; -ESTALE the layer at the snapshot was written since (it
+ * is the active layer again); -EBUSY the VM runs or its lock is held;
+ * -ENOKEY its provider is not here; -EIO qemu-img or libvirt failed. */
+int nkp_vm_revert(nkp_context *ctx, nkp_virt *v, const char *domain, const char *snapshot,
+                  unsigned flags, nkp_revert_result **ret);
+
 /* Clones the shut-off nkp VM `src` into a new defined VM `new_name`: a
  * new UUID, a new keysafe bound to it under the same provider, new secret
  * UUIDs, a fresh vTPM (as virt-clone: no state copied), new MAC addresses,
@@ -1100,6 +1141,7 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_backup_report, nkp_backup_report_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_provider, nkp_provider_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_keysafe, nkp_keysafe_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_virt, nkp_virt_close)
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_revert_result, nkp_revert_result_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_host_status, nkp_host_status_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_hostkey_status, nkp_hostkey_status_free)
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(nkp_rekey_result, nkp_rekey_result_free)

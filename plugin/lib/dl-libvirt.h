@@ -42,10 +42,14 @@
         X(virDomainIsActive)                    \
         X(virDomainLookupByName)                \
         X(virDomainLookupByUUIDString)          \
+        X(virDomainListAllSnapshots)            \
         X(virDomainManagedSaveGetXMLDesc)       \
         X(virDomainSetMetadata)                 \
         X(virDomainSnapshotCreateXML)           \
         X(virDomainSnapshotFree)                \
+        X(virDomainSnapshotGetName)             \
+        X(virDomainSnapshotGetXMLDesc)          \
+        X(virDomainSnapshotLookupByName)        \
         X(virEventAddHandle)                    \
         X(virEventAddTimeout)                   \
         X(virEventRegisterDefaultImpl)          \
@@ -104,10 +108,14 @@ int nkp_dlopen_libvirt(void);
 #define virDomainIsActive sym_virDomainIsActive
 #define virDomainLookupByName sym_virDomainLookupByName
 #define virDomainLookupByUUIDString sym_virDomainLookupByUUIDString
+#define virDomainListAllSnapshots sym_virDomainListAllSnapshots
 #define virDomainManagedSaveGetXMLDesc sym_virDomainManagedSaveGetXMLDesc
 #define virDomainSetMetadata sym_virDomainSetMetadata
 #define virDomainSnapshotCreateXML sym_virDomainSnapshotCreateXML
 #define virDomainSnapshotFree sym_virDomainSnapshotFree
+#define virDomainSnapshotGetName sym_virDomainSnapshotGetName
+#define virDomainSnapshotGetXMLDesc sym_virDomainSnapshotGetXMLDesc
+#define virDomainSnapshotLookupByName sym_virDomainSnapshotLookupByName
 #define virEventAddHandle sym_virEventAddHandle
 #define virEventAddTimeout sym_virEventAddTimeout
 #define virEventRegisterDefaultImpl sym_virEventRegisterDefaultImpl

@@ -1052,6 +1052,80 @@ bool nkp_vm_conversion_pending(nkp_context *ctx, const NkpDomain *d);
 /* 1 when `path` is a qcow2 whose header says LUKS, 0 another qcow2,
  * -EMEDIUMTYPE not qcow2, -errno unreadable (no message). */
 int nkp_qcow2_is_luks(const char *path);
+
+/* vm-snapshot.c's pieces that vm-revert.c reuses:
+ * nkp_luks_overlay_create: `path`, a LUKS qcow2 of `size` bytes over
+ *   `backing` (not opened), passphrase `value` on a pipe (vm snapshot's
+ *   overlays); -EIO with qemu-img's message, nothing left at `path`.
+ * nkp_disk_chain_from_headers: appends to `layers` what the last one's
+ *   qcow2 header names below it (LUKS ones under `secret_uuid`).
+ * (nkp_disk_chain_layers and nkp_domain_set_disk_chain above: the chain
+ *   at a snapshot, and the reverted chain written.)
+ * nkp_vm_disk_value / nkp_vm_disk_secret_uuid: disk `target`'s value
+ *   among nkp_vm_unlock's secrets / its secret UUID in d's keysafe (NULL
+ *   when none; borrowed).
+ * nkp_overlay_path: virsh's overlay name, "DIR/vm1.qcow2" -> "DIR/vm1.NAME"
+ *   (g_free). */
+int nkp_luks_overlay_create(const char *path, const char *backing, const char *backing_fmt,
+                            guint64 size, const nkp_secret *value);
+void nkp_disk_chain_from_headers(GPtrArray *layers, const char *secret_uuid);
+const nkp_secret *nkp_vm_disk_value(GPtrArray *secrets, const char *target);
+const char *nkp_vm_disk_secret_uuid(const NkpDomain *d, const char *target);
+char *nkp_overlay_path(const char *top, const char *name);
+
+/* ---- vm-revert.c: back to a disk-only snapshot (issue 16) ----------------- */
+
+/* What nkp reads of a snapshot's XML (libvirt's <domainsnapshot>). */
+typedef struct {
+        char *name;
+        char *state;        /* <state>: "shutoff", "disk-snapshot", …; NULL none */
+        bool has_memory;    /* <memory snapshot=…> other than 'no' */
+        unsigned n_internal; /* <disk snapshot=…> neither 'external' nor 'no' */
+        char **external;    /* the targets of its external disks (NULL-ended) */
+        char *domain_xml;   /* its <domain>: the disks of that moment; NULL none */
+} NkpRevertSnapshot;
+void nkp_revert_snapshot_free(gpointer p);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpRevertSnapshot, nkp_revert_snapshot_free)
+
+/* One disk of a revert. */
+typedef struct {
+        char *target;
+        char *secret_uuid;      /* the disk's secret (keysafe): every layer's */
+        GPtrArray *at_snapshot; /* NkpDiskLayer*: its chain at the snapshot, top first */
+        GPtrArray *now;         /* NkpDiskLayer*: its chain now */
+        char *overlay;          /* the new active layer: DIR/vm1.SNAP-rN */
+} NkpRevertDisk;
+void nkp_revert_disk_free(gpointer p);
+
+/* *ret (nkp_revert_snapshot_free) = what snapshot `name`'s XML says;
+ * -EBADMSG when it cannot be read.  Pure. */
+int nkp_revert_snapshot_parse(const char *name, const char *xml, NkpRevertSnapshot **ret);
+
+/* The revert of VM `d` (its definition `xml`) to snapshot `s`, checked:
+ * *ret = NkpRevertDisk* per external disk of `s` (overlay names free on
+ * disk now).  Nothing is written.  Errors, one line each: -EINVAL `s` is
+ * not disk-only/external or names a disk without an nkp key; -ENOENT a
+ * layer file of the chain at `s` is missing, or the disk is gone; -EPERM a
+ * layer at `s` is not LUKS; -ESTALE the layer at `s` is the disk's active
+ * layer now (written since); -EBADMSG unreadable XML. */
+int nkp_revert_plan(const NkpDomain *d, const char *xml, const NkpRevertSnapshot *s,
+                    GPtrArray **ret);
+
+/* rd->overlay made: a LUKS qcow2 over the layer at the snapshot, its size,
+ * under `value`; made as OVERLAY.nkp-new, fsynced, renamed (crash points
+ * revert-overlay-made, revert-overlay-renamed).  -EIO qemu-img failed
+ * (nothing left). */
+int nkp_revert_make_overlay(const NkpRevertDisk *rd, const nkp_secret *value);
+
+/* *ret (g_free) = `xml` with each disk of `plan` on its new overlay, the
+ * chain at the snapshot below it (<backingStore>, engine='qemu'). */
+int nkp_revert_definition(const char *xml, GPtrArray *plan, char **ret);
+
+/* The layers of each disk's chain now that the revert leaves behind, as
+ * "TARGET PATH" (g_free) into `unneeded`, or into `needed` when the chain
+ * of one of `snapshots` (NkpRevertSnapshot*) holds it. */
+void nkp_revert_abandoned(GPtrArray *plan, GPtrArray *snapshots, GPtrArray *unneeded,
+                          GPtrArray *needed);
 /* ---- vm-backup.c: encrypted backups and block copies (issue 16) ---------- */
 /* The manifest of a backup directory (its format: vm-backup.c, docs/backup.md).
  * targets[i] (a disk's target dev) and secrets[i] (its LUKS secret UUID) for

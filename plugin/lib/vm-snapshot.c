@@ -993,3 +993,31 @@ int nkp_domain_set_disk_chain(const char *xml, const char *target, GPtrArray *la
 {
         return write_disk_chain(xml, target, layers, ret);
 }
+
+/* ---- for vm-revert.c (declared in nkp-private.h) --------------------------- */
+
+int nkp_luks_overlay_create(const char *path, const char *backing, const char *backing_fmt,
+                            guint64 size, const nkp_secret *value)
+{
+        return create_overlay(path, backing, backing_fmt, size, value);
+}
+
+void nkp_disk_chain_from_headers(GPtrArray *layers, const char *secret_uuid)
+{
+        complete_from_headers(layers, secret_uuid);
+}
+
+const nkp_secret *nkp_vm_disk_value(GPtrArray *secrets, const char *target)
+{
+        return disk_value(secrets, target);
+}
+
+const char *nkp_vm_disk_secret_uuid(const NkpDomain *d, const char *target)
+{
+        return disk_secret_uuid(d, target);
+}
+
+char *nkp_overlay_path(const char *top, const char *name)
+{
+        return overlay_path(top, name);
+}

@@ -62,10 +62,12 @@ extern const GOptionEntry nkpctl_restore_backup_options[];
 /* Shallow rekey (cmd-rekey.c) of VM `name`, or of every nkp VM, to
  * `provider` (NULL: the default); prints the result(s); returns the exit
  * code. */
-/* vm snapshot, vm encrypt-layer, vm clone (cmd-snapshot.c): rows of
+/* vm snapshot, vm encrypt-layer, vm revert, vm clone (cmd-snapshot.c): rows of
  * nkpctl_vm_commands. */
 int nkpctl_vm_snapshot(NkpctlGlobals *g, int argc, char **argv);
 int nkpctl_vm_encrypt_layer(NkpctlGlobals *g, int argc, char **argv);
+int nkpctl_vm_revert(NkpctlGlobals *g, int argc, char **argv);
+extern const GOptionEntry nkpctl_revert_options[];
 int nkpctl_vm_clone(NkpctlGlobals *g, int argc, char **argv);
 extern const GOptionEntry nkpctl_clone_options[];
 #define NKPCTL_SNAPSHOT_CLONE_ROWS                                                              \
@@ -80,6 +82,13 @@ extern const GOptionEntry nkpctl_clone_options[];
           "Encrypt a plain snapshot layer of a shut-off nkp VM in place.",                      \
           "FILE keeps its backing file; crash safe: run it again after an interruption.",       \
           NULL, 2, 2, nkpctl_vm_encrypt_layer },                                                \
+        { "vm", "revert", "DOMAIN SNAPSHOT",                                                    \
+          "Revert a shut-off nkp VM to one of its disk-only snapshots.",                        \
+          "Each disk gets a new LUKS layer over its layer at SNAPSHOT, which stays untouched "  \
+          "(revert again at will); the layers left behind are listed. The vTPM is not part "    \
+          "of a disk-only snapshot: it keeps its state. (virsh snapshot-revert cannot revert "  \
+          "external snapshots with libvirt 9.0.)",                                              \
+          nkpctl_revert_options, 2, 2, nkpctl_vm_revert },                                      \
         { "vm", "clone", "SOURCE NEW",                                                          \
           "Clone a shut-off nkp VM into a new encrypted VM (what virt-clone does).",            \
           "New UUID, keysafe, secret UUIDs, MAC addresses and a fresh vTPM; every disk copied " \
