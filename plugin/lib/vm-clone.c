@@ -35,6 +35,7 @@
  * at worst .nkp-new leftovers that the rerun overwrites. */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <linux/fs.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -476,4 +477,138 @@ int nkp_vm_clone(nkp_context *ctx, nkp_virt *v, const char *src, const char *new
                 for (guint i = 0; i < done; i++)
                         (void) nkp_unlink_nofollow(g_hash_table_lookup(paths, targets->pdata[i]));
         return r;
+}
+
+/* ---- definitions copied with another VM's keysafe ---------------------------------- */
+/* virt-clone --preserve-data / --skip-copy, or a `virsh dumpxml` edited by
+ * hand, define a new UUID that carries the original's keysafe, bound to
+ * the original's UUID (and its secret UUIDs).  Such a definition can never
+ * unlock (the keysafe's AAD names the UUID), and it must not: it would
+ * share the original's keys.  Read here with libxml2 alone, because
+ * nkp_domain_parse refuses it. */
+
+/* The UUID the <keysafe><vm uuid=…/> of `root`'s <metadata> names, or NULL. */
+static char *keysafe_vm_uuid(xmlNodePtr root)
+{
+        xmlNodePtr md = child(root, "metadata");
+        for (xmlNodePtr n = md ? md->children : NULL; n; n = n->next) {
+                if (n->type != XML_ELEMENT_NODE || !n->ns || !n->ns->href ||
+                    !xmlStrEqual(n->ns->href, X(NKP_KEYSAFE_NS)))
+                        continue;
+                for (xmlNodePtr vm = n->children; vm; vm = vm->next) {
+                        if (vm->type != XML_ELEMENT_NODE || !xmlStrEqual(vm->name, X("vm")))
+                                continue;
+                        xmlChar *u = xmlGetProp(vm, X("uuid"));
+                        char *ret = u ? g_ascii_strdown((const char *) u, -1) : NULL;
+                        xmlFree(u);
+                        return ret;
+                }
+        }
+        return NULL;
+}
+
+/* The domain's own <uuid> and its keysafe's VM UUID (NULL when none),
+ * lower case.  -EBADMSG not a readable domain XML. */
+static void drop_generic_error(void *ctx, const char *msg, ...)
+{
+        (void) ctx;
+        (void) msg;
+}
+
+static int read_uuids(const char *xml, size_t len, char **ret_uuid, char **ret_keysafe_uuid)
+{
+        /* Quiet, as domain.c's parser: the hook's stderr holds one line. */
+        xmlGenericErrorFunc old_func = xmlGenericError;
+        void *old_ctx = xmlGenericErrorContext;
+        xmlSetGenericErrorFunc(NULL, drop_generic_error);
+        xmlDocPtr doc = xmlReadMemory(xml, (int) MIN(len, (size_t) INT_MAX), "domain.xml", NULL,
+                                      XML_PARSE_NONET | XML_PARSE_NOERROR | XML_PARSE_NOWARNING);
+        xmlSetGenericErrorFunc(old_ctx, old_func);
+        xmlNodePtr root = doc ? xmlDocGetRootElement(doc) : NULL;
+        if (!root || doc->intSubset || !xmlStrEqual(root->name, X("domain"))) {
+                xmlFreeDoc(doc);
+                return nkp_fail(-EBADMSG, "Not a domain XML.");
+        }
+        xmlChar *u = xmlNodeGetContent(child(root, "uuid"));
+        *ret_uuid = u ? g_ascii_strdown(g_strstrip((char *) u), -1) : NULL;
+        xmlFree(u);
+        *ret_keysafe_uuid = keysafe_vm_uuid(root);
+        xmlFreeDoc(doc);
+        return 0;
+}
+
+int nkp_domain_foreign_keysafe(const char *xml, size_t len, char **ret_keysafe_uuid)
+{
+        g_autofree char *own = NULL, *ks = NULL;
+        if (!nkp_domain_mentions_nkp(xml, len))
+                return 0;
+        if (read_uuids(xml, len, &own, &ks) < 0) {
+                nkp_error_clear();
+                return 0; /* not this check's business */
+        }
+        uint8_t a[16], b[16];
+        if (!own || !ks || nkp_uuid_parse(own, a) < 0 || nkp_uuid_parse(ks, b) < 0 ||
+            memcmp(a, b, sizeof a) == 0)
+                return 0;
+        *ret_keysafe_uuid = g_steal_pointer(&ks);
+        return 1;
+}
+
+/* The name of the defined VM whose UUID is `uuid`, or NULL. */
+static char *vm_named_by_uuid(NkpVirt *v, const char *uuid)
+{
+        g_autoptr(GPtrArray) names = NULL;
+        if (nkp_virt_domain_list(v, &names) < 0) {
+                nkp_error_clear();
+                return NULL;
+        }
+        for (guint i = 0; i < names->len; i++) {
+                g_autofree char *xml = NULL, *own = NULL, *ks = NULL;
+                if (nkp_virt_domain_xml(v, names->pdata[i], true, &xml) < 0 ||
+                    read_uuids(xml, strlen(xml), &own, &ks) < 0) {
+                        nkp_error_clear();
+                        continue;
+                }
+                if (own && g_ascii_strcasecmp(own, uuid) == 0)
+                        return g_strdup(names->pdata[i]);
+        }
+        return NULL;
+}
+
+int nkp_vm_watch_foreign_keysafe(nkp_context *ctx, NkpVirt *v, const char *name,
+                                 char **ret_note)
+{
+        g_autofree char *xml = NULL, *ks_uuid = NULL;
+        int r = nkp_virt_domain_xml(v, name, true, &xml);
+        if (r == -ENOENT) {
+                nkp_error_clear();
+                if (nkp_alarm_open(ctx, "vm-foreign-keysafe", name, NULL))
+                        (void) nkp_alarm_clear(ctx, "vm-foreign-keysafe", name);
+                nkp_error_clear();
+                return 1; /* gone: nothing to enrol either */
+        }
+        if (r < 0)
+                return r;
+        if (!nkp_domain_foreign_keysafe(xml, strlen(xml), &ks_uuid)) {
+                if (nkp_alarm_open(ctx, "vm-foreign-keysafe", name, NULL))
+                        (void) nkp_alarm_clear(ctx, "vm-foreign-keysafe", name);
+                nkp_error_clear();
+                return 0;
+        }
+        g_autofree char *src = vm_named_by_uuid(v, ks_uuid);
+        g_autofree char *msg = g_strdup_printf(
+                "VM '%s' carries the nkp keysafe of %s%s%s (UUID %s): a copied definition "
+                "(virt-clone --preserve-data or --skip-copy, or by hand) cannot use another "
+                "VM's keys, so its start is refused; undefine it (virsh undefine '%s') and "
+                "clone with nkpctl vm clone '%s' '%s'",
+                name, src ? "VM '" : "another VM", src ? src : "", src ? "'" : "", ks_uuid,
+                name, src ? src : "SOURCE", name);
+        if (!nkp_alarm_open(ctx, "vm-foreign-keysafe", name, msg)) {
+                if (nkp_alarm_raise(ctx, "vm-foreign-keysafe", name, msg) < 0)
+                        nkp_log(NKP_LOG_WARNING, "%s", nkp_error_message());
+                else if (ret_note)
+                        *ret_note = g_strdup_printf("%s: alarm vm-foreign-keysafe", msg);
+        }
+        nkp_error_clear();
+        return 1;
 }
