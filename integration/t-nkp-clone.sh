@@ -71,6 +71,12 @@ err=$(lab_exec a timeout 120 virt-clone --connect qemu:///system --original g1 -
 echo "# virt-clone: $(grep -m1 -i error <<<"$err")"
 grep -q "A single <secret type='passphrase'...> element is expected" <<<"$err" || fail "virt-clone failed otherwise: $err"
 lab_virsh a dominfo g1v >/dev/null 2>&1 && fail "virt-clone left g1v defined"
+no_alarm_for() { # NAME: nkpd clears the alarm of a definition that went away
+    local i
+    for ((i = 0; i < 50; i++)); do nk alarms | grep_q -F "VM '$1' carries" || return 0; sleep 0.2; done
+    fail "the vm-foreign-keysafe alarm of $1 (defined, then undefined by virt-clone) stayed: $(nk alarms)"
+}
+no_alarm_for g1v
 [ "$(shared_files)" = "$files_before" ] || fail "virt-clone left files: $(diff <(echo "$files_before") <(shared_files))"
 pass "virt-clone fails in libvirt's storage driver (documented) and leaves no clone, no file"
 
@@ -99,6 +105,7 @@ grep -q "A single <secret type='passphrase'...> element is expected" <<<"$err" |
 lab_virsh a dominfo g1m >/dev/null 2>&1 && fail "the Cloner left g1m defined"
 [ "$(shared_files)" = "$files_before" ] || fail "the Cloner left files: $(diff <(echo "$files_before") <(shared_files))"
 [ "$(g1_state)" = "$g1_before" ] || fail "g1's disk or definition changed"
+no_alarm_for g1m
 pass "virtinst's Cloner as virt-manager's Clone drives it fails the same way: no clone, no file, g1 untouched"
 
 # ---- virt-clone --preserve-data / --skip-copy: the original's keysafe in a new UUID ---------
@@ -122,7 +129,7 @@ foreign_clone() { # NAME: nkpd's alarm, definition left alone, start refused, no
     [ "$(lab_virsh a domstate "$1")" = "shut off" ] || fail "$1 runs"
     [ "$(g1_state)" = "$g1_before" ] || fail "g1's disk or definition changed"
     lab_virsh a undefine "$1" >/dev/null || fail "undefine $1"
-    nk alarms clear vm-foreign-keysafe "$1" >/dev/null 2>&1 || true
+    no_alarm_for "$1"
 }
 ouuid=$(lab_virsh a domuuid g1 | tr -d '[:space:]')
 cp --sparse=always "$disk" "$LAB_DIR/shared/g1p.qcow2"
@@ -131,9 +138,9 @@ out=$(lab_exec a timeout 120 virt-clone --connect qemu:///system --original g1 -
 lab_virsh a dumpxml --inactive g1p | grep_q "<vm uuid=.$ouuid" || fail "g1p does not carry g1's keysafe"
 foreign_clone g1p
 rm -f "$LAB_DIR/shared/g1p.qcow2"
-pass "virt-clone --preserve-data: defined with g1's keysafe; nkpd alarms (naming g1 and nkpctl vm clone), leaves it alone; its start is refused naming the fix"
+pass "virt-clone --preserve-data: defined with g1's keysafe; nkpd alarms (naming g1 and nkpctl vm clone), leaves it alone; its start is refused naming the fix; undefined, the alarm goes"
 out=$(lab_exec a timeout 120 virt-clone --connect qemu:///system --original g1 --name g1k \
-      --skip-copy=vda 2>&1) || fail "virt-clone --skip-copy=vda: $out"
+      --skip-copy=vda --auto-clone 2>&1) || fail "virt-clone --skip-copy=vda: $out"
 lab_virsh a dumpxml --inactive g1k | grep_q "<source file='$disk'" || fail "g1k does not share g1's disk"
 foreign_clone g1k
 pass "virt-clone --skip-copy=vda (g1's own disk file): the same alarm and refusal, g1 untouched"

@@ -394,8 +394,11 @@ static int on_lifecycle(virConnectPtr conn, virDomainPtr dom, int event, int det
         if (event == VIR_DOMAIN_EVENT_STOPPED && detail == VIR_DOMAIN_EVENT_STOPPED_SAVED)
                 queue_copy(d, dom, "save", NULL);
         /* Defined: a new vTPM or disk to enrol.  Stopped: a new empty disk
-         * added while the VM ran can be converted now (enrol.c). */
-        if (event == VIR_DOMAIN_EVENT_DEFINED || event == VIR_DOMAIN_EVENT_STOPPED) {
+         * added while the VM ran can be converted now (enrol.c).
+         * Undefined: its vm-foreign-keysafe alarm goes (vm-clone.c; virt-clone
+         * defines and undefines the original's keysafe when it fails). */
+        if (event == VIR_DOMAIN_EVENT_DEFINED || event == VIR_DOMAIN_EVENT_STOPPED ||
+            event == VIR_DOMAIN_EVENT_UNDEFINED) {
                 const char *name = virDomainGetName(dom);
                 if (name)
                         queue_domain(d, name);
