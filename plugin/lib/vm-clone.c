@@ -175,17 +175,22 @@ static const nkp_secret *value_of(GPtrArray *secrets, const char *target)
  * cannot (another filesystem). */
 static int copy_range(int in, int out, off_t pos, off_t end)
 {
+        bool by_kernel = true;
         while (pos < end) {
-                off_t po = pos;
-                ssize_t n = copy_file_range(in, &pos, out, &po, (size_t) (end - pos), 0);
-                if (n > 0)
-                        continue;
-                if (n == 0)
-                        return -EIO; /* the source shrank under us */
-                if (errno != EXDEV && errno != EOPNOTSUPP && errno != ENOSYS && errno != EINVAL)
-                        return -errno;
+                if (by_kernel) {
+                        off_t po = pos;
+                        ssize_t n = copy_file_range(in, &pos, out, &po, (size_t) (end - pos), 0);
+                        if (n > 0)
+                                continue;
+                        if (n == 0)
+                                return -EIO; /* the source shrank under us */
+                        if (errno != EXDEV && errno != EOPNOTSUPP && errno != ENOSYS &&
+                            errno != EINVAL)
+                                return -errno;
+                        by_kernel = false;
+                }
                 char buf[1 << 16];
-                n = pread(in, buf, MIN(sizeof buf, (size_t) (end - pos)), pos);
+                ssize_t n = pread(in, buf, MIN(sizeof buf, (size_t) (end - pos)), pos);
                 if (n <= 0)
                         return n < 0 ? -errno : -EIO;
                 for (ssize_t w = 0; w < n;) {
