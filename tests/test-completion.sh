@@ -51,6 +51,8 @@ out=$(complete_words nkpctl --root "$R" vm rekey --provider=a)
 check "--provider=a: alpha" '[ "$out" = alpha ]'
 out=$(complete_words nkpctl --root "$R" provider backup alpha --)
 check "options of provider backup, from its --help" 'has --out= && has --password-file= && has --json && has --root='
+out=$(complete_words nkpctl --root "$R" vm clone a b --s)
+check "vm clone --s: --same-keys, from its --help" '[ "$out" = --same-keys ]'
 out=$(complete_words nkpctl --root "$R" provider restore "$tmp/files/")
 check "provider restore: .p12 files, not others" 'has "$tmp/files/alpha.p12" && ! has "$tmp/files/notes.txt"'
 if command -v virsh >/dev/null; then

@@ -205,6 +205,19 @@ if locked=$("$BUILD/tests/test-domain" --emit-nkp-domain) && [ -n "$locked" ]; t
 	ms=$((($(date +%s%N) - start) / 1000000))
 	echo "# hook wall time, locked prepare: ${ms} ms"
 	check "locked VM: refusal is fast (< 2 s)" '[ $ms -lt 2000 ]'
+	# A copy of guest1's definition under another UUID (virt-clone
+	# --preserve-data / --skip-copy, by hand): refused naming the fix.
+	own=$(sed -n 's|.*<uuid>\(.*\)</uuid>.*|\1|p' <<<"$locked"); own_lc=${own,,}
+	copy=$(sed -e "s|<name>guest1</name>|<name>copy1</name>|" \
+		-e "s|<uuid>$own</uuid>|<uuid>0b3e9c1d-2f4a-4e5b-8c6d-7e8f9a0b1c2d</uuid>|" <<<"$locked")
+	for op in "prepare begin" "migrate begin" "restore begin"; do
+		set -- $op
+		run copy1 "$1" "$2" <<<"$copy"
+		check "copied keysafe, $op: refused, one line naming its UUID and nkpctl vm clone" \
+			'[ $rc = 1 ] && [ "$(printf "%s\n" "$err" | wc -l)" = 1 ] &&
+			 [[ $err == *"VM '"'copy1'"' cannot "*"made for the VM UUID '"'$own_lc'"'"*"nkpctl vm clone SOURCE '"'copy1'"'"* ]]'
+	done
+	echo "# $err"
 else
 	skip "keysafe.c not implemented yet: locked-VM cases"
 fi

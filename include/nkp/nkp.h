@@ -317,11 +317,14 @@ int nkp_vm_revert(nkp_context *ctx, nkp_virt *v, const char *domain, const char 
  * gives for its target ("vda=/path", NULL-terminated, may be NULL: beside
  * the original as "<new_name>-<target>.qcow2").  Keys: new DEKs (each disk
  * re-encrypted, qemu-img convert + compare), or with NKP_VM_CLONE_SAME_KEYS
- * the original's DEKs re-wrapped for the clone (files copied as they are).
+ * the original's DEKs re-wrapped for the clone (each single-layer file
+ * copied as it is: a reflink where the filesystem can, else sparse; a
+ * chain is flattened under the original's DEK).
  * Errors (nothing left behind): -EINVAL not an nkp VM or a bad file
  * mapping, -EEXIST the name or a target file exists, -EBUSY the source
  * runs, -ENOKEY its provider is not here, -EIO qemu-img failed; libvirt's
  * errors pass through. */
+#define NKP_VM_CLONE_SAME_KEYS 1u /* the original's DEKs, not new ones */
 int nkp_vm_clone(nkp_context *ctx, nkp_virt *v, const char *src, const char *new_name,
                  const char *const *files, unsigned flags);
 

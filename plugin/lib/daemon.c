@@ -29,6 +29,10 @@
  *    makes a plain overlay (nkp_vm_watch_plain_layers): libvirt 9.0 sends
  *    no event for a snapshot, but rewrites both files when the snapshot
  *    changes a disk's source (a transient VM has the running one only).
+ *  - definitions carrying another VM's keysafe (issue 16, vm-clone.c:
+ *    virt-clone --preserve-data / --skip-copy, copies by hand) raise
+ *    vm-foreign-keysafe in the same pass, before anything else, and are
+ *    then left alone: nothing enrolled, nothing rewritten.
  *
  * This file, virt.c and vm-backup.c (backups, block copies, the copy watch)
  * are the only ones that call libvirt. */
@@ -400,8 +404,11 @@ static int on_lifecycle(virConnectPtr conn, virDomainPtr dom, int event, int det
         if (event == VIR_DOMAIN_EVENT_STOPPED && detail == VIR_DOMAIN_EVENT_STOPPED_SAVED)
                 queue_copy(d, dom, "save", NULL);
         /* Defined: a new vTPM or disk to enrol.  Stopped: a new empty disk
-         * added while the VM ran can be converted now (enrol.c). */
-        if (event == VIR_DOMAIN_EVENT_DEFINED || event == VIR_DOMAIN_EVENT_STOPPED) {
+         * added while the VM ran can be converted now (enrol.c).
+         * Undefined: its vm-foreign-keysafe alarm goes (vm-clone.c; virt-clone
+         * defines and undefines the original's keysafe when it fails). */
+        if (event == VIR_DOMAIN_EVENT_DEFINED || event == VIR_DOMAIN_EVENT_STOPPED ||
+            event == VIR_DOMAIN_EVENT_UNDEFINED) {
                 const char *name = virDomainGetName(dom);
                 if (name)
                         queue_domain(d, name);
@@ -431,8 +438,19 @@ static void check_chains(nkp_daemon *d, const char *name)
 
 static void enrol(nkp_daemon *d, const char *name)
 {
+        /* A copy carrying another VM's keysafe: alarm, and hands off (an
+         * enrolment would rewrite a definition that is not a clone). */
+        g_autofree char *foreign = NULL;
+        int r = nkp_vm_watch_foreign_keysafe(d->ctx, d->virt, name, &foreign);
+        if (foreign)
+                nkp_log(NKP_LOG_WARNING, "%s", foreign);
+        if (r < 0)
+                nkp_log(NKP_LOG_ERROR, "%s", nkp_error_message());
+        nkp_error_clear();
+        if (r != 0)
+                return;
         g_autofree char *note = NULL;
-        int r = nkp_vm_auto_enrol(d->ctx, d->virt, name, &note);
+        r = nkp_vm_auto_enrol(d->ctx, d->virt, name, &note);
         if (r < 0)
                 nkp_log(NKP_LOG_ERROR, "%s", nkp_error_message());
         else if (note)

@@ -358,6 +358,14 @@ static int refuse_undecidable(const char *root, enum nkp_hook_step step, const c
         g_autofree char *verb = step_verb(step);
         if (!domain || !domain[0])
                 domain = "?";
+        g_autofree char *ks_uuid = NULL;
+        if (nkp_domain_foreign_keysafe(xml, len, &ks_uuid))
+                return nkp_fail(-EPERM, "VM '%s' cannot %s: its nkp keysafe was made for the VM "
+                                        "UUID '%s', not for this VM (a copied definition: "
+                                        "virt-clone --preserve-data or --skip-copy, or by hand) "
+                                        "and cannot share that VM's keys; undefine it and clone "
+                                        "with nkpctl vm clone SOURCE '%s'",
+                                domain, verb, ks_uuid, domain);
         if (nkp_domain_mentions_nkp(xml, len))
                 return nkp_fail(r, "VM '%s' cannot %s: its domain XML carries nkp data that "
                                    "cannot be read: %s",

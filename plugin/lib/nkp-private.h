@@ -799,6 +799,24 @@ int nkp_journal_reconcile(nkp_context *ctx, const NkpJournal *j, const char *sig
  * at the Nth (default first) time it passes `step`. */
 void nkp_test_crash_point(const char *step);
 
+/* ---- vm-clone.c: definitions copied with another VM's keysafe (issue 16) ---- */
+
+/* 1 when the domain XML carries an nkp keysafe made for another VM UUID
+ * than its own <uuid> (virt-clone --preserve-data / --skip-copy, a copy by
+ * hand), *ret_keysafe_uuid (caller frees) the UUID it names; 0 otherwise,
+ * an unreadable XML included (nkp_domain_parse says why).  Never fails. */
+int nkp_domain_foreign_keysafe(const char *xml, size_t len, char **ret_keysafe_uuid);
+
+/* nkpd's check of a defined domain: raises the vm-foreign-keysafe alarm
+ * (subject: the VM's name; the message names the VM the keysafe belongs
+ * to and the fix, nkpctl vm clone) and returns 1 when its keysafe is
+ * another VM's; clears the alarm and returns 1 when the domain is gone,
+ * 0 when neither (the alarm cleared).  1 means: enrol nothing, rewrite
+ * nothing.  *ret_note (may be NULL) is set when the alarm is newly
+ * raised.  libvirt's errors. */
+int nkp_vm_watch_foreign_keysafe(nkp_context *ctx, NkpVirt *v, const char *name,
+                                 char **ret_note);
+
 /* ---- enrol.c: enrolling VMs (vm encrypt, vm create, nkpd) ---------------- */
 
 enum nkp_vtpm_state {

@@ -23,12 +23,22 @@
  * shared DEK would let whoever holds the clone's key read the original's
  * files (and a rekey --deep of one would not cover the other).
  *
+ * --same-keys (NKP_VM_CLONE_SAME_KEYS) is the fast other choice: each
+ * single-layer disk file copied as it is (a reflink where the filesystem
+ * can, else its data extents only), the original's DEKs unwrapped and
+ * wrapped again into the clone's keysafe, bound to the clone's UUID, under
+ * new secret UUIDs.  A disk with a backing chain is still flattened (one
+ * file per disk, as virt-clone), under the original's DEK.
+ *
  * Crash safety: the copies are written as PATH.nkp-new and renamed when
  * complete; the clone is defined last, so a kill leaves no clone (rerun),
  * at worst .nkp-new leftovers that the rerun overwrites. */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <linux/fs.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -160,6 +170,107 @@ static const nkp_secret *value_of(GPtrArray *secrets, const char *target)
         "encrypt.format=luks,encrypt.key-secret=snew,encrypt.iter-time=10,"               \
         "encrypt.hash-alg=sha512"
 
+/* `in`'s bytes from `pos` to `end` written at the same offsets of `out`:
+ * copy_file_range (the kernel may share extents), read/write where it
+ * cannot (another filesystem). */
+static int copy_range(int in, int out, off_t pos, off_t end)
+{
+        bool by_kernel = true;
+        while (pos < end) {
+                if (by_kernel) {
+                        off_t po = pos;
+                        ssize_t n = copy_file_range(in, &pos, out, &po, (size_t) (end - pos), 0);
+                        if (n > 0)
+                                continue;
+                        if (n == 0)
+                                return -EIO; /* the source shrank under us */
+                        if (errno != EXDEV && errno != EOPNOTSUPP && errno != ENOSYS &&
+                            errno != EINVAL)
+                                return -errno;
+                        by_kernel = false;
+                }
+                char buf[1 << 16];
+                ssize_t n = pread(in, buf, MIN(sizeof buf, (size_t) (end - pos)), pos);
+                if (n <= 0)
+                        return n < 0 ? -errno : -EIO;
+                for (ssize_t w = 0; w < n;) {
+                        ssize_t k = pwrite(out, buf + w, (size_t) (n - w), pos + w);
+                        if (k < 0)
+                                return -errno;
+                        w += k;
+                }
+                pos += n;
+        }
+        return 0;
+}
+
+/* --same-keys: `src` copied to the new file `dst` as it is (still LUKS
+ * under the same key): a reflink where the filesystem can (FICLONE), else
+ * its data extents only, so the holes of a sparse disk stay holes. */
+static int copy_file_as_is(const char *src, const char *dst)
+{
+        int in = open(src, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        int out = in < 0 ? -1
+                         : open(dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+        struct stat st;
+        int r = (out < 0 || fstat(in, &st) < 0) ? -errno : 0;
+        if (r == 0 && ioctl(out, FICLONE, in) < 0) {
+                for (off_t pos = 0; r == 0 && pos < st.st_size;) {
+                        off_t data = lseek(in, pos, SEEK_DATA);
+                        if (data < 0) {
+                                r = errno == ENXIO ? 0 : -errno;
+                                break; /* ENXIO: only a hole is left */
+                        }
+                        off_t hole = lseek(in, data, SEEK_HOLE);
+                        r = hole < 0 ? -errno : copy_range(in, out, data, hole);
+                        pos = hole;
+                }
+                if (r == 0 && ftruncate(out, st.st_size) < 0)
+                        r = -errno;
+        }
+        if (in >= 0)
+                close(in);
+        if (out >= 0)
+                close(out);
+        if (r < 0)
+                return nkp_fail(r, "Cannot copy '%s' to '%s' for the clone: %s.", src, dst,
+                                g_strerror(-r));
+        return 0;
+}
+
+/* The copy done: `tmp` gets the original's mode and owner, is synced and
+ * renamed to `dst`.  Removes `tmp` on error. */
+static int finish_copy(const char *orig, const char *tmp, const char *dst)
+{
+        int r = 0;
+        int fd = open(tmp, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        struct stat st;
+        if (fd < 0 || stat(orig, &st) < 0 || fchmod(fd, st.st_mode & 07777) < 0 ||
+            fchown(fd, st.st_uid, st.st_gid) < 0 || fsync(fd) < 0 || rename(tmp, dst) < 0)
+                r = nkp_fail(-errno, "Cannot finish the clone's copy '%s': %s.", dst,
+                             g_strerror(errno));
+        if (fd >= 0)
+                close(fd);
+        if (r < 0)
+                (void) nkp_unlink_nofollow(tmp);
+        else
+                (void) nkp_fsync_dir_of(dst);
+        return r;
+}
+
+/* A single-layer disk for --same-keys: copied as it is, then finished. */
+static int copy_disk_as_is(const NkpDiskLayer *top, const char *dst)
+{
+        g_autofree char *tmp = g_strconcat(dst, ".nkp-new", NULL);
+        (void) nkp_unlink_nofollow(tmp); /* a killed run's leftover */
+        int r = copy_file_as_is(top->path, tmp);
+        if (r < 0) {
+                (void) nkp_unlink_nofollow(tmp);
+                return r;
+        }
+        return finish_copy(top->path, tmp, dst);
+}
+
 /* One disk: the chain read under the original's key ("sk"), written whole
  * as a LUKS qcow2 `dst`.nkp-new under the clone's ("snew"), compared,
  * fsynced, renamed to `dst`. */
@@ -202,29 +313,56 @@ static int copy_disk(GPtrArray *layers, const nkp_secret *old_value, const nkp_s
         if (r > 0)
                 r = nkp_fail(-EIO, "qemu-img could not copy '%s' for the clone: %s.", top->path,
                              err && err[0] ? err : "the copy differs");
-        if (r == 0) {
-                int fd = open(tmp, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-                struct stat st;
-                if (fd < 0 || stat(top->path, &st) < 0 || fchmod(fd, st.st_mode & 07777) < 0 ||
-                    fchown(fd, st.st_uid, st.st_gid) < 0 || fsync(fd) < 0 ||
-                    rename(tmp, dst) < 0)
-                        r = nkp_fail(-errno, "Cannot finish the clone's copy '%s': %s.", dst,
-                                     g_strerror(errno));
-                if (fd >= 0)
-                        close(fd);
-        }
-        if (r < 0)
+        if (r < 0) {
                 (void) nkp_unlink_nofollow(tmp);
-        else
-                (void) nkp_fsync_dir_of(dst);
-        return r;
+                return r;
+        }
+        return finish_copy(top->path, tmp, dst);
+}
+
+/* --same-keys: the original's DEKs, unwrapped with its KEK, wrapped again
+ * into the clone's keysafe (bound to the clone's UUID, under the secret
+ * UUIDs nkp_enrol_build picked) in place of the new DEKs; `en`'s XML and
+ * disk values follow.  The new DEKs are wiped unused. */
+static int reuse_original_deks(nkp_context *ctx, const NkpDomain *orig, NkpEnrolment *en)
+{
+        g_autoptr(NkpDomain) dc = NULL;
+        g_autoptr(nkp_secret) old_kek = NULL, new_kek = NULL;
+        int r = nkp_domain_parse(en->xml, strlen(en->xml), &dc);
+        if (r < 0 || (r = nkp_vm_kek(ctx, orig, &old_kek)) < 0 ||
+            (r = nkp_vm_kek(ctx, dc, &new_kek)) < 0)
+                return r;
+        for (guint i = 0; i < en->disks->len; i++) {
+                NkpEnrolDisk *ed = en->disks->pdata[i];
+                g_autoptr(nkp_secret) dek = NULL;
+                nkp_secret *value = NULL;
+                if ((r = nkp_keysafe_get_dek(orig->keysafe, old_kek, NKP_OBJECT_DISK, ed->target,
+                                             &dek)) < 0 ||
+                    (r = nkp_keysafe_put_dek(dc->keysafe, new_kek, NKP_OBJECT_DISK, ed->target,
+                                             ed->secret_uuid, dek)) < 0 ||
+                    (r = nkp_secret_value_from_dek(dek, &value)) < 0)
+                        return r;
+                nkp_secret_free(ed->value);
+                ed->value = value;
+        }
+        g_autofree char *ksxml = NULL, *xml = NULL;
+        g_autoptr(NkpDomainEdit) e = NULL;
+        if ((r = nkp_keysafe_format(dc->keysafe, &ksxml)) < 0 ||
+            (r = nkp_domain_edit_new(en->xml, strlen(en->xml), &e)) < 0 ||
+            (r = nkp_domain_edit_set_keysafe(e, ksxml)) < 0 ||
+            (r = nkp_domain_edit_format(e, &xml)) < 0)
+                return r;
+        g_free(en->xml);
+        en->xml = g_steal_pointer(&xml);
+        return 0;
 }
 
 int nkp_vm_clone(nkp_context *ctx, nkp_virt *v, const char *src, const char *new_name,
                  const char *const *files, unsigned flags)
 {
-        if (flags != 0)
+        if (flags & ~NKP_VM_CLONE_SAME_KEYS)
                 return nkp_fail(-EINVAL, "Unknown clone flags 0x%x.", flags);
+        bool same_keys = flags & NKP_VM_CLONE_SAME_KEYS;
         if (!new_name || !new_name[0] || strchr(new_name, '/'))
                 return nkp_fail(-EINVAL, "'%s' is not a name for the clone.",
                                 new_name ? new_name : "");
@@ -312,6 +450,8 @@ int nkp_vm_clone(nkp_context *ctx, nkp_virt *v, const char *src, const char *new
         g_autoptr(NkpEnrolment) en = NULL;
         if ((r = nkp_enrol_build(ctx, dn, pxml, p, dn->has_vtpm, targets, &en)) < 0)
                 return r;
+        if (same_keys && (r = reuse_original_deks(ctx, d, en)) < 0)
+                return r;
 
         guint done = 0;
         for (; done < targets->len; done++) {
@@ -327,8 +467,13 @@ int nkp_vm_clone(nkp_context *ctx, nkp_virt *v, const char *src, const char *new
                         r = nkp_fail(-ENOENT, "VM '%s': no key for disk %s.", src, t);
                         break;
                 }
-                if ((r = copy_disk(chains->pdata[done], ov, nv,
-                                   g_hash_table_lookup(paths, t))) < 0)
+                GPtrArray *layers = chains->pdata[done];
+                const char *dst = g_hash_table_lookup(paths, t);
+                if (same_keys && layers->len == 1)
+                        r = copy_disk_as_is(layers->pdata[0], dst);
+                else
+                        r = copy_disk(layers, ov, nv, dst);
+                if (r < 0)
                         break;
         }
         if (r == 0)
@@ -337,4 +482,138 @@ int nkp_vm_clone(nkp_context *ctx, nkp_virt *v, const char *src, const char *new
                 for (guint i = 0; i < done; i++)
                         (void) nkp_unlink_nofollow(g_hash_table_lookup(paths, targets->pdata[i]));
         return r;
+}
+
+/* ---- definitions copied with another VM's keysafe ---------------------------------- */
+/* virt-clone --preserve-data / --skip-copy, or a `virsh dumpxml` edited by
+ * hand, define a new UUID that carries the original's keysafe, bound to
+ * the original's UUID (and its secret UUIDs).  Such a definition can never
+ * unlock (the keysafe's AAD names the UUID), and it must not: it would
+ * share the original's keys.  Read here with libxml2 alone, because
+ * nkp_domain_parse refuses it. */
+
+/* The UUID the <keysafe><vm uuid=…/> of `root`'s <metadata> names, or NULL. */
+static char *keysafe_vm_uuid(xmlNodePtr root)
+{
+        xmlNodePtr md = child(root, "metadata");
+        for (xmlNodePtr n = md ? md->children : NULL; n; n = n->next) {
+                if (n->type != XML_ELEMENT_NODE || !n->ns || !n->ns->href ||
+                    !xmlStrEqual(n->ns->href, X(NKP_KEYSAFE_NS)))
+                        continue;
+                for (xmlNodePtr vm = n->children; vm; vm = vm->next) {
+                        if (vm->type != XML_ELEMENT_NODE || !xmlStrEqual(vm->name, X("vm")))
+                                continue;
+                        xmlChar *u = xmlGetProp(vm, X("uuid"));
+                        char *ret = u ? g_ascii_strdown((const char *) u, -1) : NULL;
+                        xmlFree(u);
+                        return ret;
+                }
+        }
+        return NULL;
+}
+
+/* The domain's own <uuid> and its keysafe's VM UUID (NULL when none),
+ * lower case.  -EBADMSG not a readable domain XML. */
+static void drop_generic_error(void *ctx, const char *msg, ...)
+{
+        (void) ctx;
+        (void) msg;
+}
+
+static int read_uuids(const char *xml, size_t len, char **ret_uuid, char **ret_keysafe_uuid)
+{
+        /* Quiet, as domain.c's parser: the hook's stderr holds one line. */
+        xmlGenericErrorFunc old_func = xmlGenericError;
+        void *old_ctx = xmlGenericErrorContext;
+        xmlSetGenericErrorFunc(NULL, drop_generic_error);
+        xmlDocPtr doc = xmlReadMemory(xml, (int) MIN(len, (size_t) INT_MAX), "domain.xml", NULL,
+                                      XML_PARSE_NONET | XML_PARSE_NOERROR | XML_PARSE_NOWARNING);
+        xmlSetGenericErrorFunc(old_ctx, old_func);
+        xmlNodePtr root = doc ? xmlDocGetRootElement(doc) : NULL;
+        if (!root || doc->intSubset || !xmlStrEqual(root->name, X("domain"))) {
+                xmlFreeDoc(doc);
+                return nkp_fail(-EBADMSG, "Not a domain XML.");
+        }
+        xmlChar *u = xmlNodeGetContent(child(root, "uuid"));
+        *ret_uuid = u ? g_ascii_strdown(g_strstrip((char *) u), -1) : NULL;
+        xmlFree(u);
+        *ret_keysafe_uuid = keysafe_vm_uuid(root);
+        xmlFreeDoc(doc);
+        return 0;
+}
+
+int nkp_domain_foreign_keysafe(const char *xml, size_t len, char **ret_keysafe_uuid)
+{
+        g_autofree char *own = NULL, *ks = NULL;
+        if (!nkp_domain_mentions_nkp(xml, len))
+                return 0;
+        if (read_uuids(xml, len, &own, &ks) < 0) {
+                nkp_error_clear();
+                return 0; /* not this check's business */
+        }
+        uint8_t a[16], b[16];
+        if (!own || !ks || nkp_uuid_parse(own, a) < 0 || nkp_uuid_parse(ks, b) < 0 ||
+            memcmp(a, b, sizeof a) == 0)
+                return 0;
+        *ret_keysafe_uuid = g_steal_pointer(&ks);
+        return 1;
+}
+
+/* The name of the defined VM whose UUID is `uuid`, or NULL. */
+static char *vm_named_by_uuid(NkpVirt *v, const char *uuid)
+{
+        g_autoptr(GPtrArray) names = NULL;
+        if (nkp_virt_domain_list(v, &names) < 0) {
+                nkp_error_clear();
+                return NULL;
+        }
+        for (guint i = 0; i < names->len; i++) {
+                g_autofree char *xml = NULL, *own = NULL, *ks = NULL;
+                if (nkp_virt_domain_xml(v, names->pdata[i], true, &xml) < 0 ||
+                    read_uuids(xml, strlen(xml), &own, &ks) < 0) {
+                        nkp_error_clear();
+                        continue;
+                }
+                if (own && g_ascii_strcasecmp(own, uuid) == 0)
+                        return g_strdup(names->pdata[i]);
+        }
+        return NULL;
+}
+
+int nkp_vm_watch_foreign_keysafe(nkp_context *ctx, NkpVirt *v, const char *name,
+                                 char **ret_note)
+{
+        g_autofree char *xml = NULL, *ks_uuid = NULL;
+        int r = nkp_virt_domain_xml(v, name, true, &xml);
+        if (r == -ENOENT) {
+                nkp_error_clear();
+                if (nkp_alarm_open(ctx, "vm-foreign-keysafe", name, NULL))
+                        (void) nkp_alarm_clear(ctx, "vm-foreign-keysafe", name);
+                nkp_error_clear();
+                return 1; /* gone: nothing to enrol either */
+        }
+        if (r < 0)
+                return r;
+        if (!nkp_domain_foreign_keysafe(xml, strlen(xml), &ks_uuid)) {
+                if (nkp_alarm_open(ctx, "vm-foreign-keysafe", name, NULL))
+                        (void) nkp_alarm_clear(ctx, "vm-foreign-keysafe", name);
+                nkp_error_clear();
+                return 0;
+        }
+        g_autofree char *src = vm_named_by_uuid(v, ks_uuid);
+        g_autofree char *msg = g_strdup_printf(
+                "VM '%s' carries the nkp keysafe of %s%s%s (UUID %s): a copied definition "
+                "(virt-clone --preserve-data or --skip-copy, or by hand) cannot use another "
+                "VM's keys, so its start is refused; undefine it (virsh undefine '%s') and "
+                "clone with nkpctl vm clone '%s' '%s'",
+                name, src ? "VM '" : "another VM", src ? src : "", src ? "'" : "", ks_uuid,
+                name, src ? src : "SOURCE", name);
+        if (!nkp_alarm_open(ctx, "vm-foreign-keysafe", name, msg)) {
+                if (nkp_alarm_raise(ctx, "vm-foreign-keysafe", name, msg) < 0)
+                        nkp_log(NKP_LOG_WARNING, "%s", nkp_error_message());
+                else if (ret_note)
+                        *ret_note = g_strdup_printf("%s: alarm vm-foreign-keysafe", msg);
+        }
+        nkp_error_clear();
+        return 1;
 }

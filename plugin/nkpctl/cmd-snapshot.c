@@ -15,12 +15,17 @@ const GOptionEntry nkpctl_revert_options[] = {
           "Delete the layers left behind that no snapshot needs", NULL },
         { NULL },
 };
+static gboolean opt_same_keys;
 
 const GOptionEntry nkpctl_clone_options[] = {
         { "file", 0, 0, G_OPTION_ARG_STRING_ARRAY, &opt_files,
           "The clone's file for disk TARGET (repeat per disk; default: beside the original, "
           "NEW-TARGET.qcow2)",
           "TARGET=PATH" },
+        { "same-keys", 0, 0, G_OPTION_ARG_NONE, &opt_same_keys,
+          "Keep the original's disk keys (re-wrapped for the clone; files copied as they are, "
+          "fast) instead of new ones",
+          NULL },
         { NULL },
 };
 
@@ -146,10 +151,13 @@ int nkpctl_vm_clone(NkpctlGlobals *g, int argc, char **argv)
         (void) argc;
         g_autoptr(nkp_virt) v = NULL;
         if (nkpctl_virt_open(g, &v) < 0 ||
-            nkp_vm_clone(g->ctx, v, argv[1], argv[2], (const char *const *) opt_files, 0) < 0)
+            nkp_vm_clone(g->ctx, v, argv[1], argv[2], (const char *const *) opt_files,
+                         opt_same_keys ? NKP_VM_CLONE_SAME_KEYS : 0) < 0)
                 return nkpctl_lib_error();
         return print_done(g, "clone", argv[1], argv[2],
-                          g_strdup_printf("VM '%s' cloned into '%s' (encrypted, new keys, fresh "
+                          g_strdup_printf("VM '%s' cloned into '%s' (encrypted, %s, fresh "
                                           "vTPM).\n",
-                                          argv[1], argv[2]));
+                                          argv[1], argv[2],
+                                          opt_same_keys ? "the original's disk keys"
+                                                        : "new keys"));
 }

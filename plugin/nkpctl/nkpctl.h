@@ -92,8 +92,9 @@ extern const GOptionEntry nkpctl_clone_options[];
         { "vm", "clone", "SOURCE NEW",                                                          \
           "Clone a shut-off nkp VM into a new encrypted VM (what virt-clone does).",            \
           "New UUID, keysafe, secret UUIDs, MAC addresses and a fresh vTPM; every disk copied " \
-          "(its chain flattened) under NEW data keys. virt-clone itself fails on LUKS disks "   \
-          "with libvirt 9.0 (docs/snapshots-clones.md).",                                       \
+          "(its chain flattened) under NEW data keys, or with --same-keys copied as it is "     \
+          "under the original's keys re-wrapped for the clone. virt-clone itself fails on "     \
+          "LUKS disks with libvirt 9.0 (docs/snapshots-clones.md).",                            \
           nkpctl_clone_options, 2, 2, nkpctl_vm_clone },
 
 int nkpctl_rekey_one(NkpctlGlobals *g, const char *name, const char *provider);
