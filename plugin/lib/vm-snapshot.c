@@ -976,3 +976,68 @@ int nkp_vm_watch_plain_layers(nkp_context *ctx, NkpVirt *v, const char *name, ch
                                             name, strchr(found->pdata[0], ' ') + 1);
         return r;
 }
+
+/* ---- snapshot='no' on definitions written before nkp set it --------------- */
+
+static bool is_persistent(NkpVirt *v, const char *name)
+{
+        g_autoptr(GPtrArray) names = NULL;
+        if (nkp_virt_domain_list(v, &names) < 0) {
+                nkp_error_clear();
+                return false;
+        }
+        for (guint i = 0; i < names->len; i++)
+                if (strcmp(names->pdata[i], name) == 0)
+                        return true;
+        return false;
+}
+
+int nkp_vm_refuse_snapshots(nkp_context *ctx, NkpVirt *v, const char *name, char **ret_note)
+{
+        g_autofree char *xml = NULL;
+        g_autoptr(NkpDomain) d = NULL;
+        int r = nkp_vm_definition(v, name, &xml, &d);
+        if (r == -ENOENT) {
+                nkp_error_clear();
+                return 0; /* gone meanwhile */
+        }
+        if (r < 0)
+                return nkp_fail_prefix(r, "The snapshot setting of VM '%s' cannot be checked", name);
+        /* a transient VM's "inactive" XML is its running one: defining it
+         * would make the VM persistent */
+        if (!d->keysafe || !is_persistent(v, name))
+                return 0;
+        g_autoptr(NkpDomainEdit) e = NULL;
+        if ((r = nkp_domain_edit_new(xml, strlen(xml), &e)) < 0)
+                return r;
+        int changed = nkp_domain_edit_refuse_snapshots(e);
+        if (changed <= 0)
+                return changed;
+        /* an nkpctl command owns the VM (its define would undo this one, or
+         * this one its): looked at again at the next define event or scan */
+        g_autofree char *journal = nkp_journal_path(ctx, d->uuid);
+        int fd = -1;
+        r = nkp_vm_lock(ctx, d->uuid, false, 0, &fd);
+        nkp_error_clear(); /* -ENOENT: nobody ever locked it, nobody holds it */
+        if (r == -EBUSY || access(journal, F_OK) == 0) {
+                nkp_journal_unlock(fd);
+                return 0;
+        }
+        g_autofree char *out = NULL;
+        if ((r = nkp_domain_edit_format(e, &out)) == 0)
+                r = nkp_virt_domain_define(v, out);
+        nkp_journal_unlock(fd);
+        if (r < 0)
+                return nkp_fail_prefix(r, "VM '%s' cannot get snapshot='no' on its encrypted disks",
+                                       name);
+        if (ret_note)
+                *ret_note = g_strdup_printf("VM '%s': snapshot='no' set on %d encrypted disk(s), so "
+                                            "libvirt refuses internal and plain snapshots of them "
+                                            "(nkpctl vm snapshot still works)%s",
+                                            name, changed,
+                                            nkp_virt_domain_is_active(v, name) > 0
+                                                    ? "; the running VM gets it at its next start"
+                                                    : "");
+        nkp_error_clear();
+        return 1;
+}
