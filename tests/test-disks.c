@@ -438,7 +438,8 @@ static unsigned count_of(const char *hay, const char *needle)
 
 /* snapshot='no' (docs/snapshots-clones.md "Internal snapshots"): the
  * enrolment writes it on the disk it encrypts only; nkpd puts it back on
- * an nkp definition that lacks it (one written before nkp set it), once. */
+ * an nkp definition that lacks it (one written before nkp set it), once,
+ * and not while an nkpctl command holds the VM's lock. */
 static void test_snapshot_no(Fixture *f, gconstpointer data)
 {
         (void) data;
@@ -453,6 +454,13 @@ static void test_snapshot_no(Fixture *f, gconstpointer data)
         g_autoptr(GString) old = g_string_new(xml);
         g_string_replace(old, " snapshot='no'", "", 0);
         g_assert_cmpint(nkp_virt_domain_define(f->v, old->str), ==, 0);
+        /* while an nkpctl command holds the VM's lock: left alone */
+        int fd = -1;
+        g_assert_cmpint(nkp_vm_lock(f->ctx, VM_UUID, true, 0, &fd), ==, 0);
+        g_assert_cmpint(nkp_vm_refuse_snapshots(f->ctx, f->v, "vm1", NULL), ==, 0);
+        nkp_journal_unlock(fd);
+        g_autofree char *held = inactive_xml(f);
+        g_assert_cmpuint(count_of(held, "snapshot='no'"), ==, 0);
         g_autofree char *note = NULL;
         g_assert_cmpint(nkp_vm_refuse_snapshots(f->ctx, f->v, "vm1", &note), ==, 1);
         g_assert_nonnull(strstr(note, "VM 'vm1': snapshot='no' set on 1 encrypted disk(s)"));

@@ -763,7 +763,10 @@ void nkp_journal_unlock(int fd);
  *    its one event loop serves every VM, and a held lock means an nkpctl
  *    command owns the VM and decides what it becomes (an enrolment now
  *    would be undone by that command's define); nkpd looks at the VM
- *    again at its next define event or scan. */
+ *    again at its next define event or scan;
+ *  - nkpd's snapshot='no' fix (nkp_vm_refuse_snapshots) does not wait
+ *    either but creates the lock file (a VM migrated in was never locked
+ *    here, and its define must not race a first nkpctl command). */
 #define NKP_VM_LOCK_POLL_MS 50
 int nkp_vm_lock(nkp_context *ctx, const char *vm_uuid, bool create, unsigned wait_ms,
                 int *ret_fd);

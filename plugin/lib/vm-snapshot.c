@@ -992,6 +992,32 @@ static bool is_persistent(NkpVirt *v, const char *name)
         return false;
 }
 
+/* The definition read again under the VM's lock: an nkpctl command that
+ * finished between a first read and the lock must not be undone by a
+ * define of what was read before it. */
+static int refuse_snapshots_locked(NkpVirt *v, const char *name, int *ret_changed)
+{
+        g_autofree char *xml = NULL;
+        g_autoptr(NkpDomain) d = NULL;
+        g_autoptr(NkpDomainEdit) e = NULL;
+        int r = nkp_vm_definition(v, name, &xml, &d);
+        if (r < 0)
+                return r;
+        *ret_changed = 0;
+        if (!d->keysafe) /* decrypted meanwhile */
+                return 0;
+        if ((r = nkp_domain_edit_new(xml, strlen(xml), &e)) < 0)
+                return r;
+        int changed = nkp_domain_edit_refuse_snapshots(e);
+        if (changed <= 0)
+                return changed;
+        g_autofree char *out = NULL;
+        if ((r = nkp_domain_edit_format(e, &out)) < 0 || (r = nkp_virt_domain_define(v, out)) < 0)
+                return r;
+        *ret_changed = changed;
+        return 0;
+}
+
 int nkp_vm_refuse_snapshots(nkp_context *ctx, NkpVirt *v, const char *name, char **ret_note)
 {
         g_autofree char *xml = NULL;
@@ -1010,26 +1036,29 @@ int nkp_vm_refuse_snapshots(nkp_context *ctx, NkpVirt *v, const char *name, char
         g_autoptr(NkpDomainEdit) e = NULL;
         if ((r = nkp_domain_edit_new(xml, strlen(xml), &e)) < 0)
                 return r;
-        int changed = nkp_domain_edit_refuse_snapshots(e);
-        if (changed <= 0)
-                return changed;
-        /* an nkpctl command owns the VM (its define would undo this one, or
-         * this one its): looked at again at the next define event or scan */
+        if ((r = nkp_domain_edit_refuse_snapshots(e)) <= 0)
+                return r; /* the common case: nothing to do, no lock taken */
+        /* An nkpctl command that holds the lock owns the VM: looked at again
+         * at the next define event or scan.  The lock file is created if
+         * missing (a VM migrated in was never locked here). */
         g_autofree char *journal = nkp_journal_path(ctx, d->uuid);
         int fd = -1;
-        r = nkp_vm_lock(ctx, d->uuid, false, 0, &fd);
-        nkp_error_clear(); /* -ENOENT: nobody ever locked it, nobody holds it */
-        if (r == -EBUSY || access(journal, F_OK) == 0) {
+        r = nkp_vm_lock(ctx, d->uuid, true, 0, &fd);
+        if (r == -EBUSY || (r == 0 && access(journal, F_OK) == 0)) {
                 nkp_journal_unlock(fd);
+                nkp_error_clear();
                 return 0;
         }
-        g_autofree char *out = NULL;
-        if ((r = nkp_domain_edit_format(e, &out)) == 0)
-                r = nkp_virt_domain_define(v, out);
+        if (r < 0)
+                return nkp_fail_prefix(r, "The snapshot setting of VM '%s' cannot be checked", name);
+        int changed = 0;
+        r = refuse_snapshots_locked(v, name, &changed);
         nkp_journal_unlock(fd);
         if (r < 0)
                 return nkp_fail_prefix(r, "VM '%s' cannot get snapshot='no' on its encrypted disks",
                                        name);
+        if (!changed)
+                return 0;
         if (ret_note)
                 *ret_note = g_strdup_printf("VM '%s': snapshot='no' set on %d encrypted disk(s), so "
                                             "libvirt refuses internal and plain snapshots of them "
