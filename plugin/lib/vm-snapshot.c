@@ -34,7 +34,15 @@
  * FILE.nkp-new until one rename puts it in place, and the file's own qcow2
  * header (crypt_method) says which side a kill left; the definition is
  * written after the rename, and a rerun (or the hook's refusal, which names
- * the rerun) finishes a definition that still says plain. */
+ * the rerun) finishes a definition that still says plain.
+ *
+ * Internal snapshots cannot work on a LUKS qcow2 (QEMU 7.2 aborts while it
+ * writes the VM state through the encryption layer; qemu-img gets no key
+ * offline), so every disk nkp encrypts carries snapshot='no' (domain.c):
+ * libvirt refuses internal, full-system and plain disk-only snapshots that
+ * do not name the disk, while nkp's own snapshot XML names each disk
+ * snapshot='external'.  nkpd adds the attribute to nkp definitions written
+ * before nkp set it (nkp_vm_refuse_snapshots). */
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
