@@ -428,6 +428,47 @@ static void test_policy_off(Fixture *f, gconstpointer data)
         g_assert_cmpuint(crypt_method(vda), ==, 2);
 }
 
+static unsigned count_of(const char *hay, const char *needle)
+{
+        unsigned n = 0;
+        for (const char *p = strstr(hay, needle); p; p = strstr(p + 1, needle))
+                n++;
+        return n;
+}
+
+/* snapshot='no' (docs/snapshots-clones.md "Internal snapshots"): the
+ * enrolment writes it on the disk it encrypts only; nkpd puts it back on
+ * an nkp definition that lacks it (one written before nkp set it), once,
+ * and not while an nkpctl command holds the VM's lock. */
+static void test_snapshot_no(Fixture *f, gconstpointer data)
+{
+        (void) data;
+        g_assert_cmpint(nkp_vm_refuse_snapshots(f->ctx, f->v, "vm1", NULL), ==, 0); /* not nkp's */
+        g_assert_cmpint(nkp_vm_auto_enrol(f->ctx, f->v, "vm1", NULL), ==, 1);
+        g_autofree char *xml = inactive_xml(f);
+        g_assert_nonnull(strstr(xml, "<disk type='file' device='disk' snapshot='no'>\n"
+                                     "      <driver name='qemu' type='qcow2'/>\n"
+                                     "      <source file='"));
+        g_assert_cmpuint(count_of(xml, "snapshot='no'"), ==, 1); /* vda only: vdb is plain */
+
+        g_autoptr(GString) old = g_string_new(xml);
+        g_string_replace(old, " snapshot='no'", "", 0);
+        g_assert_cmpint(nkp_virt_domain_define(f->v, old->str), ==, 0);
+        /* while an nkpctl command holds the VM's lock: left alone */
+        int fd = -1;
+        g_assert_cmpint(nkp_vm_lock(f->ctx, VM_UUID, true, 0, &fd), ==, 0);
+        g_assert_cmpint(nkp_vm_refuse_snapshots(f->ctx, f->v, "vm1", NULL), ==, 0);
+        nkp_journal_unlock(fd);
+        g_autofree char *held = inactive_xml(f);
+        g_assert_cmpuint(count_of(held, "snapshot='no'"), ==, 0);
+        g_autofree char *note = NULL;
+        g_assert_cmpint(nkp_vm_refuse_snapshots(f->ctx, f->v, "vm1", &note), ==, 1);
+        g_assert_nonnull(strstr(note, "VM 'vm1': snapshot='no' set on 1 encrypted disk(s)"));
+        g_autofree char *fixed = inactive_xml(f);
+        g_assert_cmpuint(count_of(fixed, "snapshot='no'"), ==, 1);
+        g_assert_cmpint(nkp_vm_refuse_snapshots(f->ctx, f->v, "vm1", NULL), ==, 0);
+}
+
 int main(int argc, char **argv)
 {
         g_test_init(&argc, &argv, NULL);
@@ -444,5 +485,6 @@ int main(int argc, char **argv)
         ADD("/disks/new-disks-follow", test_new_disks_follow);
         ADD("/disks/running", test_running);
         ADD("/disks/policy-off", test_policy_off);
+        ADD("/disks/snapshot-no", test_snapshot_no);
         return g_test_run();
 }

@@ -273,6 +273,50 @@ static void test_edit_round_trip(void)
         g_assert_null(nkp_domain_find_disk(d3, "vda")->encryption_format);
 }
 
+/* snapshot='no' on the disks nkp encrypts: libvirt 9.0 then refuses
+ * internal, full-system and plain disk-only snapshots of them (the lab
+ * evidence: docs/snapshots-clones.md); decrypt gives libvirt's default back. */
+static void test_edit_snapshot_no(void)
+{
+        g_autoptr(NkpDomainEdit) e = NULL;
+        g_assert_cmpint(nkp_domain_edit_new(plain_xml, strlen(plain_xml), &e), ==, 0);
+        g_assert_cmpint(nkp_domain_edit_set_disk_luks(e, "vda", SEC_VDA), ==, 0);
+        g_autofree char *out = NULL;
+        g_assert_cmpint(nkp_domain_edit_format(e, &out), ==, 0);
+        g_assert_nonnull(strstr(out, "<disk type=\"file\" device=\"disk\" snapshot=\"no\">"));
+        g_assert_nonnull(strstr(out, "<disk type=\"file\" device=\"cdrom\">")); /* not nkp's */
+        g_assert_nonnull(strstr(out, "<disk type=\"block\" device=\"disk\">")); /* not asked */
+
+        g_assert_cmpint(nkp_domain_edit_set_disk_luks(e, "vda", NULL), ==, 0);
+        g_autofree char *plain = NULL;
+        g_assert_cmpint(nkp_domain_edit_format(e, &plain), ==, 0);
+        g_assert_null(strstr(plain, "snapshot="));
+}
+
+/* Definitions written before nkp set the attribute: every LUKS disk gets
+ * it (encryption on the disk or in its <source>, an explicit 'external'
+ * too), nothing else, and a second pass changes nothing. */
+static void test_edit_refuse_snapshots(void)
+{
+        g_autofree char *xml = g_strconcat(
+                "<domain type='qemu'><name>g</name><devices>\n"
+                "<disk type='file' device='disk' snapshot='external'><source file='/a'>"
+                "<encryption format='luks'><secret type='passphrase' uuid='" SEC_VDA "'/>"
+                "</encryption></source><target dev='vdc'/></disk>\n",
+                strstr(plain_xml, "    <disk type='file' device='disk'>"), NULL);
+        g_autoptr(NkpDomainEdit) e = NULL;
+        g_assert_cmpint(nkp_domain_edit_new(xml, strlen(xml), &e), ==, 0);
+        g_assert_cmpint(nkp_domain_edit_refuse_snapshots(e), ==, 2); /* vdc, vdb */
+        g_assert_cmpint(nkp_domain_edit_refuse_snapshots(e), ==, 0);
+        g_autofree char *out = NULL;
+        g_assert_cmpint(nkp_domain_edit_format(e, &out), ==, 0);
+        g_assert_nonnull(strstr(out, "<disk type=\"file\" device=\"disk\" snapshot=\"no\"><source file=\"/a\">"));
+        g_assert_nonnull(strstr(out, "<disk type=\"block\" device=\"disk\" snapshot=\"no\">"));
+        g_assert_nonnull(strstr(out, "<disk type=\"file\" device=\"disk\">\n")); /* plain vda */
+        g_assert_nonnull(strstr(out, "<disk type=\"file\" device=\"cdrom\">"));
+        g_assert_null(strstr(out, "\"external\""));
+}
+
 static void test_keysafe_in_metadata(void)
 {
         /* The keysafe inside <metadata> among other content:
@@ -476,6 +520,8 @@ int main(int argc, char **argv)
         g_test_add_func("/domain/keysafe-other-vm", test_keysafe_other_vm);
         g_test_add_func("/domain/edit-round-trip", test_edit_round_trip);
         g_test_add_func("/domain/edit-no-vtpm", test_edit_no_vtpm);
+        g_test_add_func("/domain/edit-snapshot-no", test_edit_snapshot_no);
+        g_test_add_func("/domain/edit-refuse-snapshots", test_edit_refuse_snapshots);
         g_test_add_func("/domain/secret-value", test_secret_value);
         g_test_add_func("/virt/test-driver", test_virt_test_driver);
         return g_test_run();

@@ -461,6 +461,12 @@ static void enrol(nkp_daemon *d, const char *name)
                 nkp_log(NKP_LOG_ERROR, "%s", nkp_error_message());
         else if (disks_note)
                 nkp_log(NKP_LOG_INFO, "%s", disks_note);
+        g_autofree char *snap_note = NULL;
+        if (nkp_vm_refuse_snapshots(d->ctx, d->virt, name, &snap_note) < 0)
+                nkp_log(NKP_LOG_ERROR, "%s", nkp_error_message());
+        else if (snap_note)
+                nkp_log(NKP_LOG_INFO, "%s", snap_note);
+        nkp_error_clear();
         check_chains(d, name);
 }
 

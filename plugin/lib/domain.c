@@ -467,8 +467,12 @@ int nkp_domain_edit_set_disk_luks(NkpDomainEdit *e, const char *target, const ch
                         continue;
                 remove_node(child(n, "encryption"));
                 remove_node(child(child(n, "source"), "encryption"));
-                if (!secret_uuid)
+                if (!secret_uuid) {
+                        xmlUnsetProp(n, X("snapshot")); /* libvirt's default again */
                         return 0;
+                }
+                if (!xmlSetProp(n, X("snapshot"), X("no")))
+                        return nkp_fail(-ENOMEM, "Out of memory.");
                 xmlNodePtr drv = child(n, "driver");
                 if (drv)
                         xmlSetProp(drv, X("type"), X("qcow2"));
@@ -492,6 +496,24 @@ int nkp_domain_edit_set_disk_luks(NkpDomainEdit *e, const char *target, const ch
                 return 0;
         }
         return nkp_fail(-ENOENT, "The domain has no disk with target '%s'.", target);
+}
+
+int nkp_domain_edit_refuse_snapshots(NkpDomainEdit *e)
+{
+        int changed = 0;
+        xmlNodePtr devices = child(xmlDocGetRootElement(e->doc), "devices");
+        for (xmlNodePtr n = devices ? devices->children : NULL; n; n = n->next) {
+                if (!is_elem(n, "disk"))
+                        continue;
+                g_autofree char *format = attr(disk_encryption(n), "format");
+                g_autofree char *snapshot = attr(n, "snapshot");
+                if (g_strcmp0(format, "luks") != 0 || g_strcmp0(snapshot, "no") == 0)
+                        continue;
+                if (!xmlSetProp(n, X("snapshot"), X("no")))
+                        return nkp_fail(-ENOMEM, "Out of memory.");
+                changed++;
+        }
+        return changed;
 }
 
 int nkp_domain_edit_set_keysafe(NkpDomainEdit *e, const char *keysafe_xml)

@@ -580,9 +580,15 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(NkpDomainEdit, nkp_domain_edit_free)
  * backend.  -ENOENT when the domain has no emulator vTPM. */
 int nkp_domain_edit_set_vtpm_secret(NkpDomainEdit *e, const char *secret_uuid);
 /* Sets <encryption format='luks'><secret type='passphrase' uuid=…/></encryption>
- * on disk `target` (removes any encryption when NULL), and its driver type
- * to qcow2.  -ENOENT no such disk. */
+ * on disk `target`, its driver type to qcow2 and snapshot='no' on the
+ * <disk> (libvirt then refuses internal, full-system and plain disk-only
+ * snapshots of it; docs/snapshots-clones.md); NULL removes any encryption
+ * and the snapshot attribute.  -ENOENT no such disk. */
 int nkp_domain_edit_set_disk_luks(NkpDomainEdit *e, const char *target, const char *secret_uuid);
+/* snapshot='no' on every <disk> with a LUKS <encryption> that lacks it
+ * (definitions nkp wrote before it set the attribute).  The number of disks
+ * changed, or -ENOMEM. */
+int nkp_domain_edit_refuse_snapshots(NkpDomainEdit *e);
 /* Puts `keysafe_xml` (an element in NKP_KEYSAFE_NS) into <metadata>,
  * replacing any nkp element; NULL removes it. */
 int nkp_domain_edit_set_keysafe(NkpDomainEdit *e, const char *keysafe_xml);
@@ -757,7 +763,10 @@ void nkp_journal_unlock(int fd);
  *    its one event loop serves every VM, and a held lock means an nkpctl
  *    command owns the VM and decides what it becomes (an enrolment now
  *    would be undone by that command's define); nkpd looks at the VM
- *    again at its next define event or scan. */
+ *    again at its next define event or scan;
+ *  - nkpd's snapshot='no' fix (nkp_vm_refuse_snapshots) does not wait
+ *    either but creates the lock file (a VM migrated in was never locked
+ *    here, and its define must not race a first nkpctl command). */
 #define NKP_VM_LOCK_POLL_MS 50
 int nkp_vm_lock(nkp_context *ctx, const char *vm_uuid, bool create, unsigned wait_ms,
                 int *ret_fd);
@@ -1061,6 +1070,12 @@ int nkp_vm_plain_layer_alarm(nkp_context *ctx, const NkpDomain *d, const char *x
  * journal).  Returns how many plain layers, `ret_note` (may be NULL) set
  * when the alarm was not open before; errors of libvirt and -EBADMSG, naming the VM. */
 int nkp_vm_watch_plain_layers(nkp_context *ctx, NkpVirt *v, const char *name, char **ret_note);
+/* nkpd: snapshot='no' on every LUKS disk of the persistent definition of
+ * nkp VM `name` that lacks it (nkp_domain_edit_refuse_snapshots), the
+ * definition written again.  0 nothing to do (not an nkp VM, transient,
+ * gone, or an nkpctl command holds its lock: looked at again later), 1
+ * done (*ret_note, if given, says so: g_free it), a negative errno. */
+int nkp_vm_refuse_snapshots(nkp_context *ctx, NkpVirt *v, const char *name, char **ret_note);
 
 /* An nkpctl vm encrypt/decrypt/rekey --deep/snapshot/encrypt-layer of `d`
  * is running (its lock is held) or was interrupted (a journal is left):

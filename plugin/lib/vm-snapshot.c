@@ -34,7 +34,15 @@
  * FILE.nkp-new until one rename puts it in place, and the file's own qcow2
  * header (crypt_method) says which side a kill left; the definition is
  * written after the rename, and a rerun (or the hook's refusal, which names
- * the rerun) finishes a definition that still says plain. */
+ * the rerun) finishes a definition that still says plain.
+ *
+ * Internal snapshots cannot work on a LUKS qcow2 (QEMU 7.2 aborts while it
+ * writes the VM state through the encryption layer; qemu-img gets no key
+ * offline), so every disk nkp encrypts carries snapshot='no' (domain.c):
+ * libvirt refuses internal, full-system and plain disk-only snapshots that
+ * do not name the disk, while nkp's own snapshot XML names each disk
+ * snapshot='external'.  nkpd adds the attribute to nkp definitions written
+ * before nkp set it (nkp_vm_refuse_snapshots). */
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
@@ -1020,4 +1028,98 @@ const char *nkp_vm_disk_secret_uuid(const NkpDomain *d, const char *target)
 char *nkp_overlay_path(const char *top, const char *name)
 {
         return overlay_path(top, name);
+}
+
+/* ---- snapshot='no' on definitions written before nkp set it --------------- */
+
+static bool is_persistent(NkpVirt *v, const char *name)
+{
+        g_autoptr(GPtrArray) names = NULL;
+        if (nkp_virt_domain_list(v, &names) < 0) {
+                nkp_error_clear();
+                return false;
+        }
+        for (guint i = 0; i < names->len; i++)
+                if (strcmp(names->pdata[i], name) == 0)
+                        return true;
+        return false;
+}
+
+/* The definition read again under the VM's lock: an nkpctl command that
+ * finished between a first read and the lock must not be undone by a
+ * define of what was read before it. */
+static int refuse_snapshots_locked(NkpVirt *v, const char *name, int *ret_changed)
+{
+        g_autofree char *xml = NULL;
+        g_autoptr(NkpDomain) d = NULL;
+        g_autoptr(NkpDomainEdit) e = NULL;
+        int r = nkp_vm_definition(v, name, &xml, &d);
+        if (r < 0)
+                return r;
+        *ret_changed = 0;
+        if (!d->keysafe) /* decrypted meanwhile */
+                return 0;
+        if ((r = nkp_domain_edit_new(xml, strlen(xml), &e)) < 0)
+                return r;
+        int changed = nkp_domain_edit_refuse_snapshots(e);
+        if (changed <= 0)
+                return changed;
+        g_autofree char *out = NULL;
+        if ((r = nkp_domain_edit_format(e, &out)) < 0 || (r = nkp_virt_domain_define(v, out)) < 0)
+                return r;
+        *ret_changed = changed;
+        return 0;
+}
+
+int nkp_vm_refuse_snapshots(nkp_context *ctx, NkpVirt *v, const char *name, char **ret_note)
+{
+        g_autofree char *xml = NULL;
+        g_autoptr(NkpDomain) d = NULL;
+        int r = nkp_vm_definition(v, name, &xml, &d);
+        if (r == -ENOENT) {
+                nkp_error_clear();
+                return 0; /* gone meanwhile */
+        }
+        if (r < 0)
+                return nkp_fail_prefix(r, "The snapshot setting of VM '%s' cannot be checked", name);
+        /* a transient VM's "inactive" XML is its running one: defining it
+         * would make the VM persistent */
+        if (!d->keysafe || !is_persistent(v, name))
+                return 0;
+        g_autoptr(NkpDomainEdit) e = NULL;
+        if ((r = nkp_domain_edit_new(xml, strlen(xml), &e)) < 0)
+                return r;
+        if ((r = nkp_domain_edit_refuse_snapshots(e)) <= 0)
+                return r; /* the common case: nothing to do, no lock taken */
+        /* An nkpctl command that holds the lock owns the VM: looked at again
+         * at the next define event or scan.  The lock file is created if
+         * missing (a VM migrated in was never locked here). */
+        g_autofree char *journal = nkp_journal_path(ctx, d->uuid);
+        int fd = -1;
+        r = nkp_vm_lock(ctx, d->uuid, true, 0, &fd);
+        if (r == -EBUSY || (r == 0 && access(journal, F_OK) == 0)) {
+                nkp_journal_unlock(fd);
+                nkp_error_clear();
+                return 0;
+        }
+        if (r < 0)
+                return nkp_fail_prefix(r, "The snapshot setting of VM '%s' cannot be checked", name);
+        int changed = 0;
+        r = refuse_snapshots_locked(v, name, &changed);
+        nkp_journal_unlock(fd);
+        if (r < 0)
+                return nkp_fail_prefix(r, "VM '%s' cannot get snapshot='no' on its encrypted disks",
+                                       name);
+        if (!changed)
+                return 0;
+        if (ret_note)
+                *ret_note = g_strdup_printf("VM '%s': snapshot='no' set on %d encrypted disk(s), so "
+                                            "libvirt refuses internal and plain snapshots of them "
+                                            "(nkpctl vm snapshot still works)%s",
+                                            name, changed,
+                                            nkp_virt_domain_is_active(v, name) > 0
+                                                    ? "; the running VM gets it at its next start"
+                                                    : "");
+        nkp_error_clear();
+        return 1;
 }
