@@ -828,6 +828,13 @@ lab_live_found() {
     lab_serial_lines "$1" "$2" | sed -n 's/^NKP-LIVE-FOUND//p' | head -n1 | tr ' ' '\n' | grep -E '^[0-9]+$' || true
 }
 
+# lab_live_kept HOST DOMAIN N: the disk the guest booted from this time holds
+# live sector N or a later write of the same sector (n ≡ N mod 64, n >= N):
+# what the guest wrote before a copy, commit or restore is on the disk after it.
+lab_live_kept() {
+    lab_live_found "$1" "$2" | awk -v n="$3" '$1 % 64 == n % 64 && $1 >= n { ok = 1 } END { exit !ok }'
+}
+
 # lab_live_count MARKER FILE…: how many live sectors of MARKER are in clear in
 # the FILEs, read raw (a qcow2 file as it lies on disk, as the marker searches
 # read it): the occurrences of "NKPLIVE MARKER ".
