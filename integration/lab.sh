@@ -687,8 +687,11 @@ lab_luks_create() {
 #                      Boot; OVMF boots the kernel from fw_cfg) and nkp.efivar=1:
 #                      the guest keeps its marker in an EFI variable too
 #                      (NVRAM, /var/lib/libvirt/qemu/nvram/N_VARS.fd)
+#   [--live]          nkp.live=1: the guest writes a live sector a second,
+#                     "NKPLIVE <marker> n " at sector 64 + n % 64, and prints
+#                     NKP-LIVE n (see lab_live_written, lab_live_count)
 lab_guest_xml() {
-    local name="" uuid="" disk="" marker="" poweroff=0 tpmsec="" tpm=1 disksec="" mem=256 serial="" os="<os>"
+    local name="" uuid="" disk="" marker="" poweroff=0 tpmsec="" tpm=1 disksec="" mem=256 serial="" os="<os>" live=0
     while [ $# -gt 0 ]; do
         case $1 in
             --name) name=$2; shift 2;;
@@ -702,6 +705,7 @@ lab_guest_xml() {
             --mem) mem=$2; shift 2;;
             --serial) serial=$2; shift 2;;
             --uefi) os="<os firmware='efi'>"; shift;;
+            --live) live=1; shift;;
             *) lab_die "lab_guest_xml: unknown option $1"; return 1;;
         esac
     done
@@ -714,6 +718,7 @@ lab_guest_xml() {
     [ -z "$marker" ] || cmdline+=" nkp.marker=$marker"
     [ $poweroff = 0 ] || cmdline+=" nkp.poweroff=1"
     [ "$os" = "<os>" ] || cmdline+=" nkp.efivar=1"
+    [ $live = 0 ] || cmdline+=" nkp.live=1"
     cat <<EOF
 <domain type='$LAB_DOMAIN_TYPE'>
   <name>$name</name>
@@ -792,6 +797,50 @@ lab_wait_serial() {
         sleep 0.2
     done
     return 1
+}
+
+# Live guest data (lab_guest_xml --live, issue 16's copy tests).  The guest
+# writes "NKPLIVE <marker> n " (NUL-padded) to sector 64 + n % 64 of vda once
+# a second and prints NKP-LIVE n once it is on the host's disk.
+#
+# lab_live_written HOST DOMAIN: the highest n the guest reported in its
+# serial log, -1 when none yet.
+lab_live_written() {
+    lab_serial_lines "$1" "$2" | awk '$1 == "NKP-LIVE" && $2 ~ /^[0-9]+$/ && $2 + 0 > m { m = $2 + 0 }
+        BEGIN { m = -1 } END { print m }'
+}
+
+# lab_live_wait HOST DOMAIN N [TIMEOUT]: wait until the guest reported live
+# sector N or a later one (default 60 s: a guest ticks once a second, slower
+# under TCG on a loaded machine).  Returns 1 on timeout.
+lab_live_wait() {
+    local t=${4:-60} i
+    for ((i = 0; i < t * 5; i++)); do
+        [ "$(lab_live_written "$1" "$2")" -ge "$3" ] && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+# lab_live_found HOST DOMAIN: the n of the live sectors the guest found on its
+# disk at this boot (its NKP-LIVE-FOUND line), one a line; nothing when none.
+lab_live_found() {
+    lab_serial_lines "$1" "$2" | sed -n 's/^NKP-LIVE-FOUND//p' | head -n1 | tr ' ' '\n' | grep -E '^[0-9]+$' || true
+}
+
+# lab_live_kept HOST DOMAIN N: the disk the guest booted from this time holds
+# live sector N or a later write of the same sector (n ≡ N mod 64, n >= N):
+# what the guest wrote before a copy, commit or restore is on the disk after it.
+lab_live_kept() {
+    lab_live_found "$1" "$2" | awk -v n="$3" '$1 % 64 == n % 64 && $1 >= n { ok = 1 } END { exit !ok }'
+}
+
+# lab_live_count MARKER FILE…: how many live sectors of MARKER are in clear in
+# the FILEs, read raw (a qcow2 file as it lies on disk, as the marker searches
+# read it): the occurrences of "NKPLIVE MARKER ".
+lab_live_count() {
+    local mark=$1; shift
+    { grep -a -o -F -- "NKPLIVE $mark " "$@" 2>/dev/null || true; } | wc -l
 }
 
 # lab_dump HOST [DOMAIN]: print the useful logs to stderr (for failures).

@@ -5,6 +5,11 @@
 #   writes land in the overlay) and offline: LUKS overlays, no marker in
 #   clear in any file; snapshot -> stop -> start reads the markers through
 #   the chain; blockcommit --active --pivot back into the base;
+#   the guests write live data (lab_guest_xml --live: a sector a second,
+#   "NKPLIVE <marker> n "): nkp's overlays, written while the guest runs on
+#   them, hold none in clear, virsh's plain overlay does (the control); the
+#   live sectors written before a stop, a commit or an encrypt-layer are read
+#   back by the guest at its next boot (lab_live_kept);
 #   a plain overlay made by `virsh snapshot-create-as --disk-only` (the
 #   marker in clear in it: the danger) is named by vm status, the start is
 #   refused with one line naming it and the fix, a vm-plain-layer alarm;
@@ -27,6 +32,8 @@ BUILD=$NKP_BUILD_DIR
 nk() { lab_exec a nkpctl "$@"; }
 luks() { qemu-img info -U "$1" 2>/dev/null | grep_q 'encrypted: yes'; }
 in_clear() { grep -a -c "$1" "${@:2}" | awk -F: '{s+=$NF} END{print s+0}'; }
+# live_past HOST DOM N: wait until the guest wrote live sector N (fail after 60 s)
+live_past() { lab_live_wait "$1" "$2" "$3" || fail "$2 wrote no live sector $3 in 60 s (last: $(lab_live_written "$1" "$2"))"; }
 
 lab_test_init
 lab_host_up a || fail "host a did not come up"
@@ -40,7 +47,7 @@ nk provider set-default p1 >/dev/null || fail "set-default"
 new_vm() { # NAME MARK
     local disk="$LAB_DIR/shared/$1.qcow2"
     qemu-img create -q -f qcow2 "$disk" 64M || fail "qemu-img create"
-    lab_guest_xml --name "$1" --disk "$disk" --marker "$2" > "$LAB_DIR/$1.xml"
+    lab_guest_xml --name "$1" --disk "$disk" --marker "$2" --live > "$LAB_DIR/$1.xml"
     lab_virsh a define "$LAB_DIR/$1.xml" >/dev/null || fail "define $1"
     lab_vm_encrypt a "$1"
 }
@@ -64,14 +71,17 @@ qemu-img info -U "$s1" | grep_q "backing file: $base" || fail "overlay does not 
 lab_virsh a snapshot-list g1 --name | grep_q -x s1 || fail "libvirt does not list snapshot s1"
 lab_virsh a resume g1 >/dev/null || fail "resume"
 lab_markers_written a g1 "$mark" || fail "first boot over the overlay: $LAB_MARKER_ERR"
-sleep 1
+live_past a g1 3    # all four written after the overlay was made (started paused)
 [ "$(in_clear "$mark" "$s1" "$base")" = 0 ] || fail "the marker is in clear in the overlay or the base"
+[ "$(lab_live_count "$mark" "$s1" "$base")" = 0 ] || fail "live sectors in clear in the overlay or the base"
 lab_virsh a destroy g1 >/dev/null
 lab_wait_domstate a g1 "shut off" 30 || fail "not shut off"
-pass "vm snapshot (live, atomic): LUKS overlay over the base, the guest's writes in it, no marker in clear"
+live=$(lab_live_written a g1)
+pass "vm snapshot (live, atomic): LUKS overlay over the base, the guest's writes in it (markers, live sectors 0..$live), none in clear"
 
 boot_and_read a g1 "$mark"
-pass "snapshot -> stop -> start: markers read through the encrypted chain"
+lab_live_kept a g1 "$live" || fail "live sector $live not read back through the chain (found: $(lab_live_found a g1 | tr '\n' ' '))"
+pass "snapshot -> stop -> start: markers and the last live sector read through the encrypted chain"
 
 # ---- offline snapshot, then commit back ---------------------------------------------
 out=$(nk vm snapshot g1 s2 2>&1) || fail "vm snapshot (offline): $out"
@@ -79,6 +89,11 @@ s2="$LAB_DIR/shared/g1.s2"
 luks "$s2" || fail "the offline overlay is not LUKS"
 [ -z "$(nk vm status g1 | grep 'plain layer' || true)" ] || fail "vm status names a plain layer: $(nk vm status g1)"
 boot_and_read a g1 "$mark" --running
+# live sectors beyond any the disk held: written into s2 only, before the commit
+live=$(lab_live_found a g1 | sort -n | tail -n1)
+live_past a g1 $(( ${live:--1} + 2 ))
+live=$(lab_live_written a g1)
+[ "$(lab_live_count "$mark" "$s2")" = 0 ] || fail "live sectors in clear in the active overlay $s2"
 err=$(lab_virsh a blockcommit g1 vda --active --pivot --wait 2>&1) || fail "blockcommit: $err"
 chain=$(lab_virsh a dumpxml g1 | sed -n '/<disk/,/<\/disk>/p')
 grep -q "<source file='$base'" <<<"$chain" || fail "after blockcommit the active layer is not the base: $chain"
@@ -87,8 +102,10 @@ luks "$base" || fail "the base is no longer LUKS"
 [ "$(in_clear "$mark" "$base")" = 0 ] || fail "marker in clear in the base after the commit"
 lab_virsh a destroy g1 >/dev/null
 lab_wait_domstate a g1 "shut off" 30 || fail "not shut off"
+[ "$(lab_live_count "$mark" "$base")" = 0 ] || fail "live sectors in clear in the base after the commit"
 boot_and_read a g1 "$mark"
-pass "offline vm snapshot (LUKS), start over 3 layers, blockcommit --active --pivot into the base: encrypted, markers read"
+lab_live_kept a g1 "$live" || fail "live sector $live (written in s2 before the commit) not in the base (found: $(lab_live_found a g1 | tr '\n' ' '))"
+pass "offline vm snapshot (LUKS), start over 3 layers, live sectors into the top one, blockcommit --active --pivot into the base: encrypted, markers and live sector $live read"
 
 # ---- libvirt 9.0's limits, as documented -----------------------------------------
 err=$(lab_virsh a snapshot-revert g1 s1 2>&1) && fail "snapshot-revert of an external snapshot worked (docs say it does not)"
@@ -124,8 +141,9 @@ pass "nkpd raises vm-plain-layer at once for virsh's plain snapshot of the runni
 luks "$p1" && fail "libvirt made an encrypted overlay by itself (the test's premise changed)"
 lab_virsh a resume g2 >/dev/null
 lab_markers_written a g2 "$mark2" || fail "g2 first boot: $LAB_MARKER_ERR"
-sync; sleep 1
+live_past a g2 2
 [ "$(in_clear "$mark2" "$p1")" -gt 0 ] || fail "control: the guest's marker is not in the plain overlay"
+[ "$(lab_live_count "$mark2" "$p1")" -gt 0 ] || fail "control: no live sector in clear in the plain overlay (the search finds nothing?)"
 st=$(nk vm status g2) || fail "vm status g2"
 echo "# $st"
 grep -q "g2: disk vda has a plain layer '$p1': nkpctl vm encrypt-layer 'g2' '$p1'" <<<"$st" || fail "vm status does not name the plain layer: $st"
@@ -134,12 +152,13 @@ vda=[x for x in d["disks"] if x["target"]=="vda"][0]; assert vda["state"]=="plai
     || fail "vm status --json: plain_layers, and vda's state plain-layer (not a new plain disk)"
 lab_virsh a destroy g2 >/dev/null
 lab_wait_domstate a g2 "shut off" 30 || fail "g2 not shut off"
+live2=$(lab_live_written a g2)
 err=$(lab_virsh a start g2 2>&1) && fail "g2 started with a plain layer"
 echo "# virsh: $err"
 grep -q "nkp: VM 'g2' cannot start: its disk vda has a plain (unencrypted) layer '$p1'" <<<"$err" || fail "start error: $err"
 grep -q "nkpctl vm encrypt-layer 'g2' '$p1'" <<<"$err" || fail "start error lacks the fix: $err"
 nk alarms | grep_q "vm-plain-layer" || fail "no vm-plain-layer alarm: $(nk alarms)"
-pass "plain overlay by virsh: marker in clear in it; vm status names it; start refused with the fix; vm-plain-layer alarm"
+pass "plain overlay by virsh: marker and live sectors in clear in it; vm status names it; start refused with the fix; vm-plain-layer alarm"
 
 conf=$(lab_path a /etc/nkp)/nkp.conf
 cp "$conf" "$LAB_DIR/nkp.conf.saved"
@@ -157,12 +176,14 @@ luks "$p1" || fail "the layer is not LUKS after encrypt-layer"
 qemu-img info -U "$p1" | grep_q "backing file: $LAB_DIR/shared/g2.qcow2" || fail "encrypt-layer lost the backing reference"
 [ ! -e "$p1.nkp-new" ] || fail "encrypt-layer left $p1.nkp-new"
 [ "$(in_clear "$mark2" "$p1")" = 0 ] || fail "the marker is still in clear in the layer"
+[ "$(lab_live_count "$mark2" "$p1")" = 0 ] || fail "live sectors still in clear in the layer"
 nk vm status g2 | grep_q "plain layer" && fail "vm status still names a plain layer"
 nk alarms | grep_q "vm-plain-layer" && fail "the vm-plain-layer alarm stayed"
 out=$(nk vm encrypt-layer g2 "$p1" 2>&1) && fail "a second encrypt-layer succeeded"
 grep -q "is not a plain layer" <<<"$out" || fail "second encrypt-layer: $out"
 boot_and_read a g2 "$mark2"
-pass "vm encrypt-layer: LUKS in place, backing kept, no marker in clear, alarm cleared, the VM starts with its markers"
+lab_live_kept a g2 "$live2" || fail "live sector $live2 lost by encrypt-layer (found: $(lab_live_found a g2 | tr '\n' ' '))"
+pass "vm encrypt-layer: LUKS in place, backing kept, no marker or live sector in clear, alarm cleared, the VM starts with its markers and live sector $live2"
 
 # ---- a plain overlay made offline by virsh (libvirt writes no chain) ----------------
 dom=g1

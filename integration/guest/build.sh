@@ -21,12 +21,21 @@
 #   nkp.efivar=1     (UEFI guests) also keep the marker in a non-volatile EFI
 #                    variable NkpMarker-6e6b7000-75ef-4a1c-9d2b-6e6b70656669
 #                    (efivarfs): written with the others, read back later
+#   nkp.live=1       live data (issue 16, the copy tests): at boot, before the
+#                    markers, print NKP-LIVE-FOUND n… (the n of every sector
+#                    64..127 of /dev/vda holding "NKPLIVE <marker> n ", in
+#                    sector order); then in the tick loop, each second, write
+#                    sector 64 + (n % 64) as "NKPLIVE <marker> n " padded with
+#                    NULs to 512 bytes (oflag=direct, conv=fsync: on the host's
+#                    disk when NKP-LIVE n is printed) and print NKP-LIVE n.
+#                    Sector 0 (the disk marker) is never written by it.
 # ACPI power button (virsh shutdown): busybox acpid prints NKP-ACPI-POWEROFF,
 # syncs and powers off.
 # Serial console lines the tests read:
 #   NKP-GUEST-UP, NKP-MARKERS-WRITTEN tpm=X disk=X, NKP-TPM-MARKER=X,
 #   NKP-DISK-MARKER=X, NKP-DISK2-WRITTEN=X, NKP-DISK2-MARKER=X, NKP-DISK2-NONE,
 #   NKP-TICK n, NKP-POWEROFF, NKP-ERROR <why>,
+#   with nkp.live=1: NKP-LIVE-FOUND n… (before the TPM/disk lines), NKP-LIVE n,
 #   with nkp.efivar=1: NKP-EFIVAR-WRITTEN=X or NKP-EFI-MARKER=X (before the
 #   TPM/disk lines)
 set -euo pipefail
@@ -156,7 +165,7 @@ mount -t devtmpfs dev /dev 2>/dev/null
 mount -t tmpfs tmp /tmp
 exec </dev/console >/dev/console 2>&1
 
-marker=nomarker; poweroff=0; idx=0x1500016; ekcert=0; marker2=; efivar=0
+marker=nomarker; poweroff=0; idx=0x1500016; ekcert=0; marker2=; efivar=0; live=0
 for a in $(cat /proc/cmdline); do
     case "$a" in
         nkp.marker=*) marker=${a#nkp.marker=} ;;
@@ -166,6 +175,7 @@ for a in $(cat /proc/cmdline); do
         nkp.ekcert=1) ekcert=1 ;;
         nkp.marker2=*) marker2=${a#nkp.marker2=} ;;
         nkp.efivar=1) efivar=1 ;;
+        nkp.live=1) live=1 ;;
     esac
 done
 echo "NKP-GUEST-UP $(cut -d' ' -f1 /proc/uptime)"
@@ -180,6 +190,15 @@ done
 [ -b /dev/vda ] || echo "NKP-ERROR no /dev/vda"
 [ -c /dev/tpmrm0 ] || echo "NKP-ERROR no /dev/tpmrm0"
 export TPM2TOOLS_TCTI=device:/dev/tpmrm0
+
+# nkp.live=1: the live sectors an earlier boot (or the VM this disk was copied
+# from) wrote, read before this boot writes any: the copy tests check that a
+# restored or committed disk holds them.
+if [ $live = 1 ]; then
+    found=$(dd if=/dev/vda bs=512 skip=64 count=64 2>/dev/null | tr '\000' '\n' \
+            | sed -n "s/^NKPLIVE $marker \([0-9][0-9]*\) \$/\1/p" | tr '\n' ' ')
+    echo "NKP-LIVE-FOUND ${found% }"
+fi
 
 # nkp.efivar=1 (t-nkp-uefi): the marker in a non-volatile EFI variable, that
 # is in the VM's UEFI NVRAM file on the host.  efivarfs takes a variable as
@@ -257,9 +276,23 @@ if [ $poweroff = 1 ]; then
     echo "NKP-POWEROFF"
     poweroff -f
 fi
+# nkp.live=1: one sector a second, never sector 0.  O_DIRECT where the disk
+# takes it (else through the page cache), fsync either way: the sector is in
+# QEMU's hands when NKP-LIVE n is printed.
+direct=oflag=direct
 i=0
 while :; do
     echo "NKP-TICK $i"
+    if [ $live = 1 ]; then
+        s=$((64 + i % 64))
+        if printf 'NKPLIVE %s %d ' "$marker" $i | dd of=/dev/vda bs=512 seek=$s conv=notrunc,sync,fsync $direct 2>/dev/null ||
+           { [ -n "$direct" ] && direct= &&
+             printf 'NKPLIVE %s %d ' "$marker" $i | dd of=/dev/vda bs=512 seek=$s conv=notrunc,sync,fsync 2>/dev/null; }; then
+            echo "NKP-LIVE $i"
+        else
+            echo "NKP-ERROR writing live sector $s failed"
+        fi
+    fi
     i=$((i+1))
     sleep 1
 done
