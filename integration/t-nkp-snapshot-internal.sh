@@ -10,7 +10,8 @@
 #   snapshot` still works (explicit per-disk snapshot='external', LUKS),
 #   live and offline, and the VM boots through its chain; nkpd puts the
 #   attribute back on an nkp definition that lacks it (written before nkp
-#   set it); `vm decrypt` removes it.
+#   set it); a memory snapshot (--memspec) is alarmed (vm-clear-save);
+#   `vm decrypt` removes it.
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
 set -euo pipefail
 source "$(dirname "$0")/lib/test.sh"
@@ -123,9 +124,29 @@ grep_q "VM 'g2': snapshot='no' set on 1 encrypted disk" "$LAB_DIR/nkpd.log" || f
 refused "internal snapshot of g2 after nkpd's fix" "$nothing" lab_virsh a snapshot-create-as g2 i4
 boot_and_write a g2 "$mark2"
 refused "internal snapshot of the running g2" "$all" lab_virsh a snapshot-create-as g2 i5
+pass "nkpd sets snapshot='no' on an nkp definition that lacks it; internal snapshots of it refused"
+
+# a memory snapshot (--memspec, no disk) writes the guest's memory in clear,
+# like virsh save: libvirt sends no event for it, nkpd's alarm names the file
+ms="$LAB_DIR/shared/g2.mem"
+lab_virsh a snapshot-create-as g2 m1 --memspec "file=$ms,snapshot=external" >/dev/null \
+    || fail "virsh snapshot-create-as --memspec"
+alarm=
+for ((i = 0; i < 100; i++)); do # polled up to 20 s (bounds a hang, measures nothing)
+    alarm=$(nk alarms 2>/dev/null | grep -F vm-clear-save | grep -F -- "$ms" || true)
+    [ -n "$alarm" ] && break
+    sleep 0.2
+done
+[ -n "$alarm" ] || fail "no vm-clear-save alarm naming $ms: $(nk alarms 2>&1)"
+echo "# $alarm"
+[ "$(in_clear "$mark2" "$ms")" -gt 0 ] || fail "control: the memory file holds no marker (the search finds nothing?)"
+[ "$(lab_domstate a g2)" = running ] || fail "g2 is $(lab_domstate a g2) after the memory snapshot"
+lab_virsh a snapshot-delete g2 m1 --metadata >/dev/null || fail "snapshot-delete m1"
+rm -f "$ms"
+nk alarms clear vm-clear-save >/dev/null
+pass "a memory snapshot (--memspec) of a running nkp VM: vm-clear-save alarm naming the file"
 lab_virsh a destroy g2 >/dev/null
 lab_wait_domstate a g2 "shut off" 30 || fail "g2 not shut off"
-pass "nkpd sets snapshot='no' on an nkp definition that lacks it; internal snapshots of it refused"
 
 out=$(nk vm decrypt g2 2>&1) || fail "vm decrypt: $out"
 sleep 1 # nkpd sees the define (it must leave a plain VM alone)

@@ -1343,10 +1343,44 @@ static void alarm_dump(nkp_context *ctx, const char *name, const char *file)
         raise_clear(ctx, "vm-clear-save", name, msg);
 }
 
+/* An external memory snapshot (virsh snapshot-create-as --memspec file=F)
+ * writes the guest's memory like a save; nkp's own disk-only snapshots are
+ * snapshot jobs too, but QEMU writes no file for them. */
+static void alarm_memory_snapshot(nkp_context *ctx, const char *name, const char *file)
+{
+        g_autofree char *msg = g_strdup_printf(
+                "A snapshot of VM '%s' with its memory (virsh snapshot-create-as --memspec) is "
+                "being written to '%s', outside the directories the host key protects: the "
+                "guest's memory is in that file in clear. Delete the snapshot (virsh "
+                "snapshot-delete) and that file (shred); snapshot with: nkpctl vm snapshot %s NAME",
+                name, file, name);
+        raise_clear(ctx, "vm-clear-save", name, msg);
+}
+
+/* The memory file of a snapshot job of running VM `name`: alarmed once per
+ * job (`running` gets its key, so the mark goes with the job). */
+static void look_at_snapshot(nkp_context *ctx, NkpCopyWatch *w, const char *name,
+                             const char *uuid, GHashTable *running)
+{
+        g_autofree char *key = g_strdup_printf("%s snapshot", uuid);
+        g_hash_table_add(running, g_strdup(uuid));
+        if (g_hash_table_contains(w->alarmed, key))
+                return;
+        g_autofree char *file = qemu_output_file(ctx, name);
+        g_autofree char *prot = file ? protected_dir_of(ctx, file) : NULL;
+        if (!file)
+                return; /* a disk-only snapshot, or the file not open yet */
+        if (!prot)
+                alarm_memory_snapshot(ctx, name, file);
+        g_hash_table_add(w->alarmed, g_steal_pointer(&key));
+}
+
 bool nkp_copy_watch_poll(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w)
 {
         bool busy = false;
         g_autoptr(GHashTable) dumping = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
+        g_autoptr(GHashTable) snapshotting =
+                g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
         virDomainPtr *doms = NULL;
         int n = virConnectListAllDomains(nkp_virt_connection(v), &doms,
                                          VIR_CONNECT_LIST_DOMAINS_ACTIVE);
@@ -1356,13 +1390,19 @@ bool nkp_copy_watch_poll(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w)
                 virTypedParameterPtr params = NULL;
                 char uuid[VIR_UUID_STRING_BUFLEN];
                 const char *name = virDomainGetName(doms[i]);
-                if (name && virDomainGetUUIDString(doms[i], uuid) == 0 &&
-                    virDomainGetJobInfo(doms[i], &info) == 0 && info.type != VIR_DOMAIN_JOB_NONE &&
-                    virDomainGetJobStats(doms[i], &type, &params, &nparams, 0) == 0 &&
-                    virTypedParamsGetInt(params, nparams, VIR_DOMAIN_JOB_OPERATION, &op) == 1 &&
-                    (op == VIR_DOMAIN_JOB_OPERATION_BACKUP || op == VIR_DOMAIN_JOB_OPERATION_SAVE ||
-                     op == VIR_DOMAIN_JOB_OPERATION_DUMP) &&
-                    is_nkp_vm(v, name, true)) {
+                bool job = name && virDomainGetUUIDString(doms[i], uuid) == 0 &&
+                           virDomainGetJobInfo(doms[i], &info) == 0 &&
+                           info.type != VIR_DOMAIN_JOB_NONE &&
+                           virDomainGetJobStats(doms[i], &type, &params, &nparams, 0) == 0 &&
+                           virTypedParamsGetInt(params, nparams, VIR_DOMAIN_JOB_OPERATION, &op) == 1;
+                if (job && op == VIR_DOMAIN_JOB_OPERATION_SNAPSHOT && is_nkp_vm(v, name, true)) {
+                        busy = true;
+                        look_at_snapshot(ctx, w, name, uuid, snapshotting);
+                } else if (job &&
+                           (op == VIR_DOMAIN_JOB_OPERATION_BACKUP ||
+                            op == VIR_DOMAIN_JOB_OPERATION_SAVE ||
+                            op == VIR_DOMAIN_JOB_OPERATION_DUMP) &&
+                           is_nkp_vm(v, name, true)) {
                         const char *what = op == VIR_DOMAIN_JOB_OPERATION_BACKUP ? "backup"
                                            : op == VIR_DOMAIN_JOB_OPERATION_SAVE ? "save"
                                                                                  : "dump";
@@ -1405,7 +1445,8 @@ bool nkp_copy_watch_poll(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w)
         g_hash_table_iter_init(&it, w->alarmed);
         while (g_hash_table_iter_next(&it, &k, NULL)) {
                 g_autofree char *u = g_strndup(k, strcspn(k, " "));
-                if (!g_hash_table_contains(dumping, u))
+                bool snapshot = g_str_has_suffix(k, " snapshot");
+                if (!g_hash_table_contains(snapshot ? snapshotting : dumping, u))
                         g_hash_table_iter_remove(&it);
         }
         nkp_error_clear();
@@ -1465,7 +1506,7 @@ static bool note_job(NkpCopyWatch *w, const char *name, const char *xml)
         g_autofree char *job = between(xml, "<job ", ">");
         g_autofree char *async = job ? between(job, "async='", "'") : NULL;
         if (!async || (strcmp(async, "dump") != 0 && strcmp(async, "save") != 0 &&
-                       strcmp(async, "backup") != 0))
+                       strcmp(async, "backup") != 0 && strcmp(async, "snapshot") != 0))
                 return false;
         g_autofree char *dom = between(xml, "<domain ", "</domain>");
         g_autofree char *uuid = dom ? between(dom, "<uuid>", "</uuid>") : NULL;
