@@ -46,11 +46,7 @@
 #include <libxml/tree.h>
 
 #include "nkp-private.h"
-
-static const xmlChar *X(const char *s)
-{
-        return (const xmlChar *) s;
-}
+#include "nkp-xml.h"
 
 static int parse_options(void)
 {
@@ -145,33 +141,9 @@ static int read_doc(const char *xml, size_t len, xmlDocPtr *ret)
         return 0;
 }
 
-/* The first child element of `parent` named `name` in no namespace. */
-static xmlNodePtr child(xmlNodePtr parent, const char *name)
-{
-        if (!parent)
-                return NULL;
-        for (xmlNodePtr n = parent->children; n; n = n->next)
-                if (n->type == XML_ELEMENT_NODE && !n->ns && xmlStrEqual(n->name, X(name)))
-                        return n;
-        return NULL;
-}
-
 static bool is_elem(xmlNodePtr n, const char *name)
 {
         return n && n->type == XML_ELEMENT_NODE && !n->ns && xmlStrEqual(n->name, X(name));
-}
-
-/* An attribute in no namespace, as a g_malloc'ed string (NULL if absent). */
-static char *attr(xmlNodePtr n, const char *name)
-{
-        if (!n)
-                return NULL;
-        xmlChar *v = xmlGetNoNsProp(n, X(name));
-        if (!v)
-                return NULL;
-        char *r = g_strdup((const char *) v);
-        xmlFree(v);
-        return r;
 }
 
 /* The text content of an element (no entity references can be present:
@@ -199,7 +171,7 @@ static bool is_nkp_elem(xmlNodePtr n)
 static int find_keysafe_node(xmlNodePtr root, xmlNodePtr *ret)
 {
         xmlNodePtr found = NULL;
-        xmlNodePtr md = child(root, "metadata");
+        xmlNodePtr md = nkp_xml_child(root, "metadata");
         for (xmlNodePtr n = md ? md->children : NULL; n; n = n->next) {
                 if (!is_nkp_elem(n))
                         continue;
@@ -270,29 +242,29 @@ void nkp_domain_free(NkpDomain *d)
 
 static xmlNodePtr disk_encryption(xmlNodePtr disk)
 {
-        xmlNodePtr e = child(disk, "encryption");
-        return e ? e : child(child(disk, "source"), "encryption");
+        xmlNodePtr e = nkp_xml_child(disk, "encryption");
+        return e ? e : nkp_xml_child(nkp_xml_child(disk, "source"), "encryption");
 }
 
 static void read_disk(NkpDomain *d, xmlNodePtr n)
 {
         NkpDomainDisk *disk = g_new0(NkpDomainDisk, 1);
-        disk->type = attr(n, "type");
-        disk->device = attr(n, "device");
+        disk->type = nkp_xml_attr(n, "type");
+        disk->device = nkp_xml_attr(n, "device");
         if (!disk->device)
                 disk->device = g_strdup("disk");
-        disk->target = attr(child(n, "target"), "dev");
-        xmlNodePtr src = child(n, "source");
-        disk->source_file = attr(src, "file");
+        disk->target = nkp_xml_attr(nkp_xml_child(n, "target"), "dev");
+        xmlNodePtr src = nkp_xml_child(n, "source");
+        disk->source_file = nkp_xml_attr(src, "file");
         if (!disk->source_file)
-                disk->source_file = attr(src, "dev");
-        disk->driver_type = attr(child(n, "driver"), "type");
+                disk->source_file = nkp_xml_attr(src, "dev");
+        disk->driver_type = nkp_xml_attr(nkp_xml_child(n, "driver"), "type");
         xmlNodePtr enc = disk_encryption(n);
         if (enc) {
-                disk->encryption_format = attr(enc, "format");
+                disk->encryption_format = nkp_xml_attr(enc, "format");
                 if (!disk->encryption_format)
                         disk->encryption_format = g_strdup("default");
-                disk->encryption_secret = attr(child(enc, "secret"), "uuid");
+                disk->encryption_secret = nkp_xml_attr(nkp_xml_child(enc, "secret"), "uuid");
         }
         g_ptr_array_add(d->disks, disk);
 }
@@ -302,19 +274,19 @@ static void read_disk(NkpDomain *d, xmlNodePtr n)
  * such a domain, nkp must not let it through as encrypted). */
 static void read_tpm(NkpDomain *d, xmlNodePtr n)
 {
-        xmlNodePtr be = child(n, "backend");
-        g_autofree char *type = attr(be, "type");
+        xmlNodePtr be = nkp_xml_child(n, "backend");
+        g_autofree char *type = nkp_xml_attr(be, "type");
         if (!type || strcmp(type, "emulator") != 0)
                 return;
-        g_autofree char *secret = attr(child(be, "encryption"), "secret");
+        g_autofree char *secret = nkp_xml_attr(nkp_xml_child(be, "encryption"), "secret");
         if (d->has_vtpm) {
                 if (!secret)
                         g_clear_pointer(&d->tpm_secret, g_free);
                 return;
         }
         d->has_vtpm = true;
-        d->tpm_model = attr(n, "model");
-        d->tpm_version = attr(be, "version");
+        d->tpm_model = nkp_xml_attr(n, "model");
+        d->tpm_version = nkp_xml_attr(be, "version");
         d->tpm_secret = g_steal_pointer(&secret);
 }
 
@@ -341,8 +313,8 @@ int nkp_domain_parse(const char *xml, size_t len, NkpDomain **ret)
         d->disks = g_ptr_array_new_with_free_func(disk_free);
         xmlNodePtr root = xmlDocGetRootElement(doc);
 
-        d->name = raw_text(child(root, "name"));
-        g_autofree char *uuid = text(child(root, "uuid"));
+        d->name = raw_text(nkp_xml_child(root, "name"));
+        g_autofree char *uuid = text(nkp_xml_child(root, "uuid"));
         uint8_t ub[16];
         if (!d->name || d->name[0] == '\0') {
                 xmlFreeDoc(doc);
@@ -437,15 +409,15 @@ static void remove_node(xmlNodePtr n)
 
 int nkp_domain_edit_set_vtpm_secret(NkpDomainEdit *e, const char *secret_uuid)
 {
-        xmlNodePtr devices = child(xmlDocGetRootElement(e->doc), "devices");
+        xmlNodePtr devices = nkp_xml_child(xmlDocGetRootElement(e->doc), "devices");
         for (xmlNodePtr n = devices ? devices->children : NULL; n; n = n->next) {
                 if (!is_elem(n, "tpm"))
                         continue;
-                xmlNodePtr be = child(n, "backend");
-                g_autofree char *type = attr(be, "type");
+                xmlNodePtr be = nkp_xml_child(n, "backend");
+                g_autofree char *type = nkp_xml_attr(be, "type");
                 if (!type || strcmp(type, "emulator") != 0)
                         continue;
-                remove_node(child(be, "encryption"));
+                remove_node(nkp_xml_child(be, "encryption"));
                 if (secret_uuid) {
                         xmlNodePtr enc = xmlNewChild(be, NULL, X("encryption"), NULL);
                         if (!enc || !xmlSetProp(enc, X("secret"), X(secret_uuid)))
@@ -458,22 +430,22 @@ int nkp_domain_edit_set_vtpm_secret(NkpDomainEdit *e, const char *secret_uuid)
 
 int nkp_domain_edit_set_disk_luks(NkpDomainEdit *e, const char *target, const char *secret_uuid)
 {
-        xmlNodePtr devices = child(xmlDocGetRootElement(e->doc), "devices");
+        xmlNodePtr devices = nkp_xml_child(xmlDocGetRootElement(e->doc), "devices");
         for (xmlNodePtr n = devices ? devices->children : NULL; n; n = n->next) {
                 if (!is_elem(n, "disk"))
                         continue;
-                g_autofree char *dev = attr(child(n, "target"), "dev");
+                g_autofree char *dev = nkp_xml_attr(nkp_xml_child(n, "target"), "dev");
                 if (!dev || strcmp(dev, target) != 0)
                         continue;
-                remove_node(child(n, "encryption"));
-                remove_node(child(child(n, "source"), "encryption"));
+                remove_node(nkp_xml_child(n, "encryption"));
+                remove_node(nkp_xml_child(nkp_xml_child(n, "source"), "encryption"));
                 if (!secret_uuid) {
                         xmlUnsetProp(n, X("snapshot")); /* libvirt's default again */
                         return 0;
                 }
                 if (!xmlSetProp(n, X("snapshot"), X("no")))
                         return nkp_fail(-ENOMEM, "Out of memory.");
-                xmlNodePtr drv = child(n, "driver");
+                xmlNodePtr drv = nkp_xml_child(n, "driver");
                 if (drv)
                         xmlSetProp(drv, X("type"), X("qcow2"));
                 xmlNodePtr enc = xmlNewNode(NULL, X("encryption"));
@@ -488,7 +460,7 @@ int nkp_domain_edit_set_disk_luks(NkpDomainEdit *e, const char *target, const ch
                 xmlSetProp(sec, X("type"), X("passphrase"));
                 xmlSetProp(sec, X("uuid"), X(secret_uuid));
                 /* libvirt's order: …, target, …; put it after <target>. */
-                xmlNodePtr tgt = child(n, "target");
+                xmlNodePtr tgt = nkp_xml_child(n, "target");
                 if (tgt)
                         xmlAddNextSibling(tgt, enc);
                 else
@@ -501,12 +473,12 @@ int nkp_domain_edit_set_disk_luks(NkpDomainEdit *e, const char *target, const ch
 int nkp_domain_edit_refuse_snapshots(NkpDomainEdit *e)
 {
         int changed = 0;
-        xmlNodePtr devices = child(xmlDocGetRootElement(e->doc), "devices");
+        xmlNodePtr devices = nkp_xml_child(xmlDocGetRootElement(e->doc), "devices");
         for (xmlNodePtr n = devices ? devices->children : NULL; n; n = n->next) {
                 if (!is_elem(n, "disk"))
                         continue;
-                g_autofree char *format = attr(disk_encryption(n), "format");
-                g_autofree char *snapshot = attr(n, "snapshot");
+                g_autofree char *format = nkp_xml_attr(disk_encryption(n), "format");
+                g_autofree char *snapshot = nkp_xml_attr(n, "snapshot");
                 if (g_strcmp0(format, "luks") != 0 || g_strcmp0(snapshot, "no") == 0)
                         continue;
                 if (!xmlSetProp(n, X("snapshot"), X("no")))
@@ -519,7 +491,7 @@ int nkp_domain_edit_refuse_snapshots(NkpDomainEdit *e)
 int nkp_domain_edit_set_keysafe(NkpDomainEdit *e, const char *keysafe_xml)
 {
         xmlNodePtr root = xmlDocGetRootElement(e->doc);
-        xmlNodePtr md = child(root, "metadata");
+        xmlNodePtr md = nkp_xml_child(root, "metadata");
         if (md) {
                 xmlNodePtr n = md->children;
                 while (n) {
@@ -548,11 +520,11 @@ int nkp_domain_edit_set_keysafe(NkpDomainEdit *e, const char *keysafe_xml)
                 md = xmlNewNode(NULL, X("metadata"));
                 /* libvirt puts <metadata> after <title>/<description>, before
                  * <maxMemory>/<memory>; after <uuid> is always accepted. */
-                xmlNodePtr after = child(root, "description");
+                xmlNodePtr after = nkp_xml_child(root, "description");
                 if (!after)
-                        after = child(root, "title");
+                        after = nkp_xml_child(root, "title");
                 if (!after)
-                        after = child(root, "uuid");
+                        after = nkp_xml_child(root, "uuid");
                 if (after)
                         xmlAddNextSibling(after, md);
                 else

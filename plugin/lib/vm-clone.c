@@ -46,19 +46,7 @@
 #include <libxml/tree.h>
 
 #include "nkp-private.h"
-
-static const xmlChar *X(const char *s)
-{
-        return (const xmlChar *) s;
-}
-
-static xmlNodePtr child(xmlNodePtr parent, const char *name)
-{
-        for (xmlNodePtr n = parent ? parent->children : NULL; n; n = n->next)
-                if (n->type == XML_ELEMENT_NODE && !n->ns && xmlStrEqual(n->name, X(name)))
-                        return n;
-        return NULL;
-}
+#include "nkp-xml.h"
 
 static void drop(xmlNodePtr n)
 {
@@ -99,10 +87,10 @@ static int clone_xml(const char *xml, const char *new_name, const char *new_uuid
                 xmlFreeDoc(doc);
                 return nkp_fail(-EBADMSG, "The original's domain XML cannot be read.");
         }
-        xmlNodeSetContent(child(root, "name"), NULL);
-        xmlNodeAddContent(child(root, "name"), X(new_name));
-        xmlNodeSetContent(child(root, "uuid"), X(new_uuid));
-        drop(child(child(root, "os"), "nvram"));
+        xmlNodeSetContent(nkp_xml_child(root, "name"), NULL);
+        xmlNodeAddContent(nkp_xml_child(root, "name"), X(new_name));
+        xmlNodeSetContent(nkp_xml_child(root, "uuid"), X(new_uuid));
+        drop(nkp_xml_child(nkp_xml_child(root, "os"), "nvram"));
         for (xmlNodePtr dev = root->children; dev; dev = dev->next) {
                 if (dev->type != XML_ELEMENT_NODE || !xmlStrEqual(dev->name, X("devices")))
                         continue;
@@ -110,19 +98,19 @@ static int clone_xml(const char *xml, const char *new_name, const char *new_uuid
                         if (n->type != XML_ELEMENT_NODE)
                                 continue;
                         if (xmlStrEqual(n->name, X("interface")))
-                                drop(child(n, "mac"));
+                                drop(nkp_xml_child(n, "mac"));
                         if (!xmlStrEqual(n->name, X("disk")))
                                 continue;
-                        xmlChar *t = xmlGetProp(child(n, "target"), X("dev"));
+                        xmlChar *t = xmlGetProp(nkp_xml_child(n, "target"), X("dev"));
                         const char *p = t ? g_hash_table_lookup(paths, t) : NULL;
                         xmlFree(t);
                         if (!p)
                                 continue;
                         xmlNodePtr bs;
-                        while ((bs = child(n, "backingStore")))
+                        while ((bs = nkp_xml_child(n, "backingStore")))
                                 drop(bs);
-                        xmlNodePtr src = child(n, "source");
-                        drop(child(src, "encryption"));
+                        xmlNodePtr src = nkp_xml_child(n, "source");
+                        drop(nkp_xml_child(src, "encryption"));
                         xmlSetProp(src, X("file"), X(p));
                 }
         }
@@ -495,7 +483,7 @@ int nkp_vm_clone(nkp_context *ctx, nkp_virt *v, const char *src, const char *new
 /* The UUID the <keysafe><vm uuid=…/> of `root`'s <metadata> names, or NULL. */
 static char *keysafe_vm_uuid(xmlNodePtr root)
 {
-        xmlNodePtr md = child(root, "metadata");
+        xmlNodePtr md = nkp_xml_child(root, "metadata");
         for (xmlNodePtr n = md ? md->children : NULL; n; n = n->next) {
                 if (n->type != XML_ELEMENT_NODE || !n->ns || !n->ns->href ||
                     !xmlStrEqual(n->ns->href, X(NKP_KEYSAFE_NS)))
@@ -534,7 +522,7 @@ static int read_uuids(const char *xml, size_t len, char **ret_uuid, char **ret_k
                 xmlFreeDoc(doc);
                 return nkp_fail(-EBADMSG, "Not a domain XML.");
         }
-        xmlChar *u = xmlNodeGetContent(child(root, "uuid"));
+        xmlChar *u = xmlNodeGetContent(nkp_xml_child(root, "uuid"));
         *ret_uuid = u ? g_ascii_strdown(g_strstrip((char *) u), -1) : NULL;
         xmlFree(u);
         *ret_keysafe_uuid = keysafe_vm_uuid(root);

@@ -41,33 +41,13 @@
 
 #include "dl-libvirt.h"
 #include "nkp-private.h"
+#include "nkp-xml.h"
 
 struct nkp_revert_result {
         GPtrArray *items[NKP_REVERT_N_ITEMS]; /* "TARGET PATH" */
         char *current_error;
         bool vtpm;
 };
-
-static const xmlChar *X(const char *s)
-{
-        return (const xmlChar *) s;
-}
-
-static xmlNodePtr child(xmlNodePtr parent, const char *name)
-{
-        for (xmlNodePtr n = parent ? parent->children : NULL; n; n = n->next)
-                if (n->type == XML_ELEMENT_NODE && !n->ns && xmlStrEqual(n->name, X(name)))
-                        return n;
-        return NULL;
-}
-
-static char *attr(xmlNodePtr n, const char *name)
-{
-        xmlChar *v = n ? xmlGetProp(n, X(name)) : NULL;
-        char *s = v ? g_strdup((const char *) v) : NULL;
-        xmlFree(v);
-        return s;
-}
 
 void nkp_revert_disk_free(gpointer p)
 {
@@ -125,18 +105,18 @@ int nkp_revert_snapshot_parse(const char *name, const char *xml, NkpRevertSnapsh
         xmlNodePtr root = xmlDocGetRootElement(doc);
         NkpRevertSnapshot *s = g_new0(NkpRevertSnapshot, 1);
         s->name = g_strdup(name);
-        xmlChar *state = xmlNodeGetContent(child(root, "state"));
+        xmlChar *state = xmlNodeGetContent(nkp_xml_child(root, "state"));
         s->state = state ? g_strdup((const char *) state) : NULL;
         xmlFree(state);
-        g_autofree char *memory = attr(child(root, "memory"), "snapshot");
+        g_autofree char *memory = nkp_xml_attr(nkp_xml_child(root, "memory"), "snapshot");
         s->has_memory = memory && strcmp(memory, "no") != 0;
         GPtrArray *ext = g_ptr_array_new();
-        for (xmlNodePtr n = child(root, "disks") ? child(root, "disks")->children : NULL; n;
+        for (xmlNodePtr n = nkp_xml_child(root, "disks") ? nkp_xml_child(root, "disks")->children : NULL; n;
              n = n->next) {
                 if (n->type != XML_ELEMENT_NODE || !xmlStrEqual(n->name, X("disk")))
                         continue;
-                g_autofree char *dname = attr(n, "name");
-                g_autofree char *how = attr(n, "snapshot");
+                g_autofree char *dname = nkp_xml_attr(n, "name");
+                g_autofree char *how = nkp_xml_attr(n, "snapshot");
                 if (!dname)
                         continue;
                 if (how && strcmp(how, "external") == 0)
@@ -146,7 +126,7 @@ int nkp_revert_snapshot_parse(const char *name, const char *xml, NkpRevertSnapsh
         }
         g_ptr_array_add(ext, NULL);
         s->external = (char **) g_ptr_array_free(ext, FALSE);
-        xmlNodePtr dom = child(root, "domain");
+        xmlNodePtr dom = nkp_xml_child(root, "domain");
         if (dom) {
                 xmlBufferPtr buf = xmlBufferCreate();
                 if (buf && xmlNodeDump(buf, doc, dom, 0, 0) > 0)
@@ -339,14 +319,14 @@ static int set_source(const char *xml, const char *target, const char *path, cha
                                       XML_PARSE_NONET | XML_PARSE_NOERROR | XML_PARSE_NOWARNING);
         xmlNodePtr root = doc ? xmlDocGetRootElement(doc) : NULL;
         xmlNodePtr src = NULL;
-        for (xmlNodePtr n = child(root, "devices") ? child(root, "devices")->children : NULL;
+        for (xmlNodePtr n = nkp_xml_child(root, "devices") ? nkp_xml_child(root, "devices")->children : NULL;
              n && !src; n = n->next) {
                 if (n->type != XML_ELEMENT_NODE || !xmlStrEqual(n->name, X("disk")))
                         continue;
-                g_autofree char *t = attr(child(n, "target"), "dev");
+                g_autofree char *t = nkp_xml_attr(nkp_xml_child(n, "target"), "dev");
                 if (t && strcmp(t, target) == 0) {
-                        src = child(n, "source");
-                        xmlSetProp(child(n, "driver"), X("type"), X("qcow2"));
+                        src = nkp_xml_child(n, "source");
+                        xmlSetProp(nkp_xml_child(n, "driver"), X("type"), X("qcow2"));
                 }
         }
         if (!src || !xmlHasProp(src, X("file"))) {

@@ -54,11 +54,7 @@
 
 #include "dl-libvirt.h"
 #include "nkp-private.h"
-
-static const xmlChar *X(const char *s)
-{
-        return (const xmlChar *) s;
-}
+#include "nkp-xml.h"
 
 void nkp_disk_layer_free(gpointer p)
 {
@@ -72,25 +68,9 @@ void nkp_disk_layer_free(gpointer p)
         g_free(l);
 }
 
-static xmlNodePtr child(xmlNodePtr parent, const char *name)
-{
-        for (xmlNodePtr n = parent ? parent->children : NULL; n; n = n->next)
-                if (n->type == XML_ELEMENT_NODE && !n->ns && xmlStrEqual(n->name, X(name)))
-                        return n;
-        return NULL;
-}
-
-static char *attr(xmlNodePtr n, const char *name)
-{
-        xmlChar *v = n ? xmlGetProp(n, X(name)) : NULL;
-        char *s = v ? g_strdup((const char *) v) : NULL;
-        xmlFree(v);
-        return s;
-}
-
 static char *secret_of(xmlNodePtr enc)
 {
-        return attr(child(enc, "secret"), "uuid");
+        return nkp_xml_attr(nkp_xml_child(enc, "secret"), "uuid");
 }
 
 /* The domain XML as a document (the hook's input was checked by
@@ -119,7 +99,7 @@ static xmlNodePtr find_disk(xmlDocPtr doc, const char *target)
                 for (xmlNodePtr n = dev->children; n; n = n->next) {
                         if (n->type != XML_ELEMENT_NODE || !xmlStrEqual(n->name, X("disk")))
                                 continue;
-                        g_autofree char *t = attr(child(n, "target"), "dev");
+                        g_autofree char *t = nkp_xml_attr(nkp_xml_child(n, "target"), "dev");
                         if (t && strcmp(t, target) == 0)
                                 return n;
                 }
@@ -218,8 +198,8 @@ static int complete_definition(NkpVirt *v, const char *domain, GHashTable *chain
         g_hash_table_iter_init(&it, chains);
         while (g_hash_table_iter_next(&it, &key, &value)) {
                 xmlNodePtr disk = find_disk(doc, key);
-                xmlNodePtr bs = disk ? child(disk, "backingStore") : NULL;
-                if (!disk || (bs && child(bs, "source")))
+                xmlNodePtr bs = disk ? nkp_xml_child(disk, "backingStore") : NULL;
+                if (!disk || (bs && nkp_xml_child(bs, "source")))
                         continue;
                 if (bs) {
                         xmlUnlinkNode(bs);
@@ -238,20 +218,20 @@ static int complete_definition(NkpVirt *v, const char *domain, GHashTable *chain
 
 static char *source_path(xmlNodePtr src)
 {
-        char *p = attr(src, "file");
-        return p ? p : attr(src, "dev");
+        char *p = nkp_xml_attr(src, "file");
+        return p ? p : nkp_xml_attr(src, "dev");
 }
 
 /* The layers of one disk element, active layer first. */
 static void disk_layers(xmlNodePtr disk, const char *target, GPtrArray *out)
 {
-        xmlNodePtr src = child(disk, "source");
+        xmlNodePtr src = nkp_xml_child(disk, "source");
         if (!src)
                 return;
-        xmlNodePtr enc = child(src, "encryption");
+        xmlNodePtr enc = nkp_xml_child(src, "encryption");
         if (!enc)
-                enc = child(disk, "encryption");
-        xmlNodePtr drv = child(disk, "driver");
+                enc = nkp_xml_child(disk, "encryption");
+        xmlNodePtr drv = nkp_xml_child(disk, "driver");
         unsigned depth = 0;
         xmlNodePtr layer = disk;
         while (src) {
@@ -261,14 +241,14 @@ static void disk_layers(xmlNodePtr disk, const char *target, GPtrArray *out)
                 NkpDiskLayer *l = g_new0(NkpDiskLayer, 1);
                 l->target = g_strdup(target);
                 l->path = g_steal_pointer(&path);
-                l->format = depth == 0 ? attr(drv, "type") : attr(child(layer, "format"), "type");
+                l->format = depth == 0 ? nkp_xml_attr(drv, "type") : nkp_xml_attr(nkp_xml_child(layer, "format"), "type");
                 l->depth = depth;
                 l->encrypted = enc != NULL;
                 l->secret_uuid = enc ? secret_of(enc) : NULL;
                 g_ptr_array_add(out, l);
-                layer = child(layer, "backingStore");
-                src = layer ? child(layer, "source") : NULL;
-                enc = src ? child(src, "encryption") : NULL;
+                layer = nkp_xml_child(layer, "backingStore");
+                src = layer ? nkp_xml_child(layer, "source") : NULL;
+                enc = src ? nkp_xml_child(src, "encryption") : NULL;
                 depth++;
         }
 }
@@ -754,18 +734,18 @@ static int write_disk_chain(const char *xml, const char *target, GPtrArray *laye
         if (r < 0)
                 return r;
         xmlNodePtr disk = find_disk(doc, target);
-        xmlNodePtr src = disk ? child(disk, "source") : NULL;
+        xmlNodePtr src = disk ? nkp_xml_child(disk, "source") : NULL;
         if (!src || layers->len == 0) {
                 xmlFreeDoc(doc);
                 return nkp_fail(-ENOENT, "VM has no disk %s.", target);
         }
         const NkpDiskLayer *top = layers->pdata[0];
         xmlNodePtr n;
-        while ((n = child(disk, "backingStore")) || (n = child(src, "encryption"))) {
+        while ((n = nkp_xml_child(disk, "backingStore")) || (n = nkp_xml_child(src, "encryption"))) {
                 xmlUnlinkNode(n);
                 xmlFreeNode(n);
         }
-        if (top->encrypted && !child(disk, "encryption")) {
+        if (top->encrypted && !nkp_xml_child(disk, "encryption")) {
                 xmlNodePtr enc = xmlNewChild(disk, NULL, X("encryption"), NULL);
                 xmlSetProp(enc, X("format"), X("luks"));
                 xmlNodePtr sec = xmlNewChild(enc, NULL, X("secret"), NULL);
