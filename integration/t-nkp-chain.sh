@@ -56,13 +56,7 @@ chain_reads() { # KEYFILE|- CONTEXT
 
 t0=$(lab_now)
 lab_test_init
-lab_host_up a || fail "host a did not come up"
-lab_install_nkp a "$BUILD"
-umask 077
-printf 'lab password\n' > "$LAB_DIR/pw"
-nk provider create p1 >/dev/null || fail "provider create"
-nk provider backup p1 --out "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" >/dev/null || fail "backup"
-nk provider set-default p1 >/dev/null || fail "set-default"
+lab_host_with_p1 a
 pass "host a up, provider p1 ($(lab_since "$t0") s)"
 
 # ---- g1: encrypted, markers, a snapshot, writes in the overlay era ------------------

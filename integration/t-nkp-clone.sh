@@ -39,13 +39,7 @@ sector0() { # FILE KEYFILE: the disk's first sector, read with that key (or qemu
 }
 
 lab_test_init
-lab_host_up a || fail "host a did not come up"
-lab_install_nkp a "$BUILD"
-umask 077
-printf 'lab password\n' > "$LAB_DIR/pw"
-nk provider create p1 >/dev/null || fail "provider create"
-nk provider backup p1 --out "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" >/dev/null || fail "backup"
-nk provider set-default p1 >/dev/null || fail "set-default"
+lab_host_with_p1 a
 
 dom=g1
 mark="NKPCLONE$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"

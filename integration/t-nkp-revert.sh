@@ -61,13 +61,7 @@ all_luks() { # every layer of vda's and vdb's chains is LUKS
 ASSERT_ON_FAIL+=('[ -z "${dom:-}" ] || { lab_virsh a dumpxml --inactive "$dom"; lab_virsh a snapshot-list "$dom"; ls -l "$images"; } 2>&1 | sed "s/^/# state: /"')
 lab_test_init
 images=$LAB_DIR/shared
-lab_host_up a || fail "host a did not come up"
-lab_install_nkp a "$BUILD"
-umask 077
-printf 'lab password\n' > "$LAB_DIR/pw"
-nk provider create p1 >/dev/null || fail "provider create"
-nk provider backup p1 --out "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" >/dev/null || fail "backup"
-nk provider set-default p1 >/dev/null || fail "set-default"
+lab_host_with_p1 a
 
 # ---- r1: vda (M1) and an empty vdb, both encrypted; snapshot s1; M2 on vdb after it ----
 dom=r1

@@ -36,13 +36,7 @@ in_clear() { grep -a -c "$1" "${@:2}" | awk -F: '{s+=$NF} END{print s+0}'; }
 live_past() { lab_live_wait "$1" "$2" "$3" || fail "$2 wrote no live sector $3 in 60 s (last: $(lab_live_written "$1" "$2"))"; }
 
 lab_test_init
-lab_host_up a || fail "host a did not come up"
-lab_install_nkp a "$BUILD"
-umask 077
-printf 'lab password\n' > "$LAB_DIR/pw"
-nk provider create p1 >/dev/null || fail "provider create"
-nk provider backup p1 --out "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" >/dev/null || fail "backup"
-nk provider set-default p1 >/dev/null || fail "set-default"
+lab_host_with_p1 a
 
 new_vm() { # NAME MARK
     local disk="$LAB_DIR/shared/$1.qcow2"

@@ -5,6 +5,7 @@
 #   source "$(dirname "$0")/lib/test.sh"   # lab.sh, the assertions, lib/guest.sh, lib/nkpd.sh
 #   lab_test t-nkp-x "what it checks, one line" [--needs CMD]… [--built PATH]…
 #   lab_test_init                          # lab_init (EXIT trap) or fail
+#   lab_host_with_p1 a                     # host a up, nkp installed, provider p1 (backed up, default)
 #   … pass / fail / check / timing / note (tests/lib/assert.sh) …
 #   lab_test_done                          # total time, "1..N", exit 0 or 1
 #
@@ -64,4 +65,19 @@ lab_test_init() {
 lab_test_done() {
     timing "total $(lab_since "$LAB_TEST_T0") s"
     assert_done
+}
+
+# The start of most one-host tests: HOST up with the built nkp installed,
+# provider p1 made, backed up to $LAB_DIR/p1.p12 (password in $LAB_DIR/pw)
+# and the default.  Sets umask 077 for the test's own files.
+lab_host_with_p1() {
+    local h=$1
+    lab_host_up "$h" || fail "host $h did not come up"
+    lab_install_nkp "$h" "$NKP_BUILD_DIR"
+    umask 077
+    printf 'lab password\n' > "$LAB_DIR/pw"
+    lab_exec "$h" nkpctl provider create p1 >/dev/null || fail "provider create"
+    lab_exec "$h" nkpctl provider backup p1 --out "$LAB_DIR/p1.p12" \
+        --password-file "$LAB_DIR/pw" >/dev/null || fail "backup"
+    lab_exec "$h" nkpctl provider set-default p1 >/dev/null || fail "set-default"
 }
