@@ -232,7 +232,7 @@ static NkpDiskLayer *layer(const char *path, bool encrypted, const char *uuid)
 static void define_chain(Fixture *f, const char *uuid, bool overlay_encrypted)
 {
         g_autofree char *xml = NULL;
-        g_autoptr(NkpDomain) d = definition(f, &xml);
+        G_GNUC_UNUSED g_autoptr(NkpDomain) d = definition(f, &xml);
         g_autofree char *from = g_strdup_printf("file='%s'", f->base);
         g_autofree char *to = g_strdup_printf("file='%s'", f->overlay);
         g_auto(GStrv) parts = g_strsplit(xml, from, -1);
@@ -303,7 +303,7 @@ static void add_third_layer(Fixture *f)
         const char *cmds[] = { "write -P 0x43 2M 64k", NULL };
         g_assert_cmpint(qemu_io(f, f->top, f->below, true, cmds, NULL), ==, 0);
         g_autofree char *xml = NULL;
-        g_autoptr(NkpDomain) d = definition(f, &xml);
+        G_GNUC_UNUSED g_autoptr(NkpDomain) d = definition(f, &xml);
         g_autofree char *from = g_strdup_printf("file='%s'", f->overlay);
         g_autofree char *to = g_strdup_printf("file='%s'", s2);
         g_auto(GStrv) parts = g_strsplit(xml, from, 2); /* the disk's <source> */
@@ -407,7 +407,7 @@ static void assert_no_leftovers(Fixture *f)
 static void assert_chain_definition(Fixture *f, const char *uuid)
 {
         g_autofree char *xml = NULL;
-        g_autoptr(NkpDomain) d = definition(f, &xml);
+        G_GNUC_UNUSED g_autoptr(NkpDomain) d = definition(f, &xml);
         g_autoptr(GPtrArray) layers = NULL;
         g_assert_cmpint(nkp_domain_disk_layers(xml, strlen(xml), "vda", &layers), ==, 0);
         g_assert_cmpuint(layers->len, ==, f->below + 1);
@@ -557,7 +557,7 @@ static void test_plain_layer_refused(Fixture *f, gconstpointer data)
         g_autofree char *images = g_path_get_dirname(f->base);
         g_autoptr(GHashTable) before = testutil_snapshot_tree(images);
         g_autofree char *xml_before = NULL;
-        g_autoptr(NkpDomain) d = definition(f, &xml_before);
+        G_GNUC_UNUSED g_autoptr(NkpDomain) d = definition(f, &xml_before);
         g_autoptr(nkp_vm_result) res = NULL;
         g_assert_cmpint(nkp_vm_rekey_deep(f->ctx, f->v, "vm1", NULL, &res), ==, -EOPNOTSUPP);
         g_autofree char *want = g_strdup_printf("has the snapshot layer '%s', which is not "
@@ -568,7 +568,7 @@ static void test_plain_layer_refused(Fixture *f, gconstpointer data)
         g_assert_cmpint(nkp_vm_decrypt(f->ctx, f->v, "vm1", &res), ==, -EOPNOTSUPP);
         testutil_assert_same_tree(before, images);
         g_autofree char *xml_after = NULL;
-        g_autoptr(NkpDomain) d2 = definition(f, &xml_after);
+        G_GNUC_UNUSED g_autoptr(NkpDomain) d2 = definition(f, &xml_after);
         g_assert_cmpstr(xml_after, ==, xml_before);
         assert_no_leftovers(f);
 }

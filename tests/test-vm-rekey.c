@@ -271,7 +271,7 @@ static void test_refusals(Fixture *f, gconstpointer data)
         assert_refused(f, v, "web01", "nope", -ENOENT, "no provider 'nope'");
         assert_refused(f, v, "web01", "idle", -EPERM, "never backed up");
         assert_refused(f, v, "plain", "p2", -ENODATA, "is not encrypted by nkp");
-        g_autofree char *none = both_definitions(v, "web01");
+        G_GNUC_UNUSED g_autofree char *none = both_definitions(v, "web01");
         nkp_rekey_result *res = NULL;
         g_assert_cmpint(nkp_vm_rekey(f->ctx, v, "nosuch", "p2", &res), ==, -ENOENT);
         g_assert_nonnull(strstr(nkp_error_message(), "nosuch"));

@@ -636,7 +636,8 @@ int nkp_ekca_issue(const NkpEkCa *ca, const NkpEkCertRequest *req, GBytes **ret)
 #define TICKET_MAX 8192
 #define TICKET_GROUP "ticket"
 
-static const char *const ticket_kinds[] = { "ek-rsa", "ek-ecc", "platform" };
+/* how many kinds a ticket can cover (only its size is used) */
+G_GNUC_UNUSED static const char *const ticket_kinds[] = { "ek-rsa", "ek-ecc", "platform" };
 
 static char *ticket_dir(const nkp_context *ctx)
 {

@@ -81,7 +81,7 @@ static void virt_call_end(VirtCall *c)
 }
 
 /* Bounds the rest of the enclosing function by the connection's deadline. */
-#define BOUNDED(v) __attribute__((cleanup(virt_call_end))) VirtCall virt_call_ = \
+#define BOUNDED(v) __attribute__((cleanup(virt_call_end))) G_GNUC_UNUSED VirtCall virt_call_ = \
         virt_call_begin((v)->deadline)
 
 static void silent_error(void *userdata, virErrorPtr err)
@@ -143,7 +143,8 @@ int nkp_virt_open(const char *uri, unsigned deadline_seconds, nkp_virt **ret)
         if (r < 0)
                 return r;
         virSetErrorFunc(NULL, silent_error);
-        VirtCall c __attribute__((cleanup(virt_call_end))) = virt_call_begin(deadline_seconds);
+        G_GNUC_UNUSED VirtCall c __attribute__((cleanup(virt_call_end))) =
+                virt_call_begin(deadline_seconds);
         virConnectPtr conn = virConnectOpen(uri);
         if (!conn) {
                 int err = virt_errno();

@@ -1119,7 +1119,7 @@ int nkp_vm_adopt_vtpm_state(nkp_context *ctx, const NkpDomain *d)
                                 d->name);
         if (r < 0)
                 return r;
-        g_auto(VmLock) lock = fd;
+        G_GNUC_UNUSED g_auto(VmLock) lock = fd;
         if (nkp_vtpm_state(ctx, d) != NKP_VTPM_STATE_CLEAR)
                 return 0; /* converted meanwhile */
         g_autoptr(GPtrArray) secrets = NULL;

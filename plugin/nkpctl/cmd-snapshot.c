@@ -89,8 +89,7 @@ static void print_revert(const char *vm, const char *snap, const nkp_revert_resu
 {
         static const char *const what[NKP_REVERT_N_ITEMS] = {
                 [NKP_REVERT_LAYER] = "new encrypted layer",
-                [NKP_REVERT_ABANDONED] = "left behind (no snapshot needs it: delete it when "
-                                         "you no longer want it)",
+                [NKP_REVERT_ABANDONED] = "left behind (no snapshot needs it: delete it when you no longer want it)",
                 [NKP_REVERT_KEPT] = "left behind (another snapshot needs it: kept)",
                 [NKP_REVERT_DELETED] = "left behind, deleted",
         };
