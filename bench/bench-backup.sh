@@ -21,25 +21,10 @@ command -v virtnbdbackup >/dev/null || bench_die "virtnbdbackup is not installed
 [ -x "$BUILD/libvirt-hooks/nkp-hook" ] || bench_die "build first (ninja -C $BUILD)"
 
 lab_init || bench_die "guest build failed"
-lab_host_up a || bench_die "host a"
-lab_install_nkp a "$BUILD"
-umask 077
-printf 'bench password\n' > "$LAB_DIR/pw"
-lab_exec a nkpctl provider create p1 >/dev/null || bench_die "provider create"
-lab_exec a nkpctl provider backup p1 --out "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" >/dev/null || bench_die "backup"
-lab_exec a nkpctl provider set-default p1 >/dev/null || bench_die "set-default"
+bench_host_with_p1 "$BUILD"
 
 dom=bk
-disk=$LAB_DIR/shared/$dom.qcow2
-qemu-img create -q -f qcow2 "$disk" "${SIZE_MIB}M"
-# data in every cluster past the guest's marker sector (non-zero: nothing to skip)
-qemu-io -f qcow2 -c "write -P 0x5a 1M $((SIZE_MIB - 1))M" "$disk" >/dev/null || bench_die "qemu-io"
-lab_guest_xml --name "$dom" --disk "$disk" --marker Bbk > "$LAB_DIR/$dom.xml"
-lab_virsh a define "$LAB_DIR/$dom.xml" >/dev/null || bench_die "define"
-for i in 1 2 3 4; do
-    if out=$(lab_exec a nkpctl vm encrypt "$dom" 2>&1); then break; fi
-    grep -q "Unable to get accurate CPU usage" <<<"$out" && [ "$i" -lt 4 ] || bench_die "vm encrypt: $out"
-done
+bench_data_vm "$dom" "$SIZE_MIB" Bbk
 lab_virsh a start "$dom" >/dev/null || bench_die "start"
 lab_wait_serial a "$dom" 'NKP-TICK 2$' 300 >/dev/null || bench_die "the VM does not run"
 

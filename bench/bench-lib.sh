@@ -98,3 +98,33 @@ for k, v in res.items():
         f.write("".join("%.3f\n" % x for x in v))
 PY
 }
+
+# bench_host_with_p1 BUILD: lab host a up with BUILD's nkp installed,
+# provider p1 made, backed up ($LAB_DIR/p1.p12, password in $LAB_DIR/pw)
+# and the default; umask 077.
+bench_host_with_p1() {
+    lab_host_up a || bench_die "host a"
+    lab_install_nkp a "$1"
+    umask 077
+    printf 'bench password\n' > "$LAB_DIR/pw"
+    lab_exec a nkpctl provider create p1 >/dev/null || bench_die "provider create"
+    lab_exec a nkpctl provider backup p1 --out "$LAB_DIR/p1.p12" \
+        --password-file "$LAB_DIR/pw" >/dev/null || bench_die "backup"
+    lab_exec a nkpctl provider set-default p1 >/dev/null || bench_die "set-default"
+}
+
+# bench_data_vm DOM SIZE_MIB MARKER: a shut-off nkp VM DOM on host a whose
+# SIZE_MIB disk ($LAB_DIR/shared/DOM.qcow2) holds data in every cluster past
+# the guest's marker sector (nothing for a copy to skip), encrypted by p1.
+bench_data_vm() {
+    local dom=$1 size=$2 disk=$LAB_DIR/shared/$1.qcow2 i out
+    qemu-img create -q -f qcow2 "$disk" "${size}M"
+    qemu-io -f qcow2 -c "write -P 0x5a 1M $((size - 1))M" "$disk" >/dev/null || bench_die "qemu-io"
+    lab_guest_xml --name "$dom" --disk "$disk" --marker "$3" > "$LAB_DIR/$dom.xml"
+    lab_virsh a define "$LAB_DIR/$dom.xml" >/dev/null || bench_die "define"
+    # TCG on a loaded host: libvirt's CPU probe can fail once
+    for i in 1 2 3 4; do
+        if out=$(lab_exec a nkpctl vm encrypt "$dom" 2>&1); then return 0; fi
+        grep -q "Unable to get accurate CPU usage" <<<"$out" && [ "$i" -lt 4 ] || bench_die "vm encrypt: $out"
+    done
+}

@@ -26,13 +26,7 @@ now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.2f", b-a}'; }
 
 lab_init --no-guest
-lab_host_up a || bench_die "host a"
-lab_install_nkp a "$BUILD"
-umask 077
-printf 'bench password\n' > "$LAB_DIR/pw"
-lab_exec a nkpctl provider create p1 >/dev/null || bench_die "provider create"
-lab_exec a nkpctl provider backup p1 --out "$LAB_DIR/p1.p12" --password-file "$LAB_DIR/pw" >/dev/null || bench_die "backup"
-lab_exec a nkpctl provider set-default p1 >/dev/null || bench_die "set-default"
+bench_host_with_p1 "$BUILD"
 
 S="$LAB_DIR/shared"
 head -c "$((SIZE * 1024 * 1024))" /dev/urandom > "$S/data.raw"
