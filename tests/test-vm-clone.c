@@ -22,8 +22,8 @@
  * Refusals, nothing removed: a foreign file at the clone's path; a killed
  * clone's record with the rerun naming another path where a foreign file
  * is; a recorded path that now holds a file the clone did not make (not
- * LUKS).  Every LUKS creation costs seconds of QEMU's PBKDF benchmark: one
- * fixture per mode, one small disk. */
+ * LUKS, or a symlink to the source).  Every LUKS creation costs seconds
+ * of QEMU's PBKDF benchmark: one fixture per mode, one small disk. */
 #include <errno.h>
 #include <signal.h>
 #include <string.h>
@@ -379,6 +379,17 @@ static void test_foreign_refused(Fixture *f, gconstpointer data)
         g_assert_true(g_file_set_contents(d2, "admin's", -1, NULL));
         assert_refused(f, "f2", NULL, d2, "admin's");
         g_assert_true(g_file_test(rec2, G_FILE_TEST_IS_REGULAR));
+        g_assert_cmpint(unlink(d2), ==, 0);
+
+        /* ... or a symlink to a LUKS qcow2 (the source itself): refused,
+         * the link and the source kept. */
+        g_assert_cmpint(symlink(f->base, d2), ==, 0);
+        g_assert_cmpint(nkp_vm_clone(f->ctx, f->v, "vm1", "f2", NULL, NKP_VM_CLONE_SAME_KEYS),
+                        ==, -EEXIST);
+        nkp_error_clear();
+        g_assert_true(g_file_test(d2, G_FILE_TEST_IS_SYMLINK));
+        g_autofree char *b2 = g_path_get_basename(d2);
+        assert_images(f, b2);
         g_assert_cmpint(unlink(d2), ==, 0);
 
         /* Gone: the rerun finishes the clone. */

@@ -416,17 +416,33 @@ static bool record_lists(GKeyFile *rec, const char *path)
         return false;
 }
 
-/* Whether a file at `path` stops the clone: 0 none or one the record
- * lists (and, for the final path, a LUKS qcow2 as the clone makes);
- * -EEXIST with the message otherwise. */
+/* Anything (a dangling symlink too) at `path`. */
+static bool present(const char *path)
+{
+        struct stat st;
+        return lstat(path, &st) == 0;
+}
+
+/* What a killed clone may have left at `path`: a regular file (never a
+ * symlink), and for a disk's final path a LUKS qcow2, as the clone makes. */
+static bool clone_made(const char *path, bool final)
+{
+        struct stat st;
+        return lstat(path, &st) == 0 && S_ISREG(st.st_mode) &&
+               (!final || nkp_qcow2_is_luks(path) == 1);
+}
+
+/* Whether a file at `path` (or `path`.nkp-new) stops the clone: 0 none,
+ * or one the record lists that the clone could have made; -EEXIST with
+ * the message otherwise. */
 static int check_target(GKeyFile *rec, const char *path, const char *target)
 {
         g_autofree char *tmp = g_strconcat(path, ".nkp-new", NULL);
+        bool listed = record_lists(rec, path);
         const char *found = NULL;
-        if (access(path, F_OK) == 0 &&
-            (!record_lists(rec, path) || nkp_qcow2_is_luks(path) != 1))
+        if (present(path) && !(listed && clone_made(path, true)))
                 found = path;
-        else if (access(tmp, F_OK) == 0 && !record_lists(rec, path))
+        else if (present(tmp) && !(listed && clone_made(tmp, false)))
                 found = tmp;
         if (!found)
                 return 0;
@@ -435,16 +451,17 @@ static int check_target(GKeyFile *rec, const char *path, const char *target)
                         found, target, target);
 }
 
-/* Removes what the killed clone recorded in `rec` made (each PATH and
- * PATH.nkp-new; check_target vetted every current target, and a recorded
- * PATH that is no LUKS qcow2 is left alone). */
+/* Removes what the killed clone recorded in `rec` made: each PATH and
+ * PATH.nkp-new the record lists, only where clone_made says the clone
+ * could have made it (check_target vetted the current targets already). */
 static void record_undo(GKeyFile *rec)
 {
         g_auto(GStrv) files = g_key_file_get_string_list(rec, RECORD_GROUP, "files", NULL, NULL);
         for (char **f = files; f && *f; f++) {
                 g_autofree char *tmp = g_strconcat(*f, ".nkp-new", NULL);
-                (void) nkp_unlink_nofollow(tmp);
-                if (nkp_qcow2_is_luks(*f) == 1)
+                if (clone_made(tmp, false))
+                        (void) nkp_unlink_nofollow(tmp);
+                if (clone_made(*f, true))
                         (void) nkp_unlink_nofollow(*f);
                 (void) nkp_fsync_dir_of(*f);
         }
