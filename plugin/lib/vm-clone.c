@@ -30,9 +30,19 @@
  * new secret UUIDs.  A disk with a backing chain is still flattened (one
  * file per disk, as virt-clone), under the original's DEK.
  *
- * Crash safety: the copies are written as PATH.nkp-new and renamed when
- * complete; the clone is defined last, so a kill leaves no clone (rerun),
- * at worst .nkp-new leftovers that the rerun overwrites. */
+ * Crash safety (docs/crash-safety.md "vm clone"): before its first file
+ * the clone writes a record, ROOT/var/lib/nkp/clones/NEW.ini (0600, no key
+ * material: the source's name, the UUID it will define, the disk paths it
+ * will make); each copy is written as PATH.nkp-new and renamed when
+ * complete; the clone is defined last; the record goes once it is defined.
+ * A kill leaves no clone, or a complete one, and the record.  The rerun of
+ * the same command reads the record: NEW defined with the recorded UUID
+ * means only the record was left (removed: done); otherwise it removes the
+ * recorded files (PATH only when it is a LUKS qcow2, as every file the
+ * clone makes is; PATH.nkp-new always) and clones again.  A file at a
+ * target path (or its .nkp-new) that the record does not list is refused
+ * as before, with one line and nothing removed: nkp never deletes a file
+ * it did not make. */
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -234,16 +244,24 @@ static int finish_copy(const char *orig, const char *tmp, const char *dst)
         int fd = open(tmp, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
         struct stat st;
         if (fd < 0 || stat(orig, &st) < 0 || fchmod(fd, st.st_mode & 07777) < 0 ||
-            fchown(fd, st.st_uid, st.st_gid) < 0 || fsync(fd) < 0 || rename(tmp, dst) < 0)
+            fchown(fd, st.st_uid, st.st_gid) < 0 || fsync(fd) < 0)
                 r = nkp_fail(-errno, "Cannot finish the clone's copy '%s': %s.", dst,
                              g_strerror(errno));
+        if (r == 0) {
+                nkp_test_crash_point("clone-disk-written");
+                if (rename(tmp, dst) < 0)
+                        r = nkp_fail(-errno, "Cannot finish the clone's copy '%s': %s.", dst,
+                                     g_strerror(errno));
+        }
         if (fd >= 0)
                 close(fd);
-        if (r < 0)
+        if (r < 0) {
                 (void) nkp_unlink_nofollow(tmp);
-        else
-                (void) nkp_fsync_dir_of(dst);
-        return r;
+                return r;
+        }
+        (void) nkp_fsync_dir_of(dst);
+        nkp_test_crash_point("clone-disk-renamed");
+        return 0;
 }
 
 /* A single-layer disk for --same-keys: copied as it is, then finished. */
@@ -345,6 +363,159 @@ static int reuse_original_deks(nkp_context *ctx, const NkpDomain *orig, NkpEnrol
         return 0;
 }
 
+/* ---- the clone's record (crash safety) -------------------------------------------- */
+
+#define RECORD_GROUP "clone"
+
+static int read_uuids(const char *xml, size_t len, char **ret_uuid, char **ret_keysafe_uuid);
+
+/* ROOT/var/lib/nkp/clones/NEW.ini (NEW has no '/': checked first). */
+static char *record_path(const nkp_context *ctx, const char *new_name)
+{
+        g_autofree char *dir = nkp_context_path(ctx, "/var/lib/nkp/clones");
+        g_autofree char *base = g_strconcat(new_name, ".ini", NULL);
+        return g_build_filename(dir, base, NULL);
+}
+
+/* The record a killed clone left at `path`, in *ret (caller frees), or
+ * NULL when there is none.  -EBADMSG unreadable, -EPERM not ours/0600. */
+static int record_read(const char *path, GKeyFile **ret)
+{
+        g_autofree char *text = NULL;
+        size_t len = 0;
+        *ret = NULL;
+        int r = nkp_read_file(path, 1 << 16, true, &text, &len);
+        if (r == -ENOENT) {
+                nkp_error_clear();
+                return 0;
+        }
+        if (r < 0)
+                return r;
+        g_autoptr(GKeyFile) kf = g_key_file_new();
+        g_autofree char *uuid = NULL;
+        if (!g_key_file_load_from_data(kf, text, len, G_KEY_FILE_NONE, NULL) ||
+            !(uuid = g_key_file_get_string(kf, RECORD_GROUP, "uuid", NULL)) ||
+            !g_key_file_has_key(kf, RECORD_GROUP, "files", NULL))
+                return nkp_fail(-EBADMSG, "The record of an interrupted clone '%s' cannot be "
+                                          "read; remove the files it names by hand, then the "
+                                          "record, and clone again.",
+                                path);
+        *ret = g_steal_pointer(&kf);
+        return 0;
+}
+
+/* True when the record lists `path` as a disk the clone makes. */
+static bool record_lists(GKeyFile *rec, const char *path)
+{
+        if (!rec)
+                return false;
+        g_auto(GStrv) files = g_key_file_get_string_list(rec, RECORD_GROUP, "files", NULL, NULL);
+        for (char **f = files; f && *f; f++)
+                if (strcmp(*f, path) == 0)
+                        return true;
+        return false;
+}
+
+/* Anything (a dangling symlink too) at `path`. */
+static bool present(const char *path)
+{
+        struct stat st;
+        return lstat(path, &st) == 0;
+}
+
+/* What a killed clone may have left at `path`: a regular file (never a
+ * symlink), and for a disk's final path a LUKS qcow2, as the clone makes. */
+static bool clone_made(const char *path, bool final)
+{
+        struct stat st;
+        return lstat(path, &st) == 0 && S_ISREG(st.st_mode) &&
+               (!final || nkp_qcow2_is_luks(path) == 1);
+}
+
+/* Whether a file at `path` (or `path`.nkp-new) stops the clone: 0 none,
+ * or one the record lists that the clone could have made; -EEXIST with
+ * the message otherwise. */
+static int check_target(GKeyFile *rec, const char *path, const char *target)
+{
+        g_autofree char *tmp = g_strconcat(path, ".nkp-new", NULL);
+        bool listed = record_lists(rec, path);
+        const char *found = NULL;
+        if (present(path) && !(listed && clone_made(path, true)))
+                found = path;
+        else if (present(tmp) && !(listed && clone_made(tmp, false)))
+                found = tmp;
+        if (!found)
+                return 0;
+        return nkp_fail(-EEXIST, "'%s' exists already; name another file for the clone's disk "
+                                 "%s (--file %s=PATH).",
+                        found, target, target);
+}
+
+/* Removes what the killed clone recorded in `rec` made: each PATH and
+ * PATH.nkp-new the record lists, only where clone_made says the clone
+ * could have made it (check_target vetted the current targets already). */
+static void record_undo(GKeyFile *rec)
+{
+        g_auto(GStrv) files = g_key_file_get_string_list(rec, RECORD_GROUP, "files", NULL, NULL);
+        for (char **f = files; f && *f; f++) {
+                g_autofree char *tmp = g_strconcat(*f, ".nkp-new", NULL);
+                if (clone_made(tmp, false))
+                        (void) nkp_unlink_nofollow(tmp);
+                if (clone_made(*f, true))
+                        (void) nkp_unlink_nofollow(*f);
+                (void) nkp_fsync_dir_of(*f);
+        }
+}
+
+/* Writes the record before the clone's first file: `src`, the UUID it
+ * will define, the disk paths (values of `paths`) it will make. */
+static int record_write(const char *path, const char *src, const char *uuid, GHashTable *paths)
+{
+        g_autofree char *dir = g_path_get_dirname(path);
+        int r = nkp_mkdir_private(dir);
+        if (r < 0)
+                return nkp_fail(r, "Cannot create '%s' for the clone's record: %s.", dir,
+                                g_strerror(-r));
+        g_autoptr(GKeyFile) kf = g_key_file_new();
+        g_autoptr(GPtrArray) list = g_ptr_array_new();
+        GHashTableIter it;
+        gpointer value;
+        g_hash_table_iter_init(&it, paths);
+        while (g_hash_table_iter_next(&it, NULL, &value))
+                g_ptr_array_add(list, value);
+        g_key_file_set_integer(kf, RECORD_GROUP, "version", 1);
+        g_key_file_set_string(kf, RECORD_GROUP, "source", src);
+        g_key_file_set_string(kf, RECORD_GROUP, "uuid", uuid);
+        g_key_file_set_string_list(kf, RECORD_GROUP, "files", (const char *const *) list->pdata,
+                                   list->len);
+        gsize len = 0;
+        g_autofree char *text = g_key_file_to_data(kf, &len, NULL);
+        if ((r = nkp_write_file_atomic(path, text, len, 0600, false)) < 0)
+                return nkp_fail(r, "Cannot write the clone's record '%s': %s.", path,
+                                g_strerror(-r));
+        return 0;
+}
+
+static void record_remove(const char *path)
+{
+        (void) nkp_unlink_nofollow(path);
+        (void) nkp_fsync_dir_of(path);
+}
+
+/* 1 when `xml` (the defined NEW) has the UUID the record names: the
+ * killed clone got as far as its define. */
+static int record_defined(GKeyFile *rec, const char *xml)
+{
+        g_autofree char *own = NULL, *ks = NULL;
+        g_autofree char *uuid = rec ? g_key_file_get_string(rec, RECORD_GROUP, "uuid", NULL)
+                                    : NULL;
+        if (!uuid || read_uuids(xml, strlen(xml), &own, &ks) < 0) {
+                nkp_error_clear();
+                return 0;
+        }
+        return own && g_ascii_strcasecmp(own, uuid) == 0;
+}
+
 int nkp_vm_clone(nkp_context *ctx, nkp_virt *v, const char *src, const char *new_name,
                  const char *const *files, unsigned flags)
 {
@@ -368,9 +539,17 @@ int nkp_vm_clone(nkp_context *ctx, nkp_virt *v, const char *src, const char *new
                              : nkp_fail(-EBUSY, "VM '%s' is running; shut it off first (its "
                                                 "disks change while it runs), then clone it.",
                                         src);
+        g_autofree char *rec_path = record_path(ctx, new_name);
+        g_autoptr(GKeyFile) rec = NULL;
+        if ((r = record_read(rec_path, &rec)) < 0)
+                return r;
         g_autofree char *other = NULL;
-        if (nkp_virt_domain_xml(v, new_name, true, &other) == 0)
-                return nkp_fail(-EEXIST, "A VM named '%s' exists already.", new_name);
+        if (nkp_virt_domain_xml(v, new_name, true, &other) == 0) {
+                if (!record_defined(rec, other))
+                        return nkp_fail(-EEXIST, "A VM named '%s' exists already.", new_name);
+                record_remove(rec_path); /* killed after its define: complete */
+                return 0;
+        }
         nkp_error_clear();
 
         g_autoptr(GPtrArray) plain = NULL;
@@ -409,10 +588,7 @@ int nkp_vm_clone(nkp_context *ctx, nkp_virt *v, const char *src, const char *new
                         g_ptr_array_unref(layers);
                         return r;
                 }
-                if (access(p, F_OK) == 0) {
-                        r = nkp_fail(-EEXIST, "'%s' exists already; name another file for the "
-                                              "clone's disk %s (--file %s=PATH).",
-                                     p, t, t);
+                if ((r = check_target(rec, p, t)) < 0) {
                         g_free(p);
                         g_ptr_array_unref(layers);
                         return r;
@@ -441,6 +617,12 @@ int nkp_vm_clone(nkp_context *ctx, nkp_virt *v, const char *src, const char *new
         if (same_keys && (r = reuse_original_deks(ctx, d, en)) < 0)
                 return r;
 
+        if (rec)
+                record_undo(rec);
+        if ((r = record_write(rec_path, src, new_uuid, paths)) < 0)
+                return r;
+        nkp_test_crash_point("clone-recorded");
+
         guint done = 0;
         for (; done < targets->len; done++) {
                 const char *t = targets->pdata[done];
@@ -466,10 +648,15 @@ int nkp_vm_clone(nkp_context *ctx, nkp_virt *v, const char *src, const char *new
         }
         if (r == 0)
                 r = nkp_virt_domain_define(v, en->xml);
-        if (r < 0)
+        if (r < 0) {
                 for (guint i = 0; i < done; i++)
                         (void) nkp_unlink_nofollow(g_hash_table_lookup(paths, targets->pdata[i]));
-        return r;
+                record_remove(rec_path);
+                return r;
+        }
+        nkp_test_crash_point("clone-defined");
+        record_remove(rec_path);
+        return 0;
 }
 
 /* ---- definitions copied with another VM's keysafe ---------------------------------- */
