@@ -160,28 +160,7 @@ static void fixture_set_up(Fixture *f, gconstpointer data)
         const char *io[] = { "qemu-io", "--image-opts", o, "-c", "write -P 0x41 0 64k", NULL };
         g_assert_cmpint(run(io, NULL), ==, 0);
 
-        g_autofree char *node = g_strdup_printf(
-                "<node>\n"
-                "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\n"
-                "  <name>vm1</name>\n"
-                "  <uuid>" VM_UUID "</uuid>\n"
-                "  <memory>262144</memory>\n"
-                "  <os><type>hvm</type></os>\n"
-                "  <devices>\n"
-                "    <disk type='file' device='disk'>\n"
-                "      <driver name='qemu' type='qcow2'/>\n"
-                "      <source file='%s'/>\n"
-                "      <target dev='vda' bus='virtio'/>\n"
-                "    </disk>\n"
-                "  </devices>\n"
-                "  <test:runstate>5</test:runstate>\n"
-                "</domain>\n"
-                "</node>\n",
-                f->base);
-        g_autofree char *node_path = g_build_filename(f->root, "node.xml", NULL);
-        g_assert_true(g_file_set_contents(node_path, node, -1, NULL));
-        g_autofree char *uri = g_strdup_printf("test://%s", node_path);
-        g_assert_cmpint(nkp_virt_open(uri, 0, &f->v), ==, 0);
+        f->v = testutil_test_driver_vm1(f->root, VM_UUID, f->base);
         g_autoptr(nkp_vm_result) res = NULL;
         if (nkp_vm_encrypt(f->ctx, f->v, "vm1", NULL, NULL, &res) < 0)
                 g_error("encrypt: %s", nkp_error_message());

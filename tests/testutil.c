@@ -136,3 +136,31 @@ void testutil_root_teardown(TestutilRoot *f, gconstpointer data)
         testutil_rmtree(f->root);
         g_free(f->root);
 }
+
+nkp_virt *testutil_test_driver_vm1(const char *root, const char *uuid, const char *disk)
+{
+        g_autofree char *node = g_strdup_printf(
+                "<node>\n"
+                "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\n"
+                "  <name>vm1</name>\n"
+                "  <uuid>%s</uuid>\n"
+                "  <memory>262144</memory>\n"
+                "  <os><type>hvm</type></os>\n"
+                "  <devices>\n"
+                "    <disk type='file' device='disk'>\n"
+                "      <driver name='qemu' type='qcow2'/>\n"
+                "      <source file='%s'/>\n"
+                "      <target dev='vda' bus='virtio'/>\n"
+                "    </disk>\n"
+                "  </devices>\n"
+                "  <test:runstate>5</test:runstate>\n"
+                "</domain>\n"
+                "</node>\n",
+                uuid, disk);
+        g_autofree char *node_path = g_build_filename(root, "node.xml", NULL);
+        g_assert_true(g_file_set_contents(node_path, node, -1, NULL));
+        g_autofree char *uri = g_strdup_printf("test://%s", node_path);
+        nkp_virt *v = NULL;
+        g_assert_cmpint(nkp_virt_open(uri, 0, &v), ==, 0);
+        return v;
+}

@@ -33,4 +33,10 @@ void testutil_root_teardown(TestutilRoot *f, gconstpointer data);
 /* Hex helpers for known-answer vectors. */
 GBytes *testutil_unhex(const char *hex);
 
+/* Opens libvirt's test driver on a node written under `root` with one
+ * shut-off domain "vm1" (UUID `uuid`) whose qcow2 disk vda is `disk`
+ * (the VM the library-level snapshot/clone tests encrypt).  Aborts the
+ * test on failure. */
+nkp_virt *testutil_test_driver_vm1(const char *root, const char *uuid, const char *disk);
+
 #endif
