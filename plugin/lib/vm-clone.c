@@ -755,6 +755,15 @@ static char *vm_named_by_uuid(NkpVirt *v, const char *uuid)
         return NULL;
 }
 
+/* The vm-foreign-keysafe alarm of `name` goes (the copy was undefined or
+ * no longer carries another VM's keysafe). */
+static void clear_foreign_alarm(nkp_context *ctx, const char *name)
+{
+        if (nkp_alarm_open(ctx, "vm-foreign-keysafe", name, NULL))
+                (void) nkp_alarm_clear(ctx, "vm-foreign-keysafe", name);
+        nkp_error_clear();
+}
+
 int nkp_vm_watch_foreign_keysafe(nkp_context *ctx, NkpVirt *v, const char *name,
                                  char **ret_note)
 {
@@ -762,17 +771,13 @@ int nkp_vm_watch_foreign_keysafe(nkp_context *ctx, NkpVirt *v, const char *name,
         int r = nkp_virt_domain_xml(v, name, true, &xml);
         if (r == -ENOENT) {
                 nkp_error_clear();
-                if (nkp_alarm_open(ctx, "vm-foreign-keysafe", name, NULL))
-                        (void) nkp_alarm_clear(ctx, "vm-foreign-keysafe", name);
-                nkp_error_clear();
+                clear_foreign_alarm(ctx, name);
                 return 1; /* gone: nothing to enrol either */
         }
         if (r < 0)
                 return r;
         if (!nkp_domain_foreign_keysafe(xml, strlen(xml), &ks_uuid)) {
-                if (nkp_alarm_open(ctx, "vm-foreign-keysafe", name, NULL))
-                        (void) nkp_alarm_clear(ctx, "vm-foreign-keysafe", name);
-                nkp_error_clear();
+                clear_foreign_alarm(ctx, name);
                 return 0;
         }
         g_autofree char *src = vm_named_by_uuid(v, ks_uuid);
