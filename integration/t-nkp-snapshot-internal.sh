@@ -122,6 +122,8 @@ pass "nkpd sets snapshot='no' on an nkp definition that lacks it; internal snaps
 
 # a memory snapshot (--memspec, no disk) writes the guest's memory in clear,
 # like virsh save: libvirt sends no event for it, nkpd's alarm names the file
+# (seen while QEMU writes it, or, when the job was over before any look, in
+# the snapshot's metadata once libvirt writes the status XML at its end)
 ms="$LAB_DIR/shared/g2.mem"
 lab_virsh a snapshot-create-as g2 m1 --memspec "file=$ms,snapshot=external" >/dev/null \
     || fail "virsh snapshot-create-as --memspec"

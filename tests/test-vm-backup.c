@@ -1,10 +1,14 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* vm-backup.c: the backup manifest (outside input: a backup directory can
- * come from anywhere) and nkp's own-job marks.  Backups, restores and the
- * alarms against the real libvirt/QEMU: integration/t-nkp-backup.sh. */
+ * come from anywhere), nkp's own-job marks, and nkpd's alarm for a memory
+ * snapshot whose job no look saw (libvirt's test driver).  Backups,
+ * restores and the alarms against the real libvirt/QEMU:
+ * integration/t-nkp-backup.sh, t-nkp-snapshot-internal.sh. */
 #include <errno.h>
 #include <string.h>
 #include <sys/stat.h>
+
+#include <libvirt/libvirt.h>
 
 #include "testutil.h"
 
@@ -154,6 +158,113 @@ static void test_own_job(void)
         testutil_rmtree(root);
 }
 
+/* The alarm naming `file` on VM "test", or NULL. */
+static const char *memory_alarm(nkp_context *ctx, const char *file, char **ret_msg)
+{
+        nkp_alarm **list = NULL;
+        size_t n = 0;
+        g_assert_cmpint(nkp_alarm_list(ctx, &list, &n), ==, 0);
+        *ret_msg = NULL;
+        for (size_t i = 0; i < n; i++)
+                if (strcmp(nkp_alarm_kind(list[i]), "vm-clear-save") == 0 &&
+                    strcmp(nkp_alarm_subject(list[i]), "test") == 0 &&
+                    strstr(nkp_alarm_message(list[i]), file))
+                        *ret_msg = g_strdup(nkp_alarm_message(list[i]));
+        nkp_alarm_list_free(list, n);
+        return *ret_msg;
+}
+
+static void memory_snapshot(virDomainPtr dom, const char *name, const char *file)
+{
+        g_autofree char *xml = g_strdup_printf(
+                "<domainsnapshot><name>%s</name><memory snapshot='external' file='%s'/>"
+                "<disks><disk name='vda' snapshot='no'/></disks></domainsnapshot>",
+                name, file);
+        virDomainSnapshotPtr snap = virDomainSnapshotCreateXML(dom, xml, 0);
+        g_assert_nonnull(snap);
+        virDomainSnapshotFree(snap);
+}
+
+/* A memory snapshot whose job was over before any look (a small guest's
+ * memory, written in well under nkpd's 0.2-0.5 s look): the status XML
+ * libvirt writes at the job's end makes nkpd read the current snapshot and
+ * alarm its file, once; a disk-only current snapshot, or a VM without a
+ * keysafe, alarms nothing. */
+static void test_memory_snapshot_after_job(void)
+{
+        g_autofree char *root = testutil_mkdtemp();
+        nkp_context *ctx = NULL;
+        g_assert_cmpint(nkp_context_new(root, &ctx), ==, 0);
+        nkp_virt *v = NULL;
+        g_assert_cmpint(nkp_virt_open("test:///default", 0, &v), ==, 0);
+        virDomainPtr dom = virDomainLookupByName(nkp_virt_connection(v), "test");
+        g_assert_nonnull(dom);
+        char uuid[VIR_UUID_STRING_BUFLEN];
+        g_assert_cmpint(virDomainGetUUIDString(dom, uuid), ==, 0);
+        g_autofree char *run = g_build_filename(root, "run/libvirt/qemu", NULL);
+        g_assert_cmpint(g_mkdir_with_parents(run, 0700), ==, 0);
+        g_autofree char *status = g_build_filename(run, "test.xml", NULL);
+        g_autofree char *status_xml = g_strdup_printf(
+                "<domstatus state='running'><domain type='test'><name>test</name>"
+                "<uuid>%s</uuid></domain></domstatus>\n", uuid);
+        g_assert_true(g_file_set_contents(status, status_xml, -1, NULL));
+        g_autofree char *mem = g_build_filename(root, "test.mem", NULL);
+        g_autofree char *msg = NULL;
+        NkpCopyWatch *w = nkp_copy_watch_new();
+
+        /* not an nkp VM yet: its memory snapshot is libvirt's business */
+        memory_snapshot(dom, "m0", mem);
+        g_assert_false(nkp_copy_watch_status_written(ctx, w, "test"));
+        nkp_copy_watch_process(ctx, v, w);
+        g_assert_null(memory_alarm(ctx, mem, &msg));
+
+        g_autoptr(nkp_keysafe) ks = NULL;
+        g_assert_cmpint(nkp_keysafe_new_for(uuid, "p1", "0b5f1a8e-1d0e-4b57-9b44-0d9a3c1f2e01",
+                                            "00000000000000000000000000000000"
+                                            "00000000000000000000000000000000",
+                                            &ks),
+                        ==, 0);
+        g_autoptr(nkp_secret) kek = NULL, dek = NULL;
+        g_assert_cmpint(nkp_secret_new_random(NKP_KEK_SIZE, &kek), ==, 0);
+        g_assert_cmpint(nkp_secret_new_random(NKP_DEK_SIZE, &dek), ==, 0);
+        g_assert_cmpint(nkp_keysafe_put_dek(ks, kek, NKP_OBJECT_DISK, "vda",
+                                            "1a2b3c4d-1d0e-4b57-9b44-0d9a3c1f2e02", dek),
+                        ==, 0);
+        g_autofree char *ks_xml = NULL;
+        g_assert_cmpint(nkp_keysafe_format(ks, &ks_xml), ==, 0);
+        g_assert_cmpint(nkp_virt_keysafe_set(v, "test", ks_xml), ==, 0);
+
+        /* the VM has a keysafe now: at the next status write its current
+         * snapshot m0 (made since the watch began) is alarmed */
+        nkp_copy_watch_status_written(ctx, w, "test");
+        nkp_copy_watch_process(ctx, v, w);
+        g_assert_nonnull(memory_alarm(ctx, mem, &msg));
+        g_assert_nonnull(strstr(msg, "nkpctl vm snapshot test"));
+        g_clear_pointer(&msg, g_free);
+
+        /* once per snapshot: cleared, the next status write does not raise it again */
+        g_assert_cmpint(nkp_alarm_clear(ctx, "vm-clear-save", "test"), ==, 0);
+        nkp_copy_watch_status_written(ctx, w, "test");
+        nkp_copy_watch_process(ctx, v, w);
+        g_assert_null(memory_alarm(ctx, mem, &msg));
+
+        /* the next memory snapshot, to another file, is */
+        g_autofree char *mem2 = g_build_filename(root, "test2.mem", NULL);
+        memory_snapshot(dom, "m1", mem2);
+        nkp_copy_watch_status_written(ctx, w, "test");
+        nkp_copy_watch_process(ctx, v, w);
+        g_assert_nonnull(memory_alarm(ctx, mem2, &msg));
+        g_clear_pointer(&msg, g_free);
+        g_assert_cmpint(nkp_alarm_clear(ctx, "vm-clear-save", "test"), ==, 0);
+
+        nkp_copy_watch_free(w);
+        g_assert_cmpint(nkp_virt_keysafe_set(v, "test", NULL), ==, 0);
+        virDomainFree(dom);
+        nkp_virt_close(v);
+        nkp_context_free(ctx);
+        testutil_rmtree(root);
+}
+
 int main(int argc, char **argv)
 {
         g_test_init(&argc, &argv, NULL);
@@ -161,5 +272,7 @@ int main(int argc, char **argv)
         g_test_add_func("/vm-backup/manifest/hostile", test_hostile);
         g_test_add_func("/vm-backup/restore/refused", test_restore_refused);
         g_test_add_func("/vm-backup/own-job", test_own_job);
+        g_test_add_func("/vm-backup/copy-watch/memory-snapshot-after-job",
+                        test_memory_snapshot_after_job);
         return g_test_run();
 }

@@ -46,6 +46,7 @@
         X(virDomainManagedSaveGetXMLDesc)       \
         X(virDomainSetMetadata)                 \
         X(virDomainSnapshotCreateXML)           \
+        X(virDomainSnapshotCurrent)             \
         X(virDomainSnapshotFree)                \
         X(virDomainSnapshotGetName)             \
         X(virDomainSnapshotGetXMLDesc)          \
@@ -112,6 +113,7 @@ int nkp_dlopen_libvirt(void);
 #define virDomainManagedSaveGetXMLDesc sym_virDomainManagedSaveGetXMLDesc
 #define virDomainSetMetadata sym_virDomainSetMetadata
 #define virDomainSnapshotCreateXML sym_virDomainSnapshotCreateXML
+#define virDomainSnapshotCurrent sym_virDomainSnapshotCurrent
 #define virDomainSnapshotFree sym_virDomainSnapshotFree
 #define virDomainSnapshotGetName sym_virDomainSnapshotGetName
 #define virDomainSnapshotGetXMLDesc sym_virDomainSnapshotGetXMLDesc

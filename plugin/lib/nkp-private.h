@@ -78,6 +78,13 @@ void nkp_remove_tree(const char *path);
  * directory with a group/other bit set is refused (-EPERM). */
 int nkp_mkdir_private(const char *path);
 
+/* An exclusive flock on the file `path` (created 0600 when `create`),
+ * never waiting: a holder may keep it for minutes (a whole disk copy).
+ * -EBUSY (no message set) when another open file holds it, -ENOENT (no
+ * message) when !create and there is no file; *ret_fd is released by
+ * nkp_journal_unlock (closing it). */
+int nkp_lock_file(const char *path, bool create, int *ret_fd);
+
 int nkp_uuid_parse(const char *s, uint8_t out[16]);
 void nkp_uuid_format(const uint8_t in[16], char out[NKP_UUID_STRING_LEN + 1]);
 void nkp_uuid_random(char out[NKP_UUID_STRING_LEN + 1]);
@@ -1113,6 +1120,8 @@ typedef struct {
         char *name;
         char *state;        /* <state>: "shutoff", "disk-snapshot", …; NULL none */
         bool has_memory;    /* <memory snapshot=…> other than 'no' */
+        char *memory_file;  /* <memory snapshot='external' file=…>; NULL none */
+        int64_t created;    /* <creationTime>, s since the epoch; 0 none */
         unsigned n_internal; /* <disk snapshot=…> neither 'external' nor 'no' */
         char **external;    /* the targets of its external disks (NULL-ended) */
         char *domain_xml;   /* its <domain>: the disks of that moment; NULL none */
@@ -1210,6 +1219,12 @@ void nkp_copy_watch_event(NkpCopyWatch *w, const char *what, const char *name, c
  * at the next look even if it has ended).  True when the status XML shows
  * a dump, save or backup job: look at the jobs now (nkp_copy_watch_poll). */
 bool nkp_copy_watch_status_written(nkp_context *ctx, NkpCopyWatch *w, const char *name);
+/* libvirt writes the status XML again when a job ends, after a new
+ * snapshot's metadata: so after each status write, nkp_copy_watch_process
+ * reads the current snapshot of that nkp VM, and one made since nkpd
+ * started with its memory in a file outside the protected directories is
+ * alarmed (vm-clear-save), even when the job was too short for any look
+ * to see it. */
 /* Looks every NKP_COPY_WATCH_IDLE_MS (NKP_TEST_COPY_WATCH_IDLE_MS in tests:
  * proves the status-XML path alone finds a dump), and at once when a
  * status XML shows a job; true while a watched job runs: look again in

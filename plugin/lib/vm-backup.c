@@ -1105,6 +1105,10 @@ struct NkpCopyWatch {
         GHashTable *mirrors; /* "name disk" -> "E<file>" (encrypted) or "P<file>": block
                               * copy destinations last seen in the VM's status XML */
         GPtrArray *pending;  /* NkpCopyEvent* */
+        GHashTable *memchecks;  /* names whose status XML was written: current snapshot to read */
+        GHashTable *jobfiles;   /* uuid -> memory file a snapshot job's look alarmed */
+        GHashTable *memalarmed; /* "uuid snapshot created": memory snapshots alarmed */
+        int64_t since;          /* memory snapshots made before (s since the epoch) are not nkpd's */
 };
 
 typedef struct {
@@ -1134,6 +1138,10 @@ NkpCopyWatch *nkp_copy_watch_new(void)
         w->copies = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
         w->mirrors = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
         w->pending = g_ptr_array_new_with_free_func(copy_event_free);
+        w->memchecks = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
+        w->jobfiles = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
+        w->memalarmed = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
+        w->since = g_get_real_time() / G_USEC_PER_SEC;
         return w;
 }
 
@@ -1147,6 +1155,9 @@ void nkp_copy_watch_free(NkpCopyWatch *w)
         g_hash_table_unref(w->copies);
         g_hash_table_unref(w->mirrors);
         g_ptr_array_unref(w->pending);
+        g_hash_table_unref(w->memchecks);
+        g_hash_table_unref(w->jobfiles);
+        g_hash_table_unref(w->memalarmed);
         g_free(w);
 }
 
@@ -1370,8 +1381,10 @@ static void look_at_snapshot(nkp_context *ctx, NkpCopyWatch *w, const char *name
         g_autofree char *prot = file ? protected_dir_of(ctx, file) : NULL;
         if (!file)
                 return; /* a disk-only snapshot, or the file not open yet */
-        if (!prot)
+        if (!prot) {
                 alarm_memory_snapshot(ctx, name, file);
+                g_hash_table_replace(w->jobfiles, g_strdup(uuid), g_strdup(file));
+        }
         g_hash_table_add(w->alarmed, g_steal_pointer(&key));
 }
 
@@ -1524,6 +1537,7 @@ bool nkp_copy_watch_status_written(nkp_context *ctx, NkpCopyWatch *w, const char
         if (!g_file_get_contents(path, &xml, NULL, NULL))
                 return false; /* gone: the VM stopped */
         bool job = note_job(w, name, xml);
+        g_hash_table_add(w->memchecks, g_strdup(name));
         /* the <domain> only: libvirt's private data (<blockjobs>) names disks too */
         const char *dom = strstr(xml, "<domain ");
         for (const char *disk = dom ? strstr(dom, "<disk ") : NULL; disk;
@@ -1666,8 +1680,56 @@ static void process_save(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w, NkpCopyE
         raise_clear(ctx, "vm-clear-save", e->name, msg);
 }
 
+/* The current snapshot of running VM `dom` (`name`, `uuid`): alarmed once
+ * when it was made since nkpd started with its memory in a file outside the
+ * protected directories, unless the look at its job alarmed that file. */
+static void check_memory_snapshot(nkp_context *ctx, NkpCopyWatch *w, virDomainPtr dom,
+                                  const char *name, const char *uuid)
+{
+        virDomainSnapshotPtr snap = virDomainSnapshotCurrent(dom, 0);
+        char *xml = snap ? virDomainSnapshotGetXMLDesc(snap, 0) : NULL;
+        const char *sname = snap ? virDomainSnapshotGetName(snap) : NULL;
+        g_autoptr(NkpRevertSnapshot) s = NULL;
+        if (xml && sname && nkp_revert_snapshot_parse(sname, xml, &s) == 0 && s->memory_file &&
+            s->created >= w->since) {
+                g_autofree char *key = g_strdup_printf("%s %s %" G_GINT64_FORMAT, uuid, sname,
+                                                       s->created);
+                const char *job_file = g_hash_table_lookup(w->jobfiles, uuid);
+                g_autofree char *prot = NULL;
+                if (!g_hash_table_contains(w->memalarmed, key)) {
+                        prot = protected_dir_of(ctx, s->memory_file);
+                        if (!prot && !(job_file && strcmp(job_file, s->memory_file) == 0))
+                                alarm_memory_snapshot(ctx, name, s->memory_file);
+                        g_hash_table_add(w->memalarmed, g_steal_pointer(&key));
+                        g_hash_table_remove(w->jobfiles, uuid);
+                }
+        }
+        free(xml);
+        if (snap)
+                virDomainSnapshotFree(snap);
+        nkp_error_clear();
+}
+
+static void check_memory_snapshots(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w)
+{
+        GHashTableIter it;
+        gpointer k;
+        g_hash_table_iter_init(&it, w->memchecks);
+        while (g_hash_table_iter_next(&it, &k, NULL)) {
+                virDomainPtr dom = virDomainLookupByName(nkp_virt_connection(v), k);
+                char uuid[VIR_UUID_STRING_BUFLEN];
+                if (dom && virDomainGetUUIDString(dom, uuid) == 0 && is_nkp_vm(v, k, true))
+                        check_memory_snapshot(ctx, w, dom, k, uuid);
+                if (dom)
+                        virDomainFree(dom);
+                g_hash_table_iter_remove(&it);
+        }
+        nkp_error_clear();
+}
+
 void nkp_copy_watch_process(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w)
 {
+        check_memory_snapshots(ctx, v, w);
         while (w->pending->len) {
                 NkpCopyEvent *e = g_ptr_array_steal_index(w->pending, 0);
                 if (strcmp(e->what, "backup") == 0)

@@ -72,6 +72,7 @@ void nkp_revert_snapshot_free(gpointer p)
         g_free(s->name);
         g_free(s->state);
         g_free(s->domain_xml);
+        g_free(s->memory_file);
         if (s->external)
                 g_strfreev(s->external);
         g_free(s);
@@ -108,8 +109,14 @@ int nkp_revert_snapshot_parse(const char *name, const char *xml, NkpRevertSnapsh
         xmlChar *state = xmlNodeGetContent(nkp_xml_child(root, "state"));
         s->state = state ? g_strdup((const char *) state) : NULL;
         xmlFree(state);
-        g_autofree char *memory = nkp_xml_attr(nkp_xml_child(root, "memory"), "snapshot");
+        xmlNodePtr mem = nkp_xml_child(root, "memory");
+        g_autofree char *memory = nkp_xml_attr(mem, "snapshot");
         s->has_memory = memory && strcmp(memory, "no") != 0;
+        if (memory && strcmp(memory, "external") == 0)
+                s->memory_file = nkp_xml_attr(mem, "file");
+        xmlChar *created = xmlNodeGetContent(nkp_xml_child(root, "creationTime"));
+        s->created = created ? g_ascii_strtoll((const char *) created, NULL, 10) : 0;
+        xmlFree(created);
         GPtrArray *ext = g_ptr_array_new();
         for (xmlNodePtr n = nkp_xml_child(root, "disks") ? nkp_xml_child(root, "disks")->children : NULL; n;
              n = n->next) {
