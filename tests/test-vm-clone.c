@@ -22,11 +22,15 @@
  * Refusals, nothing removed: a foreign file at the clone's path; a killed
  * clone's record with the rerun naming another path where a foreign file
  * is; a recorded path that now holds a file the clone did not make (not
- * LUKS, or a symlink to the source).  Every LUKS creation costs seconds
+ * LUKS, or a symlink to the source).  Locks: a second clone to the same
+ * name, or a clone while another command holds the source, refused at
+ * once, nothing written.  Every LUKS creation costs seconds
  * of QEMU's PBKDF benchmark: one fixture per mode, one small disk. */
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -376,6 +380,48 @@ static void test_foreign_refused(Fixture *f, gconstpointer data)
         assert_clone(f, "f2", true);
 }
 
+/* The clone of vm1 as `name` refused with -EBUSY and `why`: no record, no
+ * file, nothing defined. */
+static void assert_busy(Fixture *f, const char *name, const char *why)
+{
+        g_assert_cmpint(nkp_vm_clone(f->ctx, f->v, "vm1", name, NULL, 0), ==, -EBUSY);
+        g_assert_nonnull(strstr(nkp_error_message(), why));
+        nkp_error_clear();
+        g_autofree char *rec = record_of(f, name);
+        g_assert_false(g_file_test(rec, G_FILE_TEST_EXISTS));
+        g_autofree char *xml = NULL;
+        g_assert_cmpint(nkp_virt_domain_xml(f->v, name, true, &xml), ==, -ENOENT);
+        nkp_error_clear();
+        assert_images(f, NULL);
+}
+
+/* A second clone to the same NEW while one runs (NEW's lock held), or a
+ * clone while another command changes the source (the source VM's lock
+ * held): refused at once with the reason, nothing written; once the
+ * lock is free the clone runs. */
+static void test_locked(Fixture *f, gconstpointer data)
+{
+        (void) data;
+        if (!f->root)
+                return;
+        g_autofree char *lock_path = g_build_filename(f->root, "var/lib/nkp/clones/l1.lock", NULL);
+        g_autofree char *dir = g_path_get_dirname(lock_path);
+        g_assert_cmpint(g_mkdir_with_parents(dir, 0700), ==, 0);
+        int fd = open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+        g_assert_cmpint(fd, >=, 0);
+        g_assert_cmpint(flock(fd, LOCK_EX | LOCK_NB), ==, 0);
+        assert_busy(f, "l1", "Another nkpctl vm clone to 'l1' is running");
+        close(fd);
+
+        int vm_lock = -1;
+        g_assert_cmpint(nkp_vm_lock(f->ctx, VM_UUID, true, 0, &vm_lock), ==, 0);
+        assert_busy(f, "l1", "VM 'vm1' is being changed by another nkpctl command");
+        nkp_journal_unlock(vm_lock);
+
+        clone_ok(f, "l1", 0);
+        assert_clone(f, "l1", false);
+}
+
 int main(int argc, char **argv)
 {
         g_test_init(&argc, &argv, NULL);
@@ -385,5 +431,6 @@ int main(int argc, char **argv)
         ADD("/clone/crash/same-keys", GUINT_TO_POINTER(NKP_VM_CLONE_SAME_KEYS),
             test_clone_crash);
         ADD("/clone/foreign-refused", NULL, test_foreign_refused);
+        ADD("/clone/locked", NULL, test_locked);
         return g_test_run();
 }

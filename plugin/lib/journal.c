@@ -134,28 +134,9 @@ int nkp_journal_lock(nkp_context *ctx, const char *vm_uuid, bool create, int *re
                 if (r < 0)
                         return r;
         }
-        int fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY | (create ? O_CREAT : 0),
-                      0600);
-        if (fd < 0) {
-                int e = errno;
-                if (e == ENOENT)
-                        return -ENOENT; /* nobody ever locked this VM */
-                return nkp_fail(-e, "Cannot open the lock '%s': %s.", path, g_strerror(e));
-        }
-        /* Never blocks: a command holds this lock for minutes (a full disk
-         * copy), and neither a second command nor a VM start should wait
-         * that long without saying why. */
-        while (flock(fd, LOCK_EX | LOCK_NB) < 0) {
-                int e = errno;
-                if (e == EINTR)
-                        continue;
-                close(fd);
-                if (e == EWOULDBLOCK)
-                        return -EBUSY;
-                return nkp_fail(-e, "Cannot lock '%s': %s.", path, g_strerror(e));
-        }
-        *ret_fd = fd;
-        return 0;
+        /* never blocks: neither a second command nor a VM start should wait
+         * minutes (a full disk copy) without saying why */
+        return nkp_lock_file(path, create, ret_fd);
 }
 
 int nkp_vm_lock(nkp_context *ctx, const char *vm_uuid, bool create, unsigned wait_ms,

@@ -7,6 +7,7 @@
 #include <dirent.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -231,6 +232,29 @@ void nkp_remove_tree(const char *path)
                 return;
         nkp_remove_tree_at(dfd, base);
         close(dfd);
+}
+
+int nkp_lock_file(const char *path, bool create, int *ret_fd)
+{
+        int fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY | (create ? O_CREAT : 0),
+                      0600);
+        if (fd < 0) {
+                int e = errno;
+                if (e == ENOENT && !create)
+                        return -ENOENT;
+                return nkp_fail(-e, "Cannot open the lock '%s': %s.", path, g_strerror(e));
+        }
+        while (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+                int e = errno;
+                if (e == EINTR)
+                        continue;
+                close(fd);
+                if (e == EWOULDBLOCK)
+                        return -EBUSY;
+                return nkp_fail(-e, "Cannot lock '%s': %s.", path, g_strerror(e));
+        }
+        *ret_fd = fd;
+        return 0;
 }
 
 int nkp_mkdir_private(const char *path)

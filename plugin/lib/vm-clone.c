@@ -516,29 +516,13 @@ static int record_defined(GKeyFile *rec, const char *xml)
         return own && g_ascii_strcasecmp(own, uuid) == 0;
 }
 
-int nkp_vm_clone(nkp_context *ctx, nkp_virt *v, const char *src, const char *new_name,
-                 const char *const *files, unsigned flags)
+/* The clone of `src` (its definition `xml`, `d`, read under its lock) to
+ * `new_name`, both locks held: the record, the copies, the define. */
+static int clone_locked(nkp_context *ctx, nkp_virt *v, const char *src, const char *new_name,
+                        const char *const *files, bool same_keys, const char *xml,
+                        const NkpDomain *d)
 {
-        if (flags & ~NKP_VM_CLONE_SAME_KEYS)
-                return nkp_fail(-EINVAL, "Unknown clone flags 0x%x.", flags);
-        bool same_keys = flags & NKP_VM_CLONE_SAME_KEYS;
-        if (!new_name || !new_name[0] || strchr(new_name, '/'))
-                return nkp_fail(-EINVAL, "'%s' is not a name for the clone.",
-                                new_name ? new_name : "");
-        g_autofree char *xml = NULL;
-        g_autoptr(NkpDomain) d = NULL;
-        int r = nkp_vm_definition(v, src, &xml, &d);
-        if (r < 0)
-                return r;
-        if (!d->keysafe)
-                return nkp_fail(-EINVAL, "VM '%s' is not encrypted by nkp: clone it with "
-                                         "virt-clone.",
-                                src);
-        if ((r = nkp_virt_domain_is_active(v, src)) != 0)
-                return r < 0 ? r
-                             : nkp_fail(-EBUSY, "VM '%s' is running; shut it off first (its "
-                                                "disks change while it runs), then clone it.",
-                                        src);
+        int r;
         g_autofree char *rec_path = record_path(ctx, new_name);
         g_autoptr(GKeyFile) rec = NULL;
         if ((r = record_read(rec_path, &rec)) < 0)
@@ -657,6 +641,75 @@ int nkp_vm_clone(nkp_context *ctx, nkp_virt *v, const char *src, const char *new
         nkp_test_crash_point("clone-defined");
         record_remove(rec_path);
         return 0;
+}
+
+static int running_refusal(nkp_virt *v, const char *src)
+{
+        int r = nkp_virt_domain_is_active(v, src);
+        return r <= 0 ? r
+                      : nkp_fail(-EBUSY, "VM '%s' is running; shut it off first (its disks "
+                                         "change while it runs), then clone it.",
+                                 src);
+}
+
+/* One clone to `new_name` at a time: flock on ROOT/var/lib/nkp/clones/
+ * NEW.lock, never waiting (a clone copies whole disks for minutes). */
+static int lock_new_name(nkp_context *ctx, const char *new_name, int *ret_fd)
+{
+        g_autofree char *dir = nkp_context_path(ctx, "/var/lib/nkp/clones");
+        int r = nkp_mkdir_private(dir);
+        if (r < 0)
+                return nkp_fail(r, "Cannot create '%s' for the clone's record: %s.", dir,
+                                g_strerror(-r));
+        g_autofree char *base = g_strconcat(new_name, ".lock", NULL);
+        g_autofree char *path = g_build_filename(dir, base, NULL);
+        r = nkp_lock_file(path, true, ret_fd);
+        if (r == -EBUSY)
+                return nkp_fail(r, "Another nkpctl vm clone to '%s' is running; wait for it "
+                                   "to finish. Nothing was changed.",
+                                new_name);
+        return r;
+}
+
+/* The clone runs with two locks: the one of NEW's name (two clones to the
+ * same NEW would remove each other's files on their reruns) and the
+ * source VM's (a start, rekey or snapshot of the source must not change
+ * the files being read; an interrupted conversion of the source is
+ * finished or rolled back first, like every command that reads its keys). */
+int nkp_vm_clone(nkp_context *ctx, nkp_virt *v, const char *src, const char *new_name,
+                 const char *const *files, unsigned flags)
+{
+        if (flags & ~NKP_VM_CLONE_SAME_KEYS)
+                return nkp_fail(-EINVAL, "Unknown clone flags 0x%x.", flags);
+        if (!new_name || !new_name[0] || strchr(new_name, '/'))
+                return nkp_fail(-EINVAL, "'%s' is not a name for the clone.",
+                                new_name ? new_name : "");
+        g_autoptr(NkpDomain) d0 = NULL;
+        int r = nkp_vm_definition(v, src, NULL, &d0);
+        if (r < 0)
+                return r;
+        if (!d0->keysafe)
+                return nkp_fail(-EINVAL, "VM '%s' is not encrypted by nkp: clone it with "
+                                         "virt-clone.",
+                                src);
+        if ((r = running_refusal(v, src)) < 0)
+                return r;
+        int new_lock = -1, lock = -1;
+        if ((r = lock_new_name(ctx, new_name, &new_lock)) < 0)
+                return r;
+        g_autofree char *xml = NULL;
+        g_autoptr(NkpDomain) d = NULL;
+        r = nkp_vm_lock_recovered(ctx, v, d0, "clone", &lock, NULL, &xml, &d);
+        if (r == 0) {
+                if ((r = running_refusal(v, src)) == 0 && !d->keysafe)
+                        r = nkp_fail(-EINVAL, "VM '%s' is not encrypted by nkp any more.", src);
+                if (r == 0)
+                        r = clone_locked(ctx, v, src, new_name, files,
+                                         flags & NKP_VM_CLONE_SAME_KEYS, xml, d);
+                nkp_journal_unlock(lock);
+        }
+        nkp_journal_unlock(new_lock);
+        return r;
 }
 
 /* ---- definitions copied with another VM's keysafe ---------------------------------- */
