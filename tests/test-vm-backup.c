@@ -188,8 +188,8 @@ static void memory_snapshot(virDomainPtr dom, const char *name, const char *file
 /* A memory snapshot whose job was over before any look (a small guest's
  * memory, written in well under nkpd's 0.2-0.5 s look): the status XML
  * libvirt writes at the job's end makes nkpd read the current snapshot and
- * alarm its file, once; a disk-only current snapshot, or a VM without a
- * keysafe, alarms nothing. */
+ * alarm its file, once per snapshot; a VM without a keysafe alarms
+ * nothing. */
 static void test_memory_snapshot_after_job(void)
 {
         g_autofree char *root = testutil_mkdtemp();
