@@ -10,15 +10,20 @@
 #   them, hold none in clear, virsh's plain overlay does (the control); the
 #   live sectors written before a stop, a commit or an encrypt-layer are read
 #   back by the guest at its next boot (lab_live_kept);
-#   a plain overlay made by `virsh snapshot-create-as --disk-only` (the
-#   marker in clear in it: the danger) is named by vm status, the start is
-#   refused with one line naming it and the fix, a vm-plain-layer alarm;
-#   nkpd raises that alarm by itself right after the plain snapshot of the
-#   running VM (before anyone runs vm status) and of a transient VM (its
-#   running definition only), none for nkp's own snapshots;
+#   a plain overlay made by `virsh snapshot-create-as --disk-only` of the
+#   running VM (started paused) is sealed by nkpd at once: a LUKS
+#   FILE.nkp-seal over it that the VM writes to (no snapshot-list entry),
+#   logged, the vm-plain-layer alarm says so, before the guest writes
+#   anything: then neither file holds its marker or a live sector in clear;
+#   vm status names the plain layer, the start is refused with one line
+#   naming it and the fix; none for nkp's own snapshots; a transient VM's
+#   plain snapshot is sealed too (it stays transient); the control: with
+#   [disks] seal_plain_layers = false nothing is sealed and the live
+#   sectors are in clear in the plain overlay;
 #   [disks] allow_plain_layers = true lets it start; nkpctl vm
-#   encrypt-layer fixes it (no marker in clear any more, backing kept), the
-#   alarm goes, it starts with its markers; the same for a plain overlay
+#   encrypt-layer fixes the plain layer, now in the middle of the chain
+#   (backing kept, the seal above still over it), the alarm goes, it starts
+#   with its markers; the same for a plain overlay
 #   virsh made offline (no chain in the definition: encrypt-layer reads it
 #   from the qcow2 headers).  libvirt 9.0's limits (revert of
 #   external snapshots, internal snapshots of LUKS qcow2) are checked as
@@ -150,9 +155,10 @@ live_past a g2 2
 st=$(nk vm status g2) || fail "vm status g2"
 echo "# $st"
 grep -q "g2: disk vda has a plain layer '$p1': nkpctl vm encrypt-layer 'g2' '$p1'" <<<"$st" || fail "vm status does not name the plain layer: $st"
+# its active layer is the seal: vda is "encrypted", the plain layer below is listed
 nk --json vm status g2 | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["plain_layers"]==["vda '"$p1"'"], d
-vda=[x for x in d["disks"] if x["target"]=="vda"][0]; assert vda["state"]=="plain-layer", vda' \
-    || fail "vm status --json: plain_layers, and vda's state plain-layer (not a new plain disk)"
+vda=[x for x in d["disks"] if x["target"]=="vda"][0]; assert vda["state"]=="encrypted", vda' \
+    || fail "vm status --json: plain_layers, and vda's state encrypted (its active layer is the seal)"
 lab_virsh a destroy g2 >/dev/null
 lab_wait_domstate a g2 "shut off" 30 || fail "g2 not shut off"
 live2=$(lab_live_written a g2)
@@ -208,8 +214,8 @@ dom=g2
 lab_virsh a dumpxml --inactive g2 > "$LAB_DIR/g2t.xml" || fail "dumpxml g2"
 lab_virsh a undefine g2 --keep-tpm --keep-nvram --snapshots-metadata >/dev/null || fail "undefine g2"
 lab_virsh a create "$LAB_DIR/g2t.xml" --paused >/dev/null || fail "virsh create (transient g2)"
-lab_virsh a snapshot-create-as g2 p3 --disk-only --atomic --diskspec vda,snapshot=external >/dev/null || fail "virsh snapshot-create-as (transient g2)"
 p3="$LAB_DIR/shared/g2.p3"
+lab_virsh a snapshot-create-as g2 p3 --disk-only --atomic --diskspec "vda,snapshot=external,file=$p3" >/dev/null || fail "virsh snapshot-create-as (transient g2)"
 for ((i = 0; i < 50; i++)); do
     nk alarms | grep_q -F "encrypted '$p3.nkp-seal'" && break
     sleep 0.2
@@ -232,8 +238,8 @@ printf '[disks]\nseal_plain_layers = false\n' >> "$conf"
 nkpd_start
 rm -f "$(lab_serial_path a g1)"
 lab_virsh a start --paused g1 >/dev/null || fail "start --paused g1"
-lab_virsh a snapshot-create-as g1 p5 --disk-only --atomic --diskspec vda,snapshot=external >/dev/null || fail "virsh snapshot-create-as (g1, control)"
 p5="$LAB_DIR/shared/g1.p5"
+lab_virsh a snapshot-create-as g1 p5 --disk-only --atomic --diskspec "vda,snapshot=external,file=$p5" >/dev/null || fail "virsh snapshot-create-as (g1, control)"
 for ((i = 0; i < 50; i++)); do
     nk alarms | grep_q -F "plain (unencrypted) layer '$p5'" && break
     sleep 0.2
