@@ -1061,7 +1061,10 @@ void nkp_vm_status_add_plain_layers(nkp_context *ctx, NkpVirt *v, const NkpDomai
 /* The vm-plain-layer alarm (subject: the VM's name) of `d`, from its
  * persistent definition `xml` and its running one `live` (NULL when shut
  * off): raised naming the first plain layer of an nkp disk's chain and both
- * fixes (not raised again when open with the same message), cleared when
+ * fixes (not raised again when open with the same message; in the running
+ * VM: "nkpd sealed it" naming the encrypted active layer over it, or "it is
+ * NOT sealed" when it is the active layer and [disks] seal_plain_layers is
+ * on: nkp_vm_seal_plain_tops), cleared when
  * neither XML has one.  Raised whatever [disks] allow_plain_layers says:
  * that key only lets such a VM start, the guest's data is in clear all the
  * same (the message then does not announce a refusal).  Each plain layer

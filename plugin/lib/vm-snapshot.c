@@ -730,8 +730,9 @@ static int make_seal_overlay(virDomainPtr dom, const NkpDiskLayer *top, const nk
         if ((r = create_overlay(tmp, top->path, top->format, size, value)) < 0)
                 return r;
         if (link(tmp, path) < 0) {
-                r = nkp_fail(-errno, "Cannot put the overlay '%s' in place: %s.", path,
-                             g_strerror(errno));
+                int e = errno;
+                r = nkp_fail(-e, "Cannot put the overlay '%s' in place: %s.", path,
+                             g_strerror(e));
                 (void) nkp_unlink_nofollow(tmp);
                 return r;
         }
