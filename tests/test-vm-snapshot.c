@@ -258,6 +258,10 @@ static void test_sealed_alarm(TestutilRoot *f, gconstpointer data)
         g_autofree char *off = plain_layer_alarm(f->ctx);
         g_assert_null(strstr(off, "sealed"));
         g_assert_nonnull(strstr(off, "virsh blockcommit 'g1' vda --active --pivot"));
+        /* shut off after the seal: the persistent chain says it all */
+        g_assert_cmpint(nkp_vm_plain_layer_alarm(f->ctx, d, sealed_xml, NULL, NULL), ==, 1);
+        g_autofree char *after = plain_layer_alarm(f->ctx);
+        g_assert_cmpstr(after, ==, sealed);
         /* shut off: nothing runs, nothing to seal, not "NOT sealed" */
         f->ctx->disks_seal_plain_layers = true;
         g_assert_cmpint(nkp_vm_plain_layer_alarm(f->ctx, d, chain_xml, NULL, NULL), ==, 1);

@@ -1090,8 +1090,8 @@ out:
 }
 
 /* The alarm's message: the same whoever raises it (vm status, nkpd), naming
- * the fixes.  `sealed_under`: the encrypted active layer over `l` in the
- * running VM (nkpd sealed it: nkp_vm_seal_plain_tops), else NULL;
+ * the fixes.  `sealed_under`: the encrypted active layer over `l` (nkpd
+ * sealed it: nkp_vm_seal_plain_tops), else NULL;
  * `unsealed`: `l` is the running VM's active layer although nkpd seals
  * such layers (it could not yet).  Encrypting the layer in place needs the
  * VM shut off; an active plain layer can also be committed while it runs. */
@@ -1175,9 +1175,11 @@ int nkp_vm_plain_layer_alarm(nkp_context *ctx, const NkpDomain *d, const char *x
                 nkp_error_clear();
                 return 0;
         }
+        /* A plain layer under an encrypted active layer was sealed: so it
+         * stays once the VM is shut off (then read from `xml`). */
         const NkpDiskLayer *first = plain->pdata[0];
-        g_autofree char *under = from_live > 0 && first->depth > 0
-                                         ? sealed_under(live, first->target)
+        g_autofree char *under = first->depth > 0
+                                         ? sealed_under(from_live > 0 ? live : xml, first->target)
                                          : NULL;
         bool unsealed = from_live > 0 && first->depth == 0 && ctx->disks_seal_plain_layers;
         g_autofree char *msg = plain_layer_message(ctx, d->name, first, under, unsealed);
