@@ -10,15 +10,20 @@
 #   them, hold none in clear, virsh's plain overlay does (the control); the
 #   live sectors written before a stop, a commit or an encrypt-layer are read
 #   back by the guest at its next boot (lab_live_kept);
-#   a plain overlay made by `virsh snapshot-create-as --disk-only` (the
-#   marker in clear in it: the danger) is named by vm status, the start is
-#   refused with one line naming it and the fix, a vm-plain-layer alarm;
-#   nkpd raises that alarm by itself right after the plain snapshot of the
-#   running VM (before anyone runs vm status) and of a transient VM (its
-#   running definition only), none for nkp's own snapshots;
+#   a plain overlay made by `virsh snapshot-create-as --disk-only` of the
+#   running VM (started paused) is sealed by nkpd at once: a LUKS
+#   FILE.nkp-seal over it that the VM writes to (no snapshot-list entry),
+#   logged, the vm-plain-layer alarm says so, before the guest writes
+#   anything: then neither file holds its marker or a live sector in clear;
+#   vm status names the plain layer, the start is refused with one line
+#   naming it and the fix; none for nkp's own snapshots; a transient VM's
+#   plain snapshot is sealed too (it stays transient); the control: with
+#   [disks] seal_plain_layers = false nothing is sealed and the live
+#   sectors are in clear in the plain overlay;
 #   [disks] allow_plain_layers = true lets it start; nkpctl vm
-#   encrypt-layer fixes it (no marker in clear any more, backing kept), the
-#   alarm goes, it starts with its markers; the same for a plain overlay
+#   encrypt-layer fixes the plain layer, now in the middle of the chain
+#   (backing kept, the seal above still over it), the alarm goes, it starts
+#   with its markers; the same for a plain overlay
 #   virsh made offline (no chain in the definition: encrypt-layer reads it
 #   from the qcow2 headers).  libvirt 9.0's limits (revert of
 #   external snapshots, internal snapshots of LUKS qcow2) are checked as
@@ -108,42 +113,52 @@ err=$(lab_virsh a snapshot-create-as g1 int0 2>&1) && fail "an internal snapshot
 grep -q "nothing selected for snapshot" <<<"$err" || fail "internal snapshot (snapshot='no'): $err"
 pass "libvirt 9.0 refuses snapshot-revert of external snapshots and offline internal snapshots of nkp disks (as documented)"
 
-# ---- a plain overlay made behind nkp's back -----------------------------------------
+# ---- a plain overlay made behind nkp's back: nkpd seals it --------------------------
 dom=g2
 rm -f "$(lab_serial_path a g2)"
 lab_virsh a start --paused g2 >/dev/null || fail "start --paused g2"
 lab_virsh a snapshot-create-as g2 p1 --disk-only --atomic --diskspec vda,snapshot=external >/dev/null || fail "virsh snapshot-create-as"
 p1="$LAB_DIR/shared/g2.p1"
+seal="$p1.nkp-seal"
 # nkpd, not vm status: polled up to 10 s (the wait bounds a hang, it measures nothing)
 for ((i = 0; i < 50; i++)); do
-    nk alarms | grep_q -F "VM 'g2': its disk vda has a plain (unencrypted) layer '$p1'" && break
+    nk alarms | grep_q -F "nkpd sealed it: the guest's writes since go to the encrypted '$seal'" && break
     sleep 0.2
 done
 al=$(nk alarms)
 echo "# $al"
 grep_q -F "VM 'g2': its disk vda has a plain (unencrypted) layer '$p1'" <<<"$al" \
     || fail "nkpd raised no vm-plain-layer alarm for the plain snapshot of the running g2: $al"
+grep_q -F "nkpd sealed it: the guest's writes since go to the encrypted '$seal', but what it wrote before is in clear in '$p1'" <<<"$al" \
+    || fail "the alarm does not say the layer was sealed under $seal: $al"
 grep_q -F "nkpctl vm encrypt-layer 'g2' '$p1'" <<<"$al" || fail "the alarm does not name encrypt-layer: $al"
-grep_q -F "virsh blockcommit 'g2' vda" <<<"$al" || fail "the alarm does not name blockcommit: $al"
 # nkpd handles events in order: g1's (nkp's own live and offline snapshots,
 # their starts and the commit) were looked at before g2's
 grep_q -E "^vm-plain-layer +g1 " <<<"$al" && fail "nkp's own snapshots of g1 raised vm-plain-layer: $al"
 # the overlay is a layer of an nkp disk, not a new plain disk (whose fix, vm encrypt --disks, is wrong here)
 grep_q -E "^vm-plain-disk +g2:vda " <<<"$al" && fail "nkpd took the plain overlay for a new plain disk: $al"
+grep_q -F "VM 'g2': disk vda: plain layer '$p1' sealed under '$seal'" "$LAB_DIR/nkpd.log" || fail "nkpd did not log the seal"
 grep_q "plain (unencrypted) disk layer '$p1'" "$LAB_DIR/nkpd.log" || fail "nkpd did not log the plain layer"
-pass "nkpd raises vm-plain-layer at once for virsh's plain snapshot of the running g2 (fixes named), none for nkp's own snapshots of g1"
 luks "$p1" && fail "libvirt made an encrypted overlay by itself (the test's premise changed)"
+luks "$seal" || fail "the seal $seal is not LUKS"
+qemu-img info -U "$seal" | grep_q "backing file: $p1" || fail "the seal does not back onto $p1"
+lab_virsh a dumpxml g2 | grep_q "<source file='$seal'" || fail "the running g2 does not write to $seal: $(lab_virsh a dumpxml g2 | sed -n '/<disk/,/<\/disk>/p')"
+[ ! -e "$seal.nkp-new" ] || fail "the seal's temporary file was left"
+snaps=$(lab_virsh a snapshot-list g2 --name | sed '/^$/d' | tr '\n' ' ')
+[ "$snaps" = "p1 " ] || fail "virsh snapshot-list g2 lists more than the admin's p1: $snaps"
+pass "nkpd seals virsh's plain snapshot of the running g2 at once: LUKS $seal over it, the VM writes there, no snapshot-list entry, alarm says so (fix named), logged"
 lab_virsh a resume g2 >/dev/null
 lab_markers_written a g2 "$mark2" || fail "g2 first boot: $LAB_MARKER_ERR"
 live_past a g2 2
-[ "$(in_clear "$mark2" "$p1")" -gt 0 ] || fail "control: the guest's marker is not in the plain overlay"
-[ "$(lab_live_count "$mark2" "$p1")" -gt 0 ] || fail "control: no live sector in clear in the plain overlay (the search finds nothing?)"
+[ "$(in_clear "$mark2" "$p1" "$seal")" = 0 ] || fail "the guest's marker is in clear in $p1 or $seal (sealed before the guest wrote anything)"
+[ "$(lab_live_count "$mark2" "$p1" "$seal")" = 0 ] || fail "live sectors in clear in $p1 or $seal"
 st=$(nk vm status g2) || fail "vm status g2"
 echo "# $st"
 grep -q "g2: disk vda has a plain layer '$p1': nkpctl vm encrypt-layer 'g2' '$p1'" <<<"$st" || fail "vm status does not name the plain layer: $st"
+# its active layer is the seal: vda is "encrypted", the plain layer below is listed
 nk --json vm status g2 | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["plain_layers"]==["vda '"$p1"'"], d
-vda=[x for x in d["disks"] if x["target"]=="vda"][0]; assert vda["state"]=="plain-layer", vda' \
-    || fail "vm status --json: plain_layers, and vda's state plain-layer (not a new plain disk)"
+vda=[x for x in d["disks"] if x["target"]=="vda"][0]; assert vda["state"]=="encrypted", vda' \
+    || fail "vm status --json: plain_layers, and vda's state encrypted (its active layer is the seal)"
 lab_virsh a destroy g2 >/dev/null
 lab_wait_domstate a g2 "shut off" 30 || fail "g2 not shut off"
 live2=$(lab_live_written a g2)
@@ -152,7 +167,7 @@ echo "# virsh: $err"
 grep -q "nkp: VM 'g2' cannot start: its disk vda has a plain (unencrypted) layer '$p1'" <<<"$err" || fail "start error: $err"
 grep -q "nkpctl vm encrypt-layer 'g2' '$p1'" <<<"$err" || fail "start error lacks the fix: $err"
 nk alarms | grep_q "vm-plain-layer" || fail "no vm-plain-layer alarm: $(nk alarms)"
-pass "plain overlay by virsh: marker and live sectors in clear in it; vm status names it; start refused with the fix; vm-plain-layer alarm"
+pass "sealed g2: no marker nor live sector (0..$live2) in clear in $p1 or $seal; vm status names $p1; start refused with the fix; vm-plain-layer alarm"
 
 conf=$(lab_path a /etc/nkp)/nkp.conf
 cp "$conf" "$LAB_DIR/nkp.conf.saved"
@@ -169,15 +184,14 @@ timing "vm encrypt-layer $(lab_since "$t") s"
 luks "$p1" || fail "the layer is not LUKS after encrypt-layer"
 qemu-img info -U "$p1" | grep_q "backing file: $LAB_DIR/shared/g2.qcow2" || fail "encrypt-layer lost the backing reference"
 [ ! -e "$p1.nkp-new" ] || fail "encrypt-layer left $p1.nkp-new"
-[ "$(in_clear "$mark2" "$p1")" = 0 ] || fail "the marker is still in clear in the layer"
-[ "$(lab_live_count "$mark2" "$p1")" = 0 ] || fail "live sectors still in clear in the layer"
+qemu-img info -U "$seal" | grep_q "backing file: $p1" || fail "the seal no longer backs onto $p1"
 nk vm status g2 | grep_q "plain layer" && fail "vm status still names a plain layer"
 nk alarms | grep_q "vm-plain-layer" && fail "the vm-plain-layer alarm stayed"
 out=$(nk vm encrypt-layer g2 "$p1" 2>&1) && fail "a second encrypt-layer succeeded"
 grep -q "is not a plain layer" <<<"$out" || fail "second encrypt-layer: $out"
 boot_and_read a g2 "$mark2"
 lab_live_kept a g2 "$live2" || fail "live sector $live2 lost by encrypt-layer (found: $(lab_live_found a g2 | tr '\n' ' '))"
-pass "vm encrypt-layer: LUKS in place, backing kept, no marker or live sector in clear, alarm cleared, the VM starts with its markers and live sector $live2"
+pass "vm encrypt-layer of $p1 in the middle of the chain (sealed): LUKS in place, backing kept, alarm cleared, the VM starts with its markers and live sector $live2"
 
 # ---- a plain overlay made offline by virsh (libvirt writes no chain) ----------------
 dom=g1
@@ -200,16 +214,45 @@ dom=g2
 lab_virsh a dumpxml --inactive g2 > "$LAB_DIR/g2t.xml" || fail "dumpxml g2"
 lab_virsh a undefine g2 --keep-tpm --keep-nvram --snapshots-metadata >/dev/null || fail "undefine g2"
 lab_virsh a create "$LAB_DIR/g2t.xml" --paused >/dev/null || fail "virsh create (transient g2)"
-lab_virsh a snapshot-create-as g2 p3 --disk-only --atomic --diskspec vda,snapshot=external >/dev/null || fail "virsh snapshot-create-as (transient g2)"
 p3="$LAB_DIR/shared/g2.p3"
-[ ! -e "$(lab_path a /etc/libvirt/qemu)/g2.xml" ] || fail "control: transient g2 has a persistent definition"
+lab_virsh a snapshot-create-as g2 p3 --disk-only --atomic --diskspec "vda,snapshot=external,file=$p3" >/dev/null || fail "virsh snapshot-create-as (transient g2)"
 for ((i = 0; i < 50; i++)); do
-    nk alarms | grep_q -F "plain (unencrypted) layer '$p3'" && break
+    nk alarms | grep_q -F "encrypted '$p3.nkp-seal'" && break
     sleep 0.2
 done
 nk alarms | grep_q -F "VM 'g2': its disk vda has a plain (unencrypted) layer '$p3'" \
     || fail "nkpd raised no vm-plain-layer alarm for the plain snapshot of the transient g2: $(nk alarms)"
+nk alarms | grep_q -F "nkpd sealed it: the guest's writes since go to the encrypted '$p3.nkp-seal'" \
+    || fail "nkpd did not seal the plain snapshot of the transient g2: $(nk alarms)"
+luks "$p3.nkp-seal" || fail "the transient g2's seal is not LUKS"
+lab_virsh a dumpxml g2 | grep_q "<source file='$p3.nkp-seal'" || fail "the transient g2 does not write to its seal"
+[ ! -e "$(lab_path a /etc/libvirt/qemu)/g2.xml" ] || fail "the seal made the transient g2 persistent"
 lab_virsh a destroy g2 >/dev/null
-pass "transient VM: nkpd raises vm-plain-layer from its running definition (ROOT/run/libvirt/qemu)"
+pass "transient VM: nkpd seals its plain snapshot from its running definition (ROOT/run/libvirt/qemu), and it stays transient"
+
+# ---- the control: seal_plain_layers = false, the guest writes in clear ------------
+dom=g1
+nkpd_stop
+conf=$(lab_path a /etc/nkp)/nkp.conf
+printf '[disks]\nseal_plain_layers = false\n' >> "$conf"
+nkpd_start
+rm -f "$(lab_serial_path a g1)"
+lab_virsh a start --paused g1 >/dev/null || fail "start --paused g1"
+p5="$LAB_DIR/shared/g1.p5"
+lab_virsh a snapshot-create-as g1 p5 --disk-only --atomic --diskspec "vda,snapshot=external,file=$p5" >/dev/null || fail "virsh snapshot-create-as (g1, control)"
+for ((i = 0; i < 50; i++)); do
+    nk alarms | grep_q -F "plain (unencrypted) layer '$p5'" && break
+    sleep 0.2
+done
+nk alarms | grep_q -F "VM 'g1': its disk vda has a plain (unencrypted) layer '$p5', made behind nkp's back (virsh snapshot-create-as?), so the guest's writes land in it in clear; shut" \
+    || fail "seal_plain_layers = false: no alarm, or it is not the unsealed one: $(nk alarms)"
+nk alarms | grep_q -F "virsh blockcommit 'g1' vda" || fail "the unsealed alarm does not name blockcommit: $(nk alarms)"
+lab_virsh a resume g1 >/dev/null
+live_past a g1 2
+[ ! -e "$p5.nkp-seal" ] || fail "seal_plain_layers = false: nkpd sealed $p5 all the same"
+[ "$(lab_live_count "$mark" "$p5")" -gt 0 ] || fail "control: no live sector in clear in the unsealed plain overlay (the search finds nothing?)"
+lab_virsh a destroy g1 >/dev/null
+cp "$LAB_DIR/nkp.conf.saved" "$conf"
+pass "control, [disks] seal_plain_layers = false: not sealed, the alarm names both fixes, the guest's live sectors are in clear in $p5 ($(lab_live_count "$mark" "$p5") found: the search works)"
 
 lab_test_done

@@ -145,7 +145,10 @@ static void test_refused(Fixture *f, gconstpointer data)
                 { "unknown disks policy", "[disks]\npolicy=always\n",
                   "[disks] policy=always; write enrol, require or off" },
                 { "misspelt disks key", "[disks]\npolicey=off\n",
-                  "unknown key policey= in [disks] (known there: policy, allow_plain_layers)" },
+                  "unknown key policey= in [disks] (known there: policy, allow_plain_layers, "
+                  "seal_plain_layers)" },
+                { "bad seal_plain_layers", "[disks]\nseal_plain_layers=maybe\n",
+                  "bad [disks] seal_plain_layers= (write true or false)" },
                 { "disks policy twice", "[disks]\npolicy=require\npolicy=off\n",
                   "line 3: [disks] policy= is set a second time" },
                 { "[disk] for [disks]", "[disk]\npolicy=off\n", "unknown section [disk]" },

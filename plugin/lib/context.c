@@ -87,20 +87,31 @@ static int load_migration_config(nkp_context *ctx, GKeyFile *kf)
         return 0;
 }
 
-/* [disks] allow_plain_layers (issue 16, vm-snapshot.c): whether a start of
- * an nkp VM with a plain layer in a disk chain goes on. */
-static int load_disks_plain_layers(nkp_context *ctx, GKeyFile *kf)
+/* A [disks] boolean `key` into *ret when the config sets it. */
+static int load_disks_bool(nkp_context *ctx, GKeyFile *kf, const char *key, bool *ret)
 {
-        if (!g_key_file_has_key(kf, "disks", "allow_plain_layers", NULL))
+        if (!g_key_file_has_key(kf, "disks", key, NULL))
                 return 0;
         g_autoptr(GError) error = NULL;
-        gboolean v = g_key_file_get_boolean(kf, "disks", "allow_plain_layers", &error);
+        gboolean v = g_key_file_get_boolean(kf, "disks", key, &error);
         if (error)
-                return nkp_fail(-EINVAL, "The config '%s' has a bad [disks] allow_plain_layers= "
-                                         "(write true or false).",
-                                ctx->conf_path);
-        ctx->disks_allow_plain_layers = v;
+                return nkp_fail(-EINVAL, "The config '%s' has a bad [disks] %s= (write true or "
+                                         "false).",
+                                ctx->conf_path, key);
+        *ret = v;
         return 0;
+}
+
+/* [disks] allow_plain_layers (issue 16, vm-snapshot.c): whether a start of
+ * an nkp VM with a plain layer in a disk chain goes on; seal_plain_layers:
+ * whether nkpd seals a plain active layer of a running nkp VM under a LUKS
+ * overlay (nkp_vm_seal_plain_tops). */
+static int load_disks_plain_layers(nkp_context *ctx, GKeyFile *kf)
+{
+        int r = load_disks_bool(ctx, kf, "allow_plain_layers", &ctx->disks_allow_plain_layers);
+        if (r < 0)
+                return r;
+        return load_disks_bool(ctx, kf, "seal_plain_layers", &ctx->disks_seal_plain_layers);
 }
 
 static int load_vtpm_config(nkp_context *ctx, GKeyFile *kf)
@@ -172,7 +183,7 @@ static const struct {
         { "tpm", { "tcti", NULL } },
         { "migration", { "allow_plain", "qemu_conf", NULL } },
         { "vtpm", { "policy", "swtpm_user", "state_dir", NULL } },
-        { "disks", { "policy", "allow_plain_layers", NULL } },
+        { "disks", { "policy", "allow_plain_layers", "seal_plain_layers", NULL } },
 };
 
 static int check_config_keys(const nkp_context *ctx, GKeyFile *kf)
@@ -321,6 +332,7 @@ int nkp_context_new(const char *root, nkp_context **ret)
         ctx->vtpm_swtpm_user = g_strdup("tss");
         ctx->vtpm_state_dir = g_strdup("/var/lib/libvirt/swtpm");
         ctx->disks_policy = NKP_DISKS_POLICY_ENROL;
+        ctx->disks_seal_plain_layers = true;
 
         g_autofree char *dev = nkp_context_path(ctx, "/dev/tpmrm0");
         ctx->tcti = g_strdup(access(dev, F_OK) == 0 ? DEFAULT_TCTI : "none");

@@ -428,6 +428,13 @@ static void on_close(virConnectPtr conn, int reason, void *opaque)
  * rewrite (the alarm itself is raised once, vm-snapshot.c). */
 static void check_chains(nkp_daemon *d, const char *name)
 {
+        /* Sealed first, so the alarm below already says so. */
+        g_autofree char *sealed = NULL;
+        if (nkp_vm_seal_plain_tops(d->ctx, d->virt, name, &sealed) < 0)
+                nkp_log(NKP_LOG_ERROR, "%s", nkp_error_message());
+        else if (sealed)
+                nkp_log(NKP_LOG_WARNING, "%s", sealed);
+        nkp_error_clear();
         g_autofree char *note = NULL;
         if (nkp_vm_watch_plain_layers(d->ctx, d->virt, name, &note) < 0)
                 nkp_log(NKP_LOG_ERROR, "%s", nkp_error_message());

@@ -186,6 +186,7 @@ struct nkp_context {
         void *progress_data;
         /* [disks] (issue 16: snapshots made behind nkp's back) */
         bool disks_allow_plain_layers; /* allow_plain_layers: start with a plain layer */
+        bool disks_seal_plain_layers;  /* seal_plain_layers: nkpd seals a plain active layer */
         /* [disks] (issue 15: new disks follow the VM) */
         int disks_policy;           /* enum nkp_disks_policy */
 };
@@ -1060,7 +1061,10 @@ void nkp_vm_status_add_plain_layers(nkp_context *ctx, NkpVirt *v, const NkpDomai
 /* The vm-plain-layer alarm (subject: the VM's name) of `d`, from its
  * persistent definition `xml` and its running one `live` (NULL when shut
  * off): raised naming the first plain layer of an nkp disk's chain and both
- * fixes (not raised again when open with the same message), cleared when
+ * fixes (not raised again when open with the same message; in the running
+ * VM: "nkpd sealed it" naming the encrypted active layer over it, or "it is
+ * NOT sealed" when it is the active layer and [disks] seal_plain_layers is
+ * on: nkp_vm_seal_plain_tops), cleared when
  * neither XML has one.  Raised whatever [disks] allow_plain_layers says:
  * that key only lets such a VM start, the guest's data is in clear all the
  * same (the message then does not announce a refusal).  Each plain layer
@@ -1077,6 +1081,32 @@ int nkp_vm_plain_layer_alarm(nkp_context *ctx, const NkpDomain *d, const char *x
  * journal).  Returns how many plain layers, `ret_note` (may be NULL) set
  * when the alarm was not open before; errors of libvirt and -EBADMSG, naming the VM. */
 int nkp_vm_watch_plain_layers(nkp_context *ctx, NkpVirt *v, const char *name, char **ret_note);
+/* The seal decision (pure): the plain active layers (NkpDiskLayer*, depth
+ * 0, new array) of the nkp disks of `d` in its running definition `live`.
+ * -EBADMSG when `live` cannot be read. */
+int nkp_vm_plain_tops(const NkpDomain *d, const char *live, size_t len, GPtrArray **ret);
+/* The name of the overlay that seals plain layer `plain`: PLAIN.nkp-seal,
+ * or PLAIN.nkp-seal-N (2..100) when taken (any file, even a dangling
+ * link, counts as taken); NULL when all are.  g_free it. */
+char *nkp_seal_overlay_path(const char *plain);
+/* nkpd, at each rewrite of an nkp VM's definitions ([disks]
+ * seal_plain_layers, default true): each plain ACTIVE layer of a running
+ * nkp VM's disk (a `virsh snapshot-create-as --disk-only` made behind
+ * nkp's back) is sealed under a new LUKS overlay under the disk's own
+ * secret (nkp_seal_overlay_path; made as FILE.nkp-new, in place before
+ * libvirt gets it), handed to libvirt live like nkp_vm_snapshot's
+ * (DISK_ONLY | REUSE_EXT | ATOMIC | NO_METADATA: no entry in
+ * snapshot-list), so the guest's writes from then on are encrypted; what
+ * it wrote before stays in clear in the plain layer (vm-plain-layer alarm;
+ * nkpctl vm encrypt-layer with the VM shut off).  Never waits for the VM's
+ * lock.  Returns how many layers were sealed (0: none to seal, the VM does
+ * not run, is gone or is not nkp's, or sealing is off), *ret_note (may be
+ * NULL; g_free) the log line "VM 'x': disk vda: plain layer 'F' sealed
+ * under 'G'" ("; "-joined when several).  Errors, each saying the layer is
+ * NOT sealed and why, no overlay file left: -EBUSY an nkpctl command holds
+ * the VM's lock or left a journal; nkp_vm_unlock's (provider locked, …);
+ * -EIO qemu-img or libvirt refused; -EEXIST every overlay name is taken. */
+int nkp_vm_seal_plain_tops(nkp_context *ctx, NkpVirt *v, const char *name, char **ret_note);
 /* nkpd: snapshot='no' on every LUKS disk of the persistent definition of
  * nkp VM `name` that lacks it (nkp_domain_edit_refuse_snapshots), the
  * definition written again.  0 nothing to do (not an nkp VM, transient,

@@ -511,6 +511,26 @@ static void snapshot_xml_disk(GString *x, const char *target, const char *path,
                                t, p, secret_uuid);
 }
 
+/* The overlays named in snapshot XML `sx` (made by nkp: REUSE_EXT) handed
+ * to libvirt as one disk-only snapshot (atomic when `running`), `extra`
+ * flags added.  -EIO with libvirt's message when it refuses (then it
+ * changed nothing and the caller removes the files). */
+static int hand_overlays(virDomainPtr dom, const char *domain, const char *sx, bool running,
+                         unsigned extra)
+{
+        unsigned flags = VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY |
+                         VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT | extra;
+        if (running)
+                flags |= VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC;
+        virDomainSnapshotPtr snap = virDomainSnapshotCreateXML(dom, sx, flags);
+        if (!snap)
+                return nkp_fail(-EIO, "libvirt refused the snapshot of VM '%s': %s. Nothing was "
+                                      "changed.",
+                                domain, last_virt_error());
+        virDomainSnapshotFree(snap);
+        return 0;
+}
+
 int nkp_vm_snapshot(nkp_context *ctx, nkp_virt *v, const char *domain, const char *name,
                     char ***ret_files)
 {
@@ -614,18 +634,8 @@ int nkp_vm_snapshot(nkp_context *ctx, nkp_virt *v, const char *domain, const cha
                 snapshot_xml_disk(sx, dd->target, path, suuid);
         }
         g_string_append(sx, "  </disks>\n</domainsnapshot>\n");
-        unsigned flags = VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY |
-                         VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT;
-        if (active > 0)
-                flags |= VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC;
-        virDomainSnapshotPtr snap = virDomainSnapshotCreateXML(dom, sx->str, flags);
-        if (!snap) {
-                r = nkp_fail(-EIO, "libvirt refused the snapshot of VM '%s': %s. Nothing was "
-                                   "changed.",
-                             domain, last_virt_error());
+        if ((r = hand_overlays(dom, domain, sx->str, active > 0, 0)) < 0)
                 goto out;
-        }
-        virDomainSnapshotFree(snap);
         g_ptr_array_set_size(made, 0); /* libvirt owns them now */
         if ((r = complete_definition(v, domain, chains)) < 0) {
                 r = nkp_fail_prefix(r, "VM '%s': snapshot '%s' was taken, but engine='qemu' "
@@ -646,6 +656,220 @@ out:
                 virDomainFree(dom);
         g_string_free(sx, TRUE);
         nkp_journal_unlock(lock);
+        return r;
+}
+
+/* ---- sealing a plain active layer of a running VM (nkpd) ------------------ */
+
+static bool is_persistent(NkpVirt *v, const char *name);
+
+int nkp_vm_plain_tops(const NkpDomain *d, const char *live, size_t len, GPtrArray **ret)
+{
+        g_autoptr(GPtrArray) plain = NULL;
+        int r = nkp_vm_disk_chain_plain_layers(d, live, len, &plain);
+        if (r < 0)
+                return r;
+        g_autoptr(GPtrArray) tops = g_ptr_array_new_with_free_func(nkp_disk_layer_free);
+        for (guint k = 0; k < plain->len; k++) {
+                NkpDiskLayer *l = plain->pdata[k];
+                if (l->depth != 0)
+                        continue;
+                plain->pdata[k] = NULL; /* moved */
+                g_ptr_array_add(tops, l);
+        }
+        *ret = g_steal_pointer(&tops);
+        return 0;
+}
+
+#define SEAL_NAME_TRIES 100
+
+char *nkp_seal_overlay_path(const char *plain)
+{
+        struct stat st;
+        for (int n = 1; n <= SEAL_NAME_TRIES; n++) {
+                char *path = n == 1 ? g_strconcat(plain, ".nkp-seal", NULL)
+                                    : g_strdup_printf("%s.nkp-seal-%d", plain, n);
+                if (lstat(path, &st) < 0 && errno == ENOENT)
+                        return path;
+                g_free(path);
+        }
+        return NULL;
+}
+
+/* The running definition of nkp VM `d` (NULL and no tops when it does not
+ * run) and the plain active layers of its nkp disks in it. */
+static int running_plain_tops(NkpVirt *v, const NkpDomain *d, char **ret_live, GPtrArray **ret)
+{
+        *ret_live = NULL;
+        if (nkp_virt_domain_is_active(v, d->name) <= 0 ||
+            nkp_virt_domain_xml(v, d->name, false, ret_live) < 0) {
+                nkp_error_clear(); /* shut off (meanwhile): nothing runs to seal */
+                *ret = g_ptr_array_new_with_free_func(nkp_disk_layer_free);
+                return 0;
+        }
+        return nkp_vm_plain_tops(d, *ret_live, strlen(*ret_live), ret);
+}
+
+/* The new LUKS overlay over plain layer `top` (its final name chosen by
+ * nkp_seal_overlay_path) in *ret_path: made as PATH.nkp-new and linked to
+ * PATH only when complete (an existing file is never replaced), so no
+ * half-made overlay ever has the final name. */
+static int make_seal_overlay(virDomainPtr dom, const NkpDiskLayer *top, const nkp_secret *value,
+                             char **ret_path)
+{
+        g_autofree char *path = nkp_seal_overlay_path(top->path);
+        if (!path)
+                return nkp_fail(-EEXIST, "'%s.nkp-seal' to '-%d' all exist; remove the ones no "
+                                         "chain uses.",
+                                top->path, SEAL_NAME_TRIES);
+        guint64 size = 0;
+        int r = disk_capacity(dom, top->target, &size);
+        if (r < 0)
+                return r;
+        g_autofree char *tmp = g_strconcat(path, ".nkp-new", NULL);
+        if ((r = create_overlay(tmp, top->path, top->format, size, value)) < 0)
+                return r;
+        if (link(tmp, path) < 0) {
+                int e = errno;
+                r = nkp_fail(-e, "Cannot put the overlay '%s' in place: %s.", path,
+                             g_strerror(e));
+                (void) nkp_unlink_nofollow(tmp);
+                return r;
+        }
+        (void) nkp_unlink_nofollow(tmp);
+        (void) nkp_fsync_dir_of(path);
+        *ret_path = g_steal_pointer(&path);
+        return 0;
+}
+
+/* nkp_vm_seal_plain_tops with the VM's lock held: the definitions read
+ * again (an nkpctl command may have changed them before the lock). */
+static int seal_locked(nkp_context *ctx, NkpVirt *v, const char *name, GString *note)
+{
+        g_autoptr(NkpDomain) d = NULL;
+        g_autofree char *live = NULL;
+        g_autoptr(GPtrArray) tops = NULL;
+        int r = nkp_vm_definition(v, name, NULL, &d);
+        if (r < 0)
+                return r;
+        if (!d->keysafe || (r = running_plain_tops(v, d, &live, &tops)) < 0 || tops->len == 0)
+                return r;
+        g_autoptr(GPtrArray) secrets = NULL;
+        g_autoptr(GPtrArray) made = g_ptr_array_new_with_free_func(g_free);
+        g_autoptr(GHashTable) chains = g_hash_table_new_full(
+                g_str_hash, g_str_equal, g_free, (GDestroyNotify) g_ptr_array_unref);
+        GString *sx = g_string_new("<domainsnapshot>\n  <disks>\n");
+        virDomainPtr dom = NULL;
+        if ((r = nkp_vm_unlock(ctx, d, true, &secrets)) < 0)
+                goto out;
+        dom = virDomainLookupByName(nkp_virt_connection(v), name);
+        if (!dom) {
+                r = nkp_fail(-ENOENT, "No libvirt domain '%s': %s.", name, last_virt_error());
+                goto out;
+        }
+        for (guint i = 0; i < d->disks->len; i++) {
+                const NkpDomainDisk *dd = d->disks->pdata[i];
+                const NkpDiskLayer *top = NULL;
+                for (guint k = 0; k < tops->len && !top; k++)
+                        if (strcmp(((NkpDiskLayer *) tops->pdata[k])->target, dd->target) == 0)
+                                top = tops->pdata[k];
+                const nkp_secret *value = top ? disk_value(secrets, dd->target) : NULL;
+                const char *suuid = top ? disk_secret_uuid(d, dd->target) : NULL;
+                if (!top) {
+                        g_autofree char *t = g_markup_escape_text(dd->target, -1);
+                        g_string_append_printf(sx, "    <disk name='%s' snapshot='no'/>\n", t);
+                        continue;
+                }
+                if (!value || !suuid) {
+                        r = nkp_fail(-ENOENT, "VM '%s' has no key for disk %s.", name, dd->target);
+                        goto out;
+                }
+                g_autofree char *path = NULL;
+                g_autoptr(GPtrArray) layers = NULL;
+                if ((r = make_seal_overlay(dom, top, value, &path)) < 0)
+                        goto out;
+                g_ptr_array_add(made, g_strdup(path));
+                if ((r = nkp_domain_disk_layers(live, strlen(live), dd->target, &layers)) < 0)
+                        goto out;
+                g_hash_table_insert(chains, g_strdup(dd->target), g_steal_pointer(&layers));
+                snapshot_xml_disk(sx, dd->target, path, suuid);
+                g_string_append_printf(note, "%sVM '%s': disk %s: plain layer '%s' sealed under '%s'",
+                                       note->len ? "; " : "", name, dd->target, top->path, path);
+        }
+        g_string_append(sx, "  </disks>\n</domainsnapshot>\n");
+        /* NO_METADATA: no snapshot the administrator did not ask for in
+         * virsh snapshot-list (libvirt 9.0 takes it with REUSE_EXT). */
+        if ((r = hand_overlays(dom, name, sx->str, true,
+                               VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)) < 0)
+                goto out;
+        g_ptr_array_set_size(made, 0); /* libvirt owns them now */
+        /* a transient VM's "inactive" XML is its running one: defining it
+         * would make the VM persistent */
+        if (is_persistent(v, name) && (r = complete_definition(v, name, chains)) < 0) {
+                r = nkp_fail_prefix(r, "The overlays are in use, but engine='qemu' and the chain "
+                                       "below them could not be written into the definition, "
+                                       "without which libvirt 9.0 refuses the next start");
+                goto out;
+        }
+        r = (int) tops->len;
+out:
+        for (guint i = 0; i < made->len; i++)
+                (void) nkp_unlink_nofollow(made->pdata[i]);
+        if (dom)
+                virDomainFree(dom);
+        g_string_free(sx, TRUE);
+        return r;
+}
+
+int nkp_vm_seal_plain_tops(nkp_context *ctx, NkpVirt *v, const char *name, char **ret_note)
+{
+        if (!ctx->disks_seal_plain_layers)
+                return 0;
+        g_autoptr(NkpDomain) d = NULL;
+        g_autofree char *live = NULL;
+        g_autoptr(GPtrArray) tops = NULL;
+        int r = nkp_vm_definition(v, name, NULL, &d);
+        if (r == -ENOENT) {
+                nkp_error_clear();
+                return 0; /* gone meanwhile */
+        }
+        if (r < 0)
+                return nkp_fail_prefix(r, "The disk chains of VM '%s' cannot be checked", name);
+        if (!d->keysafe)
+                return 0;
+        if ((r = running_plain_tops(v, d, &live, &tops)) < 0)
+                return nkp_fail_prefix(r, "The disk chains of VM '%s' cannot be checked", name);
+        if (tops->len == 0)
+                return 0; /* the common case: no lock taken */
+        const NkpDiskLayer *first = tops->pdata[0];
+        g_autofree char *what = g_strdup_printf(
+                "VM '%s': disk %s: plain layer '%s' is NOT sealed (the guest's writes still land "
+                "in it in clear; nkpd tries again at libvirt's next status write)",
+                name, first->target, first->path);
+        /* nkpd never waits: an nkpctl command holding the lock (or a journal
+         * it left) owns the chain right now. */
+        g_autofree char *journal = nkp_journal_path(ctx, d->uuid);
+        int lock = -1;
+        r = nkp_vm_lock(ctx, d->uuid, true, 0, &lock);
+        if (r == -EBUSY || (r == 0 && access(journal, F_OK) == 0)) {
+                nkp_journal_unlock(lock);
+                return nkp_fail(-EBUSY, "%s: an nkpctl command holds the VM's lock or left a "
+                                        "journal (nkpctl vm status '%s' says which).",
+                                what, name);
+        }
+        if (r < 0)
+                return nkp_fail_prefix(r, "%s", what);
+        GString *note = g_string_new(NULL);
+        r = seal_locked(ctx, v, name, note);
+        nkp_journal_unlock(lock);
+        if (r < 0) {
+                g_string_free(note, TRUE);
+                return nkp_fail_prefix(r, "%s", what);
+        }
+        if (ret_note && note->len)
+                *ret_note = g_string_free(note, FALSE);
+        else
+                g_string_free(note, TRUE);
         return r;
 }
 
@@ -866,19 +1090,49 @@ out:
 }
 
 /* The alarm's message: the same whoever raises it (vm status, nkpd), naming
- * both fixes: encrypting the layer in place needs the VM shut off; a
- * blockcommit folds it into the encrypted layer below while it runs. */
-static char *plain_layer_message(const nkp_context *ctx, const char *vm, const NkpDiskLayer *l)
+ * the fixes.  `sealed_under`: the encrypted active layer over `l` (nkpd
+ * sealed it: nkp_vm_seal_plain_tops), else NULL;
+ * `unsealed`: `l` is the running VM's active layer although nkpd seals
+ * such layers (it could not yet).  Encrypting the layer in place needs the
+ * VM shut off; an active plain layer can also be committed while it runs. */
+static char *plain_layer_message(const nkp_context *ctx, const char *vm, const NkpDiskLayer *l,
+                                 const char *sealed_under, bool unsealed)
 {
+        const char *refusal = ctx->disks_allow_plain_layers
+                                      ? ""
+                                      : "; until then its next start is refused";
+        if (sealed_under)
+                return g_strdup_printf(
+                        "VM '%s': its disk %s has a plain (unencrypted) layer '%s', made behind "
+                        "nkp's back (virsh snapshot-create-as?); nkpd sealed it: the guest's "
+                        "writes since go to the encrypted '%s', but what it wrote before is in "
+                        "clear in '%s'; shut the VM off and encrypt it in place (nkpctl vm "
+                        "encrypt-layer '%s' '%s')%s",
+                        vm, l->target, l->path, sealed_under, l->path, vm, l->path, refusal);
         return g_strdup_printf(
                 "VM '%s': its disk %s has a plain (unencrypted) layer '%s', made behind nkp's "
-                "back (virsh snapshot-create-as?), so the guest's writes land in it in clear; "
+                "back (virsh snapshot-create-as?), so the guest's writes land in it in clear%s; "
                 "shut the VM off and encrypt it in place (nkpctl vm encrypt-layer '%s' '%s'), "
                 "or commit it into the encrypted layer below (virsh blockcommit '%s' %s "
                 "--active --pivot --wait, then delete the file)%s",
-                vm, l->target, l->path, vm, l->path, vm, l->target,
-                ctx->disks_allow_plain_layers ? ""
-                                              : "; until then its next start is refused");
+                vm, l->target, l->path,
+                unsealed ? "; it is NOT sealed (nkpd could not: its log says why; it tries "
+                           "again at libvirt's next status write)"
+                         : "",
+                vm, l->path, vm, l->target, refusal);
+}
+
+/* The active layer of disk `target` in `live` when it is encrypted (so a
+ * plain layer below it was sealed), else NULL. */
+static char *sealed_under(const char *live, const char *target)
+{
+        g_autoptr(GPtrArray) layers = NULL;
+        if (nkp_domain_disk_layers(live, strlen(live), target, &layers) < 0 || layers->len == 0) {
+                nkp_error_clear();
+                return NULL;
+        }
+        const NkpDiskLayer *top = layers->pdata[0];
+        return top->encrypted ? g_strdup(top->path) : NULL;
 }
 
 static bool has_layer(GPtrArray *layers, const char *path)
@@ -894,6 +1148,7 @@ int nkp_vm_plain_layer_alarm(nkp_context *ctx, const NkpDomain *d, const char *x
 {
         g_autoptr(GPtrArray) plain = g_ptr_array_new_with_free_func(nkp_disk_layer_free);
         const char *texts[] = { live, xml };
+        guint from_live = 0; /* the first ones, found in `live` */
         for (guint t = 0; t < G_N_ELEMENTS(texts); t++) {
                 g_autoptr(GPtrArray) some = NULL;
                 if (!texts[t])
@@ -908,6 +1163,8 @@ int nkp_vm_plain_layer_alarm(nkp_context *ctx, const NkpDomain *d, const char *x
                         some->pdata[k] = NULL; /* moved */
                         g_ptr_array_add(plain, l);
                 }
+                if (t == 0)
+                        from_live = plain->len;
         }
         for (guint i = 0; out && i < plain->len; i++) {
                 const NkpDiskLayer *l = plain->pdata[i];
@@ -918,7 +1175,14 @@ int nkp_vm_plain_layer_alarm(nkp_context *ctx, const NkpDomain *d, const char *x
                 nkp_error_clear();
                 return 0;
         }
-        g_autofree char *msg = plain_layer_message(ctx, d->name, plain->pdata[0]);
+        /* A plain layer under an encrypted active layer was sealed: so it
+         * stays once the VM is shut off (then read from `xml`). */
+        const NkpDiskLayer *first = plain->pdata[0];
+        g_autofree char *under = first->depth > 0
+                                         ? sealed_under(from_live > 0 ? live : xml, first->target)
+                                         : NULL;
+        bool unsealed = from_live > 0 && first->depth == 0 && ctx->disks_seal_plain_layers;
+        g_autofree char *msg = plain_layer_message(ctx, d->name, first, under, unsealed);
         if (!nkp_alarm_open(ctx, "vm-plain-layer", d->name, msg) &&
             nkp_alarm_raise(ctx, "vm-plain-layer", d->name, msg) < 0)
                 nkp_log(NKP_LOG_WARNING, "%s", nkp_error_message());
