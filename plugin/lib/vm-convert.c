@@ -788,10 +788,11 @@ static int add_branch_layer(const NkpDomain *d, const char *snap, const DiskJob 
                                    &j->old_value);
 }
 
-/* The layers of disk `top->target` that snapshot `s` names (its chain at
- * `s`, and the overlay `s` made when it is still there), as jobs. */
+/* The layers of disk `top->target` that snapshot `s` names, as jobs: its
+ * chain at `s`, or (`overlay`) the overlay `s` made, when it is still
+ * there. */
 static int add_snapshot_jobs(const NkpDomain *d, const NkpRevertSnapshot *s, const DiskJob *top,
-                             GPtrArray *jobs)
+                             bool overlay, GPtrArray *jobs)
 {
         g_autoptr(GPtrArray) chain = NULL;
         int r = nkp_revert_chain_at(s, top->target, nkp_vm_disk_secret_uuid(d, top->target),
@@ -801,15 +802,15 @@ static int add_snapshot_jobs(const NkpDomain *d, const NkpRevertSnapshot *s, con
                                        d->name, s->name);
         if (chain->len == 0)
                 return 0; /* the disk was not there then */
-        for (guint k = 0; k < chain->len; k++) {
+        for (guint k = 0; k < chain->len && !overlay; k++) {
                 const NkpDiskLayer *l = chain->pdata[k];
                 if ((r = add_branch_layer(d, s->name, top, l->path, l->format, k + 1,
                                           chain->len - 1 - k, jobs)) < 0)
                         return r;
         }
-        /* Its overlay took the writes after it; vm revert never reads it,
+        /* The overlay took the writes after `s`; vm revert never reads it,
          * so one deleted (revert --delete-abandoned) is no loss. */
-        for (size_t i = 0; s->external && s->external[i]; i++) {
+        for (size_t i = 0; overlay && s->external && s->external[i]; i++) {
                 const char *file = s->overlays[i];
                 if (strcmp(s->external[i], top->target) != 0 || !file[0] ||
                     (access(file, F_OK) < 0 && errno == ENOENT))
@@ -822,7 +823,9 @@ static int add_snapshot_jobs(const NkpDomain *d, const NkpRevertSnapshot *s, con
 }
 
 /* Jobs for every layer a snapshot of `d` names that the current chains of
- * `jobs` do not hold (each disk's old key from its active-layer job). */
+ * `jobs` do not hold (each disk's old key from its active-layer job): the
+ * snapshots' chains first, so that a refusal names the snapshot that needs
+ * a layer rather than the one whose overlay it is. */
 static int add_branch_jobs(NkpVirt *v, const NkpDomain *d, GPtrArray *jobs)
 {
         g_autoptr(GPtrArray) snapshots = NULL;
@@ -834,9 +837,11 @@ static int add_branch_jobs(NkpVirt *v, const NkpDomain *d, GPtrArray *jobs)
                 const DiskJob *top = jobs->pdata[i];
                 if (top->depth != 0 || top->snapshot)
                         continue;
-                for (guint k = 0; k < snapshots->len; k++)
-                        if ((r = add_snapshot_jobs(d, snapshots->pdata[k], top, jobs)) < 0)
-                                return r;
+                for (int overlay = 0; overlay < 2; overlay++)
+                        for (guint k = 0; k < snapshots->len; k++)
+                                if ((r = add_snapshot_jobs(d, snapshots->pdata[k], top,
+                                                           overlay, jobs)) < 0)
+                                        return r;
         }
         return 0;
 }
