@@ -783,26 +783,40 @@ static void test_branch_refused(Fixture *f, gconstpointer data)
         g_autofree char *images = g_path_get_dirname(f->base);
         g_autofree char *xml_before = NULL;
         G_GNUC_UNUSED g_autoptr(NkpDomain) d = definition(f, &xml_before);
-        /* vm1.s1 (s2 needs it) plain, then gone. */
+        /* vm1.s1 (s2 needs it) under another key, plain, then gone. */
+        const char *other[] = { "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", f->base,
+                                "-F", "qcow2", "--object",
+                                "secret,id=o,data=0011223344556677889900112233445566778899001122"
+                                "33445566778899001122",
+                                "-o", "encrypt.format=luks,encrypt.key-secret=o,encrypt.iter-time=10",
+                                f->overlay, "4M", NULL };
         const char *plain[] = { "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", f->base,
                                 "-F", "qcow2", f->overlay, "4M", NULL };
-        g_assert_cmpint(run(plain, NULL), ==, 0);
-        const char *why[] = { "is not encrypted", "is missing" };
+        const char *why[] = { NULL, "is not encrypted", "is missing" };
         for (size_t i = 0; i < G_N_ELEMENTS(why); i++) {
-                if (i == 1)
+                if (i == 0)
+                        g_assert_cmpint(run(other, NULL), ==, 0);
+                else if (i == 1)
+                        g_assert_cmpint(run(plain, NULL), ==, 0);
+                else
                         g_assert_cmpint(unlink(f->overlay), ==, 0);
                 g_autoptr(GHashTable) before = testutil_snapshot_tree(images);
                 g_autoptr(nkp_vm_result) res = NULL;
                 int r = nkp_vm_rekey_deep(f->ctx, f->v, "vm1", NULL, &res);
-                g_assert_cmpint(r, ==, -EOPNOTSUPP);
-                g_autofree char *want = g_strdup_printf("snapshot 's2' needs the layer '%s' of "
-                                                        "disk vda, which %s",
-                                                        f->overlay, why[i]);
+                g_assert_cmpint(r, ==, why[i] ? -EOPNOTSUPP : -EIO);
+                /* Under another key: found by its copy, the whole rekey
+                 * rolled back, the fix named. */
+                g_autofree char *want =
+                        why[i] ? g_strdup_printf("snapshot 's2' needs the layer '%s' of disk vda, "
+                                                 "which %s",
+                                                 f->overlay, why[i])
+                               : g_strdup_printf("could not convert the snapshot layer '%s'",
+                                                 f->overlay);
                 if (!strstr(nkp_error_message(), want))
                         g_error("want '%s' in: %s", want, nkp_error_message());
                 g_assert_nonnull(strstr(nkp_error_message(), "virsh snapshot-delete 'vm1' 's2' "
                                                              "--metadata"));
-                g_assert_cmpint(nkp_vm_decrypt(f->ctx, f->v, "vm1", &res), ==, -EOPNOTSUPP);
+                g_assert_cmpint(nkp_vm_decrypt(f->ctx, f->v, "vm1", &res), ==, r);
                 g_assert_nonnull(strstr(nkp_error_message(), want));
                 testutil_assert_same_tree(before, images);
                 g_autofree char *xml_after = NULL;

@@ -345,6 +345,17 @@ static unsigned conversion_steps(const Conversion *c)
         return (c->vtpm ? 1u : 0u) + c->jobs->len + 1u;
 }
 
+/* A layer only snapshot dj->snapshot needs could not be converted (under
+ * another key, say one an older deep rekey retired): the fix with it. */
+static int branch_copy_failed(const NkpDomain *d, const DiskJob *dj, int err)
+{
+        g_autofree char *msg = g_strdup(nkp_error_message());
+        return nkp_fail(err, "%s (Snapshot '%s' needs that layer; if it cannot be opened with "
+                             "the disk's key any more, delete that snapshot: virsh "
+                             "snapshot-delete '%s' '%s' --metadata.)",
+                        msg, dj->snapshot, d->name, dj->snapshot);
+}
+
 /* Steps 2-3: every new copy, beside its file. */
 static int make_copies(nkp_context *ctx, const Conversion *c)
 {
@@ -365,6 +376,8 @@ static int make_copies(nkp_context *ctx, const Conversion *c)
                 r = dj->below > 0 ? nkp_layer_convert(dj->path, dj->below, dj->old_value,
                                                       dj->new_value)
                                   : nkp_disk_convert(dj->path, dj->old_value, dj->new_value);
+                if (r < 0 && dj->snapshot)
+                        return branch_copy_failed(c->d, dj, r);
                 if (r < 0)
                         return r;
                 nkp_test_crash_point("disk-converted");
