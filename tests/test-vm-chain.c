@@ -732,13 +732,20 @@ static void test_branch_rekey_deep(Fixture *f, gconstpointer data)
         assert_branch_views(f, true);
         g_autofree char *backing = backing_name(f->top);
         g_assert_cmpstr(backing, ==, f->overlay);
-        /* The records name the new secret, not the retired one. */
+        /* The records name the new secret, not the retired one; s1 (the
+         * revert made it current) is still libvirt's current snapshot. */
         const char *names[] = { "s1", "s2" };
         for (size_t i = 0; i < G_N_ELEMENTS(names); i++) {
                 g_autofree char *rec = snapshot_record(f, names[i]);
                 g_assert_nonnull(strstr(rec, new_uuid));
                 g_assert_null(strstr(rec, old_uuid));
         }
+        virDomainPtr dom = virDomainLookupByName(nkp_virt_connection(f->v), "vm1");
+        virDomainSnapshotPtr cur = virDomainSnapshotCurrent(dom, 0);
+        g_assert_nonnull(cur);
+        g_assert_cmpstr(virDomainSnapshotGetName(cur), ==, "s1");
+        virDomainSnapshotFree(cur);
+        virDomainFree(dom);
 
         /* Back to s1 (its chain is the active one's base) and to s2 (only
          * on the branch): both open under the new key with their data.
