@@ -733,7 +733,8 @@ static void test_branch_rekey_deep(Fixture *f, gconstpointer data)
         g_autofree char *backing = backing_name(f->top);
         g_assert_cmpstr(backing, ==, f->overlay);
         /* The records name the new secret, not the retired one; s1 (the
-         * revert made it current) is still libvirt's current snapshot. */
+         * revert made it current) is still libvirt's current snapshot (a
+         * redefinition with CURRENT of any other would take that away). */
         const char *names[] = { "s1", "s2" };
         for (size_t i = 0; i < G_N_ELEMENTS(names); i++) {
                 g_autofree char *rec = snapshot_record(f, names[i]);
