@@ -1154,6 +1154,8 @@ typedef struct {
         int64_t created;    /* <creationTime>, s since the epoch; 0 none */
         unsigned n_internal; /* <disk snapshot=…> neither 'external' nor 'no' */
         char **external;    /* the targets of its external disks (NULL-ended) */
+        char **overlays;    /* external[i]'s <source file>, the overlay it made
+                             * ("" when none); as many as external */
         char *domain_xml;   /* its <domain>: the disks of that moment; NULL none */
 } NkpRevertSnapshot;
 void nkp_revert_snapshot_free(gpointer p);
@@ -1198,6 +1200,28 @@ int nkp_revert_definition(const char *xml, GPtrArray *plan, char **ret);
  * of one of `snapshots` (NkpRevertSnapshot*) holds it. */
 void nkp_revert_abandoned(GPtrArray *plan, GPtrArray *snapshots, GPtrArray *unneeded,
                           GPtrArray *needed);
+
+/* ---- snapshots under deep rekey and decrypt (issue 16, vm-revert.c) -------- */
+/* *ret (NkpRevertSnapshot*, new array, empty when none) = every snapshot of
+ * VM `name`, parsed; -ENOENT no such domain, -EIO libvirt failed, -EBADMSG
+ * a snapshot's XML unreadable (each with a message). */
+int nkp_vm_snapshots(NkpVirt *v, const char *name, GPtrArray **ret);
+
+/* *ret (NkpDiskLayer*, new array; empty when `s` has no <domain> or no
+ * such disk) = the chain of disk `target` at snapshot `s`, active layer
+ * first, completed from the qcow2 headers (LUKS layers found so get
+ * `secret_uuid`): as vm revert reads it.  -EBADMSG unreadable XML. */
+int nkp_revert_chain_at(const NkpRevertSnapshot *s, const char *target,
+                        const char *secret_uuid, GPtrArray **ret);
+
+/* Every snapshot of VM `name` whose XML names one of the secret UUIDs
+ * `from[i]` redefined (REDEFINE, DISK_ONLY when its state says so, CURRENT
+ * when it is libvirt's current one) with `to[i]` instead (NULL-ended
+ * parallel arrays).  Returns how many were redefined; a snapshot libvirt
+ * refuses is logged as a warning and skipped (the files do not depend on
+ * it: vm revert opens every layer with the disk's current secret). */
+int nkp_vm_snapshots_rename_secrets(NkpVirt *v, const char *name, const char *const *from,
+                                    const char *const *to);
 /* ---- vm-backup.c: encrypted backups and block copies (issue 16) ---------- */
 /* The manifest of a backup directory (its format: vm-backup.c, docs/backup.md).
  * targets[i] (a disk's target dev) and secrets[i] (its LUKS secret UUID) for

@@ -144,6 +144,7 @@ typedef struct {
         char *path;
         unsigned depth; /* 0: the disk's active layer, 1: its backing, … */
         unsigned below; /* layers under this one: 0 for a whole disk */
+        char *snapshot; /* a layer only snapshot `snapshot` needs (off the current chain) */
         nkp_secret *old_value;
         nkp_secret *new_value;
 } DiskJob;
@@ -153,6 +154,7 @@ static void disk_job_free(gpointer p)
         DiskJob *j = p;
         g_free(j->target);
         g_free(j->path);
+        g_free(j->snapshot);
         nkp_secret_free(j->old_value);
         nkp_secret_free(j->new_value);
         g_free(j);
@@ -343,6 +345,17 @@ static unsigned conversion_steps(const Conversion *c)
         return (c->vtpm ? 1u : 0u) + c->jobs->len + 1u;
 }
 
+/* A layer only snapshot dj->snapshot needs could not be converted (under
+ * another key, say one an older deep rekey retired): the fix with it. */
+static int branch_copy_failed(const NkpDomain *d, const DiskJob *dj, int err)
+{
+        g_autofree char *msg = g_strdup(nkp_error_message());
+        return nkp_fail(err, "%s (Snapshot '%s' needs that layer; if it cannot be opened with "
+                             "the disk's key any more, delete that snapshot: virsh "
+                             "snapshot-delete '%s' '%s' --metadata.)",
+                        msg, dj->snapshot, d->name, dj->snapshot);
+}
+
 /* Steps 2-3: every new copy, beside its file. */
 static int make_copies(nkp_context *ctx, const Conversion *c)
 {
@@ -363,6 +376,8 @@ static int make_copies(nkp_context *ctx, const Conversion *c)
                 r = dj->below > 0 ? nkp_layer_convert(dj->path, dj->below, dj->old_value,
                                                       dj->new_value)
                                   : nkp_disk_convert(dj->path, dj->old_value, dj->new_value);
+                if (r < 0 && dj->snapshot)
+                        return branch_copy_failed(c->d, dj, r);
                 if (r < 0)
                         return r;
                 nkp_test_crash_point("disk-converted");
@@ -587,7 +602,7 @@ static void result_add_disks(nkp_vm_result *res, GPtrArray *jobs)
 {
         for (guint i = 0; i < jobs->len; i++) {
                 const DiskJob *j = jobs->pdata[i];
-                if (j->depth == 0)
+                if (j->depth == 0 && !j->snapshot)
                         g_ptr_array_add(res->disks, g_strdup(j->target));
         }
 }
@@ -697,6 +712,151 @@ static GHashTable *chains_new(void)
 {
         return g_hash_table_new_full(g_str_hash, g_str_equal, g_free,
                                      (GDestroyNotify) g_ptr_array_unref);
+}
+
+/* ---- layers only a snapshot needs (off the current chain) ------------------ */
+/* `vm revert` leaves the branch it abandons on disk when another snapshot
+ * needs its layers ("kept"), and every snapshot names its own overlay.
+ * Like every layer of an nkp disk they are opened with the disk's one key,
+ * so deep rekey and decrypt convert them too, in the same transaction as
+ * the current chain: each file once, over its own chain (`below` from the
+ * chain that names it), listed in the journal like the others.  Every copy
+ * reads its source chain under the old key: the journal swaps files only
+ * once every copy is made.  docs/rekey.md "Disks with snapshots". */
+
+static bool same_file(const char *a, const char *b)
+{
+        struct stat sa, sb;
+        return strcmp(a, b) == 0 || (stat(a, &sa) == 0 && stat(b, &sb) == 0 &&
+                                     sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino);
+}
+
+static DiskJob *job_of_file(GPtrArray *jobs, const char *path)
+{
+        for (guint i = 0; i < jobs->len; i++)
+                if (same_file(((DiskJob *) jobs->pdata[i])->path, path))
+                        return jobs->pdata[i];
+        return NULL;
+}
+
+static int branch_refusal(const NkpDomain *d, const char *snap, const char *target,
+                          const char *path, const char *why)
+{
+        return nkp_fail(-EOPNOTSUPP, "VM '%s': snapshot '%s' needs the layer '%s' of disk %s, "
+                                     "which %s; nkp converts every layer a snapshot needs, or "
+                                     "none. Delete that snapshot (virsh snapshot-delete '%s' "
+                                     "'%s' --metadata, then its files no other snapshot needs) "
+                                     "and run the command again. Nothing was changed.",
+                        d->name, snap, path, target, why, d->name, snap);
+}
+
+/* A layer a snapshot names is there, a qcow2, LUKS (under the disk's key:
+ * a layer under another key makes its copy fail, which rolls back). */
+static int check_branch_layer(const NkpDomain *d, const char *snap, const char *target,
+                              const char *path, const char *format)
+{
+        struct stat st;
+        if (stat(path, &st) < 0 || !S_ISREG(st.st_mode))
+                return branch_refusal(d, snap, target, path, "is missing");
+        int luks = format && strcmp(format, "qcow2") != 0 ? -EMEDIUMTYPE
+                                                            : nkp_qcow2_is_luks(path);
+        if (luks == -EMEDIUMTYPE)
+                return branch_refusal(d, snap, target, path, "is not a qcow2 file");
+        if (luks < 0)
+                return nkp_fail(luks, "Cannot read the qcow2 header of '%s', a layer snapshot "
+                                      "'%s' of VM '%s' needs: %s. Nothing was changed.",
+                                path, snap, d->name, g_strerror(-luks));
+        if (!luks)
+                return branch_refusal(d, snap, target, path, "is not encrypted");
+        return 0;
+}
+
+/* The job for `path`, layer `depth` of disk `top->target`'s chain at
+ * snapshot `snap` with `below` layers under it: none when `jobs` holds the
+ * file already (at the same depth: the chains agree), else a new one under
+ * the disk's old key. */
+static int add_branch_layer(const NkpDomain *d, const char *snap, const DiskJob *top,
+                            const char *path, const char *format, unsigned depth,
+                            unsigned below, GPtrArray *jobs)
+{
+        const DiskJob *have = job_of_file(jobs, path);
+        if (have && have->below == below)
+                return 0;
+        if (have) {
+                g_autofree char *why = g_strdup_printf(
+                        "has %u layer(s) under it there and %u in the disk's chain (a "
+                        "blockcommit or blockpull changed it since)",
+                        below, have->below);
+                return branch_refusal(d, snap, top->target, path, why);
+        }
+        int r = check_branch_layer(d, snap, top->target, path, format);
+        if (r < 0)
+                return r;
+        DiskJob *j = disk_job_new(top->target, path);
+        j->snapshot = g_strdup(snap);
+        j->depth = depth;
+        j->below = below;
+        g_ptr_array_add(jobs, j);
+        return nkp_secret_new_copy(nkp_secret_data(top->old_value), nkp_secret_len(top->old_value),
+                                   &j->old_value);
+}
+
+/* The layers of disk `top->target` that snapshot `s` names, as jobs: its
+ * chain at `s`, or (`overlay`) the overlay `s` made, when it is still
+ * there. */
+static int add_snapshot_jobs(const NkpDomain *d, const NkpRevertSnapshot *s, const DiskJob *top,
+                             bool overlay, GPtrArray *jobs)
+{
+        g_autoptr(GPtrArray) chain = NULL;
+        int r = nkp_revert_chain_at(s, top->target, nkp_vm_disk_secret_uuid(d, top->target),
+                                    &chain);
+        if (r < 0)
+                return nkp_fail_prefix(r, "VM '%s': the disks of snapshot '%s' cannot be read",
+                                       d->name, s->name);
+        if (chain->len == 0)
+                return 0; /* the disk was not there then */
+        for (guint k = 0; k < chain->len && !overlay; k++) {
+                const NkpDiskLayer *l = chain->pdata[k];
+                if ((r = add_branch_layer(d, s->name, top, l->path, l->format, k + 1,
+                                          chain->len - 1 - k, jobs)) < 0)
+                        return r;
+        }
+        /* The overlay took the writes after `s`; vm revert never reads it,
+         * so one deleted (revert --delete-abandoned) is no loss. */
+        for (size_t i = 0; overlay && s->external && s->external[i]; i++) {
+                const char *file = s->overlays[i];
+                if (strcmp(s->external[i], top->target) != 0 || !file[0] ||
+                    (access(file, F_OK) < 0 && errno == ENOENT))
+                        continue;
+                if ((r = add_branch_layer(d, s->name, top, file, "qcow2", 0, chain->len,
+                                          jobs)) < 0)
+                        return r;
+        }
+        return 0;
+}
+
+/* Jobs for every layer a snapshot of `d` names that the current chains of
+ * `jobs` do not hold (each disk's old key from its active-layer job): the
+ * snapshots' chains first, so that a refusal names the snapshot that needs
+ * a layer rather than the one whose overlay it is. */
+static int add_branch_jobs(NkpVirt *v, const NkpDomain *d, GPtrArray *jobs)
+{
+        g_autoptr(GPtrArray) snapshots = NULL;
+        int r = nkp_vm_snapshots(v, d->name, &snapshots);
+        if (r < 0)
+                return r;
+        guint n = jobs->len;
+        for (guint i = 0; i < n; i++) {
+                const DiskJob *top = jobs->pdata[i];
+                if (top->depth != 0 || top->snapshot)
+                        continue;
+                for (int overlay = 0; overlay < 2; overlay++)
+                        for (guint k = 0; k < snapshots->len; k++)
+                                if ((r = add_snapshot_jobs(d, snapshots->pdata[k], top,
+                                                           overlay, jobs)) < 0)
+                                        return r;
+        }
+        return 0;
 }
 
 /* The vm-plain-disk alarms (enrol.c) of disks just encrypted. */
@@ -852,7 +1012,8 @@ static int plain_definition(const char *xml, bool vtpm, GPtrArray *jobs, char **
                 return r;
         for (guint i = 0; i < jobs->len; i++) {
                 const DiskJob *j = jobs->pdata[i];
-                if (j->depth == 0 && (r = nkp_domain_edit_set_disk_luks(e, j->target, NULL)) < 0)
+                if (j->depth == 0 && !j->snapshot &&
+                    (r = nkp_domain_edit_set_disk_luks(e, j->target, NULL)) < 0)
                         return r;
         }
         return nkp_domain_edit_format(e, ret);
@@ -922,6 +1083,8 @@ static int decrypt_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, cons
                                                              &s->value, jobs, chains)) < 0)
                         return r;
         }
+        if ((r = add_branch_jobs(v, d, jobs)) < 0)
+                return r;
         bool vtpm = has_vtpm_entry && d->has_vtpm, convert_vtpm = false;
         if (vtpm && (r = vtpm_encrypted_state(ctx, d, &convert_vtpm)) < 0)
                 return r;
@@ -1029,6 +1192,33 @@ static const char *enrol_secret(const void *data, const char *target)
         return enrol_disk(data, target)->secret_uuid;
 }
 
+/* Each snapshot's record names the secrets of its moment: after a deep
+ * rekey, the new ones (docs/snapshots-clones.md "Reverting"). */
+static void snapshots_to_new_secrets(NkpVirt *v, const NkpDomain *d, GPtrArray *secrets,
+                                     const NkpEnrolment *en)
+{
+        g_autoptr(GPtrArray) from = g_ptr_array_new(), to = g_ptr_array_new();
+        for (guint i = 0; i < secrets->len; i++) {
+                const NkpVmSecret *s = secrets->pdata[i];
+                const char *now = NULL;
+                if (strcmp(s->kind, NKP_OBJECT_VTPM) == 0)
+                        now = en->vtpm ? en->vtpm_secret_uuid : NULL;
+                for (guint k = 0; !now && k < en->disks->len; k++) {
+                        const NkpEnrolDisk *ed = en->disks->pdata[k];
+                        if (strcmp(ed->target, s->object_id) == 0)
+                                now = ed->secret_uuid;
+                }
+                if (now) {
+                        g_ptr_array_add(from, s->secret_uuid);
+                        g_ptr_array_add(to, (gpointer) now);
+                }
+        }
+        g_ptr_array_add(from, NULL);
+        g_ptr_array_add(to, NULL);
+        (void) nkp_vm_snapshots_rename_secrets(v, d->name, (const char *const *) from->pdata,
+                                               (const char *const *) to->pdata);
+}
+
 static int rekey_deep_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, const char *xml,
                              const OpArgs *a, nkp_vm_result *res)
 {
@@ -1046,14 +1236,15 @@ static int rekey_deep_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, c
         g_autoptr(GPtrArray) secrets = NULL;
         g_autoptr(GPtrArray) jobs = g_ptr_array_new_with_free_func(disk_job_free);
         g_autoptr(GHashTable) chains = chains_new();
-        if ((r = old_keys(ctx, d, xml, jobs, chains, &vtpm, &vtpm_old, &secrets)) < 0)
+        if ((r = old_keys(ctx, d, xml, jobs, chains, &vtpm, &vtpm_old, &secrets)) < 0 ||
+            (r = add_branch_jobs(v, d, jobs)) < 0)
                 return r;
         if (vtpm && (r = vtpm_encrypted_state(ctx, d, &convert_vtpm)) < 0)
                 return r;
         g_autoptr(GPtrArray) targets = g_ptr_array_new();
         for (guint i = 0; i < jobs->len; i++) {
                 const DiskJob *j = jobs->pdata[i];
-                if (j->depth == 0)
+                if (j->depth == 0 && !j->snapshot)
                         g_ptr_array_add(targets, j->target);
         }
 
@@ -1077,6 +1268,7 @@ static int rekey_deep_locked(nkp_context *ctx, NkpVirt *v, const NkpDomain *d, c
                                .vtpm_new = en->vtpm_value };
         if ((r = convert_and_switch(ctx, v, &c)) < 0)
                 return r;
+        snapshots_to_new_secrets(v, d, secrets, en);
         undefine_old_secrets(v, secrets);
         res->provider = g_strdup(nkp_provider_name(p));
         res->vtpm = vtpm;

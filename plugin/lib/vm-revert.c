@@ -75,6 +75,8 @@ void nkp_revert_snapshot_free(gpointer p)
         g_free(s->memory_file);
         if (s->external)
                 g_strfreev(s->external);
+        if (s->overlays)
+                g_strfreev(s->overlays);
         g_free(s);
 }
 
@@ -118,6 +120,7 @@ int nkp_revert_snapshot_parse(const char *name, const char *xml, NkpRevertSnapsh
         s->created = created ? g_ascii_strtoll((const char *) created, NULL, 10) : 0;
         xmlFree(created);
         GPtrArray *ext = g_ptr_array_new();
+        GPtrArray *files = g_ptr_array_new();
         for (xmlNodePtr n = nkp_xml_child(root, "disks") ? nkp_xml_child(root, "disks")->children : NULL; n;
              n = n->next) {
                 if (n->type != XML_ELEMENT_NODE || !xmlStrEqual(n->name, X("disk")))
@@ -126,13 +129,17 @@ int nkp_revert_snapshot_parse(const char *name, const char *xml, NkpRevertSnapsh
                 g_autofree char *how = nkp_xml_attr(n, "snapshot");
                 if (!dname)
                         continue;
-                if (how && strcmp(how, "external") == 0)
+                if (how && strcmp(how, "external") == 0) {
+                        g_autofree char *file = nkp_xml_attr(nkp_xml_child(n, "source"), "file");
                         g_ptr_array_add(ext, g_steal_pointer(&dname));
-                else if (!how || strcmp(how, "no") != 0)
+                        g_ptr_array_add(files, file ? g_steal_pointer(&file) : g_strdup(""));
+                } else if (!how || strcmp(how, "no") != 0)
                         s->n_internal++;
         }
         g_ptr_array_add(ext, NULL);
         s->external = (char **) g_ptr_array_free(ext, FALSE);
+        g_ptr_array_add(files, NULL);
+        s->overlays = (char **) g_ptr_array_free(files, FALSE);
         xmlNodePtr dom = nkp_xml_child(root, "domain");
         if (dom) {
                 xmlBufferPtr buf = xmlBufferCreate();
@@ -147,8 +154,8 @@ int nkp_revert_snapshot_parse(const char *name, const char *xml, NkpRevertSnapsh
 
 /* The chain of disk `target` at snapshot `s` (from its <domain>, completed
  * from the qcow2 headers), active layer first; an empty array when none. */
-static int chain_at(const NkpRevertSnapshot *s, const char *target, const char *secret_uuid,
-                    GPtrArray **ret)
+int nkp_revert_chain_at(const NkpRevertSnapshot *s, const char *target,
+                        const char *secret_uuid, GPtrArray **ret)
 {
         if (!s->domain_xml) {
                 *ret = g_ptr_array_new_with_free_func(nkp_disk_layer_free);
@@ -237,7 +244,7 @@ int nkp_revert_plan(const NkpDomain *d, const char *xml, const NkpRevertSnapshot
                 g_ptr_array_add(plan, rd);
                 rd->target = g_strdup(*t);
                 rd->secret_uuid = g_strdup(suuid);
-                int r = chain_at(s, *t, suuid, &rd->at_snapshot);
+                int r = nkp_revert_chain_at(s, *t, suuid, &rd->at_snapshot);
                 if (r < 0)
                         return r;
                 if ((r = nkp_domain_disk_layers(xml, strlen(xml), *t, &rd->now)) < 0)
@@ -389,8 +396,8 @@ void nkp_revert_abandoned(GPtrArray *plan, GPtrArray *snapshots, GPtrArray *unne
                         bool used = false;
                         for (guint j = 0; j < snapshots->len && !used; j++) {
                                 g_autoptr(GPtrArray) c = NULL;
-                                if (chain_at(snapshots->pdata[j], rd->target, rd->secret_uuid,
-                                             &c) < 0) {
+                                if (nkp_revert_chain_at(snapshots->pdata[j], rd->target,
+                                                        rd->secret_uuid, &c) < 0) {
                                         nkp_error_clear();
                                         used = true; /* unreadable: keep it, to be safe */
                                         continue;
@@ -452,6 +459,97 @@ static char *mark_current(virDomainPtr dom, const char *xml, const NkpRevertSnap
                 return g_strdup(last_virt_error());
         virDomainSnapshotFree(snap);
         return NULL;
+}
+
+/* ---- snapshots under deep rekey and decrypt (vm-convert.c) ------------------ */
+
+int nkp_vm_snapshots(NkpVirt *v, const char *name, GPtrArray **ret)
+{
+        virDomainPtr dom = virDomainLookupByName(nkp_virt_connection(v), name);
+        if (!dom)
+                return nkp_fail(-ENOENT, "No libvirt domain '%s': %s.", name, last_virt_error());
+        int r = all_snapshots(dom, name, ret);
+        virDomainFree(dom);
+        return r;
+}
+
+/* `xml` with each from[i] replaced by to[i]; NULL when it names none. */
+static char *renamed_secrets(const char *xml, const char *const *from, const char *const *to)
+{
+        g_autofree char *cur = g_strdup(xml);
+        bool changed = false;
+        for (size_t i = 0; from[i]; i++) {
+                if (!strstr(cur, from[i]))
+                        continue;
+                g_auto(GStrv) parts = g_strsplit(cur, from[i], -1);
+                g_free(cur);
+                cur = g_strjoinv(to[i], parts);
+                changed = true;
+        }
+        return changed ? g_steal_pointer(&cur) : NULL;
+}
+
+/* 1 when snapshot `snap` of VM `vm` was redefined with the new UUIDs, 0
+ * when it names none of the old ones, else -EIO (logged). */
+static int rename_snapshot_secrets(virDomainPtr dom, virDomainSnapshotPtr snap,
+                                   const char *current, const char *vm,
+                                   const char *const *from, const char *const *to)
+{
+        const char *name = virDomainSnapshotGetName(snap);
+        char *x = virDomainSnapshotGetXMLDesc(snap, 0);
+        g_autoptr(NkpRevertSnapshot) s = NULL;
+        g_autofree char *renamed = x ? renamed_secrets(x, from, to) : NULL;
+        int r = x ? nkp_revert_snapshot_parse(name, x, &s) : -EIO;
+        free(x);
+        if (r == 0 && !renamed)
+                return 0;
+        if (r == 0) {
+                unsigned flags = VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE;
+                if (s->state && strcmp(s->state, "disk-snapshot") == 0)
+                        flags |= VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY;
+                if (current && strcmp(current, name) == 0)
+                        flags |= VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT;
+                virDomainSnapshotPtr again = virDomainSnapshotCreateXML(dom, renamed, flags);
+                if (again) {
+                        virDomainSnapshotFree(again);
+                        return 1;
+                }
+        }
+        nkp_error_clear();
+        nkp_log(NKP_LOG_WARNING, "note: VM '%s': the record of snapshot '%s' still names the "
+                                 "disks' old secret UUIDs (libvirt: %s); harmless: nkpctl vm "
+                                 "revert opens every layer with the disk's current secret.",
+                vm, name, last_virt_error());
+        return -EIO;
+}
+
+int nkp_vm_snapshots_rename_secrets(NkpVirt *v, const char *name, const char *const *from,
+                                    const char *const *to)
+{
+        virDomainPtr dom = virDomainLookupByName(nkp_virt_connection(v), name);
+        virDomainSnapshotPtr *snaps = NULL;
+        int n = dom ? virDomainListAllSnapshots(dom, &snaps, 0) : -1;
+        if (n < 0) {
+                nkp_log(NKP_LOG_WARNING, "note: VM '%s': cannot list its snapshots to give them "
+                                         "the new secret UUIDs: %s.",
+                        name, last_virt_error());
+                if (dom)
+                        virDomainFree(dom);
+                return 0;
+        }
+        virDomainSnapshotPtr cur = virDomainSnapshotCurrent(dom, 0);
+        g_autofree char *current = cur ? g_strdup(virDomainSnapshotGetName(cur)) : NULL;
+        if (cur)
+                virDomainSnapshotFree(cur);
+        int done = 0;
+        for (int i = 0; i < n; i++) {
+                if (rename_snapshot_secrets(dom, snaps[i], current, name, from, to) > 0)
+                        done++;
+                virDomainSnapshotFree(snaps[i]);
+        }
+        free(snaps);
+        virDomainFree(dom);
+        return done;
 }
 
 static bool has_vtpm_key(const NkpDomain *d)
