@@ -87,34 +87,17 @@ static char *file_sum(const char *path)
         return g_compute_checksum_for_data(G_CHECKSUM_SHA256, (const guchar *) text, len);
 }
 
-static void set_active(nkp_context *ctx, const char *name)
-{
-        int fd = -1;
-        g_autoptr(NkpStore) store = NULL;
-        g_assert_cmpint(nkp_store_lock(ctx, &fd), ==, 0);
-        g_assert_cmpint(nkp_store_load(ctx, &store), ==, 0);
-        nkp_store_find(store, name)->flags |= NKP_PROVIDER_BACKED_UP | NKP_PROVIDER_DEFAULT;
-        g_assert_cmpint(nkp_store_save(ctx, store), ==, 0);
-        nkp_store_unlock(fd);
-}
-
 static void fixture_set_up(Fixture *f, gconstpointer data)
 {
         (void) data;
         f->root = testutil_mkdtemp();
         f->images = g_build_filename(f->root, "images", NULL);
         g_assert_cmpint(g_mkdir_with_parents(f->images, 0700), ==, 0);
-        g_autofree char *etc = g_build_filename(f->root, "etc", "nkp", NULL);
-        g_assert_cmpint(g_mkdir_with_parents(etc, 0700), ==, 0);
         g_autofree char *conf = g_strdup_printf("[tpm]\ntcti=none\n[vtpm]\nstate_dir=%s/swtpm\n",
                                                 f->root);
-        g_autofree char *conf_path = g_build_filename(etc, "nkp.conf", NULL);
-        g_assert_true(g_file_set_contents(conf_path, conf, -1, NULL));
-        g_assert_cmpint(nkp_context_new(f->root, &f->ctx), ==, 0);
+        f->ctx = testutil_context_with_conf(f->root, conf);
         g_assert_cmpint(f->ctx->disks_policy, ==, NKP_DISKS_POLICY_ENROL); /* the default */
-        g_autoptr(nkp_provider) p = NULL;
-        g_assert_cmpint(nkp_provider_create(f->ctx, "p1", 0, &p), ==, 0);
-        set_active(f->ctx, "p1");
+        testutil_default_provider(f->ctx, "p1");
 
         g_autofree char *vda = new_qcow2(f, "vda.qcow2");
         g_autofree char *vdb = data_qcow2(f, "vdb.qcow2");

@@ -126,17 +126,6 @@ static char *clone_disk(Fixture *f, const char *name)
 
 /* ---- the fixture ------------------------------------------------------------ */
 
-static void set_active(nkp_context *ctx, const char *name)
-{
-        int fd = -1;
-        g_autoptr(NkpStore) store = NULL;
-        g_assert_cmpint(nkp_store_lock(ctx, &fd), ==, 0);
-        g_assert_cmpint(nkp_store_load(ctx, &store), ==, 0);
-        nkp_store_find(store, name)->flags |= NKP_PROVIDER_BACKED_UP | NKP_PROVIDER_DEFAULT;
-        g_assert_cmpint(nkp_store_save(ctx, store), ==, 0);
-        nkp_store_unlock(fd);
-}
-
 static void fixture_set_up(Fixture *f, gconstpointer data)
 {
         (void) data;
@@ -145,14 +134,8 @@ static void fixture_set_up(Fixture *f, gconstpointer data)
                 return;
         }
         f->root = testutil_mkdtemp();
-        g_autofree char *conf = g_build_filename(f->root, "etc/nkp", NULL);
-        g_assert_cmpint(g_mkdir_with_parents(conf, 0700), ==, 0);
-        g_autofree char *conf_path = g_build_filename(conf, "nkp.conf", NULL);
-        g_assert_true(g_file_set_contents(conf_path, "[tpm]\ntcti=none\n", -1, NULL));
-        g_assert_cmpint(nkp_context_new(f->root, &f->ctx), ==, 0);
-        g_autoptr(nkp_provider) p = NULL;
-        g_assert_cmpint(nkp_provider_create(f->ctx, "p1", 0, &p), ==, 0);
-        set_active(f->ctx, "p1");
+        f->ctx = testutil_context_with_conf(f->root, NULL);
+        testutil_default_provider(f->ctx, "p1");
         f->images = g_build_filename(f->root, "images", NULL);
         g_assert_cmpint(g_mkdir_with_parents(f->images, 0700), ==, 0);
         f->base = g_build_filename(f->images, "vm1.qcow2", NULL);

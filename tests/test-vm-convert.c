@@ -266,17 +266,6 @@ static char *vtpm_file(const Fixture *f)
 }
 
 /* Backed up (active) and the default, without the slow PKCS#12 backup. */
-static void set_active(nkp_context *ctx, const char *name)
-{
-        int fd = -1;
-        g_autoptr(NkpStore) store = NULL;
-        g_assert_cmpint(nkp_store_lock(ctx, &fd), ==, 0);
-        g_assert_cmpint(nkp_store_load(ctx, &store), ==, 0);
-        nkp_store_find(store, name)->flags |= NKP_PROVIDER_BACKED_UP | NKP_PROVIDER_DEFAULT;
-        g_assert_cmpint(nkp_store_save(ctx, store), ==, 0);
-        nkp_store_unlock(fd);
-}
-
 static void fixture_set_up(Fixture *f, gconstpointer data)
 {
         (void) data;
@@ -289,9 +278,7 @@ static void fixture_set_up(Fixture *f, gconstpointer data)
         write_file(conf_path, conf, -1);
         g_unsetenv("NKP_SWTPM_STATE_DIR");
         g_assert_cmpint(nkp_context_new(f->root, &f->ctx), ==, 0);
-        g_autoptr(nkp_provider) p = NULL;
-        g_assert_cmpint(nkp_provider_create(f->ctx, "p1", 0, &p), ==, 0);
-        set_active(f->ctx, "p1");
+        testutil_default_provider(f->ctx, "p1");
 
         f->disk = g_build_filename(f->root, "images", "vda.qcow2", NULL);
         write_file(f->disk, "plain\n" PAYLOAD, -1);

@@ -301,20 +301,8 @@ static void seal_set_up(SealFixture *f, gconstpointer data)
                 return;
         }
         f->root = testutil_mkdtemp();
-        g_autofree char *etc = g_build_filename(f->root, "etc/nkp", NULL);
-        g_assert_cmpint(g_mkdir_with_parents(etc, 0700), ==, 0);
-        g_autofree char *conf = g_build_filename(etc, "nkp.conf", NULL);
-        g_assert_true(g_file_set_contents(conf, "[tpm]\ntcti=none\n", -1, NULL));
-        g_assert_cmpint(nkp_context_new(f->root, &f->ctx), ==, 0);
-        g_autoptr(nkp_provider) p = NULL;
-        g_assert_cmpint(nkp_provider_create(f->ctx, "p1", 0, &p), ==, 0);
-        int fd = -1;
-        g_autoptr(NkpStore) store = NULL;
-        g_assert_cmpint(nkp_store_lock(f->ctx, &fd), ==, 0);
-        g_assert_cmpint(nkp_store_load(f->ctx, &store), ==, 0);
-        nkp_store_find(store, "p1")->flags |= NKP_PROVIDER_BACKED_UP | NKP_PROVIDER_DEFAULT;
-        g_assert_cmpint(nkp_store_save(f->ctx, store), ==, 0);
-        nkp_store_unlock(fd);
+        f->ctx = testutil_context_with_conf(f->root, NULL);
+        testutil_default_provider(f->ctx, "p1");
         g_autofree char *images = g_build_filename(f->root, "images", NULL);
         g_assert_cmpint(g_mkdir_with_parents(images, 0700), ==, 0);
         f->base = g_build_filename(images, "vm1.qcow2", NULL);

@@ -18,15 +18,9 @@ static char *root, *state_dir;
 
 static nkp_context *ctx_with(const char *policy)
 {
-        g_autofree char *etc = g_build_filename(root, "etc/nkp", NULL);
-        g_assert_cmpint(g_mkdir_with_parents(etc, 0700), ==, 0);
-        g_autofree char *conf = g_build_filename(etc, "nkp.conf", NULL);
         g_autofree char *text = g_strdup_printf("[tpm]\ntcti=none\n[vtpm]\npolicy=%s\nstate_dir=%s\n",
                                                 policy, state_dir);
-        g_assert_true(g_file_set_contents(conf, text, -1, NULL));
-        nkp_context *ctx = NULL;
-        g_assert_cmpint(nkp_context_new(root, &ctx), ==, 0);
-        return ctx;
+        return testutil_context_with_conf(root, text);
 }
 
 static const char *vm_xml =

@@ -116,15 +116,35 @@ GBytes *testutil_unhex(const char *hex)
         return g_bytes_new_take(buf, n / 2);
 }
 
+nkp_context *testutil_context_with_conf(const char *root, const char *conf)
+{
+        g_autofree char *etc = g_build_filename(root, "etc/nkp", NULL);
+        g_assert_cmpint(g_mkdir_with_parents(etc, 0700), ==, 0);
+        g_autofree char *path = g_build_filename(etc, "nkp.conf", NULL);
+        g_assert_true(g_file_set_contents(path, conf ? conf : "[tpm]\ntcti=none\n", -1, NULL));
+        nkp_context *ctx = NULL;
+        g_assert_cmpint(nkp_context_new(root, &ctx), ==, 0);
+        return ctx;
+}
+
+void testutil_default_provider(nkp_context *ctx, const char *name)
+{
+        g_autoptr(nkp_provider) p = NULL;
+        g_assert_cmpint(nkp_provider_create(ctx, name, 0, &p), ==, 0);
+        int fd = -1;
+        g_autoptr(NkpStore) store = NULL;
+        g_assert_cmpint(nkp_store_lock(ctx, &fd), ==, 0);
+        g_assert_cmpint(nkp_store_load(ctx, &store), ==, 0);
+        nkp_store_find(store, name)->flags |= NKP_PROVIDER_BACKED_UP | NKP_PROVIDER_DEFAULT;
+        g_assert_cmpint(nkp_store_save(ctx, store), ==, 0);
+        nkp_store_unlock(fd);
+}
+
 void testutil_root_setup(TestutilRoot *f, gconstpointer data)
 {
         (void) data;
         f->root = testutil_mkdtemp();
-        g_autofree char *etc = g_build_filename(f->root, "etc/nkp", NULL);
-        g_assert_cmpint(g_mkdir_with_parents(etc, 0700), ==, 0);
-        g_autofree char *conf = g_build_filename(etc, "nkp.conf", NULL);
-        g_assert_true(g_file_set_contents(conf, "[tpm]\ntcti=none\n", -1, NULL));
-        g_assert_cmpint(nkp_context_new(f->root, &f->ctx), ==, 0);
+        f->ctx = testutil_context_with_conf(f->root, NULL);
         nkp_cache_flush(f->ctx);
 }
 

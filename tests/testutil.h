@@ -28,6 +28,13 @@ typedef struct {
         nkp_context *ctx;
 } TestutilRoot;
 void testutil_root_setup(TestutilRoot *f, gconstpointer data);
+
+/* The context of `root` with ROOT/etc/nkp/nkp.conf written first: `conf`,
+ * or NULL for "[tpm] tcti=none" (the machine's TPM never used). */
+nkp_context *testutil_context_with_conf(const char *root, const char *conf);
+/* Provider `name` created in the store of `ctx` and made the backed-up
+ * default: what the VM commands pick without asking. */
+void testutil_default_provider(nkp_context *ctx, const char *name);
 void testutil_root_teardown(TestutilRoot *f, gconstpointer data);
 
 /* Hex helpers for known-answer vectors. */
