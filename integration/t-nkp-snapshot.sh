@@ -120,8 +120,9 @@ lab_virsh a start --paused g2 >/dev/null || fail "start --paused g2"
 lab_virsh a snapshot-create-as g2 p1 --disk-only --atomic --diskspec vda,snapshot=external >/dev/null || fail "virsh snapshot-create-as"
 p1="$LAB_DIR/shared/g2.p1"
 seal="$p1.nkp-seal"
-# nkpd, not vm status: polled up to 10 s (the wait bounds a hang, it measures nothing)
-for ((i = 0; i < 50; i++)); do
+# nkpd, not vm status: polled up to 30 s (the seal makes a LUKS file: a
+# loaded machine is slow; the wait bounds a hang, it measures nothing)
+for ((i = 0; i < 150; i++)); do
     nk alarms | grep_q -F "nkpd sealed it: the guest's writes since go to the encrypted '$seal'" && break
     sleep 0.2
 done
@@ -216,7 +217,7 @@ lab_virsh a undefine g2 --keep-tpm --keep-nvram --snapshots-metadata >/dev/null 
 lab_virsh a create "$LAB_DIR/g2t.xml" --paused >/dev/null || fail "virsh create (transient g2)"
 p3="$LAB_DIR/shared/g2.p3"
 lab_virsh a snapshot-create-as g2 p3 --disk-only --atomic --diskspec "vda,snapshot=external,file=$p3" >/dev/null || fail "virsh snapshot-create-as (transient g2)"
-for ((i = 0; i < 50; i++)); do
+for ((i = 0; i < 150; i++)); do # up to 30 s, as above
     nk alarms | grep_q -F "encrypted '$p3.nkp-seal'" && break
     sleep 0.2
 done
