@@ -53,25 +53,6 @@ typedef struct {
 
 /* ---- running the real tools ----------------------------------------------- */
 
-static bool have_qemu(void)
-{
-        g_autofree char *img = g_find_program_in_path("qemu-img");
-        g_autofree char *io = g_find_program_in_path("qemu-io");
-        return img && io;
-}
-
-/* Runs argv; its exit status, stdout in *out (if asked). */
-static int run(const char *const *argv, char **out)
-{
-        g_autofree char *o = NULL, *e = NULL;
-        int status = 0;
-        g_autoptr(GError) error = NULL;
-        g_assert_true(g_spawn_sync(NULL, (char **) argv, NULL, G_SPAWN_SEARCH_PATH, NULL, NULL,
-                                   &o, &e, &status, &error));
-        if (out)
-                *out = g_strconcat(o, e, NULL);
-        return g_spawn_check_wait_status(status, NULL) ? 0 : 1;
-}
 
 /* A LUKS qemu-img create: QEMU 7.2's PBKDF benchmark flakes on a loaded
  * machine ("Unable to get accurate CPU usage", tools.c), retried as nkp
@@ -82,7 +63,7 @@ static int run_create(const char *const *argv)
         for (int attempt = 0; attempt < 6 && r != 0; attempt++) {
                 if (attempt > 0)
                         g_usleep(200000);
-                r = run(argv, NULL);
+                r = testutil_run_tool(argv, NULL);
         }
         return r;
 }
@@ -129,7 +110,7 @@ static int qemu_io(Fixture *f, const char *file, unsigned below, bool keyed,
         }
         g_ptr_array_add(argv, NULL);
         g_autofree char *text = NULL;
-        int r = run((const char *const *) argv->pdata, &text);
+        int r = testutil_run_tool((const char *const *) argv->pdata, &text);
         /* qemu-io exits 0 even when a read -P finds other bytes. */
         if (r == 0 && (strstr(text, "Pattern verification failed") || strstr(text, "failed")))
                 r = 1;
@@ -168,7 +149,7 @@ static char *top_map(Fixture *f, bool keyed)
         const char *argv[] = { "qemu-img", "map", "--output=json", "--object", obj,
                                "--image-opts", o, NULL };
         g_autofree char *out = NULL;
-        g_assert_cmpint(run(argv, &out), ==, 0);
+        g_assert_cmpint(testutil_run_tool(argv, &out), ==, 0);
         g_autoptr(JsonParser) p = json_parser_new();
         g_assert_true(json_parser_load_from_data(p, out, -1, NULL));
         JsonArray *extents = json_node_get_array(json_parser_get_root(p));
@@ -189,7 +170,7 @@ static char *backing_name(const char *file)
 {
         g_autofree char *out = NULL;
         const char *argv[] = { "qemu-img", "info", "-U", "-f", "qcow2", file, NULL };
-        g_assert_cmpint(run(argv, &out), ==, 0);
+        g_assert_cmpint(testutil_run_tool(argv, &out), ==, 0);
         const char *p = strstr(out, "backing file: ");
         if (!p)
                 return NULL;
@@ -282,7 +263,7 @@ static void make_overlay(Fixture *f, bool encrypted)
                                              f->overlay, encrypted ? ",encrypt.key-secret=k" : "");
         const char *io[] = { "qemu-io", "--object", obj2, "--image-opts", o, "-c", "write -z 0 64k",
                              "-c", "write -P 0 64k 64k", "-c", "write -P 0x43 2M 64k", NULL };
-        g_assert_cmpint(run(io, NULL), ==, 0);
+        g_assert_cmpint(testutil_run_tool(io, NULL), ==, 0);
         define_chain(f, uuid, encrypted);
 }
 
@@ -326,7 +307,7 @@ static void add_third_layer(Fixture *f)
 static void fixture_set_up(Fixture *f, gconstpointer data)
 {
         (void) data;
-        if (!have_qemu()) {
+        if (!testutil_have_qemu_tools()) {
                 g_test_skip("qemu-img/qemu-io not installed");
                 return;
         }
@@ -341,11 +322,11 @@ static void fixture_set_up(Fixture *f, gconstpointer data)
         f->below = 1;
         f->keyfile = g_build_filename(f->root, "key", NULL);
         const char *create[] = { "qemu-img", "create", "-q", "-f", "qcow2", f->base, "4M", NULL };
-        g_assert_cmpint(run(create, NULL), ==, 0);
+        g_assert_cmpint(testutil_run_tool(create, NULL), ==, 0);
         g_autofree char *o = g_strdup_printf("driver=qcow2,file.filename=%s", f->base);
         const char *io[] = { "qemu-io", "--image-opts", o, "-c", "write -P 0x41 0 1M", "-c",
                              "write -P 0x42 1M 1M", NULL };
-        g_assert_cmpint(run(io, NULL), ==, 0);
+        g_assert_cmpint(testutil_run_tool(io, NULL), ==, 0);
 
         f->v = testutil_test_driver_vm1(f->root, VM_UUID, f->base);
         g_autoptr(nkp_vm_result) res = NULL;
@@ -802,7 +783,7 @@ static void test_branch_refused(Fixture *f, gconstpointer data)
                 if (i == 0)
                         g_assert_cmpint(run_create(other), ==, 0);
                 else if (i == 1)
-                        g_assert_cmpint(run(plain, NULL), ==, 0);
+                        g_assert_cmpint(testutil_run_tool(plain, NULL), ==, 0);
                 else
                         g_assert_cmpint(unlink(f->overlay), ==, 0);
                 g_autoptr(GHashTable) before = testutil_snapshot_tree(images);

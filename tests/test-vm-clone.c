@@ -53,24 +53,6 @@ typedef struct {
 static const char *const points[] = { "clone-recorded", "clone-disk-written",
                                       "clone-disk-renamed", "clone-defined" };
 
-static bool have_qemu(void)
-{
-        g_autofree char *img = g_find_program_in_path("qemu-img");
-        g_autofree char *io = g_find_program_in_path("qemu-io");
-        return img && io;
-}
-
-/* Runs argv; 0 when it exits 0, its output in *out (if asked). */
-static int run(const char *const *argv, char **out)
-{
-        g_autofree char *o = NULL, *e = NULL;
-        int status = 0;
-        g_assert_true(g_spawn_sync(NULL, (char **) argv, NULL, G_SPAWN_SEARCH_PATH, NULL, NULL,
-                                   &o, &e, &status, NULL));
-        if (out)
-                *out = g_strconcat(o, e, NULL);
-        return g_spawn_check_wait_status(status, NULL) ? 0 : 1;
-}
 
 static char *file_sum(const char *path)
 {
@@ -91,7 +73,7 @@ static bool reads_marker(Fixture *f, const char *file, const nkp_secret *value)
         const char *argv[] = { "qemu-io", "--object", obj, "--image-opts", o,
                                "-c",      "read -P 0x41 0 64k", NULL };
         g_autofree char *out = NULL;
-        int r = run(argv, &out);
+        int r = testutil_run_tool(argv, &out);
         (void) unlink(f->keyfile);
         return r == 0 && !strstr(out, "failed");
 }
@@ -129,7 +111,7 @@ static char *clone_disk(Fixture *f, const char *name)
 static void fixture_set_up(Fixture *f, gconstpointer data)
 {
         (void) data;
-        if (!have_qemu()) {
+        if (!testutil_have_qemu_tools()) {
                 g_test_skip("qemu-img/qemu-io not installed");
                 return;
         }
@@ -142,10 +124,10 @@ static void fixture_set_up(Fixture *f, gconstpointer data)
         f->keyfile = g_build_filename(f->root, "key", NULL);
         f->made = g_ptr_array_new_with_free_func(g_free);
         const char *create[] = { "qemu-img", "create", "-q", "-f", "qcow2", f->base, "1M", NULL };
-        g_assert_cmpint(run(create, NULL), ==, 0);
+        g_assert_cmpint(testutil_run_tool(create, NULL), ==, 0);
         g_autofree char *o = g_strdup_printf("driver=qcow2,file.filename=%s", f->base);
         const char *io[] = { "qemu-io", "--image-opts", o, "-c", "write -P 0x41 0 64k", NULL };
-        g_assert_cmpint(run(io, NULL), ==, 0);
+        g_assert_cmpint(testutil_run_tool(io, NULL), ==, 0);
 
         f->v = testutil_test_driver_vm1(f->root, VM_UUID, f->base);
         g_autoptr(nkp_vm_result) res = NULL;

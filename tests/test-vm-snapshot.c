@@ -281,17 +281,6 @@ typedef struct {
         NkpVirt *v;
 } SealFixture;
 
-static int run_tool(const char *const *argv)
-{
-        int status = 0;
-        g_autofree char *o = NULL, *e = NULL;
-        g_assert_true(g_spawn_sync(NULL, (char **) argv, NULL, G_SPAWN_SEARCH_PATH, NULL, NULL,
-                                   &o, &e, &status, NULL));
-        if (!g_spawn_check_wait_status(status, NULL))
-                g_test_message("%s: %s%s", argv[0], o, e);
-        return g_spawn_check_wait_status(status, NULL) ? 0 : 1;
-}
-
 static void seal_set_up(SealFixture *f, gconstpointer data)
 {
         (void) data;
@@ -308,7 +297,7 @@ static void seal_set_up(SealFixture *f, gconstpointer data)
         f->base = g_build_filename(images, "vm1.qcow2", NULL);
         f->plain = g_build_filename(images, "vm1.p1", NULL);
         const char *create[] = { "qemu-img", "create", "-q", "-f", "qcow2", f->base, "4M", NULL };
-        g_assert_cmpint(run_tool(create), ==, 0);
+        g_assert_cmpint(testutil_run_tool(create, NULL), ==, 0);
         f->v = testutil_test_driver_vm1(f->root, TD_UUID, f->base);
         g_autoptr(nkp_vm_result) res = NULL;
         if (nkp_vm_encrypt(f->ctx, f->v, "vm1", NULL, NULL, &res) < 0)
@@ -317,7 +306,7 @@ static void seal_set_up(SealFixture *f, gconstpointer data)
          * base as the active layer, the base's <encryption> below */
         const char *overlay[] = { "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", f->base,
                                   "-F", "qcow2", f->plain, "4M", NULL };
-        g_assert_cmpint(run_tool(overlay), ==, 0);
+        g_assert_cmpint(testutil_run_tool(overlay, NULL), ==, 0);
         g_autofree char *xml = NULL;
         g_autoptr(NkpDomain) d = NULL;
         g_assert_cmpint(nkp_vm_definition(f->v, "vm1", &xml, &d), ==, 0);

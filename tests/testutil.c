@@ -116,6 +116,27 @@ GBytes *testutil_unhex(const char *hex)
         return g_bytes_new_take(buf, n / 2);
 }
 
+int testutil_run_tool(const char *const *argv, char **out)
+{
+        g_autofree char *o = NULL, *e = NULL;
+        int status = 0;
+        g_assert_true(g_spawn_sync(NULL, (char **) argv, NULL, G_SPAWN_SEARCH_PATH, NULL, NULL,
+                                   &o, &e, &status, NULL));
+        bool ok = g_spawn_check_wait_status(status, NULL);
+        if (!ok)
+                g_test_message("%s: %s%s", argv[0], o, e);
+        if (out)
+                *out = g_strconcat(o, e, NULL);
+        return ok ? 0 : 1;
+}
+
+bool testutil_have_qemu_tools(void)
+{
+        g_autofree char *img = g_find_program_in_path("qemu-img");
+        g_autofree char *io = g_find_program_in_path("qemu-io");
+        return img && io;
+}
+
 nkp_context *testutil_context_with_conf(const char *root, const char *conf)
 {
         g_autofree char *etc = g_build_filename(root, "etc/nkp", NULL);

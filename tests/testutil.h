@@ -29,6 +29,12 @@ typedef struct {
 } TestutilRoot;
 void testutil_root_setup(TestutilRoot *f, gconstpointer data);
 
+/* Runs argv (PATH searched): 0 when it exits 0, else 1 with its output in
+ * the test log; its stdout+stderr in *out when `out` is not NULL. */
+int testutil_run_tool(const char *const *argv, char **out);
+/* qemu-img and qemu-io both installed (the tests that use the real ones). */
+bool testutil_have_qemu_tools(void);
+
 /* The context of `root` with ROOT/etc/nkp/nkp.conf written first: `conf`,
  * or NULL for "[tpm] tcti=none" (the machine's TPM never used). */
 nkp_context *testutil_context_with_conf(const char *root, const char *conf);
