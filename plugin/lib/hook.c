@@ -294,8 +294,9 @@ static int recover_for_start(nkp_context *ctx, const NkpDomain *d)
                                         strcmp(j->op, "rekey-deep") == 0 ? "vm rekey --deep"
                                                                          : j->op,
                                         nkp_journal_phase_name(j->phase));
-                return nkp_fail(r, "VM '%s' cannot start now: nkpctl is changing its keys; wait "
-                                   "for it to finish, then start it.",
+                return nkp_fail(r, "VM '%s' cannot start now: nkpctl is changing its keys "
+                                   "or copying its disks (vm clone); wait for it to finish, "
+                                   "then start it.",
                                 d->name);
         }
         if (r < 0)
