@@ -1106,7 +1106,7 @@ struct NkpCopyWatch {
                               * copy destinations last seen in the VM's status XML */
         GPtrArray *pending;  /* NkpCopyEvent* */
         GHashTable *memchecks;  /* names whose status XML was written: current snapshot to read */
-        GHashTable *jobfiles;   /* uuid -> memory file a snapshot job's look alarmed */
+        GHashTable *jobfiles;   /* uuid -> "SECONDS FILE": a snapshot job's look alarmed FILE then */
         GHashTable *memalarmed; /* "uuid snapshot created": memory snapshots alarmed */
         int64_t since;          /* memory snapshots made before (s since the epoch) are not nkpd's */
 };
@@ -1383,7 +1383,9 @@ static void look_at_snapshot(nkp_context *ctx, NkpCopyWatch *w, const char *name
                 return; /* a disk-only snapshot, or the file not open yet */
         if (!prot) {
                 alarm_memory_snapshot(ctx, name, file);
-                g_hash_table_replace(w->jobfiles, g_strdup(uuid), g_strdup(file));
+                g_hash_table_replace(w->jobfiles, g_strdup(uuid),
+                                     g_strdup_printf("%" G_GINT64_FORMAT " %s",
+                                                     g_get_real_time() / G_USEC_PER_SEC, file));
         }
         g_hash_table_add(w->alarmed, g_steal_pointer(&key));
 }
@@ -1680,6 +1682,18 @@ static void process_save(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w, NkpCopyE
         raise_clear(ctx, "vm-clear-save", e->name, msg);
 }
 
+/* True when the look at snapshot `s`'s own job alarmed its file (not the
+ * look at an older job: a --no-metadata snapshot to the same file left no
+ * record to clear it with). */
+static bool alarmed_during_job(NkpCopyWatch *w, const char *uuid, const NkpRevertSnapshot *s)
+{
+        const char *entry = g_hash_table_lookup(w->jobfiles, uuid);
+        char *file = NULL;
+        int64_t at = entry ? g_ascii_strtoll(entry, &file, 10) : 0;
+        return entry && file[0] == ' ' && at >= s->created &&
+               strcmp(file + 1, s->memory_file) == 0;
+}
+
 /* The current snapshot of running VM `dom` (`name`, `uuid`): alarmed once
  * when it was made since nkpd started with its memory in a file outside the
  * protected directories, unless the look at its job alarmed that file. */
@@ -1694,11 +1708,9 @@ static void check_memory_snapshot(nkp_context *ctx, NkpCopyWatch *w, virDomainPt
             s->created >= w->since) {
                 g_autofree char *key = g_strdup_printf("%s %s %" G_GINT64_FORMAT, uuid, sname,
                                                        s->created);
-                const char *job_file = g_hash_table_lookup(w->jobfiles, uuid);
-                g_autofree char *prot = NULL;
                 if (!g_hash_table_contains(w->memalarmed, key)) {
-                        prot = protected_dir_of(ctx, s->memory_file);
-                        if (!prot && !(job_file && strcmp(job_file, s->memory_file) == 0))
+                        g_autofree char *prot = protected_dir_of(ctx, s->memory_file);
+                        if (!prot && !alarmed_during_job(w, uuid, s))
                                 alarm_memory_snapshot(ctx, name, s->memory_file);
                         g_hash_table_add(w->memalarmed, g_steal_pointer(&key));
                         g_hash_table_remove(w->jobfiles, uuid);
