@@ -53,21 +53,6 @@ typedef struct {
 
 /* ---- running the real tools ----------------------------------------------- */
 
-
-/* A LUKS qemu-img create: QEMU 7.2's PBKDF benchmark flakes on a loaded
- * machine ("Unable to get accurate CPU usage", tools.c), retried as nkp
- * does. */
-static int run_create(const char *const *argv)
-{
-        int r = 1;
-        for (int attempt = 0; attempt < 6 && r != 0; attempt++) {
-                if (attempt > 0)
-                        g_usleep(200000);
-                r = testutil_run_tool(argv, NULL);
-        }
-        return r;
-}
-
 static void write_key(Fixture *f, const nkp_secret *value)
 {
         g_assert_true(g_file_set_contents(f->keyfile, (const char *) nkp_secret_data(value),
@@ -256,7 +241,7 @@ static void make_overlay(Fixture *f, bool encrypted)
                                              "encrypt.iter-time=10,encrypt.hash-alg=sha512"
                                            : "cluster_size=65536",
                                  f->overlay, "4M", NULL };
-        g_assert_cmpint(run_create(create), ==, 0);
+        g_assert_cmpint(testutil_run_luks_create(create), ==, 0);
         g_autofree char *obj2 = g_strdup(obj);
         g_autofree char *o = g_strdup_printf("driver=qcow2,file.filename=%s%s,"
                                              "backing.encrypt.key-secret=k",
@@ -283,7 +268,7 @@ static void add_third_layer(Fixture *f)
                                  "encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time=10,"
                                  "encrypt.hash-alg=sha512",
                                  s2, "4M", NULL };
-        g_assert_cmpint(run_create(create), ==, 0);
+        g_assert_cmpint(testutil_run_luks_create(create), ==, 0);
         g_free(f->top);
         f->top = g_strdup(s2);
         f->below = 2;
@@ -774,14 +759,15 @@ static void test_branch_refused(Fixture *f, gconstpointer data)
                                 "-F", "qcow2", "--object",
                                 "secret,id=o,data=0011223344556677889900112233445566778899001122"
                                 "33445566778899001122",
-                                "-o", "encrypt.format=luks,encrypt.key-secret=o,encrypt.iter-time=10",
+                                "-o", "encrypt.format=luks,encrypt.key-secret=o,encrypt.iter-time=10,"
+                                      "encrypt.hash-alg=sha512",
                                 f->overlay, "4M", NULL };
         const char *plain[] = { "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", f->base,
                                 "-F", "qcow2", f->overlay, "4M", NULL };
         const char *why[] = { NULL, "is not encrypted", "is missing" };
         for (size_t i = 0; i < G_N_ELEMENTS(why); i++) {
                 if (i == 0)
-                        g_assert_cmpint(run_create(other), ==, 0);
+                        g_assert_cmpint(testutil_run_luks_create(other), ==, 0);
                 else if (i == 1)
                         g_assert_cmpint(testutil_run_tool(plain, NULL), ==, 0);
                 else

@@ -121,18 +121,10 @@ static void make_template(void)
         g_autofree char *s1 = g_build_filename(template_dir, "g1.s1", NULL);
         const char *argv[] = { "qemu-img", "create", "-q", "-f", "qcow2", "--object",
                                "secret,id=s0,data=" DEK_HEX, "-o",
-                               "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+                               "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,"
+                               "encrypt.hash-alg=sha512",
                                base, "64M", NULL };
-        int status = 0;
-        /* QEMU 7.2's PBKDF benchmark flake ("Unable to get accurate CPU
-         * usage", tools.c) on a loaded machine: retried as nkp does. */
-        for (int attempt = 0; attempt < 6; attempt++) {
-                g_free(run(argv, &status));
-                if (status == 0)
-                        break;
-                g_usleep(200000);
-        }
-        g_assert_cmpint(status, ==, 0);
+        g_assert_cmpint(testutil_run_luks_create(argv), ==, 0);
         g_autoptr(nkp_secret) value = NULL;
         g_assert_cmpint(nkp_secret_new_copy(DEK_HEX, strlen(DEK_HEX), &value), ==, 0);
         /* Relative backing name: the copies in each test's directory

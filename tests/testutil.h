@@ -32,6 +32,12 @@ void testutil_root_setup(TestutilRoot *f, gconstpointer data);
 /* Runs argv (PATH searched): 0 when it exits 0, else 1 with its output in
  * the test log; its stdout+stderr in *out when `out` is not NULL. */
 int testutil_run_tool(const char *const *argv, char **out);
+/* A `qemu-img create` (or convert) that makes a LUKS layer: QEMU 7.2's
+ * PBKDF benchmark fails with "Unable to get accurate CPU usage" when a
+ * tick-accounted thread reads 0 ms (tools.c); pass encrypt.hash-alg=sha512
+ * as nkp does (slower rounds, almost never 0 ms) and this retries the rest
+ * with nkp's growing pause.  0 on success, else 1 (output in the log). */
+int testutil_run_luks_create(const char *const *argv);
 /* qemu-img and qemu-io both installed (the tests that use the real ones). */
 bool testutil_have_qemu_tools(void);
 
