@@ -161,6 +161,7 @@ lab_virsh a snapshot-create-as g2 m3 --memspec "file=$msp,snapshot=external" >/d
 lab_virsh a snapshot-create-as g2 m2 --memspec "file=$ms2,snapshot=external" >/dev/null \
     || fail "virsh snapshot-create-as --memspec, nkpd stopped"
 [ "$(in_clear "$mark2" "$ms2")" -gt 0 ] || fail "control: the memory file holds no marker"
+lab_exec a test -s "$msp" || fail "control: libvirt wrote no $msp"
 nkpd_start
 alarm=
 for ((i = 0; i < 150; i++)); do # polled up to 30 s (bounds a hang, measures nothing)
