@@ -11,6 +11,9 @@
 #   live and offline, and the VM boots through its chain; nkpd puts the
 #   attribute back on an nkp definition that lacks it (written before nkp
 #   set it); a memory snapshot (--memspec) is alarmed (vm-clear-save);
+#   one made while nkpd was stopped is alarmed by nkpd's start scan, once
+#   (a restart after the alarm was cleared raises nothing), and one into a
+#   directory the host key protects (nkpctl host protect) is not;
 #   `vm decrypt` removes it.
 # Exit: 0 pass, 1 fail, 77 skipped (with the reason).
 set -euo pipefail
@@ -27,7 +30,10 @@ disk_attr() { # DOM [--inactive]: the <disk …> line of vda's disk
 images() { (cd "$LAB_DIR/shared" && ls -A | sort | tr '\n' ' '); }
 
 lab_test_init
-lab_host_with_p1 a
+# /var/lib/libvirt on fscrypt: a memory snapshot into a protected directory must not alarm
+LAB_FSCRYPT_LIBVIRT=1 lab_host_with_p1 a
+out=$(nk host protect 2>&1) || fail "host protect: $out"
+OFFER=/var/lib/libvirt/qemu/nkp-saves
 
 new_vm() { # NAME MARK
     local disk="$LAB_DIR/shared/$1.qcow2"
@@ -141,6 +147,51 @@ lab_virsh a snapshot-delete g2 m1 --metadata >/dev/null || fail "snapshot-delete
 rm -f "$ms"
 nk alarms clear vm-clear-save >/dev/null
 pass "a memory snapshot (--memspec) of a running nkp VM: vm-clear-save alarm naming the file"
+
+# memory snapshots made while nkpd was not running: the start scan alarms the
+# one in clear (by snapshot name and file) and records it; the one into a
+# protected directory is not alarmed
+scans() { grep -c "memory snapshots of nkp VMs checked" "$LAB_DIR/nkpd.log" || true; }
+record() { lab_exec a cat /var/lib/nkp/memory-snapshots 2>/dev/null || true; }
+nkpd_stop
+msp="$OFFER/g2-protected.mem"
+ms2="$LAB_DIR/shared/g2-offline.mem"
+lab_virsh a snapshot-create-as g2 m3 --memspec "file=$msp,snapshot=external" >/dev/null \
+    || fail "virsh snapshot-create-as --memspec into $OFFER"
+lab_virsh a snapshot-create-as g2 m2 --memspec "file=$ms2,snapshot=external" >/dev/null \
+    || fail "virsh snapshot-create-as --memspec, nkpd stopped"
+[ "$(in_clear "$mark2" "$ms2")" -gt 0 ] || fail "control: the memory file holds no marker"
+lab_exec a test -s "$msp" || fail "control: libvirt wrote no $msp"
+nkpd_start
+alarm=
+for ((i = 0; i < 150; i++)); do # polled up to 30 s (bounds a hang, measures nothing)
+    alarm=$(nk alarms 2>/dev/null | grep -F vm-clear-save | grep -F -- "$ms2" || true)
+    [ -n "$alarm" ] && break
+    sleep 0.2
+done
+[ -n "$alarm" ] || fail "nkpd's start scan raised no vm-clear-save naming $ms2: $(nk alarms 2>&1)"
+echo "# $alarm"
+grep_q -F "Snapshot 'm2' of VM 'g2'" <<<"$alarm" || fail "the alarm does not name snapshot m2: $alarm"
+nk alarms 2>/dev/null | grep_q -F -- "$msp" && fail "a memory snapshot into $OFFER was alarmed: $(nk alarms 2>&1)"
+grep_q " m2\$" <<<"$(record)" || fail "m2 not in the record: $(record)"
+grep_q " m3\$" <<<"$(record)" && fail "m3 (protected) in the record: $(record)"
+pass "a memory snapshot made while nkpd was stopped: alarmed by its start scan with the file; one into $OFFER not"
+
+nk alarms clear vm-clear-save >/dev/null
+before=$(scans)
+nkpd_stop
+nkpd_start
+for ((i = 0; i < 150; i++)); do # polled up to 30 s (bounds a hang, measures nothing)
+    [ "$(scans)" -gt "$before" ] && break
+    sleep 0.2
+done
+[ "$(scans)" -gt "$before" ] || fail "nkpd did not log its start scan"
+nk alarms 2>/dev/null | grep_q vm-clear-save && fail "raised again after a restart: $(nk alarms 2>&1)"
+lab_virsh a snapshot-delete g2 m2 --metadata >/dev/null || fail "snapshot-delete m2"
+lab_virsh a snapshot-delete g2 m3 --metadata >/dev/null || fail "snapshot-delete m3"
+rm -f "$ms2"
+lab_exec a rm -f "$msp"
+pass "cleared, then nkpd restarted: the recorded memory snapshot is not alarmed again"
 lab_virsh a destroy g2 >/dev/null
 lab_wait_domstate a g2 "shut off" 30 || fail "g2 not shut off"
 

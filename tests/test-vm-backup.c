@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <libvirt/libvirt.h>
 
@@ -174,8 +175,12 @@ static const char *memory_alarm(nkp_context *ctx, const char *file, char **ret_m
         return *ret_msg;
 }
 
+/* A memory snapshot of `dom` to `file`; the test driver writes no file:
+ * made here, as QEMU would have written it (nkpd alarms only a file that
+ * exists). */
 static void memory_snapshot(virDomainPtr dom, const char *name, const char *file)
 {
+        g_assert_true(g_file_set_contents(file, "guest memory", -1, NULL));
         g_autofree char *xml = g_strdup_printf(
                 "<domainsnapshot><name>%s</name><memory snapshot='external' file='%s'/>"
                 "<disks><disk name='vda' snapshot='no'/></disks></domainsnapshot>",
@@ -183,6 +188,52 @@ static void memory_snapshot(virDomainPtr dom, const char *name, const char *file
         virDomainSnapshotPtr snap = virDomainSnapshotCreateXML(dom, xml, 0);
         g_assert_nonnull(snap);
         virDomainSnapshotFree(snap);
+}
+
+/* VM "test" (`uuid`) becomes an nkp VM: a keysafe in its definition. */
+static void make_nkp_vm(nkp_virt *v, const char *uuid)
+{
+        g_autoptr(nkp_keysafe) ks = NULL;
+        g_assert_cmpint(nkp_keysafe_new_for(uuid, "p1", "0b5f1a8e-1d0e-4b57-9b44-0d9a3c1f2e01",
+                                            "00000000000000000000000000000000"
+                                            "00000000000000000000000000000000",
+                                            &ks),
+                        ==, 0);
+        g_autoptr(nkp_secret) kek = NULL, dek = NULL;
+        g_assert_cmpint(nkp_secret_new_random(NKP_KEK_SIZE, &kek), ==, 0);
+        g_assert_cmpint(nkp_secret_new_random(NKP_DEK_SIZE, &dek), ==, 0);
+        g_assert_cmpint(nkp_keysafe_put_dek(ks, kek, NKP_OBJECT_DISK, "vda",
+                                            "1a2b3c4d-1d0e-4b57-9b44-0d9a3c1f2e02", dek),
+                        ==, 0);
+        g_autofree char *ks_xml = NULL;
+        g_assert_cmpint(nkp_keysafe_format(ks, &ks_xml), ==, 0);
+        g_assert_cmpint(nkp_virt_keysafe_set(v, "test", ks_xml), ==, 0);
+}
+
+/* ROOT/run/libvirt/qemu/test.xml, the status XML libvirt keeps of running VM "test". */
+static void write_status_xml(const char *root, const char *uuid)
+{
+        g_autofree char *run = g_build_filename(root, "run/libvirt/qemu", NULL);
+        g_assert_cmpint(g_mkdir_with_parents(run, 0700), ==, 0);
+        g_autofree char *status = g_build_filename(run, "test.xml", NULL);
+        g_autofree char *status_xml = g_strdup_printf(
+                "<domstatus state='running'><domain type='test'><name>test</name>"
+                "<uuid>%s</uuid></domain></domstatus>\n", uuid);
+        g_assert_true(g_file_set_contents(status, status_xml, -1, NULL));
+}
+
+/* The test driver's domains live as long as the process: each test
+ * deletes the snapshots it made. */
+static void delete_snapshots(virDomainPtr dom)
+{
+        virDomainSnapshotPtr *snaps = NULL;
+        int n = virDomainListAllSnapshots(dom, &snaps, 0);
+        g_assert_cmpint(n, >=, 0);
+        for (int i = 0; i < n; i++) {
+                g_assert_cmpint(virDomainSnapshotDelete(snaps[i], 0), ==, 0);
+                virDomainSnapshotFree(snaps[i]);
+        }
+        free(snaps);
 }
 
 /* A memory snapshot whose job was over before any look (a small guest's
@@ -201,13 +252,7 @@ static void test_memory_snapshot_after_job(void)
         g_assert_nonnull(dom);
         char uuid[VIR_UUID_STRING_BUFLEN];
         g_assert_cmpint(virDomainGetUUIDString(dom, uuid), ==, 0);
-        g_autofree char *run = g_build_filename(root, "run/libvirt/qemu", NULL);
-        g_assert_cmpint(g_mkdir_with_parents(run, 0700), ==, 0);
-        g_autofree char *status = g_build_filename(run, "test.xml", NULL);
-        g_autofree char *status_xml = g_strdup_printf(
-                "<domstatus state='running'><domain type='test'><name>test</name>"
-                "<uuid>%s</uuid></domain></domstatus>\n", uuid);
-        g_assert_true(g_file_set_contents(status, status_xml, -1, NULL));
+        write_status_xml(root, uuid);
         g_autofree char *mem = g_build_filename(root, "test.mem", NULL);
         g_autofree char *msg = NULL;
         NkpCopyWatch *w = nkp_copy_watch_new();
@@ -218,21 +263,7 @@ static void test_memory_snapshot_after_job(void)
         nkp_copy_watch_process(ctx, v, w);
         g_assert_null(memory_alarm(ctx, mem, &msg));
 
-        g_autoptr(nkp_keysafe) ks = NULL;
-        g_assert_cmpint(nkp_keysafe_new_for(uuid, "p1", "0b5f1a8e-1d0e-4b57-9b44-0d9a3c1f2e01",
-                                            "00000000000000000000000000000000"
-                                            "00000000000000000000000000000000",
-                                            &ks),
-                        ==, 0);
-        g_autoptr(nkp_secret) kek = NULL, dek = NULL;
-        g_assert_cmpint(nkp_secret_new_random(NKP_KEK_SIZE, &kek), ==, 0);
-        g_assert_cmpint(nkp_secret_new_random(NKP_DEK_SIZE, &dek), ==, 0);
-        g_assert_cmpint(nkp_keysafe_put_dek(ks, kek, NKP_OBJECT_DISK, "vda",
-                                            "1a2b3c4d-1d0e-4b57-9b44-0d9a3c1f2e02", dek),
-                        ==, 0);
-        g_autofree char *ks_xml = NULL;
-        g_assert_cmpint(nkp_keysafe_format(ks, &ks_xml), ==, 0);
-        g_assert_cmpint(nkp_virt_keysafe_set(v, "test", ks_xml), ==, 0);
+        make_nkp_vm(v, uuid);
 
         /* the VM has a keysafe now: at the next status write its current
          * snapshot m0 (made since the watch began) is alarmed */
@@ -258,6 +289,169 @@ static void test_memory_snapshot_after_job(void)
         g_assert_cmpint(nkp_alarm_clear(ctx, "vm-clear-save", "test"), ==, 0);
 
         nkp_copy_watch_free(w);
+        delete_snapshots(dom);
+        g_assert_cmpint(nkp_virt_keysafe_set(v, "test", NULL), ==, 0);
+        virDomainFree(dom);
+        nkp_virt_close(v);
+        nkp_context_free(ctx);
+        testutil_rmtree(root);
+}
+
+/* The record's text (ROOT/var/lib/nkp/memory-snapshots), "" when none;
+ * always mode 0600. */
+static char *record_text(const char *root)
+{
+        g_autofree char *path = g_build_filename(root, "var/lib/nkp/memory-snapshots", NULL);
+        struct stat sb;
+        if (stat(path, &sb) < 0)
+                return g_strdup("");
+        g_assert_cmpuint(sb.st_mode & 07777, ==, 0600);
+        char *text = NULL;
+        g_assert_true(g_file_get_contents(path, &text, NULL, NULL));
+        return text;
+}
+
+/* The line "UUID CREATED NAME" of snapshot `name` of `dom`. */
+static char *record_line(virDomainPtr dom, const char *uuid, const char *name)
+{
+        virDomainSnapshotPtr snap = virDomainSnapshotLookupByName(dom, name, 0);
+        g_assert_nonnull(snap);
+        char *xml = virDomainSnapshotGetXMLDesc(snap, 0);
+        g_autoptr(NkpRevertSnapshot) s = NULL;
+        g_assert_cmpint(nkp_revert_snapshot_parse(name, xml, &s), ==, 0);
+        free(xml);
+        virDomainSnapshotFree(snap);
+        g_assert_cmpint(s->created, >, 0);
+        return g_strdup_printf("%s %" G_GINT64_FORMAT " %s\n", uuid, s->created, name);
+}
+
+/* A restart of nkpd: a new watch (same ROOT) and its start scan. */
+static void restart_scan(nkp_context *ctx, nkp_virt *v)
+{
+        NkpCopyWatch *w = nkp_copy_watch_new();
+        nkp_copy_watch_start_scan(ctx, v, w);
+        nkp_copy_watch_free(w);
+}
+
+/* Memory snapshots made while nkpd was not running (stopped, or not yet
+ * installed): the start scan alarms each one in clear once, by name and
+ * file, and records it; a restart after the admin cleared the alarm raises
+ * nothing, neither at its scan nor when the watch then reads the current
+ * snapshot; a snapshot without a memory file, a memory file deleted since
+ * and a VM that is not nkp's raise nothing; a damaged or unreadable record
+ * is taken as empty (alarmed again, written anew); deleted snapshots leave
+ * the record.  (A file in a protected directory needs real fscrypt:
+ * integration/t-nkp-snapshot-internal.sh.) */
+static void test_memory_snapshot_start_scan(void)
+{
+        g_autofree char *root = testutil_mkdtemp();
+        nkp_context *ctx = NULL;
+        g_assert_cmpint(nkp_context_new(root, &ctx), ==, 0);
+        nkp_virt *v = NULL;
+        g_assert_cmpint(nkp_virt_open("test:///default", 0, &v), ==, 0);
+        virDomainPtr dom = virDomainLookupByName(nkp_virt_connection(v), "test");
+        g_assert_nonnull(dom);
+        char uuid[VIR_UUID_STRING_BUFLEN];
+        g_assert_cmpint(virDomainGetUUIDString(dom, uuid), ==, 0);
+        g_autofree char *mem = g_build_filename(root, "old.mem", NULL);
+        g_autofree char *gone = g_build_filename(root, "gone.mem", NULL);
+        g_autofree char *msg = NULL;
+        write_status_xml(root, uuid);
+        delete_snapshots(dom);
+
+        /* before nkp: a memory snapshot in clear, one whose file was
+         * deleted since, one without a memory file (the test driver has no
+         * disk-only snapshot: memory 'no' becomes 'internal', no file) */
+        memory_snapshot(dom, "old", mem);
+        memory_snapshot(dom, "gone", gone);
+        g_assert_cmpint(unlink(gone), ==, 0);
+        virDomainSnapshotPtr d = virDomainSnapshotCreateXML(
+                dom, "<domainsnapshot><name>disk</name><memory snapshot='no'/></domainsnapshot>",
+                0);
+        g_assert_nonnull(d);
+        virDomainSnapshotFree(d);
+
+        /* not an nkp VM: nothing alarmed, nothing recorded */
+        restart_scan(ctx, v);
+        g_assert_null(memory_alarm(ctx, mem, &msg));
+        g_autofree char *empty = record_text(root);
+        g_assert_cmpstr(empty, ==, "");
+
+        /* nkp installed, nkpd starts: the old snapshot is alarmed, alone */
+        make_nkp_vm(v, uuid);
+        restart_scan(ctx, v);
+        g_assert_nonnull(memory_alarm(ctx, mem, &msg));
+        g_assert_nonnull(strstr(msg, "Snapshot 'old' of VM 'test'"));
+        g_assert_nonnull(strstr(msg, "virsh snapshot-delete test old"));
+        g_assert_nonnull(strstr(msg, "nkpctl vm snapshot test NAME"));
+        g_assert_null(strstr(msg, "gone"));
+        g_assert_null(strstr(msg, "'disk'"));
+        g_clear_pointer(&msg, g_free);
+        g_autofree char *line = record_line(dom, uuid, "old");
+        g_autofree char *rec = record_text(root);
+        g_assert_cmpstr(rec, ==, line);
+
+        /* cleared by the admin, nkpd restarts: not raised again, neither by
+         * the scan nor by the watch reading the current snapshot */
+        g_assert_cmpint(nkp_alarm_clear(ctx, "vm-clear-save", "test"), ==, 0);
+        restart_scan(ctx, v);
+        g_assert_null(memory_alarm(ctx, mem, &msg));
+        NkpCopyWatch *w = nkp_copy_watch_new();
+        nkp_copy_watch_start_scan(ctx, v, w);
+        memory_snapshot(dom, "cur", mem);
+        g_autofree char *cur_line = record_line(dom, uuid, "cur");
+        nkp_copy_watch_status_written(ctx, w, "test");
+        nkp_copy_watch_process(ctx, v, w);
+        g_assert_nonnull(memory_alarm(ctx, mem, &msg)); /* the new one is */
+        g_assert_nonnull(strstr(msg, "Snapshot 'cur'"));
+        g_clear_pointer(&msg, g_free);
+        nkp_copy_watch_free(w);
+        g_assert_cmpint(nkp_alarm_clear(ctx, "vm-clear-save", "test"), ==, 0);
+        restart_scan(ctx, v); /* and the watch recorded it */
+        g_assert_null(memory_alarm(ctx, mem, &msg));
+        g_clear_pointer(&rec, g_free);
+        rec = record_text(root);
+        g_assert_nonnull(strstr(rec, line));
+        g_assert_nonnull(strstr(rec, cur_line));
+
+        /* a damaged record: taken as empty, both alarmed again in one
+         * alarm, the record written anew */
+        g_autofree char *path = g_build_filename(root, "var/lib/nkp/memory-snapshots", NULL);
+        g_autofree char *damaged = g_strconcat(line, "not a line\n", NULL);
+        g_assert_true(g_file_set_contents(path, damaged, -1, NULL));
+        g_assert_cmpint(chmod(path, 0600), ==, 0);
+        restart_scan(ctx, v);
+        g_assert_nonnull(memory_alarm(ctx, mem, &msg));
+        g_assert_true(strstr(msg, "So do its snapshots 'old'") ||
+                         strstr(msg, "So do its snapshots 'cur'"));
+        g_clear_pointer(&msg, g_free);
+        g_clear_pointer(&rec, g_free);
+        rec = record_text(root);
+        g_assert_nonnull(strstr(rec, line));
+        g_assert_nonnull(strstr(rec, cur_line));
+        g_assert_null(strstr(rec, "not a line"));
+        g_assert_cmpint(nkp_alarm_clear(ctx, "vm-clear-save", "test"), ==, 0);
+
+        /* unreadable to nkp (not 0600): the same */
+        g_assert_cmpint(chmod(path, 0644), ==, 0);
+        restart_scan(ctx, v);
+        g_assert_nonnull(memory_alarm(ctx, mem, &msg));
+        g_clear_pointer(&msg, g_free);
+        g_assert_cmpint(nkp_alarm_clear(ctx, "vm-clear-save", "test"), ==, 0);
+        restart_scan(ctx, v);
+        g_assert_null(memory_alarm(ctx, mem, &msg));
+
+        /* the snapshot deleted: its line goes at the next start */
+        virDomainSnapshotPtr old = virDomainSnapshotLookupByName(dom, "old", 0);
+        g_assert_nonnull(old);
+        g_assert_cmpint(virDomainSnapshotDelete(old, 0), ==, 0);
+        virDomainSnapshotFree(old);
+        restart_scan(ctx, v);
+        g_clear_pointer(&rec, g_free);
+        rec = record_text(root);
+        g_assert_cmpstr(rec, ==, cur_line);
+
+        delete_snapshots(dom);
         g_assert_cmpint(nkp_virt_keysafe_set(v, "test", NULL), ==, 0);
         virDomainFree(dom);
         nkp_virt_close(v);
@@ -274,5 +468,7 @@ int main(int argc, char **argv)
         g_test_add_func("/vm-backup/own-job", test_own_job);
         g_test_add_func("/vm-backup/copy-watch/memory-snapshot-after-job",
                         test_memory_snapshot_after_job);
+        g_test_add_func("/vm-backup/copy-watch/memory-snapshot-start-scan",
+                        test_memory_snapshot_start_scan);
         return g_test_run();
 }

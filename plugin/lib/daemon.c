@@ -555,6 +555,7 @@ static void connect_libvirt(nkp_daemon *d)
         nkp_log(NKP_LOG_INFO, "following libvirt's domain events at '%s'", shown);
         watch_running(d);
         scan_all(d);
+        nkp_copy_watch_start_scan(d->ctx, v, d->copies); /* made while nkpd was stopped */
 }
 
 /* ---- the daemon ------------------------------------------------------------------ */

@@ -1275,10 +1275,11 @@ void nkp_copy_watch_event(NkpCopyWatch *w, const char *what, const char *name, c
 bool nkp_copy_watch_status_written(nkp_context *ctx, NkpCopyWatch *w, const char *name);
 /* libvirt writes the status XML again when a job ends, after a new
  * snapshot's metadata: so after each status write, nkp_copy_watch_process
- * reads the current snapshot of that nkp VM, and one made since nkpd
- * started with its memory in a file outside the protected directories is
- * alarmed (vm-clear-save), even when the job was too short for any look
- * to see it. */
+ * reads the current snapshot of that nkp VM, and one with its memory in a
+ * file outside the protected directories is alarmed (vm-clear-save), even
+ * when the job was too short for any look to see it.  Once per snapshot,
+ * across restarts: the alarmed ones are kept in ROOT/var/lib/nkp/
+ * memory-snapshots (vm-backup.c says its format). */
 /* Looks every NKP_COPY_WATCH_IDLE_MS (NKP_TEST_COPY_WATCH_IDLE_MS in tests:
  * proves the status-XML path alone finds a dump), and at once when a
  * status XML shows a job; true while a watched job runs: look again in
@@ -1287,5 +1288,12 @@ bool nkp_copy_watch_status_written(nkp_context *ctx, NkpCopyWatch *w, const char
 #define NKP_COPY_WATCH_BUSY_MS 200
 bool nkp_copy_watch_poll(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w);
 void nkp_copy_watch_process(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w);
+/* nkpd's start scan (at each connection to libvirt): every memory snapshot
+ * of every nkp VM (persistent or running) whose file still exists outside
+ * the protected directories and is not in the record is alarmed, one
+ * vm-clear-save per VM, and recorded: those made while nkpd was stopped,
+ * and those older than nkp on this host.  Lines of snapshots gone are
+ * pruned from the record.  Failures are logged; nothing is returned. */
+void nkp_copy_watch_start_scan(nkp_context *ctx, NkpVirt *v, NkpCopyWatch *w);
 
 #endif /* NKP_PRIVATE_H */
