@@ -29,6 +29,16 @@ disk_attr() { # DOM [--inactive]: the <disk …> line of vda's disk
 }
 images() { (cd "$LAB_DIR/shared" && ls -A | sort | tr '\n' ' '); }
 
+clear_save_alarm() { # FILE: the vm-clear-save alarm naming FILE, polled up to 30 s
+    local i alarm
+    for ((i = 0; i < 150; i++)); do # bounds a hang, measures nothing
+        alarm=$(nk alarms 2>/dev/null | grep -F vm-clear-save | grep -F -- "$1" || true)
+        [ -n "$alarm" ] && break
+        sleep 0.2
+    done
+    echo "$alarm"
+}
+
 lab_test_init
 # /var/lib/libvirt on fscrypt: a memory snapshot into a protected directory must not alarm
 LAB_FSCRYPT_LIBVIRT=1 lab_host_with_p1 a
@@ -133,12 +143,7 @@ pass "nkpd sets snapshot='no' on an nkp definition that lacks it; internal snaps
 ms="$LAB_DIR/shared/g2.mem"
 lab_virsh a snapshot-create-as g2 m1 --memspec "file=$ms,snapshot=external" >/dev/null \
     || fail "virsh snapshot-create-as --memspec"
-alarm=
-for ((i = 0; i < 100; i++)); do # polled up to 20 s (bounds a hang, measures nothing)
-    alarm=$(nk alarms 2>/dev/null | grep -F vm-clear-save | grep -F -- "$ms" || true)
-    [ -n "$alarm" ] && break
-    sleep 0.2
-done
+alarm=$(clear_save_alarm "$ms")
 [ -n "$alarm" ] || fail "no vm-clear-save alarm naming $ms: $(nk alarms 2>&1)"
 echo "# $alarm"
 [ "$(in_clear "$mark2" "$ms")" -gt 0 ] || fail "control: the memory file holds no marker (the search finds nothing?)"
@@ -163,12 +168,7 @@ lab_virsh a snapshot-create-as g2 m2 --memspec "file=$ms2,snapshot=external" >/d
 [ "$(in_clear "$mark2" "$ms2")" -gt 0 ] || fail "control: the memory file holds no marker"
 lab_exec a test -s "$msp" || fail "control: libvirt wrote no $msp"
 nkpd_start
-alarm=
-for ((i = 0; i < 150; i++)); do # polled up to 30 s (bounds a hang, measures nothing)
-    alarm=$(nk alarms 2>/dev/null | grep -F vm-clear-save | grep -F -- "$ms2" || true)
-    [ -n "$alarm" ] && break
-    sleep 0.2
-done
+alarm=$(clear_save_alarm "$ms2")
 [ -n "$alarm" ] || fail "nkpd's start scan raised no vm-clear-save naming $ms2: $(nk alarms 2>&1)"
 echo "# $alarm"
 grep_q -F "Snapshot 'm2' of VM 'g2'" <<<"$alarm" || fail "the alarm does not name snapshot m2: $alarm"

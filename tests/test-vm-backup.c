@@ -236,6 +236,42 @@ static void delete_snapshots(virDomainPtr dom)
         free(snaps);
 }
 
+/* libvirt's test driver's VM "test" under a fresh ROOT with its status
+ * XML; closed with its snapshots deleted and its keysafe removed (the test
+ * driver's domains live as long as the process). */
+typedef struct {
+        char *root;
+        nkp_context *ctx;
+        nkp_virt *v;
+        virDomainPtr dom;
+        char uuid[VIR_UUID_STRING_BUFLEN];
+} MemFixture;
+
+static void mem_fixture_open(MemFixture *m)
+{
+        m->root = testutil_mkdtemp();
+        g_assert_cmpint(nkp_context_new(m->root, &m->ctx), ==, 0);
+        g_assert_cmpint(nkp_virt_open("test:///default", 0, &m->v), ==, 0);
+        m->dom = virDomainLookupByName(nkp_virt_connection(m->v), "test");
+        g_assert_nonnull(m->dom);
+        g_assert_cmpint(virDomainGetUUIDString(m->dom, m->uuid), ==, 0);
+        write_status_xml(m->root, m->uuid);
+}
+
+static void mem_fixture_close(MemFixture *m)
+{
+        if (!m->root)
+                return;
+        delete_snapshots(m->dom);
+        g_assert_cmpint(nkp_virt_keysafe_set(m->v, "test", NULL), ==, 0);
+        virDomainFree(m->dom);
+        nkp_virt_close(m->v);
+        nkp_context_free(m->ctx);
+        testutil_rmtree(m->root);
+        g_free(m->root);
+}
+G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC(MemFixture, mem_fixture_close)
+
 /* A memory snapshot whose job was over before any look (a small guest's
  * memory, written in well under nkpd's 0.2-0.5 s look): the status XML
  * libvirt writes at the job's end makes nkpd read the current snapshot and
@@ -243,16 +279,12 @@ static void delete_snapshots(virDomainPtr dom)
  * nothing. */
 static void test_memory_snapshot_after_job(void)
 {
-        g_autofree char *root = testutil_mkdtemp();
-        nkp_context *ctx = NULL;
-        g_assert_cmpint(nkp_context_new(root, &ctx), ==, 0);
-        nkp_virt *v = NULL;
-        g_assert_cmpint(nkp_virt_open("test:///default", 0, &v), ==, 0);
-        virDomainPtr dom = virDomainLookupByName(nkp_virt_connection(v), "test");
-        g_assert_nonnull(dom);
-        char uuid[VIR_UUID_STRING_BUFLEN];
-        g_assert_cmpint(virDomainGetUUIDString(dom, uuid), ==, 0);
-        write_status_xml(root, uuid);
+        g_auto(MemFixture) m = { 0 };
+        mem_fixture_open(&m);
+        const char *root = m.root, *uuid = m.uuid;
+        nkp_context *ctx = m.ctx;
+        nkp_virt *v = m.v;
+        virDomainPtr dom = m.dom;
         g_autofree char *mem = g_build_filename(root, "test.mem", NULL);
         g_autofree char *msg = NULL;
         NkpCopyWatch *w = nkp_copy_watch_new();
@@ -289,12 +321,6 @@ static void test_memory_snapshot_after_job(void)
         g_assert_cmpint(nkp_alarm_clear(ctx, "vm-clear-save", "test"), ==, 0);
 
         nkp_copy_watch_free(w);
-        delete_snapshots(dom);
-        g_assert_cmpint(nkp_virt_keysafe_set(v, "test", NULL), ==, 0);
-        virDomainFree(dom);
-        nkp_virt_close(v);
-        nkp_context_free(ctx);
-        testutil_rmtree(root);
 }
 
 /* The record's text (ROOT/var/lib/nkp/memory-snapshots), "" when none;
@@ -344,19 +370,15 @@ static void restart_scan(nkp_context *ctx, nkp_virt *v)
  * integration/t-nkp-snapshot-internal.sh.) */
 static void test_memory_snapshot_start_scan(void)
 {
-        g_autofree char *root = testutil_mkdtemp();
-        nkp_context *ctx = NULL;
-        g_assert_cmpint(nkp_context_new(root, &ctx), ==, 0);
-        nkp_virt *v = NULL;
-        g_assert_cmpint(nkp_virt_open("test:///default", 0, &v), ==, 0);
-        virDomainPtr dom = virDomainLookupByName(nkp_virt_connection(v), "test");
-        g_assert_nonnull(dom);
-        char uuid[VIR_UUID_STRING_BUFLEN];
-        g_assert_cmpint(virDomainGetUUIDString(dom, uuid), ==, 0);
+        g_auto(MemFixture) m = { 0 };
+        mem_fixture_open(&m);
+        const char *root = m.root, *uuid = m.uuid;
+        nkp_context *ctx = m.ctx;
+        nkp_virt *v = m.v;
+        virDomainPtr dom = m.dom;
         g_autofree char *mem = g_build_filename(root, "old.mem", NULL);
         g_autofree char *gone = g_build_filename(root, "gone.mem", NULL);
         g_autofree char *msg = NULL;
-        write_status_xml(root, uuid);
         delete_snapshots(dom);
 
         /* before nkp: a memory snapshot in clear, one whose file was
@@ -450,13 +472,6 @@ static void test_memory_snapshot_start_scan(void)
         g_clear_pointer(&rec, g_free);
         rec = record_text(root);
         g_assert_cmpstr(rec, ==, cur_line);
-
-        delete_snapshots(dom);
-        g_assert_cmpint(nkp_virt_keysafe_set(v, "test", NULL), ==, 0);
-        virDomainFree(dom);
-        nkp_virt_close(v);
-        nkp_context_free(ctx);
-        testutil_rmtree(root);
 }
 
 int main(int argc, char **argv)
