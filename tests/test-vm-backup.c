@@ -281,44 +281,40 @@ static void test_memory_snapshot_after_job(void)
 {
         g_auto(MemFixture) m = { 0 };
         mem_fixture_open(&m);
-        const char *root = m.root, *uuid = m.uuid;
-        nkp_context *ctx = m.ctx;
-        nkp_virt *v = m.v;
-        virDomainPtr dom = m.dom;
-        g_autofree char *mem = g_build_filename(root, "test.mem", NULL);
+        g_autofree char *mem = g_build_filename(m.root, "test.mem", NULL);
         g_autofree char *msg = NULL;
         NkpCopyWatch *w = nkp_copy_watch_new();
 
         /* not an nkp VM yet: its memory snapshot is libvirt's business */
-        memory_snapshot(dom, "m0", mem);
-        g_assert_false(nkp_copy_watch_status_written(ctx, w, "test"));
-        nkp_copy_watch_process(ctx, v, w);
-        g_assert_null(memory_alarm(ctx, mem, &msg));
+        memory_snapshot(m.dom, "m0", mem);
+        g_assert_false(nkp_copy_watch_status_written(m.ctx, w, "test"));
+        nkp_copy_watch_process(m.ctx, m.v, w);
+        g_assert_null(memory_alarm(m.ctx, mem, &msg));
 
-        make_nkp_vm(v, uuid);
+        make_nkp_vm(m.v, m.uuid);
 
         /* the VM has a keysafe now: at the next status write its current
          * snapshot m0 (made since the watch began) is alarmed */
-        nkp_copy_watch_status_written(ctx, w, "test");
-        nkp_copy_watch_process(ctx, v, w);
-        g_assert_nonnull(memory_alarm(ctx, mem, &msg));
+        nkp_copy_watch_status_written(m.ctx, w, "test");
+        nkp_copy_watch_process(m.ctx, m.v, w);
+        g_assert_nonnull(memory_alarm(m.ctx, mem, &msg));
         g_assert_nonnull(strstr(msg, "nkpctl vm snapshot test"));
         g_clear_pointer(&msg, g_free);
 
         /* once per snapshot: cleared, the next status write does not raise it again */
-        g_assert_cmpint(nkp_alarm_clear(ctx, "vm-clear-save", "test"), ==, 0);
-        nkp_copy_watch_status_written(ctx, w, "test");
-        nkp_copy_watch_process(ctx, v, w);
-        g_assert_null(memory_alarm(ctx, mem, &msg));
+        g_assert_cmpint(nkp_alarm_clear(m.ctx, "vm-clear-save", "test"), ==, 0);
+        nkp_copy_watch_status_written(m.ctx, w, "test");
+        nkp_copy_watch_process(m.ctx, m.v, w);
+        g_assert_null(memory_alarm(m.ctx, mem, &msg));
 
         /* the next memory snapshot, to another file, is */
-        g_autofree char *mem2 = g_build_filename(root, "test2.mem", NULL);
-        memory_snapshot(dom, "m1", mem2);
-        nkp_copy_watch_status_written(ctx, w, "test");
-        nkp_copy_watch_process(ctx, v, w);
-        g_assert_nonnull(memory_alarm(ctx, mem2, &msg));
+        g_autofree char *mem2 = g_build_filename(m.root, "test2.mem", NULL);
+        memory_snapshot(m.dom, "m1", mem2);
+        nkp_copy_watch_status_written(m.ctx, w, "test");
+        nkp_copy_watch_process(m.ctx, m.v, w);
+        g_assert_nonnull(memory_alarm(m.ctx, mem2, &msg));
         g_clear_pointer(&msg, g_free);
-        g_assert_cmpint(nkp_alarm_clear(ctx, "vm-clear-save", "test"), ==, 0);
+        g_assert_cmpint(nkp_alarm_clear(m.ctx, "vm-clear-save", "test"), ==, 0);
 
         nkp_copy_watch_free(w);
 }
@@ -372,105 +368,101 @@ static void test_memory_snapshot_start_scan(void)
 {
         g_auto(MemFixture) m = { 0 };
         mem_fixture_open(&m);
-        const char *root = m.root, *uuid = m.uuid;
-        nkp_context *ctx = m.ctx;
-        nkp_virt *v = m.v;
-        virDomainPtr dom = m.dom;
-        g_autofree char *mem = g_build_filename(root, "old.mem", NULL);
-        g_autofree char *gone = g_build_filename(root, "gone.mem", NULL);
+        g_autofree char *mem = g_build_filename(m.root, "old.mem", NULL);
+        g_autofree char *gone = g_build_filename(m.root, "gone.mem", NULL);
         g_autofree char *msg = NULL;
-        delete_snapshots(dom);
+        delete_snapshots(m.dom);
 
         /* before nkp: a memory snapshot in clear, one whose file was
          * deleted since, one without a memory file (the test driver has no
          * disk-only snapshot: memory 'no' becomes 'internal', no file) */
-        memory_snapshot(dom, "old", mem);
-        memory_snapshot(dom, "gone", gone);
+        memory_snapshot(m.dom, "old", mem);
+        memory_snapshot(m.dom, "gone", gone);
         g_assert_cmpint(unlink(gone), ==, 0);
         virDomainSnapshotPtr d = virDomainSnapshotCreateXML(
-                dom, "<domainsnapshot><name>disk</name><memory snapshot='no'/></domainsnapshot>",
+                m.dom, "<domainsnapshot><name>disk</name><memory snapshot='no'/></domainsnapshot>",
                 0);
         g_assert_nonnull(d);
         virDomainSnapshotFree(d);
 
         /* not an nkp VM: nothing alarmed, nothing recorded */
-        restart_scan(ctx, v);
-        g_assert_null(memory_alarm(ctx, mem, &msg));
-        g_autofree char *empty = record_text(root);
+        restart_scan(m.ctx, m.v);
+        g_assert_null(memory_alarm(m.ctx, mem, &msg));
+        g_autofree char *empty = record_text(m.root);
         g_assert_cmpstr(empty, ==, "");
 
         /* nkp installed, nkpd starts: the old snapshot is alarmed, alone */
-        make_nkp_vm(v, uuid);
-        restart_scan(ctx, v);
-        g_assert_nonnull(memory_alarm(ctx, mem, &msg));
+        make_nkp_vm(m.v, m.uuid);
+        restart_scan(m.ctx, m.v);
+        g_assert_nonnull(memory_alarm(m.ctx, mem, &msg));
         g_assert_nonnull(strstr(msg, "Snapshot 'old' of VM 'test'"));
         g_assert_nonnull(strstr(msg, "virsh snapshot-delete test old"));
         g_assert_nonnull(strstr(msg, "nkpctl vm snapshot test NAME"));
         g_assert_null(strstr(msg, "gone"));
         g_assert_null(strstr(msg, "'disk'"));
         g_clear_pointer(&msg, g_free);
-        g_autofree char *line = record_line(dom, uuid, "old");
-        g_autofree char *rec = record_text(root);
+        g_autofree char *line = record_line(m.dom, m.uuid, "old");
+        g_autofree char *rec = record_text(m.root);
         g_assert_cmpstr(rec, ==, line);
 
         /* cleared by the admin, nkpd restarts: not raised again, neither by
          * the scan nor by the watch reading the current snapshot */
-        g_assert_cmpint(nkp_alarm_clear(ctx, "vm-clear-save", "test"), ==, 0);
-        restart_scan(ctx, v);
-        g_assert_null(memory_alarm(ctx, mem, &msg));
+        g_assert_cmpint(nkp_alarm_clear(m.ctx, "vm-clear-save", "test"), ==, 0);
+        restart_scan(m.ctx, m.v);
+        g_assert_null(memory_alarm(m.ctx, mem, &msg));
         NkpCopyWatch *w = nkp_copy_watch_new();
-        nkp_copy_watch_start_scan(ctx, v, w);
-        memory_snapshot(dom, "cur", mem);
-        g_autofree char *cur_line = record_line(dom, uuid, "cur");
-        nkp_copy_watch_status_written(ctx, w, "test");
-        nkp_copy_watch_process(ctx, v, w);
-        g_assert_nonnull(memory_alarm(ctx, mem, &msg)); /* the new one is */
+        nkp_copy_watch_start_scan(m.ctx, m.v, w);
+        memory_snapshot(m.dom, "cur", mem);
+        g_autofree char *cur_line = record_line(m.dom, m.uuid, "cur");
+        nkp_copy_watch_status_written(m.ctx, w, "test");
+        nkp_copy_watch_process(m.ctx, m.v, w);
+        g_assert_nonnull(memory_alarm(m.ctx, mem, &msg)); /* the new one is */
         g_assert_nonnull(strstr(msg, "Snapshot 'cur'"));
         g_clear_pointer(&msg, g_free);
         nkp_copy_watch_free(w);
-        g_assert_cmpint(nkp_alarm_clear(ctx, "vm-clear-save", "test"), ==, 0);
-        restart_scan(ctx, v); /* and the watch recorded it */
-        g_assert_null(memory_alarm(ctx, mem, &msg));
+        g_assert_cmpint(nkp_alarm_clear(m.ctx, "vm-clear-save", "test"), ==, 0);
+        restart_scan(m.ctx, m.v); /* and the watch recorded it */
+        g_assert_null(memory_alarm(m.ctx, mem, &msg));
         g_clear_pointer(&rec, g_free);
-        rec = record_text(root);
+        rec = record_text(m.root);
         g_assert_nonnull(strstr(rec, line));
         g_assert_nonnull(strstr(rec, cur_line));
 
         /* a damaged record: taken as empty, both alarmed again in one
          * alarm, the record written anew */
-        g_autofree char *path = g_build_filename(root, "var/lib/nkp/memory-snapshots", NULL);
+        g_autofree char *path = g_build_filename(m.root, "var/lib/nkp/memory-snapshots", NULL);
         g_autofree char *damaged = g_strconcat(line, "not a line\n", NULL);
         g_assert_true(g_file_set_contents(path, damaged, -1, NULL));
         g_assert_cmpint(chmod(path, 0600), ==, 0);
-        restart_scan(ctx, v);
-        g_assert_nonnull(memory_alarm(ctx, mem, &msg));
+        restart_scan(m.ctx, m.v);
+        g_assert_nonnull(memory_alarm(m.ctx, mem, &msg));
         g_assert_true(strstr(msg, "So do its snapshots 'old'") ||
                          strstr(msg, "So do its snapshots 'cur'"));
         g_clear_pointer(&msg, g_free);
         g_clear_pointer(&rec, g_free);
-        rec = record_text(root);
+        rec = record_text(m.root);
         g_assert_nonnull(strstr(rec, line));
         g_assert_nonnull(strstr(rec, cur_line));
         g_assert_null(strstr(rec, "not a line"));
-        g_assert_cmpint(nkp_alarm_clear(ctx, "vm-clear-save", "test"), ==, 0);
+        g_assert_cmpint(nkp_alarm_clear(m.ctx, "vm-clear-save", "test"), ==, 0);
 
         /* unreadable to nkp (not 0600): the same */
         g_assert_cmpint(chmod(path, 0644), ==, 0);
-        restart_scan(ctx, v);
-        g_assert_nonnull(memory_alarm(ctx, mem, &msg));
+        restart_scan(m.ctx, m.v);
+        g_assert_nonnull(memory_alarm(m.ctx, mem, &msg));
         g_clear_pointer(&msg, g_free);
-        g_assert_cmpint(nkp_alarm_clear(ctx, "vm-clear-save", "test"), ==, 0);
-        restart_scan(ctx, v);
-        g_assert_null(memory_alarm(ctx, mem, &msg));
+        g_assert_cmpint(nkp_alarm_clear(m.ctx, "vm-clear-save", "test"), ==, 0);
+        restart_scan(m.ctx, m.v);
+        g_assert_null(memory_alarm(m.ctx, mem, &msg));
 
         /* the snapshot deleted: its line goes at the next start */
-        virDomainSnapshotPtr old = virDomainSnapshotLookupByName(dom, "old", 0);
+        virDomainSnapshotPtr old = virDomainSnapshotLookupByName(m.dom, "old", 0);
         g_assert_nonnull(old);
         g_assert_cmpint(virDomainSnapshotDelete(old, 0), ==, 0);
         virDomainSnapshotFree(old);
-        restart_scan(ctx, v);
+        restart_scan(m.ctx, m.v);
         g_clear_pointer(&rec, g_free);
-        rec = record_text(root);
+        rec = record_text(m.root);
         g_assert_cmpstr(rec, ==, cur_line);
 }
 
